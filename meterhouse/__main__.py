@@ -1,0 +1,3 @@
+from meterhouse.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The unit that flows through the pipeline: one decoded request's points, column by column."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from meterhouse.core import schema
+
+#: Columns a decoded batch carries: every ingest column except ``batch_id``, set when written.
+BATCH_COLUMNS = tuple(n for n in schema.INGEST_COLUMN_NAMES if n != "batch_id")
+
+
+class Backpressure(Exception):
+    """The pipeline is full: answer retryable (HTTP 503 / gRPC UNAVAILABLE) and let the client retry."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class PointBatch:
+    """Columns aligned with :data:`BATCH_COLUMNS`, plus the request's content digest."""
+
+    columns: dict[str, list[Any]]
+    size: int
+    digest: str
+    received_ns: int
+
+    @staticmethod
+    def empty() -> dict[str, list[Any]]:
+        return {name: [] for name in BATCH_COLUMNS}
+
+
+def content_digest(*parts: bytes) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
+
+
+@dataclass
+class Ack:
+    """Completion of a consumed batch: set once it is durable, or failed with a reason."""
+
+    _done: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+
+    def succeed(self) -> None:
+        self._done.set()
+
+    def fail(self, error: str) -> None:
+        self.error = error
+        self._done.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        """True once durable; False when failed or still pending after ``timeout_s``."""
+        return self._done.wait(timeout_s) and self.error is None
+
+
+class Consumer(Protocol):
+    """A pipeline stage (after the OpenTelemetry Collector's consumer and component interfaces)."""
+
+    def consume(self, batch: PointBatch) -> Ack: ...
+
+    def start(self) -> None: ...
+
+    def shutdown(self, timeout_s: float) -> None: ...

@@ -1,0 +1,5 @@
+"""OTLP receivers: one module per transport."""
+
+from meterhouse.collector.receivers.http import OtlpHttpReceiver
+
+__all__ = ["OtlpHttpReceiver"]

@@ -1,0 +1,202 @@
+"""One typed configuration object, read from defaults, a YAML file, `MH_*` variables and flags.
+
+Later sources win: defaults < ``--config FILE`` < environment < command-line flags. Every value is
+validated at start; a bad one raises :class:`ConfigError` naming the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "MH_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the key."""
+
+
+def _port(v: int) -> str | None:
+    return None if 0 <= v <= 65535 else "must be a port number from 0 to 65535"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 else "must be 0 or more"
+
+
+def _choice(*allowed: str):
+    def check(v: str) -> str | None:
+        return None if v in allowed else f"must be one of {', '.join(allowed)}"
+
+    return check
+
+
+def _identifier(v: str) -> str | None:
+    ok = v and (v[0].isalpha() or v[0] == "_") and all(c.isalnum() or c == "_" for c in v)
+    return None if ok else "must be a plain identifier (letters, digits, underscore)"
+
+
+def _urls(v: str) -> str | None:
+    for url in (u.strip() for u in v.split(",") if u.strip()):
+        if not url.startswith(("http://", "https://")):
+            return f"each endpoint must start with http:// or https:// ({url!r} does not)"
+    return None
+
+
+def _opt(check, **kw):
+    return field(metadata={"check": check, "help": kw.pop("help")}, **kw)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `meterhouse up` needs. Field help text is the documentation of each option."""
+
+    data_dir: Path = _opt(
+        None,
+        default=Path("./meterhouse-data"),
+        help="Directory for the embedded ClickHouse data and local state.",
+    )
+    clickhouse_url: str = _opt(
+        _urls,
+        default="",
+        help="ClickHouse server endpoint(s), http(s)://host:8123; "
+        "empty = embedded engine (chdb) under data_dir.",
+    )
+    database: str = _opt(_identifier, default="meterhouse", help="ClickHouse database name.")
+    host: str = _opt(None, default="127.0.0.1", help="Address every listener binds.")
+    otlp_grpc_port: int = _opt(_port, default=4317, help="OTLP/gRPC port (0 = any free port).")
+    otlp_http_port: int = _opt(_port, default=4318, help="OTLP/HTTP port (0 = any free port).")
+    http_port: int = _opt(
+        _port, default=9464, help="Port of /metrics, /healthz, /readyz and /api/v1 (0 = any)."
+    )
+    org_attribute: str = _opt(
+        None, default="org.id", help="Attribute key naming the organization (point, then resource)."
+    )
+    flush_interval_s: float = _opt(
+        _positive, default=1.0, help="Longest time a received point waits before its insert."
+    )
+    flush_max_points: int = _opt(
+        _positive, default=50_000, help="Insert as soon as this many points are buffered."
+    )
+    max_pending_points: int = _opt(
+        _positive, default=2_000_000, help="Points buffered before receivers answer retryable 503."
+    )
+    max_request_bytes: int = _opt(
+        _positive, default=20 * 1024 * 1024, help="Largest OTLP request body, measured after decompression."
+    )
+    ack_timeout_s: float = _opt(
+        _positive, default=30.0, help="Longest a receiver waits for its points to be durable."
+    )
+    insert_attempts: int = _opt(
+        _positive, default=5, help="Attempts per batch insert before the batch fails retryably."
+    )
+    max_past_s: float = _opt(
+        _positive, default=2 * 366 * 86400.0, help="Points older than this (seconds before now) are rejected."
+    )
+    max_future_s: float = _opt(
+        _positive, default=86400.0, help="Points newer than this (seconds after now) are rejected."
+    )
+    max_attributes: int = _opt(_positive, default=128, help="Most attributes on one point.")
+    max_attribute_length: int = _opt(
+        _positive, default=4096, help="Longest attribute key or value, in characters."
+    )
+    shutdown_timeout_s: float = _opt(
+        _non_negative, default=10.0, help="Deadline for flushing on SIGTERM/SIGINT."
+    )
+    log_level: str = _opt(_choice("debug", "info", "warning", "error"), default="info", help="Log level.")
+    log_format: str = _opt(
+        _choice("auto", "json", "text"), default="auto", help="auto = JSON lines unless stderr is a terminal."
+    )
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check = f.metadata.get("check")
+            problem = check(getattr(self, f.name)) if check else None
+            if problem:
+                raise ConfigError(f"{f.name}: {problem} (got {getattr(self, f.name)!r})")
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The ClickHouse endpoints in priority order; empty for the embedded engine."""
+        return [u.strip() for u in self.clickhouse_url.split(",") if u.strip()]
+
+    @property
+    def is_public_bind(self) -> bool:
+        try:
+            return not ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host != "localhost"
+
+
+def _coerce(name: str, typ: Any, raw: Any, source: str) -> Any:
+    try:
+        if typ in ("int", int):
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if typ in ("float", float):
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if typ in ("Path", Path):
+            return Path(str(raw))
+        if not isinstance(raw, str | int | float):
+            raise ValueError
+        return str(raw)
+    except (TypeError, ValueError):
+        kind = {"int": "an integer", "float": "a number"}.get(str(typ), "a string")
+        raise ConfigError(f"{name}: must be {kind} (got {raw!r} from {source})") from None
+
+
+def option_names() -> list[str]:
+    return [f.name for f in fields(Config)]
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+) -> Config:
+    """Merge the sources (defaults < file < env < flags) into a validated :class:`Config`."""
+    known = {f.name: f for f in fields(Config)}
+    values: dict[str, Any] = {}
+
+    def take(items: Mapping[str, Any], source: str) -> None:
+        for key, raw in items.items():
+            if key not in known:
+                raise ConfigError(f"{key}: unknown option (from {source})")
+            if raw is None:
+                continue
+            values[key] = _coerce(key, known[key].type, raw, source)
+
+    if config_file:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config: {path} must hold a mapping of option: value")
+        take({str(k).replace("-", "_"): v for k, v in loaded.items()}, str(path))
+    env = os.environ if env is None else env
+    from_env = {
+        k[len(ENV_PREFIX) :].lower(): v
+        for k, v in env.items()
+        if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() in known
+    }
+    take(from_env, "environment")
+    take(dict(flags or {}), "command line")
+    return dataclasses.replace(Config(), **values) if values else Config()

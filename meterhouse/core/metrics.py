@@ -1,0 +1,111 @@
+"""Names and construction of every metric meterhouse exports to Prometheus.
+
+Nothing registers at import time: :class:`PipelineMetrics` takes the registry it fills. No metric carries
+an org id or any other unbounded label (DESIGN invariant 5); label values come from the fixed sets here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "meterhouse"
+
+#: Why a data point was rejected. The set is small and fixed; every rejection counts under one.
+REJECT_REASONS = (
+    "no_value",  # the point carries no value
+    "invalid_timestamp",  # time 0, before start time, or outside the accepted window
+    "invalid_value",  # NaN or Inf where usage must be a number
+    "negative_delta",  # a monotonic delta sum that decreases
+    "attribute_limit",  # too many attributes, or a key or value over the length limit
+    "unsupported_metric",  # a metric type or temporality this version does not store
+)
+
+#: Outcomes of one OTLP request, by transport.
+REQUEST_OUTCOMES = (
+    "ok",
+    "partial",
+    "invalid",
+    "too_large",
+    "unsupported_media_type",
+    "backpressure",
+    "unavailable",
+)
+TRANSPORTS = ("http", "grpc")
+
+LAG_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    900.0,
+)
+
+
+class PipelineMetrics:
+    """The collector's metrics, registered in the registry the caller passes."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        p = PREFIX
+        self.points_received = Counter(
+            f"{p}_points_received", "Data points received over OTLP, before validation.", registry=registry
+        )
+        self.points_written = Counter(
+            f"{p}_points_written", "Data points committed to ClickHouse.", registry=registry
+        )
+        self.points_rejected = Counter(
+            f"{p}_points_rejected",
+            "Data points rejected as invalid, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.points_unattributed = Counter(
+            f"{p}_points_unattributed",
+            "Data points stored without an org id (no org attribute on point or resource).",
+            registry=registry,
+        )
+        self.requests = Counter(
+            f"{p}_requests",
+            "OTLP export requests answered, by transport and outcome.",
+            ["transport", "outcome"],
+            registry=registry,
+        )
+        self.ingest_lag = Histogram(
+            f"{p}_ingest_lag_seconds",
+            "Time from a point's receipt to its commit in ClickHouse.",
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        self.last_commit = Gauge(
+            f"{p}_last_commit_timestamp_seconds",
+            "Unix time of the last successful insert into ClickHouse.",
+            registry=registry,
+        )
+        self.pending_points = Gauge(
+            f"{p}_pending_points", "Points received and not yet committed.", registry=registry
+        )
+        self.insert_duration = Histogram(
+            f"{p}_insert_duration_seconds", "Duration of one batch insert into ClickHouse.", registry=registry
+        )
+        self.insert_retries = Counter(
+            f"{p}_insert_retries", "Batch inserts retried after a retryable error.", registry=registry
+        )
+        self.insert_failures = Counter(
+            f"{p}_insert_failures", "Batches given up after the last attempt.", registry=registry
+        )
+        for reason in REJECT_REASONS:
+            self.points_rejected.labels(reason=reason)
+        for transport in TRANSPORTS:
+            for outcome in REQUEST_OUTCOMES:
+                self.requests.labels(transport=transport, outcome=outcome)

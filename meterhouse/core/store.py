@@ -1,0 +1,93 @@
+"""The ClickHouse client factory: one clickhouse-connect ``Client`` for embedded and server alike."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from meterhouse.core import schema
+from meterhouse.core.config import Config
+
+# chdb opens one data directory per process, and only once: share the client per path.
+_embedded_lock = threading.Lock()
+_embedded: dict[Path, Client] = {}
+
+
+def _embedded_client(path: Path) -> Client:
+    path = path.resolve()
+    with _embedded_lock:
+        if path in _embedded:
+            return _embedded[path]
+        if _embedded:
+            other = next(iter(_embedded))
+            raise RuntimeError(
+                f"the embedded engine is already open on {other}; one process can open only one "
+                "embedded data directory"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
+        _embedded[path] = client
+        return client
+
+
+class Store:
+    """A handle on one ClickHouse endpoint with the project's schema in ``database``."""
+
+    def __init__(self, client: Client, database: str, name: str) -> None:
+        self.client = client
+        self.database = database
+        self.name = name
+
+    def ensure_schema(self) -> None:
+        for statement in schema.ddl(self.database):
+            self.client.command(statement)
+
+    def insert_points(self, columns: Sequence[Sequence[Any]], token: str) -> None:
+        """Insert one batch, column-oriented; ``token`` makes a repeat of the batch count once."""
+        self.client.insert(
+            f"{self.database}.{schema.INGEST_TABLE}",
+            columns,
+            column_names=schema.INGEST_COLUMN_NAMES,
+            column_type_names=schema.INGEST_COLUMN_TYPES,
+            column_oriented=True,
+            settings={
+                "insert_deduplication_token": token,
+                "deduplicate_blocks_in_dependent_materialized_views": 1,
+            },
+        )
+
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
+        return self.client.query(sql, parameters=parameters or {}).result_rows
+
+    def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        rows = self.rows(sql, parameters)
+        return rows[0][0] if rows else None
+
+    def ping(self) -> bool:
+        try:
+            return self.client.command("SELECT 1") == 1
+        except Exception:  # noqa: BLE001 - any failure means "not reachable"
+            return False
+
+    def close(self) -> None:
+        # The embedded client stays open for the life of the process (chdb cannot reopen a path).
+        if self.name != "embedded":
+            self.client.close()
+
+
+def open_store(config: Config, *, create_schema: bool = True) -> Store:
+    """Open the first configured endpoint, or the embedded engine under ``config.data_dir``."""
+    if config.endpoints:
+        url = config.endpoints[0]
+        client = clickhouse_connect.get_client(dsn=url, connect_timeout=5, send_receive_timeout=30)
+        store = Store(client, config.database, url)
+    else:
+        store = Store(_embedded_client(config.data_dir / "clickhouse"), config.database, "embedded")
+    if create_schema:
+        store.ensure_schema()
+    return store

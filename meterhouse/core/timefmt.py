@@ -1,0 +1,27 @@
+"""RFC 3339 times ↔ integer nanoseconds since the epoch (exact, UTC)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_rfc3339(text: str) -> int:
+    """Nanoseconds since the epoch; raises ValueError for anything but a zoned RFC 3339 time."""
+    if "T" not in text.upper() or len(text) > 64:
+        raise ValueError("expected an RFC 3339 time such as 2026-01-31T00:00:00Z")
+    dt = datetime.fromisoformat(text.replace("z", "Z"))
+    if dt.tzinfo is None:
+        raise ValueError("the time needs a zone offset or Z")
+    return (dt - EPOCH) // timedelta(microseconds=1) * 1000
+
+
+def format_rfc3339(value: datetime | int) -> str:
+    """``2026-01-31T13:00:00Z``; naive datetimes are taken as UTC (ClickHouse returns them so)."""
+    if isinstance(value, int):
+        value = EPOCH + timedelta(microseconds=value // 1000)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    text = value.astimezone(UTC).isoformat()
+    return text.replace("+00:00", "Z")

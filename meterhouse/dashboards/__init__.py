@@ -1,0 +1,3 @@
+"""Grafana dashboards as code (grafanalib); generated JSON is committed beside the sources."""
+
+__all__: list[str] = []

@@ -1,0 +1,141 @@
+"""`meterhouse demo`: realistic per-org usage sent with the OpenTelemetry SDK, then checked back.
+
+The SDK exports with delta temporality over OTLP/HTTP. The demo keeps its own exact totals of what it
+recorded and, at the end, reads a few orgs' totals from the usage API (rollup and raw) and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections import defaultdict
+
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+from opentelemetry.sdk.metrics import Counter, MeterProvider
+from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+
+HOUR = 3600
+FEATURES = ("search", "export", "ingest", "query", "dashboards")
+REGIONS = ("us-east-1", "eu-west-1", "ap-south-1")
+#: (name, unit, integer?, typical size of one measurement)
+METRICS = (
+    ("api.requests", "{request}", True, 5),
+    ("rows.processed", "{row}", True, 20_000),
+    ("egress.bytes", "By", True, 2_000_000),
+    ("compute.credits", "{credit}", False, 0.75),
+)
+
+
+def delta_exporter(endpoint: str) -> OTLPMetricExporter:
+    return OTLPMetricExporter(
+        endpoint=endpoint.rstrip("/") + "/v1/metrics",
+        preferred_temporality={Counter: AggregationTemporality.DELTA},
+    )
+
+
+def make_provider(endpoint: str, interval_ms: int = 1000) -> MeterProvider:
+    reader = PeriodicExportingMetricReader(
+        delta_exporter(endpoint),
+        export_interval_millis=interval_ms,
+        # Every org × feature × region is its own series: lift the SDK's default limit of 2000,
+        # beyond which points would be folded into an overflow series without an org.
+        cardinality_limits={Counter: 1_000_000},
+    )
+    resource = Resource.create({"service.name": "meterhouse-demo", "deployment.environment": "demo"})
+    return MeterProvider(metric_readers=[reader], resource=resource)
+
+
+def fetch_usage(api: str, org: str, metric: str, start_s: int, end_s: int, step: str) -> dict:
+    query = urllib.parse.urlencode(
+        {
+            "metric": metric,
+            "step": step,
+            "from": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start_s)),
+            "to": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end_s)),
+        }
+    )
+    url = f"{api.rstrip('/')}/api/v1/orgs/{urllib.parse.quote(org, safe='')}/usage?{query}"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.load(r)
+
+
+def _matches(expected: int | float, got: int | float, exact: bool) -> bool:
+    return got == expected if exact else math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def run_demo(
+    orgs: int, seconds: float, endpoint: str, api: str, seed: int | None = None, out=sys.stdout
+) -> int:
+    """Send for ``seconds``; return 0 when every checked total matches, 1 otherwise."""
+    if orgs < 1 or seconds <= 0:
+        print("demo: --orgs must be at least 1 and --seconds more than 0", file=sys.stderr)
+        return 2
+    rng = random.Random(seed)
+    org_ids = [f"org-{i:05d}" for i in range(1, orgs + 1)]
+    # A few big customers and a long tail, as on a real platform.
+    weights = [1.0 / (i + 1) ** 0.8 for i in range(orgs)]
+    provider = make_provider(endpoint)
+    meter = provider.get_meter("meterhouse.demo", "1")
+    counters = {
+        name: meter.create_counter(name, unit=unit, description=f"demo {name}")
+        for name, unit, _, _ in METRICS
+    }
+    sent: dict[tuple[str, str], int | float] = defaultdict(int)
+    started = time.time()
+    deadline = time.monotonic() + seconds
+    measurements, next_report = 0, time.monotonic() + 1
+    print(f"demo: sending usage for {orgs} orgs for {seconds:g}s to {endpoint}", file=out)
+    while time.monotonic() < deadline:
+        for org in rng.choices(org_ids, weights, k=min(200, 10 * orgs)):
+            name, _, integer, size = rng.choice(METRICS)
+            value = max(1, int(rng.expovariate(1 / size))) if integer else round(rng.expovariate(1 / size), 6)
+            counters[name].add(
+                value, {"org.id": org, "feature": rng.choice(FEATURES), "region": rng.choice(REGIONS)}
+            )
+            sent[(org, name)] += value
+            measurements += 1
+        if time.monotonic() >= next_report:
+            elapsed = seconds - max(0.0, deadline - time.monotonic())
+            print(
+                f"demo: {measurements:,} measurements recorded ({elapsed:.0f}s/{seconds:g}s)",
+                file=out,
+                flush=True,
+            )
+            next_report += 1
+        time.sleep(0.02)
+    flushed = provider.force_flush(timeout_millis=30_000)
+    provider.shutdown()
+    if not flushed:
+        print("demo: the SDK could not export everything (is meterhouse up running?)", file=out)
+        return 1
+    ended = time.time()
+    start_s, end_s = int(started) // HOUR * HOUR, (int(ended) // HOUR + 1) * HOUR
+    by_size = sorted(org_ids, key=lambda o: -sum(v for (g, _), v in sent.items() if g == o))
+    checked = list(dict.fromkeys(by_size[:3] + by_size[-2:]))
+    print(f"demo: {measurements:,} measurements exported; reading totals back from {api}", file=out)
+    print(f"{'org':<12} {'metric':<16} {'sent':>22} {'api (rollup)':>22} {'api (raw)':>22}  ok", file=out)
+    ok_all = True
+    for org in checked:
+        for name, _, integer, _ in METRICS:
+            expected = sent.get((org, name), 0)
+            try:
+                rollup = fetch_usage(api, org, name, start_s, end_s, "1h")["total"]
+                raw = fetch_usage(api, org, name, start_s, end_s, "1m")["total"]
+            except OSError as e:
+                print(f"demo: cannot read usage from {api}: {e}", file=out)
+                return 1
+            ok = _matches(expected, rollup, integer) and _matches(expected, raw, integer)
+            ok_all &= ok
+            print(
+                f"{org:<12} {name:<16} {expected!s:>22} {rollup!s:>22} {raw!s:>22}  {'yes' if ok else 'NO'}",
+                file=out,
+            )
+    verdict = "all totals match" if ok_all else "MISMATCH"
+    print(f"demo: {verdict} (integers exactly; doubles within 1e-9 relative)", file=out)
+    return 0 if ok_all else 1

@@ -1,0 +1,83 @@
+"""`meterhouse up`: composes the collector and exporter planes in one process and runs them."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from werkzeug.serving import make_server
+
+from meterhouse import __version__
+from meterhouse.collector import Collector
+from meterhouse.core.config import Config
+from meterhouse.core.metrics import PipelineMetrics
+from meterhouse.core.store import open_store
+from meterhouse.exporter import create_app
+
+log = logging.getLogger("meterhouse")
+
+
+class Stack:
+    """Everything `meterhouse up` runs, with ports resolved once started."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        for c in (ProcessCollector, PlatformCollector, GCCollector):
+            c(registry=self.registry)
+        self.metrics = PipelineMetrics(self.registry)
+        self.store = open_store(config)
+        self.collector = Collector(config, self.store, self.metrics)
+        self.app = create_app(self.store, self.registry, lambda: self.collector.ready)
+        self._http = make_server(config.host, config.http_port, self.app, threaded=True)
+        self._http_thread = threading.Thread(target=self._http.serve_forever, name="http-api", daemon=True)
+
+    @property
+    def http_port(self) -> int:
+        return self._http.server_port
+
+    def start(self) -> None:
+        self.collector.start()
+        self._http_thread.start()
+
+    def shutdown(self, timeout_s: float) -> None:
+        self.collector.shutdown(timeout_s)
+        self._http.shutdown()
+        self.store.close()
+
+
+def run_up(config: Config) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    started = time.monotonic()
+    try:
+        stack = Stack(config)
+        stack.start()
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    store = "embedded" if not config.endpoints else ",".join(config.endpoints)
+    log.info(
+        "meterhouse ready",
+        extra={
+            "version": __version__,
+            "otlp_http": f"http://{config.host}:{stack.collector.http.port}/v1/metrics",
+            "http": f"http://{config.host}:{stack.http_port}",
+            "store": store,
+            "data_dir": str(config.data_dir),
+            "startup_s": round(time.monotonic() - started, 3),
+        },
+    )
+    stop.wait()
+    stack.shutdown(config.shutdown_timeout_s)
+    log.info("stopped")
+    return 0
