@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Quickstart command 1: install meterhouse, start `meterhouse up`, send demo traffic with the
+# OpenTelemetry SDK and check the totals read back. The stack keeps running until Ctrl-C
+# (or stops right after the demo when there is no terminal, or with MH_DEMO_EXIT=1).
+MH_EXTRAS=""
+source "$(dirname "$0")/_env.sh"
+DATA=${MH_DATA_DIR:-./meterhouse-data}
+HTTP_PORT=${MH_HTTP_PORT:-9464}
+OTLP_PORT=${MH_OTLP_HTTP_PORT:-4318}
+echo "==> starting meterhouse up (data in $DATA)"
+"$VENV/bin/meterhouse" up --data-dir "$DATA" --http-port "$HTTP_PORT" --otlp-http-port "$OTLP_PORT" \
+  --log-format text &
+UP=$!
+trap 'kill -TERM $UP 2>/dev/null || true; wait $UP 2>/dev/null || true' EXIT
+"$PY" - "$HTTP_PORT" <<'PY'
+import sys, time, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/readyz"
+for _ in range(600):
+    try:
+        if urllib.request.urlopen(url, timeout=1).status == 200:
+            sys.exit(0)
+    except OSError:
+        time.sleep(0.1)
+sys.exit("meterhouse did not become ready")
+PY
+"$VENV/bin/meterhouse" demo --orgs "${MH_DEMO_ORGS:-200}" --seconds "${MH_DEMO_SECONDS:-15}" \
+  --endpoint "http://127.0.0.1:$OTLP_PORT" --api "http://127.0.0.1:$HTTP_PORT"
+cat <<MSG
+
+meterhouse is up:
+  usage API   http://127.0.0.1:$HTTP_PORT/api/v1/orgs/org-00001/usage?metric=api.requests&step=1h
+  Prometheus  http://127.0.0.1:$HTTP_PORT/metrics
+  OTLP/HTTP   http://127.0.0.1:$OTLP_PORT/v1/metrics
+MSG
+if [ -t 0 ] && [ -z "${MH_DEMO_EXIT:-}" ] && [ -z "${CI:-}" ]; then
+  echo "Press Ctrl-C to stop."
+  wait $UP
+fi

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Quickstart command 2: install everything the tests need, lint, and run the default test suite.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m soak` for the long crash-loop tests.
+MH_EXTRAS=test
+source "$(dirname "$0")/_env.sh"
+echo "==> ruff"
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
+echo "==> pytest"
+exec "$PY" -m pytest "$@"

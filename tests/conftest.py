@@ -1,0 +1,158 @@
+"""Shared fixtures: a real embedded ClickHouse for in-process tests, and `meterhouse up` subprocesses.
+
+chdb opens one data directory per process, so in-process tests share one engine and each test gets a
+database of its own. End-to-end tests run `meterhouse up` as real subprocesses on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from meterhouse.core.config import Config
+from meterhouse.core.store import Store, open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("engine")
+
+
+@pytest.fixture
+def store(engine_dir) -> Store:
+    """A real embedded ClickHouse database with the schema, private to the test."""
+    config = Config(data_dir=engine_dir, database=f"t_{uuid.uuid4().hex[:12]}")
+    s = open_store(config)
+    yield s
+    s.client.command(f"DROP DATABASE IF EXISTS {s.database} SYNC")
+
+
+class UpProcess:
+    """A `meterhouse up` subprocess on free loopback ports, stopped (and reaped) by the test."""
+
+    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.otlp_http_port = free_port()
+        self.otlp_grpc_port = free_port()
+        self.http_port = free_port()
+        self.extra = list(extra)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log_path = data_dir.parent / f"{data_dir.name}-{uuid.uuid4().hex[:6]}.log"
+
+    @property
+    def otlp_http(self) -> str:
+        return f"http://127.0.0.1:{self.otlp_http_port}"
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, wait: bool = True) -> UpProcess:
+        cmd = [
+            sys.executable, "-m", "meterhouse", "up",
+            "--data-dir", str(self.data_dir),
+            "--otlp-http-port", str(self.otlp_http_port),
+            "--otlp-grpc-port", str(self.otlp_grpc_port),
+            "--http-port", str(self.http_port),
+            "--log-format", "json", *self.extra,
+        ]  # fmt: skip
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"meterhouse up exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if requests.get(f"{self.api}/readyz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"meterhouse up not ready in {timeout_s}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        code = self.proc.returncode
+        self.proc = None
+        self.log.close()
+        return code
+
+
+@pytest.fixture
+def up_factory(tmp_path):
+    """Start `meterhouse up` subprocesses; every one still running is killed at teardown."""
+    started: list[UpProcess] = []
+
+    def start(*extra: str, data_dir: Path | None = None, wait: bool = True, **kw) -> UpProcess:
+        p = UpProcess(data_dir or tmp_path / f"data{len(started)}", *extra, **kw)
+        started.append(p)
+        return p.start(wait=wait)
+
+    yield start
+    for p in started:
+        if p.proc is not None:
+            p.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def up(up_factory) -> UpProcess:
+    return up_factory()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """The suite leaves no process behind: every subprocess a test starts is stopped by it."""
+    yield
+    deadline = time.monotonic() + 10
+    while _children(os.getpid()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _children(os.getpid())
+    assert not left, f"processes left behind: {left}"

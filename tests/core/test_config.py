@@ -1,0 +1,90 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meterhouse.core.config import Config, ConfigError, load_config, option_names
+
+
+def test_defaults_match_the_documented_interface():
+    c = load_config(env={})
+    assert (c.host, c.otlp_grpc_port, c.otlp_http_port, c.http_port) == ("127.0.0.1", 4317, 4318, 9464)
+    assert c.data_dir == Path("meterhouse-data")
+    assert c.endpoints == []
+    assert c.org_attribute == "org.id"
+    assert c.flush_interval_s <= 1.0
+
+
+def test_precedence_file_then_env_then_flags(tmp_path):
+    f = tmp_path / "mh.yml"
+    f.write_text("http_port: 1000\notlp_http_port: 1001\nflush_interval_s: 0.5\ndatabase: fromfile\n")
+    env = {"MH_HTTP_PORT": "2000", "MH_OTLP_HTTP_PORT": "2001", "UNRELATED": "x"}
+    c = load_config({"http_port": 3000, "otlp_http_port": None}, env=env, config_file=f)
+    assert c.http_port == 3000  # flag beats env and file
+    assert c.otlp_http_port == 2001  # env beats file; a flag left unset does not override
+    assert c.flush_interval_s == 0.5  # file beats default
+    assert c.database == "fromfile"
+
+
+def test_file_accepts_kebab_case_keys(tmp_path):
+    f = tmp_path / "mh.yml"
+    f.write_text("org-attribute: tenant.id\n")
+    assert load_config(env={}, config_file=f).org_attribute == "tenant.id"
+
+
+@pytest.mark.parametrize(
+    ("source", "needle"),
+    [
+        ({"flags": {"http_port": 70000}}, "http_port: must be a port number"),
+        ({"env": {"MH_OTLP_HTTP_PORT": "abc"}}, "otlp_http_port: must be an integer"),
+        ({"env": {"MH_FLUSH_INTERVAL_S": "0"}}, "flush_interval_s: must be greater than 0"),
+        ({"flags": {"clickhouse_url": "tcp://x:9000"}}, "clickhouse_url: each endpoint must start"),
+        ({"flags": {"database": "bad-name;drop"}}, "database: must be a plain identifier"),
+        ({"flags": {"log_level": "loud"}}, "log_level: must be one of"),
+        ({"file": "http_prot: 1\n"}, "http_prot: unknown option"),
+        ({"file": "http_port: [1, 2]\n"}, "http_port: must be an integer"),
+        ({"file": "max_attributes: true\n"}, "max_attributes: must be an integer"),
+        ({"file": "- just\n- a list\n"}, "must hold a mapping"),
+        ({"file": "http_port: [unclosed\n"}, "is not valid YAML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, source, needle):
+    path = None
+    if "file" in source:
+        path = tmp_path / "mh.yml"
+        path.write_text(source["file"])
+    with pytest.raises(ConfigError) as e:
+        load_config(source.get("flags"), env=source.get("env", {}), config_file=path)
+    assert needle in str(e.value)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(env={}, config_file=tmp_path / "nope.yml")
+
+
+def test_several_endpoints_in_priority_order():
+    c = Config(clickhouse_url="http://a:8123, https://b:8443")
+    assert c.endpoints == ["http://a:8123", "https://b:8443"]
+
+
+def test_up_refuses_bad_configuration_with_exit_2_naming_the_key(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "meterhouse", "up", "--http-port", "70000", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "http_port" in r.stderr and "port number" in r.stderr
+    assert not (tmp_path / "clickhouse").exists()  # nothing was started
+
+
+def test_every_option_is_a_flag_and_documented_in_the_readme():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    help_text = subprocess.run(
+        [sys.executable, "-m", "meterhouse", "up", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
+    for name in option_names():
+        flag = "--" + name.replace("_", "-")
+        assert flag in help_text, flag
+        assert f"`{flag}`" in readme, f"README does not document {flag}"

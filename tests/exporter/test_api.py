@@ -1,0 +1,145 @@
+"""The Flask app over a real embedded ClickHouse: usage API, health, and the bounded /metrics."""
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+from otlp_builders import point, sum_request
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from meterhouse.collector.decode import Limits, decode_request
+from meterhouse.collector.model import BATCH_COLUMNS
+from meterhouse.core.metrics import PipelineMetrics
+from meterhouse.exporter import create_app
+
+H = 3600 * 10**9
+T0 = int(datetime(2026, 11, 2, 10, tzinfo=UTC).timestamp()) * 10**9  # an hour boundary
+
+
+def write(store, req):
+    b = decode_request(req, Limits(), now_ns=time.time_ns(), digest="x").batch
+    cols = [b.columns[n] for n in BATCH_COLUMNS] + [[f"tok-{time.time_ns()}"] * b.size]
+    store.insert_points(cols, f"tok-{time.time_ns()}")
+
+
+@pytest.fixture
+def app(store):
+    registry = CollectorRegistry()
+    PipelineMetrics(registry)
+    a = create_app(store, registry, lambda: True)
+    a.testing = True
+    return a
+
+
+@pytest.fixture
+def client(app, store):
+    pts = [
+        point(10, {"org.id": "acme", "feature": "search"}, t_ns=T0 + 60 * 10**9),
+        point(20, {"org.id": "acme", "feature": "export"}, t_ns=T0 + 30 * 60 * 10**9),
+        point(2**62, {"org.id": "acme"}, t_ns=T0 + H + 1),
+        point(2**62, {"org.id": "acme"}, t_ns=T0 + H + 2),
+        point(7, {"org.id": "acme"}, t_ns=T0 + 25 * H),
+        point(5, {"org.id": "other"}, t_ns=T0 + 60 * 10**9),
+    ]
+    write(store, sum_request({"api.calls": pts}, unit="{call}"))
+    write(store, sum_request({"credits": [point(0.25, {"org.id": "acme"}, t_ns=T0 + 5)] * 3}))
+    return app.test_client()
+
+
+def usage(client, org="acme", **params):
+    q = {"metric": "api.calls", "from": "2026-11-02T10:00:00Z", "to": "2026-11-03T12:00:00Z", **params}
+    return client.get(f"/api/v1/orgs/{org}/usage", query_string=q)
+
+
+def test_hourly_series_and_exact_total_from_the_rollup(client):
+    r = usage(client, step="1h")
+    assert r.status_code == 200
+    body = r.get_json()
+    assert body["source"] == "rollup" and body["unit"] == "{call}" and body["org_id"] == "acme"
+    assert body["total"] == 30 + 2 * 2**62 + 7  # beyond Int64 and beyond 2^53, exact
+    assert body["points"] == [
+        {"start": "2026-11-02T10:00:00Z", "value": 30},
+        {"start": "2026-11-02T11:00:00Z", "value": 2 * 2**62},
+        {"start": "2026-11-03T11:00:00Z", "value": 7},
+    ]
+
+
+def test_raw_and_rollup_agree(client):
+    rollup = usage(client, step="1d").get_json()
+    raw = usage(client, step="1m").get_json()
+    assert (rollup["source"], raw["source"]) == ("rollup", "raw")
+    assert rollup["total"] == raw["total"]
+    assert [p["start"] for p in rollup["points"]] == ["2026-11-02T00:00:00Z", "2026-11-03T00:00:00Z"]
+    assert len(raw["points"]) == 4  # the two points at 11:00:00 share a minute
+
+
+def test_range_is_half_open_and_unaligned_ranges_read_raw_points(client):
+    body = usage(client, **{"from": "2026-11-02T10:01:00Z", "to": "2026-11-02T10:30:00Z"}).get_json()
+    assert body["source"] == "raw"
+    assert body["total"] == 10  # 10:01 included, 10:30 excluded
+
+
+def test_doubles_sum_as_doubles(client):
+    assert usage(client, metric="credits").get_json()["total"] == pytest.approx(0.75)
+
+
+def test_unknown_org_is_empty_not_an_error(client):
+    body = usage(client, org="nobody").get_json()
+    assert body["total"] == 0 and body["points"] == []
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"metric": ""}, "metric"),
+        ({"step": "5m"}, "step"),
+        ({"from": "yesterday"}, "from"),
+        ({"to": "2026-11-02T10:00:00"}, "zone"),
+        ({"from": "2026-11-03T00:00:00Z", "to": "2026-11-02T00:00:00Z"}, "earlier"),
+        ({"from": "1990-01-01T00:00:00Z", "step": "1m"}, "larger step"),
+    ],
+)
+def test_bad_parameters_are_400_with_a_json_error(client, params, needle):
+    r = usage(client, **params)
+    assert r.status_code == 400
+    err = r.get_json()["error"]
+    assert err["code"] in ("missing_parameter", "invalid_parameter") and needle in err["message"]
+
+
+@pytest.mark.parametrize("org", ["o'; DROP TABLE x; --", 'a"b\\c', "ünïcødé-☃", "x" * 1000])
+def test_hostile_org_ids_are_just_org_ids(client, org):
+    r = usage(client, org=org)
+    assert r.status_code == 200 and r.get_json()["total"] == 0
+
+
+def test_metrics_parse_and_carry_no_org_label(client):
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    families = list(text_string_to_metric_families(r.get_data(as_text=True)))
+    names = {f.name for f in families}
+    assert {"meterhouse_points_received", "meterhouse_ingest_lag_seconds"} <= names
+    for f in families:
+        for s in f.samples:
+            assert not {"org", "org_id", "org.id"} & set(s.labels), s
+
+
+def test_openmetrics_on_request(client):
+    r = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert r.content_type.startswith("application/openmetrics-text")
+    assert r.get_data(as_text=True).rstrip().endswith("# EOF")
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").status_code == 200
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.get_json()["checks"] == {"pipeline": True, "store": True}
+
+
+def test_readiness_follows_the_pipeline(store):
+    state = {"ready": False}
+    a = create_app(store, CollectorRegistry(), lambda: state["ready"])
+    c = a.test_client()
+    assert c.get("/readyz").status_code == 503
+    state["ready"] = True
+    assert c.get("/readyz").status_code == 200

@@ -1,0 +1,46 @@
+"""Repository-level checks: the compose file, the Quickstart and CI wiring."""
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_file_validates_against_the_compose_spec(compose):
+    assert SCHEMA.exists(), "the Compose Specification schema is laid beside the project in shared/"
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft7Validator(schema).validate(compose)
+
+
+def test_every_file_the_compose_file_mounts_or_builds_exists(compose):
+    for name, service in compose["services"].items():
+        build = service.get("build")
+        if build:
+            context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
+            dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+            assert (context / dockerfile).exists(), name
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
+            if source.startswith((".", "/")):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in compose.get("volumes", {}), f"{name}: undeclared volume {source}"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"^(bash scripts/\S+\.sh)\s*$", quickstart, re.M)
+    assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+    assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
