@@ -70,6 +70,7 @@ def run_up(config: Config) -> int:
         "meterhouse ready",
         extra={
             "version": __version__,
+            "otlp_grpc": f"{config.host}:{stack.collector.grpc.port}",
             "otlp_http": f"http://{config.host}:{stack.collector.http.port}/v1/metrics",
             "http": f"http://{config.host}:{stack.http_port}",
             "store": store,

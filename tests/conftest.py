@@ -47,12 +47,21 @@ def store(engine_dir) -> Store:
 class UpProcess:
     """A `meterhouse up` subprocess on free loopback ports, stopped (and reaped) by the test."""
 
-    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        ports_of: UpProcess | None = None,
+    ) -> None:
         self.data_dir = data_dir
-        self.otlp_http_port = free_port()
-        self.otlp_grpc_port = free_port()
-        self.http_port = free_port()
-        self.extra = list(extra)
+        if ports_of is not None:  # a restart that clients must find on the same ports
+            self.otlp_http_port, self.otlp_grpc_port = ports_of.otlp_http_port, ports_of.otlp_grpc_port
+            self.http_port = ports_of.http_port
+        else:
+            self.otlp_http_port, self.otlp_grpc_port, self.http_port = free_port(), free_port(), free_port()
+        # Short flushes keep tests quick: every acknowledgement waits for a commit.
+        self.extra = list(extra) if "--flush-interval-s" in extra else ["--flush-interval-s", "0.1", *extra]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-{uuid.uuid4().hex[:6]}.log"
@@ -60,6 +69,10 @@ class UpProcess:
     @property
     def otlp_http(self) -> str:
         return f"http://127.0.0.1:{self.otlp_http_port}"
+
+    @property
+    def otlp_grpc(self) -> str:
+        return f"127.0.0.1:{self.otlp_grpc_port}"
 
     @property
     def api(self) -> str:
@@ -133,6 +146,20 @@ def up_factory(tmp_path):
 @pytest.fixture
 def up(up_factory) -> UpProcess:
     return up_factory()
+
+
+@pytest.fixture
+def stack(engine_dir):
+    """The whole `meterhouse up` stack in this process, on the shared engine with its own database."""
+    from meterhouse.runtime import Stack
+
+    config = Config(data_dir=engine_dir, database=f"s_{uuid.uuid4().hex[:12]}", otlp_http_port=0,
+                    otlp_grpc_port=0, http_port=0, flush_interval_s=0.05)  # fmt: skip
+    s = Stack(config)
+    s.start()
+    yield s
+    s.shutdown(5)
+    s.store.client.command(f"DROP DATABASE IF EXISTS {config.database} SYNC")
 
 
 def _children(pid: int) -> list[int]:

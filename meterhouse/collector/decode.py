@@ -6,6 +6,7 @@ Per-point work is kept minimal: the walk over points is the ceiling of the inges
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 from collections import Counter
@@ -17,10 +18,13 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 
+from meterhouse.collector.cumulative import Change, CumulativePoint, CumulativeState
 from meterhouse.collector.model import PointBatch
-from meterhouse.core.schema import KIND_SUM
+from meterhouse.core import schema
 
 DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
+CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+_TEMPORALITY = {DELTA: schema.TEMPORALITY_DELTA, CUMULATIVE: schema.TEMPORALITY_CUMULATIVE}
 MAX_VALUE_DEPTH = 16
 
 
@@ -41,6 +45,8 @@ class DecodeResult:
     rejected: Counter = field(default_factory=Counter)
     #: reason → first metric name seen with it, for the partial-success message.
     examples: dict[str, str] = field(default_factory=dict)
+    #: cumulative state changes made for this request, undone if it is not committed.
+    changes: list[Change] = field(default_factory=list)
 
     @property
     def rejected_count(self) -> int:
@@ -108,112 +114,280 @@ def value_text(v: AnyValue) -> str:
     return json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def series_id(
+    metric: str, org: str, scope: str, resource: list[str], keys: list[str], values: list[str]
+) -> int:
+    """A stable 64-bit id of a series: metric, org, scope, resource and point attributes."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update("\x1f".join((metric, org, scope, *resource, "\x1e", *keys, "\x1e", *values)).encode())
+    return int.from_bytes(h.digest(), "little")
+
+
+class _Decoder:
+    """One request's walk. Number points (sum, gauge) and distributions go to separate columns."""
+
+    def __init__(self, limits: Limits, now_ns: int, digest: str, cumulative: CumulativeState | None) -> None:
+        self.limits = limits
+        self.min_t = now_ns - limits.max_past_ns
+        self.max_t = now_ns + limits.max_future_ns
+        self.now_ns = now_ns
+        self.cumulative = cumulative
+        self.result = DecodeResult(PointBatch(PointBatch.empty(), 0, digest, now_ns))
+        self.cols = self.result.batch.columns
+        self.dist: dict[str, list] | None = None
+        self.cum_points: list[CumulativePoint] = []
+        self.cum_rows: list[int] = []
+
+    # -- shared per-point checks -----------------------------------------------------------------
+    def bad_time(self, dp) -> bool:
+        t = dp.time_unix_nano
+        return t == 0 or t < self.min_t or t > self.max_t or dp.start_time_unix_nano > t
+
+    def attributes(self, dp, res_org: str) -> tuple[str, list[str], list[str]] | None:
+        """(org, sorted keys, values), or None when over a limit."""
+        attrs = dp.attributes
+        if len(attrs) > self.limits.max_attributes:
+            return None
+        org_key, max_len = self.limits.org_attribute, self.limits.max_attribute_length
+        org, pairs = res_org, {}
+        try:
+            for kv in attrs:
+                key = kv.key
+                text = value_text(kv.value)
+                if len(key) > max_len or len(text) > max_len:
+                    return None
+                if key == org_key:
+                    org = text
+                else:
+                    pairs[key] = text
+        except (_TooDeep, RecursionError):
+            return None
+        keys = sorted(pairs)
+        if not org:
+            self.result.unattributed += 1
+        return org, keys, [pairs[k] for k in keys]
+
+    # -- the walk ---------------------------------------------------------------------------------
+    def run(self, request: ExportMetricsServiceRequest) -> DecodeResult:
+        org_key = self.limits.org_attribute
+        for rm in request.resource_metrics:
+            res_pairs = sorted((kv.key, value_text(kv.value)) for kv in rm.resource.attributes)
+            res = ([k for k, _ in res_pairs], [v for _, v in res_pairs])
+            res_org = next((v for k, v in res_pairs if k == org_key), "")
+            for sm in rm.scope_metrics:
+                scope = (sm.scope.name, sm.scope.version)
+                for m in sm.metrics:
+                    which = m.WhichOneof("data")
+                    if which is None:
+                        continue  # a metric without data has no points to store or reject
+                    data = getattr(m, which)
+                    self.result.received += len(data.data_points)
+                    if which in ("sum", "gauge"):
+                        self.numbers(m, which, data, res, res_org, scope)
+                    else:
+                        self.distributions(m, which, data, res, res_org, scope)
+        self.finish_cumulative()
+        self.result.batch.size = len(self.cols["org_id"])
+        return self.result
+
+    def numbers(self, m, which: str, data, res, res_org: str, scope) -> None:
+        name, r = m.name, self.result
+        if which == "sum":
+            temporality = _TEMPORALITY.get(data.aggregation_temporality)
+            if temporality is None:
+                r.reject("unsupported_metric", name, len(data.data_points))
+                return
+            mono = 1 if data.is_monotonic else 0
+            kind = schema.KIND_SUM
+        else:
+            temporality, mono, kind = schema.TEMPORALITY_UNSPECIFIED, 0, schema.KIND_GAUGE
+        cumulative = temporality == schema.TEMPORALITY_CUMULATIVE
+        if cumulative and self.cumulative is None:
+            r.reject("unsupported_metric", name, len(data.data_points))
+            return
+        c = self.cols
+        res_keys, res_values = res
+        unit = m.unit
+        for dp in data.data_points:
+            if self.bad_time(dp):
+                r.reject("invalid_timestamp", name)
+                continue
+            vkind = dp.WhichOneof("value")
+            if vkind == "as_int":
+                vi, vd, is_int = dp.as_int, 0.0, 1
+                negative = vi < 0
+            elif vkind == "as_double":
+                vi, vd, is_int = 0, dp.as_double, 0
+                if kind == schema.KIND_SUM and not math.isfinite(vd):
+                    r.reject("invalid_value", name)
+                    continue
+                negative = vd < 0
+            else:
+                r.reject("no_value", name)
+                continue
+            if mono and negative and not cumulative:
+                r.reject("negative_delta", name)
+                continue
+            if mono and negative:
+                r.reject("invalid_value", name)  # a monotonic cumulative counter below zero
+                continue
+            attrs = self.attributes(dp, res_org)
+            if attrs is None:
+                r.reject("attribute_limit", name)
+                continue
+            org, keys, values = attrs
+            sid, cum_i, cum_d = 0, 0, 0.0
+            if cumulative:
+                sid = series_id(name, org, scope[0], res_keys + res_values, keys, values)
+                cum_i, cum_d = vi, vd
+                self.cum_rows.append(len(c["org_id"]))
+                self.cum_points.append(
+                    CumulativePoint(
+                        sid, dp.start_time_unix_nano, dp.time_unix_nano, vi if is_int else vd, bool(mono)
+                    )
+                )
+            c["org_id"].append(org)
+            c["metric"].append(name)
+            c["kind"].append(kind)
+            c["unit"].append(unit)
+            c["monotonic"].append(mono)
+            c["start_time"].append(dp.start_time_unix_nano)
+            c["time"].append(dp.time_unix_nano)
+            c["is_int"].append(is_int)
+            c["value_int"].append(vi)
+            c["value_double"].append(vd)
+            c["attr_keys"].append(keys)
+            c["attr_values"].append(values)
+            c["resource_keys"].append(res_keys)
+            c["resource_values"].append(res_values)
+            c["scope_name"].append(scope[0])
+            c["scope_version"].append(scope[1])
+            c["received_at"].append(self.now_ns)
+            c["temporality"].append(temporality)
+            c["series_id"].append(sid)
+            c["series_start"].append(dp.start_time_unix_nano if cumulative else 0)
+            c["cumulative_int"].append(cum_i)
+            c["cumulative_double"].append(cum_d)
+
+    def finish_cumulative(self) -> None:
+        """Turn the request's cumulative points into deltas (one state look-up for all of them)."""
+        if not self.cum_points:
+            return
+        results, self.result.changes = self.cumulative.convert(self.cum_points)
+        c = self.cols
+        drop = []
+        for row, res in zip(self.cum_rows, results, strict=True):
+            if res is None:
+                drop.append(row)
+                self.result.reject("out_of_order", c["metric"][row])
+                continue
+            delta, start = res
+            c["start_time"][row] = start
+            if isinstance(delta, int):
+                c["value_int"][row] = delta
+            else:
+                c["value_double"][row] = delta
+        if drop:
+            keep = sorted(set(range(len(c["org_id"]))) - set(drop))
+            for name, col in c.items():
+                c[name] = [col[i] for i in keep]
+
+    def distributions(self, m, which: str, data, res, res_org: str, scope) -> None:
+        name, r = m.name, self.result
+        if self.dist is None:
+            self.dist = self.result.batch.dist_columns = PointBatch.empty_dist()
+        d = self.dist
+        temporality = _TEMPORALITY.get(
+            getattr(data, "aggregation_temporality", 0), schema.TEMPORALITY_UNSPECIFIED
+        )
+        kind = {
+            "histogram": schema.KIND_HISTOGRAM,
+            "exponential_histogram": schema.KIND_EXP_HISTOGRAM,
+            "summary": schema.KIND_SUMMARY,
+        }[which]
+        for dp in data.data_points:
+            if self.bad_time(dp):
+                r.reject("invalid_timestamp", name)
+                continue
+            shape = _distribution(kind, dp)
+            if shape is None:
+                r.reject("invalid_value", name)
+                continue
+            attrs = self.attributes(dp, res_org)
+            if attrs is None:
+                r.reject("attribute_limit", name)
+                continue
+            org, keys, values = attrs
+            row = {
+                "org_id": org, "metric": name, "kind": kind, "unit": m.unit, "temporality": temporality,
+                "start_time": dp.start_time_unix_nano, "time": dp.time_unix_nano,
+                "attr_keys": keys, "attr_values": values, "resource_keys": res[0],
+                "resource_values": res[1], "scope_name": scope[0], "scope_version": scope[1],
+                "received_at": self.now_ns, **shape,
+            }  # fmt: skip
+            for col, values_ in d.items():
+                values_.append(row[col])
+        self.result.batch.dist_size = len(d["org_id"])
+
+
+_DIST_DEFAULTS = {
+    "sum": None, "min": None, "max": None, "bucket_counts": [], "explicit_bounds": [], "scale": 0,
+    "zero_count": 0, "zero_threshold": 0.0, "positive_offset": 0, "positive_counts": [],
+    "negative_offset": 0, "negative_counts": [], "quantiles": [], "quantile_values": [],
+}  # fmt: skip
+
+
+def _finite_or_none(dp, field_name: str) -> tuple[bool, float | None]:
+    if not dp.HasField(field_name):
+        return True, None
+    v = getattr(dp, field_name)
+    return math.isfinite(v), v
+
+
+def _distribution(kind: str, dp) -> dict | None:
+    """The distribution columns of one point, or None when its numbers are inconsistent."""
+    shape = dict(_DIST_DEFAULTS, count=dp.count)
+    if kind == schema.KIND_SUMMARY:
+        ok, shape["sum"] = math.isfinite(dp.sum), dp.sum
+        qs = [(q.quantile, q.value) for q in dp.quantile_values]
+        if not ok or any(not (0.0 <= q <= 1.0) or not math.isfinite(v) for q, v in qs):
+            return None
+        shape["quantiles"] = [q for q, _ in qs]
+        shape["quantile_values"] = [v for _, v in qs]
+        return shape
+    for f in ("sum", "min", "max"):
+        ok, shape[f] = _finite_or_none(dp, f)
+        if not ok:
+            return None
+    if kind == schema.KIND_HISTOGRAM:
+        counts, bounds = list(dp.bucket_counts), list(dp.explicit_bounds)
+        if counts and (len(counts) != len(bounds) + 1 or sum(counts) != dp.count):
+            return None
+        if any(not math.isfinite(b) for b in bounds) or bounds != sorted(bounds):
+            return None
+        shape["bucket_counts"], shape["explicit_bounds"] = counts, bounds
+        return shape
+    pos, neg = list(dp.positive.bucket_counts), list(dp.negative.bucket_counts)
+    if not -10 <= dp.scale <= 20 or dp.zero_count + sum(pos) + sum(neg) != dp.count:
+        return None
+    if not math.isfinite(dp.zero_threshold) or dp.zero_threshold < 0:
+        return None
+    shape.update(scale=dp.scale, zero_count=dp.zero_count, zero_threshold=dp.zero_threshold,
+                 positive_offset=dp.positive.offset, positive_counts=pos,
+                 negative_offset=dp.negative.offset, negative_counts=neg)  # fmt: skip
+    return shape
+
+
 def decode_request(
     request: ExportMetricsServiceRequest,
     limits: Limits,
     *,
     now_ns: int,
     digest: str,
+    cumulative: CumulativeState | None = None,
 ) -> DecodeResult:
-    """Walk the request once, appending accepted points to columns and counting the rest."""
-    cols = PointBatch.empty()
-    result = DecodeResult(PointBatch(cols, 0, digest, now_ns))
-    org_key = limits.org_attribute
-    max_attrs = limits.max_attributes
-    max_len = limits.max_attribute_length
-    min_t = now_ns - limits.max_past_ns
-    max_t = now_ns + limits.max_future_ns
+    """Walk the request once into columns, counting every rejected point by reason.
 
-    c_org, c_metric, c_kind, c_unit = cols["org_id"], cols["metric"], cols["kind"], cols["unit"]
-    c_mono, c_start, c_time = cols["monotonic"], cols["start_time"], cols["time"]
-    c_isint, c_vi, c_vd = cols["is_int"], cols["value_int"], cols["value_double"]
-    c_ak, c_av = cols["attr_keys"], cols["attr_values"]
-    c_rk, c_rv = cols["resource_keys"], cols["resource_values"]
-    c_sn, c_sv, c_recv = cols["scope_name"], cols["scope_version"], cols["received_at"]
-
-    for rm in request.resource_metrics:
-        res_pairs = sorted((kv.key, value_text(kv.value)) for kv in rm.resource.attributes)
-        res_keys = [k for k, _ in res_pairs]
-        res_values = [v for _, v in res_pairs]
-        res_org = next((v for k, v in res_pairs if k == org_key), "")
-        for sm in rm.scope_metrics:
-            scope_name, scope_version = sm.scope.name, sm.scope.version
-            for m in sm.metrics:
-                name = m.name
-                which = m.WhichOneof("data")
-                if which != "sum":
-                    points = getattr(m, which).data_points if which else ()
-                    result.received += len(points)
-                    if points:
-                        result.reject("unsupported_metric", name, len(points))
-                    continue
-                s = m.sum
-                n_points = len(s.data_points)
-                result.received += n_points
-                if s.aggregation_temporality != DELTA:
-                    result.reject("unsupported_metric", name, n_points)
-                    continue
-                mono = 1 if s.is_monotonic else 0
-                unit = m.unit
-                for dp in s.data_points:
-                    t = dp.time_unix_nano
-                    if t == 0 or t < min_t or t > max_t or dp.start_time_unix_nano > t:
-                        result.reject("invalid_timestamp", name)
-                        continue
-                    vkind = dp.WhichOneof("value")
-                    if vkind == "as_int":
-                        vi, vd, is_int = dp.as_int, 0.0, 1
-                        negative = vi < 0
-                    elif vkind == "as_double":
-                        vi, vd, is_int = 0, dp.as_double, 0
-                        if not math.isfinite(vd):
-                            result.reject("invalid_value", name)
-                            continue
-                        negative = vd < 0
-                    else:
-                        result.reject("no_value", name)
-                        continue
-                    if mono and negative:
-                        result.reject("negative_delta", name)
-                        continue
-                    attrs = dp.attributes
-                    if len(attrs) > max_attrs:
-                        result.reject("attribute_limit", name)
-                        continue
-                    org = res_org
-                    pairs = {}
-                    try:
-                        for kv in attrs:
-                            key = kv.key
-                            text = value_text(kv.value)
-                            if len(key) > max_len or len(text) > max_len:
-                                raise _TooDeep
-                            if key == org_key:
-                                org = text
-                            else:
-                                pairs[key] = text
-                    except (_TooDeep, RecursionError):
-                        result.reject("attribute_limit", name)
-                        continue
-                    if not org:
-                        result.unattributed += 1
-                    keys = sorted(pairs)
-                    c_org.append(org)
-                    c_metric.append(name)
-                    c_kind.append(KIND_SUM)
-                    c_unit.append(unit)
-                    c_mono.append(mono)
-                    c_start.append(dp.start_time_unix_nano)
-                    c_time.append(t)
-                    c_isint.append(is_int)
-                    c_vi.append(vi)
-                    c_vd.append(vd)
-                    c_ak.append(keys)
-                    c_av.append([pairs[k] for k in keys])
-                    c_rk.append(res_keys)
-                    c_rv.append(res_values)
-                    c_sn.append(scope_name)
-                    c_sv.append(scope_version)
-                    c_recv.append(now_ns)
-    result.batch.size = len(c_org)
-    return result
+    Cumulative sums need ``cumulative`` (their conversion state); without it they are rejected.
+    """
+    return _Decoder(limits, now_ns, digest, cumulative).run(request)

@@ -10,9 +10,26 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
+from meterhouse.collector.cumulative import CumulativeState, Entry
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.model import Backpressure, Consumer
+from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
+from meterhouse.core.store import Store
+
+
+def committed_state_loader(store: Store):
+    """Read the last committed point of cumulative series from ClickHouse (see cumulative.py)."""
+    sql = schema.series_state_sql(store.database)
+
+    def load(ids: list[int]) -> dict[int, Entry]:
+        rows = store.rows(sql, {"ids": ids})
+        return {
+            int(sid): Entry(int(start), int(t), int(vi) if is_int else float(vd))
+            for sid, start, t, is_int, vi, vd in rows
+        }
+
+    return load
 
 
 @dataclass
@@ -27,23 +44,33 @@ class Outcome:
 
 class Ingestor:
     def __init__(
-        self, next_stage: Consumer, metrics: PipelineMetrics, limits: Limits, ack_timeout_s: float
+        self,
+        next_stage: Consumer,
+        metrics: PipelineMetrics,
+        limits: Limits,
+        ack_timeout_s: float,
+        cumulative: CumulativeState | None = None,
     ) -> None:
         self.next = next_stage
         self.metrics = metrics
         self.limits = limits
         self.ack_timeout_s = ack_timeout_s
+        self.cumulative = cumulative
 
     def export(self, request: ExportMetricsServiceRequest, digest: str) -> Outcome:
-        result = decode_request(request, self.limits, now_ns=time.time_ns(), digest=digest)
+        result = decode_request(
+            request, self.limits, now_ns=time.time_ns(), digest=digest, cumulative=self.cumulative
+        )
         m = self.metrics
         m.points_received.inc(result.received)
         try:
             ack = self.next.consume(result.batch)
         except Backpressure as e:
             # Nothing of this request is kept; the client retries all of it, so count no rejections.
+            self._undo(result.changes)
             return Outcome("backpressure", f"pipeline is full: {e}", retry_after_s=e.retry_after_s)
         if not ack.wait(self.ack_timeout_s):
+            self._undo(result.changes)
             reason = ack.error or f"points not durable within {self.ack_timeout_s:g}s"
             return Outcome("unavailable", f"storage unavailable, retry later: {reason}", retry_after_s=1)
         for reason, n in result.rejected.items():
@@ -56,3 +83,7 @@ class Ingestor:
             response.partial_success.error_message = result.error_message()
             return Outcome("partial", result.error_message(), response)
         return Outcome("ok", "", response)
+
+    def _undo(self, changes) -> None:
+        if changes and self.cumulative is not None:
+            self.cumulative.rollback(changes)

@@ -11,6 +11,7 @@ from meterhouse.core import schema
 
 #: Columns a decoded batch carries: every ingest column except ``batch_id``, set when written.
 BATCH_COLUMNS = tuple(n for n in schema.INGEST_COLUMN_NAMES if n != "batch_id")
+DIST_BATCH_COLUMNS = tuple(n for n in schema.DIST_INGEST_COLUMN_NAMES if n != "batch_id")
 
 
 class Backpressure(Exception):
@@ -23,16 +24,27 @@ class Backpressure(Exception):
 
 @dataclass
 class PointBatch:
-    """Columns aligned with :data:`BATCH_COLUMNS`, plus the request's content digest."""
+    """One request's points as columns: number points (:data:`BATCH_COLUMNS`) and distribution points
+    (:data:`DIST_BATCH_COLUMNS`), plus the request's content digest."""
 
     columns: dict[str, list[Any]]
     size: int
     digest: str
     received_ns: int
+    dist_columns: dict[str, list[Any]] = field(default_factory=dict)
+    dist_size: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.size + self.dist_size
 
     @staticmethod
     def empty() -> dict[str, list[Any]]:
         return {name: [] for name in BATCH_COLUMNS}
+
+    @staticmethod
+    def empty_dist() -> dict[str, list[Any]]:
+        return {name: [] for name in DIST_BATCH_COLUMNS}
 
 
 def content_digest(*parts: bytes) -> str:

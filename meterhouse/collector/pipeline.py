@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import time
 
+from meterhouse.collector.cumulative import CumulativeState
 from meterhouse.collector.decode import Limits
-from meterhouse.collector.ingest import Ingestor
+from meterhouse.collector.ingest import Ingestor, committed_state_loader
+from meterhouse.collector.receivers.grpc import OtlpGrpcReceiver
 from meterhouse.collector.receivers.http import OtlpHttpReceiver
 from meterhouse.collector.writer import BatchWriter
 from meterhouse.core.config import Config
@@ -38,9 +40,15 @@ class Collector:
             max_pending_points=config.max_pending_points,
             insert_attempts=config.insert_attempts,
         )
-        self.ingestor = Ingestor(self.writer, metrics, limits_from(config), config.ack_timeout_s)
+        self.cumulative = CumulativeState(committed_state_loader(store))
+        self.ingestor = Ingestor(
+            self.writer, metrics, limits_from(config), config.ack_timeout_s, self.cumulative
+        )
         self.http = OtlpHttpReceiver(
             config.host, config.otlp_http_port, self.ingestor, metrics, config.max_request_bytes
+        )
+        self.grpc = OtlpGrpcReceiver(
+            config.host, config.otlp_grpc_port, self.ingestor, metrics, config.max_request_bytes
         )
         self._started = False
 
@@ -51,6 +59,7 @@ class Collector:
     def start(self) -> None:
         self.writer.start()
         self.http.start()
+        self.grpc.start()
         self._started = True
 
     def shutdown(self, timeout_s: float) -> None:
@@ -58,6 +67,8 @@ class Collector:
         deadline = time.monotonic() + timeout_s
         self._started = False
         self.http.shutdown(max(0.0, deadline - time.monotonic()))
+        grpc_done = self.grpc.stop_accepting(max(0.0, deadline - time.monotonic()))
         self.writer.shutdown(max(0.0, deadline - time.monotonic()))
         # Requests that were waiting on the flush now answer; let them finish writing.
         self.http.in_flight.wait_idle(max(0.1, deadline - time.monotonic()))
+        grpc_done.wait(max(0.1, deadline - time.monotonic()))

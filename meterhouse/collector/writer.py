@@ -15,7 +15,14 @@ import threading
 import time
 from collections import deque
 
-from meterhouse.collector.model import BATCH_COLUMNS, Ack, Backpressure, PointBatch, content_digest
+from meterhouse.collector.model import (
+    BATCH_COLUMNS,
+    DIST_BATCH_COLUMNS,
+    Ack,
+    Backpressure,
+    PointBatch,
+    content_digest,
+)
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Store
 
@@ -56,18 +63,19 @@ class BatchWriter:
     # -- consumer -------------------------------------------------------------------------------
     def consume(self, batch: PointBatch) -> Ack:
         ack = Ack()
-        if batch.size == 0:
+        size = batch.total
+        if size == 0:
             ack.succeed()
             return ack
         with self._cond:
             if self._stopping.is_set():
                 raise Backpressure("shutting down")
-            if self._pending + batch.size > self.max_pending_points and self._pending > 0:
+            if self._pending + size > self.max_pending_points and self._pending > 0:
                 raise Backpressure(f"{self._pending} points pending, limit {self.max_pending_points}")
             # Wake the writer when its timer starts (first batch) or a flush is due (size).
-            wake = not self._queue or self._pending + batch.size >= self.flush_max_points
+            wake = not self._queue or self._pending + size >= self.flush_max_points
             self._queue.append((batch, ack, time.monotonic()))
-            self._pending += batch.size
+            self._pending += size
             self.metrics.pending_points.set(self._pending)
             if wake:
                 self._cond.notify()
@@ -113,10 +121,10 @@ class BatchWriter:
                 else:
                     self._cond.wait()
             taken, n = [], 0
-            while self._queue and (not taken or n + self._queue[0][0].size <= self.flush_max_points):
+            while self._queue and (not taken or n + self._queue[0][0].total <= self.flush_max_points):
                 item = self._queue.popleft()
                 taken.append(item)
-                n += item[0].size
+                n += item[0].total
             self._pending -= n
             self.metrics.pending_points.set(self._pending)
             return taken
@@ -130,32 +138,35 @@ class BatchWriter:
 
     def _write(self, batches: list[PointBatch], acks: list[Ack]) -> None:
         token = content_digest(*(b.digest.encode() for b in batches))
-        columns = [
-            [v for b in batches for v in b.columns[name]] if len(batches) > 1 else batches[0].columns[name]
-            for name in BATCH_COLUMNS
-        ]
-        n = sum(b.size for b in batches)
-        columns.append([token] * n)
-        error = self._insert_with_retries(columns, token)
-        if error is not None:
-            self.metrics.insert_failures.inc()
-            for ack in acks:
-                ack.fail(error)
-            return
+        inserts = []
+        numbers = _merge(batches, "columns", "size", BATCH_COLUMNS, f"{token}:n")
+        if numbers:
+            inserts.append((self.store.insert_points, numbers, f"{token}:n"))
+        dists = _merge(batches, "dist_columns", "dist_size", DIST_BATCH_COLUMNS, f"{token}:d")
+        if dists:
+            inserts.append((self.store.insert_distributions, dists, f"{token}:d"))
+        for insert, columns, tok in inserts:
+            error = self._insert_with_retries(insert, columns, tok)
+            if error is not None:
+                # Parts already inserted carry their tokens: the client's retry counts them once.
+                self.metrics.insert_failures.inc()
+                for ack in acks:
+                    ack.fail(error)
+                return
         now_ns = time.time_ns()
-        self.metrics.points_written.inc(n)
+        self.metrics.points_written.inc(sum(b.total for b in batches))
         self.metrics.last_commit.set(now_ns / 1e9)
         for b in batches:
             self.metrics.ingest_lag.observe(max(0.0, (now_ns - b.received_ns) / 1e9))
         for ack in acks:
             ack.succeed()
 
-    def _insert_with_retries(self, columns: list[list], token: str) -> str | None:
+    def _insert_with_retries(self, insert, columns: list[list], token: str) -> str | None:
         error = "not attempted"
         for attempt in range(1, self.insert_attempts + 1):
             started = time.perf_counter()
             try:
-                self.store.insert_points(columns, token)
+                insert(columns, token)
             except Exception as e:  # noqa: BLE001 - classified by retrying, then failing retryably
                 error = f"{type(e).__name__}: {e}"[:500]
                 self.healthy = False
@@ -181,3 +192,18 @@ class BatchWriter:
         else:
             self._stopping.wait(delay)  # shutdown cuts the wait short; the next try is the flush
         return True
+
+
+def _merge(
+    batches: list[PointBatch], attr: str, size_attr: str, names: tuple[str, ...], token: str
+) -> list[list] | None:
+    """The batches' columns of one table, concatenated, with the ``batch_id`` column appended."""
+    parts = [b for b in batches if getattr(b, size_attr)]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        columns = [getattr(parts[0], attr)[name] for name in names]
+    else:
+        columns = [[v for b in parts for v in getattr(b, attr)[name]] for name in names]
+    columns.append([token] * sum(getattr(b, size_attr) for b in parts))
+    return columns

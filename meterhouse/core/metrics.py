@@ -17,7 +17,7 @@ REJECT_REASONS = (
     "invalid_value",  # NaN or Inf where usage must be a number
     "negative_delta",  # a monotonic delta sum that decreases
     "attribute_limit",  # too many attributes, or a key or value over the length limit
-    "unsupported_metric",  # a metric type or temporality this version does not store
+    "unsupported_metric",  # no data, or a sum without temporality
 )
 
 #: Outcomes of one OTLP request, by transport.

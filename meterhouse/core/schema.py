@@ -14,13 +14,24 @@ from dataclasses import dataclass
 INGEST_TABLE = "usage_points_ingest"
 POINTS_TABLE = "usage_points"
 HOURLY_TABLE = "usage_hourly"
+SERIES_STATE_TABLE = "series_state"
+DIST_INGEST_TABLE = "distribution_points_ingest"
+DIST_TABLE = "distribution_points"
 EVENTS_TABLE = "pipeline_events"
 
 #: Blocks remembered per table for insert deduplication (a retried or replayed batch counts once).
 DEDUP_WINDOW_BLOCKS = 10_000
 
-#: Kinds of stored points. Only ``sum`` points are usage and reach the hourly rollup.
+#: Kinds of stored points. Only ``sum`` points are usage and reach the hourly rollup; ``gauge`` points sit
+#: beside them in ``usage_points``; histograms and summaries go to ``distribution_points``.
 KIND_SUM = "sum"
+KIND_GAUGE = "gauge"
+KIND_HISTOGRAM = "histogram"
+KIND_EXP_HISTOGRAM = "exp_histogram"
+KIND_SUMMARY = "summary"
+
+#: OTLP AggregationTemporality values, as stored in the ``temporality`` columns.
+TEMPORALITY_UNSPECIFIED, TEMPORALITY_DELTA, TEMPORALITY_CUMULATIVE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -48,10 +59,54 @@ INGEST_COLUMNS: tuple[Column, ...] = (
     Column("scope_name", "String"),
     Column("scope_version", "String"),
     Column("received_at", "DateTime64(9, 'UTC')"),
+    # Cumulative sums are stored as deltas (start_time is then the start of the delta's interval); the
+    # sender's own start time and value and the series id are kept beside them, so that the conversion
+    # state can be recovered from what was committed (series_state).
+    Column("temporality", "UInt8"),
+    Column("series_id", "UInt64"),
+    Column("series_start", "DateTime64(9, 'UTC')"),
+    Column("cumulative_int", "Int64"),
+    Column("cumulative_double", "Float64"),
     Column("batch_id", "String"),
 )
 INGEST_COLUMN_NAMES = tuple(c.name for c in INGEST_COLUMNS)
 INGEST_COLUMN_TYPES = tuple(c.type for c in INGEST_COLUMNS)
+
+#: Columns of histogram, exponential histogram and summary points, inserted as a second table.
+DIST_INGEST_COLUMNS: tuple[Column, ...] = (
+    Column("org_id", "String"),
+    Column("metric", "String"),
+    Column("kind", "String"),
+    Column("unit", "String"),
+    Column("temporality", "UInt8"),
+    Column("start_time", "DateTime64(9, 'UTC')"),
+    Column("time", "DateTime64(9, 'UTC')"),
+    Column("count", "UInt64"),
+    Column("sum", "Nullable(Float64)"),
+    Column("min", "Nullable(Float64)"),
+    Column("max", "Nullable(Float64)"),
+    Column("bucket_counts", "Array(UInt64)"),
+    Column("explicit_bounds", "Array(Float64)"),
+    Column("scale", "Int32"),
+    Column("zero_count", "UInt64"),
+    Column("zero_threshold", "Float64"),
+    Column("positive_offset", "Int32"),
+    Column("positive_counts", "Array(UInt64)"),
+    Column("negative_offset", "Int32"),
+    Column("negative_counts", "Array(UInt64)"),
+    Column("quantiles", "Array(Float64)"),
+    Column("quantile_values", "Array(Float64)"),
+    Column("attr_keys", "Array(String)"),
+    Column("attr_values", "Array(String)"),
+    Column("resource_keys", "Array(String)"),
+    Column("resource_values", "Array(String)"),
+    Column("scope_name", "String"),
+    Column("scope_version", "String"),
+    Column("received_at", "DateTime64(9, 'UTC')"),
+    Column("batch_id", "String"),
+)
+DIST_INGEST_COLUMN_NAMES = tuple(c.name for c in DIST_INGEST_COLUMNS)
+DIST_INGEST_COLUMN_TYPES = tuple(c.type for c in DIST_INGEST_COLUMNS)
 
 
 def ddl(database: str) -> list[str]:
@@ -59,6 +114,12 @@ def ddl(database: str) -> list[str]:
     db = database
     dedup = f"non_replicated_deduplication_window = {DEDUP_WINDOW_BLOCKS}"
     ingest_cols = ",\n    ".join(f"{c.name} {c.type}" for c in INGEST_COLUMNS)
+    dist_cols = ",\n    ".join(f"{c.name} {c.type}" for c in DIST_INGEST_COLUMNS)
+    dist_plain = ", ".join(
+        c.name
+        for c in DIST_INGEST_COLUMNS
+        if c.name not in {"attr_keys", "attr_values", "resource_keys", "resource_values"}
+    )
     return [
         f"CREATE DATABASE IF NOT EXISTS {db}",
         f"""CREATE TABLE IF NOT EXISTS {db}.{INGEST_TABLE} (
@@ -81,6 +142,11 @@ def ddl(database: str) -> list[str]:
     scope_version LowCardinality(String),
     received_at DateTime64(9, 'UTC') CODEC(Delta, ZSTD),
     committed_at DateTime64(3, 'UTC') DEFAULT now64(3) CODEC(Delta, ZSTD),
+    temporality UInt8,
+    series_id UInt64,
+    series_start DateTime64(9, 'UTC'),
+    cumulative_int Int64,
+    cumulative_double Float64,
     batch_id String CODEC(ZSTD)
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(time)
@@ -90,8 +156,66 @@ SETTINGS {dedup}""",
 SELECT org_id, metric, kind, unit, monotonic, start_time, time, is_int, value_int, value_double,
     mapSort(mapFromArrays(attr_keys, attr_values)) AS attributes,
     mapSort(mapFromArrays(resource_keys, resource_values)) AS resource,
-    scope_name, scope_version, received_at, batch_id
+    scope_name, scope_version, received_at, temporality, series_id, series_start, cumulative_int,
+    cumulative_double, batch_id
 FROM {db}.{INGEST_TABLE}""",
+        # The last committed point of each cumulative series: how cumulative→delta state survives restarts.
+        f"""CREATE TABLE IF NOT EXISTS {db}.{SERIES_STATE_TABLE} (
+    series_id UInt64,
+    start_time DateTime64(9, 'UTC'),
+    time DateTime64(9, 'UTC'),
+    is_int UInt8,
+    cumulative_int Int64,
+    cumulative_double Float64
+) ENGINE = ReplacingMergeTree(time)
+ORDER BY series_id
+SETTINGS {dedup}""",
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.series_state_mv TO {db}.{SERIES_STATE_TABLE} AS
+SELECT series_id, series_start AS start_time, time, is_int, cumulative_int, cumulative_double
+FROM {db}.{INGEST_TABLE}
+WHERE temporality = {TEMPORALITY_CUMULATIVE} AND kind = '{KIND_SUM}'""",
+        f"""CREATE TABLE IF NOT EXISTS {db}.{DIST_INGEST_TABLE} (
+    {dist_cols}
+) ENGINE = Null""",
+        f"""CREATE TABLE IF NOT EXISTS {db}.{DIST_TABLE} (
+    org_id String,
+    metric LowCardinality(String),
+    kind LowCardinality(String),
+    unit LowCardinality(String),
+    temporality UInt8,
+    start_time DateTime64(9, 'UTC') CODEC(Delta, ZSTD),
+    time DateTime64(9, 'UTC') CODEC(Delta, ZSTD),
+    count UInt64,
+    sum Nullable(Float64),
+    min Nullable(Float64),
+    max Nullable(Float64),
+    bucket_counts Array(UInt64),
+    explicit_bounds Array(Float64),
+    scale Int32,
+    zero_count UInt64,
+    zero_threshold Float64,
+    positive_offset Int32,
+    positive_counts Array(UInt64),
+    negative_offset Int32,
+    negative_counts Array(UInt64),
+    quantiles Array(Float64),
+    quantile_values Array(Float64),
+    attributes Map(LowCardinality(String), String),
+    resource Map(LowCardinality(String), String),
+    scope_name LowCardinality(String),
+    scope_version LowCardinality(String),
+    received_at DateTime64(9, 'UTC') CODEC(Delta, ZSTD),
+    committed_at DateTime64(3, 'UTC') DEFAULT now64(3) CODEC(Delta, ZSTD),
+    batch_id String CODEC(ZSTD)
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(time)
+ORDER BY (org_id, metric, time)
+SETTINGS {dedup}""",
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.distribution_points_mv TO {db}.{DIST_TABLE} AS
+SELECT {dist_plain},
+    mapSort(mapFromArrays(attr_keys, attr_values)) AS attributes,
+    mapSort(mapFromArrays(resource_keys, resource_values)) AS resource
+FROM {db}.{DIST_INGEST_TABLE}""",
         f"""CREATE TABLE IF NOT EXISTS {db}.{HOURLY_TABLE} (
     org_id String,
     metric LowCardinality(String),
@@ -152,3 +276,14 @@ WHERE org_id = {{org:String}} AND metric = {{metric:String}} AND kind = '{KIND_S
     AND time >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
     AND time < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC')
 GROUP BY start ORDER BY start"""
+
+
+def series_state_sql(database: str) -> str:
+    """The last committed point of each listed cumulative series (bound ``ids``: Array(UInt64))."""
+    # Times as integer nanoseconds: a datetime would drop the last three digits and fake a reset.
+    return f"""SELECT series_id, toUnixTimestamp64Nano(argMax(start_time, time)),
+    toUnixTimestamp64Nano(max(time)), argMax(is_int, time),
+    argMax(cumulative_int, time), argMax(cumulative_double, time)
+FROM {database}.{SERIES_STATE_TABLE}
+WHERE series_id IN {{ids:Array(UInt64)}}
+GROUP BY series_id"""

@@ -48,12 +48,34 @@ class Store:
             self.client.command(statement)
 
     def insert_points(self, columns: Sequence[Sequence[Any]], token: str) -> None:
-        """Insert one batch, column-oriented; ``token`` makes a repeat of the batch count once."""
-        self.client.insert(
-            f"{self.database}.{schema.INGEST_TABLE}",
+        """Insert number points, column-oriented; ``token`` makes a repeat of the batch count once."""
+        self._insert(
+            schema.INGEST_TABLE, schema.INGEST_COLUMN_NAMES, schema.INGEST_COLUMN_TYPES, columns, token
+        )
+
+    def insert_distributions(self, columns: Sequence[Sequence[Any]], token: str) -> None:
+        """Insert histogram, exponential histogram and summary points (same contract)."""
+        self._insert(
+            schema.DIST_INGEST_TABLE,
+            schema.DIST_INGEST_COLUMN_NAMES,
+            schema.DIST_INGEST_COLUMN_TYPES,
             columns,
-            column_names=schema.INGEST_COLUMN_NAMES,
-            column_type_names=schema.INGEST_COLUMN_TYPES,
+            token,
+        )
+
+    def _insert(
+        self,
+        table: str,
+        names: Sequence[str],
+        types: Sequence[str],
+        columns: Sequence[Sequence[Any]],
+        token: str,
+    ) -> None:
+        self.client.insert(
+            f"{self.database}.{table}",
+            columns,
+            column_names=names,
+            column_type_names=types,
             column_oriented=True,
             settings={
                 "insert_deduplication_token": token,

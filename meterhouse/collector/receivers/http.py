@@ -6,6 +6,7 @@ Answers follow the OTLP specification: the response uses the request's content t
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import zlib
@@ -13,6 +14,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -44,6 +46,28 @@ class _TooLarge(Exception):
     pass
 
 
+def check_json_shape(value: object, descriptor: Descriptor, path: str = "") -> None:
+    """Every known message-typed field holds an object (or a list of objects when repeated).
+
+    protobuf's JSON parser, told to ignore unknown fields, takes a string where a message belongs as
+    a message of unknown fields; OTLP/JSON with such a wrong type is refused instead.
+    """
+    if not isinstance(value, dict):
+        raise ValueError(f"{path or 'request'}: expected an object, got {type(value).__name__}")
+    for key, item in value.items():
+        field = descriptor.fields_by_camelcase_name.get(key) or descriptor.fields_by_name.get(key)
+        if field is None or field.message_type is None or item is None:
+            continue
+        where = f"{path}.{key}" if path else key
+        if field.is_repeated:
+            if not isinstance(item, list):
+                raise ValueError(f"{where}: expected a list, got {type(item).__name__}")
+            for i, element in enumerate(item):
+                check_json_shape(element, field.message_type, f"{where}[{i}]")
+        else:
+            check_json_shape(item, field.message_type, where)
+
+
 def gunzip_limited(data: bytes, limit: int) -> bytes:
     """Inflate gzip ``data`` but never past ``limit`` bytes, so a gzip bomb is refused cheaply."""
     d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
@@ -66,7 +90,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
         with self.server.receiver.in_flight:
-            self._post()
+            try:
+                self._post()
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+            except Exception:
+                # A bug must not cost the client its answer: 500 is not retryable, and it is logged.
+                log.exception("unexpected error while handling an OTLP/HTTP request")
+                self.close_connection = True
+                self.server.receiver.metrics.requests.labels(transport="http", outcome="invalid").inc()
+                self._status(HTTPStatus.INTERNAL_SERVER_ERROR, code_pb2.INTERNAL, "internal error", JSON)
 
     def _post(self) -> None:
         receiver = self.server.receiver
@@ -223,7 +256,9 @@ class OtlpHttpReceiver:
             if ctype == PROTOBUF:
                 request.ParseFromString(body)
             else:
-                json_format.Parse(body, request, ignore_unknown_fields=True)
+                parsed = json.loads(body)
+                check_json_shape(parsed, request.DESCRIPTOR)
+                json_format.ParseDict(parsed, request, ignore_unknown_fields=True)
         except (DecodeError, json_format.ParseError, UnicodeDecodeError, ValueError, RecursionError) as e:
             what = "protobuf" if ctype == PROTOBUF else "OTLP/JSON"
             return Outcome(

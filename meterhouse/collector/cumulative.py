@@ -1,0 +1,115 @@
+"""Cumulative sums → per-interval usage, with state that survives restarts.
+
+Every cumulative point is stored as the delta since the previous point of its series, beside the
+sender's own value and a series id. The last committed point of every series is kept by ClickHouse
+(``series_state``, filled by a materialized view in the same insert), so after a restart the state is
+read back from what was actually committed, not from what was merely received.
+
+Rules, for a point (start s, time t, value v) and the series' previous point e:
+- no previous point: the point counts from its start time (delta v);
+- a new start time after e's start: the counter restarted (delta v);
+- same start, v ≥ e.value: delta v − e.value, covering (e.time, t];
+- same start, v < e.value on a monotonic sum: a reset (delta v); a non-monotonic sum goes down;
+- t ≤ e.time: the same point again (delta 0) or, with another value, ``out_of_order``.
+
+State changes are applied at decode time and rolled back when the batch is not committed, so a client
+that retries after a 503 gets the same deltas again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Entry:
+    start_ns: int
+    time_ns: int
+    value: int | float
+    touched: float = 0.0  # monotonic time of the last change, for eviction
+
+
+@dataclass(frozen=True)
+class CumulativePoint:
+    series_id: int
+    start_ns: int
+    time_ns: int
+    value: int | float
+    monotonic: bool
+
+
+#: (delta, start of the interval it covers) or None for out_of_order.
+Resolution = tuple[int | float, int] | None
+Change = tuple[int, Entry | None, Entry]
+
+Loader = Callable[[list[int]], dict[int, Entry]]
+
+
+class CumulativeState:
+    """Last point per cumulative series, loaded lazily from committed state on a miss."""
+
+    def __init__(self, loader: Loader, *, max_entries: int = 2_000_000, settle_s: float = 300.0) -> None:
+        self._load = loader
+        self._entries: dict[int, Entry] = {}
+        self._lock = threading.Lock()
+        self.max_entries = max_entries
+        self.settle_s = settle_s  # entries untouched this long are committed and can be evicted
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def convert(self, points: list[CumulativePoint]) -> tuple[list[Resolution], list[Change]]:
+        with self._lock:
+            missing = list({p.series_id for p in points if p.series_id not in self._entries})
+            if missing:
+                self._entries.update(self._load(missing))
+            now = time.monotonic()
+            results: list[Resolution] = []
+            changes: list[Change] = []
+            for p in points:
+                e = self._entries.get(p.series_id)
+                res = _resolve(e, p)
+                results.append(res)
+                if res is None or (e is not None and p.time_ns <= e.time_ns):
+                    continue
+                new = Entry(p.start_ns, p.time_ns, p.value, now)
+                self._entries[p.series_id] = new
+                changes.append((p.series_id, e, new))
+            self._evict(now)
+            return results, changes
+
+    def rollback(self, changes: Iterable[Change]) -> None:
+        """Undo changes whose batch was not committed (only where nothing newer replaced them)."""
+        with self._lock:
+            for series_id, old, new in reversed(list(changes)):
+                if self._entries.get(series_id) is new:
+                    if old is None:
+                        del self._entries[series_id]
+                    else:
+                        self._entries[series_id] = old
+
+    def _evict(self, now: float) -> None:
+        if len(self._entries) <= self.max_entries:
+            return
+        # Only settled entries go: their points are committed, so a later miss reloads the same state.
+        cutoff = now - self.settle_s
+        for sid in [sid for sid, e in self._entries.items() if e.touched < cutoff]:
+            del self._entries[sid]
+            if len(self._entries) <= self.max_entries * 0.9:
+                break
+
+
+def _resolve(e: Entry | None, p: CumulativePoint) -> Resolution:
+    if e is None:
+        return p.value, p.start_ns
+    if p.time_ns <= e.time_ns:
+        same = p.start_ns == e.start_ns and p.value == e.value and p.time_ns == e.time_ns
+        return (0, p.start_ns) if same else None
+    if p.start_ns != e.start_ns:
+        return (p.value, p.start_ns) if p.start_ns > e.start_ns else None
+    if p.monotonic and p.value < e.value:
+        return p.value, p.start_ns
+    return p.value - e.value, e.time_ns
