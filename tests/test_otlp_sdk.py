@@ -1,10 +1,13 @@
 """The real OpenTelemetry SDK exporters, gRPC and HTTP/protobuf, delta and cumulative, against a real
-`meterhouse up`: every combination gives the same exact per-org totals through the API."""
+`meterhouse up`: every combination gives the same exact per-org totals through the API.
+(Cumulative senders also compress with gzip, so both transports' gzip paths are exercised.)"""
 
 import time
 
 import pytest
+from grpc import Compression as GrpcCompression
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 from opentelemetry.sdk.metrics import Counter, MeterProvider, UpDownCounter
 from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
@@ -21,10 +24,14 @@ ORGS = ["org-a", "org-b", "org-c"]
 def provider(up, transport: str, temporality: str, resource: dict | None = None) -> MeterProvider:
     t = AggregationTemporality.DELTA if temporality == "delta" else AggregationTemporality.CUMULATIVE
     prefs = {Counter: t, UpDownCounter: t}
+    gz = Compression.Gzip if temporality == "cumulative" else Compression.NoCompression
     if transport == "grpc":
-        exporter = GrpcExporter(endpoint=up.otlp_grpc, insecure=True, preferred_temporality=prefs)
+        exporter = GrpcExporter(endpoint=up.otlp_grpc, insecure=True, preferred_temporality=prefs,
+                                compression=GrpcCompression.Gzip if gz == Compression.Gzip else None)  # fmt: skip
     else:
-        exporter = HttpExporter(endpoint=f"{up.otlp_http}/v1/metrics", preferred_temporality=prefs)
+        exporter = HttpExporter(
+            endpoint=f"{up.otlp_http}/v1/metrics", preferred_temporality=prefs, compression=gz
+        )
     reader = PeriodicExportingMetricReader(
         exporter,
         export_interval_millis=3_600_000,
