@@ -21,7 +21,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        typ = {"int": int, "float": float}.get(str(f.type), str)
+        typ = {"int": int, "float": float}.get(str(f.type), str)  # bools arrive as text: true/false
         parser.add_argument(
             flag,
             dest=f.name,

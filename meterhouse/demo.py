@@ -65,6 +65,20 @@ def fetch_usage(api: str, org: str, metric: str, start_s: int, end_s: int, step:
         return json.load(r)
 
 
+def wait_committed(api: str, timeout_s: float = 60.0) -> bool:
+    """Wait until meterhouse reports nothing pending (answers are sent once points are spooled).
+
+    Raises OSError when the API cannot be reached at all."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{api.rstrip('/')}/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("meterhouse_pending_points ") and float(line.split()[1]) == 0:
+                    return True
+        time.sleep(0.1)
+    return False
+
+
 def _matches(expected: int | float, got: int | float, exact: bool) -> bool:
     return got == expected if exact else math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-9)
 
@@ -119,6 +133,12 @@ def run_demo(
     by_size = sorted(org_ids, key=lambda o: -sum(v for (g, _), v in sent.items() if g == o))
     checked = list(dict.fromkeys(by_size[:3] + by_size[-2:]))
     print(f"demo: {measurements:,} measurements exported; reading totals back from {api}", file=out)
+    try:
+        if not wait_committed(api):
+            print("demo: meterhouse still has points waiting for ClickHouse; totals may be short", file=out)
+    except OSError as e:
+        print(f"demo: cannot read usage from {api}: {e}", file=out)
+        return 1
     print(f"{'org':<12} {'metric':<16} {'sent':>22} {'api (rollup)':>22} {'api (raw)':>22}  ok", file=out)
     ok_all = True
     for org in checked:

@@ -14,7 +14,6 @@ from meterhouse import __version__
 from meterhouse.collector import Collector
 from meterhouse.core.config import Config
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.core.store import open_store
 from meterhouse.exporter import create_app
 
 log = logging.getLogger("meterhouse")
@@ -23,14 +22,15 @@ log = logging.getLogger("meterhouse")
 class Stack:
     """Everything `meterhouse up` runs, with ports resolved once started."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, connect_endpoint=None) -> None:
+        """``connect_endpoint(url) -> Store`` overrides how endpoints are opened (tests share one engine)."""
         self.config = config
         self.registry = CollectorRegistry()
         for c in (ProcessCollector, PlatformCollector, GCCollector):
             c(registry=self.registry)
         self.metrics = PipelineMetrics(self.registry)
-        self.store = open_store(config)
-        self.collector = Collector(config, self.store, self.metrics)
+        self.collector = Collector(config, self.metrics, connect_endpoint)
+        self.store = self.collector.endpoints  # reads go to whichever endpoint is active
         self.app = create_app(self.store, self.registry, lambda: self.collector.ready)
         self._http = make_server(config.host, config.http_port, self.app, threaded=True)
         self._http_thread = threading.Thread(target=self._http.serve_forever, name="http-api", daemon=True)
@@ -46,7 +46,6 @@ class Stack:
     def shutdown(self, timeout_s: float) -> None:
         self.collector.shutdown(timeout_s)
         self._http.shutdown()
-        self.store.close()
 
 
 def run_up(config: Config) -> int:
@@ -65,7 +64,7 @@ def run_up(config: Config) -> int:
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1
-    store = "embedded" if not config.endpoints else ",".join(config.endpoints)
+    store = ",".join(ep.label for ep in stack.collector.endpoints.endpoints)
     log.info(
         "meterhouse ready",
         extra={

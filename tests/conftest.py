@@ -108,6 +108,16 @@ class UpProcess:
             time.sleep(0.1)
         raise AssertionError(f"meterhouse up not ready in {timeout_s}s:\n{self.output()}")
 
+    def drain(self, timeout_s: float = 30) -> None:
+        """Wait until everything acknowledged so far is committed (answers come once spooled)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = requests.get(f"{self.api}/metrics", timeout=10).text
+            if "\nmeterhouse_pending_points 0.0\n" in text:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"spool not drained in {timeout_s}s")
+
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -148,18 +158,47 @@ def up(up_factory) -> UpProcess:
     return up_factory()
 
 
+def shared_engine(engine_dir: Path, database: str):
+    """Open endpoints on this process's one embedded engine (chdb opens one directory per process)."""
+    from meterhouse.core.store import connect
+
+    return lambda url: connect(url, engine_dir, database)
+
+
 @pytest.fixture
-def stack(engine_dir):
-    """The whole `meterhouse up` stack in this process, on the shared engine with its own database."""
+def stack_factory(engine_dir, tmp_path):
+    """Whole `meterhouse up` stacks in this process: own data dir (spool), shared engine, own database."""
     from meterhouse.runtime import Stack
 
-    config = Config(data_dir=engine_dir, database=f"s_{uuid.uuid4().hex[:12]}", otlp_http_port=0,
-                    otlp_grpc_port=0, http_port=0, flush_interval_s=0.05)  # fmt: skip
-    s = Stack(config)
-    s.start()
-    yield s
-    s.shutdown(5)
-    s.store.client.command(f"DROP DATABASE IF EXISTS {config.database} SYNC")
+    stacks = []
+
+    def make(**overrides):
+        values = dict(data_dir=tmp_path / f"stack{len(stacks)}", database=f"s_{uuid.uuid4().hex[:12]}",
+                      otlp_http_port=0, otlp_grpc_port=0, http_port=0, flush_interval_s=0.05)  # fmt: skip
+        values.update(overrides)
+        config = Config(**values)
+        s = Stack(config, shared_engine(engine_dir, config.database))
+        s.start()
+        stacks.append(s)
+        return s
+
+    yield make
+    for s in stacks:
+        s.shutdown(5)
+        s.collector.endpoints.endpoints[0].store.client.command(f"DROP DATABASE IF EXISTS {s.config.database} SYNC")
+
+
+def drain(stack, timeout_s: float = 30) -> None:
+    """Wait until an in-process stack has committed everything it acknowledged."""
+    deadline = time.monotonic() + timeout_s
+    while stack.collector.spool.pending_points and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stack.collector.spool.pending_points == 0, "spool not drained"
+
+
+@pytest.fixture
+def stack(stack_factory):
+    return stack_factory()
 
 
 def _children(pid: int) -> list[int]:

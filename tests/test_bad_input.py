@@ -130,6 +130,7 @@ CORPUS = [
 
 
 def ok_total(up) -> int:
+    up.drain()
     now = int(time.time())
     return fetch_usage(up.api, "org-ok", "ok.calls", now // 3600 * 3600 - 3600, (now // 3600 + 2) * 3600,
                        "1h")["total"]  # fmt: skip

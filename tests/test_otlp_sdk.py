@@ -42,6 +42,7 @@ def provider(up, transport: str, temporality: str, resource: dict | None = None)
 
 
 def total(up, org: str, metric: str, step: str = "1h") -> int | float:
+    up.drain()
     now = int(time.time())
     return fetch_usage(up.api, org, metric, now // HOUR * HOUR - HOUR, (now // HOUR + 2) * HOUR, step)[
         "total"

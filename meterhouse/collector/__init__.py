@@ -1,22 +1,15 @@
-"""The collector plane: OTLP receivers → decode and validate → batch writer into ClickHouse."""
+"""The collector plane: OTLP receivers → decode and validate → spool → writer → ClickHouse (failover)."""
 
 from meterhouse.collector.decode import Limits, decode_request, value_text
+from meterhouse.collector.failover import EndpointSet
 from meterhouse.collector.ingest import Ingestor
-from meterhouse.collector.model import Ack, Backpressure, Consumer, PointBatch
+from meterhouse.collector.model import Backpressure, Consumer, PointBatch
 from meterhouse.collector.pipeline import Collector
-from meterhouse.collector.receivers import OtlpHttpReceiver
-from meterhouse.collector.writer import BatchWriter
+from meterhouse.collector.receivers import OtlpGrpcReceiver, OtlpHttpReceiver
+from meterhouse.collector.spool import Spool
+from meterhouse.collector.writer import Writer
 
 __all__ = [
-    "Ack",
-    "Backpressure",
-    "BatchWriter",
-    "Collector",
-    "Consumer",
-    "Ingestor",
-    "Limits",
-    "OtlpHttpReceiver",
-    "PointBatch",
-    "decode_request",
-    "value_text",
-]
+    "Backpressure", "Collector", "Consumer", "EndpointSet", "Ingestor", "Limits", "OtlpGrpcReceiver",
+    "OtlpHttpReceiver", "PointBatch", "Spool", "Writer", "decode_request", "value_text",
+]  # fmt: skip

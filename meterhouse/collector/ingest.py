@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -12,10 +13,14 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from meterhouse.collector.cumulative import CumulativeState, Entry
 from meterhouse.collector.decode import Limits, decode_request
+from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.model import Backpressure, Consumer
+from meterhouse.collector.spool import SpoolError
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Store
+
+log = logging.getLogger("meterhouse.ingest")
 
 
 def committed_state_loader(store: Store):
@@ -43,36 +48,52 @@ class Outcome:
 
 
 class Ingestor:
+    """Decode → (dedup) → spool. The answer is sent once the points are durable in the spool."""
+
     def __init__(
         self,
         next_stage: Consumer,
         metrics: PipelineMetrics,
         limits: Limits,
-        ack_timeout_s: float,
         cumulative: CumulativeState | None = None,
+        recent: RecentRequests | None = None,
     ) -> None:
         self.next = next_stage
         self.metrics = metrics
         self.limits = limits
-        self.ack_timeout_s = ack_timeout_s
         self.cumulative = cumulative
+        self.recent = recent
 
     def export(self, request: ExportMetricsServiceRequest, digest: str) -> Outcome:
-        result = decode_request(
-            request, self.limits, now_ns=time.time_ns(), digest=digest, cumulative=self.cumulative
-        )
         m = self.metrics
+        if self.recent is not None and not self.recent.claim(digest):
+            # The same bytes were accepted within the window (a client re-sent after a lost answer).
+            m.requests_deduplicated.inc()
+            return Outcome("ok", "", ExportMetricsServiceResponse())
+        now = time.time_ns()
+        try:
+            result = decode_request(
+                request, self.limits, now_ns=now, digest=digest, cumulative=self.cumulative
+            )
+        except Exception as e:  # the cumulative state could not be read from ClickHouse
+            self._release(digest)
+            log.warning("cannot decode request", extra={"error": str(e)[:300]})
+            return Outcome(
+                "unavailable", f"cannot read cumulative state, retry later: {e}"[:500], retry_after_s=1
+            )
         m.points_received.inc(result.received)
         try:
-            ack = self.next.consume(result.batch)
-        except Backpressure as e:
+            self.next.consume(result.batch)
+        except (Backpressure, SpoolError) as e:
             # Nothing of this request is kept; the client retries all of it, so count no rejections.
             self._undo(result.changes)
-            return Outcome("backpressure", f"pipeline is full: {e}", retry_after_s=e.retry_after_s)
-        if not ack.wait(self.ack_timeout_s):
-            self._undo(result.changes)
-            reason = ack.error or f"points not durable within {self.ack_timeout_s:g}s"
-            return Outcome("unavailable", f"storage unavailable, retry later: {reason}", retry_after_s=1)
+            self._release(digest)
+            if isinstance(e, Backpressure):
+                m.spool_full.inc()
+                return Outcome("backpressure", f"pipeline is full: {e}", retry_after_s=e.retry_after_s)
+            return Outcome("unavailable", str(e), retry_after_s=1)
+        if self.recent is not None:
+            self.recent.add(digest, now)
         for reason, n in result.rejected.items():
             m.points_rejected.labels(reason=reason).inc(n)
         if result.unattributed:
@@ -83,6 +104,10 @@ class Ingestor:
             response.partial_success.error_message = result.error_message()
             return Outcome("partial", result.error_message(), response)
         return Outcome("ok", "", response)
+
+    def _release(self, digest: str) -> None:
+        if self.recent is not None:
+            self.recent.release(digest)
 
     def _undo(self, changes) -> None:
         if changes and self.cumulative is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,29 +53,11 @@ def content_digest(*parts: bytes) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class Ack:
-    """Completion of a consumed batch: set once it is durable, or failed with a reason."""
-
-    _done: threading.Event = field(default_factory=threading.Event)
-    error: str | None = None
-
-    def succeed(self) -> None:
-        self._done.set()
-
-    def fail(self, error: str) -> None:
-        self.error = error
-        self._done.set()
-
-    def wait(self, timeout_s: float) -> bool:
-        """True once durable; False when failed or still pending after ``timeout_s``."""
-        return self._done.wait(timeout_s) and self.error is None
-
-
 class Consumer(Protocol):
     """A pipeline stage (after the OpenTelemetry Collector's consumer and component interfaces)."""
 
-    def consume(self, batch: PointBatch) -> Ack: ...
+    def consume(self, batch: PointBatch) -> None:
+        """Take the batch durably, or raise :class:`Backpressure`."""
 
     def start(self) -> None: ...
 

@@ -1,19 +1,28 @@
-"""The collector's chain, built from the sink back to the receivers."""
+"""The collector's chain, built from the sink back to the receivers.
+
+endpoints (ClickHouse, failover) ← writer ← spool ← ingestor (decode, dedup) ← receivers (gRPC, HTTP)
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from meterhouse.collector.cumulative import CumulativeState
+from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.decode import Limits
+from meterhouse.collector.dedup import RecentRequests
+from meterhouse.collector.failover import EndpointSet
 from meterhouse.collector.ingest import Ingestor, committed_state_loader
 from meterhouse.collector.receivers.grpc import OtlpGrpcReceiver
 from meterhouse.collector.receivers.http import OtlpHttpReceiver
-from meterhouse.collector.writer import BatchWriter
+from meterhouse.collector.spool import Spool
+from meterhouse.collector.writer import Writer
 from meterhouse.core.config import Config
+from meterhouse.core.faults import FaultInjector
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.core.store import Store
+from meterhouse.core.store import Store, connect
 
 log = logging.getLogger("meterhouse.collector")
 
@@ -29,46 +38,107 @@ def limits_from(config: Config) -> Limits:
 
 
 class Collector:
-    """Writer (sink) ← ingestor ← receivers (sources). Start sinks first, stop sources first."""
+    """Start sinks first, stop sources first."""
 
-    def __init__(self, config: Config, store: Store, metrics: PipelineMetrics) -> None:
-        self.writer = BatchWriter(
-            store,
+    def __init__(
+        self,
+        config: Config,
+        metrics: PipelineMetrics,
+        connect_endpoint: Callable[[str], Store] | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.endpoints = EndpointSet(
+            config.endpoints,
+            connect_endpoint or (lambda url: connect(url, config.data_dir, config.database)),
             metrics,
+            config.database,
+            failover_after_failures=config.failover_after_failures,
+            failback_hold_s=config.failback_hold_s,
+            health_check_interval_s=config.health_check_interval_s,
+            faults=FaultInjector.from_env(),
+        )
+        self.spool = Spool(
+            config.data_dir / "spool",
+            max_bytes=config.spool_max_bytes,
+            segment_bytes=config.spool_segment_bytes,
+            fsync=config.spool_fsync,
+            max_cached_points=config.max_cached_points,
+        )
+        self.recent = (
+            RecentRequests(config.data_dir / "spool" / "recent-requests.log", config.dedup_window_s)
+            if config.dedup_window_s > 0
+            else None
+        )
+        self.writer = Writer(
+            self.spool,
+            self.endpoints,
+            metrics,
+            DeadLetters(config.data_dir / "dead-letter"),
             flush_interval_s=config.flush_interval_s,
             flush_max_points=config.flush_max_points,
-            max_pending_points=config.max_pending_points,
-            insert_attempts=config.insert_attempts,
+            backoff_max_s=config.retry_max_backoff_s,
+            poison_after_attempts=config.poison_after_attempts,
+            on_commit=self.recent.sync if self.recent else None,
         )
-        self.cumulative = CumulativeState(committed_state_loader(store))
-        self.ingestor = Ingestor(
-            self.writer, metrics, limits_from(config), config.ack_timeout_s, self.cumulative
-        )
+        self.cumulative = CumulativeState(committed_state_loader(self.endpoints))
+        self.ingestor = Ingestor(self.spool, metrics, limits_from(config), self.cumulative, self.recent)
         self.http = OtlpHttpReceiver(
             config.host, config.otlp_http_port, self.ingestor, metrics, config.max_request_bytes
         )
         self.grpc = OtlpGrpcReceiver(
             config.host, config.otlp_grpc_port, self.ingestor, metrics, config.max_request_bytes
         )
+        m = metrics
+        m.spool_limit_bytes.set(config.spool_max_bytes)
+        m.spool_bytes.set_function(self.spool.disk_bytes)
+        m.spool_uncommitted_bytes.set_function(lambda: self.spool.uncommitted_bytes)
+        m.spool_oldest_age.set_function(self.spool.oldest_age_s)
+        m.pending_points.set_function(lambda: self.spool.pending_points)
         self._started = False
 
     @property
     def ready(self) -> bool:
-        return self._started and self.writer.healthy
+        return self._started and self.writer.running
 
     def start(self) -> None:
+        self.endpoints.start()
+        report = self.spool.open()
+        m = self.metrics
+        m.spool_quarantined_records.inc(report.quarantined_records)
+        m.spool_quarantined_bytes.inc(report.quarantined_bytes)
+        m.spool_replayed.inc(report.pending_records)
+        if report.quarantined_records:
+            self.endpoints.record_event("spool_quarantine", "spool", "quarantine",
+                                        f"{report.quarantined_records} damaged record(s)",
+                                        f"bytes={report.quarantined_bytes}")  # fmt: skip
+        if report.pending_records:
+            log.info("replaying spool", extra={"records": report.pending_records,
+                                               "points": self.spool.pending_points,
+                                               "replay_groups": report.replay_groups})  # fmt: skip
+            self.endpoints.record_event("spool_replay", "spool", self.endpoints.name,
+                                        f"{report.pending_records} record(s) not yet committed at start",
+                                        f"points={self.spool.pending_points}")  # fmt: skip
+        if self.recent is not None:
+            self.recent.load(report.digests)
         self.writer.start()
         self.http.start()
         self.grpc.start()
         self._started = True
 
     def shutdown(self, timeout_s: float) -> None:
-        """Stop receivers, then flush the writer; bounded by ``timeout_s`` overall."""
+        """Stop receivers, write what the spool holds until the deadline, then close."""
         deadline = time.monotonic() + timeout_s
         self._started = False
-        self.http.shutdown(max(0.0, deadline - time.monotonic()))
-        grpc_done = self.grpc.stop_accepting(max(0.0, deadline - time.monotonic()))
-        self.writer.shutdown(max(0.0, deadline - time.monotonic()))
-        # Requests that were waiting on the flush now answer; let them finish writing.
-        self.http.in_flight.wait_idle(max(0.1, deadline - time.monotonic()))
-        grpc_done.wait(max(0.1, deadline - time.monotonic()))
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        self.http.shutdown(left())
+        self.grpc.shutdown(min(left(), 1.0))
+        self.http.in_flight.wait_idle(max(0.1, left()))
+        self.writer.shutdown(left())
+        self.spool.shutdown(left())
+        if self.recent is not None:
+            self.recent.close()
+        self.endpoints.shutdown(min(left(), 1.0) + 0.5)

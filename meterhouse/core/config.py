@@ -49,8 +49,8 @@ def _identifier(v: str) -> str | None:
 
 def _urls(v: str) -> str | None:
     for url in (u.strip() for u in v.split(",") if u.strip()):
-        if not url.startswith(("http://", "https://")):
-            return f"each endpoint must start with http:// or https:// ({url!r} does not)"
+        if not url.startswith(("http://", "https://", "embedded")):
+            return f"each endpoint must be http(s)://host:port or embedded[#name] ({url!r} is not)"
     return None
 
 
@@ -65,13 +65,13 @@ class Config:
     data_dir: Path = _opt(
         None,
         default=Path("./meterhouse-data"),
-        help="Directory for the embedded ClickHouse data and local state.",
+        help="Directory for the embedded ClickHouse data, the spool and other local state.",
     )
     clickhouse_url: str = _opt(
         _urls,
-        default="",
-        help="ClickHouse server endpoint(s), http(s)://host:8123; "
-        "empty = embedded engine (chdb) under data_dir.",
+        default="embedded",
+        help="ClickHouse endpoints in priority order, comma-separated: http(s)://[user:pass@]host:8123 "
+        "or embedded (the chdb engine under data_dir). Writes fail over down the list.",
     )
     database: str = _opt(_identifier, default="meterhouse", help="ClickHouse database name.")
     host: str = _opt(None, default="127.0.0.1", help="Address every listener binds.")
@@ -84,22 +84,51 @@ class Config:
         None, default="org.id", help="Attribute key naming the organization (point, then resource)."
     )
     flush_interval_s: float = _opt(
-        _positive, default=1.0, help="Longest time a received point waits before its insert."
+        _positive, default=1.0, help="Longest time a spooled point waits before its insert."
     )
-    flush_max_points: int = _opt(
-        _positive, default=50_000, help="Insert as soon as this many points are buffered."
-    )
-    max_pending_points: int = _opt(
-        _positive, default=2_000_000, help="Points buffered before receivers answer retryable 503."
-    )
+    flush_max_points: int = _opt(_positive, default=50_000, help="Insert as soon as this many points wait.")
     max_request_bytes: int = _opt(
         _positive, default=20 * 1024 * 1024, help="Largest OTLP request body, measured after decompression."
     )
-    ack_timeout_s: float = _opt(
-        _positive, default=30.0, help="Longest a receiver waits for its points to be durable."
+    spool_max_bytes: int = _opt(
+        _positive,
+        default=1 << 30,
+        help="Spooled bytes not yet in ClickHouse before receivers answer retryable 503.",
     )
-    insert_attempts: int = _opt(
-        _positive, default=5, help="Attempts per batch insert before the batch fails retryably."
+    spool_segment_bytes: int = _opt(_positive, default=64 << 20, help="Size of one spool segment file.")
+    spool_fsync: bool = _opt(
+        None,
+        default=True,
+        help="fsync each spool append before answering (off: faster, loses the last requests on power loss).",
+    )
+    max_cached_points: int = _opt(
+        _positive,
+        default=2_000_000,
+        help="Spooled points also kept in memory; a larger backlog is read back from disk.",
+    )
+    dedup_window_s: float = _opt(
+        _non_negative,
+        default=900.0,
+        help="An identical request re-sent within this many seconds counts once (0 = off).",
+    )
+    retry_max_backoff_s: float = _opt(
+        _positive, default=5.0, help="Longest wait between two attempts of a failed insert."
+    )
+    poison_after_attempts: int = _opt(
+        _positive,
+        default=10,
+        help="Failed attempts on a healthy endpoint after which a batch goes to the dead letters.",
+    )
+    health_check_interval_s: float = _opt(
+        _positive, default=2.0, help="How often every ClickHouse endpoint is checked."
+    )
+    failover_after_failures: int = _opt(
+        _positive, default=3, help="Consecutive failures of the active endpoint that move writes on."
+    )
+    failback_hold_s: float = _opt(
+        _non_negative,
+        default=30.0,
+        help="How long a preferred endpoint must stay healthy before writes move back to it.",
     )
     max_past_s: float = _opt(
         _positive, default=2 * 366 * 86400.0, help="Points older than this (seconds before now) are rejected."
@@ -128,8 +157,8 @@ class Config:
 
     @property
     def endpoints(self) -> list[str]:
-        """The ClickHouse endpoints in priority order; empty for the embedded engine."""
-        return [u.strip() for u in self.clickhouse_url.split(",") if u.strip()]
+        """The ClickHouse endpoints in priority order (``embedded`` when none is named)."""
+        return [u.strip() for u in self.clickhouse_url.split(",") if u.strip()] or ["embedded"]
 
     @property
     def is_public_bind(self) -> bool:
@@ -141,6 +170,15 @@ class Config:
 
 def _coerce(name: str, typ: Any, raw: Any, source: str) -> Any:
     try:
+        if typ in ("bool", bool):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
         if typ in ("int", int):
             if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
                 raise ValueError
@@ -155,7 +193,7 @@ def _coerce(name: str, typ: Any, raw: Any, source: str) -> Any:
             raise ValueError
         return str(raw)
     except (TypeError, ValueError):
-        kind = {"int": "an integer", "float": "a number"}.get(str(typ), "a string")
+        kind = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(str(typ), "a string")
         raise ConfigError(f"{name}: must be {kind} (got {raw!r} from {source})") from None
 
 

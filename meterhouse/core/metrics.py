@@ -93,7 +93,7 @@ class PipelineMetrics:
             registry=registry,
         )
         self.pending_points = Gauge(
-            f"{p}_pending_points", "Points received and not yet committed.", registry=registry
+            f"{p}_pending_points", "Points spooled and not yet committed to ClickHouse.", registry=registry
         )
         self.insert_duration = Histogram(
             f"{p}_insert_duration_seconds", "Duration of one batch insert into ClickHouse.", registry=registry
@@ -102,7 +102,70 @@ class PipelineMetrics:
             f"{p}_insert_retries", "Batch inserts retried after a retryable error.", registry=registry
         )
         self.insert_failures = Counter(
-            f"{p}_insert_failures", "Batches given up after the last attempt.", registry=registry
+            f"{p}_insert_failures",
+            "Failed batch insert attempts (retried, or dead-lettered).",
+            registry=registry,
+        )
+        # -- spool (backlog) ------------------------------------------------------------------------
+        self.spool_bytes = Gauge(f"{p}_spool_bytes", "Bytes of spool segments on disk.", registry=registry)
+        self.spool_limit_bytes = Gauge(
+            f"{p}_spool_limit_bytes",
+            "Spooled bytes not yet in ClickHouse at which receivers answer 503.",
+            registry=registry,
+        )
+        self.spool_uncommitted_bytes = Gauge(
+            f"{p}_spool_uncommitted_bytes",
+            "Spooled bytes not yet committed to ClickHouse.",
+            registry=registry,
+        )
+        self.spool_oldest_age = Gauge(
+            f"{p}_spool_oldest_age_seconds",
+            "Age of the oldest spooled record not yet committed (0 when none): the backlog alerts watch.",
+            registry=registry,
+        )
+        self.spool_full = Counter(
+            f"{p}_spool_full", "Requests answered 503 because the spool was full.", registry=registry
+        )
+        self.spool_replayed = Counter(
+            f"{p}_spool_replayed_records", "Spool records replayed at start-up.", registry=registry
+        )
+        self.spool_quarantined_records = Counter(
+            f"{p}_spool_quarantined_records", "Damaged spool records moved to quarantine.", registry=registry
+        )
+        self.spool_quarantined_bytes = Counter(
+            f"{p}_spool_quarantined_bytes", "Bytes moved to the spool quarantine.", registry=registry
+        )
+        self.requests_deduplicated = Counter(
+            f"{p}_requests_deduplicated",
+            "Requests identical to one accepted within the dedup window, answered without storing again.",
+            registry=registry,
+        )
+        self.dead_letter_batches = Counter(
+            f"{p}_dead_letter_batches",
+            "Batches ClickHouse refused for good, kept as dead letters.",
+            registry=registry,
+        )
+        self.dead_letter_points = Counter(
+            f"{p}_dead_letter_points", "Points in dead-lettered batches.", registry=registry
+        )
+        # -- endpoints (a handful, from configuration) --------------------------------------------
+        self.endpoint_up = Gauge(
+            f"{p}_endpoint_up",
+            "Whether a ClickHouse endpoint passed its last health checks.",
+            ["endpoint"],
+            registry=registry,
+        )
+        self.endpoint_active = Gauge(
+            f"{p}_endpoint_active",
+            "1 for the endpoint writes go to, 0 for the others.",
+            ["endpoint"],
+            registry=registry,
+        )
+        self.failovers = Counter(
+            f"{p}_failovers",
+            "Switches of the write endpoint (failovers and failbacks).",
+            ["from_endpoint", "to_endpoint"],
+            registry=registry,
         )
         for reason in REJECT_REASONS:
             self.points_rejected.labels(reason=reason)

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
@@ -98,18 +99,36 @@ class Store:
 
     def close(self) -> None:
         # The embedded client stays open for the life of the process (chdb cannot reopen a path).
-        if self.name != "embedded":
+        if not is_embedded(self.name):
             self.client.close()
 
 
+EMBEDDED = "embedded"
+
+
+def is_embedded(url: str) -> bool:
+    return url == EMBEDDED or url.startswith(EMBEDDED + "#")
+
+
+def endpoint_label(url: str) -> str:
+    """A name for logs and metric labels: no credentials, no path."""
+    if is_embedded(url):
+        return url
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or (8443 if parts.scheme == 'https' else 8123)}"
+
+
+def connect(url: str, data_dir: Path, database: str) -> Store:
+    """A store on one endpoint: ``embedded[#name]`` or ``http(s)://[user:password@]host:port``."""
+    if is_embedded(url):
+        return Store(_embedded_client(data_dir / "clickhouse"), database, url)
+    client = clickhouse_connect.get_client(dsn=url, connect_timeout=5, send_receive_timeout=30)
+    return Store(client, database, endpoint_label(url))
+
+
 def open_store(config: Config, *, create_schema: bool = True) -> Store:
-    """Open the first configured endpoint, or the embedded engine under ``config.data_dir``."""
-    if config.endpoints:
-        url = config.endpoints[0]
-        client = clickhouse_connect.get_client(dsn=url, connect_timeout=5, send_receive_timeout=30)
-        store = Store(client, config.database, url)
-    else:
-        store = Store(_embedded_client(config.data_dir / "clickhouse"), config.database, "embedded")
+    """Open the first configured endpoint (the embedded engine under ``config.data_dir`` by default)."""
+    store = connect(config.endpoints[0], config.data_dir, config.database)
     if create_schema:
         store.ensure_schema()
     return store

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import requests
+from conftest import drain
 
 NOW = time.time_ns()
 T0, T1 = str(NOW - 60 * 10**9), str(NOW)
@@ -77,7 +78,9 @@ def request_body() -> dict:
 
 def post(stack, body: bytes, **headers):
     url = f"http://127.0.0.1:{stack.collector.http.port}/v1/metrics"
-    return requests.post(url, data=body, headers={"Content-Type": "application/json", **headers}, timeout=30)
+    r = requests.post(url, data=body, headers={"Content-Type": "application/json", **headers}, timeout=30)
+    drain(stack)
+    return r
 
 
 @pytest.mark.parametrize("gzipped", [False, True])

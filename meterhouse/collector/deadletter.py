@@ -1,0 +1,65 @@
+"""Dead letters: batches ClickHouse refused for good (a permanent error), kept on disk with the reason.
+
+``meterhouse dead-letter list`` shows them and ``meterhouse dead-letter redrive`` inserts them again with
+their original deduplication token (so a batch that did land is not counted twice), deleting each file
+once it is in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from meterhouse.collector.model import PointBatch
+
+
+@dataclass
+class DeadLetter:
+    path: Path
+    token: str
+    reason: str
+    points: int
+    time: float
+    batches: list[PointBatch] | None = None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class DeadLetters:
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+
+    def put(self, token: str, reason: str, batches: list[PointBatch]) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        points = sum(b.total for b in batches)
+        meta = {"token": token, "reason": reason, "points": points, "time": time.time()}
+        path = self.dir / f"{time.time_ns()}-{token[:16]}.dlq"
+        payload = [(b.digest, b.received_ns, b.columns, b.size, b.dist_columns, b.dist_size) for b in batches]
+        _atomic_write(path, pickle.dumps((meta, payload), protocol=pickle.HIGHEST_PROTOCOL))
+        _atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+        return path
+
+    def list(self, with_batches: bool = False) -> list[DeadLetter]:
+        out = []
+        for path in sorted(self.dir.glob("*.dlq")):
+            meta, payload = pickle.loads(path.read_bytes())
+            batches = None
+            if with_batches:
+                batches = [PointBatch(c, s, d, r, dc, ds) for d, r, c, s, dc, ds in payload]
+            out.append(DeadLetter(path, meta["token"], meta["reason"], meta["points"], meta["time"], batches))
+        return out
+
+    def remove(self, letter: DeadLetter) -> None:
+        letter.path.unlink(missing_ok=True)
+        letter.path.with_suffix(".json").unlink(missing_ok=True)
