@@ -53,7 +53,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def redrive(dead_letters, store) -> tuple[int, int]:
+    """Insert every dead letter again with its original token; (re-driven, still failing)."""
+    from meterhouse.collector.writer import merge
+
+    ok = failed = 0
+    for letter in dead_letters.list(with_batches=True):
+        numbers, dists = merge(letter.batches, letter.token)
+        try:
+            if numbers:
+                store.insert_points(numbers, letter.token + ":n")
+            if dists:
+                store.insert_distributions(dists, letter.token + ":d")
+        except Exception as e:  # noqa: BLE001 - reported, the file stays
+            failed += 1
+            print(f"{letter.path.name}: still refused: {str(e)[:300]}", file=sys.stderr)
+            continue
+        dead_letters.remove(letter)
+        ok += 1
+        print(f"{letter.path.name}: re-driven ({letter.points} points)")
+    return ok, failed
+
+
+def cmd_dead_letter(args: argparse.Namespace) -> int:
+    from meterhouse.collector.deadletter import DeadLetters
+    from meterhouse.core.store import open_store
+
+    config = _config_from(args)
+    letters = DeadLetters(config.data_dir / "dead-letter")
+    if args.action == "list":
+        found = letters.list()
+        for letter in found:
+            print(f"{letter.path.name}  points={letter.points}  reason={letter.reason[:200]}")
+        print(f"{len(found)} dead letter(s) in {letters.dir}")
+        return 0
+    try:
+        store = open_store(config)
+    except Exception as e:  # noqa: BLE001 - a clear message instead of a trace
+        print(f"meterhouse: cannot open ClickHouse ({e}); with the embedded engine, stop "
+              "`meterhouse up` on this data dir first", file=sys.stderr)  # fmt: skip
+        return 1
+    ok, failed = redrive(letters, store)
+    print(f"re-driven {ok}, still failing {failed}")
+    return 0 if failed == 0 else 1
+
+
+def options_table() -> str:
+    """The Markdown table of every option, as the README carries it."""
+    defaults = Config()
+    rows = ["| flag | env | default | meaning |", "|---|---|---|---|",
+            "| `--config` | | | YAML file with any of the options below (snake_case keys). |"]  # fmt: skip
+    for f in fields(Config):
+        rows.append(f"| `--{f.name.replace('_', '-')}` | `MH_{f.name.upper()}` | "
+                    f"`{getattr(defaults, f.name)}` | {f.metadata['help']} |")  # fmt: skip
+    return "\n".join(rows) + "\n"
+
+
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.options_table:
+        print(options_table(), end="")
+        return 0
     config = _config_from(args)
     for f in fields(Config):
         print(f"{f.name}: {getattr(config, f.name)}")
@@ -74,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
 
     cfg = sub.add_parser("config", help="Print the effective configuration and exit.")
+    cfg.add_argument(
+        "--options-table",
+        action="store_true",
+        help="Print the Markdown table of all options (the README's) instead.",
+    )
     _add_config_flags(cfg)
     cfg.set_defaults(func=cmd_config)
 

@@ -78,7 +78,7 @@ class UpProcess:
     def api(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, wait: bool = True) -> UpProcess:
+    def start(self, wait: bool = True, ready_path: str = "/readyz") -> UpProcess:
         cmd = [
             sys.executable, "-m", "meterhouse", "up",
             "--data-dir", str(self.data_dir),
@@ -92,16 +92,16 @@ class UpProcess:
             cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
         )
         if wait:
-            self.wait_ready()
+            self.wait_ready(path=ready_path)
         return self
 
-    def wait_ready(self, timeout_s: float = 60) -> None:
+    def wait_ready(self, timeout_s: float = 60, path: str = "/readyz") -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"meterhouse up exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if requests.get(f"{self.api}/readyz", timeout=1).status_code == 200:
+                if requests.get(f"{self.api}{path}", timeout=1).status_code == 200:
                     return
             except requests.RequestException:
                 pass
@@ -142,10 +142,12 @@ def up_factory(tmp_path):
     """Start `meterhouse up` subprocesses; every one still running is killed at teardown."""
     started: list[UpProcess] = []
 
-    def start(*extra: str, data_dir: Path | None = None, wait: bool = True, **kw) -> UpProcess:
+    def start(
+        *extra: str, data_dir: Path | None = None, wait: bool = True, ready_path: str = "/readyz", **kw
+    ) -> UpProcess:
         p = UpProcess(data_dir or tmp_path / f"data{len(started)}", *extra, **kw)
         started.append(p)
-        return p.start(wait=wait)
+        return p.start(wait=wait, ready_path=ready_path)
 
     yield start
     for p in started:
@@ -185,7 +187,9 @@ def stack_factory(engine_dir, tmp_path):
     yield make
     for s in stacks:
         s.shutdown(5)
-        s.collector.endpoints.endpoints[0].store.client.command(f"DROP DATABASE IF EXISTS {s.config.database} SYNC")
+        s.collector.endpoints.endpoints[0].store.client.command(
+            f"DROP DATABASE IF EXISTS {s.config.database} SYNC"
+        )
 
 
 def drain(stack, timeout_s: float = 30) -> None:

@@ -79,7 +79,7 @@ class Collector:
             flush_max_points=config.flush_max_points,
             backoff_max_s=config.retry_max_backoff_s,
             poison_after_attempts=config.poison_after_attempts,
-            on_commit=self.recent.sync if self.recent else None,
+            before_commit=self.recent.sync if self.recent else None,
         )
         self.cumulative = CumulativeState(committed_state_loader(self.endpoints))
         self.ingestor = Ingestor(self.spool, metrics, limits_from(config), self.cumulative, self.recent)

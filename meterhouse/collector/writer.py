@@ -76,7 +76,7 @@ class Writer:
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 5.0,
         poison_after_attempts: int = 10,
-        on_commit=None,
+        before_commit=None,
     ) -> None:
         self.spool = spool
         self.store = store  # a Store, or an EndpointSet that fails over
@@ -87,7 +87,8 @@ class Writer:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.poison_after_attempts = poison_after_attempts
-        self.on_commit = on_commit
+        # Called after an insert and before the spool forgets its records (the dedup digests sync).
+        self.before_commit = before_commit
         self._stop = threading.Event()
         self._deadline = float("inf")
         self._thread: threading.Thread | None = None
@@ -148,6 +149,8 @@ class Writer:
                     return False
                 self.metrics.insert_retries.inc()
         self.metrics.insert_duration.observe(time.perf_counter() - started)
+        if self.before_commit is not None:
+            self.before_commit()
         self.spool.commit(group)
         self._committed(batches)
         return True
@@ -158,8 +161,6 @@ class Writer:
         self.metrics.last_commit.set(now_ns / 1e9)
         for b in batches:
             self.metrics.ingest_lag.observe(max(0.0, (now_ns - b.received_ns) / 1e9))
-        if self.on_commit is not None:
-            self.on_commit()
 
     def _dead_letter(self, group: Group, batches: list[PointBatch], token: str, error: str) -> None:
         path = self.dead_letters.put(token, error, batches)

@@ -42,5 +42,8 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("werkzeug", "urllib3"):
+    for noisy in ("werkzeug",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Endpoint failures are logged once, by the failover code, not per retry by the HTTP stack.
+    for noisy in ("urllib3", "clickhouse_connect"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 from meterhouse.collector.cumulative import CumulativePoint, CumulativeState, Entry
 from meterhouse.collector.decode import Limits
 from meterhouse.collector.ingest import Ingestor, committed_state_loader
-from meterhouse.collector.writer import BatchWriter
+from meterhouse.collector.writer import Writer
 from meterhouse.core.metrics import PipelineMetrics
 
 
@@ -101,47 +101,59 @@ def totals(store):
     return store.scalar(f"SELECT sum(toInt128(value_int)) FROM {store.database}.usage_points")
 
 
-class FlakyStore:
-    def __init__(self, real):
-        self.real, self.name, self.database, self.fail = real, "flaky", real.database, False
+class Pipeline:
+    """Ingestor → spool → writer on the real engine, with cumulative state read from it."""
 
-    def insert_points(self, columns, token):
-        if self.fail:
-            raise ConnectionError("injected")
-        self.real.insert_points(columns, token)
+    def __init__(self, tmp_path, store, **spool_kw):
+        from meterhouse.collector.deadletter import DeadLetters
+        from meterhouse.collector.spool import Spool
+
+        metrics = PipelineMetrics(CollectorRegistry())
+        self.spool = Spool(tmp_path / "spool", **spool_kw)
+        self.spool.open()
+        self.writer = Writer(
+            self.spool, store, metrics, DeadLetters(tmp_path / "dead"), flush_interval_s=0.01
+        )
+        self.writer.start()
+        self.ingestor = Ingestor(
+            self.spool, metrics, Limits(), CumulativeState(committed_state_loader(store))
+        )
+
+    def export(self, req, digest):
+        return self.ingestor.export(req, digest)
+
+    def close(self):
+        self.writer.shutdown(5)
+        self.spool.shutdown(1)
 
 
-def ingestor(store, insert_store=None, attempts=1):
-    metrics = PipelineMetrics(CollectorRegistry())
-    writer = BatchWriter(insert_store or store, metrics, flush_interval_s=0.01, insert_attempts=attempts)
-    writer.start()
-    state = CumulativeState(committed_state_loader(store))
-    return Ingestor(writer, metrics, Limits(), 10, state), writer
-
-
-def test_a_failed_batch_is_rolled_back_so_the_retry_counts_the_same(store):
-    flaky = FlakyStore(store)
-    ing, writer = ingestor(store, flaky)
+def test_a_refused_request_is_rolled_back_so_the_retry_counts_the_same(tmp_path, store):
+    p = Pipeline(tmp_path, store, max_bytes=1)  # every append after the first finds the spool full
     start = time.time_ns() - 10**10
     try:
-        assert ing.export(cumulative_request(100, start + 10**9, start), "r1").kind == "ok"
-        flaky.fail = True
-        assert ing.export(cumulative_request(150, start + 2 * 10**9, start), "r2").kind == "unavailable"
-        flaky.fail = False
-        assert ing.export(cumulative_request(150, start + 2 * 10**9, start), "r2").kind == "ok"
+        p.writer.shutdown(0)  # nothing drains: the spool stays full
+        assert p.export(cumulative_request(100, start + 10**9, start), "r1").kind == "ok"
+        assert p.export(cumulative_request(150, start + 2 * 10**9, start), "r2").kind == "backpressure"
+        p.spool.max_bytes = 1 << 30
+        assert p.export(cumulative_request(150, start + 2 * 10**9, start), "r2").kind == "ok"
     finally:
-        writer.shutdown(5)
+        p.close()
+    p2 = Pipeline(tmp_path, store)  # the spool is replayed
+    deadline = time.time() + 10
+    while p2.spool.pending_points and time.time() < deadline:
+        time.sleep(0.01)
+    p2.close()
     assert totals(store) == 150
 
 
-def test_state_is_recovered_from_committed_points_after_a_restart(store):
+def test_state_is_recovered_from_committed_points_after_a_restart(tmp_path, store):
     start = time.time_ns() - 10**10
     for i, v in enumerate([100, 180, 180, 300]):
-        ing, writer = ingestor(store)  # a fresh process each time: empty state, read back from ClickHouse
+        p = Pipeline(tmp_path / str(i), store)  # a fresh process each time: state read back from ClickHouse
         try:
-            out = ing.export(cumulative_request(v, start + (i + 1) * 10**9, start), f"r{i}")
+            out = p.export(cumulative_request(v, start + (i + 1) * 10**9, start), f"r{i}")
             assert out.kind == "ok", out.message
         finally:
-            writer.shutdown(5)
+            p.close()
     assert totals(store) == 300
     assert store.scalar(f"SELECT sum(value_int) FROM {store.database}.usage_hourly") == 300

@@ -1,4 +1,4 @@
-"""The batch writer against the real embedded ClickHouse engine."""
+"""Spool → writer → the real embedded ClickHouse: exactly once, retries, dead letters."""
 
 import time
 
@@ -6,9 +6,11 @@ import pytest
 from otlp_builders import point, sum_request
 from prometheus_client import CollectorRegistry
 
+from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.decode import Limits, decode_request
-from meterhouse.collector.model import Backpressure, content_digest
-from meterhouse.collector.writer import BatchWriter
+from meterhouse.collector.model import content_digest
+from meterhouse.collector.spool import Spool
+from meterhouse.collector.writer import PermanentError, Writer, classify
 from meterhouse.core.metrics import PipelineMetrics
 
 
@@ -25,119 +27,164 @@ def totals(store, table="usage_points"):
     )
 
 
-@pytest.fixture
-def registry():
-    return CollectorRegistry()
+class Rig:
+    """A spool and a writer on a store, as `meterhouse up` builds them."""
+
+    def __init__(self, tmp_path, store, registry=None, **kw):
+        self.registry = registry or CollectorRegistry()
+        self.metrics = PipelineMetrics(self.registry)
+        self.spool = Spool(tmp_path / "spool")
+        self.report = self.spool.open()
+        self.dead = DeadLetters(tmp_path / "dead")
+        kw.setdefault("flush_interval_s", 0.02)
+        kw.setdefault("backoff_base_s", 0.005)
+        self.writer = Writer(self.spool, store, self.metrics, self.dead, **kw)
+
+    def __enter__(self):
+        self.writer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.writer.shutdown(5)
+        self.spool.shutdown(1)
+
+    def drain(self, timeout_s=10):
+        deadline = time.monotonic() + timeout_s
+        while self.spool.pending_points and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.spool.pending_points == 0
+
+    def value(self, name, labels=None):
+        return self.registry.get_sample_value(name, labels or {})
 
 
-@pytest.fixture
-def writer(store, registry):
-    w = BatchWriter(store, PipelineMetrics(registry), flush_interval_s=0.05, flush_max_points=1000)
-    w.start()
-    yield w
-    w.shutdown(5)
-
-
-def test_batches_are_committed_and_rolled_up_exactly(store, writer, registry):
+def test_spooled_batches_are_committed_and_rolled_up_exactly(tmp_path, store):
     big = 2**62
-    acks = [
-        writer.consume(batch_of({"api": [point(big, {"org.id": "a"}), point(big, {"org.id": "a"})]})),
-        writer.consume(batch_of({"api": [point(3, {"org.id": "b", "f": "x"}), point(4, {"org.id": "b"})]})),
-    ]
-    assert all(a.wait(10) for a in acks)
-    # 2 × 2^62 overflows Int64; the sums are exact Int128.
-    assert totals(store) == {"a": 2 * big, "b": 7}
+    with Rig(tmp_path, store) as rig:
+        rig.spool.consume(batch_of({"api": [point(big, {"org.id": "a"}), point(big, {"org.id": "a"})]}))
+        rig.spool.consume(batch_of({"api": [point(3, {"org.id": "b", "f": "x"}), point(4, {"org.id": "b"})]}))
+        rig.drain()
+    assert totals(store) == {"a": 2 * big, "b": 7}  # beyond Int64: exact Int128 sums
     assert totals(store, "usage_hourly") == totals(store)
-    assert registry.get_sample_value("meterhouse_points_written_total") == 4
-    assert registry.get_sample_value("meterhouse_ingest_lag_seconds_count") == 2
-    assert registry.get_sample_value("meterhouse_last_commit_timestamp_seconds") > 0
+    assert rig.value("meterhouse_points_written_total") == 4
+    assert rig.value("meterhouse_ingest_lag_seconds_count") == 2
 
 
-def test_the_same_batch_written_twice_counts_once(store):
+def test_the_same_batch_inserted_twice_counts_once(tmp_path, store):
     b = batch_of({"api": [point(5, {"org.id": "a"})]}, digest="same-request")
-    w = BatchWriter(store, PipelineMetrics(CollectorRegistry()), flush_interval_s=0.01)
-    w.start()
-    try:
-        assert w.consume(b).wait(10)
-        assert w.consume(b).wait(10)
-    finally:
-        w.shutdown(5)
-    assert totals(store) == {"a": 5}
-    assert totals(store, "usage_hourly") == {"a": 5}
+    with Rig(tmp_path, store) as rig:
+        rig.spool.consume(b)
+        rig.drain()
+        rig.spool.consume(b)  # the same content again: the same token
+        rig.drain()
+    assert totals(store) == {"a": 5} and totals(store, "usage_hourly") == {"a": 5}
 
 
-def test_many_small_requests_are_merged_into_few_inserts(store, registry):
-    w = BatchWriter(store, PipelineMetrics(registry), flush_interval_s=0.5, flush_max_points=10_000)
-    w.start()
-    try:
-        acks = [w.consume(batch_of({"api": [point(1, {"org.id": f"o{i % 7}"})]})) for i in range(200)]
-        assert all(a.wait(10) for a in acks)
-    finally:
-        w.shutdown(5)
+def test_many_small_requests_make_few_inserts(tmp_path, store):
+    with Rig(tmp_path, store, flush_interval_s=0.3, flush_max_points=10_000) as rig:
+        for i in range(200):
+            rig.spool.consume(batch_of({"api": [point(1, {"org.id": f"o{i % 7}"})]}))
+        rig.drain()
     assert sum(totals(store).values()) == 200
-    inserts = registry.get_sample_value("meterhouse_insert_duration_seconds_count")
-    assert 1 <= inserts <= 5
+    assert 1 <= rig.value("meterhouse_insert_duration_seconds_count") <= 5
 
 
-def test_shutdown_flushes_what_is_buffered(store):
-    w = BatchWriter(store, PipelineMetrics(CollectorRegistry()), flush_interval_s=60)
-    w.start()
-    ack = w.consume(batch_of({"api": [point(9, {"org.id": "a"})]}))
-    w.shutdown(10)
-    assert ack.wait(0) and totals(store) == {"a": 9}
-    w.shutdown(1)  # idempotent
-
-
-def test_shutdown_without_start_is_safe(store):
-    BatchWriter(store, PipelineMetrics(CollectorRegistry())).shutdown(1)
+def test_shutdown_writes_what_is_spooled(tmp_path, store):
+    rig = Rig(tmp_path, store, flush_interval_s=60)
+    rig.writer.start()
+    rig.spool.consume(batch_of({"api": [point(9, {"org.id": "a"})]}))
+    rig.writer.shutdown(10)
+    assert totals(store) == {"a": 9}
+    rig.writer.shutdown(1)  # idempotent
+    Writer(rig.spool, store, rig.metrics, rig.dead).shutdown(1)  # safe without start
 
 
 class FailingStore:
-    """Fault injection at the engine boundary: inserts fail until `heal()`; queries pass through."""
+    """Fault injection at the engine boundary: inserts raise until healed; the rest passes through."""
 
-    def __init__(self, real, failures: int):
+    def __init__(self, real, failures: int, error: Exception | None = None):
         self.real, self.failures, self.name, self.database = real, failures, "faulty", real.database
+        self.error = error or ConnectionError("injected: engine unavailable")
 
     def insert_points(self, columns, token):
         if self.failures > 0:
             self.failures -= 1
-            raise ConnectionError("injected: engine unavailable")
+            raise self.error
         self.real.insert_points(columns, token)
 
+    def active_healthy(self):
+        return isinstance(self.error, ConnectionError) is False
 
-def test_retryable_failures_are_retried_then_committed(store, registry):
-    w = BatchWriter(FailingStore(store, 2), PipelineMetrics(registry), flush_interval_s=0.01,
-                    insert_attempts=5, backoff_base_s=0.01)  # fmt: skip
-    w.start()
-    try:
-        assert w.consume(batch_of({"api": [point(2, {"org.id": "a"})]})).wait(10)
-    finally:
-        w.shutdown(5)
-    assert registry.get_sample_value("meterhouse_insert_retries_total") == 2
+
+def test_retryable_failures_are_retried_until_they_succeed(tmp_path, store):
+    with Rig(tmp_path, FailingStore(store, 6)) as rig:
+        rig.spool.consume(batch_of({"api": [point(2, {"org.id": "a"})]}))
+        rig.drain()
+    assert rig.value("meterhouse_insert_retries_total") == 6
     assert totals(store) == {"a": 2}
+    assert rig.value("meterhouse_dead_letter_batches_total") == 0
 
 
-def test_giving_up_fails_the_ack_so_the_client_retries(store, registry):
-    w = BatchWriter(FailingStore(store, 100), PipelineMetrics(registry), flush_interval_s=0.01,
-                    insert_attempts=3, backoff_base_s=0.01)  # fmt: skip
-    w.start()
-    try:
-        ack = w.consume(batch_of({"api": [point(2, {"org.id": "a"})]}))
-        assert not ack.wait(10)
-        assert "injected" in ack.error
-    finally:
-        w.shutdown(5)
-    assert registry.get_sample_value("meterhouse_insert_failures_total") == 1
-    assert totals(store) == {}
+def test_permanent_errors_go_to_the_dead_letters_and_can_be_redriven(tmp_path, store):
+    failing = FailingStore(store, 1, PermanentError("Code: 53. DB::Exception: Type mismatch"))
+    with Rig(tmp_path, failing) as rig:
+        rig.spool.consume(batch_of({"api": [point(2, {"org.id": "a"})]}))
+        rig.spool.consume(batch_of({"api": [point(3, {"org.id": "b"})]}))
+        rig.drain()
+    assert rig.value("meterhouse_dead_letter_batches_total") == 1
+    assert totals(store) in ({}, {"b": 3})  # the refused batch (maybe grouped with b) is not in
+    (letter,) = rig.dead.list(with_batches=True)
+    assert "Type mismatch" in letter.reason and letter.points in (1, 2)
+
+    from meterhouse.cli import redrive
+
+    assert redrive(rig.dead, store) == (1, 0)
+    assert totals(store) == {"a": 2, "b": 3}
+    assert rig.dead.list() == []
 
 
-def test_a_full_buffer_pushes_back(store):
-    w = BatchWriter(store, PipelineMetrics(CollectorRegistry()), flush_interval_s=60, max_pending_points=3)
-    try:
-        w.consume(batch_of({"api": [point(1, {"org.id": "a"}), point(1, {"org.id": "a"})]}))
-        with pytest.raises(Backpressure):
-            w.consume(batch_of({"api": [point(1, {"org.id": "a"}), point(1, {"org.id": "a"})]}))
-    finally:
-        w.start()
-        w.shutdown(5)
-    assert totals(store) == {"a": 2}
+def test_a_batch_failing_on_a_healthy_endpoint_is_poison_after_n_attempts(tmp_path, store):
+    class Poison(FailingStore):
+        def active_healthy(self):
+            return True
+
+    with Rig(tmp_path, Poison(store, 100), poison_after_attempts=3) as rig:
+        rig.spool.consume(batch_of({"api": [point(2, {"org.id": "a"})]}))
+        rig.drain()
+    assert rig.value("meterhouse_dead_letter_batches_total") == 1
+    assert rig.value("meterhouse_insert_failures_total") == 3
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (ConnectionError("refused"), "retryable"),
+        (RuntimeError("Code: 241. DB::Exception: Memory limit exceeded"), "retryable"),
+        (RuntimeError("Code: 53. DB::Exception: Type mismatch"), "permanent"),
+        (TypeError("bad column"), "permanent"),
+        (TimeoutError(), "retryable"),
+    ],
+)
+def test_error_classification(error, kind):
+    assert classify(error) == kind
+
+
+def test_a_spool_replay_of_a_committed_batch_counts_once(tmp_path, store):
+    """Crash after the insert and before the spool's COMMIT: the replay repeats the insert, same token."""
+    rig = Rig(tmp_path, store)
+    rig.spool.consume(batch_of({"api": [point(4, {"org.id": "a"})]}))
+    rig.spool.consume(batch_of({"api": [point(5, {"org.id": "b"})]}))
+    rig.spool.commit = lambda group: None  # the process dies before it can record the commit
+    rig.writer.start()
+    deadline = time.monotonic() + 10
+    while not totals(store) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rig.writer.shutdown(1)
+    rig.spool.shutdown(1)
+    assert totals(store) == {"a": 4, "b": 5}
+
+    with Rig(tmp_path, store) as again:  # restart: the same spool directory
+        assert again.report.replay_groups >= 1
+        again.drain()
+    assert totals(store) == {"a": 4, "b": 5}
+    assert totals(store, "usage_hourly") == {"a": 4, "b": 5}

@@ -11,7 +11,7 @@ def test_defaults_match_the_documented_interface():
     c = load_config(env={})
     assert (c.host, c.otlp_grpc_port, c.otlp_http_port, c.http_port) == ("127.0.0.1", 4317, 4318, 9464)
     assert c.data_dir == Path("meterhouse-data")
-    assert c.endpoints == []
+    assert c.endpoints == ["embedded"]
     assert c.org_attribute == "org.id"
     assert c.flush_interval_s <= 1.0
 
@@ -39,7 +39,7 @@ def test_file_accepts_kebab_case_keys(tmp_path):
         ({"flags": {"http_port": 70000}}, "http_port: must be a port number"),
         ({"env": {"MH_OTLP_HTTP_PORT": "abc"}}, "otlp_http_port: must be an integer"),
         ({"env": {"MH_FLUSH_INTERVAL_S": "0"}}, "flush_interval_s: must be greater than 0"),
-        ({"flags": {"clickhouse_url": "tcp://x:9000"}}, "clickhouse_url: each endpoint must start"),
+        ({"flags": {"clickhouse_url": "tcp://x:9000"}}, "clickhouse_url: each endpoint must be"),
         ({"flags": {"database": "bad-name;drop"}}, "database: must be a plain identifier"),
         ({"flags": {"log_level": "loud"}}, "log_level: must be one of"),
         ({"file": "http_prot: 1\n"}, "http_prot: unknown option"),
@@ -88,3 +88,6 @@ def test_every_option_is_a_flag_and_documented_in_the_readme():
         flag = "--" + name.replace("_", "-")
         assert flag in help_text, flag
         assert f"`{flag}`" in readme, f"README does not document {flag}"
+    from meterhouse.cli import options_table
+
+    assert options_table() in readme, "README's option table drifted: `meterhouse config --options-table`"

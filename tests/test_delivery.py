@@ -1,0 +1,240 @@
+"""Delivery guarantees with real processes and real faults: SIGKILL, store outages, failover, a full
+spool, duplicates. Outages of the embedded engine are injected at the endpoint boundary
+(MH_FAULTS_FILE, a named stand-in for a replica going away); one endpoint is a real closed port."""
+
+import json
+import random
+import signal
+import threading
+import time
+from collections import Counter
+
+import pytest
+import requests
+from conftest import free_port
+from otlp_builders import point, sum_request
+from prometheus_client.parser import text_string_to_metric_families
+
+from meterhouse.demo import fetch_usage
+
+pytestmark = pytest.mark.e2e
+PB = {"Content-Type": "application/x-protobuf"}
+ORGS = [f"org-{i:02d}" for i in range(12)]
+FAST = ["--health-check-interval-s", "0.1", "--failover-after-failures", "2", "--retry-max-backoff-s", "0.2"]
+
+
+def metrics(up) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(requests.get(f"{up.api}/metrics", timeout=10).text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric(up, name, **labels) -> float:
+    return metrics(up).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def org_totals(up, metric_name="calls", step="1h") -> dict:
+    up.drain(60)
+    now = int(time.time())
+    start, end = now // 3600 * 3600 - 3600, (now // 3600 + 2) * 3600
+    return {org: fetch_usage(up.api, org, metric_name, start, end, step)["total"] for org in ORGS}
+
+
+class Requests:
+    """Distinct requests with known per-org sums."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.bodies: list[bytes] = []
+        self.sums: list[Counter] = []
+        self.acked: set[int] = set()
+
+    def make(self, n: int) -> list[int]:
+        ids = []
+        for _ in range(n):
+            per_org: Counter = Counter()
+            points = []
+            for k in range(self.rng.randint(5, 40)):
+                org = self.rng.choice(ORGS)
+                v = self.rng.randint(1, 10**12)
+                per_org[org] += v
+                points.append(point(v, {"org.id": org, "k": str(k)}))
+            self.bodies.append(sum_request({"calls": points}).SerializeToString())
+            self.sums.append(per_org)
+            ids.append(len(self.bodies) - 1)
+        return ids
+
+    def send(self, url: str, ids, stop: threading.Event | None = None) -> None:
+        for i in ids:
+            if stop is not None and stop.is_set():
+                return
+            try:
+                r = requests.post(url, data=self.bodies[i], headers=PB, timeout=10)
+            except requests.RequestException:
+                return  # the collector died: what was not answered is not acknowledged
+            if r.status_code == 200:
+                self.acked.add(i)
+
+    def expected(self) -> dict:
+        total: Counter = Counter()
+        for s in self.sums:
+            total.update(s)
+        return {org: total.get(org, 0) for org in ORGS}
+
+
+def crash_rounds(up_factory, tmp_path, rounds: int, seed: int) -> None:
+    rng = random.Random(seed)
+    reqs = Requests(seed)
+    up = up_factory(data_dir=tmp_path / "d")
+    for _round in range(rounds):
+        ids = reqs.make(rng.randint(30, 80))
+        sender = threading.Thread(target=reqs.send, args=(f"{up.otlp_http}/v1/metrics", ids))
+        sender.start()
+        time.sleep(rng.uniform(0.05, 0.8))
+        up.stop(signal.SIGKILL)
+        sender.join(30)
+        up = up_factory(data_dir=tmp_path / "d", ports_of=up)
+        # Re-send what was not acknowledged, plus some that were (their answers "lost").
+        unacked = [i for i in range(len(reqs.bodies)) if i not in reqs.acked]
+        again = rng.sample(sorted(reqs.acked), k=min(len(reqs.acked), 10))
+        reqs.send(f"{up.otlp_http}/v1/metrics", unacked + again)
+        assert all(i in reqs.acked for i in range(len(reqs.bodies)))
+        expected = reqs.expected()
+        assert org_totals(up) == expected  # rollup
+        assert org_totals(up, step="1m") == expected  # raw
+    assert metric(up, "meterhouse_requests_deduplicated_total") > 0
+    up.stop()
+
+
+def test_sigkill_at_random_moments_loses_nothing_and_counts_nothing_twice(up_factory, tmp_path):
+    crash_rounds(up_factory, tmp_path, rounds=3, seed=20261127)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", [1, 2])
+def test_crash_loop_soak(up_factory, tmp_path, seed):
+    crash_rounds(up_factory, tmp_path, rounds=12, seed=seed)
+
+
+def faults(tmp_path, *down: str):
+    path = tmp_path / "faults.json"
+    time.sleep(0.01)
+    path.write_text(json.dumps({"down": list(down)}))
+    return path
+
+
+def wait(cond, timeout_s=20):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    assert cond()
+
+
+def test_store_outage_is_absorbed_by_the_spool_and_drained_after(up_factory, tmp_path):
+    ff = faults(tmp_path)
+    up = up_factory("--clickhouse-url", "embedded#main", *FAST, env={"MH_FAULTS_FILE": str(ff)})
+    reqs = Requests(7)
+    url = f"{up.otlp_http}/v1/metrics"
+    reqs.send(url, reqs.make(5))
+    assert org_totals(up) == reqs.expected()
+
+    faults(tmp_path, "embedded#main")
+    wait(lambda: metric(up, "meterhouse_endpoint_up", endpoint="embedded#main") == 0)
+    ids = reqs.make(20)
+    for chunk in (ids[:10], ids[10:]):
+        reqs.send(url, chunk)
+        time.sleep(0.8)
+    assert set(ids) <= reqs.acked  # acknowledged from the spool throughout the outage
+    age1 = metric(up, "meterhouse_spool_oldest_age_seconds")
+    time.sleep(0.5)
+    age2 = metric(up, "meterhouse_spool_oldest_age_seconds")
+    assert 1.0 < age1 < age2  # the backlog age rises
+    assert metric(up, "meterhouse_pending_points") > 0
+    assert metric(up, "meterhouse_insert_retries_total") > 0
+    assert requests.get(f"{up.api}/readyz", timeout=5).status_code == 503
+
+    faults(tmp_path)
+    assert org_totals(up) == reqs.expected()  # drained, exactly
+    assert metric(up, "meterhouse_spool_oldest_age_seconds") == 0  # and falls back
+    assert metric(up, "meterhouse_dead_letter_batches_total") == 0
+
+
+def test_outage_with_a_real_closed_port_then_failover(up_factory, tmp_path):
+    closed = f"http://127.0.0.1:{free_port()}"
+    ff = faults(tmp_path, "embedded#b")  # the second endpoint is down too: nowhere to write
+    up = up_factory("--clickhouse-url", f"{closed},embedded#b", *FAST, env={"MH_FAULTS_FILE": str(ff)},
+                    ready_path="/healthz")  # not ready: no endpoint answers  # fmt: skip
+    assert requests.get(f"{up.api}/readyz", timeout=5).status_code == 503
+    reqs = Requests(8)
+    reqs.send(f"{up.otlp_http}/v1/metrics", reqs.make(10))
+    assert len(reqs.acked) == 10
+    time.sleep(0.5)
+    assert metric(up, "meterhouse_pending_points") > 0
+    assert metric(up, "meterhouse_endpoint_up", endpoint=closed) == 0
+    faults(tmp_path)  # b returns; the closed port never does
+    assert org_totals(up) == reqs.expected()
+    assert metric(up, "meterhouse_endpoint_active", endpoint="embedded#b") == 1
+
+
+def test_failover_and_failback_between_two_endpoints(up_factory, tmp_path):
+    ff = faults(tmp_path)
+    up = up_factory("--clickhouse-url", "embedded#a,embedded#b", "--failback-hold-s", "1", *FAST,
+                    env={"MH_FAULTS_FILE": str(ff)})  # fmt: skip
+    url = f"{up.otlp_http}/v1/metrics"
+    reqs = Requests(9)
+    reqs.send(url, reqs.make(5))
+    assert metric(up, "meterhouse_endpoint_active", endpoint="embedded#a") == 1
+
+    faults(tmp_path, "embedded#a")
+    t0 = time.monotonic()
+    reqs.send(url, reqs.make(5))
+    wait(lambda: metric(up, "meterhouse_endpoint_active", endpoint="embedded#b") == 1)
+    assert time.monotonic() - t0 < 10
+    assert metric(up, "meterhouse_failovers_total", from_endpoint="embedded#a", to_endpoint="embedded#b") == 1
+    assert org_totals(up) == reqs.expected()
+
+    faults(tmp_path)
+    wait(lambda: metric(up, "meterhouse_endpoint_active", endpoint="embedded#a") == 1)
+    assert metric(up, "meterhouse_failovers_total", from_endpoint="embedded#b", to_endpoint="embedded#a") == 1
+    reqs.send(url, reqs.make(5))
+    assert org_totals(up) == reqs.expected()
+    assert "failover" in up.output() and "embedded#b" in up.output()  # a structured log line
+
+
+def test_a_full_spool_answers_503_with_retry_after_and_recovers(up_factory, tmp_path):
+    ff = faults(tmp_path, "embedded#main")
+    up = up_factory("--clickhouse-url", "embedded#main", "--spool-max-bytes", "20000", *FAST,
+                    env={"MH_FAULTS_FILE": str(ff)}, ready_path="/healthz")  # fmt: skip
+    url = f"{up.otlp_http}/v1/metrics"
+    reqs = Requests(10)
+    statuses = []
+    for i in reqs.make(40):
+        r = requests.post(url, data=reqs.bodies[i], headers=PB, timeout=10)
+        statuses.append(r.status_code)
+        if r.status_code == 503:
+            assert int(r.headers["Retry-After"]) >= 1
+            break
+        reqs.acked.add(i)
+    assert statuses[-1] == 503 and statuses[0] == 200
+    assert metric(up, "meterhouse_spool_full_total") == 1
+    faults(tmp_path)
+    deadline = time.monotonic() + 60
+    while len(reqs.acked) < len(reqs.bodies) and time.monotonic() < deadline:
+        reqs.send(url, [i for i in range(len(reqs.bodies)) if i not in reqs.acked])
+        time.sleep(0.2)  # a client would honour Retry-After; a short pause keeps the test quick
+    assert len(reqs.acked) == len(reqs.bodies)
+    assert org_totals(up) == reqs.expected()
+
+
+def test_the_same_request_posted_twice_counts_once(up):
+    body = sum_request({"calls": [point(5, {"org.id": ORGS[0]})]}).SerializeToString()
+    for _ in range(2):
+        assert (
+            requests.post(f"{up.otlp_http}/v1/metrics", data=body, headers=PB, timeout=10).status_code == 200
+        )
+    assert org_totals(up)[ORGS[0]] == 5
+    assert metric(up, "meterhouse_requests_deduplicated_total") == 1
