@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from clickhouse_connect.driver.exceptions import OperationalError
 from flask import Blueprint, current_app, jsonify, request
 
 from meterhouse.core import schema
@@ -47,6 +48,13 @@ def _time_param(name: str, default_ns: int) -> int:
         raise ApiError(400, "invalid_parameter", f"{name}: {e}") from None
 
 
+def _query(store: Store, sql: str, params: dict[str, Any]) -> list[tuple]:
+    try:
+        return store.rows(sql, params)
+    except (ConnectionError, OSError, OperationalError) as e:
+        raise ApiError(503, "unavailable", f"ClickHouse is not reachable: {str(e)[:200]}") from None
+
+
 def org_usage(store: Store, org_id: str) -> dict[str, Any]:
     metric = _param("metric")
     step = request.args.get("step") or "1h"
@@ -67,7 +75,8 @@ def org_usage(store: Store, org_id: str) -> dict[str, Any]:
         )
     # The rollup is exact for whole hours; any other range reads raw points.
     rollup = step != "1m" and from_ns % HOUR_NS == 0 and to_ns % HOUR_NS == 0
-    rows = store.rows(
+    rows = _query(
+        store,
         schema.usage_series_sql(store.database, step, rollup),
         {"org": org_id, "metric": metric, "from_ns": from_ns, "to_ns": to_ns},
     )

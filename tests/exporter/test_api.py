@@ -143,3 +143,19 @@ def test_readiness_follows_the_pipeline(store):
     assert c.get("/readyz").status_code == 503
     state["ready"] = True
     assert c.get("/readyz").status_code == 200
+
+
+def test_an_unreachable_store_is_503_not_500():
+    class Down:
+        database = "x"
+
+        def rows(self, sql, params):
+            raise ConnectionError("no endpoint")
+
+        def ping(self):
+            return False
+
+    a = create_app(Down(), CollectorRegistry(), lambda: True)
+    r = a.test_client().get("/api/v1/orgs/o/usage?metric=m")
+    assert r.status_code == 503 and r.get_json()["error"]["code"] == "unavailable"
+    assert a.test_client().get("/readyz").status_code == 503
