@@ -5,4 +5,6 @@ COPY meterhouse ./meterhouse
 RUN pip install --no-cache-dir .
 EXPOSE 4317 4318 9464
 ENTRYPOINT ["meterhouse"]
-CMD ["up", "--host", "0.0.0.0", "--data-dir", "/var/lib/meterhouse"]
+# Inside a container the API listens on all interfaces: mount a config with auth.tokens, or keep
+# --allow-unauthenticated only on a private network.
+CMD ["up", "--host", "0.0.0.0", "--allow-unauthenticated", "--data-dir", "/var/lib/meterhouse"]

@@ -33,12 +33,22 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from(args: argparse.Namespace) -> Config:
-    flags = {f.name: getattr(args, f.name) for f in fields(Config)}
+    flags = {f.name: getattr(args, f.name) for f in fields(Config) if f.metadata.get("flag", True)}
     return load_config(flags, config_file=args.config)
+
+
+def check_bind(config: Config) -> None:
+    """Refuse an open API on a non-loopback address."""
+    if config.is_public_bind and not config.auth_tokens and not config.allow_unauthenticated:
+        raise ConfigError(
+            f"host: {config.host} is not a loopback address and no API tokens are configured "
+            "(auth.tokens in the config file); add tokens, or pass --allow-unauthenticated"
+        )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     config = _config_from(args)
+    check_bind(config)
     setup_logging(config.log_level, config.log_format)
     from meterhouse.runtime import run_up
 
@@ -104,6 +114,8 @@ def options_table() -> str:
     rows = ["| flag | env | default | meaning |", "|---|---|---|---|",
             "| `--config` | | | YAML file with any of the options below (snake_case keys). |"]  # fmt: skip
     for f in fields(Config):
+        if not f.metadata.get("flag", True):
+            continue
         rows.append(f"| `--{f.name.replace('_', '-')}` | `MH_{f.name.upper()}` | "
                     f"`{getattr(defaults, f.name)}` | {f.metadata['help']} |")  # fmt: skip
     return "\n".join(rows) + "\n"
@@ -115,7 +127,10 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     config = _config_from(args)
     for f in fields(Config):
-        print(f"{f.name}: {getattr(config, f.name)}")
+        value = getattr(config, f.name)
+        if f.name == "auth_tokens":  # never print secrets
+            value = [f"{t.token[:4]}… orgs={list(t.orgs)}" for t in value]
+        print(f"{f.name}: {value}")
     return 0
 
 

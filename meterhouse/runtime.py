@@ -14,7 +14,7 @@ from meterhouse import __version__
 from meterhouse.collector import Collector
 from meterhouse.core.config import Config
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.exporter import create_app
+from meterhouse.exporter import OrgHealth, create_app
 
 log = logging.getLogger("meterhouse")
 
@@ -31,7 +31,19 @@ class Stack:
         self.metrics = PipelineMetrics(self.registry)
         self.collector = Collector(config, self.metrics, connect_endpoint)
         self.store = self.collector.endpoints  # reads go to whichever endpoint is active
-        self.app = create_app(self.store, self.registry, lambda: self.collector.ready)
+        self.health = OrgHealth(
+            self.store,
+            self.registry,
+            refresh_s=config.health_refresh_s,
+            silent_after_s=config.silent_after_s,
+            spike_factor=config.spike_factor,
+            spike_baseline_hours=config.spike_baseline_hours,
+            spike_min_usage=config.spike_min_usage,
+            top_k=config.top_k,
+        )
+        self.app = create_app(
+            self.store, self.registry, lambda: self.collector.ready, self.health, config.auth_tokens
+        )
         self._http = make_server(config.host, config.http_port, self.app, threaded=True)
         self._http_thread = threading.Thread(target=self._http.serve_forever, name="http-api", daemon=True)
 
@@ -41,9 +53,11 @@ class Stack:
 
     def start(self) -> None:
         self.collector.start()
+        self.health.start()
         self._http_thread.start()
 
     def shutdown(self, timeout_s: float) -> None:
+        self.health.shutdown(1.0)
         self.collector.shutdown(timeout_s)
         self._http.shutdown()
 

@@ -143,6 +143,41 @@ class Config:
     shutdown_timeout_s: float = _opt(
         _non_negative, default=10.0, help="Deadline for flushing on SIGTERM/SIGINT."
     )
+    health_refresh_s: float = _opt(
+        _positive, default=60.0, help="How often org-health gauges (active, silent, spiking) are recomputed."
+    )
+    silent_after_s: float = _opt(
+        _positive,
+        default=1800.0,
+        help="An org that reported in the last 24 h but not for this long counts as silent.",
+    )
+    spike_factor: float = _opt(
+        _positive,
+        default=5.0,
+        help="An org spikes when its last complete hour exceeds this many times its hourly baseline.",
+    )
+    spike_baseline_hours: int = _opt(
+        _positive, default=24, help="Hours before the last complete one that make the spike baseline."
+    )
+    spike_min_usage: float = _opt(
+        _non_negative, default=100.0, help="Usage in the last hour below this never counts as a spike."
+    )
+    top_k: int = _opt(
+        _non_negative,
+        default=0,
+        help="Export the K orgs with most points in 24 h as labelled series (0 = off; K bounds the series).",
+    )
+    allow_unauthenticated: bool = _opt(
+        None, default=False, help="Serve the API without tokens on a non-loopback --host (refused otherwise)."
+    )
+    auth_tokens: tuple = field(
+        default=(),
+        metadata={
+            "check": None,
+            "flag": False,
+            "help": "Bearer tokens and their org scopes (config file `auth.tokens`).",
+        },
+    )
     log_level: str = _opt(_choice("debug", "info", "warning", "error"), default="info", help="Log level.")
     log_format: str = _opt(
         _choice("auto", "json", "text"), default="auto", help="auto = JSON lines unless stderr is a terminal."
@@ -197,8 +232,46 @@ def _coerce(name: str, typ: Any, raw: Any, source: str) -> Any:
         raise ConfigError(f"{name}: must be {kind} (got {raw!r} from {source})") from None
 
 
+@dataclass(frozen=True)
+class Token:
+    """An API bearer token and the orgs it may read (``*`` = all)."""
+
+    token: str
+    orgs: tuple[str, ...]
+
+    @property
+    def all_orgs(self) -> bool:
+        return "*" in self.orgs
+
+    def allows(self, org: str) -> bool:
+        return self.all_orgs or org in self.orgs
+
+
+def _tokens(raw: Any, source: str) -> tuple[Token, ...]:
+    if not isinstance(raw, dict) or set(raw) - {"tokens"}:
+        raise ConfigError(f"auth: must be a mapping with the key tokens (from {source})")
+    entries = raw.get("tokens") or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"auth.tokens: must be a list (from {source})")
+    out = []
+    for i, e in enumerate(entries):
+        where = f"auth.tokens[{i}]"
+        if not isinstance(e, dict) or set(e) != {"token", "orgs"}:
+            raise ConfigError(f"{where}: must be {{token: ..., orgs: [...]}} (from {source})")
+        tok, orgs = e["token"], e["orgs"]
+        if not isinstance(tok, str) or len(tok) < 16:
+            raise ConfigError(f"{where}.token: must be a string of at least 16 characters (from {source})")
+        if not isinstance(orgs, list) or not orgs or not all(isinstance(o, str) and o for o in orgs):
+            raise ConfigError(f"{where}.orgs: must be a non-empty list of org ids or '*' (from {source})")
+        out.append(Token(tok, tuple(orgs)))
+    if len({t.token for t in out}) != len(out):
+        raise ConfigError(f"auth.tokens: a token appears twice (from {source})")
+    return tuple(out)
+
+
 def option_names() -> list[str]:
-    return [f.name for f in fields(Config)]
+    """Options that are flags and environment variables (auth tokens come from the file only)."""
+    return [f.name for f in fields(Config) if f.metadata.get("flag", True)]
 
 
 def load_config(
@@ -207,7 +280,7 @@ def load_config(
     config_file: str | os.PathLike[str] | None = None,
 ) -> Config:
     """Merge the sources (defaults < file < env < flags) into a validated :class:`Config`."""
-    known = {f.name: f for f in fields(Config)}
+    known = {f.name: f for f in fields(Config) if f.metadata.get("flag", True)}
     values: dict[str, Any] = {}
 
     def take(items: Mapping[str, Any], source: str) -> None:
@@ -228,7 +301,10 @@ def load_config(
             raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config: {path} must hold a mapping of option: value")
-        take({str(k).replace("-", "_"): v for k, v in loaded.items()}, str(path))
+        loaded = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+        if "auth" in loaded:
+            values["auth_tokens"] = _tokens(loaded.pop("auth"), str(path))
+        take(loaded, str(path))
     env = os.environ if env is None else env
     from_env = {
         k[len(ENV_PREFIX) :].lower(): v

@@ -167,6 +167,13 @@ class PipelineMetrics:
             ["from_endpoint", "to_endpoint"],
             registry=registry,
         )
+        import platform
+
+        from meterhouse import __version__
+
+        self.build_info = Gauge(f"{p}_build_info", "meterhouse version and Python, value 1.",
+                                ["version", "python"], registry=registry)  # fmt: skip
+        self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
         for reason in REJECT_REASONS:
             self.points_rejected.labels(reason=reason)
         for transport in TRANSPORTS:

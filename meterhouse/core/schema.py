@@ -15,6 +15,8 @@ INGEST_TABLE = "usage_points_ingest"
 POINTS_TABLE = "usage_points"
 HOURLY_TABLE = "usage_hourly"
 SERIES_STATE_TABLE = "series_state"
+ORGS_TABLE = "org_last_seen"
+CATALOG_TABLE = "metric_catalog"
 DIST_INGEST_TABLE = "distribution_points_ingest"
 DIST_TABLE = "distribution_points"
 EVENTS_TABLE = "pipeline_events"
@@ -237,6 +239,37 @@ SELECT org_id, metric, toStartOfHour(time) AS hour, cityHash64(attributes) AS at
 FROM {db}.{POINTS_TABLE}
 WHERE kind = '{KIND_SUM}'
 GROUP BY org_id, metric, hour, attributes""",
+        # One row per org (after merges): when it last reported. Feeds the silent-org signal cheaply.
+        f"""CREATE TABLE IF NOT EXISTS {db}.{ORGS_TABLE} (
+    org_id String,
+    first_seen SimpleAggregateFunction(min, DateTime64(9, 'UTC')),
+    last_seen SimpleAggregateFunction(max, DateTime64(9, 'UTC')),
+    points SimpleAggregateFunction(sum, UInt64)
+) ENGINE = AggregatingMergeTree
+ORDER BY org_id
+SETTINGS {dedup}""",
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.org_last_seen_mv TO {db}.{ORGS_TABLE} AS
+SELECT org_id, min(time) AS first_seen, max(time) AS last_seen, count() AS points
+FROM {db}.{POINTS_TABLE}
+GROUP BY org_id""",
+        # The metrics that exist, their units and kinds: for a UI, Grafana variables and the API.
+        f"""CREATE TABLE IF NOT EXISTS {db}.{CATALOG_TABLE} (
+    metric String,
+    kind LowCardinality(String),
+    unit SimpleAggregateFunction(anyLast, String),
+    last_seen SimpleAggregateFunction(max, DateTime64(9, 'UTC')),
+    points SimpleAggregateFunction(sum, UInt64)
+) ENGINE = AggregatingMergeTree
+ORDER BY (metric, kind)
+SETTINGS {dedup}""",
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_catalog_points_mv TO {db}.{CATALOG_TABLE} AS
+SELECT metric, kind, anyLast(unit) AS unit, max(time) AS last_seen, count() AS points
+FROM {db}.{POINTS_TABLE}
+GROUP BY metric, kind""",
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_catalog_dist_mv TO {db}.{CATALOG_TABLE} AS
+SELECT metric, kind, anyLast(unit) AS unit, max(time) AS last_seen, count() AS points
+FROM {db}.{DIST_TABLE}
+GROUP BY metric, kind""",
         f"""CREATE TABLE IF NOT EXISTS {db}.{EVENTS_TABLE} (
     time DateTime64(3, 'UTC') CODEC(Delta, ZSTD),
     kind LowCardinality(String),
@@ -287,3 +320,102 @@ def series_state_sql(database: str) -> str:
 FROM {database}.{SERIES_STATE_TABLE}
 WHERE series_id IN {{ids:Array(UInt64)}}
 GROUP BY series_id"""
+
+
+# -- org health (exporter) ---------------------------------------------------------------------------
+def orgs_active_sql(database: str) -> str:
+    """Orgs with usage since ``since`` (DateTime, bound), from the rollup."""
+    return f"""SELECT uniqExact(org_id) FROM {database}.{HOURLY_TABLE}
+WHERE hour >= toStartOfHour({{since:DateTime('UTC')}}) AND org_id != ''"""
+
+
+def orgs_silent_sql(database: str) -> str:
+    """Orgs seen in ``[day_ago, quiet_since)`` but not since ``quiet_since`` (bound DateTimes)."""
+    return f"""SELECT org_id, toUnixTimestamp64Milli(max(last_seen)) AS last
+FROM {database}.{ORGS_TABLE}
+WHERE org_id != ''
+GROUP BY org_id
+HAVING last >= toUnixTimestamp64Milli(toDateTime64({{day_ago:DateTime('UTC')}}, 3))
+   AND last < toUnixTimestamp64Milli(toDateTime64({{quiet_since:DateTime('UTC')}}, 3))
+ORDER BY last
+LIMIT {{limit:UInt32}}"""
+
+
+def orgs_spiking_sql(database: str) -> str:
+    """(org, metric) whose usage in hour ``last`` exceeds ``factor`` × its mean hourly usage over the
+    ``hours`` hours before, and at least ``min_usage``. Read from the rollup."""
+    return f"""SELECT org_id, metric, last_usage, baseline FROM (
+    SELECT org_id, metric,
+        sumIf(toFloat64(value_int) + value_double, hour = {{last:DateTime('UTC')}}) AS last_usage,
+        sumIf(toFloat64(value_int) + value_double, hour < {{last:DateTime('UTC')}}) / {{hours:UInt32}}
+            AS baseline
+    FROM {database}.{HOURLY_TABLE}
+    WHERE hour >= {{last:DateTime('UTC')}} - toIntervalHour({{hours:UInt32}})
+        AND hour <= {{last:DateTime('UTC')}} AND org_id != ''
+    GROUP BY org_id, metric
+)
+WHERE baseline > 0 AND last_usage >= {{min_usage:Float64}} AND last_usage > {{factor:Float64}} * baseline
+ORDER BY last_usage / baseline DESC
+LIMIT {{limit:UInt32}}"""
+
+
+def top_orgs_by_points_sql(database: str) -> str:
+    """The ``k`` orgs with the most points since ``since``."""
+    return f"""SELECT org_id, sum(points) AS n FROM {database}.{HOURLY_TABLE}
+WHERE hour >= toStartOfHour({{since:DateTime('UTC')}}) AND org_id != ''
+GROUP BY org_id ORDER BY n DESC LIMIT {{k:UInt32}}"""
+
+
+def org_ranking_sql(database: str, rollup: bool, order: str, scoped: bool, by_metric: bool = True) -> str:
+    """Orgs ranked by usage of ``metric`` over ``[from_ns, to_ns)`` (or, without ``by_metric``, by their
+    number of sum points); ``scoped`` adds the bound ``orgs`` (Array(String))."""
+    direction = "ASC" if order == "asc" else "DESC"
+    scope = "AND org_id IN {orgs:Array(String)}" if scoped else ""
+    metric = "metric = {metric:String}" if by_metric else "1"
+    if rollup:
+        source = f"""{database}.{HOURLY_TABLE}
+WHERE {metric} {scope}
+    AND hour >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
+    AND hour < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC')"""
+        value = (
+            "sum(value_int) AS vi, sum(value_double) AS vd" if by_metric else "sum(points) AS vi, 0.0 AS vd"
+        )
+    else:
+        source = f"""{database}.{POINTS_TABLE}
+WHERE {metric} AND kind = '{KIND_SUM}' {scope}
+    AND time >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
+    AND time < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC')"""
+        value = (
+            "sum(toInt128(value_int)) AS vi, sum(value_double) AS vd"
+            if by_metric
+            else "count() AS vi, 0.0 AS vd"
+        )
+    return f"""SELECT org_id, {value} FROM {source}
+GROUP BY org_id
+ORDER BY toFloat64(vi) + vd {direction}, org_id
+LIMIT {{limit:UInt32}}"""
+
+
+def usage_grouped_sql(database: str, step: str, rollup: bool) -> str:
+    """Like :func:`usage_series_sql`, split by the value of attribute ``key`` (bound String)."""
+    bucket = STEPS[step]
+    if rollup:
+        return f"""SELECT attributes[{{key:String}}] AS grp, {bucket}(hour) AS start, sum(value_int) AS vi,
+    sum(value_double) AS vd, sum(points) AS n, any(unit) AS u
+FROM {database}.{HOURLY_TABLE}
+WHERE org_id = {{org:String}} AND metric = {{metric:String}}
+    AND hour >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
+    AND hour < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC')
+GROUP BY grp, start ORDER BY grp, start"""
+    return f"""SELECT attributes[{{key:String}}] AS grp, {bucket}(time) AS start,
+    sum(toInt128(value_int)) AS vi, sum(value_double) AS vd, count() AS n, any(unit) AS u
+FROM {database}.{POINTS_TABLE}
+WHERE org_id = {{org:String}} AND metric = {{metric:String}} AND kind = '{KIND_SUM}'
+    AND time >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
+    AND time < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC')
+GROUP BY grp, start ORDER BY grp, start"""
+
+
+def catalog_sql(database: str) -> str:
+    return f"""SELECT metric, kind, anyLast(unit), toUnixTimestamp64Milli(max(last_seen)), sum(points)
+FROM {database}.{CATALOG_TABLE} GROUP BY metric, kind ORDER BY metric, kind"""

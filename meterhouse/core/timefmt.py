@@ -8,13 +8,19 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def parse_rfc3339(text: str) -> int:
-    """Nanoseconds since the epoch; raises ValueError for anything but a zoned RFC 3339 time."""
-    if "T" not in text.upper() or len(text) > 64:
+    """Nanoseconds since the epoch; raises ValueError for anything but a zoned RFC 3339 time.
+
+    A leap second (``:60``) is read as the first instant of the next minute."""
+    text = text.strip().upper()
+    if "T" not in text or len(text) > 64:
         raise ValueError("expected an RFC 3339 time such as 2026-01-31T00:00:00Z")
-    dt = datetime.fromisoformat(text.replace("z", "Z"))
+    leap = len(text) > 19 and text[17:19] == "60" and text[16] == ":"
+    if leap:
+        text = text[:17] + "59" + text[19:]
+    dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
         raise ValueError("the time needs a zone offset or Z")
-    return (dt - EPOCH) // timedelta(microseconds=1) * 1000
+    return ((dt - EPOCH) // timedelta(microseconds=1) + (10**6 if leap else 0)) * 1000
 
 
 def format_rfc3339(value: datetime | int) -> str:

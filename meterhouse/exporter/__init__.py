@@ -1,5 +1,6 @@
-"""The exporter plane: a bounded Prometheus target and the per-org usage API (Flask)."""
+"""The exporter plane: a bounded Prometheus target, org health, and the per-org usage API (Flask)."""
 
 from meterhouse.exporter.app import create_app
+from meterhouse.exporter.health import OrgHealth
 
-__all__ = ["create_app"]
+__all__ = ["OrgHealth", "create_app"]

@@ -1,4 +1,8 @@
-"""The per-org usage API (``/api/v1``): exact usage read from ClickHouse with bound parameters."""
+"""The per-org usage API (``/api/v1``): exact usage read from ClickHouse with bound parameters.
+
+Every parameter is validated before a query runs; every value reaches ClickHouse as a bound parameter.
+Errors are ``{"error": {"code", "message"}}`` with a 4xx (503 when ClickHouse cannot be reached).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,22 @@ import time
 from typing import Any
 
 from clickhouse_connect.driver.exceptions import OperationalError
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 
 from meterhouse.core import schema
-from meterhouse.core.store import Store
 from meterhouse.core.timefmt import format_rfc3339, parse_rfc3339
+from meterhouse.exporter.auth import Auth, Unauthorized
+from meterhouse.exporter.openapi import spec
 
 NS = 10**9
 HOUR_NS = 3600 * NS
 STEP_NS = {"1m": 60 * NS, "1h": HOUR_NS, "1d": 24 * HOUR_NS}
-MAX_BUCKETS = 100_000
+MAX_BUCKETS = 110_000  # enough for 1d steps over every time the API accepts (1970-2262)
+MAX_NS = 2**63 - 1
 MAX_ID_LENGTH = 1024
+MAX_LIMIT = 1000
 ROLLUP, RAW = "rollup", "raw"
+STATUSES = ("silent", "spiking")
 
 
 class ApiError(Exception):
@@ -26,93 +34,224 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+def _bad(message: str) -> ApiError:
+    return ApiError(400, "invalid_parameter", message)
+
+
 def _number(vi: int, vd: float) -> int | float:
     """Exact integer usage stays an integer; double usage is a double."""
     return int(vi) if vd == 0 else float(vi) + float(vd)
 
 
-def _param(name: str, default: str | None = None) -> str:
-    value = request.args.get(name, default)
+def _text(name: str, required: bool = False) -> str | None:
+    value = request.args.get(name)
     if value is None or value == "":
-        raise ApiError(400, "missing_parameter", f"query parameter {name!r} is required")
+        if required:
+            raise ApiError(400, "missing_parameter", f"query parameter {name!r} is required")
+        return None
+    if len(value) > MAX_ID_LENGTH:
+        raise _bad(f"{name}: at most {MAX_ID_LENGTH} characters")
     return value
 
 
-def _time_param(name: str, default_ns: int) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
+def _time(name: str, default_ns: int) -> int:
+    raw = _text(name)
+    if raw is None:
         return default_ns
     try:
-        return parse_rfc3339(raw)
-    except ValueError as e:
-        raise ApiError(400, "invalid_parameter", f"{name}: {e}") from None
+        ns = parse_rfc3339(raw)
+    except (ValueError, OverflowError) as e:
+        raise _bad(f"{name}: {e}") from None
+    return min(max(ns, 0), MAX_NS)  # nothing is stored outside 1970-2262: clamping changes no answer
 
 
-def _query(store: Store, sql: str, params: dict[str, Any]) -> list[tuple]:
+def _range() -> tuple[int, int]:
+    """[from, to) in ns; an empty or inverted range is simply empty."""
+    now = time.time_ns()
+    to_ns = _time("to", (now // HOUR_NS + 1) * HOUR_NS)
+    from_ns = _time("from", max(0, to_ns - 24 * HOUR_NS))
+    return from_ns, max(from_ns, to_ns)
+
+
+def _choice(name: str, allowed: tuple[str, ...], default: str | None) -> str | None:
+    value = _text(name) or default
+    if value is not None and value not in allowed:
+        raise _bad(f"{name}: must be one of {', '.join(allowed)}")
+    return value
+
+
+def _limit(default: int = 100) -> int:
+    raw = _text("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise _bad(f"limit: must be a whole number from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def _org_id(org_id: str) -> str:
+    if not org_id or len(org_id) > MAX_ID_LENGTH:
+        raise _bad(f"org id: 1 to {MAX_ID_LENGTH} characters")
+    scope = g.get("scope")
+    if scope is not None and not scope.allows(org_id):
+        raise ApiError(403, "forbidden", "this token may not read that org")
+    return org_id
+
+
+def _query(store, sql: str, params: dict[str, Any]) -> list[tuple]:
     try:
         return store.rows(sql, params)
     except (ConnectionError, OSError, OperationalError) as e:
         raise ApiError(503, "unavailable", f"ClickHouse is not reachable: {str(e)[:200]}") from None
 
 
-def org_usage(store: Store, org_id: str) -> dict[str, Any]:
-    metric = _param("metric")
-    step = request.args.get("step") or "1h"
-    if step not in STEP_NS:
-        raise ApiError(400, "invalid_parameter", f"step: must be one of {', '.join(STEP_NS)}")
-    if len(org_id) > MAX_ID_LENGTH or len(metric) > MAX_ID_LENGTH:
-        raise ApiError(400, "invalid_parameter", f"org id and metric are at most {MAX_ID_LENGTH} characters")
-    now = time.time_ns()
-    to_ns = _time_param("to", (now // HOUR_NS + 1) * HOUR_NS)
-    from_ns = _time_param("from", to_ns - 24 * HOUR_NS)
-    if from_ns >= to_ns:
-        raise ApiError(400, "invalid_parameter", "from must be earlier than to")
-    if (to_ns - from_ns) // STEP_NS[step] > MAX_BUCKETS:
-        raise ApiError(
-            400,
-            "invalid_parameter",
-            f"range holds more than {MAX_BUCKETS} steps of {step}; use a larger step",
-        )
-    # The rollup is exact for whole hours; any other range reads raw points.
-    rollup = step != "1m" and from_ns % HOUR_NS == 0 and to_ns % HOUR_NS == 0
-    rows = _query(
-        store,
-        schema.usage_series_sql(store.database, step, rollup),
-        {"org": org_id, "metric": metric, "from_ns": from_ns, "to_ns": to_ns},
-    )
+def _aligned(step: str, from_ns: int, to_ns: int) -> bool:
+    """The rollup is exact for whole hours; any other range (or a 1m step) reads raw points."""
+    return step != "1m" and from_ns % HOUR_NS == 0 and to_ns % HOUR_NS == 0
+
+
+def _series(rows) -> tuple[list[dict], int, float, str]:
     points, total_i, total_d, unit = [], 0, 0.0, ""
     for start, vi, vd, _n, u in rows:
         points.append({"start": format_rfc3339(start), "value": _number(vi, vd)})
         total_i += int(vi)
         total_d += float(vd)
         unit = unit or u
-    return {
-        "org_id": org_id,
-        "metric": metric,
-        "unit": unit,
-        "step": step,
-        "from": format_rfc3339(from_ns),
-        "to": format_rfc3339(to_ns),
+    return points, total_i, total_d, unit
+
+
+def org_usage(store, org_id: str) -> dict[str, Any]:
+    org_id = _org_id(org_id)
+    metric = _text("metric", required=True)
+    step = _choice("step", tuple(STEP_NS), "1h")
+    group_by = _text("group_by")
+    from_ns, to_ns = _range()
+    while (to_ns - from_ns) // STEP_NS[step] > MAX_BUCKETS:  # the step the range needs
+        step = {"1m": "1h", "1h": "1d"}[step]
+    rollup = _aligned(step, from_ns, to_ns)
+    params = {"org": org_id, "metric": metric, "from_ns": from_ns, "to_ns": to_ns}
+    body: dict[str, Any] = {
+        "org_id": org_id, "metric": metric, "unit": "", "step": step,
+        "from": format_rfc3339(from_ns), "to": format_rfc3339(to_ns),
         "source": ROLLUP if rollup else RAW,
-        "total": _number(total_i, total_d),
-        "points": points,
+    }  # fmt: skip
+    if group_by is None:
+        points, ti, td, unit = _series(
+            _query(store, schema.usage_series_sql(store.database, step, rollup), params)
+        )
+        body.update(unit=unit, total=_number(ti, td), points=points)
+        return body
+    rows = _query(store, schema.usage_grouped_sql(store.database, step, rollup), {**params, "key": group_by})
+    groups: dict[str, list] = {}
+    for grp, *rest in rows:
+        groups.setdefault(grp, []).append(tuple(rest))
+    out, all_i, all_d, unit = [], 0, 0.0, ""
+    for value, grp_rows in groups.items():
+        points, ti, td, u = _series(grp_rows)
+        out.append({"value": value, "total": _number(ti, td), "points": points})
+        all_i, all_d, unit = all_i + ti, all_d + td, unit or u
+    body.update(unit=unit, total=_number(all_i, all_d), group_by=group_by, groups=out, points=[])
+    return body
+
+
+def org_ranking(store) -> dict[str, Any]:
+    metric = _text("metric")  # without one, orgs are ranked by their number of points
+    order = _choice("order", ("desc", "asc"), "desc")
+    limit = _limit()
+    from_ns, to_ns = _range()
+    rollup = _aligned("1h", from_ns, to_ns)
+    scope = g.get("scope")
+    scoped = scope is not None and not scope.all_orgs
+    params: dict[str, Any] = {"metric": metric or "", "from_ns": from_ns, "to_ns": to_ns, "limit": limit}
+    if scoped:
+        params["orgs"] = list(scope.orgs)
+    rows = _query(
+        store, schema.org_ranking_sql(store.database, rollup, order, scoped, metric is not None), params
+    )
+    return {
+        "metric": metric or "", "from": format_rfc3339(from_ns), "to": format_rfc3339(to_ns),
+        "source": ROLLUP if rollup else RAW, "order": order, "limit": limit,
+        "orgs": [{"org_id": org, "total": _number(vi, vd)} for org, vi, vd in rows],
+    }  # fmt: skip
+
+
+def org_status(health, status: str) -> dict[str, Any]:
+    if health is None:
+        raise ApiError(503, "unavailable", "org health is not computed by this process")
+    snap = health.snapshot
+    entries = snap.silent if status == "silent" else snap.spiking
+    scope = g.get("scope")
+    if scope is not None and not scope.all_orgs:
+        entries = [e for e in entries if scope.allows(e["org_id"])]
+    return {
+        "status": status,
+        "computed_at": format_rfc3339(int(snap.computed_at * NS)) if snap.computed_at else None,
+        "orgs": entries[: _limit(MAX_LIMIT)],
     }
 
 
-def create_api(store: Store) -> Blueprint:
+def metrics_catalog(store) -> dict[str, Any]:
+    rows = _query(store, schema.catalog_sql(store.database), {})
+    return {
+        "metrics": [
+            {
+                "metric": m,
+                "kind": k,
+                "unit": u,
+                "last_seen": format_rfc3339(int(ms) * 10**6),
+                "points": int(n),
+            }
+            for m, k, u, ms, n in rows
+        ]
+    }
+
+
+def create_api(store, health=None, auth: Auth | None = None) -> Blueprint:
+    auth = auth or Auth(())
     api = Blueprint("api_v1", __name__, url_prefix="/api/v1")
+
+    @api.before_request
+    def _authenticate():
+        if request.endpoint == "api_v1.openapi":
+            return None
+        try:
+            g.scope = auth.authenticate(request.headers.get("Authorization"))
+        except Unauthorized as e:
+            response = jsonify({"error": {"code": "unauthorized", "message": str(e)}})
+            response.headers["WWW-Authenticate"] = 'Bearer realm="meterhouse"'
+            return response, 401
+        return None
 
     @api.errorhandler(ApiError)
     def _api_error(e: ApiError):
         return jsonify({"error": {"code": e.code, "message": e.message}}), e.status
 
+    @api.errorhandler(Exception)
+    def _internal(e: Exception):
+        status = getattr(e, "code", None)
+        if isinstance(status, int) and 400 <= status < 500:  # werkzeug's own 404/405
+            return jsonify({"error": {"code": "not_found" if status == 404 else "bad_request",
+                                      "message": getattr(e, "description", str(e))}}), status  # fmt: skip
+        current_app.logger.exception("api error")
+        return jsonify({"error": {"code": "internal", "message": "internal error"}}), 500
+
     @api.get("/orgs/<path:org_id>/usage")
     def usage(org_id: str):
         return jsonify(org_usage(store, org_id))
 
-    @api.errorhandler(Exception)
-    def _internal(e: Exception):
-        current_app.logger.exception("api error")
-        return jsonify({"error": {"code": "internal", "message": "internal error"}}), 500
+    @api.get("/orgs")
+    def orgs():
+        status = _choice("status", STATUSES, None)
+        if status is not None:
+            return jsonify(org_status(health, status))
+        return jsonify(org_ranking(store))
+
+    @api.get("/metrics-catalog")
+    def catalog():
+        return jsonify(metrics_catalog(store))
+
+    @api.get("/openapi.json")
+    def openapi():
+        return jsonify(spec())
 
     return api

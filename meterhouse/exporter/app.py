@@ -7,13 +7,23 @@ from collections.abc import Callable
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
+from werkzeug.exceptions import HTTPException
 
-from meterhouse.core.store import Store
+from meterhouse.core.config import Token
 from meterhouse.exporter.api import create_api
+from meterhouse.exporter.auth import Auth
 
 
-def create_app(store: Store, registry: CollectorRegistry, ready: Callable[[], bool]) -> Flask:
-    """``ready`` tells whether receivers and writer are up; the store is pinged on each /readyz."""
+def create_app(
+    store,
+    registry: CollectorRegistry,
+    ready: Callable[[], bool],
+    health=None,
+    tokens: tuple[Token, ...] = (),
+) -> Flask:
+    """``store`` answers queries (a Store or the failover set); ``ready`` tells whether receivers and
+    writer run; ``health`` is the OrgHealth behind ``/api/v1/orgs?status=``. /metrics, /healthz and
+    /readyz stay open; the API needs a token once ``tokens`` are configured."""
     app = Flask("meterhouse")
     app.json.sort_keys = False
 
@@ -36,5 +46,10 @@ def create_app(store: Store, registry: CollectorRegistry, ready: Callable[[], bo
         status = 200 if all(checks.values()) else 503
         return jsonify({"status": "ready" if status == 200 else "not ready", "checks": checks}), status
 
-    app.register_blueprint(create_api(store))
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.code or 0, "bad_request")
+        return jsonify({"error": {"code": code, "message": e.description or e.name}}), e.code
+
+    app.register_blueprint(create_api(store, health, Auth(tokens)))
     return app

@@ -96,8 +96,8 @@ def test_unknown_org_is_empty_not_an_error(client):
         ({"step": "5m"}, "step"),
         ({"from": "yesterday"}, "from"),
         ({"to": "2026-11-02T10:00:00"}, "zone"),
-        ({"from": "2026-11-03T00:00:00Z", "to": "2026-11-02T00:00:00Z"}, "earlier"),
-        ({"from": "1990-01-01T00:00:00Z", "step": "1m"}, "larger step"),
+        ({"metric": "m" * 1025}, "at most 1024"),
+        ({"from": "2026-13-45T00:00:00Z"}, "from"),
     ],
 )
 def test_bad_parameters_are_400_with_a_json_error(client, params, needle):
@@ -105,6 +105,21 @@ def test_bad_parameters_are_400_with_a_json_error(client, params, needle):
     assert r.status_code == 400
     err = r.get_json()["error"]
     assert err["code"] in ("missing_parameter", "invalid_parameter") and needle in err["message"]
+
+
+def test_an_inverted_range_is_empty(client):
+    body = usage(client, **{"from": "2026-11-03T00:00:00Z", "to": "2026-11-02T00:00:00Z"}).get_json()
+    assert body["total"] == 0 and body["points"] == []
+
+
+def test_a_range_too_long_for_its_step_gets_the_step_it_needs(client):
+    body = usage(client, step="1m", **{"from": "2020-01-01T00:00:00Z"}).get_json()  # 3.6M minutes
+    assert body["step"] == "1h" and body["total"] == 30 + 2 * 2**62 + 7
+
+
+def test_leap_seconds_and_lowercase_rfc3339(client):
+    body = usage(client, **{"from": "2026-11-02t09:59:60z"}).get_json()
+    assert body["from"] == "2026-11-02T10:00:00Z"
 
 
 @pytest.mark.parametrize("org", ["o'; DROP TABLE x; --", 'a"b\\c', "ünïcødé-☃", "x" * 1000])
