@@ -121,6 +121,17 @@ def options_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from meterhouse.dashboards import build
+
+    out = Path(args.out) if args.out else None
+    for path in build(out) if out else build():
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.options_table:
         print(options_table(), end="")
@@ -155,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(cfg)
     cfg.set_defaults(func=cmd_config)
+
+    dl = sub.add_parser("dead-letter", help="List dead-lettered batches, or insert them again.")
+    dl.add_argument("action", choices=["list", "redrive"])
+    _add_config_flags(dl)
+    dl.set_defaults(func=cmd_dead_letter)
+
+    dash = sub.add_parser("dashboards", help="Generate the Grafana dashboards' JSON from their sources.")
+    dash.add_argument("action", choices=["build"])
+    dash.add_argument(
+        "--out",
+        metavar="DIR",
+        help="Where to write (default: the package's json/ folder, which Grafana provisioning mounts).",
+    )
+    dash.set_defaults(func=cmd_dashboards)
 
     demo = sub.add_parser(
         "demo",

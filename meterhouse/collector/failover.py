@@ -74,6 +74,7 @@ class EndpointSet:
             metrics.endpoint_up.labels(endpoint=ep.label).set(0)
             metrics.endpoint_active.labels(endpoint=ep.label).set(0)
         metrics.endpoint_active.labels(endpoint=self.name).set(1)
+        metrics.active_endpoint_priority.set(0)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -170,6 +171,7 @@ class EndpointSet:
         self.active, self.name = to, new.label
         self.metrics.endpoint_active.labels(endpoint=old.label).set(0)
         self.metrics.endpoint_active.labels(endpoint=new.label).set(1)
+        self.metrics.active_endpoint_priority.set(to)
         self.metrics.failovers.labels(from_endpoint=old.label, to_endpoint=new.label).inc()
         kind = "failback" if to < self.endpoints.index(old) else "failover"
         log.warning(kind, extra={"event": kind, "from_endpoint": old.label, "to_endpoint": new.label,

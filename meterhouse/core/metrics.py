@@ -161,6 +161,11 @@ class PipelineMetrics:
             ["endpoint"],
             registry=registry,
         )
+        self.active_endpoint_priority = Gauge(
+            f"{p}_active_endpoint_priority",
+            "Position of the active endpoint in the configured list (0 = the primary).",
+            registry=registry,
+        )
         self.failovers = Counter(
             f"{p}_failovers",
             "Switches of the write endpoint (failovers and failbacks).",

@@ -1,3 +1,5 @@
-"""Grafana dashboards as code (grafanalib); generated JSON is committed beside the sources."""
+"""Grafana dashboards as code (grafanalib): ``*.dashboard.py`` sources, generated JSON in ``json/``."""
 
-__all__: list[str] = []
+from meterhouse.dashboards.build import build, load, render, sources
+
+__all__ = ["build", "load", "render", "sources"]

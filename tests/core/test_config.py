@@ -91,3 +91,17 @@ def test_every_option_is_a_flag_and_documented_in_the_readme():
     from meterhouse.cli import options_table
 
     assert options_table() in readme, "README's option table drifted: `meterhouse config --options-table`"
+
+
+def test_every_command_in_the_readme_exists(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    import re
+
+    commands = set(re.findall(r"`meterhouse ([a-z-]+)", readme))
+    assert {"up", "demo", "dead-letter", "dashboards", "config"} <= commands
+    for command in commands:
+        r = subprocess.run([sys.executable, "-m", "meterhouse", command, "--help"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (command, r.stderr)
+    r = subprocess.run([sys.executable, "-m", "meterhouse", "dead-letter", "list", "--data-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0 and "0 dead letter(s)" in r.stdout
