@@ -3,6 +3,10 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m soak` for the long crash-loop tests.
 MH_EXTRAS=test
 source "$(dirname "$0")/_env.sh"
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  echo "==> installing Debian's prometheus package (promtool and prometheus for the alert-rule tests)"
+  apt_install --no-install-recommends prometheus
+fi
 echo "==> ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .

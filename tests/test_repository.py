@@ -38,6 +38,20 @@ def test_every_file_the_compose_file_mounts_or_builds_exists(compose):
                 assert source in compose.get("volumes", {}), f"{name}: undeclared volume {source}"
 
 
+def test_the_stack_is_wired_together(compose):
+    services = compose["services"]
+    assert {"clickhouse", "meterhouse", "prometheus", "alertmanager", "grafana"} <= set(services)
+    for name, service in services.items():
+        assert "healthcheck" in service, name
+    assert services["meterhouse"]["depends_on"]["clickhouse"]["condition"] == "service_healthy"
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    assert prom["rule_files"] == ["/etc/prometheus/rules/*.rules.yml"]
+    assert any(j["job_name"] == "meterhouse" for j in prom["scrape_configs"])  # the rules' job label
+    sources = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/datasources.yml").read_text())
+    assert {d["uid"] for d in sources["datasources"]} == {"prometheus", "clickhouse"}
+    assert "grafana-clickhouse-datasource" in services["grafana"]["environment"]["GF_INSTALL_PLUGINS"]
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]

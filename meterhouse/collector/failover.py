@@ -74,6 +74,11 @@ class EndpointSet:
             metrics.endpoint_up.labels(endpoint=ep.label).set(0)
             metrics.endpoint_active.labels(endpoint=ep.label).set(0)
         metrics.endpoint_active.labels(endpoint=self.name).set(1)
+        # Every possible switch starts at 0, so the first failover is an increase Prometheus can see.
+        for a in self.endpoints:
+            for b in self.endpoints:
+                if a is not b:
+                    metrics.failovers.labels(from_endpoint=a.label, to_endpoint=b.label)
         metrics.active_endpoint_priority.set(0)
 
     # -- lifecycle ------------------------------------------------------------------------------

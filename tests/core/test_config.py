@@ -100,7 +100,12 @@ def test_every_command_in_the_readme_exists(tmp_path):
     commands = set(re.findall(r"`meterhouse ([a-z-]+)", readme))
     assert {"up", "demo", "dead-letter", "dashboards", "config"} <= commands
     for command in commands:
-        r = subprocess.run([sys.executable, "-m", "meterhouse", command, "--help"], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "meterhouse", command, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0, (command, r.stderr)
     r = subprocess.run([sys.executable, "-m", "meterhouse", "dead-letter", "list", "--data-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=60)  # fmt: skip

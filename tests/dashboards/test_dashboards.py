@@ -21,7 +21,9 @@ def test_committed_json_matches_the_sources(tmp_path):
     for path in written:
         committed = sources()[0].parent / "json" / path.name
         assert committed.exists(), f"{path.name} is not committed: run `meterhouse dashboards build`"
-        assert committed.read_text() == path.read_text(), f"{path.name} drifted: run `meterhouse dashboards build`"
+        assert committed.read_text() == path.read_text(), (
+            f"{path.name} drifted: run `meterhouse dashboards build`"
+        )
 
 
 def test_generation_is_deterministic():
@@ -45,14 +47,24 @@ def clickhouse_queries():
                 out.append((name, f"variable {var.name}", variables[var.name]))
         for ann in dashboard.annotations.list:
             if ann.get("datasource") == CLICKHOUSE:
-                out.append((name, f"annotation {ann['name']}", ClickHouseTarget(ann["rawSql"], ("time", "title", "text", "tags"))))
+                out.append(
+                    (
+                        name,
+                        f"annotation {ann['name']}",
+                        ClickHouseTarget(ann["rawSql"], ("time", "title", "text", "tags")),
+                    )
+                )
     return out
 
 
 def expand(sql: str, database: str, interval_s: int) -> str:
     """Grafana's macros and variables, as the ClickHouse plugin expands them, with concrete values."""
     sql = re.sub(r"\$__timeFilter\(([^)]+)\)", rf"\1 >= toDateTime({FROM}) AND \1 <= toDateTime({TO})", sql)
-    sql = re.sub(r"\$__timeInterval\(([^)]+)\)", rf"toStartOfInterval(toDateTime(\1), INTERVAL {interval_s} second)", sql)
+    sql = re.sub(
+        r"\$__timeInterval\(([^)]+)\)",
+        rf"toStartOfInterval(toDateTime(\1), INTERVAL {interval_s} second)",
+        sql,
+    )
     sql = sql.replace("$__interval_s", str(interval_s))
     sql = sql.replace("$__fromTime", f"toDateTime({FROM})").replace("$__toTime", f"toDateTime({TO})")
     for var, value in {"org": "org-a", "metric": "api.calls", "attribute": "feature"}.items():
@@ -69,8 +81,14 @@ def filled(store):
     for h in range(0, 30):  # a steady day and a half for org-a and org-b; org-a spikes in the last full hour
         for org, v in (("org-a", 100), ("org-b", 10)):
             t = (now // hour - h) * hour + 60 * 10**9
-            rows.append({"org_id": org, "time": t, "value_int": v * (50 if (org == "org-a" and h == 1) else 1),
-                         "attrs": {"feature": "search" if h % 2 else "export", "region": "eu"}})
+            rows.append(
+                {
+                    "org_id": org,
+                    "time": t,
+                    "value_int": v * (50 if (org == "org-a" and h == 1) else 1),
+                    "attrs": {"feature": "search" if h % 2 else "export", "region": "eu"},
+                }
+            )
     rows.append({"org_id": "org-quiet", "time": now - 3 * hour, "value_int": 5})
     rows.append({"org_id": "", "time": now - hour, "value_int": 7})
     put(store, rows)
