@@ -207,9 +207,27 @@ class _Decoder:
             return
         c = self.cols
         res_keys, res_values = res
-        unit = m.unit
+        min_t, max_t = self.min_t, self.max_t
+        org_key = self.limits.org_attribute
+        max_attrs, max_len = self.limits.max_attributes, self.limits.max_attribute_length
+        check_finite = kind == schema.KIND_SUM
+        # The hot loop: per point only what varies per point is appended; the columns that are the
+        # same for the whole metric are extended once after it.
+        c_org, c_start, c_time = c["org_id"], c["start_time"], c["time"]
+        c_isint, c_vi, c_vd = c["is_int"], c["value_int"], c["value_double"]
+        c_ak, c_av = c["attr_keys"], c["attr_values"]
+        c_sid, c_sstart, c_ci, c_cd = (
+            c["series_id"],
+            c["series_start"],
+            c["cumulative_int"],
+            c["cumulative_double"],
+        )
+        before = len(c_org)
+        unattributed = 0
         for dp in data.data_points:
-            if self.bad_time(dp):
+            t = dp.time_unix_nano
+            start = dp.start_time_unix_nano
+            if t == 0 or t < min_t or t > max_t or start > t:
                 r.reject("invalid_timestamp", name)
                 continue
             vkind = dp.WhichOneof("value")
@@ -218,56 +236,79 @@ class _Decoder:
                 negative = vi < 0
             elif vkind == "as_double":
                 vi, vd, is_int = 0, dp.as_double, 0
-                if kind == schema.KIND_SUM and not math.isfinite(vd):
+                if check_finite and not math.isfinite(vd):
                     r.reject("invalid_value", name)
                     continue
                 negative = vd < 0
             else:
                 r.reject("no_value", name)
                 continue
-            if mono and negative and not cumulative:
-                r.reject("negative_delta", name)
-                continue
             if mono and negative:
-                r.reject("invalid_value", name)  # a monotonic cumulative counter below zero
+                # A monotonic delta that decreases; or a monotonic cumulative counter below zero.
+                r.reject("invalid_value" if cumulative else "negative_delta", name)
                 continue
-            attrs = self.attributes(dp, res_org)
-            if attrs is None:
+            attrs = dp.attributes
+            if len(attrs) > max_attrs:
                 r.reject("attribute_limit", name)
                 continue
-            org, keys, values = attrs
-            sid, cum_i, cum_d = 0, 0, 0.0
+            org, pairs, bad = res_org, [], False
+            for kv in attrs:
+                key, v = kv.key, kv.value
+                text = v.string_value  # the common case; anything else goes through value_text
+                if not text and v.WhichOneof("value") != "string_value":
+                    try:
+                        text = value_text(v)
+                    except (_TooDeep, RecursionError):
+                        bad = True
+                        break
+                if len(key) > max_len or len(text) > max_len:
+                    bad = True
+                    break
+                if key == org_key:
+                    org = text
+                else:
+                    pairs.append((key, text))
+            if bad:
+                r.reject("attribute_limit", name)
+                continue
+            if len(pairs) > 1:
+                pairs.sort()
+                if len({k for k, _ in pairs}) != len(pairs):  # a repeated key: the last one wins
+                    pairs = sorted(dict(pairs).items())
+            keys = [k for k, _ in pairs]
+            values = [v for _, v in pairs]
+            if not org:
+                unattributed += 1
             if cumulative:
                 sid = series_id(name, org, scope[0], res_keys + res_values, keys, values)
-                cum_i, cum_d = vi, vd
-                self.cum_rows.append(len(c["org_id"]))
-                self.cum_points.append(
-                    CumulativePoint(
-                        sid, dp.start_time_unix_nano, dp.time_unix_nano, vi if is_int else vd, bool(mono)
-                    )
-                )
-            c["org_id"].append(org)
-            c["metric"].append(name)
-            c["kind"].append(kind)
-            c["unit"].append(unit)
-            c["monotonic"].append(mono)
-            c["start_time"].append(dp.start_time_unix_nano)
-            c["time"].append(dp.time_unix_nano)
-            c["is_int"].append(is_int)
-            c["value_int"].append(vi)
-            c["value_double"].append(vd)
-            c["attr_keys"].append(keys)
-            c["attr_values"].append(values)
-            c["resource_keys"].append(res_keys)
-            c["resource_values"].append(res_values)
-            c["scope_name"].append(scope[0])
-            c["scope_version"].append(scope[1])
-            c["received_at"].append(self.now_ns)
-            c["temporality"].append(temporality)
-            c["series_id"].append(sid)
-            c["series_start"].append(dp.start_time_unix_nano if cumulative else 0)
-            c["cumulative_int"].append(cum_i)
-            c["cumulative_double"].append(cum_d)
+                self.cum_rows.append(len(c_org))
+                self.cum_points.append(CumulativePoint(sid, start, t, vi if is_int else vd, bool(mono)))
+                c_sid.append(sid)
+                c_sstart.append(start)
+                c_ci.append(vi)
+                c_cd.append(vd)
+            c_org.append(org)
+            c_start.append(start)
+            c_time.append(t)
+            c_isint.append(is_int)
+            c_vi.append(vi)
+            c_vd.append(vd)
+            c_ak.append(keys)
+            c_av.append(values)
+        n = len(c_org) - before
+        r.unattributed += unattributed
+        if not n:
+            return
+        if not cumulative:
+            for col in (c_sid, c_sstart, c_ci):
+                col.extend([0] * n)
+            c_cd.extend([0.0] * n)
+        for col, value in (
+            ("metric", name), ("kind", kind), ("unit", m.unit), ("monotonic", mono),
+            ("resource_keys", res_keys), ("resource_values", res_values), ("scope_name", scope[0]),
+            ("scope_version", scope[1]), ("received_at", self.now_ns), ("temporality", temporality),
+        ):  # fmt: skip
+            c[col].extend([value] * n)
 
     def finish_cumulative(self) -> None:
         """Turn the request's cumulative points into deltas (one state look-up for all of them)."""

@@ -1,0 +1,1 @@
+"""meterhouse benchmarks: `python -m bench [--quick]` (see BENCHMARKS.md)."""

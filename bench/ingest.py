@@ -1,0 +1,115 @@
+"""Scenarios 1 and 2: ingest throughput, CPU and lag of `meterhouse up` (HTTP and gRPC) with its
+durability settings on (fsync'd spool, dedup), against the naive baseline, with the same load."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import time
+from pathlib import Path
+
+from bench.common import Proc, free_port, lag_buckets, quantile, run_load, scrape, wait_http
+from bench.payloads import make_requests
+from bench.procstat import cpu_seconds, memory
+
+
+def prepare(work: Path, orgs: int, points_per_request: int, requests: int) -> tuple[Path, int]:
+    payloads, total = make_requests(orgs, points_per_request, requests)
+    path = work / f"payloads-{orgs}-{points_per_request}-{requests}.pkl"
+    with open(path, "wb") as f:
+        pickle.dump((payloads, total // requests), f)
+    return path, total
+
+
+def start_up(work: Path, name: str) -> tuple[Proc, dict]:
+    ports = {"http": free_port(), "grpc": free_port(), "api": free_port()}
+    data = work / name
+    proc = Proc([sys.executable, "-m", "meterhouse", "up", "--data-dir", str(data),
+                 "--otlp-http-port", str(ports["http"]), "--otlp-grpc-port", str(ports["grpc"]),
+                 "--http-port", str(ports["api"]), "--log-format", "json", "--health-refresh-s", "3600"],
+                work / f"{name}.log")  # fmt: skip
+    wait_http(f"http://127.0.0.1:{ports['api']}/readyz", 120)
+    return proc, ports
+
+
+def wait_written(api: str, expected: float, timeout_s: float = 600) -> float:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if scrape(f"{api}/metrics").get("meterhouse_points_written_total", 0) >= expected:
+            return time.monotonic()
+        time.sleep(0.02)
+    raise RuntimeError("points were not all written in time")
+
+
+def meterhouse(work: Path, transport: str, payloads: Path, total: int, rate_seconds: float) -> dict:
+    proc, ports = start_up(work, f"up-{transport}")
+    api = f"http://127.0.0.1:{ports['api']}"
+    target = f"http://127.0.0.1:{ports['http']}" if transport == "http" else f"127.0.0.1:{ports['grpc']}"
+    try:
+        cpu0 = cpu_seconds(proc.pid)
+        t0 = time.monotonic()
+        load = run_load(payloads, target, transport)
+        t1 = wait_written(api, load["points"])
+        cpu = cpu_seconds(proc.pid) - cpu0
+        max_rate = load["points"] / (t1 - t0)
+        result = {
+            "system": f"meterhouse ({transport})",
+            "points": load["points"],
+            "points_per_s": max_rate,
+            "cpu_s_per_million": cpu / load["points"] * 1e6,
+            "rejected_retries": load["retries"],
+        }
+        written = load["points"]
+        for share in (0.5, 0.9):
+            before = lag_buckets(scrape(f"{api}/metrics"))
+            run = run_load(payloads, target, transport, rate=max_rate * share, seconds=rate_seconds)
+            written += run["points"]
+            wait_written(api, written)
+            after = lag_buckets(scrape(f"{api}/metrics"))
+            delta = [(le, c - dict(before).get(le, 0)) for le, c in after]
+            result[f"p50_lag_s_at_{int(share * 100)}pct"] = quantile(0.5, delta)
+            result[f"p99_lag_s_at_{int(share * 100)}pct"] = quantile(0.99, delta)
+        result["peak_rss_mb"] = memory(proc.pid)["peak_rss"] / 2**20
+        return result
+    finally:
+        proc.stop()
+
+
+def naive(work: Path, payloads: Path, total: int) -> dict:
+    port = free_port()
+    proc = Proc([sys.executable, "-m", "bench.naive", "--port", str(port), "--data-dir", str(work / "naive")],
+                work / "naive.log")  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while b"ready" not in (work / "naive.log").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cpu0 = cpu_seconds(proc.pid)
+        load = run_load(payloads, f"http://127.0.0.1:{port}", "http")
+        cpu = cpu_seconds(proc.pid) - cpu0
+        return {
+            "system": "naive baseline (http)",
+            "points": load["points"],
+            "points_per_s": load["points"] / load["seconds"],
+            "cpu_s_per_million": cpu / max(load["points"], 1) * 1e6,
+            "peak_rss_mb": memory(proc.pid)["peak_rss"] / 2**20,
+        }
+    finally:
+        proc.stop()
+
+
+COLUMNS = [
+    "system", "points", "points_per_s", "cpu_s_per_million", "p50_lag_s_at_50pct", "p99_lag_s_at_50pct",
+    "p50_lag_s_at_90pct", "p99_lag_s_at_90pct", "peak_rss_mb",
+]  # fmt: skip
+
+
+def run(work: Path, quick: bool, orgs: int = 15_000) -> dict:
+    requests, per_request = (12, 2_000) if quick else (120, 5_000)
+    payloads, total = prepare(work, orgs, per_request, requests)
+    rate_seconds = 1 if quick else 10
+    rows = [meterhouse(work, t, payloads, total, rate_seconds) for t in ("http", "grpc")]
+    rows.append(naive(work, payloads, total))
+    base = rows[-1]["points_per_s"]
+    ratios = {r["system"]: r["points_per_s"] / base for r in rows[:-1]}
+    return {"orgs": orgs, "points_per_request": per_request, "requests": requests, "rows": rows,
+            "throughput_ratio_vs_naive": ratios}  # fmt: skip
