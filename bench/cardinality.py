@@ -4,7 +4,6 @@ the last 24 h" on each."""
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 import urllib.parse
@@ -12,18 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import Proc, free_port, get, scrape, wait_http
+from bench.common import Proc, free_port, get, median_time, scrape, wait_http
 from bench.ingest import start_up, wait_written
 from bench.procstat import dir_bytes, memory
-
-
-def _timed(fn, n: int = 5) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def prometheus_side(work: Path, orgs: int, seconds: float, interval_s: int) -> dict:
@@ -41,14 +31,14 @@ def prometheus_side(work: Path, orgs: int, seconds: float, interval_s: int) -> d
     try:
         wait_http(f"http://127.0.0.1:{port}/metrics", 120)
         wait_http(f"{base}/-/ready", 60)
-        t_scrape = _timed(lambda: get(f"http://127.0.0.1:{port}/metrics", 60), 3)
+        t_scrape = median_time(lambda: get(f"http://127.0.0.1:{port}/metrics", 60), 3, warm=False)
         size = len(get(f"http://127.0.0.1:{port}/metrics", 60))
         time.sleep(seconds)
         m = scrape(f"{base}/metrics")
         q = urllib.parse.urlencode(
             {"query": 'sum(increase(usage_api_requests_total{org_id="org-000042"}[24h]))'}
         )
-        t_query = _timed(lambda: get(f"{base}/api/v1/query?{q}"))
+        t_query = median_time(lambda: get(f"{base}/api/v1/query?{q}"), warm=False)
         samples = m.get("prometheus_tsdb_head_samples_appended_total", 0) or sum(
             v for _, v in m.get("prometheus_tsdb_head_samples_appended_total{}", []))  # fmt: skip
         return {
@@ -91,8 +81,8 @@ def meterhouse_side(work: Path, orgs: int, rounds: int) -> dict:
             "to": time.strftime(hour, time.gmtime(now + 3600)),
         }
         q = urllib.parse.urlencode({"metric": "api.requests", "step": "1h", **window})
-        t_query = _timed(lambda: get(f"{api}/api/v1/orgs/org-000042/usage?{q}"))
-        t_scrape = _timed(lambda: get(f"{api}/metrics"), 10)
+        t_query = median_time(lambda: get(f"{api}/api/v1/orgs/org-000042/usage?{q}"), warm=False)
+        t_scrape = median_time(lambda: get(f"{api}/metrics"), 10, warm=False)
         time.sleep(2)  # let parts settle before measuring disk
         return {
             "system": "meterhouse",

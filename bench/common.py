@@ -15,6 +15,20 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 
+def median_time(fn, n: int = 5, warm: bool = True) -> float:
+    """Median wall time of ``fn()`` over ``n`` calls (after one unmeasured call when ``warm``)."""
+    import statistics
+
+    if warm:
+        fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

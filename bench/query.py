@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.common import median_time
 
 DAY = 86400
 NS = 10**9
@@ -55,16 +56,6 @@ def load(store, orgs: int, per_org_month: int, per_org_year: int) -> int:
     return total
 
 
-def timed(fn, n: int = 5) -> float:
-    fn()  # warm
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def measure(orgs: int, data_dir: Path, per_org_month: int, per_org_year: int) -> dict:
     from meterhouse.core import schema
     from meterhouse.core.config import Config
@@ -82,13 +73,13 @@ def measure(orgs: int, data_dir: Path, per_org_month: int, per_org_year: int) ->
     db = store.database
     out = {"orgs": orgs, "points": points, "load_s": load_s}
     for source, rollup in (("rollup", True), ("raw", False)):
-        out[f"org_30d_1h_{source}_s"] = timed(
+        out[f"org_30d_1h_{source}_s"] = median_time(
             lambda: store.rows(schema.usage_series_sql(db, "1h", rollup), {**org, **month})
         )  # noqa: B023
-        out[f"org_365d_1d_{source}_s"] = timed(
+        out[f"org_365d_1d_{source}_s"] = median_time(
             lambda: store.rows(schema.usage_series_sql(db, "1d", rollup), {**org, **year})
         )  # noqa: B023
-        out[f"top_orgs_30d_{source}_s"] = timed(
+        out[f"top_orgs_30d_{source}_s"] = median_time(
             lambda: store.rows(
                 schema.org_ranking_sql(db, rollup, "desc", False),
                 {"metric": "api.requests", "limit": 20, **month},
