@@ -42,7 +42,12 @@ class Stack:
             top_k=config.top_k,
         )
         self.app = create_app(
-            self.store, self.registry, lambda: self.collector.ready, self.health, config.auth_tokens
+            self.store,
+            self.registry,
+            lambda: self.collector.ready,
+            self.health,
+            config.auth_tokens,
+            config.raw_retention_days,
         )
         self._http = make_server(config.host, config.http_port, self.app, threaded=True)
         self._http_thread = threading.Thread(target=self._http.serve_forever, name="http-api", daemon=True)

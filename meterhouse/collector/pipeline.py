@@ -50,7 +50,8 @@ class Collector:
         self.metrics = metrics
         self.endpoints = EndpointSet(
             config.endpoints,
-            connect_endpoint or (lambda url: connect(url, config.data_dir, config.database)),
+            connect_endpoint
+            or (lambda url: connect(url, config.data_dir, config.database, config.raw_retention_days)),
             metrics,
             config.database,
             failover_after_failures=config.failover_after_failures,

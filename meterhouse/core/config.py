@@ -130,6 +130,12 @@ class Config:
         default=30.0,
         help="How long a preferred endpoint must stay healthy before writes move back to it.",
     )
+    raw_retention_days: int = _opt(
+        _non_negative,
+        default=0,
+        help="Days raw points are kept (a ClickHouse TTL; 0 = forever). The hourly rollup is kept; "
+        "1m steps are served within this retention only.",
+    )
     max_past_s: float = _opt(
         _positive, default=2 * 366 * 86400.0, help="Points older than this (seconds before now) are rejected."
     )

@@ -287,6 +287,16 @@ ORDER BY (kind, time)""",
 STEPS = {"1m": "toStartOfMinute", "1h": "toStartOfHour", "1d": "toStartOfDay"}
 
 
+def retention_ddl(database: str, days: int) -> list[str]:
+    """TTLs that drop raw and distribution points after ``days`` (the rollups stay); none for 0."""
+    if days <= 0:
+        return []
+    return [
+        f"ALTER TABLE {database}.{table} MODIFY TTL toDateTime(time) + INTERVAL {int(days)} DAY"
+        for table in (POINTS_TABLE, DIST_TABLE)
+    ]
+
+
 def usage_series_sql(database: str, step: str, rollup: bool) -> str:
     """Per-step usage of one org and metric over ``[from, to)``; shared by the API and dashboards.
 

@@ -39,13 +39,16 @@ def _embedded_client(path: Path) -> Client:
 class Store:
     """A handle on one ClickHouse endpoint with the project's schema in ``database``."""
 
-    def __init__(self, client: Client, database: str, name: str) -> None:
+    def __init__(self, client: Client, database: str, name: str, raw_retention_days: int = 0) -> None:
         self.client = client
         self.database = database
         self.name = name
+        self.raw_retention_days = raw_retention_days
 
     def ensure_schema(self) -> None:
-        for statement in schema.ddl(self.database):
+        for statement in schema.ddl(self.database) + schema.retention_ddl(
+            self.database, self.raw_retention_days
+        ):
             self.client.command(statement)
 
     def insert_points(self, columns: Sequence[Sequence[Any]], token: str) -> None:
@@ -118,17 +121,17 @@ def endpoint_label(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{parts.port or (8443 if parts.scheme == 'https' else 8123)}"
 
 
-def connect(url: str, data_dir: Path, database: str) -> Store:
+def connect(url: str, data_dir: Path, database: str, raw_retention_days: int = 0) -> Store:
     """A store on one endpoint: ``embedded[#name]`` or ``http(s)://[user:password@]host:port``."""
     if is_embedded(url):
-        return Store(_embedded_client(data_dir / "clickhouse"), database, url)
+        return Store(_embedded_client(data_dir / "clickhouse"), database, url, raw_retention_days)
     client = clickhouse_connect.get_client(dsn=url, connect_timeout=5, send_receive_timeout=30)
-    return Store(client, database, endpoint_label(url))
+    return Store(client, database, endpoint_label(url), raw_retention_days)
 
 
 def open_store(config: Config, *, create_schema: bool = True) -> Store:
     """Open the first configured endpoint (the embedded engine under ``config.data_dir`` by default)."""
-    store = connect(config.endpoints[0], config.data_dir, config.database)
+    store = connect(config.endpoints[0], config.data_dir, config.database, config.raw_retention_days)
     if create_schema:
         store.ensure_schema()
     return store

@@ -120,7 +120,7 @@ def _series(rows) -> tuple[list[dict], int, float, str]:
     return points, total_i, total_d, unit
 
 
-def org_usage(store, org_id: str) -> dict[str, Any]:
+def org_usage(store, org_id: str, raw_retention_days: int = 0) -> dict[str, Any]:
     org_id = _org_id(org_id)
     metric = _text("metric", required=True)
     step = _choice("step", tuple(STEP_NS), "1h")
@@ -128,7 +128,14 @@ def org_usage(store, org_id: str) -> dict[str, Any]:
     from_ns, to_ns = _range()
     while (to_ns - from_ns) // STEP_NS[step] > MAX_BUCKETS:  # the step the range needs
         step = {"1m": "1h", "1h": "1d"}[step]
-    rollup = _aligned(step, from_ns, to_ns)
+    # Raw points exist only within their retention: older ranges are read from the hourly rollup,
+    # whole hours (the hours holding `from` and `to` count in full).
+    beyond_retention = (
+        bool(raw_retention_days) and from_ns < time.time_ns() - raw_retention_days * 24 * HOUR_NS
+    )
+    if beyond_retention and step == "1m":
+        step = "1h"
+    rollup = beyond_retention or _aligned(step, from_ns, to_ns)
     params = {"org": org_id, "metric": metric, "from_ns": from_ns, "to_ns": to_ns}
     body: dict[str, Any] = {
         "org_id": org_id, "metric": metric, "unit": "", "step": step,
@@ -206,7 +213,7 @@ def metrics_catalog(store) -> dict[str, Any]:
     }
 
 
-def create_api(store, health=None, auth: Auth | None = None) -> Blueprint:
+def create_api(store, health=None, auth: Auth | None = None, raw_retention_days: int = 0) -> Blueprint:
     auth = auth or Auth(())
     api = Blueprint("api_v1", __name__, url_prefix="/api/v1")
 
@@ -237,7 +244,7 @@ def create_api(store, health=None, auth: Auth | None = None) -> Blueprint:
 
     @api.get("/orgs/<path:org_id>/usage")
     def usage(org_id: str):
-        return jsonify(org_usage(store, org_id))
+        return jsonify(org_usage(store, org_id, raw_retention_days))
 
     @api.get("/orgs")
     def orgs():

@@ -20,6 +20,7 @@ def create_app(
     ready: Callable[[], bool],
     health=None,
     tokens: tuple[Token, ...] = (),
+    raw_retention_days: int = 0,
 ) -> Flask:
     """``store`` answers queries (a Store or the failover set); ``ready`` tells whether receivers and
     writer run; ``health`` is the OrgHealth behind ``/api/v1/orgs?status=``. /metrics, /healthz and
@@ -51,5 +52,5 @@ def create_app(
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.code or 0, "bad_request")
         return jsonify({"error": {"code": code, "message": e.description or e.name}}), e.code
 
-    app.register_blueprint(create_api(store, health, Auth(tokens)))
+    app.register_blueprint(create_api(store, health, Auth(tokens), raw_retention_days))
     return app

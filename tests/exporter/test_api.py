@@ -174,3 +174,32 @@ def test_an_unreachable_store_is_503_not_500():
     r = a.test_client().get("/api/v1/orgs/o/usage?metric=m")
     assert r.status_code == 503 and r.get_json()["error"]["code"] == "unavailable"
     assert a.test_client().get("/readyz").status_code == 503
+
+
+def test_raw_retention_is_a_ttl_and_older_minutes_come_from_the_rollup(engine_dir):
+    import uuid
+
+    from meterhouse.core.config import Config
+    from meterhouse.core.store import open_store
+
+    store = open_store(
+        Config(data_dir=engine_dir, database=f"r_{uuid.uuid4().hex[:8]}", raw_retention_days=7)
+    )
+    try:
+        ddl = store.scalar(f"SHOW CREATE TABLE {store.database}.usage_points")
+        assert "TTL toDateTime(time) + toIntervalDay(7)" in ddl
+        assert "TTL" not in store.scalar(f"SHOW CREATE TABLE {store.database}.usage_hourly")
+        t = (
+            time.time_ns() // H - 24 * 20
+        ) * H + 90 * 10**9  # 20 days ago: past the raw TTL, kept in the rollup
+        write(store, sum_request({"api.calls": [point(9, {"org.id": "old"}, t_ns=t)]}))
+        store.client.command(f"OPTIMIZE TABLE {store.database}.usage_points FINAL")  # applies the TTL now
+        assert store.scalar(f"SELECT count() FROM {store.database}.usage_points") == 0
+        app = create_app(store, CollectorRegistry(), lambda: True, raw_retention_days=7)
+        since = datetime.fromtimestamp(t // 10**9 - 3600 * 24, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = (
+            app.test_client().get(f"/api/v1/orgs/old/usage?metric=api.calls&step=1m&from={since}").get_json()
+        )
+        assert (body["step"], body["source"], body["total"]) == ("1h", "rollup", 9)
+    finally:
+        store.client.command(f"DROP DATABASE IF EXISTS {store.database} SYNC")
