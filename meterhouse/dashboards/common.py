@@ -6,6 +6,8 @@ test that runs every query), not a dashboard in production.
 
 from __future__ import annotations
 
+import re
+
 import attr
 from grafanalib.core import GridPos, Stat, Table, Target, TimeSeries
 
@@ -46,6 +48,16 @@ class ClickHouseTarget:
             "rawSql": self.rawSql,
             "refId": self.refId,
         }
+
+
+def literal(sql: str, database: str = DATABASE, **values: str) -> str:
+    """A shared query of the schema module with its bound parameters replaced by SQL expressions
+    (Grafana cannot bind parameters): one definition serves the API, the gauges and the dashboards."""
+    for name, expr in values.items():
+        sql, n = re.subn(r"\{" + name + r":[^}]+\}", expr, sql)
+        assert n, f"no parameter {name} in the query"
+    assert not re.search(r"\{\w+:[^}]+\}", sql), f"unbound parameters left: {sql}"
+    return sql
 
 
 def prom(expr: str, legend: str = "", ref: str = "A") -> Target:

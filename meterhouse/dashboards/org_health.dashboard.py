@@ -4,40 +4,42 @@ cardinality per metric, unattributed points, and the orgs with the most series."
 from grafanalib.core import Dashboard, Templating, Time
 from grafanalib.formatunits import NUMBER_FORMAT
 
+from meterhouse.core import schema
 from meterhouse.dashboards.common import (
     CLICKHOUSE,
+    DATABASE,
     HOURLY,
-    ORGS,
     ClickHouseTarget,
     at,
+    literal,
     prom,
     series,
     stat,
     table,
 )
 
+# The same queries as the meterhouse_orgs_silent / _spiking gauges, with the default thresholds.
 silent_orgs = ClickHouseTarget(
-    f"""SELECT org_id, max(last_seen) AS last_seen FROM {ORGS}
-WHERE org_id != ''
-GROUP BY org_id
-HAVING last_seen >= now() - INTERVAL 1 DAY AND last_seen < now() - INTERVAL 30 MINUTE
-ORDER BY last_seen LIMIT 200""",
-    ("org_id", "last_seen"),
+    literal(
+        schema.orgs_silent_sql(DATABASE),
+        day_ago="now() - INTERVAL 1 DAY",
+        quiet_since="now() - INTERVAL 30 MINUTE",
+        limit="200",
+    ),
+    ("org_id", "last"),
     table=True,
 )
 
 spiking_orgs = ClickHouseTarget(
-    f"""SELECT org_id, metric, last_hour, baseline, round(last_hour / baseline, 1) AS ratio FROM (
-    SELECT org_id, metric,
-        sumIf(toFloat64(value_int) + value_double, hour = toStartOfHour(now()) - INTERVAL 1 HOUR) AS last_hour,
-        sumIf(toFloat64(value_int) + value_double, hour < toStartOfHour(now()) - INTERVAL 1 HOUR) / 24 AS baseline
-    FROM {HOURLY}
-    WHERE hour >= toStartOfHour(now()) - INTERVAL 25 HOUR AND hour < toStartOfHour(now()) AND org_id != ''
-    GROUP BY org_id, metric
-)
-WHERE baseline > 0 AND last_hour > 5 * baseline
-ORDER BY ratio DESC LIMIT 200""",
-    ("org_id", "metric", "last_hour", "baseline", "ratio"),
+    literal(
+        schema.orgs_spiking_sql(DATABASE),
+        last="toStartOfHour(now()) - INTERVAL 1 HOUR",
+        hours="24",
+        factor="5",
+        min_usage="100",
+        limit="200",
+    ),
+    ("org_id", "metric", "last_usage", "baseline"),
     table=True,
 )
 
