@@ -114,6 +114,34 @@ def value_text(v: AnyValue) -> str:
     return json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def _attribute_columns(
+    attrs, org: str, org_key: str, max_len: int
+) -> tuple[str, list[str], list[str]] | None:
+    """A point's attributes as (org, sorted keys, values), the org attribute taken out (``org`` is the
+    fallback); None when a key or value is over ``max_len`` or a value nests too deep. A key repeated
+    in the request: the last one wins."""
+    pairs = []
+    for kv in attrs:
+        key, v = kv.key, kv.value
+        text = v.string_value  # the common case; anything else goes through value_text
+        if not text and v.WhichOneof("value") != "string_value":
+            try:
+                text = value_text(v)
+            except (_TooDeep, RecursionError):
+                return None
+        if len(key) > max_len or len(text) > max_len:
+            return None
+        if key == org_key:
+            org = text
+        else:
+            pairs.append((key, text))
+    if len(pairs) > 1:
+        if len({k for k, _ in pairs}) != len(pairs):
+            pairs = list(dict(pairs).items())  # in request order, so the last value of a key wins
+        pairs.sort()
+    return org, [k for k, _ in pairs], [v for _, v in pairs]
+
+
 def series_id(
     metric: str, org: str, scope: str, resource: list[str], keys: list[str], values: list[str]
 ) -> int:
@@ -148,24 +176,12 @@ class _Decoder:
         attrs = dp.attributes
         if len(attrs) > self.limits.max_attributes:
             return None
-        org_key, max_len = self.limits.org_attribute, self.limits.max_attribute_length
-        org, pairs = res_org, {}
-        try:
-            for kv in attrs:
-                key = kv.key
-                text = value_text(kv.value)
-                if len(key) > max_len or len(text) > max_len:
-                    return None
-                if key == org_key:
-                    org = text
-                else:
-                    pairs[key] = text
-        except (_TooDeep, RecursionError):
-            return None
-        keys = sorted(pairs)
-        if not org:
+        found = _attribute_columns(
+            attrs, res_org, self.limits.org_attribute, self.limits.max_attribute_length
+        )
+        if found is not None and not found[0]:
             self.result.unattributed += 1
-        return org, keys, [pairs[k] for k in keys]
+        return found
 
     # -- the walk ---------------------------------------------------------------------------------
     def run(self, request: ExportMetricsServiceRequest) -> DecodeResult:
@@ -251,32 +267,11 @@ class _Decoder:
             if len(attrs) > max_attrs:
                 r.reject("attribute_limit", name)
                 continue
-            org, pairs, bad = res_org, [], False
-            for kv in attrs:
-                key, v = kv.key, kv.value
-                text = v.string_value  # the common case; anything else goes through value_text
-                if not text and v.WhichOneof("value") != "string_value":
-                    try:
-                        text = value_text(v)
-                    except (_TooDeep, RecursionError):
-                        bad = True
-                        break
-                if len(key) > max_len or len(text) > max_len:
-                    bad = True
-                    break
-                if key == org_key:
-                    org = text
-                else:
-                    pairs.append((key, text))
-            if bad:
+            found = _attribute_columns(attrs, res_org, org_key, max_len)
+            if found is None:
                 r.reject("attribute_limit", name)
                 continue
-            if len(pairs) > 1:
-                pairs.sort()
-                if len({k for k, _ in pairs}) != len(pairs):  # a repeated key: the last one wins
-                    pairs = sorted(dict(pairs).items())
-            keys = [k for k, _ in pairs]
-            values = [v for _, v in pairs]
+            org, keys, values = found
             if not org:
                 unattributed += 1
             if cumulative:

@@ -126,3 +126,11 @@ def test_deeply_nested_values_are_rejected_not_fatal():
     dp.attributes.append(kv("deep", v))
     r = decode(sum_request({"m": [dp, point(2, {"org.id": "o"})]}))
     assert r.rejected == {"attribute_limit": 1} and r.batch.size == 1
+
+
+def test_a_repeated_attribute_key_keeps_its_last_value():
+    dp = point(1, {"org.id": "o"})
+    for value in ("zz", "aa"):  # the later value sorts first: order in the request decides, not sorting
+        dp.attributes.append(kv("feature", value))
+    (p,) = rows(decode(sum_request({"m": [dp]})))
+    assert p["attr_keys"] == ["feature"] and p["attr_values"] == ["aa"]
