@@ -2,6 +2,10 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY meterhouse ./meterhouse
+COPY collector ./collector
+COPY exporter ./exporter
+COPY dashboards ./dashboards
+COPY alerts ./alerts
 RUN pip install --no-cache-dir .
 EXPOSE 4317 4318 9464
 ENTRYPOINT ["meterhouse"]

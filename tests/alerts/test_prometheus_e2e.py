@@ -16,7 +16,7 @@ from conftest import free_port
 from otlp_builders import point, sum_request
 
 pytestmark = pytest.mark.e2e
-ALERTS = Path(__file__).resolve().parents[2] / "meterhouse" / "alerts"
+ALERTS = Path(__file__).resolve().parents[2] / "alerts"
 #: Test-only thresholds, so the conditions arise within seconds.
 FAST_THRESHOLDS = {
     "MeterhouseSpoolBacklogOld": ("> 300", "> 3"),

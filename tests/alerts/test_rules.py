@@ -11,7 +11,7 @@ import requests
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-ALERTS = ROOT / "meterhouse" / "alerts"
+ALERTS = ROOT / "alerts"
 RULE_FILES = sorted(ALERTS.glob("*.rules.yml"))
 TEST_FILES = sorted((ALERTS / "tests").glob("*.test.yml"))
 PROMTOOL = shutil.which("promtool")
@@ -72,7 +72,7 @@ def test_every_alert_has_a_for_boundary_test_and_a_silent_case():
 
 def promql_expressions() -> list[tuple[str, str]]:
     out = [(r.get("alert") or r["record"], r["expr"]) for r in rules()]
-    for path in sorted((ROOT / "meterhouse" / "dashboards" / "json").glob("*.json")):
+    for path in sorted((ROOT / "dashboards" / "json").glob("*.json")):
         for panel in json.loads(path.read_text())["panels"]:
             for t in panel.get("targets", []):
                 if "expr" in t:
