@@ -60,7 +60,9 @@ def measure(orgs: int, data_dir: Path, per_series: int) -> dict:
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     # The load is over, so nothing is in flight: no settle interval before the cutoff.
-    record = close.close_month(store, month, late_window_days=35, settle_s=0, progress=close.terminal_progress())
+    record = close.close_month(
+        store, month, late_window_days=35, settle_s=0, progress=close.terminal_progress()
+    )
     close_s = time.perf_counter() - t
     t = time.perf_counter()
     again = close.close_month(store, month, late_window_days=35, settle_s=0)

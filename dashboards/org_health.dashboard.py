@@ -121,6 +121,10 @@ dashboard = Dashboard(
         table("Spiking orgs (last hour over 5x the 24 h baseline)", spiking_orgs, at(12, 12, 12, 9)),
         table("Attribute cardinality per metric", attribute_cardinality, at(0, 21, 12, 9)),
         table("Biggest orgs by series", biggest_orgs_by_series, at(12, 21, 12, 9)),
-        table("Reconciliation: orgs whose raw points and hourly rollup disagree", drifting_orgs, at(0, 30, 24, 9)),
+        table(
+            "Reconciliation: orgs whose raw points and hourly rollup disagree",
+            drifting_orgs,
+            at(0, 30, 24, 9),
+        ),
     ],
 ).auto_panel_ids()

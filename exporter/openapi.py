@@ -34,7 +34,11 @@ _RANGE = [
     _param("to", "End of the range, RFC 3339 (default: the end of the current hour).", _TIME),
 ]
 _MONTH = _param(
-    "month", "The month, YYYY-MM (UTC).", {"type": "string", "pattern": "^(19[7-9][0-9]|2[01][0-9][0-9]|22[0-5][0-9]|226[01])-(0[1-9]|1[0-2])$"}, True, "path"
+    "month",
+    "The month, YYYY-MM (UTC).",
+    {"type": "string", "pattern": "^(19[7-9][0-9]|2[01][0-9][0-9]|22[0-5][0-9]|226[01])-(0[1-9]|1[0-2])$"},
+    True,
+    "path",
 )
 _PAGE = [
     _param(

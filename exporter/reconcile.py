@@ -85,7 +85,10 @@ class Reconciler:
                     schema.drift_summary_sql(db), {"from_ns": window[-1].start_ns, "to_ns": newest.end_ns}
                 )
             }
-            orgs, points, value, checked = ({s: 0 for s in MONTH_STATES} for _ in range(4))
+            orgs = dict.fromkeys(MONTH_STATES, 0)
+            points = dict.fromkeys(MONTH_STATES, 0)
+            checked = dict.fromkeys(MONTH_STATES, 0)
+            value = dict.fromkeys(MONTH_STATES, 0.0)
             for month in window:
                 state = "closed" if month.key in closed else "open"
                 o, p, v = drift.get(month.key, (0, 0, 0.0))

@@ -94,7 +94,9 @@ def test_sigkill_during_close_and_a_rerun_give_the_same_statements(tmp_path):
     again = subprocess.run(close_cmd(data, "--direct"), capture_output=True, text=True, timeout=300)
     assert json.loads(again.stdout) == record
     got, want = json.loads(run_py(DUMP, str(data))), json.loads(run_py(DUMP, str(reference)))
-    assert got["count"] == ORGS * 4 and len(got["close_ids"]) == 1 and got["close_ids"][0] == record["close_id"]
+    assert (
+        got["count"] == ORGS * 4 and len(got["close_ids"]) == 1 and got["close_ids"][0] == record["close_id"]
+    )
     assert got["lines"] == want["lines"]  # the same statements, line for line, checksums included
 
 
@@ -117,6 +119,15 @@ def test_the_close_command_uses_the_running_server(up_factory, tmp_path):
     # Inside the late window without force: refused, exit code 3.
     last = Month.of_ns(time.time_ns()).previous()
     if last.end_ns + 35 * 86400 * 10**9 > time.time_ns():
-        cmd = [sys.executable, "-m", "meterhouse", "close", "--month", str(last), "--http-port", str(up.http_port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "meterhouse",
+            "close",
+            "--month",
+            str(last),
+            "--http-port",
+            str(up.http_port),
+        ]
         refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert refused.returncode == 3 and "409" in refused.stderr

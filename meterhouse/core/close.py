@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from meterhouse.core import schema
 
@@ -36,7 +36,7 @@ class CloseStore(Protocol):
 
     database: str
 
-    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]: ...
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]: ...
 
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any: ...
 
@@ -162,7 +162,7 @@ class Progress:
         return f"orgs {self.done}/{self.total} ({pct:.1f}%)  {self.rate:.0f} orgs/s  left {eta}"
 
 
-def checksum(lines: Sequence[tuple]) -> str:
+def checksum(lines: Sequence[tuple[str, str, int, float, int, int, int]]) -> str:
     """sha256 over an org's lines (metric, unit, exact total, double total, points, first, last) in
     metric order: finance can recompute it from the CSV."""
     h = hashlib.sha256()
@@ -278,7 +278,7 @@ def _write_lines(
             (org, metric): (int(vi), float(vd), int(n))
             for org, metric, vi, vd, n in store.rows(schema.close_rollup_sql(db), params)
         }
-        by_org: dict[str, list[tuple]] = {}
+        by_org: dict[str, list[tuple[str, str, int, float, int, int, int]]] = {}
         for org, metric, unit, ti, td, n, first, last_ns in lines:
             by_org.setdefault(org, []).append(
                 (metric, unit, int(ti), float(td), int(n), int(first), int(last_ns))
@@ -321,7 +321,7 @@ def _finish(store: CloseStore, month: Month, record: CloseRecord) -> CloseRecord
     return done
 
 
-def terminal_progress(stream=None, every_s: float = 0.5) -> Callable[[Progress], None]:
+def terminal_progress(stream: TextIO | None = None, every_s: float = 0.5) -> Callable[[Progress], None]:
     """A progress printer: a line rewritten in place on a terminal, a status line a second otherwise."""
     stream = stream or sys.stderr
     tty = stream.isatty()

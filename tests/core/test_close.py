@@ -27,7 +27,9 @@ M = months_ago(3)  # its late window (35 days) is over
 
 
 def lines(store, month: Month) -> list[dict]:
-    rows = store.rows(schema.statements_sql(store.database, False), {"month": month.key, "limit": 1000, "offset": 0})
+    rows = store.rows(
+        schema.statements_sql(store.database, False), {"month": month.key, "limit": 1000, "offset": 0}
+    )
     return [dict(zip(schema.STATEMENT_FIELDS, r, strict=True)) for r in rows]
 
 
@@ -76,7 +78,10 @@ def test_statement_equals_raw_equals_rollup_to_the_unit_and_above_2_63(store):
     big = 2**62 + 7
     rows = [{"org_id": f"org-{o}", "metric": m, "time": M.start_ns + (o * 3 + k) * 10**9 + 123, "value_int": v}
             for o in range(30) for k, (m, v) in enumerate([("calls", o + 1), ("rows", 3 * o), ("bytes", 17)])]  # fmt: skip
-    rows += [{"org_id": "whale", "metric": "calls", "time": M.start_ns + i * 3600 * 10**9, "value_int": big} for i in range(5)]
+    rows += [
+        {"org_id": "whale", "metric": "calls", "time": M.start_ns + i * 3600 * 10**9, "value_int": big}
+        for i in range(5)
+    ]
     rows += [{"org_id": "doubles", "metric": "credits", "time": M.start_ns + i, "is_int": 0, "value_double": 0.1}
              for i in range(10)]  # fmt: skip
     put(store, rows)
@@ -98,8 +103,18 @@ def test_statement_equals_raw_equals_rollup_to_the_unit_and_above_2_63(store):
     org0 = [x for x in got if x["org_id"] == "org-0"]
     assert len({x["checksum"] for x in org0}) == 1
     assert org0[0]["checksum"] == close.checksum(
-        [(x["metric"], x["unit"], x["total_int"], x["total_double"], x["points"], x["first_ns"], x["last_ns"])
-         for x in org0]  # fmt: skip
+        [
+            (
+                x["metric"],
+                x["unit"],
+                x["total_int"],
+                x["total_double"],
+                x["points"],
+                x["first_ns"],
+                x["last_ns"],
+            )
+            for x in org0
+        ]  # fmt: skip
     )
 
 
@@ -120,7 +135,9 @@ def test_late_points_before_and_after_the_close(store):
         ("a", "api.calls", 50, 1), ("b", "api.calls", 7, 1)]  # fmt: skip
     # the points are stored as they arrived: raw = statement + adjustments
     assert raw_total(store, "a", "api.calls", M) == (57, 3)
-    view = store.rows(f"SELECT org_id, amount_int, month FROM {store.database}.{schema.ADJUSTMENTS_VIEW} ORDER BY org_id")
+    view = store.rows(
+        f"SELECT org_id, amount_int, month FROM {store.database}.{schema.ADJUSTMENTS_VIEW} ORDER BY org_id"
+    )
     assert [(o, int(a), int(m)) for o, a, m in view] == [("a", 50, M.key), ("b", 7, M.key)]
     registry = CollectorRegistry()
     reconciler = Reconciler(store, registry, months=5)
@@ -135,9 +152,16 @@ def test_a_cumulative_series_crossing_a_month_boundary(stack_factory):
 
     stack = stack_factory()
     start = M.end_ns - 3600 * 10**9
-    cumulative = [(M.end_ns - 60 * 10**9, 10), (M.end_ns - 1, 25), (M.end_ns, 40), (M.end_ns + 3600 * 10**9, 70)]
+    cumulative = [
+        (M.end_ns - 60 * 10**9, 10),
+        (M.end_ns - 1, 25),
+        (M.end_ns, 40),
+        (M.end_ns + 3600 * 10**9, 70),
+    ]
     for t, v in cumulative:  # one request each, in order, as an SDK exports them
-        body = sum_request({"credits": [point(v, {"org.id": "cum"}, t_ns=t, start_ns=start)]}, temporality=CUMULATIVE)
+        body = sum_request(
+            {"credits": [point(v, {"org.id": "cum"}, t_ns=t, start_ns=start)]}, temporality=CUMULATIVE
+        )
         r = requests.post(f"http://127.0.0.1:{stack.collector.http.port}/v1/metrics", data=body.SerializeToString(),
                           headers={"Content-Type": "application/x-protobuf"}, timeout=10)  # fmt: skip
         assert r.status_code == 200, r.text
@@ -219,4 +243,6 @@ def test_reconciliation_finds_drift_without_an_org_label(store):
             assert "org_id" not in sample.labels
     listed = store.rows(schema.drifting_orgs_sql(store.database),
                         {"from_ns": M.start_ns, "to_ns": M.end_ns, "limit": 10})  # fmt: skip
-    assert [(m, org, int(rp), int(hp), v) for m, org, _metric, rp, hp, v in listed] == [(M.key, "drifts", 1, 2, -3.0)]
+    assert [(m, org, int(rp), int(hp), v) for m, org, _metric, rp, hp, v in listed] == [
+        (M.key, "drifts", 1, 2, -3.0)
+    ]

@@ -33,14 +33,22 @@ M = month_ago(3)
 def client(store):
     put(store, [{"org_id": f"org-{i}", "metric": metric, "time": M.start_ns + i * 10**9, "value_int": i + 1}
                 for i in range(5) for metric in ("calls", "rows")])  # fmt: skip
-    put(store, [{"org_id": "org-big", "metric": "calls", "time": M.start_ns + k, "value_int": BIG} for k in range(3)])
+    put(
+        store,
+        [
+            {"org_id": "org-big", "metric": "calls", "time": M.start_ns + k, "value_int": BIG}
+            for k in range(3)
+        ],
+    )
     tokens = (Token(ADMIN, ("*",), admin=True), Token(READER, ("*",)), Token(SCOPED, ("org-1", "org-2")))
     app = create_app(store, CollectorRegistry(), lambda: True, tokens=tokens, close_settle_s=0)
     return app.test_client()
 
 
 def call(client, method, path, token=ADMIN, **kw):
-    return client.open(path, method=method, headers={"Authorization": f"Bearer {token}", **kw.pop("headers", {})}, **kw)
+    return client.open(
+        path, method=method, headers={"Authorization": f"Bearer {token}", **kw.pop("headers", {})}, **kw
+    )
 
 
 def test_closing_needs_an_admin_token_and_is_idempotent(client):
@@ -79,8 +87,16 @@ def test_statements_json_csv_pages_and_scopes(client):
     lines = body["statements"]
     assert len(lines) == 11 and body["next_offset"] is None and body["close"]["status"] == "done"
     big = next(x for x in lines if x["org_id"] == "org-big")
-    assert big["total"] == 3 * BIG and big["total_int"] == str(3 * BIG) and big["points"] == 3 and big["reconciled"]
-    assert big["first_point"] == f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(M.start_ns // 10**9))}.000000000Z"
+    assert (
+        big["total"] == 3 * BIG
+        and big["total_int"] == str(3 * BIG)
+        and big["points"] == 3
+        and big["reconciled"]
+    )
+    assert (
+        big["first_point"]
+        == f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(M.start_ns // 10**9))}.000000000Z"
+    )
     assert big["last_point"].endswith(".000000002Z")
     assert {"org_id", "metric", "unit", "total", "points"} <= set(lines[0])
     page1 = call(client, "GET", f"/api/v1/months/{M}/statements?limit=4").get_json()
