@@ -39,17 +39,27 @@ def _embedded_client(path: Path) -> Client:
 class Store:
     """A handle on one ClickHouse endpoint with the project's schema in ``database``."""
 
-    def __init__(self, client: Client, database: str, name: str, raw_retention_days: int = 0) -> None:
+    def __init__(
+        self, client: Client, database: str, name: str, raw_retention_days: int = 0, cluster: str = ""
+    ) -> None:
         self.client = client
         self.database = database
         self.name = name
         self.raw_retention_days = raw_retention_days
+        self.cluster = cluster  # the replicated, sharded schema of this ClickHouse cluster, or ""
 
     def ensure_schema(self) -> None:
-        for statement in schema.ddl(self.database) + schema.retention_ddl(
-            self.database, self.raw_retention_days
-        ):
+        for statement in schema.render(self.database, self.cluster, self.raw_retention_days):
             self.client.command(statement)
+
+    def insert_settings(self, token: str) -> dict[str, Any]:
+        """The settings of every insert: what makes a retried or replayed batch count once."""
+        settings = schema.CLUSTER_INSERT_SETTINGS if self.cluster else schema.INSERT_SETTINGS
+        return {"insert_deduplication_token": token, **settings}
+
+    @property
+    def query_settings(self) -> dict[str, Any]:
+        return schema.CLUSTER_QUERY_SETTINGS if self.cluster else {}
 
     def insert_points(self, columns: Sequence[Sequence[Any]], token: str) -> None:
         """Insert number points, column-oriented; ``token`` makes a repeat of the batch count once."""
@@ -81,14 +91,11 @@ class Store:
             column_names=names,
             column_type_names=types,
             column_oriented=True,
-            settings={
-                "insert_deduplication_token": token,
-                "deduplicate_blocks_in_dependent_materialized_views": 1,
-            },
+            settings=self.insert_settings(token),
         )
 
     def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
-        return self.client.query(sql, parameters=parameters or {}).result_rows
+        return self.client.query(sql, parameters=parameters or {}, settings=self.query_settings).result_rows
 
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         rows = self.rows(sql, parameters)
@@ -121,17 +128,22 @@ def endpoint_label(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{parts.port or (8443 if parts.scheme == 'https' else 8123)}"
 
 
-def connect(url: str, data_dir: Path, database: str, raw_retention_days: int = 0) -> Store:
-    """A store on one endpoint: ``embedded[#name]`` or ``http(s)://[user:password@]host:port``."""
+def connect(
+    url: str, data_dir: Path, database: str, raw_retention_days: int = 0, cluster: str = ""
+) -> Store:
+    """A store on one endpoint: ``embedded[#name]`` or ``http(s)://[user:password@]host:port``; with
+    ``cluster``, a node of that ClickHouse cluster holding the replicated schema."""
     if is_embedded(url):
         return Store(_embedded_client(data_dir / "clickhouse"), database, url, raw_retention_days)
     client = clickhouse_connect.get_client(dsn=url, connect_timeout=5, send_receive_timeout=30)
-    return Store(client, database, endpoint_label(url), raw_retention_days)
+    return Store(client, database, endpoint_label(url), raw_retention_days, cluster)
 
 
 def open_store(config: Config, *, create_schema: bool = True) -> Store:
     """Open the first configured endpoint (the embedded engine under ``config.data_dir`` by default)."""
-    store = connect(config.endpoints[0], config.data_dir, config.database, config.raw_retention_days)
+    store = connect(
+        config.endpoints[0], config.data_dir, config.database, config.raw_retention_days, config.cluster
+    )
     if create_schema:
         store.ensure_schema()
     return store
