@@ -154,6 +154,11 @@ def cmd_schema(args: argparse.Namespace) -> int:
     cluster = args.cluster if args.cluster is not None else (config.cluster if config else "")
     days = args.raw_retention_days if args.raw_retention_days is not None else (
         config.raw_retention_days if config else 0)  # fmt: skip
+    from meterhouse.core.config import _identifier
+
+    for name, value in (("database", database), ("cluster", cluster)):
+        if value and (problem := _identifier(value)):
+            raise ConfigError(f"{name}: {problem} (got {value!r})")
     for statement in schema.render(database, cluster, days):
         print(statement + ";\n")
     return 0

@@ -11,7 +11,6 @@ from collections import Counter
 
 import pytest
 import requests
-from conftest import free_port
 from otlp_builders import point, sum_request
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -467,7 +467,9 @@ SHARDING_KEY = "cityHash64(org_id)"
 
 _CREATE_DB = re.compile(r"^CREATE DATABASE IF NOT EXISTS (\w+)$")
 _CREATE_TABLE = re.compile(r"^CREATE TABLE IF NOT EXISTS (\w+)\.(\w+) \((.*?)\n\) ENGINE = (\w+)(.*)$", re.S)
-_CREATE_MV = re.compile(r"^CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+)\.(\w+) TO (\w+)\.(\w+) AS\n(.*)$", re.S)
+_CREATE_MV = re.compile(
+    r"^CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+)\.(\w+) TO (\w+)\.(\w+) AS\n(.*)$", re.S
+)
 _ALTER = re.compile(r"^ALTER TABLE (\w+)\.(\w+) (.*)$", re.S)
 
 

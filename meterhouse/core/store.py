@@ -128,9 +128,7 @@ def endpoint_label(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{parts.port or (8443 if parts.scheme == 'https' else 8123)}"
 
 
-def connect(
-    url: str, data_dir: Path, database: str, raw_retention_days: int = 0, cluster: str = ""
-) -> Store:
+def connect(url: str, data_dir: Path, database: str, raw_retention_days: int = 0, cluster: str = "") -> Store:
     """A store on one endpoint: ``embedded[#name]`` or ``http(s)://[user:password@]host:port``; with
     ``cluster``, a node of that ClickHouse cluster holding the replicated schema."""
     if is_embedded(url):

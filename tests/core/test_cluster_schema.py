@@ -33,13 +33,28 @@ def test_every_cluster_statement_parses_in_the_real_engine(store):
         assert ast, statement
 
 
+def test_schema_command_prints_the_rendering_up_applies():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "meterhouse", "schema", "--cluster", CLUSTER],
+                         capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    assert out == "".join(s + ";\n\n" for s in schema.render("meterhouse", CLUSTER))
+    single = subprocess.run([sys.executable, "-m", "meterhouse", "schema"],
+                            capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    assert single == "".join(s + ";\n\n" for s in schema.ddl("meterhouse"))
+    assert Store(None, "db", "x", cluster=CLUSTER).cluster == CLUSTER
+
+
 def test_every_table_is_replicated_local_plus_distributed_by_org():
     statements = schema.cluster_ddl("db", CLUSTER)
     single = schema.ddl("db")
     tables = [m.group(1) for s in single if (m := re.match(r"CREATE TABLE IF NOT EXISTS db\.(\w+) ", s))]
     assert len(tables) >= 9
     for table in tables:
-        local = [s for s in statements if s.startswith(f"CREATE TABLE IF NOT EXISTS db.{table}_local ON CLUSTER")]
+        local = [
+            s for s in statements if s.startswith(f"CREATE TABLE IF NOT EXISTS db.{table}_local ON CLUSTER")
+        ]
         dist = [s for s in statements if s.startswith(f"CREATE TABLE IF NOT EXISTS db.{table} ON CLUSTER")]
         assert len(local) == 1 and len(dist) == 1, table
         engine = re.search(r"ENGINE = (\w+)", local[0]).group(1)
@@ -125,7 +140,9 @@ def stand_in(database: str) -> list[str]:
         if m := re.match(rf"CREATE TABLE IF NOT EXISTS {database}\.(\w+)_local \(", s):
             if "ENGINE = Null" in s:
                 null_locals.add(m.group(1))
-        if m := re.match(rf"CREATE TABLE IF NOT EXISTS {database}\.(\w+) AS {database}\.(\w+)\nENGINE = Distributed", s):
+        if m := re.match(
+            rf"CREATE TABLE IF NOT EXISTS {database}\.(\w+) AS {database}\.(\w+)\nENGINE = Distributed", s
+        ):
             table, local = m.groups()
             if table in null_locals:
                 out.append(f"CREATE TABLE {database}.{table} AS {database}.{local} ENGINE = Null")
@@ -164,7 +181,10 @@ def test_a_replayed_batch_counts_once_in_every_local_table(cluster_store):
     from meterhouse.collector.model import BATCH_COLUMNS
 
     t = (time.time_ns() // H - 1) * H
-    rows = [("org-a", t, 5, schema.TEMPORALITY_DELTA, 0), ("org-b", t + 1, 7, schema.TEMPORALITY_CUMULATIVE, 42)]
+    rows = [
+        ("org-a", t, 5, schema.TEMPORALITY_DELTA, 0),
+        ("org-b", t + 1, 7, schema.TEMPORALITY_CUMULATIVE, 42),
+    ]
     defaults = {"metric": "api.calls", "kind": schema.KIND_SUM, "unit": "1", "monotonic": 1, "is_int": 1,
                 "value_double": 0.0, "attr_keys": [], "attr_values": [], "resource_keys": [],
                 "resource_values": [], "scope_name": "", "scope_version": "", "series_start": t,
