@@ -461,6 +461,9 @@ CLUSTER_INSERT_SETTINGS = {
 #: Added to reads on a cluster: a query with ``org_id = …`` touches only that org's shard.
 CLUSTER_QUERY_SETTINGS = {"optimize_skip_unused_shards": 1}
 
+#: Settings of the ON CLUSTER statements: queue them for every node and return (see Store.ensure_schema).
+CLUSTER_DDL_SETTINGS = {"distributed_ddl_output_mode": "none"}
+
 #: The sharding key of tables with an ``org_id`` column; tables without one (the catalog, the cumulative
 #: state, events) are written shard-locally by views, or carry no token (events), and get ``rand()``.
 SHARDING_KEY = "cityHash64(org_id)"
@@ -532,6 +535,12 @@ def cluster_ddl(database: str, cluster: str, statements: list[str] | None = None
         else:
             raise ValueError(f"no cluster rendering for: {statement[:80]}")
     return out
+
+
+def created_names(statements: list[str]) -> list[str]:
+    """The tables and views the statements create."""
+    pattern = re.compile(r"^CREATE (?:TABLE|MATERIALIZED VIEW) IF NOT EXISTS \w+\.(\w+) ")
+    return [m.group(1) for s in statements if (m := pattern.match(s))]
 
 
 def render(database: str, cluster: str = "", raw_retention_days: int = 0) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,33 @@ class Store:
         self.cluster = cluster  # the replicated, sharded schema of this ClickHouse cluster, or ""
 
     def ensure_schema(self) -> None:
-        for statement in schema.render(self.database, self.cluster, self.raw_retention_days):
-            self.client.command(statement)
+        statements = schema.render(self.database, self.cluster, self.raw_retention_days)
+        # ON CLUSTER statements are queued for every node without waiting for them (a node that is down
+        # would otherwise hold every statement for distributed_ddl_task_timeout); this endpoint is ready
+        # once its own tables exist.
+        settings = schema.CLUSTER_DDL_SETTINGS if self.cluster else {}
+        for statement in statements:
+            self.client.command(statement, settings=settings)
+        if self.cluster:
+            self.wait_for_tables(schema.created_names(statements))
+
+    def wait_for_tables(self, names: Sequence[str], timeout_s: float = 60.0) -> None:
+        """Wait until every named table and view exists in the database on this endpoint."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            present = {
+                r[0]
+                for r in self.client.query(
+                    "SELECT name FROM system.tables WHERE database = {db:String}",
+                    parameters={"db": self.database},
+                ).result_rows
+            }
+            missing = sorted(set(names) - present)
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{self.name}: tables not created within {timeout_s:g}s: {missing}")
+            time.sleep(0.2)
 
     def insert_settings(self, token: str) -> dict[str, Any]:
         """The settings of every insert: what makes a retried or replayed batch count once."""

@@ -123,6 +123,20 @@ def test_the_insert_path_carries_the_deduplication_settings():
     }
 
 
+def test_an_endpoint_is_ready_when_its_own_tables_exist(store):
+    statements = schema.cluster_ddl(store.database, CLUSTER)
+    names = schema.created_names(statements)
+    assert len(names) == sum(
+        s.startswith("CREATE TABLE") or s.startswith("CREATE MATERIALIZED") for s in statements
+    )
+    single = schema.created_names(schema.ddl(store.database))
+    store.wait_for_tables(single, timeout_s=1)  # the single-node schema is there
+    with pytest.raises(RuntimeError, match="not created within"):
+        store.wait_for_tables(names, timeout_s=0.3)  # the _local tables are not
+    # The ON CLUSTER statements' settings are real settings of the engine.
+    store.client.command("SELECT 1", settings=schema.CLUSTER_DDL_SETTINGS)
+
+
 # -- a database with the cluster rendering's names and columns ---------------------------------------
 def stand_in(database: str) -> list[str]:
     """The cluster rendering for one node without Keeper: statements as rendered, except that
