@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import clickhouse_connect
@@ -120,8 +120,9 @@ class Store:
             settings=self.insert_settings(token),
         )
 
-    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
-        return self.client.query(sql, parameters=parameters or {}, settings=self.query_settings).result_rows
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        result = self.client.query(sql, parameters=parameters or {}, settings=self.query_settings)
+        return cast("list[tuple[Any, ...]]", result.result_rows)
 
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         rows = self.rows(sql, parameters)
