@@ -227,7 +227,7 @@ class Config:
             raise ConfigError(
                 "clickhouse_url: several endpoints are only safe as replicas of one replicated schema; "
                 "pass --cluster NAME (their ClickHouse cluster), or name one endpoint "
-                f"(got {len(urls)}: {', '.join(urls)})"
+                f"(got {len(urls)}: {redact_urls(', '.join(urls))})"
             )
 
     @property

@@ -71,8 +71,9 @@ def test_several_endpoints_in_priority_order():
 
 def test_several_servers_without_a_cluster_are_refused():
     # Plain tables on two servers split the data on failover and count a cross-server retry twice.
-    with pytest.raises(ConfigError, match="only safe as replicas of one replicated schema"):
-        Config(clickhouse_url="http://a:8123,http://b:8123")
+    with pytest.raises(ConfigError, match="only safe as replicas of one replicated schema") as e:
+        Config(clickhouse_url="http://u:secretpw@a:8123,http://b:8123")
+    assert "secretpw" not in str(e.value)
     with pytest.raises(ConfigError, match="only safe as replicas"):
         Config(clickhouse_url="http://a:8123,embedded#b")
 
@@ -193,7 +194,7 @@ def test_boolean_options_are_switches():
 def test_config_command_redacts_passwords_in_clickhouse_url(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "meterhouse", "config", "--clickhouse-url",
-         "http://u:secretpw@h:8123,https://other:pw2@h2:8443", "--data-dir", str(tmp_path)],
+         "http://u:secretpw@h:8123,https://other:pw2@h2:8443", "--cluster", "mh", "--data-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
