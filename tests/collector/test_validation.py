@@ -109,8 +109,9 @@ def test_a_resource_attribute_nested_too_deep_rejects_its_points_and_spares_othe
     req = sum_request({"m": [point(1, {"org.id": "o"})]})
     bad = req.resource_metrics.add()
     bad.resource.attributes.append(kv("deep", nested(20)))
-    bad.scope_metrics.add().metrics.add(name="m2").sum.data_points.append(point(5, {"org.id": "o"}))
-    bad.scope_metrics[0].metrics[0].sum.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
+    m2 = bad.scope_metrics.add().metrics.add(name="m2")
+    m2.sum.data_points.append(point(5, {"org.id": "o"}))
+    m2.sum.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
     r = decode(req)
     assert r.rejected == {"attribute_limit": 1} and r.examples == {"attribute_limit": "m2"}
     assert [p["metric"] for p in rows(r)] == ["m"]
@@ -156,7 +157,9 @@ def test_repairs_are_counted_in_the_repaired_metric():
     assert registry.get_sample_value("meterhouse_points_repaired_total", {"reason": "start_after_time"}) == 0
     assert registry.get_sample_value("meterhouse_points_rejected_total", {"reason": "out_of_order"}) == 0
     now = time.time_ns()
-    req = sum_request({"m": [point(1, {"org.id": "o"}, t_ns=now, start_ns=now + 1), point(2, {"org.id": "o"})]})
+    req = sum_request(
+        {"m": [point(1, {"org.id": "o"}, t_ns=now, start_ns=now + 1), point(2, {"org.id": "o"})]}
+    )
     outcome = ingestor(metrics).export(req, "d")
     assert outcome.kind == "ok"
     assert registry.get_sample_value("meterhouse_points_repaired_total", {"reason": "start_after_time"}) == 1
@@ -168,7 +171,9 @@ def test_rejections_are_logged_once_per_interval_per_reason_and_metric_with_an_o
     log = RejectLog(interval_s=60, clock=lambda: clock[0])
     metrics = PipelineMetrics(CollectorRegistry())
     ing = ingestor(metrics, reject_log=log)
-    bad = sum_request({"neg": [point(-1, {"org.id": "org-7"})], "nan": [point(float("nan"), {"org.id": "org-8"})]})
+    bad = sum_request(
+        {"neg": [point(-1, {"org.id": "org-7"})], "nan": [point(float("nan"), {"org.id": "org-8"})]}
+    )
     with caplog.at_level(logging.WARNING, logger="meterhouse.rejected"):
         for i in range(5):
             ing.export(bad, f"d{i}")
