@@ -79,6 +79,35 @@ def wait_committed(api: str, timeout_s: float = 60.0) -> bool:
     return False
 
 
+def edge_counts(api: str) -> dict[tuple[str, str], float]:
+    """meterhouse's points rejected and repaired so far, by reason: {("rejected", reason): n, ...}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{api.rstrip('/')}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    counts: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        kind = {"meterhouse_points_rejected": "rejected", "meterhouse_points_repaired": "repaired"}.get(
+            family.name
+        )
+        for sample in family.samples if kind else ():
+            if sample.name.endswith("_total"):
+                counts[(kind, sample.labels.get("reason", ""))] = sample.value
+    return counts
+
+
+def edge_report(before: dict, after: dict) -> str:
+    """What meterhouse rejected or repaired during the demo, by reason, e.g. ``rejected 0; repaired 3
+    (start_after_time 3)``."""
+    parts = []
+    for kind in ("rejected", "repaired"):
+        diff = {r: after[(k, r)] - before.get((k, r), 0) for (k, r) in after if k == kind}
+        diff = {r: int(n) for r, n in sorted(diff.items()) if n}
+        by_reason = ", ".join(f"{r} {n:,}" for r, n in diff.items())
+        parts.append(f"{kind} {sum(diff.values()):,}" + (f" ({by_reason})" if by_reason else ""))
+    return "; ".join(parts)
+
+
 def _matches(expected: int | float, got: int | float, exact: bool) -> bool:
     return got == expected if exact else math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-9)
 
@@ -94,6 +123,10 @@ def run_demo(
     org_ids = [f"org-{i:05d}" for i in range(1, orgs + 1)]
     # A few big customers and a long tail, as on a real platform.
     weights = [1.0 / (i + 1) ** 0.8 for i in range(orgs)]
+    try:
+        edge_before = edge_counts(api)
+    except OSError:
+        edge_before = {}  # reported below, when reading the totals back fails too
     provider = make_provider(endpoint)
     meter = provider.get_meter("meterhouse.demo", "1")
     counters = {
@@ -157,5 +190,10 @@ def run_demo(
                 file=out,
             )
     verdict = "all totals match" if ok_all else "MISMATCH"
+    try:
+        edge = edge_report(edge_before, edge_counts(api))
+    except OSError as e:
+        edge = f"cannot read {api}/metrics: {e}"
     print(f"demo: {verdict} (integers exactly; doubles within 1e-9 relative)", file=out)
+    print(f"demo: points meterhouse rejected or repaired while the demo ran: {edge}", file=out)
     return 0 if ok_all else 1

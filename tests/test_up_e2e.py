@@ -1,6 +1,7 @@
 """`meterhouse up` as a real subprocess, fed by the real OpenTelemetry SDK over OTLP/HTTP."""
 
 import gzip
+import re
 import signal
 import subprocess
 import sys
@@ -169,6 +170,8 @@ def test_demo_command_sends_and_verifies(up):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all totals match" in r.stdout
     assert "measurements recorded" in r.stdout  # progress while it runs
+    # Beside the verdict, what meterhouse rejected or repaired, by reason, so a mismatch explains itself.
+    assert re.search(r"rejected or repaired while the demo ran: rejected 0; repaired [0-9,]+", r.stdout)
 
 
 def test_demo_fails_loudly_when_nothing_listens(tmp_path):
