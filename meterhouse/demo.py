@@ -1,7 +1,9 @@
 """`meterhouse demo`: realistic per-org usage sent with the OpenTelemetry SDK, then checked back.
 
 The SDK exports with delta temporality over OTLP/HTTP. The demo keeps its own exact totals of what it
-recorded and, at the end, reads a few orgs' totals from the usage API (rollup and raw) and compares.
+recorded and, at the end, reads a few orgs' totals from the usage API (rollup and raw) and compares. What
+those orgs already had in the window before the run (an earlier demo against the same data directory) is
+read first and subtracted, so the demo can be run again and again.
 """
 
 from __future__ import annotations
@@ -123,10 +125,24 @@ def run_demo(
     org_ids = [f"org-{i:05d}" for i in range(1, orgs + 1)]
     # A few big customers and a long tail, as on a real platform.
     weights = [1.0 / (i + 1) ** 0.8 for i in range(orgs)]
+    # Checked: the three biggest orgs by weight and the two smallest (chosen before sending, so that
+    # what they had before the run can be read and subtracted).
+    checked = list(dict.fromkeys(org_ids[:3] + org_ids[-2:]))
+    started = time.time()
+    start_s = int(started) // HOUR * HOUR
+    end_s = (int(started + seconds + 600) // HOUR + 1) * HOUR  # the run, its flush and then some
     try:
+        wait_committed(api)
         edge_before = edge_counts(api)
-    except OSError:
-        edge_before = {}  # reported below, when reading the totals back fails too
+        baseline = {
+            (org, name, step): fetch_usage(api, org, name, start_s, end_s, step)["total"]
+            for org in checked
+            for name, _, _, _ in METRICS
+            for step in ("1h", "1m")
+        }
+    except OSError as e:
+        print(f"demo: cannot read usage from {api}: {e}", file=out)
+        return 1
     provider = make_provider(endpoint)
     meter = provider.get_meter("meterhouse.demo", "1")
     counters = {
@@ -134,7 +150,6 @@ def run_demo(
         for name, unit, _, _ in METRICS
     }
     sent: dict[tuple[str, str], int | float] = defaultdict(int)
-    started = time.time()
     deadline = time.monotonic() + seconds
     measurements, next_report = 0, time.monotonic() + 1
     print(f"demo: sending usage for {orgs} orgs for {seconds:g}s to {endpoint}", file=out)
@@ -161,10 +176,6 @@ def run_demo(
     if not flushed:
         print("demo: the SDK could not export everything (is meterhouse up running?)", file=out)
         return 1
-    ended = time.time()
-    start_s, end_s = int(started) // HOUR * HOUR, (int(ended) // HOUR + 1) * HOUR
-    by_size = sorted(org_ids, key=lambda o: -sum(v for (g, _), v in sent.items() if g == o))
-    checked = list(dict.fromkeys(by_size[:3] + by_size[-2:]))
     print(f"demo: {measurements:,} measurements exported; reading totals back from {api}", file=out)
     try:
         if not wait_committed(api):
@@ -180,6 +191,8 @@ def run_demo(
             try:
                 rollup = fetch_usage(api, org, name, start_s, end_s, "1h")["total"]
                 raw = fetch_usage(api, org, name, start_s, end_s, "1m")["total"]
+                rollup -= baseline[(org, name, "1h")]
+                raw -= baseline[(org, name, "1m")]
             except OSError as e:
                 print(f"demo: cannot read usage from {api}: {e}", file=out)
                 return 1
