@@ -218,3 +218,18 @@ def test_rejections_are_counted_by_reason(up):
             expected[expect[1]] = expected.get(expect[1], 0) + expect[0]
     for reason, n in expected.items():
         assert counts[reason] >= n, (reason, counts)
+
+
+def test_rejections_are_logged_once_per_reason_and_metric(up):
+    """Never silent, never one line per point: the corpus above rejected `bad.calls` points for
+    attribute_limit many times; the log has one line for that pair, with an example org and a count."""
+    r = requests.post(f"{up.otlp_http}/v1/metrics", data=with_attr("big", "x" * 5000), headers=PB, timeout=30)
+    assert r.status_code == 200
+    lines = [json.loads(line) for line in up.output().splitlines() if '"data points rejected"' in line]
+    pairs = [(entry["reason"], entry["metric"]) for entry in lines]
+    assert pairs.count(("attribute_limit", "bad.calls")) == 1, lines
+    (entry,) = [e for e in lines if (e["reason"], e["metric"]) == ("invalid_value", "bad.calls")]
+    assert entry["level"] == "warning" and entry["example_org"] == "org-bad" and entry["points"] >= 1
+    assert {"invalid_value", "invalid_timestamp", "negative_delta", "no_value"} <= {
+        e["reason"] for e in lines
+    }
