@@ -71,8 +71,8 @@ class CumulativeState:
             if missing:
                 try:
                     loaded = self._load(missing)
-                except Exception as e:  # whatever the store raises; the request itself is not at fault
-                    raise StateUnavailable(str(e)) from e
+                except Exception as err:  # whatever the store raises; the request is not at fault
+                    raise StateUnavailable(str(err)) from err
                 self._entries.update(loaded)
             now = time.monotonic()
             results: list[Resolution] = []

@@ -10,13 +10,14 @@ import hashlib
 import json
 import math
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
-from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, ResourceMetrics
 
 from meterhouse.collector.cumulative import Change, CumulativePoint, CumulativeState
 from meterhouse.collector.model import PointBatch
@@ -38,6 +39,14 @@ class Limits:
 
 
 @dataclass
+class RejectSample:
+    """Points rejected for one (reason, metric), and an org one of them named (for the log)."""
+
+    points: int
+    org: str
+
+
+@dataclass
 class DecodeResult:
     batch: PointBatch
     received: int = 0
@@ -45,10 +54,10 @@ class DecodeResult:
     rejected: Counter = field(default_factory=Counter)
     #: reason → first metric name seen with it, for the partial-success message.
     examples: dict[str, str] = field(default_factory=dict)
-    #: (reason, metric) → [points, an example org], for the rejection log.
-    by_metric: dict[tuple[str, str], list] = field(default_factory=dict)
+    #: (reason, metric) → points and an example org, for the rejection log.
+    by_metric: dict[tuple[str, str], RejectSample] = field(default_factory=dict)
     #: points stored with a field corrected (usage kept exactly), by repair reason.
-    repaired: Counter = field(default_factory=Counter)
+    repaired: Counter[str] = field(default_factory=Counter)
     #: cumulative state changes made for this request, undone if it is not committed.
     changes: list[Change] = field(default_factory=list)
 
@@ -59,10 +68,12 @@ class DecodeResult:
     def reject(self, reason: str, metric: str, n: int = 1, org: str = "") -> None:
         self.rejected[reason] += n
         self.examples.setdefault(reason, metric)
-        entry = self.by_metric.setdefault((reason, metric), [0, org])
-        entry[0] += n
-        if not entry[1]:
-            entry[1] = org
+        sample = self.by_metric.get((reason, metric))
+        if sample is None:
+            self.by_metric[(reason, metric)] = RejectSample(n, org)
+        else:
+            sample.points += n
+            sample.org = sample.org or org
 
     def error_message(self) -> str:
         parts = [
@@ -154,15 +165,15 @@ def _attribute_columns(
 _ORG_HINT_LENGTH = 128
 
 
-def _org_hint(attrs, fallback: str, org_key: str) -> str:
+def _org_hint(attrs: Iterable[KeyValue], fallback: str, org_key: str) -> str:
     """The org a rejected point names, for the rejection log (only called for rejected points)."""
     for kv in attrs:
         if kv.key == org_key and kv.value.WhichOneof("value") == "string_value":
-            return kv.value.string_value[:_ORG_HINT_LENGTH]
+            return str(kv.value.string_value)[:_ORG_HINT_LENGTH]
     return fallback[:_ORG_HINT_LENGTH]
 
 
-def resource_columns(attrs, limits: Limits) -> tuple[list[str], list[str], str] | None:
+def resource_columns(attrs: Sequence[KeyValue], limits: Limits) -> tuple[list[str], list[str], str] | None:
     """A resource's attributes as (sorted keys, values, org), the org attribute kept among them; None
     when they break the limits point attributes have (count, key or value length, nesting depth)."""
     if len(attrs) > limits.max_attributes:
@@ -176,7 +187,7 @@ def resource_columns(attrs, limits: Limits) -> tuple[list[str], list[str], str] 
             return None
         if len(kv.key) > max_len or len(text) > max_len:
             return None
-        pairs.append((kv.key, text))
+        pairs.append((str(kv.key), text))
     pairs.sort()
     org = next((v for k, v in pairs if k == limits.org_attribute), "")
     return [k for k, _ in pairs], [v for _, v in pairs], org
@@ -249,7 +260,7 @@ class _Decoder:
         self.result.batch.size = len(self.cols["org_id"])
         return self.result
 
-    def reject_resource(self, rm, org: str) -> None:
+    def reject_resource(self, rm: ResourceMetrics, org: str) -> None:
         """Every point of a resource whose attributes break the limits is rejected (and counted)."""
         for sm in rm.scope_metrics:
             for m in sm.metrics:

@@ -12,8 +12,20 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from meterhouse.collector.decode import RejectSample
 
 log = logging.getLogger("meterhouse.rejected")
+
+
+@dataclass
+class _Pending:
+    """One (reason, metric): when its last line was written, and what was rejected since."""
+
+    logged_at: float
+    points: int = 0
+    org: str = ""
 
 
 class RejectLog:
@@ -29,25 +41,24 @@ class RejectLog:
         self.max_keys = max_keys
         self._clock = clock
         self._lock = threading.Lock()
-        #: (reason, metric) → [time of its last line, points held back since, an example org]
-        self._keys: OrderedDict[tuple[str, str], list] = OrderedDict()
+        self._keys: OrderedDict[tuple[str, str], _Pending] = OrderedDict()
 
-    def record(self, by_metric: dict[tuple[str, str], list]) -> None:
-        """Take one request's rejections: {(reason, metric): [points, example org]}."""
+    def record(self, by_metric: dict[tuple[str, str], RejectSample]) -> None:
+        """Take one request's rejections by (reason, metric)."""
         now = self._clock()
         lines = []
         with self._lock:
-            for key, (n, org) in by_metric.items():
+            for key, sample in by_metric.items():
                 entry = self._keys.get(key)
                 if entry is None:
-                    entry = self._keys[key] = [now - self.interval_s, 0, org]
+                    entry = self._keys[key] = _Pending(now - self.interval_s)
                     while len(self._keys) > self.max_keys:
                         self._keys.popitem(last=False)  # metric names are the sender's: bound them
-                entry[1] += n
-                entry[2] = entry[2] or org
-                if now - entry[0] >= self.interval_s:
-                    lines.append((key, entry[1], entry[2]))
-                    entry[0], entry[1], entry[2] = now, 0, ""
+                entry.points += sample.points
+                entry.org = entry.org or sample.org
+                if now - entry.logged_at >= self.interval_s:
+                    lines.append((key, entry.points, entry.org))
+                    self._keys[key] = _Pending(now)
                     self._keys.move_to_end(key)
         for (reason, metric), n, org in lines:
             log.warning(

@@ -87,12 +87,13 @@ def edge_counts(api: str) -> dict[tuple[str, str], float]:
 
     with urllib.request.urlopen(f"{api.rstrip('/')}/metrics", timeout=10) as r:
         text = r.read().decode()
+    kinds = {"meterhouse_points_rejected": "rejected", "meterhouse_points_repaired": "repaired"}
     counts: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(text):
-        kind = {"meterhouse_points_rejected": "rejected", "meterhouse_points_repaired": "repaired"}.get(
-            family.name
-        )
-        for sample in family.samples if kind else ():
+        kind = kinds.get(family.name)
+        if kind is None:
+            continue
+        for sample in family.samples:
             if sample.name.endswith("_total"):
                 counts[(kind, sample.labels.get("reason", ""))] = sample.value
     return counts

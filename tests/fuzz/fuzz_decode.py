@@ -66,7 +66,7 @@ def test_one_input(data: bytes) -> None:
         for start, t in zip(columns.get("start_time", ()), columns.get("time", ()), strict=True):
             assert start <= t, (start, t)
     assert sum(result.repaired.values()) <= batch.size + batch.dist_size
-    assert sum(n for n, _ in result.by_metric.values()) == result.rejected_count
+    assert sum(s.points for s in result.by_metric.values()) == result.rejected_count
 
 
 def write_seeds(directory: Path) -> None:
