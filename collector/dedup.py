@@ -1,5 +1,10 @@
 """Requests accepted recently, by content digest: an identical request re-sent (its answer was lost)
-within the window counts once. The digests survive restarts in a small append-only file."""
+within the window counts once. The digests survive restarts in a small append-only file.
+
+A digest is *claimed* while its first copy is being stored and *settled* once that copy is durable.
+Only a settled digest lets a re-sent copy be answered "ok": a copy that arrives while the first is still
+claimed waits for the first's outcome (and stores itself if the first failed), so an acknowledgement is
+never given for points that are not stored."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ class RecentRequests:
         self._seen: OrderedDict[str, int] = OrderedDict()  # digest → received_ns, oldest first
         self._claimed: set[str] = set()
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)
         self._file = None
         self._unsynced = 0
 
@@ -38,22 +44,33 @@ class RecentRequests:
         self._rewrite()
         return len(self._seen)
 
-    def claim(self, digest: str) -> bool:
-        """True when the digest is new: the caller stores the request, then calls ``add`` or ``release``."""
+    def claim(self, digest: str, wait_s: float = 0.0) -> str:
+        """``"new"``: the caller stores the request, then calls ``add`` or ``release``.
+        ``"settled"``: an identical request is stored; ``"busy"``: an identical request is still being
+        stored after ``wait_s`` (answer retryable). A copy whose first failed (released) becomes new."""
+        deadline = time.monotonic() + wait_s
         with self._lock:
-            self._prune()
-            if digest in self._seen or digest in self._claimed:
-                return False
-            self._claimed.add(digest)
-            return True
+            while True:
+                self._prune()
+                if digest in self._seen:
+                    return "settled"
+                if digest not in self._claimed:
+                    self._claimed.add(digest)
+                    return "new"
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "busy"
+                self._settled.wait(left)
 
     def release(self, digest: str) -> None:
         with self._lock:
             self._claimed.discard(digest)
+            self._settled.notify_all()
 
     def add(self, digest: str, received_ns: int) -> None:
         with self._lock:
             self._claimed.discard(digest)
+            self._settled.notify_all()
             self._seen[digest] = received_ns
             if self._file is not None:
                 self._file.write(f"{received_ns} {digest}\n")

@@ -57,19 +57,28 @@ class Ingestor:
         limits: Limits,
         cumulative: CumulativeState | None = None,
         recent: RecentRequests | None = None,
+        resend_wait_s: float = 5.0,
     ) -> None:
         self.next = next_stage
         self.metrics = metrics
         self.limits = limits
         self.cumulative = cumulative
         self.recent = recent
+        self.resend_wait_s = resend_wait_s  # how long a re-sent copy waits for its first copy
 
     def export(self, request: ExportMetricsServiceRequest, digest: str) -> Outcome:
         m = self.metrics
-        if self.recent is not None and not self.recent.claim(digest):
-            # The same bytes were accepted within the window (a client re-sent after a lost answer).
-            m.requests_deduplicated.inc()
-            return Outcome("ok", "", ExportMetricsServiceResponse())
+        if self.recent is not None:
+            state = self.recent.claim(digest, self.resend_wait_s)
+            if state == "settled":
+                # The same bytes are stored within the window (a client re-sent after a lost answer).
+                m.requests_deduplicated.inc()
+                return Outcome("ok", "", ExportMetricsServiceResponse())
+            if state == "busy":
+                # The first copy is still being stored: its fate is not known, so promise nothing.
+                return Outcome(
+                    "unavailable", "an identical request is being stored, retry later", retry_after_s=1
+                )
         now = time.time_ns()
         try:
             result = decode_request(
