@@ -102,6 +102,11 @@ class Collector:
     def ready(self) -> bool:
         return self._started and self.writer.running
 
+    @property
+    def alive(self) -> bool:
+        """False once the writer has stopped while the collector runs (nothing in-process restarts it)."""
+        return not self._started or self.writer.running
+
     def start(self) -> None:
         self.endpoints.start()
         report = self.spool.open()

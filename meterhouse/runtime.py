@@ -48,6 +48,7 @@ class Stack:
             self.health,
             config.auth_tokens,
             config.raw_retention_days,
+            alive=lambda: self.collector.alive,
         )
         self._http = make_server(config.host, config.http_port, self.app, threaded=True)
         self._http_thread = threading.Thread(target=self._http.serve_forever, name="http-api", daemon=True)

@@ -21,6 +21,7 @@ class FaultyFiles(Files):
         self.control = control
         self.rng = random.Random(seed)
         self.writes_to_fail = 0  # the next N writes fail after writing part of their bytes
+        self.fail_kind: int | None = None  # only writes whose first record is of this spool type
         self.fsyncs_to_fail = 0
         self.truncate_fails = False
         self.failed = 0
@@ -48,17 +49,18 @@ class FaultyFiles(Files):
         except (OSError, ValueError):
             pass
 
-    def _should_fail_write(self) -> bool:
+    def _should_fail_write(self, data: bytes) -> bool:
         with self._lock:
             self._poll()
-            if self.writes_to_fail:
+            kind_ok = self.fail_kind is None or (len(data) > 2 and data[2] == self.fail_kind)
+            if self.writes_to_fail and kind_ok:
                 self.writes_to_fail -= 1
                 return True
             return self._p_write > 0 and self.rng.random() < self._p_write
 
     # -- the file layer -------------------------------------------------------------------------
     def write(self, f, data: bytes) -> None:
-        if self._should_fail_write():
+        if self._should_fail_write(data):
             self.failed += 1
             f.write(data[: self.rng.randint(0, max(0, len(data) - 1))])  # a torn write
             f.flush()
