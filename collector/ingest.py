@@ -15,12 +15,18 @@ from meterhouse.collector.cumulative import CumulativeState, Entry
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.model import Backpressure, Consumer
-from meterhouse.collector.spool import SpoolError
+from meterhouse.collector.spool import Spool, SpoolError
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Store
 
 log = logging.getLogger("meterhouse.ingest")
+
+
+def restore_cumulative(state: CumulativeState, spool: Spool) -> int:
+    """Rebuild the conversion state of series with uncommitted points from the spool (before receivers
+    start), so a new point is never converted against ClickHouse while an earlier one waits in the spool."""
+    return state.restore((r.seq, spool.load(r)) for r in spool.uncommitted_records())
 
 
 def committed_state_loader(store: Store):
@@ -92,7 +98,7 @@ class Ingestor:
             )
         m.points_received.inc(result.received)
         try:
-            self.next.consume(result.batch)
+            seq = self.next.consume(result.batch)
         except (Backpressure, SpoolError) as e:
             # Nothing of this request is kept; the client retries all of it, so count no rejections.
             self._undo(result.changes)
@@ -101,6 +107,8 @@ class Ingestor:
                 m.spool_full.inc()
                 return Outcome("backpressure", f"pipeline is full: {e}", retry_after_s=e.retry_after_s)
             return Outcome("unavailable", str(e), retry_after_s=1)
+        if result.changes and self.cumulative is not None and isinstance(seq, int):
+            self.cumulative.spooled(result.changes, seq)
         if self.recent is not None:
             self.recent.add(digest, now)
         for reason, n in result.rejected.items():

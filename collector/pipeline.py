@@ -14,7 +14,7 @@ from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.decode import Limits
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.failover import EndpointSet
-from meterhouse.collector.ingest import Ingestor, committed_state_loader
+from meterhouse.collector.ingest import Ingestor, committed_state_loader, restore_cumulative
 from meterhouse.collector.receivers.grpc import OtlpGrpcReceiver
 from meterhouse.collector.receivers.http import OtlpHttpReceiver
 from meterhouse.collector.spool import Spool
@@ -82,7 +82,9 @@ class Collector:
             poison_after_attempts=config.poison_after_attempts,
             before_commit=self.recent.sync if self.recent else None,
         )
-        self.cumulative = CumulativeState(committed_state_loader(self.endpoints))
+        self.cumulative = CumulativeState(
+            committed_state_loader(self.endpoints), committed_seq=lambda: self.spool.committed_seq
+        )
         self.ingestor = Ingestor(self.spool, metrics, limits_from(config), self.cumulative, self.recent)
         self.http = OtlpHttpReceiver(
             config.host, config.otlp_http_port, self.ingestor, metrics, config.max_request_bytes
@@ -127,6 +129,7 @@ class Collector:
                                         f"points={self.spool.pending_points}")  # fmt: skip
         if self.recent is not None:
             self.recent.load(report.digests)
+        restore_cumulative(self.cumulative, self.spool)  # before the writer commits and receivers run
         self.writer.start()
         self.http.start()
         self.grpc.start()
