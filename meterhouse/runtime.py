@@ -30,7 +30,8 @@ class Stack:
             c(registry=self.registry)
         self.metrics = PipelineMetrics(self.registry)
         self.collector = Collector(config, self.metrics, connect_endpoint)
-        self.store = self.collector.endpoints  # reads go to whichever endpoint is active
+        # Reads go to whichever endpoint is active, with health of their own (reads never fail writes over).
+        self.store = self.collector.endpoints.reads()
         self.health = OrgHealth(
             self.store,
             self.registry,

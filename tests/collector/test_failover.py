@@ -148,3 +148,22 @@ def test_when_every_endpoint_is_down_the_spool_holds_until_one_returns(tmp_path,
         rig.down("embedded#a")
         rig.wait(lambda: rig.spool.pending_points == 0)
     assert totals(db) == 6
+
+
+def test_failing_reads_never_take_the_write_endpoint_down(tmp_path, engine_dir, db):
+    """Three failing API queries used to mark the endpoint down: /readyz 503 and the next write error
+    failed over at once. Reads have health of their own."""
+    with Rig(tmp_path, engine_dir, db.database, ["embedded#a", "embedded#b"]) as rig:
+        rig.wait(lambda: rig.endpoints.endpoints[0].up)
+        reads = rig.endpoints.reads()
+        for _ in range(5):
+            with pytest.raises(Exception, match="no_such_column|Missing columns|UNKNOWN_IDENTIFIER"):
+                reads.rows("SELECT no_such_column FROM system.one")
+        assert reads.failures == 5
+        ep = rig.endpoints.endpoints[0]
+        assert ep.up and ep.failures == 0 and rig.endpoints.active == 0
+        assert reads.ping()  # readiness follows the write path
+        rig.spool.consume(batch("a", 3))
+        rig.wait(lambda: totals(db) == 3)
+        assert reads.scalar(f"SELECT sum(toInt128(value_int)) FROM {db.database}.usage_points") == 3
+        assert rig.failovers("embedded#a", "embedded#b") == 0
