@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from meterhouse.core import schema
-from meterhouse.core.faults import FaultInjector
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Store, endpoint_label
 
@@ -56,7 +55,6 @@ class EndpointSet:
         failover_after_failures: int = 3,
         failback_hold_s: float = 30.0,
         health_check_interval_s: float = 2.0,
-        faults: FaultInjector | None = None,
     ) -> None:
         self.endpoints = [Endpoint(u, endpoint_label(u)) for u in urls]
         self._connect = connect
@@ -65,7 +63,6 @@ class EndpointSet:
         self.failover_after_failures = failover_after_failures
         self.failback_hold_s = failback_hold_s
         self.health_check_interval_s = health_check_interval_s
-        self.faults = faults
         self.active = 0
         self.name = self.endpoints[0].label
         self._lock = threading.RLock()
@@ -111,8 +108,6 @@ class EndpointSet:
 
     # -- health ---------------------------------------------------------------------------------
     def _store(self, ep: Endpoint) -> Store:
-        if self.faults is not None:
-            self.faults.check(ep.label)
         if ep.store is None:
             ep.store = self._connect(ep.url)
         if not ep.schema_ready:

@@ -14,13 +14,13 @@ from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.decode import Limits
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.failover import EndpointSet
+from meterhouse.collector.files import Files
 from meterhouse.collector.ingest import Ingestor, committed_state_loader, restore_cumulative
 from meterhouse.collector.receivers.grpc import OtlpGrpcReceiver
 from meterhouse.collector.receivers.http import OtlpHttpReceiver
 from meterhouse.collector.spool import Spool
 from meterhouse.collector.writer import Writer
 from meterhouse.core.config import Config
-from meterhouse.core.faults import FaultInjector
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Store, connect
 
@@ -45,7 +45,10 @@ class Collector:
         config: Config,
         metrics: PipelineMetrics,
         connect_endpoint: Callable[[str], Store] | None = None,
+        files: Files | None = None,
     ) -> None:
+        """``connect_endpoint`` opens a ClickHouse endpoint and ``files`` is the file layer of the spool
+        and dead letters: the seams through which tests inject outages and disk errors."""
         self.config = config
         self.metrics = metrics
         self.endpoints = EndpointSet(
@@ -57,7 +60,6 @@ class Collector:
             failover_after_failures=config.failover_after_failures,
             failback_hold_s=config.failback_hold_s,
             health_check_interval_s=config.health_check_interval_s,
-            faults=FaultInjector.from_env(),
         )
         self.spool = Spool(
             config.data_dir / "spool",
@@ -65,6 +67,7 @@ class Collector:
             segment_bytes=config.spool_segment_bytes,
             fsync=config.spool_fsync,
             max_cached_points=config.max_cached_points,
+            files=files,
         )
         self.recent = (
             RecentRequests(config.data_dir / "spool" / "recent-requests.log", config.dedup_window_s)
@@ -75,7 +78,7 @@ class Collector:
             self.spool,
             self.endpoints,
             metrics,
-            DeadLetters(config.data_dir / "dead-letter"),
+            DeadLetters(config.data_dir / "dead-letter", files),
             flush_interval_s=config.flush_interval_s,
             flush_max_points=config.flush_max_points,
             backoff_max_s=config.retry_max_backoff_s,

@@ -1,12 +1,13 @@
 """Endpoint failover with the real engine. No ClickHouse server runs here, so two handles on the
 embedded engine stand in for two replicas of one cluster, with outages injected at the endpoint
-boundary (FaultInjector); one case uses a real HTTP URL on a closed port."""
+boundary (a store returned by `connect_endpoint` that fails while listed as down); one case uses a real HTTP URL on a closed port."""
 
 import json
 import time
 
 import pytest
 from conftest import free_port, shared_engine
+from faulty_store import faulty_connect
 from otlp_builders import point, sum_request
 from prometheus_client import CollectorRegistry
 
@@ -16,7 +17,6 @@ from meterhouse.collector.failover import EndpointSet
 from meterhouse.collector.model import content_digest
 from meterhouse.collector.spool import Spool
 from meterhouse.collector.writer import Writer
-from meterhouse.core.faults import FaultInjector
 from meterhouse.core.metrics import PipelineMetrics
 
 
@@ -34,9 +34,8 @@ class Rig:
         self.registry = CollectorRegistry()
         self.metrics = PipelineMetrics(self.registry)
         self.endpoints = EndpointSet(
-            urls, shared_engine(engine_dir, database), self.metrics, database,
+            urls, faulty_connect(shared_engine(engine_dir, database), self.faults_file), self.metrics, database,
             failover_after_failures=2, failback_hold_s=hold_s, health_check_interval_s=0.05,
-            faults=FaultInjector(self.faults_file),
         )  # fmt: skip
         self.spool = Spool(tmp_path / "spool")
         self.spool.open()
