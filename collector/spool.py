@@ -38,6 +38,8 @@ from pathlib import Path
 from meterhouse.collector.files import Files
 from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, Backpressure, PointBatch
 
+from meterhouse.core import schema
+
 log = logging.getLogger("meterhouse.spool")
 
 MAGIC = b"MH"
@@ -115,6 +117,40 @@ def _digest_bytes(digest: str) -> bytes:
     except ValueError:
         raw = b""
     return raw if len(raw) == 16 else hashlib.blake2b(digest.encode(), digest_size=16).digest()
+
+
+def _default(column_type: str):
+    t = column_type.removeprefix("LowCardinality(").removeprefix("Nullable(")
+    if t.startswith("Array("):
+        return list
+    if t.startswith("Map("):
+        return dict
+    if t.startswith("String"):
+        return lambda: ""
+    if t.startswith("Float"):
+        return lambda: 0.0
+    if t.startswith(("Int", "UInt", "DateTime")):
+        return lambda: 0
+    return None
+
+
+def _conform(cols: dict, size: int, names: tuple[str, ...], columns, seq: int) -> dict:
+    if all(n in cols for n in names) and len(cols) == len(names):
+        return cols
+    types = {c.name: c.type for c in columns}
+    out = {}
+    for n in names:
+        if n in cols:
+            out[n] = cols[n]
+            continue
+        make = _default(types[n])
+        if make is None:
+            raise SpoolFormatError(
+                f"spool record {seq} lacks column {n} ({types[n]}), which has no default; "
+                "see the README, section 'Spool format'"
+            )
+        out[n] = [make() for _ in range(size)]
+    return out
 
 
 def _sound(raw: bytes, pos: int) -> int:
@@ -447,10 +483,11 @@ class Spool:
             cols, size, dist, dist_size = pickle.loads(payload[_DATA_HEAD.size :])
         except Exception as e:  # noqa: BLE001 - any undecodable payload
             raise SpoolFormatError(f"spool record {record.seq} cannot be decoded: {e}") from e
-        missing = [n for n in BATCH_COLUMNS if n not in cols]
-        missing += [n for n in DIST_BATCH_COLUMNS if dist and n not in dist]
-        if missing:
-            raise SpoolFormatError(f"spool record {record.seq} lacks columns {missing}")
+        # A record written by an older version may lack columns added since: they get their defaults;
+        # columns since removed are dropped. Anything else is refused with a clear error.
+        cols = _conform(cols, size, BATCH_COLUMNS, schema.INGEST_COLUMNS, record.seq)
+        if dist_size:
+            dist = _conform(dist, dist_size, DIST_BATCH_COLUMNS, schema.DIST_INGEST_COLUMNS, record.seq)
         return PointBatch(cols, size, digest.hex(), received, dist, dist_size)
 
     def intent(self, group: Group, token: str) -> None:

@@ -351,3 +351,24 @@ class SpoolMachine(RuleBasedStateMachine):
 
 SpoolMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 test_spool_against_a_model = SpoolMachine.TestCase
+
+
+def test_a_record_written_by_an_older_version_with_fewer_columns_is_replayed(tmp_path):
+    import pickle
+    import struct
+
+    from meterhouse.collector.spool import _DATA_HEAD, COMMIT, DATA, _encode
+
+    b = batch(value=5)
+    old_columns = {k: v for k, v in b.columns.items() if k not in ("series_id", "cumulative_double")}
+    body = pickle.dumps((old_columns, b.size, {}, 0))
+    head = _DATA_HEAD.pack(1, b.received_ns, b.total, bytes(16))
+    # A version-1 segment: no FORMAT record, a COMMIT first.
+    (tmp_path / "seg-00000000000000000001.wal").write_bytes(
+        _encode(COMMIT, struct.pack("<Q", 0)) + _encode(DATA, head + body)
+    )
+    s, report = opened(tmp_path)
+    assert report.pending_records == 1
+    loaded = s.load(take(s).records[0])
+    assert loaded.columns["value_int"] == [5] and loaded.columns["series_id"] == [0]
+    assert list(loaded.columns) == list(b.columns)
