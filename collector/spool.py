@@ -74,6 +74,8 @@ class Record:
     points: int
     received_ns: int
     batch: PointBatch | None = None
+    epoch: int = 0  # the append that wrote it (group commit: durable once the synced epoch reaches it)
+    state: str = "durable"  # "written" until its group fsync; "failed" if that fsync (or write) failed
 
 
 @dataclass
@@ -206,6 +208,14 @@ class Spool:
         self._seq = 0
         self._committed = 0
         self._aborted: list[int] = []  # burned seqs whose ABORT is not yet on disk
+        self._abort_mark: tuple[int, int] | None = None  # (epoch, count) of the last ABORTs written
+        # Group commit: every append gets an epoch; one fsync covers every append made before it began.
+        self._epoch = 0  # the last append's epoch
+        self._synced = 0  # every append up to this epoch is durable (or failed)
+        self._syncing = False  # a group fsync is running (outside the lock)
+        self._unsynced: deque[Record] = deque()  # DATA written, waiting for their group fsync
+        self._defer_close: list = []  # files rotated away while an fsync on them ran
+        self._failed_segments: dict[Path, int] = {}  # sealed after a failed fsync → synced epoch then
         self._pending_points = 0
         self._cached_points = 0
         self._uncommitted_bytes = 0
@@ -363,41 +373,110 @@ class Spool:
                 raise SpoolError("request too large for one spool record")
             self._seq = seq
             try:
-                offset = self._append(record, sync=True)
+                offset = self._append(record)
             except SpoolError:
-                # The bytes may be on disk (a failed fsync) or torn: the seq is burned for good.
+                # The bytes may be on disk or torn: the seq is burned for good.
                 self._aborted.append(seq)
                 raise
             self._segments[self._active] = seq
             cached = self._cached_points + batch.total <= self.max_cached_points
             rec = Record(seq, self._active, offset, len(record), batch.total, batch.received_ns,
-                         batch if cached else None)  # fmt: skip
+                         batch if cached else None, self._epoch, "written")  # fmt: skip
             self._cached_points += batch.total if cached else 0
-            self._pending.append(rec)
             self._pending_points += batch.total
             self._uncommitted_bytes += len(record)
-            self._cond.notify_all()
+            self._unsynced.append(rec)
+            self._wait_durable(rec.epoch, rec)
             return seq
 
-    def _append(self, record: bytes, sync: bool) -> int:
-        """Append one record (after any ABORT marks still owed); its offset. On failure the segment is
-        sealed and :class:`SpoolError` raised: nothing is ever appended after torn bytes."""
+    def _wait_durable(self, epoch: int, rec: Record | None = None) -> None:
+        """Group commit: return once the append of ``epoch`` is fsync'd. The first waiter to find no fsync
+        running starts one (outside the lock) covering every append made so far; the others wait for it.
+        A failed fsync fails every append not yet durable in its segment. Called with the lock held."""
+        segment = rec.segment if rec is not None else self._active
+        while True:
+            failed = segment in self._failed_segments and epoch > self._failed_segments[segment]
+            if failed or (rec is not None and rec.state == "failed"):
+                raise SpoolError("spool write or fsync failed: the request is not stored")
+            if self._synced >= epoch and (rec is None or rec.state == "durable"):
+                return
+            if self._syncing:
+                self._cond.wait()
+                continue
+            self._syncing = True
+            target, f, seg = self._epoch, self._file, self._active
+            self._lock.release()
+            try:
+                error = None
+                if f is not None and self.fsync:
+                    self.files.fsync(f)
+            except OSError as e:
+                error = e
+            finally:
+                self._lock.acquire()
+                self._syncing = False
+                for old in self._defer_close:
+                    try:
+                        old.close()
+                    except OSError:
+                        pass
+                self._defer_close.clear()
+            if error is None:
+                self._synced_to(target)
+            elif seg == self._active and f is self._file:
+                self._seal(self._size)
+            self._cond.notify_all()
+
+    def _synced_to(self, target: int) -> None:
+        """Appends up to ``target`` are durable: their records become visible to the writer, in order."""
+        self._synced = max(self._synced, target)
+        while self._unsynced and self._unsynced[0].epoch <= target:
+            rec = self._unsynced.popleft()
+            rec.state = "durable"
+            self._pending.append(rec)
+        if self._abort_mark is not None and self._abort_mark[0] <= target:
+            del self._aborted[: self._abort_mark[1]]
+            self._abort_mark = None
+        self._cond.notify_all()
+
+    def _fail_unsynced(self, segment: Path) -> None:
+        """The segment's fsync failed: none of its appends not yet durable may be trusted."""
+        self._failed_segments[segment] = self._synced
+        keep: deque[Record] = deque()
+        for rec in self._unsynced:
+            if rec.segment != segment:
+                keep.append(rec)
+                continue
+            rec.state = "failed"
+            self._aborted.append(rec.seq)
+            self._pending_points -= rec.points
+            self._uncommitted_bytes -= rec.length
+            if rec.batch is not None:
+                self._cached_points -= rec.points
+                rec.batch = None
+        self._unsynced = keep
+        self._abort_mark = None
+
+    def _append(self, record: bytes) -> int:
+        """Write one record (after any ABORT marks still owed) without waiting for its fsync; its offset.
+        The append's epoch is ``self._epoch`` afterwards (see ``_wait_durable``). On failure the segment
+        is sealed and :class:`SpoolError` raised: nothing is ever appended after torn bytes."""
         aborts = b"".join(_encode(ABORT, _SEQ.pack(s)) for s in self._aborted)
         if self._file is None or self._size + len(aborts) + len(record) > self.segment_bytes:
             self._rotate()
         start = self._size
         try:
             self.files.write(self._file, aborts + record)
-            self._size += len(aborts) + len(record)
-            if sync and self.fsync:
-                self.files.fsync(self._file)
         except OSError as e:
             self._seal(start)
             raise SpoolError(f"spool write failed: {e}") from e
-        if self._aborted and (sync or not self.fsync):
-            if self._aborted:
-                self._segments[self._active] = max(self._segments[self._active], max(self._aborted))
-            self._aborted.clear()
+        self._size += len(aborts) + len(record)
+        self._epoch += 1
+        if self._aborted:
+            self._segments[self._active] = max(self._segments[self._active], max(self._aborted))
+            self._abort_mark = (self._epoch, len(self._aborted))
+        if not self.fsync:
+            self._synced_to(self._epoch)
         return start + len(aborts)
 
     def _seal(self, good: int) -> None:
@@ -409,22 +488,22 @@ class Spool:
             self.files.truncate(self._file, good)
         except OSError:
             pass  # the scan at the next start skips the torn bytes
-        try:
-            self._file.close()
-        except OSError:
-            pass
+        self._close(self._file)
         self._segments[self._active] = max(self._segments.get(self._active, 0), self._seq)
+        self._fail_unsynced(self._active)
         self._file = None
 
     def _rotate(self) -> None:
         if self._file is not None:
             try:
                 if self.fsync:
-                    self.files.fsync(self._file)  # marks written without fsync (COMMIT, PART, ABORT)
-                self._file.close()
+                    self.files.fsync(self._file)  # what waits for its group fsync, and the marks
             except OSError:
-                pass
-            self._file = None
+                self._seal(self._size)  # fails what waited in it
+            else:
+                self._synced_to(self._epoch)
+                self._close(self._file)
+                self._file = None
         path = self.dir / f"seg-{time.time_ns():020d}.wal"
         head = _encode(FORMAT, _VERSION.pack(FORMAT_VERSION)) + _encode(COMMIT, _SEQ.pack(self._committed))
         try:
@@ -441,6 +520,15 @@ class Spool:
         except OSError as e:
             self._seal(0)
             raise SpoolError(f"cannot start a spool segment: {e}") from e
+
+    def _close(self, f) -> None:
+        if self._syncing:
+            self._defer_close.append(f)  # an fsync on it may be running outside the lock
+            return
+        try:
+            f.close()
+        except OSError:
+            pass
 
     # -- the writer's side ----------------------------------------------------------------------
     def next_group(self, max_points: int, max_wait_s: float, stop: threading.Event) -> Group | None:
@@ -494,7 +582,8 @@ class Spool:
         """Record the grouping and token before the insert, so a replay repeats both (fsync'd)."""
         with self._lock:
             payload = _RANGE.pack(group.first, group.last) + token.encode()
-            self._append(_encode(INTENT, payload), sync=True)
+            self._append(_encode(INTENT, payload))
+            self._wait_durable(self._epoch)  # rides on the next group fsync
             group.token = token
 
     def part(self, group: Group, table: str) -> None:
@@ -503,7 +592,7 @@ class Spool:
         group.done.add(table)
         with self._lock:
             try:
-                self._append(_encode(PART, _RANGE.pack(group.first, group.last) + table.encode()), False)
+                self._append(_encode(PART, _RANGE.pack(group.first, group.last) + table.encode()))
             except SpoolError:
                 pass
 
@@ -514,7 +603,7 @@ class Spool:
         with self._lock:
             self._committed = max(self._committed, group.last)
             try:
-                self._append(_encode(COMMIT, _SEQ.pack(group.last)), sync=False)
+                self._append(_encode(COMMIT, _SEQ.pack(group.last)))
             except SpoolError:
                 pass
             done = {r.seq for r in group.records}
@@ -566,11 +655,12 @@ class Spool:
             self._closed = True
             if self._file is not None:
                 try:
-                    self._file.flush()
                     if self.fsync:
                         self.files.fsync(self._file)
-                    self._file.close()
                 except OSError:
-                    pass
-                self._file = None
+                    self._seal(self._size)
+                else:
+                    self._synced_to(self._epoch)
+                    self._close(self._file)
+                    self._file = None
             self._cond.notify_all()

@@ -372,3 +372,71 @@ def test_a_record_written_by_an_older_version_with_fewer_columns_is_replayed(tmp
     loaded = s.load(take(s).records[0])
     assert loaded.columns["value_int"] == [5] and loaded.columns["series_id"] == [0]
     assert list(loaded.columns) == list(b.columns)
+
+
+# -- group commit ---------------------------------------------------------------------------------------
+
+
+class SlowFsync(FaultyFiles):
+    """fsync takes a while (as on a real disk) and is counted; the first one may be held and failed."""
+
+    def __init__(self, hold_first=False):
+        super().__init__()
+        self.count = 0
+        self.hold_first = hold_first
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def fsync(self, f):
+        self.count += 1
+        if self.hold_first and self.count == 1:
+            self.entered.set()
+            self.release.wait(10)
+            raise OSError(5, "Input/output error (injected)")
+        time.sleep(0.005)
+        super().fsync(f)
+
+
+def test_one_fsync_covers_every_append_that_arrived_while_the_previous_ran(tmp_path):
+    files = SlowFsync()
+    s, _ = opened(tmp_path, files=files)
+    b = batch()
+    threads = [threading.Thread(target=lambda: [s.consume(b) for _ in range(20)]) for _ in range(8)]
+    before = files.count
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert s.pending_points == 160
+    assert files.count - before < 160 * 0.75  # appends shared fsyncs
+    s.shutdown(1)
+    assert opened(tmp_path)[1].pending_records == 160
+
+
+def test_a_failed_group_fsync_fails_every_request_that_depended_on_it(tmp_path):
+    files = SlowFsync(hold_first=True)
+    s, _ = opened(tmp_path, files=files)
+    results = {}
+
+    def send(name, value):
+        try:
+            s.consume(batch(value=value))
+            results[name] = "ok"
+        except SpoolError:
+            results[name] = "failed"
+
+    leader = threading.Thread(target=send, args=("a", 1))
+    leader.start()
+    assert files.entered.wait(5)  # a's fsync runs; b and c are written behind it and wait
+    others = [threading.Thread(target=send, args=(n, v)) for n, v in (("b", 2), ("c", 3))]
+    for t in others:
+        t.start()
+    time.sleep(0.2)
+    files.release.set()  # the fsync fails
+    for t in (leader, *others):
+        t.join(10)
+    assert results == {"a": "failed", "b": "failed", "c": "failed"}
+    assert s.pending_points == 0
+    s.consume(batch(value=4))  # a new segment; the ABORTs ride on its fsync
+    s.shutdown(1)
+    values, _ = values_after_restart(tmp_path)
+    assert values == [4]
