@@ -231,8 +231,9 @@ class EndpointSet:
     def insert_distributions(self, columns: Sequence[Sequence[Any]], token: str) -> None:
         self._call(lambda s: s.insert_distributions(columns, token), write=True)
 
-    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
-        return self._call(lambda s: s.rows(sql, parameters), write=False)
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = self._call(lambda s: s.rows(sql, parameters), write=False)
+        return rows
 
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         rows = self.rows(sql, parameters)
@@ -264,7 +265,7 @@ class ReadView:
     def name(self) -> str:
         return self._set.name
 
-    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         with self._set._lock:
             ep = self._set.endpoints[self._set.active]
         try:

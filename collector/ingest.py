@@ -11,7 +11,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
-from meterhouse.collector.cumulative import CumulativeState, Entry
+from meterhouse.collector.cumulative import Change, CumulativeState, Entry
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.model import Backpressure, Consumer
@@ -126,6 +126,6 @@ class Ingestor:
         if self.recent is not None:
             self.recent.release(digest)
 
-    def _undo(self, changes) -> None:
+    def _undo(self, changes: list[Change]) -> None:
         if changes and self.cumulative is not None:
             self.cumulative.rollback(changes)

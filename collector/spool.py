@@ -32,12 +32,13 @@ import threading
 import time
 import zlib
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from meterhouse.collector.files import Files
 from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, Backpressure, PointBatch
-
 from meterhouse.core import schema
 
 log = logging.getLogger("meterhouse.spool")
@@ -121,7 +122,7 @@ def _digest_bytes(digest: str) -> bytes:
     return raw if len(raw) == 16 else hashlib.blake2b(digest.encode(), digest_size=16).digest()
 
 
-def _default(column_type: str):
+def _default(column_type: str) -> Callable[[], Any] | None:
     t = column_type.removeprefix("LowCardinality(").removeprefix("Nullable(")
     if t.startswith("Array("):
         return list
@@ -136,11 +137,17 @@ def _default(column_type: str):
     return None
 
 
-def _conform(cols: dict, size: int, names: tuple[str, ...], columns, seq: int) -> dict:
+def _conform(
+    cols: dict[str, list[Any]],
+    size: int,
+    names: tuple[str, ...],
+    columns: tuple[schema.Column, ...],
+    seq: int,
+) -> dict[str, list[Any]]:
     if all(n in cols for n in names) and len(cols) == len(names):
         return cols
     types = {c.name: c.type for c in columns}
-    out = {}
+    out: dict[str, list[Any]] = {}
     for n in names:
         if n in cols:
             out[n] = cols[n]
@@ -202,8 +209,8 @@ class Spool:
         self._replay: deque[Group] = deque()  # groups with intents from before the restart
         self._inflight: Group | None = None
         self._segments: OrderedDict[Path, int] = OrderedDict()  # path → highest seq in it
-        self._active: Path | None = None
-        self._file = None
+        self._active: Path = self.dir / "(none)"  # until open() starts the first segment
+        self._file: BinaryIO | None = None
         self._size = 0  # bytes in the active segment
         self._seq = 0
         self._committed = 0
@@ -214,7 +221,7 @@ class Spool:
         self._synced = 0  # every append up to this epoch is durable (or failed)
         self._syncing = False  # a group fsync is running (outside the lock)
         self._unsynced: deque[Record] = deque()  # DATA written, waiting for their group fsync
-        self._defer_close: list = []  # files rotated away while an fsync on them ran
+        self._defer_close: list[BinaryIO] = []  # files rotated away while an fsync on them ran
         self._failed_segments: dict[Path, int] = {}  # sealed after a failed fsync → synced epoch then
         self._pending_points = 0
         self._cached_points = 0
@@ -295,7 +302,7 @@ class Spool:
     def committed_seq(self) -> int:
         return self._committed
 
-    def _scan(self, path: Path, report: ScanReport):
+    def _scan(self, path: Path, report: ScanReport) -> Iterator[tuple[int, int, int, bytes]]:
         """Yield (kind, offset, length, payload) of every sound record. Damaged stretches are skipped
         (the scan resumes at the next sound record), copied to the quarantine and cut from the segment."""
         raw = path.read_bytes()
@@ -464,9 +471,10 @@ class Spool:
         aborts = b"".join(_encode(ABORT, _SEQ.pack(s)) for s in self._aborted)
         if self._file is None or self._size + len(aborts) + len(record) > self.segment_bytes:
             self._rotate()
-        start = self._size
+        start, f = self._size, self._file
+        assert f is not None  # _rotate opened one or raised
         try:
-            self.files.write(self._file, aborts + record)
+            self.files.write(f, aborts + record)
         except OSError as e:
             self._seal(start)
             raise SpoolError(f"spool write failed: {e}") from e
@@ -484,11 +492,12 @@ class Spool:
         segment again (after a failed fsync its pages may be gone: nothing that follows may depend on it)."""
         self.write_errors += 1
         log.error("spool: write failed, segment sealed", extra={"segment": self._active.name})
-        try:
-            self.files.truncate(self._file, good)
-        except OSError:
-            pass  # the scan at the next start skips the torn bytes
-        self._close(self._file)
+        if self._file is not None:
+            try:
+                self.files.truncate(self._file, good)
+            except OSError:
+                pass  # the scan at the next start skips the torn bytes
+            self._close(self._file)
         self._segments[self._active] = max(self._segments.get(self._active, 0), self._seq)
         self._fail_unsynced(self._active)
         self._file = None
@@ -521,7 +530,7 @@ class Spool:
             self._seal(0)
             raise SpoolError(f"cannot start a spool segment: {e}") from e
 
-    def _close(self, f) -> None:
+    def _close(self, f: BinaryIO) -> None:
         if self._syncing:
             self._defer_close.append(f)  # an fsync on it may be running outside the lock
             return
@@ -550,7 +559,8 @@ class Spool:
                     return None
                 else:
                     self._cond.wait(0.5)
-            records, n = [], 0
+            records: list[Record] = []
+            n = 0
             for rec in self._pending:
                 if records and n + rec.points > max_points:
                     break
