@@ -42,10 +42,13 @@ class FaultyFiles(Files):
         if self.control is None:
             return
         try:
-            mtime = self.control.stat().st_mtime_ns
-            if mtime != self._mtime:
-                self._p_write = float(json.loads(self.control.read_text() or "{}").get("p_write", 0))
-                self._mtime = mtime
+            st = self.control.stat()
+            key = (st.st_mtime_ns, st.st_size)
+            if key != self._mtime:
+                text = self.control.read_text()
+                if text:  # not caught between truncate and write
+                    self._p_write = float(json.loads(text).get("p_write", 0))
+                    self._mtime = key
         except (OSError, ValueError):
             pass
 

@@ -18,20 +18,24 @@ class InjectedFault(ConnectionError):
 class Outages:
     def __init__(self, control: Path) -> None:
         self.path = Path(control)
-        self._mtime: int | None = None
+        self._mtime: tuple[int, int] | None = None
         self._down: set[str] = set()
 
     def down(self) -> set[str]:
         try:
-            mtime = self.path.stat().st_mtime_ns
+            st = self.path.stat()
         except OSError:
             return set()
-        if mtime != self._mtime:
+        key = (st.st_mtime_ns, st.st_size)  # a rewrite within one timestamp tick changes the size
+        if key != self._mtime:
             try:
-                self._down = set(json.loads(self.path.read_text() or "{}").get("down", []))
+                text = self.path.read_text()
+                if not text:
+                    return self._down  # caught between truncate and write: read it again next time
+                self._down = set(json.loads(text).get("down", []))
             except (OSError, ValueError):
                 return self._down
-            self._mtime = mtime
+            self._mtime = key
         return self._down
 
     def check(self, label: str) -> None:
