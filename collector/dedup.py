@@ -15,6 +15,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
+from meterhouse.collector.model import PointBatch
+
 
 class RecentRequests:
     def __init__(self, path: Path, window_s: float) -> None:
@@ -75,6 +77,20 @@ class RecentRequests:
             if self._file is not None:
                 self._file.write(f"{received_ns} {digest}\n")
                 self._unsynced += 1
+
+    def committed(self, batches: Iterable[PointBatch]) -> None:
+        """Make the digests of batches about to be committed durable, before the spool forgets them.
+        The ingest thread adds a digest once its append is durable, but the writer may commit the record
+        before that thread gets there; without this its digest could be in neither file after a crash,
+        and a re-sent copy would be stored again."""
+        with self._lock:
+            for b in batches:
+                if b.digest not in self._seen:
+                    self._seen[b.digest] = b.received_ns
+                    if self._file is not None:
+                        self._file.write(f"{b.received_ns} {b.digest}\n")
+                        self._unsynced += 1
+        self.sync()
 
     def sync(self) -> None:
         """Make added digests durable; called when their points are committed (not on the hot path)."""

@@ -83,7 +83,7 @@ class Collector:
             flush_max_points=config.flush_max_points,
             backoff_max_s=config.retry_max_backoff_s,
             poison_after_attempts=config.poison_after_attempts,
-            before_commit=self.recent.sync if self.recent else None,
+            before_commit=self.recent.committed if self.recent else None,
         )
         self.cumulative = CumulativeState(
             committed_state_loader(self.endpoints), committed_seq=lambda: self.spool.committed_seq

@@ -15,6 +15,7 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
 
 from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, PointBatch, content_digest
@@ -98,7 +99,7 @@ class Writer:
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 5.0,
         poison_after_attempts: int = 10,
-        before_commit=None,
+        before_commit: Callable[[list[PointBatch]], None] | None = None,
     ) -> None:
         self.spool = spool
         self.store = store  # a Store, or an EndpointSet that fails over
@@ -189,7 +190,7 @@ class Writer:
                 self.metrics.insert_retries.inc()
         self.metrics.insert_duration.observe(time.perf_counter() - started)
         if self.before_commit is not None:
-            self.before_commit()
+            self.before_commit(batches)
         self.spool.commit(group)
         self._committed(batches)
         return True

@@ -260,3 +260,19 @@ def test_a_dead_letter_holds_only_the_table_that_was_not_inserted(tmp_path, stor
     (letter,) = rig.dead.list(with_batches=True)
     assert letter.points == dist.dist_size  # the numbers are in and are not redriven again
     assert sum(b.size for b in letter.batches) == 0
+
+
+def test_a_committed_requests_digest_is_durable_before_the_spool_forgets_it(tmp_path, store):
+    """The writer may commit a record before the ingest thread has added its digest; after a crash the
+    digest must still be known, or a re-sent copy of an acknowledged request is stored again."""
+    from meterhouse.collector.dedup import RecentRequests
+
+    recent = RecentRequests(tmp_path / "recent.log", window_s=60)
+    recent.load()
+    b = batch_of({"api": [point(2, {"org.id": "a"})]}, digest="d" * 32)
+    with Rig(tmp_path, store, before_commit=recent.committed) as rig:
+        rig.spool.consume(b)  # durable; the ingest thread has not yet called recent.add
+        rig.drain()
+    again = RecentRequests(tmp_path / "recent.log", window_s=60)  # a restart (no close: a crash)
+    again.load()
+    assert again.claim("d" * 32) == "settled"
