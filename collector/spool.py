@@ -271,9 +271,11 @@ class Spool:
         report.digests = [digests[seq] for seq in sorted(data)]
         report.committed_through = self._committed
         grouped: set[int] = set()
+        seen_ranges: set[tuple[int, int]] = set()
         for first, last, token in intents:
-            if last <= self._committed:
-                continue
+            if last <= self._committed or (first, last) in seen_ranges:
+                continue  # committed, or an intent written again after a failed write
+            seen_ranges.add((first, last))
             records = [data[s] for s in range(first, last + 1) if s in data]
             if records:
                 done = parts.get((first, last), set())
