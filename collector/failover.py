@@ -231,6 +231,16 @@ class EndpointSet:
     def insert_distributions(self, columns: Sequence[Sequence[Any]], token: str) -> None:
         self._call(lambda s: s.insert_distributions(columns, token), write=True)
 
+    def insert_rows(
+        self,
+        table: str,
+        columns: Sequence[Sequence[Any]],
+        names: Sequence[str],
+        types: Sequence[str],
+        token: str,
+    ) -> None:
+        self._call(lambda s: s.insert_rows(table, columns, names, types, token), write=True)
+
     def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = self._call(lambda s: s.rows(sql, parameters), write=False)
         return rows
@@ -283,3 +293,14 @@ class ReadView:
     def ping(self) -> bool:
         """Readiness is the write path's (the pipeline's) health."""
         return self._set.ping()
+
+    def insert_rows(
+        self,
+        table: str,
+        columns: Sequence[Sequence[Any]],
+        names: Sequence[str],
+        types: Sequence[str],
+        token: str,
+    ) -> None:
+        """A write from the API (a monthly close) goes the write path's way, with its health."""
+        self._set.insert_rows(table, columns, names, types, token)
