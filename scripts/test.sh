@@ -16,5 +16,7 @@ echo "==> npm ci (tests/js: the OpenTelemetry JS SDK, pinned by its package-lock
 echo "==> ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
+echo "==> mypy (strict on core and collector)"
+bash scripts/typecheck.sh
 echo "==> pytest"
 exec "$PY" -m pytest "$@"
