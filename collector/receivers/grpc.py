@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -25,6 +26,9 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from meterhouse.collector.ingest import Ingestor
 from meterhouse.collector.model import content_digest
 from meterhouse.core.metrics import PipelineMetrics
+
+if TYPE_CHECKING:
+    from meterhouse.core.config import Config
 
 SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
 
@@ -46,7 +50,7 @@ class GrpcKeepalive:
     max_connection_age_s: float = 0.0
 
     @classmethod
-    def from_config(cls, config) -> GrpcKeepalive:
+    def from_config(cls, config: Config) -> GrpcKeepalive:
         return cls(
             config.grpc_keepalive_min_time_s,
             config.grpc_keepalive_permit_without_calls,
@@ -148,12 +152,13 @@ class OtlpGrpcReceiver:
         finally:
             self.bytes_in_flight.give(len(body))
 
-    def _abort_retryable(self, context: grpc.ServicerContext, message: str, retry_after_s: int) -> None:
+    def _abort_retryable(self, context: grpc.ServicerContext, message: str, retry_after_s: int) -> NoReturn:
         detail = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message)
         delay = Duration(seconds=max(1, retry_after_s))
         detail.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         context.set_trailing_metadata((("grpc-status-details-bin", detail.SerializeToString()),))
         context.abort(grpc.StatusCode.UNAVAILABLE, message)
+        raise AssertionError("context.abort raises")  # for type checkers: abort never returns
 
     def _export_held(self, body: bytes, context: grpc.ServicerContext) -> bytes:
         request = ExportMetricsServiceRequest()
@@ -173,3 +178,4 @@ class OtlpGrpcReceiver:
         if code == grpc.StatusCode.UNAVAILABLE:
             self._abort_retryable(context, outcome.message, outcome.retry_after_s)
         context.abort(code, outcome.message)
+        raise AssertionError("context.abort raises")

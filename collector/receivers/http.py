@@ -18,13 +18,13 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
-from meterhouse.collector.ingest import Ingestor, Outcome
-from meterhouse.collector.model import content_digest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 
-from meterhouse.core.httpserver import HttpLimits, HttpServer
+from meterhouse.collector.ingest import Ingestor, Outcome
+from meterhouse.collector.model import content_digest
+from meterhouse.core.httpserver import HttpLimits, HttpServer, Receive, Scope, Send
 from meterhouse.core.metrics import PipelineMetrics
 
 log = logging.getLogger("meterhouse.receiver.http")
@@ -174,7 +174,7 @@ class OtlpHttpReceiver:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
-    async def _asgi(self, scope, receive, send) -> None:
+    async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         headers = {k: v for k, v in scope["headers"]}
@@ -206,9 +206,9 @@ class OtlpHttpReceiver:
             self._admitted += 1
             try:
                 with self.in_flight:
-                    answer = await self._handle(headers, ctype, receive)
-                    if answer is not None:
-                        await self._answer(send, answer, answer_type)
+                    handled = await self._handle(headers, ctype, receive)
+                    if handled is not None:
+                        await self._answer(send, handled, answer_type)
                 return
             except Exception:
                 # A bug must not cost the client its answer: 500 is not retryable, and it is logged.
@@ -226,7 +226,7 @@ class OtlpHttpReceiver:
                 self._admitted -= 1
         await self._answer(send, answer, answer_type)
 
-    async def _handle(self, headers: dict[bytes, bytes], ctype: str, receive) -> _Answer | None:
+    async def _handle(self, headers: dict[bytes, bytes], ctype: str, receive: Receive) -> _Answer | None:
         limit = self.max_request_bytes
         encoding = headers.get(b"content-encoding", b"identity").strip().lower().decode("latin-1")
         length = headers.get(b"content-length")
@@ -308,7 +308,7 @@ class OtlpHttpReceiver:
             )
         return self.ingestor.export(request, content_digest(body))
 
-    async def _answer(self, send, answer: _Answer, answer_type: str) -> None:
+    async def _answer(self, send: Send, answer: _Answer, answer_type: str) -> None:
         outcome = answer.outcome
         status, code = _STATUS[outcome.kind]
         self.metrics.requests.labels(transport="http", outcome=outcome.kind).inc()
@@ -325,7 +325,7 @@ class OtlpHttpReceiver:
 
     async def _status(
         self,
-        send,
+        send: Send,
         status: HTTPStatus,
         code: int,
         message: str,
@@ -339,7 +339,7 @@ class OtlpHttpReceiver:
 
     @staticmethod
     async def _send(
-        send, status: HTTPStatus, body: bytes, ctype: str, retry_after_s: int = 0, close: bool = False
+        send: Send, status: HTTPStatus, body: bytes, ctype: str, retry_after_s: int = 0, close: bool = False
     ) -> None:
         headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]
         if retry_after_s:
