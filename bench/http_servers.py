@@ -23,7 +23,16 @@ import time
 
 from bench.payloads import make_requests
 
-SERVERS = ("stdlib", "meterhouse", "waitress", "cheroot", "aiohttp", "uvicorn-httptools", "uvicorn-h11", "hypercorn")
+SERVERS = (
+    "stdlib",
+    "meterhouse",
+    "waitress",
+    "cheroot",
+    "aiohttp",
+    "uvicorn-httptools",
+    "uvicorn-h11",
+    "hypercorn",
+)
 RESPONSE = b""  # an empty ExportMetricsServiceResponse serializes to no bytes
 
 
