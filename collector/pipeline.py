@@ -88,7 +88,9 @@ class Collector:
             flush_max_points=config.flush_max_points,
             backoff_max_s=config.retry_max_backoff_s,
             poison_after_attempts=config.poison_after_attempts,
-            before_commit=self.recent.committed if self.recent else None,
+            # ``is not None``: an empty RecentRequests is falsy (it has a length), and the hook must be
+            # wired from the first start, when no digest is known yet.
+            before_commit=self.recent.committed if self.recent is not None else None,
         )
         self.cumulative = CumulativeState(
             committed_state_loader(self.endpoints), committed_seq=lambda: self.spool.committed_seq

@@ -36,3 +36,26 @@ def test_the_window_expires(tmp_path):
     r.add("d", time.time_ns())
     time.sleep(0.3)
     assert r.claim("d") == "new"
+
+
+def test_a_committed_request_s_digest_is_on_disk_before_its_spool_record_can_go(stack):
+    """The writer makes a group's digests durable in the dedup file before the spool forgets the group
+    (a segment whose records are all committed is deleted, e.g. after a write error sealed it). The file
+    is read while the stack still runs, as a SIGKILL would leave it: a digest only in a userspace buffer
+    is lost, and a re-send after the restart would be stored a second time. Regression: the hook was not
+    wired on a fresh start, because an empty RecentRequests is falsy."""
+    import requests
+    from otlp_builders import point, sum_request
+
+    from meterhouse.collector.model import content_digest
+
+    body = sum_request({"calls": [point(7, {"org.id": "org-dedup"})]}).SerializeToString()
+    url = f"http://127.0.0.1:{stack.collector.http.port}/v1/metrics"
+    headers = {"Content-Type": "application/x-protobuf"}
+    assert requests.post(url, data=body, headers=headers, timeout=30).status_code == 200
+    deadline = time.monotonic() + 30
+    while stack.collector.spool.pending_points and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stack.collector.spool.pending_points == 0
+    log = stack.config.data_dir / "spool" / "recent-requests.log"
+    assert content_digest(body) in log.read_text()
