@@ -7,6 +7,15 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   echo "==> installing Debian's prometheus package (promtool and prometheus for the alert-rule tests)"
   apt_install --no-install-recommends prometheus
 fi
+if ! command -v amtool >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then
+  echo "==> installing Debian's prometheus-alertmanager package (amtool and Alertmanager for the routing tests)"
+  apt_install --no-install-recommends prometheus-alertmanager
+fi
+if [ ! -x "$VENV/npm/node_modules/.bin/dclint" ]; then
+  echo "==> installing dclint from npm (the Compose file's security linter)"
+  command -v npm >/dev/null || apt_install --no-install-recommends npm
+  npm install --silent --no-audit --no-fund --prefix "$VENV/npm" dclint@3.1.0 >/dev/null
+fi
 echo "==> ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
