@@ -24,7 +24,9 @@ def dclint_binary() -> str:
 
 
 def dclint(path: Path) -> list[dict]:
-    r = subprocess.run([dclint_binary(), "-f", "json", str(path)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [dclint_binary(), "-f", "json", str(path)], capture_output=True, text=True, timeout=120
+    )
     return [m for f in json.loads(r.stdout) for m in f["messages"]]
 
 
@@ -81,9 +83,12 @@ def test_secrets_are_generated_and_never_committed(compose):
     for f in files:
         assert f in script, f"scripts/compose-secrets.sh does not create {f}"
     assert "deploy/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
-    assert not (ROOT / "deploy" / "secrets").exists() or not subprocess.run(
-        ["git", "ls-files", "deploy/secrets"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    assert (
+        not (ROOT / "deploy" / "secrets").exists()
+        or not subprocess.run(
+            ["git", "ls-files", "deploy/secrets"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    )
 
 
 def test_grafana_has_no_anonymous_access_and_a_read_only_clickhouse_user(compose):

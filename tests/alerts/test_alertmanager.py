@@ -98,13 +98,18 @@ def alertmanager(tmp_path):
 
 
 def post(url: str, *alerts: dict) -> None:
-    body = [{"labels": {"job": "meterhouse", **a}, "annotations": {"summary": a["alertname"]}} for a in alerts]
+    body = [
+        {"labels": {"job": "meterhouse", **a}, "annotations": {"summary": a["alertname"]}} for a in alerts
+    ]
     requests.post(f"{url}/api/v2/alerts", json=body, timeout=5).raise_for_status()
 
 
 def states(url: str) -> dict[tuple[str, str], list]:
     alerts = requests.get(f"{url}/api/v2/alerts", timeout=5).json()
-    return {(a["labels"]["alertname"], a["labels"].get("instance", "")): a["status"]["inhibitedBy"] for a in alerts}
+    return {
+        (a["labels"]["alertname"], a["labels"].get("instance", "")): a["status"]["inhibitedBy"]
+        for a in alerts
+    }
 
 
 def test_one_clickhouse_outage_pages_once(alertmanager):
@@ -138,7 +143,12 @@ def test_one_clickhouse_outage_pages_once(alertmanager):
         ("MeterhouseFailoverOccurred", "other:9464"),
     }
     time.sleep(3)  # past group_wait: what reached the pager
-    paged = {a["labels"]["alertname"] for path, body in received if path == "/meterhouse-pager" for a in body["alerts"]}
+    paged = {
+        a["labels"]["alertname"]
+        for path, body in received
+        if path == "/meterhouse-pager"
+        for a in body["alerts"]
+    }
     assert paged == {"MeterhouseNothingWritten", "MeterhouseFailoverFlapping"}
 
 

@@ -93,7 +93,10 @@ def test_recording_rules_are_named_level_metric_operations():
 def test_fleet_quantiles_can_be_computed_from_recorded_bucket_rates():
     recorded = {r["record"]: r["expr"] for r in rules() if "record" in r}
     assert "job_le:meterhouse_ingest_lag_seconds_bucket:rate5m" in recorded
-    assert "job_le:meterhouse_ingest_lag_seconds_bucket:rate5m" in recorded["job:meterhouse_ingest_lag_seconds:p99_rate5m"]
+    assert (
+        "job_le:meterhouse_ingest_lag_seconds_bucket:rate5m"
+        in recorded["job:meterhouse_ingest_lag_seconds:p99_rate5m"]
+    )
 
 
 def test_lag_buckets_reach_hours():
@@ -165,6 +168,11 @@ def test_promql_names_only_metrics_meterhouse_exposes(up):
         for name in set(re.findall(r"\b((?:[a-z_]+:)?meterhouse[a-z0-9_:]*)", code)):
             assert name in exposed or name in recorded, f"{where}: {name} is neither exposed nor recorded"
     assert "meterhouse_failovers_total" in exposed and "meterhouse_spool_oldest_age_seconds" in exposed
-    for name in ("meterhouse_dead_letters_pending", "meterhouse_data_dir_free_bytes",
-                 "meterhouse_data_dir_size_bytes", "meterhouse_orgs_silent_over_24h", "process_start_time_seconds"):
+    for name in (
+        "meterhouse_dead_letters_pending",
+        "meterhouse_data_dir_free_bytes",
+        "meterhouse_data_dir_size_bytes",
+        "meterhouse_orgs_silent_over_24h",
+        "process_start_time_seconds",
+    ):
         assert name in exposed, name  # fmt: skip
