@@ -3,6 +3,8 @@ cardinality per metric, unattributed points, and the orgs with the most series."
 
 from grafanalib.core import Dashboard, Templating, Time
 from meterhouse.dashboards.common import (
+    ATTRIBUTE_CARDINALITY,
+    METRIC_ORGS,
     CLICKHOUSE,
     COUNT,
     DATABASE,
@@ -63,17 +65,17 @@ spiking_orgs = ClickHouseTarget(
 )
 
 attribute_cardinality = ClickHouseTarget(
-    f"""SELECT metric, key, uniqExact(attributes[key]) AS distinct_values, uniqExact(org_id) AS orgs
-FROM {HOURLY} ARRAY JOIN mapKeys(attributes) AS key
+    f"""SELECT metric, key, uniqExactMerge(distinct_values) AS distinct_values, uniqExactMerge(orgs) AS orgs
+FROM {ATTRIBUTE_CARDINALITY}
 WHERE hour >= $__fromTime AND hour < $__toTime
-GROUP BY metric, key ORDER BY distinct_values DESC LIMIT 100""",
+GROUP BY metric, key ORDER BY distinct_values DESC, metric, key LIMIT 100""",
     ("metric", "key", "distinct_values", "orgs"),
     table=True,
 )
 
 biggest_orgs_by_series = ClickHouseTarget(
-    f"""SELECT org_id, uniqExact(metric, attributes_hash) AS series, sum(points) AS points
-FROM {HOURLY}
+    f"""SELECT org_id, uniqExactMerge(series) AS series, sum(points) AS points
+FROM {METRIC_ORGS}
 WHERE hour >= $__fromTime AND hour < $__toTime AND org_id != ''
 GROUP BY org_id ORDER BY series DESC, points DESC, org_id LIMIT 50""",
     ("org_id", "series", "points"),

@@ -7,6 +7,7 @@ sort-key columns (org_id, metric, time).
 
 from grafanalib.core import Dashboard, Templating, Time
 from meterhouse.dashboards.common import (
+    METRIC_ORGS,
     CATALOG,
     CLICKHOUSE,
     COUNT,
@@ -83,7 +84,7 @@ WHERE org_id = {ORG} AND metric = {METRIC} AND hour >= toStartOfMonth(now()) - I
 )
 
 top_orgs = ClickHouseTarget(
-    f"""SELECT org_id, {USAGE} AS usage FROM {HOURLY}
+    f"""SELECT org_id, {USAGE} AS usage FROM {METRIC_ORGS}
 WHERE metric = {METRIC} AND hour >= $__fromTime AND hour < $__toTime AND org_id != ''
 GROUP BY org_id ORDER BY usage DESC, org_id LIMIT 20""",
     ("org_id", "usage"),

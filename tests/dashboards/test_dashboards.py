@@ -8,6 +8,7 @@ import time
 import pytest
 from usage_rows import put
 
+from meterhouse.core import schema
 from meterhouse.dashboards import build, load, render, sources
 from meterhouse.dashboards.common import CLICKHOUSE, DATABASE, ClickHouseTarget
 
@@ -242,3 +243,47 @@ def test_total_in_range_equals_the_half_open_sum_on_unaligned_ranges(store):
         expected = sum(r["value_int"] for r in rows if frm * 10**9 <= r["time"] < to * 10**9)
         sql = expand(namespace["total_in_range"].rawSql, store.database, 3600, frm, to, org="org-t")
         assert store.client.query(sql).result_rows[0][0] == expected, (frm - base, to - base)
+
+
+# -- cross-org panels: served from tables ordered for them, proved by ClickHouse's own plan ----------
+def granules(store, sql: str) -> tuple[int, int]:
+    """(selected, total) granules of the primary-key step of ``EXPLAIN indexes = 1``, summed over tables."""
+    plan = "\n".join(r[0] for r in store.client.query(f"EXPLAIN indexes = 1 {sql}").result_rows)
+    keys = re.findall(r"PrimaryKey.*?Granules: (\d+)/(\d+)", plan, re.S)
+    assert keys, plan
+    return sum(int(s) for s, _ in keys), sum(int(t) for _, t in keys)
+
+
+def test_cross_org_panels_read_only_the_granules_of_their_hours(store):
+    """The top-orgs, biggest-orgs and attribute-cardinality panels read a few granules of the tables
+    ordered for them, where the same rankings on the org-first rollup read every granule."""
+    hour = 3600 * 10**9
+    start = (time.time_ns() // hour - 48) * hour
+    rows = [
+        {"org_id": f"org-{o:03}", "metric": f"metric.{m:02}", "time": start + h * hour + 60 * 10**9,
+         "value_int": 1 + o, "attrs": {"feature": f"f{o % 7}"}}
+        for m in range(30) for h in range(48) for o in range(50)
+    ]  # fmt: skip
+    put(store, rows)
+    frm, to = int((start + 40 * hour) / 10**9), int((start + 46 * hour) / 10**9)
+    usage = runpy.run_path(str(next(s for s in sources() if s.name.startswith("org_usage"))))
+    health = runpy.run_path(str(next(s for s in sources() if s.name.startswith("org_health"))))
+    top = expand(usage["top_orgs"].rawSql, store.database, 3600, frm, to).replace(
+        "'api.calls'", "'metric.07'"
+    )
+    # The same ranking on the org-first rollup reads every granule (the old panel).
+    old = top.replace(
+        f"{store.database}.{schema.METRIC_ORGS_TABLE}", f"{store.database}.{schema.HOURLY_TABLE}"
+    )
+    old_selected, old_total = granules(store, old)
+    assert old_selected == old_total >= 8, (old_selected, old_total)
+    queries = {"top orgs": top} | {
+        panel: expand(health[panel].rawSql, store.database, 3600, frm, to)
+        for panel in ("biggest_orgs_by_series", "attribute_cardinality")
+    }
+    for panel, sql in queries.items():
+        selected, _ = granules(store, sql)
+        assert selected * 4 <= old_total, (panel, selected, old_total)
+    # And they answer what the rollup answers.
+    assert store.client.query(top).result_rows == store.client.query(old).result_rows
+    assert store.client.query(top).result_rows[0] == ("org-049", 6 * 50.0)
