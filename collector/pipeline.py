@@ -6,6 +6,7 @@ endpoints (ClickHouse, failover) ← writer ← spool ← ingestor (decode, dedu
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -149,7 +150,7 @@ class Collector:
         self.endpoints.shutdown(min(left(), 1.0) + 0.5)
 
 
-def _disk_usage(path) -> tuple[float, float]:
+def _disk_usage(path: str | os.PathLike[str]) -> tuple[float, float]:
     """(free, total) bytes of the file system holding ``path``; NaN when it cannot be read."""
     try:
         usage = shutil.disk_usage(path)

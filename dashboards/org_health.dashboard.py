@@ -2,13 +2,15 @@
 cardinality per metric, unattributed points, and the orgs with the most series."""
 
 from grafanalib.core import Dashboard, Templating, Time
+
+from meterhouse.core import schema
 from meterhouse.dashboards.common import (
     ATTRIBUTE_CARDINALITY,
-    METRIC_ORGS,
     CLICKHOUSE,
     COUNT,
     DATABASE,
     HOURLY,
+    METRIC_ORGS,
     SCHEMA_VERSION,
     SELECTOR,
     ClickHouseTarget,
@@ -22,8 +24,6 @@ from meterhouse.dashboards.common import (
     stat,
     table,
 )
-
-from meterhouse.core import schema
 
 S = "{" + SELECTOR + "}"
 

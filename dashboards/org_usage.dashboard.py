@@ -6,12 +6,13 @@ sort-key columns (org_id, metric, time).
 """
 
 from grafanalib.core import Dashboard, Templating, Time
+
 from meterhouse.dashboards.common import (
-    METRIC_ORGS,
     CATALOG,
     CLICKHOUSE,
     COUNT,
     HOURLY,
+    METRIC_ORGS,
     ORG_USAGE_UID,
     POINTS,
     SCHEMA_VERSION,

@@ -2,6 +2,7 @@
 
 from grafanalib.core import Annotations, Dashboard, Templating, Time
 from grafanalib.formatunits import BYTES_IEC, SECONDS
+
 from meterhouse.dashboards.common import (
     COUNT,
     EVENTS,

@@ -108,8 +108,8 @@ class OrgHealth:
                     "day_ago": _dt(now - 86400), "quiet_since": _dt(now - self.silent_after_s),
                     "limit": LIST_LIMIT})
             ]  # fmt: skip
-            silent_over_24h = len(self.store.rows(schema.orgs_silent_sql(db), {
-                "day_ago": _dt(now - 7 * 86400), "quiet_since": _dt(now - 86400), "limit": LIST_LIMIT}))  # fmt: skip
+            over_24h = {"day_ago": _dt(now - 7 * 86400), "quiet_since": _dt(now - 86400), "limit": LIST_LIMIT}
+            silent_over_24h = len(self.store.rows(schema.orgs_silent_sql(db), over_24h))
             last_hour = _dt(now // 3600 * 3600 - 3600)
             spiking = [
                 {"org_id": org, "metric": metric, "last_hour_usage": last, "baseline": base,

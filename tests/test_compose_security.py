@@ -67,7 +67,7 @@ def test_no_secret_in_a_command_line_or_environment_value(compose):
     for name, service in compose["services"].items():
         for arg in map(str, service.get("command", [])):
             assert not re.search(r"://[^/@\s]+:[^/@\s]+@", arg), f"{name}: credentials in {arg}"
-        for key, value in (service.get("environment") or {}).items():
+        for key in service.get("environment") or {}:
             if SECRET_WORDS.search(key):
                 assert key.endswith("__FILE"), f"{name}: {key} holds a secret value"
     sources = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/datasources.yml").read_text())

@@ -146,7 +146,7 @@ def test_current_schema_version_units_and_data_points():
 
 
 def test_every_clickhouse_target_has_the_shape_the_plugin_reads():
-    for name, d in dashboards_json().items():
+    for d in dashboards_json().values():
         for panel in d["panels"]:
             for t in panel["targets"]:
                 if t["datasource"]["type"] != "grafana-clickhouse-datasource":
@@ -195,7 +195,7 @@ def test_variables_are_cheap_and_the_org_is_typed():
 
 def test_rankings_link_to_the_org_dashboard():
     linked = 0
-    for name, d in dashboards_json().items():
+    for d in dashboards_json().values():
         for panel in d["panels"]:
             sql = " ".join(t.get("rawSql", "") for t in panel["targets"])
             if panel["type"] == "table" and re.match(r"\s*SELECT org_id\b", sql):
