@@ -82,6 +82,18 @@ GROUP BY org_id ORDER BY series DESC, points DESC, org_id LIMIT 50""",
     table=True,
 )
 
+# The orgs behind meterhouse_reconcile_drifting_orgs, for the whole months the time range touches.
+drifting_orgs = ClickHouseTarget(
+    literal(
+        schema.drifting_orgs_sql(DATABASE),
+        from_ns="toUnixTimestamp64Nano(toDateTime64(toStartOfMonth($__fromTime), 9, 'UTC'))",
+        to_ns="toUnixTimestamp64Nano(toDateTime64(toStartOfMonth($__toTime) + INTERVAL 1 MONTH, 9, 'UTC'))",
+        limit="200",
+    ),
+    ("month", "org_id", "metric", "raw_points", "rollup_points", "value_drift"),
+    table=True,
+)
+
 unattributed = ClickHouseTarget(
     f"""SELECT $__timeInterval(hour) AS time, sum(points) AS points FROM {HOURLY}
 WHERE org_id = '' AND hour >= toStartOfHour($__fromTime) AND hour < $__toTime
@@ -150,6 +162,13 @@ dashboard = Dashboard(
         table("Attribute cardinality per metric", attribute_cardinality, at(0, 21, 12, 9), COUNT),
         table(
             "Biggest orgs by series", biggest_orgs_by_series, at(12, 21, 12, 9), COUNT, overrides=[org_link()]
+        ),
+        table(
+            "Reconciliation: orgs whose raw points and hourly rollup disagree",
+            drifting_orgs,
+            at(0, 30, 24, 9),
+            COUNT,
+            overrides=[org_link()],
         ),
     ],
 ).auto_panel_ids()
