@@ -18,10 +18,10 @@ if new grafana_clickhouse_password; then
   sed -n 's/^MH_GRAFANA_CLICKHOUSE_PASSWORD=//p' "$dir/clickhouse.env" | tr -d '\n' >"$dir/grafana_clickhouse_password"
 fi
 if new grafana_admin_password; then rand | tr -d '\n' >"$dir/grafana_admin_password"; fi
-if new meterhouse.yml; then
-  printf 'auth:\n  tokens:\n    - token: "%s"\n      orgs: ["*"]\n' "$(rand)" >"$dir/meterhouse.yml"
+if new meterhouse_tokens.yml; then
+  printf 'tokens:\n  - token: "%s"\n    orgs: ["*"]\n' "$(rand)" >"$dir/meterhouse_tokens.yml"
 fi
 # The directory keeps them private on the host; the files are bind-mounted into containers whose users
 # (grafana 472, meterhouse 10001) must read them.
 chmod 644 "$dir"/*
-echo "secrets in $dir; API token: $(sed -n 's/.*token: "\(.*\)"/\1/p' "$dir/meterhouse.yml")"
+echo "secrets in $dir; API token: $(sed -n 's/.*token: "\(.*\)"/\1/p' "$dir/meterhouse_tokens.yml")"

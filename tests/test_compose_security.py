@@ -68,9 +68,10 @@ def test_the_api_requires_tokens(compose):
     assert "--allow-unauthenticated" not in dockerfile
     for name, service in compose["services"].items():
         assert "--allow-unauthenticated" not in " ".join(map(str, service.get("command", []))), name
-    command = compose["services"]["meterhouse"]["command"]
-    config = next(c.split("=", 1)[1] for c in command if c.startswith("--config="))
-    assert config == "/run/secrets/meterhouse_config" and "meterhouse_config" in compose["secrets"]
+    env = compose["services"]["meterhouse"]["environment"]
+    assert env["MH_AUTH_TOKENS_FILE"] == "/run/secrets/meterhouse_tokens"
+    assert "meterhouse_tokens" in compose["services"]["meterhouse"]["secrets"]
+    assert "meterhouse_tokens" in compose["secrets"]
 
 
 def test_no_secret_in_a_command_line_or_environment_value(compose):
@@ -79,7 +80,8 @@ def test_no_secret_in_a_command_line_or_environment_value(compose):
             assert not re.search(r"://[^/@\s]+:[^/@\s]+@", arg), f"{name}: credentials in {arg}"
         for key in service.get("environment") or {}:
             if SECRET_WORDS.search(key):
-                assert key.endswith("__FILE"), f"{name}: {key} holds a secret value"
+                value = service["environment"][key]
+                assert key.endswith("_FILE") and value.startswith("/run/secrets/"), f"{name}: {key}"
     sources = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/datasources.yml").read_text())
     for ds in sources["datasources"]:
         for value in (ds.get("secureJsonData") or {}).values():

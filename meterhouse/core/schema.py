@@ -257,8 +257,8 @@ GROUP BY org_id, metric, hour, attributes""",
 PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, metric, org_id)
 SETTINGS {dedup}""",
-        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.usage_hourly_by_metric_mv
-TO {db}.{METRIC_ORGS_TABLE} AS
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.usage_hourly_by_metric_mv "
+        f"""TO {db}.{METRIC_ORGS_TABLE} AS
 SELECT metric, toStartOfHour(time) AS hour, org_id,
     sum(toInt128(value_int)) AS value_int, sum(value_double) AS value_double, count() AS points,
     uniqExactState(cityHash64(metric, attributes)) AS series
@@ -276,8 +276,8 @@ GROUP BY metric, hour, org_id""",
 PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, metric, key)
 SETTINGS {dedup}""",
-        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attribute_cardinality_hourly_mv
-TO {db}.{ATTRIBUTE_CARDINALITY_TABLE} AS
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attribute_cardinality_hourly_mv "
+        f"""TO {db}.{ATTRIBUTE_CARDINALITY_TABLE} AS
 SELECT metric, toStartOfHour(time) AS hour, key,
     uniqExactState(attributes[key]) AS distinct_values, uniqExactState(org_id) AS orgs
 FROM {db}.{POINTS_TABLE} ARRAY JOIN mapKeys(attributes) AS key
