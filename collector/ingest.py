@@ -11,17 +11,23 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
-from meterhouse.collector.cumulative import CumulativeState, Entry, StateUnavailable
+from meterhouse.collector.cumulative import Change, CumulativeState, Entry, StateUnavailable
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.model import Backpressure, Consumer
 from meterhouse.collector.rejectlog import RejectLog
-from meterhouse.collector.spool import SpoolError
+from meterhouse.collector.spool import Spool, SpoolError
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Store
 
 log = logging.getLogger("meterhouse.ingest")
+
+
+def restore_cumulative(state: CumulativeState, spool: Spool) -> int:
+    """Rebuild the conversion state of series with uncommitted points from the spool (before receivers
+    start), so a new point is never converted against ClickHouse while an earlier one waits in the spool."""
+    return state.restore((r.seq, spool.load(r)) for r in spool.uncommitted_records())
 
 
 def committed_state_loader(store: Store):
@@ -59,6 +65,7 @@ class Ingestor:
         cumulative: CumulativeState | None = None,
         recent: RecentRequests | None = None,
         reject_log: RejectLog | None = None,
+        resend_wait_s: float = 5.0,
     ) -> None:
         self.next = next_stage
         self.metrics = metrics
@@ -66,13 +73,21 @@ class Ingestor:
         self.cumulative = cumulative
         self.recent = recent
         self.reject_log = reject_log if reject_log is not None else RejectLog()
+        self.resend_wait_s = resend_wait_s  # how long a re-sent copy waits for its first copy
 
     def export(self, request: ExportMetricsServiceRequest, digest: str) -> Outcome:
         m = self.metrics
-        if self.recent is not None and not self.recent.claim(digest):
-            # The same bytes were accepted within the window (a client re-sent after a lost answer).
-            m.requests_deduplicated.inc()
-            return Outcome("ok", "", ExportMetricsServiceResponse())
+        if self.recent is not None:
+            state = self.recent.claim(digest, self.resend_wait_s)
+            if state == "settled":
+                # The same bytes are stored within the window (a client re-sent after a lost answer).
+                m.requests_deduplicated.inc()
+                return Outcome("ok", "", ExportMetricsServiceResponse())
+            if state == "busy":
+                # The first copy is still being stored: its fate is not known, so promise nothing.
+                return Outcome(
+                    "unavailable", "an identical request is being stored, retry later", retry_after_s=1
+                )
         now = time.time_ns()
         try:
             result = decode_request(
@@ -86,7 +101,7 @@ class Ingestor:
             )
         m.points_received.inc(result.received)
         try:
-            self.next.consume(result.batch)
+            seq = self.next.consume(result.batch)
         except (Backpressure, SpoolError) as e:
             # Nothing of this request is kept; the client retries all of it, so count no rejections.
             self._undo(result.changes)
@@ -95,6 +110,8 @@ class Ingestor:
                 m.spool_full.inc()
                 return Outcome("backpressure", f"pipeline is full: {e}", retry_after_s=e.retry_after_s)
             return Outcome("unavailable", str(e), retry_after_s=1)
+        if result.changes and self.cumulative is not None and isinstance(seq, int):
+            self.cumulative.spooled(result.changes, seq)
         if self.recent is not None:
             self.recent.add(digest, now)
         for reason, n in result.rejected.items():
@@ -116,6 +133,6 @@ class Ingestor:
         if self.recent is not None:
             self.recent.release(digest)
 
-    def _undo(self, changes) -> None:
+    def _undo(self, changes: list[Change]) -> None:
         if changes and self.cumulative is not None:
             self.cumulative.rollback(changes)

@@ -16,13 +16,13 @@ from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.decode import Limits
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.failover import EndpointSet
-from meterhouse.collector.ingest import Ingestor, committed_state_loader
+from meterhouse.collector.files import Files
+from meterhouse.collector.ingest import Ingestor, committed_state_loader, restore_cumulative
 from meterhouse.collector.receivers.grpc import OtlpGrpcReceiver
 from meterhouse.collector.receivers.http import OtlpHttpReceiver
 from meterhouse.collector.spool import Spool
 from meterhouse.collector.writer import Writer
 from meterhouse.core.config import Config
-from meterhouse.core.faults import FaultInjector
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Store, connect
 
@@ -47,7 +47,10 @@ class Collector:
         config: Config,
         metrics: PipelineMetrics,
         connect_endpoint: Callable[[str], Store] | None = None,
+        files: Files | None = None,
     ) -> None:
+        """``connect_endpoint`` opens a ClickHouse endpoint and ``files`` is the file layer of the spool
+        and dead letters: the seams through which tests inject outages and disk errors."""
         self.config = config
         self.metrics = metrics
         self.endpoints = EndpointSet(
@@ -63,7 +66,6 @@ class Collector:
             failover_after_failures=config.failover_after_failures,
             failback_hold_s=config.failback_hold_s,
             health_check_interval_s=config.health_check_interval_s,
-            faults=FaultInjector.from_env(),
         )
         self.spool = Spool(
             config.data_dir / "spool",
@@ -71,6 +73,7 @@ class Collector:
             segment_bytes=config.spool_segment_bytes,
             fsync=config.spool_fsync,
             max_cached_points=config.max_cached_points,
+            files=files,
         )
         self.recent = (
             RecentRequests(config.data_dir / "spool" / "recent-requests.log", config.dedup_window_s)
@@ -81,14 +84,16 @@ class Collector:
             self.spool,
             self.endpoints,
             metrics,
-            DeadLetters(config.data_dir / "dead-letter"),
+            DeadLetters(config.data_dir / "dead-letter", files),
             flush_interval_s=config.flush_interval_s,
             flush_max_points=config.flush_max_points,
             backoff_max_s=config.retry_max_backoff_s,
             poison_after_attempts=config.poison_after_attempts,
-            before_commit=self.recent.sync if self.recent else None,
+            before_commit=self.recent.committed if self.recent else None,
         )
-        self.cumulative = CumulativeState(committed_state_loader(self.endpoints))
+        self.cumulative = CumulativeState(
+            committed_state_loader(self.endpoints), committed_seq=lambda: self.spool.committed_seq
+        )
         self.ingestor = Ingestor(self.spool, metrics, limits_from(config), self.cumulative, self.recent)
         self.http = OtlpHttpReceiver(
             config.host, config.otlp_http_port, self.ingestor, metrics, config.max_request_bytes
@@ -111,6 +116,11 @@ class Collector:
     def ready(self) -> bool:
         return self._started and self.writer.running
 
+    @property
+    def alive(self) -> bool:
+        """False once the writer has stopped while the collector runs (nothing in-process restarts it)."""
+        return not self._started or self.writer.running
+
     def start(self) -> None:
         self.endpoints.start()
         report = self.spool.open()
@@ -131,6 +141,7 @@ class Collector:
                                         f"points={self.spool.pending_points}")  # fmt: skip
         if self.recent is not None:
             self.recent.load(report.digests)
+        restore_cumulative(self.cumulative, self.spool)  # before the writer commits and receivers run
         self.writer.start()
         self.http.start()
         self.grpc.start()

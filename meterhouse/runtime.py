@@ -22,15 +22,17 @@ log = logging.getLogger("meterhouse")
 class Stack:
     """Everything `meterhouse up` runs, with ports resolved once started."""
 
-    def __init__(self, config: Config, connect_endpoint=None) -> None:
-        """``connect_endpoint(url) -> Store`` overrides how endpoints are opened (tests share one engine)."""
+    def __init__(self, config: Config, connect_endpoint=None, files=None) -> None:
+        """``connect_endpoint(url) -> Store`` overrides how endpoints are opened (tests share one engine);
+        ``files`` the spool's file layer (tests inject disk errors)."""
         self.config = config
         self.registry = CollectorRegistry()
         for c in (ProcessCollector, PlatformCollector, GCCollector):
             c(registry=self.registry)
         self.metrics = PipelineMetrics(self.registry)
-        self.collector = Collector(config, self.metrics, connect_endpoint)
-        self.store = self.collector.endpoints  # reads go to whichever endpoint is active
+        self.collector = Collector(config, self.metrics, connect_endpoint, files)
+        # Reads go to whichever endpoint is active, with health of their own (reads never fail writes over).
+        self.store = self.collector.endpoints.reads()
         self.health = OrgHealth(
             self.store,
             self.registry,
@@ -52,6 +54,7 @@ class Stack:
             config.auth_tokens,
             config.raw_retention_days,
             config.late_window_days,
+            alive=lambda: self.collector.alive,
         )
         self._http = make_server(config.host, config.http_port, self.app, threaded=True)
         self._http_thread = threading.Thread(target=self._http.serve_forever, name="http-api", daemon=True)
