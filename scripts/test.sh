@@ -7,6 +7,10 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   echo "==> installing Debian's prometheus package (promtool and prometheus for the alert-rule tests)"
   apt_install --no-install-recommends prometheus
 fi
+if ! command -v victoria-metrics >/dev/null; then
+  echo "==> installing Debian's victoria-metrics package (the peer in the benchmark's VictoriaMetrics scenarios)"
+  apt_install --no-install-recommends victoria-metrics
+fi
 echo "==> ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
