@@ -25,7 +25,10 @@ SCENARIOS = {
     "scale": (scale, "5. Scale curve: the same points from 1k to 100k orgs"),
     "vm-ingest": (vm_ingest, "6. Ingest beside VictoriaMetrics: 5,000- and 48-sample requests"),
     "vm-query": (vm_query, "7. Queries beside VictoriaMetrics: one org over 24 h and 30 days, top 20 orgs"),
-    "vm-exactness": (vm_exactness, "8. Exactness beside VictoriaMetrics: big integers, a re-sent request, a late sample"),
+    "vm-exactness": (
+        vm_exactness,
+        "8. Exactness beside VictoriaMetrics: big integers, a re-sent request, a late sample",
+    ),
 }
 
 

@@ -45,7 +45,8 @@ def line_protocol(otlp: bytes) -> tuple[bytes, int]:
     lines: list[str] = []
     for rm in req.resource_metrics:
         resource = "".join(
-            f",{_escape(kv.key.replace('.', '_'))}={_escape(kv.value.string_value)}" for kv in rm.resource.attributes
+            f",{_escape(kv.key.replace('.', '_'))}={_escape(kv.value.string_value)}"
+            for kv in rm.resource.attributes
         )
         for sm in rm.scope_metrics:
             for m in sm.metrics:
@@ -102,7 +103,10 @@ class Victoria:
     def settled(self) -> bool:
         """Nothing waits in the in-memory buffers (rows and index entries become searchable from parts)."""
         m = self.metrics()
-        return m.get('vm_pending_rows{type="storage"}', 1) == 0 and m.get('vm_pending_rows{type="indexdb"}', 1) == 0
+        return (
+            m.get('vm_pending_rows{type="storage"}', 1) == 0
+            and m.get('vm_pending_rows{type="indexdb"}', 1) == 0
+        )
 
     def flush(self) -> None:
         get(f"{self.base}/internal/force_flush")
@@ -115,7 +119,9 @@ class Victoria:
             params["nocache"] = "1"
         return self._api("query", params)
 
-    def query_range(self, promql: str, start: float, end: float, step: int, nocache: bool = False) -> list[dict]:
+    def query_range(
+        self, promql: str, start: float, end: float, step: int, nocache: bool = False
+    ) -> list[dict]:
         params = {"query": promql, "start": str(start), "end": str(end), "step": str(step)}
         if nocache:
             params["nocache"] = "1"

@@ -86,7 +86,9 @@ def meterhouse_side(work: Path, cases: list[dict]) -> list:
         statuses = []
         for c in cases:
             body = request(c["org"], c["samples"])
-            statuses.append([post(otlp, "/v1/metrics", body, "application/x-protobuf") for _ in range(c["sends"])])
+            statuses.append(
+                [post(otlp, "/v1/metrics", body, "application/x-protobuf") for _ in range(c["sends"])]
+            )
         wait_written(api, sum(len(c["samples"]) for c in cases), 120)
         time.sleep(3)  # past the flush interval: a second copy, if it were kept, would be written by now
         out = []
@@ -99,7 +101,9 @@ def meterhouse_side(work: Path, cases: list[dict]) -> list:
         proc.stop()
 
 
-def victoria_side(work: Path, cases: list[dict], name: str, flags: tuple[str, ...] = ()) -> tuple[list, float]:
+def victoria_side(
+    work: Path, cases: list[dict], name: str, flags: tuple[str, ...] = ()
+) -> tuple[list, float]:
     vm = Victoria(work, name, flags)
     try:
         statuses = []

@@ -63,6 +63,7 @@ def meterhouse(work: Path, payloads: Path, per_request: int) -> dict:
             "cpu_s_per_million": cpu / load["points"] * 1e6,
             "peak_rss_mb": memory(proc.pid)["peak_rss"] / 2**20,
             "disk_bytes_per_sample": dir_bytes(work / f"up-vs-{per_request}" / "clickhouse") / load["points"],
+            "spool_mb": dir_bytes(work / f"up-vs-{per_request}" / "spool") / 2**20,
         }
     finally:
         proc.stop()
@@ -97,11 +98,11 @@ def victoria(work: Path, passes: list[tuple[str, Path]], per_request: int) -> li
 
 
 COLUMNS = ["system", "per_request", "samples", "acked_per_s", "queryable_per_s", "cpu_s_per_million", "peak_rss_mb",
-           "disk_bytes_per_sample"]  # fmt: skip
+           "disk_bytes_per_sample", "spool_mb"]  # fmt: skip
 
 
 def run(work: Path, quick: bool, orgs: int = 15_000) -> dict:
-    sizes = ((5_000, 12), (48, 120)) if quick else ((5_000, 120), (48, 12_500))
+    sizes = ((2_000, 6), (48, 60)) if quick else ((5_000, 120), (48, 12_500))
     rows = []
     for per_request, requests in sizes:
         otlp, total = prepare(work, orgs, per_request, requests)
