@@ -146,12 +146,14 @@ class Victoria:
         return total
 
     def wait_queryable(self, metrics: tuple[str, ...], expected: int, timeout_s: float = 900) -> float:
-        """The moment queries return all ``expected`` samples: the buffers are polled (cheap) until empty,
-        then counting queries confirm."""
+        """The moment all ``expected`` samples are queryable: the buffers are polled (cheap, like
+        meterhouse's written counter) until empty, then counting queries confirm that every sample is
+        returned; the moment is the poll's, so the counting queries' own time is not charged."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            seen = time.monotonic()
             if self.settled() and self.samples(metrics) >= expected:
-                return time.monotonic()
+                return seen
             time.sleep(0.05)
         raise RuntimeError(f"VictoriaMetrics did not make {expected} samples queryable in {timeout_s}s")
 
