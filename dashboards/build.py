@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import runpy
 from pathlib import Path
-
-from grafanalib._gen import DashboardEncoder
+from typing import Any
 
 SOURCES = Path(__file__).parent
 DEFAULT_OUT = SOURCES / "json"
@@ -16,13 +15,21 @@ def sources() -> list[Path]:
     return sorted(SOURCES.glob("*.dashboard.py"))
 
 
-def load(path: Path):
+def load(path: Path) -> Any:
     """The ``dashboard`` object a source defines (grafanalib's convention)."""
     return runpy.run_path(str(path))["dashboard"]
 
 
-def render(dashboard) -> str:
-    return json.dumps(dashboard.to_json_data(), sort_keys=True, indent=2, cls=DashboardEncoder) + "\n"
+def _to_json(obj: Any) -> Any:
+    """grafanalib objects serialise themselves through ``to_json_data`` (its public convention)."""
+    to_json_data = getattr(obj, "to_json_data", None)
+    if to_json_data is None:
+        raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+    return to_json_data()
+
+
+def render(dashboard: Any) -> str:
+    return json.dumps(dashboard.to_json_data(), sort_keys=True, indent=2, default=_to_json) + "\n"
 
 
 def build(out: Path = DEFAULT_OUT) -> list[Path]:

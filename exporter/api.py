@@ -73,9 +73,9 @@ def _range() -> tuple[int, int]:
     return from_ns, max(from_ns, to_ns)
 
 
-def _choice(name: str, allowed: tuple[str, ...], default: str | None) -> str | None:
+def _choice(name: str, allowed: tuple[str, ...], default: str) -> str:
     value = _text(name) or default
-    if value is not None and value not in allowed:
+    if value not in allowed:
         raise _bad(f"{name}: must be one of {', '.join(allowed)}")
     return value
 
@@ -248,9 +248,8 @@ def create_api(store, health=None, auth: Auth | None = None, raw_retention_days:
 
     @api.get("/orgs")
     def orgs():
-        status = _choice("status", STATUSES, None)
-        if status is not None:
-            return jsonify(org_status(health, status))
+        if _text("status") is not None:
+            return jsonify(org_status(health, _choice("status", STATUSES, "")))
         return jsonify(org_ranking(store))
 
     @api.get("/metrics-catalog")

@@ -26,7 +26,7 @@ def create_app(
     writer run; ``health`` is the OrgHealth behind ``/api/v1/orgs?status=``. /metrics, /healthz and
     /readyz stay open; the API needs a token once ``tokens`` are configured."""
     app = Flask("meterhouse")
-    app.json.sort_keys = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider's documented knob
 
     @app.get("/metrics")
     def metrics():

@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 
 from meterhouse import __version__
-from meterhouse.core.config import Config, ConfigError, load_config
+from meterhouse.core.config import Config, ConfigError, load_config, redact_urls
 from meterhouse.core.log import setup_logging
 
 
@@ -20,15 +20,28 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
     defaults = Config()
     for f in fields(Config):
+        if not f.metadata.get("flag", True):
+            continue
         flag = "--" + f.name.replace("_", "-")
-        typ = {"int": int, "float": float}.get(str(f.type), str)  # bools arrive as text: true/false
+        env_help = f"env MH_{f.name.upper()}"
+        if str(f.type) == "bool":  # a switch: --spool-fsync / --no-spool-fsync
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=f"{f.metadata['help']} [default: {'on' if getattr(defaults, f.name) else 'off'}; "
+                f"{env_help}=true|false]",
+            )
+            continue
+        typ = {"int": int, "float": float}.get(str(f.type), str)
         parser.add_argument(
             flag,
             dest=f.name,
             default=None,
             type=typ,
             metavar=f.name.split("_")[-1].upper(),
-            help=f"{f.metadata['help']} [default: {getattr(defaults, f.name)}; env MH_{f.name.upper()}]",
+            help=f"{f.metadata['help']} [default: {getattr(defaults, f.name)}; {env_help}]",
         )
 
 
@@ -116,7 +129,10 @@ def options_table() -> str:
     for f in fields(Config):
         if not f.metadata.get("flag", True):
             continue
-        rows.append(f"| `--{f.name.replace('_', '-')}` | `MH_{f.name.upper()}` | "
+        flag = f"--{f.name.replace('_', '-')}"
+        if str(f.type) == "bool":
+            flag += f"` / `--no-{f.name.replace('_', '-')}"
+        rows.append(f"| `{flag}` | `MH_{f.name.upper()}` | "
                     f"`{getattr(defaults, f.name)}` | {f.metadata['help']} |")  # fmt: skip
     return "\n".join(rows) + "\n"
 
@@ -141,6 +157,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         value = getattr(config, f.name)
         if f.name == "auth_tokens":  # never print secrets
             value = [f"{t.token[:4]}… orgs={list(t.orgs)}" for t in value]
+        elif f.name == "clickhouse_url":
+            value = redact_urls(value)
         print(f"{f.name}: {value}")
     return 0
 

@@ -14,5 +14,7 @@ fi
 echo "==> ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
+echo "==> mypy (strict on core and collector)"
+bash scripts/typecheck.sh
 echo "==> pytest"
 exec "$PY" -m pytest "$@"

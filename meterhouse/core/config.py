@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -35,7 +36,10 @@ def _non_negative(v: float) -> str | None:
     return None if v >= 0 else "must be 0 or more"
 
 
-def _choice(*allowed: str):
+Check = Callable[[Any], "str | None"]
+
+
+def _choice(*allowed: str) -> Check:
     def check(v: str) -> str | None:
         return None if v in allowed else f"must be one of {', '.join(allowed)}"
 
@@ -54,8 +58,8 @@ def _urls(v: str) -> str | None:
     return None
 
 
-def _opt(check, **kw):
-    return field(metadata={"check": check, "help": kw.pop("help")}, **kw)
+def _opt(check: Check | None, *, default: Any, help: str) -> Any:
+    return field(default=default, metadata={"check": check, "help": help})
 
 
 @dataclass(frozen=True)
@@ -176,12 +180,13 @@ class Config:
     allow_unauthenticated: bool = _opt(
         None, default=False, help="Serve the API without tokens on a non-loopback --host (refused otherwise)."
     )
-    auth_tokens: tuple = field(
+    auth_tokens: tuple[Token, ...] = field(
         default=(),
         metadata={
             "check": None,
             "flag": False,
-            "help": "Bearer tokens and their org scopes (config file `auth.tokens`).",
+            "help": "Bearer tokens and their org scopes (config file `auth.tokens`, or a YAML file "
+            "`tokens: [...]` named by MH_AUTH_TOKENS_FILE; never a flag, so tokens stay out of `ps`).",
         },
     )
     log_level: str = _opt(_choice("debug", "info", "warning", "error"), default="info", help="Log level.")
@@ -275,6 +280,32 @@ def _tokens(raw: Any, source: str) -> tuple[Token, ...]:
     return tuple(out)
 
 
+def redact_urls(urls: str) -> str:
+    """The endpoint list with any password replaced by ``***`` (for printing and logs)."""
+    out = []
+    for url in urls.split(","):
+        parts = urlsplit(url.strip())
+        if parts.password is not None:
+            host = parts.hostname or ""
+            netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+            url = urlunsplit(parts._replace(netloc=netloc))
+        out.append(url.strip())
+    return ",".join(out)
+
+
+def _tokens_file(path: Path, source: str) -> tuple[Token, ...]:
+    """Tokens from a YAML file of its own: ``tokens: [{token, orgs}]`` (or ``auth: {tokens: ...}``)."""
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"auth tokens file: cannot read {path} (named by {source}): {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"auth tokens file: {path} (named by {source}) is not valid YAML: {e}") from None
+    if isinstance(loaded, dict) and set(loaded) == {"auth"}:
+        loaded = loaded["auth"]
+    return _tokens(loaded, str(path))
+
+
 def option_names() -> list[str]:
     """Options that are flags and environment variables (auth tokens come from the file only)."""
     return [f.name for f in fields(Config) if f.metadata.get("flag", True)]
@@ -318,5 +349,8 @@ def load_config(
         if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() in known
     }
     take(from_env, "environment")
+    tokens_file = env.get(ENV_PREFIX + "AUTH_TOKENS_FILE")
+    if tokens_file:
+        values["auth_tokens"] = _tokens_file(Path(tokens_file), ENV_PREFIX + "AUTH_TOKENS_FILE")
     take(dict(flags or {}), "command line")
     return dataclasses.replace(Config(), **values) if values else Config()

@@ -16,6 +16,7 @@ REJECT_REASONS = (
     "invalid_timestamp",  # time 0, before start time, or outside the accepted window
     "invalid_value",  # NaN or Inf where usage must be a number
     "negative_delta",  # a monotonic delta sum that decreases
+    "out_of_order",  # a cumulative point older than its series' last one, with another value
     "attribute_limit",  # too many attributes, or a key or value over the length limit
     "unsupported_metric",  # no data, or a sum without temporality
 )

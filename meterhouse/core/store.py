@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import clickhouse_connect
@@ -87,8 +87,8 @@ class Store:
             },
         )
 
-    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
-        return self.client.query(sql, parameters=parameters or {}).result_rows
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        return cast("list[tuple[Any, ...]]", self.client.query(sql, parameters=parameters or {}).result_rows)
 
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         rows = self.rows(sql, parameters)

@@ -110,3 +110,84 @@ def test_every_command_in_the_readme_exists(tmp_path):
     r = subprocess.run([sys.executable, "-m", "meterhouse", "dead-letter", "list", "--data-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0 and "0 dead letter(s)" in r.stdout
+
+
+def test_every_reject_reason_in_the_code_is_pre_created_and_documented():
+    """A reason the decoder uses but the metrics do not pre-create is invisible to `increase()`."""
+    import re
+
+    from meterhouse.core.metrics import REJECT_REASONS
+
+    root = Path(__file__).resolve().parents[2]
+    code = "\n".join(p.read_text() for p in (root / "collector").rglob("*.py"))
+    used = set(re.findall(r'reject\(\s*"([a-z_]+)"', code))
+    used |= set(re.findall(r'reject\(\s*"[a-z_]+" if \w+ else "([a-z_]+)"', code))
+    assert used, "no reject reason found in the collector"
+    assert used <= set(REJECT_REASONS), used - set(REJECT_REASONS)
+    readme = (root / "README.md").read_text().split("### Validation", 1)[1].split("\n## ", 1)[0]
+    for reason in REJECT_REASONS:
+        assert f"`{reason}`" in readme, f"{reason} is counted but not in the README's validation section"
+
+
+def test_the_readme_documents_only_options_that_exist():
+    import re
+
+    from meterhouse.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    parser = build_parser()
+    known = set()
+    for action in parser._subparsers._group_actions[0].choices.values():  # every subcommand's flags
+        for a in action._actions:
+            known.update(o for o in a.option_strings if o.startswith("--"))
+    bench_help = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout  # fmt: skip
+    known.update(re.findall(r"(--[a-z][a-z0-9-]*)", bench_help))
+    mentioned = set(re.findall(r"`(--[a-z][a-z0-9-]*)", readme))
+    assert mentioned - known == set(), f"README names options that do not exist: {sorted(mentioned - known)}"
+
+
+def test_boolean_options_are_switches():
+    from meterhouse.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["up", "--allow-unauthenticated", "--no-spool-fsync"])
+    assert args.allow_unauthenticated is True and args.spool_fsync is False
+    assert parser.parse_args(["up"]).spool_fsync is None  # unset: the file/env/default decides
+    with pytest.raises(SystemExit):  # a switch takes no value
+        parser.parse_args(["up", "--allow-unauthenticated", "true", "--no-such"])
+
+
+def test_config_command_redacts_passwords_in_clickhouse_url(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "meterhouse", "config", "--clickhouse-url",
+         "http://u:secretpw@h:8123,https://other:pw2@h2:8443", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "secretpw" not in r.stdout and "pw2" not in r.stdout
+    assert "http://u:***@h:8123" in r.stdout and "https://other:***@h2:8443" in r.stdout
+
+
+def test_tokens_come_from_a_file_named_by_the_environment(tmp_path):
+    tokens = tmp_path / "tokens.yml"
+    tokens.write_text(
+        "tokens:\n  - {token: aaaaaaaaaaaaaaaaaaaa, orgs: [org-1]}\n  - {token: bbbbbbbbbbbbbbbbbbbb, orgs: ['*']}\n"
+    )
+    c = load_config(env={"MH_AUTH_TOKENS_FILE": str(tokens)})
+    assert [(t.token, t.orgs) for t in c.auth_tokens] == [
+        ("aaaaaaaaaaaaaaaaaaaa", ("org-1",)),
+        ("bbbbbbbbbbbbbbbbbbbb", ("*",)),
+    ]
+    with pytest.raises(ConfigError, match="MH_AUTH_TOKENS_FILE"):
+        load_config(env={"MH_AUTH_TOKENS_FILE": str(tmp_path / "missing.yml")})
+    tokens.write_text("tokens:\n  - {token: short, orgs: [org-1]}\n")
+    with pytest.raises(ConfigError, match=r"auth.tokens\[0\].token"):
+        load_config(env={"MH_AUTH_TOKENS_FILE": str(tokens)})
+    # No flag carries tokens, so they never show in `ps`.
+    from meterhouse.cli import build_parser
+
+    assert "--auth-tokens" not in build_parser().format_help()
+    assert not any("token" in o for o in option_names())
