@@ -66,6 +66,7 @@ def main() -> int:
         for key in ("throughput_ratio_vs_naive", "ratios_meterhouse_over_prometheus"):
             if key in res:
                 print(f"{key}: " + ", ".join(f"{k} {v:.3g}" for k, v in res[key].items()), flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))  # what is done so far
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     print(f"\nresults written to {args.out}")
     return 0
