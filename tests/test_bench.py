@@ -37,7 +37,7 @@ def test_quick_benchmarks_run_every_scenario(tmp_path):
     for row in res["vm-ingest"]["rows"]:
         assert row["acked_per_s"] > 0 and row["queryable_per_s"] > 0 and row["disk_bytes_per_sample"] > 0
     # the line-protocol translation carries the same usage: the same totals and the same top org
-    assert res["vm-query"]["totals_agree"] == {"1000": True}
+    assert res["vm-query"]["totals_agree"] == {"1000": True}, res["vm-query"]["rows"]
     exact = {row["check"].split(" (")[0]: row for row in res["vm-exactness"]["rows"]}
     assert all(row["meterhouse_exact"] for row in exact.values()), exact
     # what the benchmark reports about the peer (VictoriaMetrics 1.79 with its defaults)
