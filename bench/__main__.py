@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import cardinality, ingest, query, scale, vm_exactness, vm_ingest, vm_query
+from bench import cardinality, close, ingest, query, scale, vm_exactness, vm_ingest, vm_query
 from bench.common import table
 
 SCENARIOS = {
@@ -23,11 +23,12 @@ SCENARIOS = {
     "cardinality": (cardinality, "3. Per-org usage as Prometheus series (org_id label) against meterhouse"),
     "query": (query, "4. Query latency, rollup against raw"),
     "scale": (scale, "5. Scale curve: the same points from 1k to 100k orgs"),
-    "vm-ingest": (vm_ingest, "6. Ingest beside VictoriaMetrics: 5,000- and 48-sample requests"),
-    "vm-query": (vm_query, "7. Queries beside VictoriaMetrics: one org over 24 h and 30 days, top 20 orgs"),
+    "close": (close, "6. Monthly close: 100k orgs x 4 metrics from raw points, checked against the rollup"),
+    "vm-ingest": (vm_ingest, "7. Ingest beside VictoriaMetrics: 5,000- and 48-sample requests"),
+    "vm-query": (vm_query, "8. Queries beside VictoriaMetrics: one org over 24 h and 30 days, top 20 orgs"),
     "vm-exactness": (
         vm_exactness,
-        "8. Exactness beside VictoriaMetrics: big integers, a re-sent request, a late sample",
+        "9. Exactness beside VictoriaMetrics: big integers, a re-sent request, a late sample",
     ),
 }
 

@@ -11,10 +11,11 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
-from meterhouse.collector.cumulative import CumulativeState, Entry
+from meterhouse.collector.cumulative import CumulativeState, Entry, StateUnavailable
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.model import Backpressure, Consumer
+from meterhouse.collector.rejectlog import RejectLog
 from meterhouse.collector.spool import SpoolError
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
@@ -57,12 +58,14 @@ class Ingestor:
         limits: Limits,
         cumulative: CumulativeState | None = None,
         recent: RecentRequests | None = None,
+        reject_log: RejectLog | None = None,
     ) -> None:
         self.next = next_stage
         self.metrics = metrics
         self.limits = limits
         self.cumulative = cumulative
         self.recent = recent
+        self.reject_log = reject_log if reject_log is not None else RejectLog()
 
     def export(self, request: ExportMetricsServiceRequest, digest: str) -> Outcome:
         m = self.metrics
@@ -75,7 +78,7 @@ class Ingestor:
             result = decode_request(
                 request, self.limits, now_ns=now, digest=digest, cumulative=self.cumulative
             )
-        except Exception as e:  # the cumulative state could not be read from ClickHouse
+        except StateUnavailable as e:  # the cumulative state could not be read from ClickHouse
             self._release(digest)
             log.warning("cannot decode request", extra={"error": str(e)[:300]})
             return Outcome(
@@ -96,6 +99,10 @@ class Ingestor:
             self.recent.add(digest, now)
         for reason, n in result.rejected.items():
             m.points_rejected.labels(reason=reason).inc(n)
+        for reason, n in result.repaired.items():
+            m.points_repaired.labels(reason=reason).inc(n)
+        if result.by_metric:
+            self.reject_log.record(result.by_metric)
         if result.unattributed:
             m.points_unattributed.inc(result.unattributed)
         response = ExportMetricsServiceResponse()

@@ -14,7 +14,7 @@ from meterhouse import __version__
 from meterhouse.collector import Collector
 from meterhouse.core.config import Config
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.exporter import OrgHealth, create_app
+from meterhouse.exporter import OrgHealth, Reconciler, create_app
 
 log = logging.getLogger("meterhouse")
 
@@ -41,6 +41,9 @@ class Stack:
             spike_min_usage=config.spike_min_usage,
             top_k=config.top_k,
         )
+        self.reconciler = Reconciler(
+            self.store, self.registry, interval_s=config.reconcile_interval_s, months=config.reconcile_months
+        )
         self.app = create_app(
             self.store,
             self.registry,
@@ -48,6 +51,7 @@ class Stack:
             self.health,
             config.auth_tokens,
             config.raw_retention_days,
+            config.late_window_days,
         )
         self._http = make_server(config.host, config.http_port, self.app, threaded=True)
         self._http_thread = threading.Thread(target=self._http.serve_forever, name="http-api", daemon=True)
@@ -59,10 +63,12 @@ class Stack:
     def start(self) -> None:
         self.collector.start()
         self.health.start()
+        self.reconciler.start()
         self._http_thread.start()
 
     def shutdown(self, timeout_s: float) -> None:
         self.health.shutdown(1.0)
+        self.reconciler.shutdown(1.0)
         self.collector.shutdown(timeout_s)
         self._http.shutdown()
 

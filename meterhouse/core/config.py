@@ -58,6 +58,10 @@ def _urls(v: str) -> str | None:
     return None
 
 
+def _optional_identifier(v: str) -> str | None:
+    return _identifier(v) if v else None
+
+
 def _opt(check: Check | None, *, default: Any, help: str) -> Any:
     return field(default=default, metadata={"check": check, "help": help})
 
@@ -78,6 +82,12 @@ class Config:
         "or embedded (the chdb engine under data_dir). Writes fail over down the list.",
     )
     database: str = _opt(_identifier, default="meterhouse", help="ClickHouse database name.")
+    cluster: str = _opt(
+        _optional_identifier,
+        default="",
+        help="ClickHouse cluster (remote_servers) name: the schema is created ON CLUSTER, replicated and "
+        "sharded by org, and the endpoints are nodes of it. Empty = one node.",
+    )
     host: str = _opt(None, default="127.0.0.1", help="Address every listener binds.")
     otlp_grpc_port: int = _opt(_port, default=4317, help="OTLP/gRPC port (0 = any free port).")
     otlp_http_port: int = _opt(_port, default=4318, help="OTLP/HTTP port (0 = any free port).")
@@ -177,6 +187,18 @@ class Config:
         default=0,
         help="Export the K orgs with most points in 24 h as labelled series (0 = off; K bounds the series).",
     )
+    late_window_days: int = _opt(
+        _non_negative,
+        default=35,
+        help="Days after a month's end during which it stays open for late points; closing it sooner "
+        "needs force.",
+    )
+    reconcile_interval_s: float = _opt(
+        _positive, default=300.0, help="How often raw points are reconciled against the hourly rollup."
+    )
+    reconcile_months: int = _opt(
+        _positive, default=3, help="Months reconciled continuously: the current one and those before it."
+    )
     allow_unauthenticated: bool = _opt(
         None, default=False, help="Serve the API without tokens on a non-loopback --host (refused otherwise)."
     )
@@ -200,6 +222,25 @@ class Config:
             problem = check(getattr(self, f.name)) if check else None
             if problem:
                 raise ConfigError(f"{f.name}: {problem} (got {getattr(self, f.name)!r})")
+        self._check_endpoints()
+
+    def _check_endpoints(self) -> None:
+        """Several endpoints are safe only as nodes of one replicated schema: with plain tables on each,
+        points written during a failover would stay on the other server, and a retry there would count
+        twice. ``embedded#name`` handles all open the one embedded database, so they may be listed."""
+        urls = self.endpoints
+        embedded = [u for u in urls if u == "embedded" or u.startswith("embedded#")]
+        if self.cluster and embedded:
+            raise ConfigError(
+                f"cluster: the embedded engine cannot be a node of cluster {self.cluster!r}; "
+                "name the cluster's ClickHouse servers in clickhouse_url"
+            )
+        if len(urls) > 1 and not self.cluster and len(embedded) != len(urls):
+            raise ConfigError(
+                "clickhouse_url: several endpoints are only safe as replicas of one replicated schema; "
+                "pass --cluster NAME (their ClickHouse cluster), or name one endpoint "
+                f"(got {len(urls)}: {redact_urls(', '.join(urls))})"
+            )
 
     @property
     def endpoints(self) -> list[str]:
@@ -245,10 +286,11 @@ def _coerce(name: str, typ: Any, raw: Any, source: str) -> Any:
 
 @dataclass(frozen=True)
 class Token:
-    """An API bearer token and the orgs it may read (``*`` = all)."""
+    """An API bearer token, the orgs it may read (``*`` = all), and whether it may close months."""
 
     token: str
     orgs: tuple[str, ...]
+    admin: bool = False
 
     @property
     def all_orgs(self) -> bool:
@@ -267,14 +309,16 @@ def _tokens(raw: Any, source: str) -> tuple[Token, ...]:
     out = []
     for i, e in enumerate(entries):
         where = f"auth.tokens[{i}]"
-        if not isinstance(e, dict) or set(e) != {"token", "orgs"}:
-            raise ConfigError(f"{where}: must be {{token: ..., orgs: [...]}} (from {source})")
+        if not isinstance(e, dict) or not {"token", "orgs"} <= set(e) <= {"token", "orgs", "admin"}:
+            raise ConfigError(f"{where}: must be {{token: ..., orgs: [...], admin: false}} (from {source})")
+        if not isinstance(e.get("admin", False), bool):
+            raise ConfigError(f"{where}.admin: must be true or false (from {source})")
         tok, orgs = e["token"], e["orgs"]
         if not isinstance(tok, str) or len(tok) < 16:
             raise ConfigError(f"{where}.token: must be a string of at least 16 characters (from {source})")
         if not isinstance(orgs, list) or not orgs or not all(isinstance(o, str) and o for o in orgs):
             raise ConfigError(f"{where}.orgs: must be a non-empty list of org ids or '*' (from {source})")
-        out.append(Token(tok, tuple(orgs)))
+        out.append(Token(tok, tuple(orgs), e.get("admin", False)))
     if len({t.token for t in out}) != len(out):
         raise ConfigError(f"auth.tokens: a token appears twice (from {source})")
     return tuple(out)

@@ -9,6 +9,7 @@ so a batch inserted again with the same ``insert_deduplication_token`` counts on
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 INGEST_TABLE = "usage_points_ingest"
@@ -429,3 +430,376 @@ GROUP BY grp, start ORDER BY grp, start"""
 def catalog_sql(database: str) -> str:
     return f"""SELECT metric, kind, anyLast(unit), toUnixTimestamp64Milli(max(last_seen)), sum(points)
 FROM {database}.{CATALOG_TABLE} GROUP BY metric, kind ORDER BY metric, kind"""
+
+
+# -- monthly close (statements, adjustments, reconciliation) ----------------------------------------
+CLOSES_TABLE = "month_closes"
+STATEMENTS_TABLE = "usage_statements"
+ADJUSTMENTS_VIEW = "usage_adjustments"
+
+#: Columns of one statement line, in insert order (one immutable line per month, org and metric).
+STATEMENT_COLUMNS: tuple[Column, ...] = (
+    Column("month", "UInt32"),  # YYYYMM
+    Column("org_id", "String"),
+    Column("metric", "String"),
+    Column("unit", "String"),
+    Column("total_int", "Int128"),
+    Column("total_double", "Float64"),
+    Column("points", "UInt64"),
+    Column("first_time", "DateTime64(9, 'UTC')"),
+    Column("last_time", "DateTime64(9, 'UTC')"),
+    Column("close_id", "String"),
+    Column("closed_at", "DateTime64(3, 'UTC')"),
+    Column("forced", "UInt8"),
+    Column("checksum", "String"),  # sha256 over the org's lines of the month (see meterhouse.core.close)
+    # The hourly rollup's numbers for the same org, metric and month, as compared at close.
+    Column("rollup_int", "Int128"),
+    Column("rollup_double", "Float64"),
+    Column("rollup_points", "UInt64"),
+)
+STATEMENT_COLUMN_NAMES = tuple(c.name for c in STATEMENT_COLUMNS)
+STATEMENT_COLUMN_TYPES = tuple(c.type for c in STATEMENT_COLUMNS)
+
+#: One row per state of a close (``running``, then ``done``); the highest ``version`` is the current one.
+CLOSE_COLUMNS: tuple[Column, ...] = (
+    Column("month", "UInt32"),
+    Column("close_id", "String"),
+    Column("status", "String"),
+    Column("forced", "UInt8"),
+    Column("cutoff", "DateTime64(3, 'UTC')"),  # points committed before it are in the statements
+    Column("finished_at", "DateTime64(3, 'UTC')"),
+    Column("orgs", "UInt64"),
+    Column("lines", "UInt64"),
+    Column("points", "UInt64"),
+    Column("total_int", "Int128"),
+    Column("total_double", "Float64"),
+    Column("rollup_points", "UInt64"),
+    Column("rollup_int", "Int128"),
+    Column("rollup_double", "Float64"),
+    Column("mismatched_lines", "UInt64"),
+    Column("version", "UInt64"),
+)
+CLOSE_COLUMN_NAMES = tuple(c.name for c in CLOSE_COLUMNS)
+CLOSE_COLUMN_TYPES = tuple(c.type for c in CLOSE_COLUMNS)
+CLOSE_RUNNING, CLOSE_DONE = "running", "done"
+
+
+def close_ddl(database: str) -> list[str]:
+    """The monthly close's tables. Statement lines are deterministic for a close, so a line written twice
+    (a close resumed after a crash) is the same row, collapsed by ``ReplacingMergeTree`` and ``FINAL``."""
+    db = database
+    dedup = f"non_replicated_deduplication_window = {DEDUP_WINDOW_BLOCKS}"
+    stmt_cols = ",\n    ".join(f"{c.name} {c.type}" for c in STATEMENT_COLUMNS)
+    close_cols = ",\n    ".join(f"{c.name} {c.type}" for c in CLOSE_COLUMNS)
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {db}.{STATEMENTS_TABLE} (
+    {stmt_cols}
+) ENGINE = ReplacingMergeTree
+PARTITION BY intDiv(month, 100)
+ORDER BY (month, org_id, metric)
+SETTINGS {dedup}""",
+        f"""CREATE TABLE IF NOT EXISTS {db}.{CLOSES_TABLE} (
+    {close_cols}
+) ENGINE = ReplacingMergeTree(version)
+ORDER BY month
+SETTINGS {dedup}""",
+        # Points of a closed month committed at or after its cutoff: stored, outside the statement.
+        f"""CREATE VIEW IF NOT EXISTS {db}.{ADJUSTMENTS_VIEW} AS
+SELECT c.month AS month, p.org_id AS org_id, p.metric AS metric, any(p.unit) AS unit,
+    sum(toInt128(p.value_int)) AS amount_int, sum(p.value_double) AS amount_double, count() AS points,
+    min(p.received_at) AS arrived_at, min(p.committed_at) AS committed_at, p.batch_id AS batch_id
+FROM {db}.{POINTS_TABLE} AS p
+INNER JOIN (SELECT month, cutoff FROM {db}.{CLOSES_TABLE} FINAL WHERE status = '{CLOSE_DONE}') AS c
+    ON toYYYYMM(p.time) = c.month
+WHERE p.kind = '{KIND_SUM}' AND p.org_id != '' AND p.committed_at >= c.cutoff
+GROUP BY month, org_id, metric, batch_id""",
+    ]
+
+
+_MONTH_RANGE = """time >= fromUnixTimestamp64Nano({from_ns:Int64}, 'UTC')
+    AND time < fromUnixTimestamp64Nano({to_ns:Int64}, 'UTC')"""
+
+
+def close_orgs_sql(database: str) -> str:
+    """The orgs with usage in month ``[from_ns, to_ns)`` committed before ``cutoff_ms``, in order."""
+    return f"""SELECT DISTINCT org_id FROM {database}.{POINTS_TABLE}
+WHERE kind = '{KIND_SUM}' AND org_id != '' AND {_MONTH_RANGE}
+    AND committed_at < fromUnixTimestamp64Milli({{cutoff_ms:Int64}}, 'UTC')
+ORDER BY org_id"""
+
+
+def close_lines_sql(database: str) -> str:
+    """Statement lines of orgs ``[lo, hi]`` from raw points (the source of truth).
+
+    Doubles are summed in sorted order so that a recomputation gives the same bits."""
+    return f"""SELECT org_id, metric, argMax(unit, time) AS u, sum(toInt128(value_int)) AS ti,
+    arraySum(arraySort(groupArrayIf(value_double, value_double != 0))) AS td, count() AS n,
+    toUnixTimestamp64Nano(min(time)) AS first_ns, toUnixTimestamp64Nano(max(time)) AS last_ns
+FROM {database}.{POINTS_TABLE}
+WHERE kind = '{KIND_SUM}' AND org_id >= {{lo:String}} AND org_id <= {{hi:String}} AND {_MONTH_RANGE}
+    AND committed_at < fromUnixTimestamp64Milli({{cutoff_ms:Int64}}, 'UTC')
+GROUP BY org_id, metric ORDER BY org_id, metric"""
+
+
+def close_rollup_sql(database: str) -> str:
+    """The hourly rollup's totals of orgs ``[lo, hi]`` for the month, per org and metric."""
+    return f"""SELECT org_id, metric, sum(value_int), sum(value_double), sum(points)
+FROM {database}.{HOURLY_TABLE}
+WHERE org_id >= {{lo:String}} AND org_id <= {{hi:String}}
+    AND hour >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
+    AND hour < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC')
+GROUP BY org_id, metric"""
+
+
+def close_record_sql(database: str) -> str:
+    """The current state of the close of ``month`` (YYYYMM), if any."""
+    cols = ", ".join(
+        f"toUnixTimestamp64Milli({c})" if c in ("cutoff", "finished_at") else c for c in CLOSE_COLUMN_NAMES
+    )
+    return f"""SELECT {cols} FROM {database}.{CLOSES_TABLE} FINAL WHERE month = {{month:UInt32}}
+ORDER BY version DESC LIMIT 1"""
+
+
+def closes_sql(database: str) -> str:
+    """Every finished close: month and cutoff (ms)."""
+    return f"""SELECT month, toUnixTimestamp64Milli(cutoff) FROM {database}.{CLOSES_TABLE} FINAL
+WHERE status = '{CLOSE_DONE}' ORDER BY month"""
+
+
+def close_progress_sql(database: str) -> str:
+    """The last org written by close ``close_id`` of ``month`` (orgs are written in order)."""
+    return f"""SELECT max(org_id), uniqExact(org_id) FROM {database}.{STATEMENTS_TABLE}
+WHERE month = {{month:UInt32}} AND close_id = {{close_id:String}}"""
+
+
+def close_summary_sql(database: str) -> str:
+    """Totals of a close's lines, and how many lines the rollup does not match (doubles to 1e-9)."""
+    return f"""SELECT uniqExact(org_id), count(), sum(points), sum(total_int), sum(total_double),
+    sum(rollup_points), sum(rollup_int), sum(rollup_double),
+    countIf(points != rollup_points OR total_int != rollup_int
+        OR abs(total_double - rollup_double) > 1e-9 * greatest(1, abs(total_double)))
+FROM {database}.{STATEMENTS_TABLE} FINAL
+WHERE month = {{month:UInt32}} AND close_id = {{close_id:String}}"""
+
+
+_STATEMENT_SELECT = """month, org_id, metric, unit, total_int, total_double, points,
+    toUnixTimestamp64Nano(first_time) AS first_ns, toUnixTimestamp64Nano(last_time) AS last_ns, close_id,
+    toUnixTimestamp64Milli(closed_at) AS closed_ms, forced, checksum, rollup_int, rollup_double,
+    rollup_points"""
+STATEMENT_FIELDS = (
+    "month", "org_id", "metric", "unit", "total_int", "total_double", "points", "first_ns", "last_ns",
+    "close_id", "closed_ms", "forced", "checksum", "rollup_int", "rollup_double", "rollup_points",
+)  # fmt: skip
+
+
+def statements_sql(database: str, scoped: bool) -> str:
+    """A page of a month's statement lines, by org and metric; ``scoped`` binds ``orgs``."""
+    scope = "AND org_id IN {orgs:Array(String)}" if scoped else ""
+    return f"""SELECT {_STATEMENT_SELECT} FROM {database}.{STATEMENTS_TABLE} FINAL
+WHERE month = {{month:UInt32}} {scope}
+ORDER BY org_id, metric LIMIT {{limit:UInt32}} OFFSET {{offset:UInt64}}"""
+
+
+def org_statements_sql(database: str) -> str:
+    """A page of one org's statement lines over every closed month, newest month first."""
+    return f"""SELECT {_STATEMENT_SELECT} FROM {database}.{STATEMENTS_TABLE} FINAL
+WHERE org_id = {{org:String}}
+ORDER BY month DESC, metric LIMIT {{limit:UInt32}} OFFSET {{offset:UInt64}}"""
+
+
+def adjustments_sql(database: str, scoped: bool) -> str:
+    """A page of a closed month's adjustments: its points committed at or after the close's cutoff,
+    one line per org, metric and arriving batch. Bound: ``from_ns``, ``to_ns``, ``cutoff_ms``."""
+    scope = "AND org_id IN {orgs:Array(String)}" if scoped else ""
+    return f"""SELECT org_id, metric, any(unit), sum(toInt128(value_int)), sum(value_double), count(),
+    toUnixTimestamp64Nano(min(received_at)) AS arrived_ns, batch_id
+FROM {database}.{POINTS_TABLE}
+WHERE kind = '{KIND_SUM}' AND org_id != '' AND {_MONTH_RANGE}
+    AND committed_at >= fromUnixTimestamp64Milli({{cutoff_ms:Int64}}, 'UTC') {scope}
+GROUP BY org_id, metric, batch_id
+ORDER BY arrived_ns, org_id, metric, batch_id LIMIT {{limit:UInt32}} OFFSET {{offset:UInt64}}"""
+
+
+def _drift_rows(database: str) -> str:
+    """Raw against rollup per month, org and metric over ``[from_ns, to_ns)`` (whole months)."""
+    return f"""SELECT month, org_id, metric, raw_points, rollup_points,
+        raw_int - rollup_int AS drift_int, raw_double - rollup_double AS drift_double
+    FROM (
+        SELECT toYYYYMM(time) AS month, org_id, metric, count() AS raw_points,
+            sum(toInt128(value_int)) AS raw_int, sum(value_double) AS raw_double
+        FROM {database}.{POINTS_TABLE}
+        WHERE kind = '{KIND_SUM}' AND {_MONTH_RANGE}
+        GROUP BY month, org_id, metric
+    ) AS r
+    FULL OUTER JOIN (
+        SELECT toYYYYMM(hour) AS month, org_id, metric, sum(points) AS rollup_points,
+            sum(value_int) AS rollup_int, sum(value_double) AS rollup_double
+        FROM {database}.{HOURLY_TABLE}
+        WHERE hour >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
+            AND hour < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC')
+        GROUP BY month, org_id, metric
+    ) AS h USING (month, org_id, metric)
+    WHERE raw_points != rollup_points OR raw_int != rollup_int
+        OR abs(raw_double - rollup_double) > 1e-9 * greatest(1, abs(raw_double))"""
+
+
+def drifting_orgs_sql(database: str) -> str:
+    """(month, org, metric) whose raw points and hourly rollup disagree: the list behind the drift gauges
+    (API-free: Grafana reads it). Bound ``from_ns``, ``to_ns`` (Int64 ns) and ``limit``."""
+    return f"""SELECT month, org_id, metric, raw_points, rollup_points,
+    toFloat64(drift_int) + drift_double AS value_drift
+FROM ({_drift_rows(database)})
+ORDER BY month DESC, abs(toFloat64(drift_int) + drift_double) DESC, org_id, metric
+LIMIT {{limit:UInt32}}"""
+
+
+def drift_summary_sql(database: str) -> str:
+    """Per month: drifting orgs, absolute drift in points and in value (the gauges' numbers)."""
+    return f"""SELECT month, uniqExact(org_id), sum(abs(toInt64(raw_points) - toInt64(rollup_points))),
+    sum(abs(toFloat64(drift_int) + drift_double))
+FROM ({_drift_rows(database)})
+GROUP BY month"""
+
+
+def late_points_sql(database: str) -> str:
+    """Points committed after the end of the month they belong to, per month (``open`` since ever)."""
+    return f"""SELECT toYYYYMM(time) AS month, count() FROM {database}.{POINTS_TABLE}
+WHERE kind = '{KIND_SUM}'
+    AND committed_at >= toDateTime64(addMonths(toStartOfMonth(time), 1), 3, 'UTC')
+GROUP BY month"""
+
+
+def after_close_points_sql(database: str) -> str:
+    """Points of a closed month committed at or after its cutoff (the adjustments' points)."""
+    return f"""SELECT count() FROM {database}.{POINTS_TABLE}
+WHERE kind = '{KIND_SUM}' AND org_id != '' AND {_MONTH_RANGE}
+    AND committed_at >= fromUnixTimestamp64Milli({{cutoff_ms:Int64}}, 'UTC')"""
+
+
+# -- the cluster rendering ---------------------------------------------------------------------------
+# Derived from ddl() statement by statement, so a table added there gets its cluster form without a line
+# here: each table becomes a shard-local ``<name>_local`` (Replicated*MergeTree with {shard}/{replica}
+# macros, or Null) plus a Distributed table under the original name, sharded by org; materialized views
+# run shard-locally from ``_local`` to ``_local``. Readers keep the original names (the Distributed
+# tables), so the API and dashboard queries above serve both renderings unchanged. A statement of a
+# shape this does not know raises, so a new kind of statement cannot silently stay single-node.
+
+#: Suffix of the shard-local table behind each Distributed table.
+LOCAL_SUFFIX = "_local"
+
+#: How long Keeper keeps insert deduplication hashes (the same 10,000-block window as single-node).
+REPLICATED_DEDUP_WINDOW_SECONDS = 7 * 86400
+
+#: Settings of every insert. The token makes a repeat count once in the target and, with the second
+#: setting, in every materialized view the insert feeds.
+INSERT_SETTINGS = {"deduplicate_blocks_in_dependent_materialized_views": 1}
+
+#: Added on a cluster: the Distributed insert returns only once every shard has the block on one replica
+#: (no background queue that re-batches blocks and loses the token's meaning), and deduplication is on.
+CLUSTER_INSERT_SETTINGS = {
+    "insert_deduplicate": 1,
+    "distributed_foreground_insert": 1,
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+}
+
+#: Added to reads on a cluster: a query with ``org_id = …`` touches only that org's shard.
+CLUSTER_QUERY_SETTINGS = {"optimize_skip_unused_shards": 1}
+
+#: Settings of the ON CLUSTER statements: queue them for every node and return (see Store.ensure_schema).
+CLUSTER_DDL_SETTINGS = {"distributed_ddl_output_mode": "none"}
+
+#: The sharding key of tables with an ``org_id`` column; tables without one (the catalog, the cumulative
+#: state, events) are written shard-locally by views, or carry no token (events), and get ``rand()``.
+SHARDING_KEY = "cityHash64(org_id)"
+
+_CREATE_DB = re.compile(r"^CREATE DATABASE IF NOT EXISTS (\w+)$")
+_CREATE_TABLE = re.compile(r"^CREATE TABLE IF NOT EXISTS (\w+)\.(\w+) \((.*?)\n\) ENGINE = (\w+)(.*)$", re.S)
+_CREATE_MV = re.compile(
+    r"^CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+)\.(\w+) TO (\w+)\.(\w+) AS\n(.*)$", re.S
+)
+_CREATE_VIEW = re.compile(r"^CREATE VIEW IF NOT EXISTS (\w+)\.(\w+) AS\n(.*)$", re.S)
+_ALTER = re.compile(r"^ALTER TABLE (\w+)\.(\w+) (.*)$", re.S)
+
+
+def local_name(table: str) -> str:
+    return table + LOCAL_SUFFIX
+
+
+def _replicated_engine(engine: str, rest: str, database: str, table: str) -> tuple[str, str]:
+    """``MergeTree`` → ``ReplicatedMergeTree('/clickhouse/tables/{shard}/db/t', '{replica}')``; the
+    engine's own arguments (e.g. ReplacingMergeTree's version column) follow the two."""
+    args = ""
+    if rest.startswith("("):
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                args, rest = rest[1:i], rest[i + 1 :]
+                break
+    path = f"'/clickhouse/tables/{{shard}}/{database}/{table}', '{{replica}}'"
+    return f"Replicated{engine}({path}{', ' + args if args else ''})", rest
+
+
+def cluster_ddl(database: str, cluster: str, statements: list[str] | None = None) -> list[str]:
+    """The schema for a cluster named ``cluster``, from the single-node statements (default ``ddl``)."""
+    db, on = database, f"ON CLUSTER {cluster}"
+    tables = {m.group(2) for s in (statements or ddl(db)) if (m := _CREATE_TABLE.match(s))}
+    out: list[str] = []
+    for statement in statements if statements is not None else ddl(db):
+        if m := _CREATE_DB.match(statement):
+            out.append(f"{statement} {on}")
+        elif m := _CREATE_TABLE.match(statement):
+            _, table, columns, engine, rest = m.groups()
+            local = local_name(table)
+            if engine.endswith("MergeTree"):
+                engine, rest = _replicated_engine(engine, rest, db, local)
+                rest = rest.replace(
+                    f"non_replicated_deduplication_window = {DEDUP_WINDOW_BLOCKS}",
+                    f"replicated_deduplication_window = {DEDUP_WINDOW_BLOCKS}, "
+                    f"replicated_deduplication_window_seconds = {REPLICATED_DEDUP_WINDOW_SECONDS}",
+                )
+            elif engine != "Null":
+                raise ValueError(f"no cluster rendering for engine {engine} of {table}")
+            if re.search(r"^\s*org_id ", columns, re.M):
+                key = SHARDING_KEY
+            elif re.search(r"^\s*month ", columns, re.M):
+                key = "month"  # one month's close records on one shard, so FINAL collapses them
+            else:
+                key = "rand()"
+            out.append(f"CREATE TABLE IF NOT EXISTS {db}.{local} {on} ({columns}\n) ENGINE = {engine}{rest}")
+            out.append(
+                f"CREATE TABLE IF NOT EXISTS {db}.{table} {on} AS {db}.{local}\n"
+                f"ENGINE = Distributed({cluster}, {db}, {local}, {key})"
+            )
+        elif m := _CREATE_MV.match(statement):
+            _, view, _, target, select = m.groups()
+            for table in tables:  # read the shard's own rows
+                select = re.sub(rf"\b{db}\.{table}\b", f"{db}.{local_name(table)}", select)
+            out.append(
+                f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{view} {on} TO {db}.{local_name(target)} AS\n"
+                f"{select}"
+            )
+        elif m := _CREATE_VIEW.match(statement):
+            # A plain view reads the Distributed tables from whichever node is asked; a join's right
+            # side is computed once and shipped to the shards (GLOBAL), not distributed twice.
+            _, view, select = m.groups()
+            select = re.sub(r"\b((?:INNER |LEFT )?JOIN)\b", r"GLOBAL \1", select)
+            out.append(f"CREATE VIEW IF NOT EXISTS {db}.{view} {on} AS\n{select}")
+        elif m := _ALTER.match(statement):
+            _, table, action = m.groups()
+            out.append(f"ALTER TABLE {db}.{local_name(table)} {on} {action}")
+        else:
+            raise ValueError(f"no cluster rendering for: {statement[:80]}")
+    return out
+
+
+def created_names(statements: list[str]) -> list[str]:
+    """The tables and views the statements create."""
+    pattern = re.compile(r"^CREATE (?:TABLE|MATERIALIZED VIEW) IF NOT EXISTS \w+\.(\w+) ")
+    return [m.group(1) for s in statements if (m := pattern.match(s))]
+
+
+def render(database: str, cluster: str = "", raw_retention_days: int = 0) -> list[str]:
+    """Every statement of the schema: single-node, or for ``cluster`` when one is named."""
+    statements = ddl(database) + close_ddl(database) + retention_ddl(database, raw_retention_days)
+    return cluster_ddl(database, cluster, statements) if cluster else statements
