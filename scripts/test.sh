@@ -13,6 +13,10 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
 fi
 echo "==> npm ci (tests/js: the OpenTelemetry JS SDK, pinned by its package-lock.json)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+if ! command -v victoria-metrics >/dev/null; then
+  echo "==> installing Debian's victoria-metrics package (the peer in the benchmark's VictoriaMetrics scenarios)"
+  apt_install --no-install-recommends victoria-metrics
+fi
 echo "==> ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
