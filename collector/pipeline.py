@@ -18,11 +18,12 @@ from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.failover import EndpointSet
 from meterhouse.collector.files import Files
 from meterhouse.collector.ingest import Ingestor, committed_state_loader, restore_cumulative
-from meterhouse.collector.receivers.grpc import OtlpGrpcReceiver
+from meterhouse.collector.receivers.grpc import GrpcKeepalive, OtlpGrpcReceiver
 from meterhouse.collector.receivers.http import OtlpHttpReceiver
 from meterhouse.collector.spool import Spool
 from meterhouse.collector.writer import Writer
 from meterhouse.core.config import Config
+from meterhouse.core.httpserver import limits_from as http_limits_from
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Store, connect
 
@@ -96,10 +97,23 @@ class Collector:
         )
         self.ingestor = Ingestor(self.spool, metrics, limits_from(config), self.cumulative, self.recent)
         self.http = OtlpHttpReceiver(
-            config.host, config.otlp_http_port, self.ingestor, metrics, config.max_request_bytes
+            config.host,
+            config.otlp_http_port,
+            self.ingestor,
+            metrics,
+            config.max_request_bytes,
+            limits=http_limits_from(config),
+            max_bytes_in_flight=config.http_max_bytes_in_flight,
         )
         self.grpc = OtlpGrpcReceiver(
-            config.host, config.otlp_grpc_port, self.ingestor, metrics, config.max_request_bytes
+            config.host,
+            config.otlp_grpc_port,
+            self.ingestor,
+            metrics,
+            config.max_request_bytes,
+            keepalive=GrpcKeepalive.from_config(config),
+            max_concurrent_rpcs=config.grpc_max_concurrent_rpcs,
+            max_bytes_in_flight=config.grpc_max_bytes_in_flight,
         )
         m = metrics
         m.spool_limit_bytes.set(config.spool_max_bytes)

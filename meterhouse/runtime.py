@@ -6,13 +6,15 @@ import logging
 import signal
 import threading
 import time
+from typing import cast
 
+from a2wsgi import WSGIMiddleware
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from werkzeug.serving import make_server
 
 from meterhouse import __version__
 from meterhouse.collector import Collector
 from meterhouse.core.config import Config
+from meterhouse.core.httpserver import App, HttpServer, InFlightLimit, limits_from
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.exporter import OrgHealth, Reconciler, create_app
 
@@ -56,24 +58,27 @@ class Stack:
             config.late_window_days,
             alive=lambda: self.collector.alive,
         )
-        self._http = make_server(config.host, config.http_port, self.app, threaded=True)
-        self._http_thread = threading.Thread(target=self._http.serve_forever, name="http-api", daemon=True)
+        # The Flask app runs on a2wsgi's bounded thread pool; the server holds connections, not threads.
+        limits = limits_from(config)
+        wsgi = WSGIMiddleware(self.app, workers=8)  # type: ignore[arg-type]  # Flask is a WSGI app
+        asgi = InFlightLimit(cast(App, wsgi), limits.max_requests_in_flight)
+        self._http = HttpServer(asgi, config.host, config.http_port, limits, "http-api")
 
     @property
     def http_port(self) -> int:
-        return self._http.server_port
+        return self._http.port
 
     def start(self) -> None:
         self.collector.start()
         self.health.start()
         self.reconciler.start()
-        self._http_thread.start()
+        self._http.start()
 
     def shutdown(self, timeout_s: float) -> None:
         self.health.shutdown(1.0)
         self.reconciler.shutdown(1.0)
         self.collector.shutdown(timeout_s)
-        self._http.shutdown()
+        self._http.shutdown(1.0)
 
 
 def run_up(config: Config) -> int:

@@ -4,12 +4,18 @@ The request is taken as raw bytes and parsed here, so a malformed message is ans
 INVALID_ARGUMENT (gRPC's own deserializer would answer INTERNAL). gzip is handled by gRPC; messages
 above ``max_request_bytes`` (after decompression) are refused by gRPC with RESOURCE_EXHAUSTED.
 Retryable answers are UNAVAILABLE with a ``RetryInfo`` detail.
+
+Bounds: at most ``max_concurrent_rpcs`` calls are running or queued for a worker (gRPC answers the
+next RESOURCE_EXHAUSTED), at most ``max_bytes_in_flight`` request bytes are held by them (UNAVAILABLE
+with RetryInfo beyond), and clients' keepalive pings are held to the enforcement policy.
 """
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -21,6 +27,9 @@ from meterhouse.collector.ingest import Ingestor
 from meterhouse.collector.model import content_digest
 from meterhouse.core.metrics import PipelineMetrics
 
+if TYPE_CHECKING:
+    from meterhouse.core.config import Config
+
 SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
 
 _CODES = {
@@ -31,16 +40,72 @@ _CODES = {
 }
 
 
+@dataclass(frozen=True)
+class GrpcKeepalive:
+    """Keepalive enforcement and connection lifetimes (the Collector's configgrpc ``keepalive``)."""
+
+    min_time_s: float = 300.0
+    permit_without_calls: bool = False
+    max_connection_idle_s: float = 0.0
+    max_connection_age_s: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> GrpcKeepalive:
+        return cls(
+            config.grpc_keepalive_min_time_s,
+            config.grpc_keepalive_permit_without_calls,
+            config.grpc_max_connection_idle_s,
+            config.grpc_max_connection_age_s,
+        )
+
+    def options(self) -> list[tuple[str, int]]:
+        opts = [
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.min_time_s * 1000)),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", int(self.min_time_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", int(self.permit_without_calls)),
+            ("grpc.http2.max_ping_strikes", 2),
+        ]
+        if self.max_connection_idle_s:
+            opts.append(("grpc.max_connection_idle_ms", int(self.max_connection_idle_s * 1000)))
+        if self.max_connection_age_s:
+            opts.append(("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)))
+            opts.append(("grpc.max_connection_age_grace_ms", 30_000))
+        return opts
+
+
+class _Budget:
+    """Request bytes held by calls at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
 class OtlpGrpcReceiver:
     """A source stage serving OTLP/gRPC into an :class:`Ingestor`."""
 
     def __init__(self, host: str, port: int, ingestor: Ingestor, metrics: PipelineMetrics,
-                 max_request_bytes: int, workers: int = 16) -> None:  # fmt: skip
+                 max_request_bytes: int, workers: int = 16, keepalive: GrpcKeepalive | None = None,
+                 max_concurrent_rpcs: int = 64, max_bytes_in_flight: int = 0) -> None:  # fmt: skip
         self.host, self.port = host, port
         self.ingestor = ingestor
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
         self.workers = workers
+        self.keepalive = keepalive or GrpcKeepalive()
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.bytes_in_flight = _Budget(max_bytes_in_flight or 4 * max_request_bytes)
         self._server: grpc.Server | None = None
 
     def start(self) -> None:
@@ -51,7 +116,9 @@ class OtlpGrpcReceiver:
             options=[
                 ("grpc.max_receive_message_length", self.max_request_bytes),
                 ("grpc.so_reuseport", 0),
+                *self.keepalive.options(),
             ],
+            maximum_concurrent_rpcs=self.max_concurrent_rpcs,
         )
         handler = grpc.unary_unary_rpc_method_handler(self._export)  # raw bytes in and out
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Export": handler}),))
@@ -70,13 +137,31 @@ class OtlpGrpcReceiver:
             done = threading.Event()
             done.set()
             return done
-        return server.stop(grace=grace_s)
+        stopped: threading.Event = server.stop(grace=grace_s)
+        return stopped
 
     def shutdown(self, timeout_s: float) -> None:
         """Idempotent and safe without start."""
         self.stop_accepting(timeout_s).wait(timeout_s + 1)
 
     def _export(self, body: bytes, context: grpc.ServicerContext) -> bytes:
+        if not self.bytes_in_flight.take(len(body)):
+            self.metrics.requests.labels(transport="grpc", outcome="backpressure").inc()
+            self._abort_retryable(context, "too many request bytes in flight, retry later", 1)
+        try:
+            return self._export_held(body, context)
+        finally:
+            self.bytes_in_flight.give(len(body))
+
+    def _abort_retryable(self, context: grpc.ServicerContext, message: str, retry_after_s: int) -> NoReturn:
+        detail = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message)
+        delay = Duration(seconds=max(1, retry_after_s))
+        detail.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        context.set_trailing_metadata((("grpc-status-details-bin", detail.SerializeToString()),))
+        context.abort(grpc.StatusCode.UNAVAILABLE, message)
+        raise AssertionError("context.abort raises")  # for type checkers: abort never returns
+
+    def _export_held(self, body: bytes, context: grpc.ServicerContext) -> bytes:
         request = ExportMetricsServiceRequest()
         try:
             request.ParseFromString(body)
@@ -89,12 +174,10 @@ class OtlpGrpcReceiver:
         outcome = self.ingestor.export(request, content_digest(body))
         self.metrics.requests.labels(transport="grpc", outcome=outcome.kind).inc()
         if outcome.response is not None:
-            return outcome.response.SerializeToString()
+            answer: bytes = outcome.response.SerializeToString()
+            return answer
         code = _CODES[outcome.kind]
         if code == grpc.StatusCode.UNAVAILABLE:
-            detail = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=outcome.message)
-            detail.details.add().Pack(
-                error_details_pb2.RetryInfo(retry_delay=Duration(seconds=max(1, outcome.retry_after_s)))
-            )
-            context.set_trailing_metadata((("grpc-status-details-bin", detail.SerializeToString()),))
+            self._abort_retryable(context, outcome.message, outcome.retry_after_s)
         context.abort(code, outcome.message)
+        raise AssertionError("context.abort raises")
