@@ -1,4 +1,4 @@
-FROM python:3.11-slim
+FROM python:3.11.9-slim-bookworm
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY meterhouse ./meterhouse
@@ -6,9 +6,12 @@ COPY collector ./collector
 COPY exporter ./exporter
 COPY dashboards ./dashboards
 COPY alerts ./alerts
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir . \
+    && useradd --system --uid 10001 --home-dir /var/lib/meterhouse --shell /usr/sbin/nologin meterhouse \
+    && mkdir -p /var/lib/meterhouse && chown meterhouse:meterhouse /var/lib/meterhouse
+USER 10001:10001
 EXPOSE 4317 4318 9464
 ENTRYPOINT ["meterhouse"]
-# Inside a container the API listens on all interfaces: mount a config with auth.tokens, or keep
-# --allow-unauthenticated only on a private network.
-CMD ["up", "--host", "0.0.0.0", "--allow-unauthenticated", "--data-dir", "/var/lib/meterhouse"]
+# On all interfaces the API refuses to start without tokens: mount a config file with auth.tokens
+# (docker-compose.yml passes one as a secret with --config).
+CMD ["up", "--host", "0.0.0.0", "--data-dir", "/var/lib/meterhouse"]

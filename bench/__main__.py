@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import cardinality, close, ingest, query, scale
+from bench import cardinality, close, ingest, query, scale, vm_exactness, vm_ingest, vm_query
 from bench.common import table
 
 SCENARIOS = {
@@ -24,6 +24,12 @@ SCENARIOS = {
     "query": (query, "4. Query latency, rollup against raw"),
     "scale": (scale, "5. Scale curve: the same points from 1k to 100k orgs"),
     "close": (close, "6. Monthly close: 100k orgs x 4 metrics from raw points, checked against the rollup"),
+    "vm-ingest": (vm_ingest, "7. Ingest beside VictoriaMetrics: 5,000- and 48-sample requests"),
+    "vm-query": (vm_query, "8. Queries beside VictoriaMetrics: one org over 24 h and 30 days, top 20 orgs"),
+    "vm-exactness": (
+        vm_exactness,
+        "9. Exactness beside VictoriaMetrics: big integers, a re-sent request, a late sample",
+    ),
 }
 
 
@@ -61,6 +67,7 @@ def main() -> int:
         for key in ("throughput_ratio_vs_naive", "ratios_meterhouse_over_prometheus"):
             if key in res:
                 print(f"{key}: " + ", ".join(f"{k} {v:.3g}" for k, v in res[key].items()), flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))  # what is done so far
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     print(f"\nresults written to {args.out}")
     return 0

@@ -1,7 +1,8 @@
 """The load process: posts prepared OTLP requests over HTTP or gRPC, flat out or at a target rate.
 
-``python -m bench.load --payloads FILE --target URL|HOST:PORT --transport http|grpc [--rate PPS]
-[--seconds S] [--connections C]``; prints a JSON summary on its last line.
+``python -m bench.load --payloads FILE --target URL|HOST:PORT --transport http|grpc|influx [--rate PPS]
+[--seconds S] [--connections C]``; prints a JSON summary on its last line. ``influx`` posts prepared
+Influx line-protocol bodies to ``/write`` as they are (the VictoriaMetrics peer, ``bench/victoria.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--payloads", required=True)
     ap.add_argument("--target", required=True)
-    ap.add_argument("--transport", choices=["http", "grpc"], default="http")
+    ap.add_argument("--transport", choices=["http", "grpc", "influx"], default="http")
     ap.add_argument("--rate", type=float, default=0, help="points/s (0 = as fast as possible)")
     ap.add_argument("--seconds", type=float, default=0, help="0 = send every payload once")
     ap.add_argument("--connections", type=int, default=4)
@@ -64,14 +65,17 @@ def main() -> None:
                 time.sleep(delay)
         return i
 
+    influx = args.transport == "influx"
+    path, content_type = ("/write", "text/plain") if influx else ("/v1/metrics", "application/x-protobuf")
+
     def http_worker() -> None:
         parts = urlsplit(args.target)
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
         while (i := take()) is not None:
+            data = payloads[i % len(payloads)] if influx else body(payloads, i)
             for _attempt in range(50):
                 try:
-                    conn.request("POST", "/v1/metrics", body=body(payloads, i),
-                                 headers={"Content-Type": "application/x-protobuf"})  # fmt: skip
+                    conn.request("POST", path, body=data, headers={"Content-Type": content_type})
                     r = conn.getresponse()
                     r.read()
                 except OSError:
@@ -84,7 +88,7 @@ def main() -> None:
                     time.sleep(0.05)
                     continue
                 with lock:
-                    if r.status == 200:
+                    if r.status in (200, 204):
                         state["sent"] += 1
                         state["points"] += points_each
                     else:
@@ -115,7 +119,7 @@ def main() -> None:
                 break
         channel.close()
 
-    worker = http_worker if args.transport == "http" else grpc_worker
+    worker = grpc_worker if args.transport == "grpc" else http_worker
     threads = [threading.Thread(target=worker) for _ in range(args.connections)]
     for t in threads:
         t.start()

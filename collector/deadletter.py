@@ -45,6 +45,13 @@ class DeadLetters:
         self.files.write_durably(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
         return path
 
+    def count(self) -> int:
+        """Dead letters on disk (cheap: no file is read); what meterhouse_dead_letters_pending shows."""
+        try:
+            return sum(1 for _ in self.dir.glob("*.dlq"))
+        except OSError:
+            return 0
+
     def list(self, with_batches: bool = False) -> list[DeadLetter]:
         out = []
         for path in sorted(self.dir.glob("*.dlq")):

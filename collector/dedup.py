@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TextIO
 
 from meterhouse.collector.model import PointBatch
 
@@ -26,7 +27,7 @@ class RecentRequests:
         self._claimed: set[str] = set()
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)
-        self._file = None
+        self._file: TextIO | None = None
         self._unsynced = 0
 
     def load(self, extra: Iterable[tuple[str, int]] = ()) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -19,7 +20,7 @@ from meterhouse.collector.rejectlog import RejectLog
 from meterhouse.collector.spool import Spool, SpoolError
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.core.store import Store
+from meterhouse.core.store import Queries
 
 log = logging.getLogger("meterhouse.ingest")
 
@@ -30,7 +31,7 @@ def restore_cumulative(state: CumulativeState, spool: Spool) -> int:
     return state.restore((r.seq, spool.load(r)) for r in spool.uncommitted_records())
 
 
-def committed_state_loader(store: Store):
+def committed_state_loader(store: Queries) -> Callable[[list[int]], dict[int, Entry]]:
     """Read the last committed point of cumulative series from ClickHouse (see cumulative.py)."""
     sql = schema.series_state_sql(store.database)
 

@@ -6,6 +6,8 @@ endpoints (ClickHouse, failover) ← writer ← spool ← ingestor (decode, dedu
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 
@@ -121,6 +123,9 @@ class Collector:
         m.spool_uncommitted_bytes.set_function(lambda: self.spool.uncommitted_bytes)
         m.spool_oldest_age.set_function(self.spool.oldest_age_s)
         m.pending_points.set_function(lambda: self.spool.pending_points)
+        m.dead_letters_pending.set_function(self.writer.dead_letters.count)
+        m.data_dir_free_bytes.set_function(lambda: _disk_usage(config.data_dir)[0])
+        m.data_dir_size_bytes.set_function(lambda: _disk_usage(config.data_dir)[1])
         self._started = False
 
     @property
@@ -174,3 +179,12 @@ class Collector:
         if self.recent is not None:
             self.recent.close()
         self.endpoints.shutdown(min(left(), 1.0) + 0.5)
+
+
+def _disk_usage(path: str | os.PathLike[str]) -> tuple[float, float]:
+    """(free, total) bytes of the file system holding ``path``; NaN when it cannot be read."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return float("nan"), float("nan")
+    return float(usage.free), float(usage.total)

@@ -16,6 +16,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, PointBatch, content_digest
@@ -52,10 +53,10 @@ def classify(exc: BaseException) -> str:
     return "retryable"
 
 
-def merge(batches: list[PointBatch], token: str) -> tuple[list[list] | None, list[list] | None]:
+def merge(batches: list[PointBatch], token: str) -> tuple[list[list[Any]] | None, list[list[Any]] | None]:
     """The batches' columns per table, concatenated, each with its ``batch_id`` column."""
 
-    def one(attr: str, size_attr: str, names: tuple[str, ...], suffix: str) -> list[list] | None:
+    def one(attr: str, size_attr: str, names: tuple[str, ...], suffix: str) -> list[list[Any]] | None:
         parts = [b for b in batches if getattr(b, size_attr)]
         if not parts:
             return None
@@ -90,7 +91,7 @@ class Writer:
     def __init__(
         self,
         spool: Spool,
-        store,
+        store: Any,  # a Store or the failover EndpointSet (insert_points, insert_distributions)
         metrics: PipelineMetrics,
         dead_letters: DeadLetters,
         *,

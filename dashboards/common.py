@@ -14,14 +14,26 @@ from grafanalib.core import GridPos, Stat, Table, Target, TimeSeries
 from meterhouse.core import schema
 
 DATABASE = "meterhouse"
-PROMETHEUS = {"type": "prometheus", "uid": "prometheus"}
-CLICKHOUSE = {"type": "grafana-clickhouse-datasource", "uid": "clickhouse"}
+#: Data sources are dashboard variables, so the JSON imports into any Grafana (no hard-coded uid).
+PROMETHEUS = {"type": "prometheus", "uid": "${prometheus}"}
+CLICKHOUSE = {"type": "grafana-clickhouse-datasource", "uid": "${clickhouse}"}
+#: Unit of counts and usage (metric units vary): short numbers (1.2 K, 3.4 Mil).
+COUNT = "short"
+#: The dashboard JSON schema version of the pinned Grafana (11.1).
+SCHEMA_VERSION = 39
+#: The ClickHouse plugin version the targets are written for (pinned in docker-compose.yml).
+CLICKHOUSE_PLUGIN_VERSION = "4.3.2"
+#: Prometheus selector of the job and instance variables.
+SELECTOR = 'job=~"$job",instance=~"$instance"'
 
 HOURLY = f"{DATABASE}.{schema.HOURLY_TABLE}"
 POINTS = f"{DATABASE}.{schema.POINTS_TABLE}"
 ORGS = f"{DATABASE}.{schema.ORGS_TABLE}"
 CATALOG = f"{DATABASE}.{schema.CATALOG_TABLE}"
 EVENTS = f"{DATABASE}.{schema.EVENTS_TABLE}"
+#: Cross-org rankings read these, ordered by metric and hour, not the org-first rollup.
+METRIC_ORGS = f"{DATABASE}.{schema.METRIC_ORGS_TABLE}"
+ATTRIBUTE_CARDINALITY = f"{DATABASE}.{schema.ATTRIBUTE_CARDINALITY_TABLE}"
 #: Usage as one number per row (integer sums exactly in Int128; shown as a double in panels).
 USAGE = "sum(toFloat64(value_int) + value_double)"
 
@@ -44,10 +56,68 @@ class ClickHouseTarget:
             "datasource": CLICKHOUSE,
             "editorType": "sql",
             "format": 1 if self.table else 0,  # 1 = table, 0 = time series
+            "pluginVersion": CLICKHOUSE_PLUGIN_VERSION,
             "queryType": "table" if self.table else "timeseries",
             "rawSql": self.rawSql,
             "refId": self.refId,
         }
+
+
+def datasource_variables() -> list[dict]:
+    """One variable per data source type: the panels reference ``${prometheus}`` and ``${clickhouse}``."""
+    return [
+        {"name": name, "label": label, "type": "datasource", "query": plugin, "hide": 0, "refresh": 1,
+         "regex": "", "current": {}, "options": []}
+        for name, label, plugin in (("prometheus", "Prometheus", "prometheus"),
+                                    ("clickhouse", "ClickHouse", "grafana-clickhouse-datasource"))
+    ]  # fmt: skip
+
+
+def job_instance_variables() -> list[dict]:
+    """The meterhouse job and instance(s) the Prometheus panels show (``SELECTOR``)."""
+
+    def var(name: str, query: str, **kw) -> dict:
+        return {"name": name, "label": name, "type": "query", "datasource": PROMETHEUS,
+                "query": {"query": query, "refId": f"{name}-variable", "qryType": 1},
+                "definition": query, "refresh": 2, "sort": 1, "hide": 0, "regex": "", "current": {},
+                "options": [], **kw}  # fmt: skip
+
+    return [
+        var("job", "label_values(meterhouse_build_info, job)", includeAll=False, multi=False),
+        var("instance", 'label_values(meterhouse_build_info{job=~"$job"}, instance)',
+            includeAll=True, multi=True, allValue=".*"),
+    ]  # fmt: skip
+
+
+def clickhouse_variable(name: str, target: ClickHouseTarget, label: str = "") -> dict:
+    """A query variable of the ClickHouse plugin: refreshed once on load (``refresh: 1``)."""
+    return {"name": name, "label": label or name, "type": "query", "datasource": CLICKHOUSE,
+            "query": target.rawSql, "definition": target.rawSql, "refresh": 1, "sort": 1, "hide": 0,
+            "includeAll": False, "multi": False, "regex": "", "current": {}, "options": []}  # fmt: skip
+
+
+def textbox_variable(name: str, label: str, default: str = "") -> dict:
+    return {"name": name, "label": label, "type": "textbox", "query": default, "hide": 0,
+            "current": {"text": default, "value": default}, "options": []}  # fmt: skip
+
+
+def clickhouse_annotation(name: str, target: ClickHouseTarget, color: str = "red") -> dict:
+    """An annotation the ClickHouse plugin runs: it reads ``target`` (editorType, rawSql, refId) and skips
+    an annotation without one."""
+    t = target.to_json_data()
+    query = {k: t[k] for k in ("editorType", "format", "pluginVersion", "rawSql")} | {"refId": "annotation"}
+    return {"name": name, "datasource": CLICKHOUSE, "enable": True, "hide": False, "iconColor": color,
+            "target": query}  # fmt: skip
+
+
+ORG_USAGE_UID = "meterhouse-org-usage"
+
+
+def org_link(field: str = "org_id") -> dict:
+    """A field override linking each org of a ranking to the org usage dashboard (same time range)."""
+    url = f"/d/{ORG_USAGE_UID}/?var-org=${{__value.raw}}&${{__url_time_range}}&${{clickhouse:queryparam}}"
+    links = [{"title": "Usage of this org", "url": url}]
+    return {"matcher": {"id": "byName", "options": field}, "properties": [{"id": "links", "value": links}]}
 
 
 def literal(sql: str, database: str = DATABASE, **values: str) -> str:
@@ -68,16 +138,19 @@ def at(x: int, y: int, w: int, h: int) -> GridPos:
     return GridPos(h=h, w=w, x=x, y=y)
 
 
-def series(
-    title: str, targets: list, pos: GridPos, unit: str = "", datasource=PROMETHEUS, **kw
-) -> TimeSeries:
+def series(title: str, targets: list, pos: GridPos, unit: str, datasource=PROMETHEUS, **kw) -> TimeSeries:
+    """A time series with one unit (one quantity per axis)."""
+    assert unit, f"{title}: every panel has a unit"
+    kw.setdefault("maxDataPoints", 1000)
     return TimeSeries(title=title, dataSource=datasource, targets=targets, gridPos=pos, unit=unit, **kw)
 
 
-def stat(title: str, targets: list, pos: GridPos, unit: str = "none", datasource=PROMETHEUS, **kw) -> Stat:
+def stat(title: str, targets: list, pos: GridPos, unit: str, datasource=PROMETHEUS, **kw) -> Stat:
+    """A single number: few data points are enough."""
+    assert unit, f"{title}: every panel has a unit"
     return Stat(title=title, dataSource=datasource, targets=targets, gridPos=pos, format=unit,
-                reduceCalc="lastNotNull", **kw)  # fmt: skip
+                reduceCalc="lastNotNull", maxDataPoints=100, **kw)  # fmt: skip
 
 
-def table(title: str, target: ClickHouseTarget, pos: GridPos, **kw) -> Table:
-    return Table(title=title, dataSource=CLICKHOUSE, targets=[target], gridPos=pos, **kw)
+def table(title: str, target: ClickHouseTarget, pos: GridPos, unit: str, **kw) -> Table:
+    return Table(title=title, dataSource=CLICKHOUSE, targets=[target], gridPos=pos, unit=unit, **kw)

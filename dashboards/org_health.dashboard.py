@@ -2,21 +2,30 @@
 cardinality per metric, unattributed points, and the orgs with the most series."""
 
 from grafanalib.core import Dashboard, Templating, Time
-from grafanalib.formatunits import NUMBER_FORMAT
 
 from meterhouse.core import schema
 from meterhouse.dashboards.common import (
+    ATTRIBUTE_CARDINALITY,
     CLICKHOUSE,
+    COUNT,
     DATABASE,
     HOURLY,
+    METRIC_ORGS,
+    SCHEMA_VERSION,
+    SELECTOR,
     ClickHouseTarget,
     at,
+    datasource_variables,
+    job_instance_variables,
     literal,
+    org_link,
     prom,
     series,
     stat,
     table,
 )
+
+S = "{" + SELECTOR + "}"
 
 # The same queries as the meterhouse_orgs_silent / _spiking gauges, with the default thresholds.
 silent_orgs = ClickHouseTarget(
@@ -24,6 +33,18 @@ silent_orgs = ClickHouseTarget(
         schema.orgs_silent_sql(DATABASE),
         day_ago="now() - INTERVAL 1 DAY",
         quiet_since="now() - INTERVAL 30 MINUTE",
+        limit="200",
+    ),
+    ("org_id", "last"),
+    table=True,
+)
+
+# Quiet for over a day: they left the silent list; meterhouse_orgs_silent_over_24h counts them.
+silent_over_24h = ClickHouseTarget(
+    literal(
+        schema.orgs_silent_sql(DATABASE),
+        day_ago="now() - INTERVAL 7 DAY",
+        quiet_since="now() - INTERVAL 1 DAY",
         limit="200",
     ),
     ("org_id", "last"),
@@ -44,19 +65,19 @@ spiking_orgs = ClickHouseTarget(
 )
 
 attribute_cardinality = ClickHouseTarget(
-    f"""SELECT metric, key, uniqExact(attributes[key]) AS distinct_values, uniqExact(org_id) AS orgs
-FROM {HOURLY} ARRAY JOIN mapKeys(attributes) AS key
-WHERE $__timeFilter(hour)
-GROUP BY metric, key ORDER BY distinct_values DESC LIMIT 100""",
+    f"""SELECT metric, key, uniqExactMerge(distinct_values) AS distinct_values, uniqExactMerge(orgs) AS orgs
+FROM {ATTRIBUTE_CARDINALITY}
+WHERE hour >= $__fromTime AND hour < $__toTime
+GROUP BY metric, key ORDER BY distinct_values DESC, metric, key LIMIT 100""",
     ("metric", "key", "distinct_values", "orgs"),
     table=True,
 )
 
 biggest_orgs_by_series = ClickHouseTarget(
-    f"""SELECT org_id, uniqExact(metric, attributes_hash) AS series, sum(points) AS points
-FROM {HOURLY}
-WHERE $__timeFilter(hour) AND org_id != ''
-GROUP BY org_id ORDER BY series DESC, points DESC LIMIT 50""",
+    f"""SELECT org_id, uniqExactMerge(series) AS series, sum(points) AS points
+FROM {METRIC_ORGS}
+WHERE hour >= $__fromTime AND hour < $__toTime AND org_id != ''
+GROUP BY org_id ORDER BY series DESC, points DESC, org_id LIMIT 50""",
     ("org_id", "series", "points"),
     table=True,
 )
@@ -75,7 +96,7 @@ drifting_orgs = ClickHouseTarget(
 
 unattributed = ClickHouseTarget(
     f"""SELECT $__timeInterval(hour) AS time, sum(points) AS points FROM {HOURLY}
-WHERE org_id = '' AND $__timeFilter(hour)
+WHERE org_id = '' AND hour >= toStartOfHour($__fromTime) AND hour < $__toTime
 GROUP BY time ORDER BY time""",
     ("time", "points"),
 )
@@ -87,44 +108,67 @@ dashboard = Dashboard(
     tags=["meterhouse"],
     timezone="utc",
     time=Time("now-24h", "now"),
-    refresh="1m",
-    templating=Templating(list=[]),
+    refresh="5m",
+    schemaVersion=SCHEMA_VERSION,
+    templating=Templating(list=datasource_variables() + job_instance_variables()),
     panels=[
         stat(
             "Active orgs (1h)",
-            [prom('max(meterhouse_orgs_active{window="1h"})')],
+            [prom('max(meterhouse_orgs_active{window="1h",' + SELECTOR + "})")],
             at(0, 0, 6, 4),
-            NUMBER_FORMAT,
+            COUNT,
         ),
         stat(
             "Active orgs (24h)",
-            [prom('max(meterhouse_orgs_active{window="24h"})')],
+            [prom('max(meterhouse_orgs_active{window="24h",' + SELECTOR + "})")],
             at(6, 0, 6, 4),
-            NUMBER_FORMAT,
+            COUNT,
         ),
-        stat("Silent orgs", [prom("max(meterhouse_orgs_silent)")], at(12, 0, 6, 4), NUMBER_FORMAT),
-        stat("Spiking orgs", [prom("max(meterhouse_orgs_spiking)")], at(18, 0, 6, 4), NUMBER_FORMAT),
+        stat("Silent orgs", [prom("max(meterhouse_orgs_silent" + S + ")")], at(12, 0, 6, 4), COUNT),
+        stat("Spiking orgs", [prom("max(meterhouse_orgs_spiking" + S + ")")], at(18, 0, 6, 4), COUNT),
         series(
             "Org counts",
             [
-                prom("max by (window) (meterhouse_orgs_active)", "active {{window}}", "A"),
-                prom("max(meterhouse_orgs_silent)", "silent", "B"),
-                prom("max(meterhouse_orgs_spiking)", "spiking", "C"),
+                prom("max by (window) (meterhouse_orgs_active" + S + ")", "active {{window}}", "A"),
+                prom("max(meterhouse_orgs_silent" + S + ")", "silent", "B"),
+                prom("max(meterhouse_orgs_spiking" + S + ")", "spiking", "C"),
+                prom("max(meterhouse_orgs_silent_over_24h" + S + ")", "silent for over 24 h", "D"),
             ],
             at(0, 4, 12, 8),
-            NUMBER_FORMAT,
+            COUNT,
         ),  # fmt: skip
-        series(
-            "Points without an org", [unattributed], at(12, 4, 12, 8), NUMBER_FORMAT, datasource=CLICKHOUSE
+        series("Points without an org", [unattributed], at(12, 4, 12, 8), COUNT, datasource=CLICKHOUSE),
+        table(
+            "Silent orgs (reported in 24 h, not in the last 30 min)",
+            silent_orgs,
+            at(0, 12, 8, 9),
+            "dateTimeAsIso",
+            overrides=[org_link()],
         ),
-        table("Silent orgs (reported in 24 h, not in the last 30 min)", silent_orgs, at(0, 12, 12, 9)),
-        table("Spiking orgs (last hour over 5x the 24 h baseline)", spiking_orgs, at(12, 12, 12, 9)),
-        table("Attribute cardinality per metric", attribute_cardinality, at(0, 21, 12, 9)),
-        table("Biggest orgs by series", biggest_orgs_by_series, at(12, 21, 12, 9)),
+        table(
+            "Silent for over 24 h (reported in 7 d)",
+            silent_over_24h,
+            at(8, 12, 8, 9),
+            "dateTimeAsIso",
+            overrides=[org_link()],
+        ),
+        table(
+            "Spiking orgs (last hour over 5x the 24 h baseline)",
+            spiking_orgs,
+            at(16, 12, 8, 9),
+            COUNT,
+            overrides=[org_link()],
+        ),
+        table("Attribute cardinality per metric", attribute_cardinality, at(0, 21, 12, 9), COUNT),
+        table(
+            "Biggest orgs by series", biggest_orgs_by_series, at(12, 21, 12, 9), COUNT, overrides=[org_link()]
+        ),
         table(
             "Reconciliation: orgs whose raw points and hourly rollup disagree",
             drifting_orgs,
             at(0, 30, 24, 9),
+            COUNT,
+            overrides=[org_link()],
         ),
     ],
 ).auto_panel_ids()

@@ -5,49 +5,68 @@ two branches of the query are chosen by Grafana's interval). Every query filters
 sort-key columns (org_id, metric, time).
 """
 
-from grafanalib.core import Dashboard, Template, Templating, Time
-from grafanalib.formatunits import NUMBER_FORMAT
+from grafanalib.core import Dashboard, Templating, Time
 
 from meterhouse.dashboards.common import (
     CATALOG,
     CLICKHOUSE,
+    COUNT,
     HOURLY,
-    ORGS,
+    METRIC_ORGS,
+    ORG_USAGE_UID,
     POINTS,
+    SCHEMA_VERSION,
     USAGE,
     ClickHouseTarget,
     at,
+    clickhouse_variable,
+    datasource_variables,
+    org_link,
     series,
     stat,
     table,
+    textbox_variable,
 )  # fmt: skip
 
 ORG = "${org:singlequote}"
 METRIC = "${metric:singlequote}"
 ATTR = "${attribute:singlequote}"
 
+# Usage is summed over the half-open range [from, to), as the API does. Time series show every hour that
+# overlaps the range (hour >= toStartOfHour(from)); exact totals split it at whole hours (below).
+HOURS = "hour >= toStartOfHour($__fromTime) AND hour < $__toTime"
+RAW = "time >= $__fromTime AND time < $__toTime"
+
 usage_over_time = ClickHouseTarget(
     f"""SELECT $__timeInterval(hour) AS time, {USAGE} AS usage FROM {HOURLY}
-WHERE $__interval_s >= 3600 AND org_id = {ORG} AND metric = {METRIC} AND $__timeFilter(hour)
-GROUP BY time
+WHERE $__interval_s >= 3600 AND org_id = {ORG} AND metric = {METRIC} AND {HOURS}
+GROUP BY time ORDER BY time
 UNION ALL
 SELECT $__timeInterval(time) AS time, {USAGE} AS usage FROM {POINTS}
-WHERE $__interval_s < 3600 AND org_id = {ORG} AND metric = {METRIC} AND kind = 'sum' AND $__timeFilter(time)
-GROUP BY time
-ORDER BY time""",
+WHERE $__interval_s < 3600 AND org_id = {ORG} AND metric = {METRIC} AND kind = 'sum' AND {RAW}
+GROUP BY time ORDER BY time""",
     ("time", "usage"),
 )
 
+# Exactly [from, to): whole hours from the rollup, the partial first and last hours from raw points.
+FIRST_FULL = "toStartOfHour($__fromTime + INTERVAL 3599 SECOND)"
+LAST_FULL_END = "toStartOfHour($__toTime)"
 total_in_range = ClickHouseTarget(
-    f"""SELECT {USAGE} AS usage FROM {HOURLY}
-WHERE org_id = {ORG} AND metric = {METRIC} AND $__timeFilter(hour)""",
+    f"""SELECT sum(usage) AS usage FROM (
+    SELECT {USAGE} AS usage FROM {HOURLY}
+    WHERE org_id = {ORG} AND metric = {METRIC} AND hour >= {FIRST_FULL} AND hour < {LAST_FULL_END}
+    UNION ALL
+    SELECT {USAGE} AS usage FROM {POINTS}
+    WHERE org_id = {ORG} AND metric = {METRIC} AND kind = 'sum' AND {RAW}
+        AND (time < {FIRST_FULL} OR time >= greatest({LAST_FULL_END}, {FIRST_FULL}))
+)""",
     ("usage",),
     table=True,
 )
 
 by_attribute = ClickHouseTarget(
     f"""SELECT $__timeInterval(hour) AS time, attributes[{ATTR}] AS value, {USAGE} AS usage FROM {HOURLY}
-WHERE org_id = {ORG} AND metric = {METRIC} AND $__timeFilter(hour)
+WHERE org_id = {ORG} AND metric = {METRIC} AND {HOURS}
 GROUP BY time, value ORDER BY time, value""",
     ("time", "value", "usage"),
 )
@@ -66,53 +85,55 @@ WHERE org_id = {ORG} AND metric = {METRIC} AND hour >= toStartOfMonth(now()) - I
 )
 
 top_orgs = ClickHouseTarget(
-    f"""SELECT org_id, {USAGE} AS usage FROM {HOURLY}
-WHERE metric = {METRIC} AND $__timeFilter(hour) AND org_id != ''
-GROUP BY org_id ORDER BY usage DESC LIMIT 20""",
+    f"""SELECT org_id, {USAGE} AS usage FROM {METRIC_ORGS}
+WHERE metric = {METRIC} AND hour >= $__fromTime AND hour < $__toTime AND org_id != ''
+GROUP BY org_id ORDER BY usage DESC, org_id LIMIT 20""",
     ("org_id", "usage"),
     table=True,
 )
 
+#: The org is typed (100k orgs make no drop-down); the rankings link to it. Metrics and attribute keys
+#: are few and are read once when the dashboard loads.
 VARIABLES = {
-    "org": ClickHouseTarget(f"SELECT DISTINCT org_id FROM {ORGS} WHERE org_id != '' ORDER BY org_id", ("org_id",), table=True),
-    "metric": ClickHouseTarget(f"SELECT DISTINCT metric FROM {CATALOG} WHERE kind = 'sum' ORDER BY metric", ("metric",), table=True),
+    "metric": ClickHouseTarget(f"SELECT DISTINCT metric FROM {CATALOG} WHERE kind = 'sum' ORDER BY metric LIMIT 1000", ("metric",), table=True),
     "attribute": ClickHouseTarget(
         f"""SELECT DISTINCT arrayJoin(mapKeys(attributes)) AS attribute FROM {HOURLY}
-WHERE org_id = {ORG} AND metric = {METRIC} AND $__timeFilter(hour) ORDER BY attribute""",
+WHERE org_id = {ORG} AND metric = {METRIC} AND hour >= $__fromTime AND hour < $__toTime
+ORDER BY attribute LIMIT 100""",
         ("attribute",), table=True),
 }  # fmt: skip
 
 dashboard = Dashboard(
     title="meterhouse / Org usage",
-    uid="meterhouse-org-usage",
+    uid=ORG_USAGE_UID,
     description="Exact usage of one org: over time, by attribute, month to date; and the largest orgs.",
     tags=["meterhouse"],
     timezone="utc",
     time=Time("now-7d", "now"),
+    schemaVersion=SCHEMA_VERSION,
     templating=Templating(
-        list=[
-            Template(name=name, label=name, query=target.rawSql, dataSource=CLICKHOUSE, refresh=2, sort=1)
-            for name, target in VARIABLES.items()
-        ]
+        list=datasource_variables()
+        + [textbox_variable("org", "org id")]
+        + [clickhouse_variable(name, target) for name, target in VARIABLES.items()]
     ),  # fmt: skip
     panels=[
         series(
             "Usage of $metric by $org",
             [usage_over_time],
             at(0, 0, 16, 9),
-            NUMBER_FORMAT,
+            COUNT,
             datasource=CLICKHOUSE,
         ),
-        stat("Total in range", [total_in_range], at(16, 0, 8, 4), NUMBER_FORMAT, datasource=CLICKHOUSE),
-        table("Month to date against last month", month_to_date, at(16, 4, 8, 5)),
+        stat("Total in range", [total_in_range], at(16, 0, 8, 4), COUNT, datasource=CLICKHOUSE),
+        table("Month to date against last month", month_to_date, at(16, 4, 8, 5), COUNT),
         series(
             "$metric by $attribute",
             [by_attribute],
             at(0, 9, 16, 9),
-            NUMBER_FORMAT,
+            COUNT,
             datasource=CLICKHOUSE,
             stacking={"mode": "normal"},
         ),  # fmt: skip
-        table("Top orgs by $metric", top_orgs, at(16, 9, 8, 9)),
+        table("Top orgs by $metric", top_orgs, at(16, 9, 8, 9), COUNT, overrides=[org_link()]),
     ],
 ).auto_panel_ids()

@@ -1,23 +1,33 @@
 """Pipeline health: is usage flowing, how late, is the spool draining, which endpoint takes writes."""
 
 from grafanalib.core import Annotations, Dashboard, Templating, Time
-from grafanalib.formatunits import BYTES_IEC, NUMBER_FORMAT, SECONDS
+from grafanalib.formatunits import BYTES_IEC, SECONDS
 
-from meterhouse.dashboards.common import CLICKHOUSE, EVENTS, at, prom, series, stat
+from meterhouse.dashboards.common import (
+    COUNT,
+    EVENTS,
+    SCHEMA_VERSION,
+    SELECTOR,
+    ClickHouseTarget,
+    at,
+    clickhouse_annotation,
+    datasource_variables,
+    job_instance_variables,
+    prom,
+    series,
+    stat,
+)
 
 RATE = "$__rate_interval"
+S = "{" + SELECTOR + "}"
 
-failover_annotations = {
-    "datasource": CLICKHOUSE,
-    "enable": True,
-    "iconColor": "red",
-    "name": "Pipeline events",
-    "editorType": "sql",
-    "rawSql": (
-        f"SELECT time, concat(kind, ': ', source, ' -> ', target) AS title, "
-        f"reason AS text, kind AS tags FROM {EVENTS} WHERE $__timeFilter(time) ORDER BY time"
-    ),
-}
+pipeline_events = ClickHouseTarget(
+    f"""SELECT time, concat(kind, ': ', source, ' -> ', target) AS title, reason AS text, kind AS tags
+FROM {EVENTS} WHERE time >= $__fromTime AND time < $__toTime ORDER BY time""",
+    ("time", "title", "text", "tags"),
+    table=True,
+)
+ANNOTATIONS = {"Pipeline events": pipeline_events}
 
 dashboard = Dashboard(
     title="meterhouse / Pipeline health",
@@ -27,42 +37,65 @@ dashboard = Dashboard(
     timezone="utc",
     time=Time("now-6h", "now"),
     refresh="30s",
-    annotations=Annotations(list=[failover_annotations]),
-    templating=Templating(list=[]),
+    schemaVersion=SCHEMA_VERSION,
+    annotations=Annotations(list=[clickhouse_annotation(n, t) for n, t in ANNOTATIONS.items()]),
+    templating=Templating(list=datasource_variables() + job_instance_variables()),
     panels=[
         stat(
             "Points received /s",
-            [prom("sum(meterhouse:points_received:rate5m)")],
+            [prom("sum(instance:meterhouse_points_received:rate5m" + S + ")")],
             at(0, 0, 4, 4),
-            NUMBER_FORMAT,
+            COUNT,
         ),
         stat(
             "Points written /s",
-            [prom("sum(meterhouse:points_written:rate5m)")],
+            [prom("sum(instance:meterhouse_points_written:rate5m" + S + ")")],
             at(4, 0, 4, 4),
-            NUMBER_FORMAT,
+            COUNT,
         ),
-        stat("p99 ingest lag", [prom("max(meterhouse:ingest_lag_seconds:p99_5m)")], at(8, 0, 4, 4), SECONDS),
+        stat(
+            "p99 ingest lag",
+            [prom("max(instance:meterhouse_ingest_lag_seconds:p99_rate5m" + S + ")")],
+            at(8, 0, 4, 4),
+            SECONDS,
+        ),
         stat(
             "Oldest spooled point",
-            [prom("max(meterhouse_spool_oldest_age_seconds)")],
+            [prom("max(meterhouse_spool_oldest_age_seconds" + S + ")")],
             at(12, 0, 4, 4),
             SECONDS,
         ),
         stat(
             "Spool used",
-            [prom("max(meterhouse_spool_uncommitted_bytes / meterhouse_spool_limit_bytes)")],
+            [
+                prom(
+                    "max(meterhouse_spool_uncommitted_bytes" + S + " / meterhouse_spool_limit_bytes" + S + ")"
+                )
+            ],
             at(16, 0, 4, 4),
             "percentunit",
         ),  # fmt: skip
-        stat("Writing to endpoint #", [prom("max(meterhouse_active_endpoint_priority)")], at(20, 0, 4, 4)),
+        stat(
+            "Writing to endpoint #",
+            [prom("max(meterhouse_active_endpoint_priority" + S + ")")],
+            at(20, 0, 4, 4),
+            COUNT,
+        ),
         series(
             "Points in, written and rejected",
             [
-                prom("sum(meterhouse:points_received:rate5m)", "received", "A"),
-                prom("sum(meterhouse:points_written:rate5m)", "written", "B"),
-                prom("sum by (reason) (meterhouse:points_rejected:rate5m)", "rejected: {{reason}}", "C"),
-                prom("sum(rate(meterhouse_points_unattributed_total[" + RATE + "]))", "without org", "D"),
+                prom("sum(instance:meterhouse_points_received:rate5m" + S + ")", "received", "A"),
+                prom("sum(instance:meterhouse_points_written:rate5m" + S + ")", "written", "B"),
+                prom(
+                    "sum by (reason) (instance_reason:meterhouse_points_rejected:rate5m" + S + ")",
+                    "rejected: {{reason}}",
+                    "C",
+                ),
+                prom(
+                    "sum(rate(meterhouse_points_unattributed_total" + S + "[" + RATE + "]))",
+                    "without org",
+                    "D",
+                ),
             ],
             at(0, 4, 12, 8),
             "pps",
@@ -70,15 +103,15 @@ dashboard = Dashboard(
         series(
             "Ingest lag (receipt to commit)",
             [
-                prom("max(meterhouse:ingest_lag_seconds:p50_5m)", "p50", "A"),
+                prom("max(instance:meterhouse_ingest_lag_seconds:p50_rate5m" + S + ")", "p50", "A"),
                 prom(
-                    "histogram_quantile(0.9, sum by (le) (rate(meterhouse_ingest_lag_seconds_bucket["
-                    + RATE
-                    + "])))",
+                    "histogram_quantile(0.9, sum by (le) (instance_le:meterhouse_ingest_lag_seconds_bucket:rate5m"
+                    + S
+                    + "))",
                     "p90",
                     "B",
                 ),
-                prom("max(meterhouse:ingest_lag_seconds:p99_5m)", "p99", "C"),
+                prom("max(instance:meterhouse_ingest_lag_seconds:p99_rate5m" + S + ")", "p99", "C"),
             ],
             at(12, 4, 12, 8),
             SECONDS,
@@ -86,65 +119,115 @@ dashboard = Dashboard(
         series(
             "Spool",
             [
-                prom("sum(meterhouse_spool_bytes)", "on disk", "A"),
-                prom("sum(meterhouse_spool_uncommitted_bytes)", "not yet in ClickHouse", "B"),
-                prom("max(meterhouse_spool_limit_bytes)", "limit (503 above)", "C"),
+                prom("sum(meterhouse_spool_bytes" + S + ")", "on disk", "A"),
+                prom("sum(meterhouse_spool_uncommitted_bytes" + S + ")", "not yet in ClickHouse", "B"),
+                prom("max(meterhouse_spool_limit_bytes" + S + ")", "limit (503 above)", "C"),
             ],
             at(0, 12, 8, 8),
             BYTES_IEC,
         ),  # fmt: skip
         series(
-            "Oldest spooled point and pending points",
-            [
-                prom("max(meterhouse_spool_oldest_age_seconds)", "oldest age (s)", "A"),
-                prom("sum(meterhouse_pending_points)", "pending points", "B"),
-            ],
+            "Oldest spooled point (grows during a stall)",
+            [prom("max(meterhouse_spool_oldest_age_seconds" + S + ")", "oldest uncommitted point", "A")],
             at(8, 12, 8, 8),
+            SECONDS,
         ),  # fmt: skip
         series(
-            "Inserts",
+            "Pending points",
+            [prom("sum(meterhouse_pending_points" + S + ")", "spooled, not yet in ClickHouse", "A")],
+            at(16, 12, 8, 8),
+            COUNT,
+        ),  # fmt: skip
+        series(
+            "Insert duration (p99)",
             [
                 prom(
-                    "histogram_quantile(0.99, sum by (le) (rate(meterhouse_insert_duration_seconds_bucket["
+                    "histogram_quantile(0.99, sum by (le) (rate(meterhouse_insert_duration_seconds_bucket"
+                    + S
+                    + "["
                     + RATE
                     + "])))",
-                    "p99 insert (s)",
+                    "p99 insert",
                     "A",
-                ),
-                prom("sum(rate(meterhouse_insert_retries_total[" + RATE + "]))", "retries /s", "B"),
-                prom("sum(rate(meterhouse_insert_failures_total[" + RATE + "]))", "failed attempts /s", "C"),
+                )
+            ],
+            at(0, 36, 8, 8),
+            SECONDS,
+        ),  # fmt: skip
+        series(
+            "Insert retries and failures",
+            [
+                prom("sum(rate(meterhouse_insert_retries_total" + S + "[" + RATE + "]))", "retries", "A"),
                 prom(
-                    "sum(increase(meterhouse_dead_letter_batches_total[" + RATE + "]))", "dead letters", "D"
+                    "sum(rate(meterhouse_insert_failures_total" + S + "[" + RATE + "]))",
+                    "failed attempts",
+                    "B",
                 ),
             ],
-            at(16, 12, 8, 8),
+            at(8, 36, 8, 8),
+            "ops",
+        ),  # fmt: skip
+        series(
+            "Dead letters on disk (unbilled until re-driven)",
+            [prom("sum(meterhouse_dead_letters_pending" + S + ")", "dead-letter batches", "A")],
+            at(16, 36, 8, 8),
+            COUNT,
+        ),  # fmt: skip
+        series(
+            "Data directory free",
+            [
+                prom(
+                    "min(meterhouse_data_dir_free_bytes" + S + " / meterhouse_data_dir_size_bytes" + S + ")",
+                    "free share",
+                    "A",
+                )
+            ],
+            at(0, 44, 12, 8),
+            "percentunit",
+        ),  # fmt: skip
+        series(
+            "SLO error ratios (1h): 503 answers, stale time",
+            [
+                prom(
+                    'max(job:meterhouse_requests_unavailable:ratio_rate1h{job=~"$job"})',
+                    "requests answered 503",
+                    "A",
+                ),
+                prom('max(job:meterhouse_spool_stale:ratio_avg1h{job=~"$job"})', "time stale (> 2 min)", "B"),
+            ],
+            at(12, 44, 12, 8),
+            "percentunit",
         ),  # fmt: skip
         series(
             "Endpoints (1 = healthy / active)",
             [
-                prom("max by (endpoint) (meterhouse_endpoint_up)", "up: {{endpoint}}", "A"),
-                prom("max by (endpoint) (meterhouse_endpoint_active)", "active: {{endpoint}}", "B"),
+                prom("max by (endpoint) (meterhouse_endpoint_up" + S + ")", "up: {{endpoint}}", "A"),
+                prom("max by (endpoint) (meterhouse_endpoint_active" + S + ")", "active: {{endpoint}}", "B"),
             ],
             at(0, 20, 12, 8),
+            "bool_yes_no",
         ),  # fmt: skip
         series(
             "Failovers",
             [
                 prom(
-                    "sum by (from_endpoint, to_endpoint) (increase(meterhouse_failovers_total["
+                    "sum by (from_endpoint, to_endpoint) (increase(meterhouse_failovers_total"
+                    + S
+                    + "["
                     + RATE
                     + "]))",
                     "{{from_endpoint}} -> {{to_endpoint}}",
                 ),
             ],
             at(12, 20, 12, 8),
+            COUNT,
             drawStyle="bars",
         ),  # fmt: skip
         series(
             "OTLP requests by outcome",
             [
                 prom(
-                    "sum by (transport, outcome) (rate(meterhouse_requests_total[" + RATE + "]))",
+                    "sum by (transport, outcome) (rate(meterhouse_requests_total" + S + "[" + RATE + "]))",
                     "{{transport}} {{outcome}}",
                 ),
             ],
@@ -155,11 +238,13 @@ dashboard = Dashboard(
             "Duplicates and back-pressure",
             [
                 prom(
-                    "sum(rate(meterhouse_requests_deduplicated_total[" + RATE + "]))",
+                    "sum(rate(meterhouse_requests_deduplicated_total" + S + "[" + RATE + "]))",
                     "re-sent requests /s",
                     "A",
                 ),
-                prom("sum(rate(meterhouse_spool_full_total[" + RATE + "]))", "503 spool full /s", "B"),
+                prom(
+                    "sum(rate(meterhouse_spool_full_total" + S + "[" + RATE + "]))", "503 spool full /s", "B"
+                ),
             ],
             at(12, 28, 12, 8),
             "reqps",

@@ -21,7 +21,7 @@ from meterhouse.core import schema
 
 log = logging.getLogger("meterhouse.health")
 LIST_LIMIT = 10_000
-WINDOWS = {"1h": 3600, "24h": 86400}
+WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
 
 
 @dataclass
@@ -31,6 +31,8 @@ class Snapshot:
     silent: list[dict] = field(default_factory=list)
     spiking: list[dict] = field(default_factory=list)
     top: list[tuple[str, int]] = field(default_factory=list)
+    #: Orgs seen in the previous 7 days but not in the last 24 h (they have left ``silent``).
+    silent_over_24h: int = 0
     duration_s: float = 0.0
     ok: bool = False
 
@@ -106,6 +108,8 @@ class OrgHealth:
                     "day_ago": _dt(now - 86400), "quiet_since": _dt(now - self.silent_after_s),
                     "limit": LIST_LIMIT})
             ]  # fmt: skip
+            over_24h = {"day_ago": _dt(now - 7 * 86400), "quiet_since": _dt(now - 86400), "limit": LIST_LIMIT}
+            silent_over_24h = len(self.store.rows(schema.orgs_silent_sql(db), over_24h))
             last_hour = _dt(now // 3600 * 3600 - 3600)
             spiking = [
                 {"org_id": org, "metric": metric, "last_hour_usage": last, "baseline": base,
@@ -123,7 +127,8 @@ class OrgHealth:
             self.snapshot.ok = False
             log.warning("org health refresh failed", extra={"error": str(e)[:300]})
             return self.snapshot
-        self.snapshot = Snapshot(now, active, silent, spiking, top, time.perf_counter() - started, True)
+        self.snapshot = Snapshot(now, active, silent, spiking, top, silent_over_24h,
+                                 time.perf_counter() - started, True)  # fmt: skip
         self.refreshes += 1
         return self.snapshot
 
@@ -143,6 +148,10 @@ class OrgHealth:
             "meterhouse_orgs_silent",
             f"Orgs that reported in the previous 24 h but not in the last {self.silent_after_s:g} s "
             "(the list: GET /api/v1/orgs?status=silent).", value=len(snap.silent))  # fmt: skip
+        yield GaugeMetricFamily(
+            "meterhouse_orgs_silent_over_24h",
+            "Orgs that reported in the previous 7 days but not in the last 24 h (no longer in "
+            "meterhouse_orgs_silent).", value=snap.silent_over_24h)  # fmt: skip
         spiking_orgs = len({s["org_id"] for s in snap.spiking})
         yield GaugeMetricFamily(
             "meterhouse_orgs_spiking",

@@ -129,7 +129,7 @@ def test_load_balancer_prometheus_and_grafana_point_at_the_collectors_and_nodes(
         assert "hash $remote_addr consistent;" in upstreams[name]  # affinity of cumulative series
         assert re.findall(r"server (\S+);", upstreams[name]) == [f"collector-1:{port}", f"collector-2:{port}"]
     listens = {int(p) for p in re.findall(r"listen (\d+);", nginx)}
-    assert listens == {int(p.split(":")[1]) for p in services["lb"]["ports"]} == {4317, 4318, 9464}
+    assert listens == {int(p.split(":")[-1]) for p in services["lb"]["ports"]} == {4317, 4318, 9464}
     prom = yaml.safe_load(
         (ROOT / mounted(services["prometheus-cluster"], "/etc/prometheus/prometheus.yml")).read_text()
     )

@@ -55,6 +55,11 @@ LAG_BUCKETS = (
     120.0,
     300.0,
     900.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    14400.0,
+    43200.0,
 )
 
 
@@ -94,7 +99,8 @@ class PipelineMetrics:
         )
         self.ingest_lag = Histogram(
             f"{p}_ingest_lag_seconds",
-            "Time from a point's receipt to its commit in ClickHouse.",
+            "Time from a batch's receipt to its commit in ClickHouse, observed once per batch at commit "
+            "(nothing is observed during a stall: meterhouse_spool_oldest_age_seconds grows instead).",
             buckets=LAG_BUCKETS,
             registry=registry,
         )
@@ -163,6 +169,22 @@ class PipelineMetrics:
         )
         self.dead_letter_points = Counter(
             f"{p}_dead_letter_points", "Points in dead-lettered batches.", registry=registry
+        )
+        self.dead_letters_pending = Gauge(
+            f"{p}_dead_letters_pending",
+            "Dead-letter batches on disk, not yet re-driven (usage missing from ClickHouse while > 0).",
+            registry=registry,
+        )
+        # -- the data directory (chdb and the spool share it) ------------------------------------
+        self.data_dir_free_bytes = Gauge(
+            f"{p}_data_dir_free_bytes",
+            "Bytes available to meterhouse on the file system of the data directory.",
+            registry=registry,
+        )
+        self.data_dir_size_bytes = Gauge(
+            f"{p}_data_dir_size_bytes",
+            "Size of the file system holding the data directory.",
+            registry=registry,
         )
         # -- endpoints (a handful, from configuration) --------------------------------------------
         self.endpoint_up = Gauge(

@@ -21,6 +21,10 @@ CATALOG_TABLE = "metric_catalog"
 DIST_INGEST_TABLE = "distribution_points_ingest"
 DIST_TABLE = "distribution_points"
 EVENTS_TABLE = "pipeline_events"
+#: Cross-org views of the rollup, ordered by hour first: rankings over all orgs read only the
+#: granules of the metric and hours asked for (the rollup is ordered by org first).
+METRIC_ORGS_TABLE = "usage_hourly_by_metric"
+ATTRIBUTE_CARDINALITY_TABLE = "attribute_cardinality_hourly"
 
 #: Blocks remembered per table for insert deduplication (a retried or replayed batch counts once).
 DEDUP_WINDOW_BLOCKS = 10_000
@@ -240,6 +244,45 @@ SELECT org_id, metric, toStartOfHour(time) AS hour, cityHash64(attributes) AS at
 FROM {db}.{POINTS_TABLE}
 WHERE kind = '{KIND_SUM}'
 GROUP BY org_id, metric, hour, attributes""",
+        # Per (metric, hour, org): usage, points and the org's distinct series (metric + attributes).
+        f"""CREATE TABLE IF NOT EXISTS {db}.{METRIC_ORGS_TABLE} (
+    metric LowCardinality(String),
+    hour DateTime('UTC'),
+    org_id String,
+    value_int SimpleAggregateFunction(sum, Int128),
+    value_double SimpleAggregateFunction(sum, Float64),
+    points SimpleAggregateFunction(sum, UInt64),
+    series AggregateFunction(uniqExact, UInt64)
+) ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(hour)
+ORDER BY (hour, metric, org_id)
+SETTINGS {dedup}""",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.usage_hourly_by_metric_mv "
+        f"""TO {db}.{METRIC_ORGS_TABLE} AS
+SELECT metric, toStartOfHour(time) AS hour, org_id,
+    sum(toInt128(value_int)) AS value_int, sum(value_double) AS value_double, count() AS points,
+    uniqExactState(cityHash64(metric, attributes)) AS series
+FROM {db}.{POINTS_TABLE}
+WHERE kind = '{KIND_SUM}'
+GROUP BY metric, hour, org_id""",
+        # Per (metric, attribute key, hour): distinct values and distinct orgs, for cardinality panels.
+        f"""CREATE TABLE IF NOT EXISTS {db}.{ATTRIBUTE_CARDINALITY_TABLE} (
+    metric LowCardinality(String),
+    hour DateTime('UTC'),
+    key String,
+    distinct_values AggregateFunction(uniqExact, String),
+    orgs AggregateFunction(uniqExact, String)
+) ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(hour)
+ORDER BY (hour, metric, key)
+SETTINGS {dedup}""",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attribute_cardinality_hourly_mv "
+        f"""TO {db}.{ATTRIBUTE_CARDINALITY_TABLE} AS
+SELECT metric, toStartOfHour(time) AS hour, key,
+    uniqExactState(attributes[key]) AS distinct_values, uniqExactState(org_id) AS orgs
+FROM {db}.{POINTS_TABLE} ARRAY JOIN mapKeys(attributes) AS key
+WHERE kind = '{KIND_SUM}'
+GROUP BY metric, hour, key""",
         # One row per org (after merges): when it last reported. Feeds the silent-org signal cheaply.
         f"""CREATE TABLE IF NOT EXISTS {db}.{ORGS_TABLE} (
     org_id String,

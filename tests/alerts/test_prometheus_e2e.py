@@ -1,8 +1,10 @@
 """A real Prometheus (Debian's package) scrapes a real `meterhouse up` with the rule files loaded; a
-failover and an ingestion backlog make alerts fire. The rules are a rendered copy with test-only short
+failover, a stall (no ClickHouse endpoint reachable while points keep arriving) and the lag of the
+drained backlog make alerts fire; the critical freshness alert fires before the backlog drains. The rules are a rendered copy with test-only short
 `for:` durations and thresholds; the expressions are the committed ones."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +22,7 @@ ALERTS = Path(__file__).resolve().parents[2] / "alerts"
 #: Test-only thresholds, so the conditions arise within seconds.
 FAST_THRESHOLDS = {
     "MeterhouseSpoolBacklogOld": ("> 300", "> 3"),
+    "MeterhouseSpoolBacklogCritical": ("> 1800", "> 6"),
     "MeterhouseIngestionLagHigh": ("> 60", "> 1"),
 }
 
@@ -37,6 +40,13 @@ def render_rules(out: Path) -> None:
                     assert old_new[0] in rule["expr"]
                     rule["expr"] = rule["expr"].replace(*old_new)
         (out / f.name).write_text(yaml.safe_dump(doc))
+    for name in FAST_THRESHOLDS:
+        assert any(r.get("alert") == name for r in rules_in(out)), f"{name} is not in the rules"
+
+
+def rules_in(directory: Path) -> list[dict]:
+    return [r for f in directory.glob("*.rules.yml") for g in yaml.safe_load(f.read_text())["groups"]
+            for r in g["rules"]]  # fmt: skip
 
 
 @pytest.fixture
@@ -49,7 +59,8 @@ def prometheus(tmp_path):
         render_rules(rules)
         config = tmp_path / "prometheus.yml"
         config.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s",
+                       "external_labels": {"runbook_base_url": "https://runbooks.example/runbooks.md"}},
             "rule_files": [str(rules / "*.rules.yml")],
             "scrape_configs": [{"job_name": "meterhouse", "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}],
         }))  # fmt: skip
@@ -120,14 +131,29 @@ def test_failover_and_backlog_alerts_fire_in_a_real_prometheus(up_factory, tmp_p
     wait(lambda: "MeterhouseFailoverOccurred" in firing(prom), 60, "MeterhouseFailoverOccurred firing")
     alert = firing(prom)["MeterhouseFailoverOccurred"]
     assert (alert["labels"]["from_endpoint"], alert["labels"]["to_endpoint"]) == ("embedded#a", "embedded#b")
-    assert alert["labels"]["severity"] == "warning" and alert["annotations"]["runbook_url"]
+    assert alert["labels"]["severity"] == "info"  # an event: notified, never paged
+    assert (
+        alert["annotations"]["runbook_url"]
+        == "https://runbooks.example/runbooks.md#meterhousefailoveroccurred"
+    )
 
     time.sleep(0.5)
-    faults.write_text(json.dumps({"down": ["embedded#a", "embedded#b"]}))  # nowhere to write: a backlog
-    for _ in range(8):
-        send(2)
+    faults.write_text(json.dumps({"down": ["embedded#a", "embedded#b"]}))  # nowhere to write: a stall
+    # Points keep arriving during the stall; nothing commits, so the lag histogram observes nothing, but
+    # the age of the oldest spooled point grows: the warning, then the critical tier fire.
+    deadline = time.monotonic() + 90
+    seen: set[str] = set()
+    while time.monotonic() < deadline and "MeterhouseSpoolBacklogCritical" not in seen:
+        send(1)
         time.sleep(0.5)
-    wait(lambda: "MeterhouseSpoolBacklogOld" in firing(prom), 60, "MeterhouseSpoolBacklogOld firing")
+        seen |= set(firing(prom))
+    assert {"MeterhouseSpoolBacklogOld", "MeterhouseSpoolBacklogCritical"} <= seen, seen
+    critical = firing(prom)["MeterhouseSpoolBacklogCritical"]
+    assert critical["labels"]["severity"] == "critical"
+    pending = requests.get(f"{up.api}/metrics", timeout=10).text
+    assert re.search(r"^meterhouse_pending_points [1-9]", pending, re.M), (
+        "the backlog drained before the page"
+    )
     faults.write_text(json.dumps({"down": ["embedded#a"]}))  # b returns; the backlog drains with its lag
     up.drain(60)
     wait(lambda: "MeterhouseIngestionLagHigh" in firing(prom), 90, "MeterhouseIngestionLagHigh firing")

@@ -238,6 +238,7 @@ def filled(cluster_store):
                          "attrs": {"feature": "search" if h % 2 else "export", "region": "eu"}})  # fmt: skip
     rows.append({"org_id": "org-quiet", "time": now - 3 * H, "value_int": 5})
     rows.append({"org_id": "", "time": now - H, "value_int": 7})
+    rows.append({"org_id": "org-gone", "time": now - 48 * H, "value_int": 5})  # silent for over 24 h
     put(cluster_store, rows)
     # A rollup row with no raw points behind it: the drift the reconciliation panel lists.
     cluster_store.client.command(f"""INSERT INTO {cluster_store.database}.{schema.HOURLY_TABLE}_local (org_id,

@@ -8,6 +8,7 @@ import time
 import pytest
 from usage_rows import put
 
+from meterhouse.core import schema
 from meterhouse.dashboards import build, load, render, sources
 from meterhouse.dashboards.common import CLICKHOUSE, DATABASE, ClickHouseTarget
 
@@ -42,32 +43,30 @@ def clickhouse_queries():
             out += [(name, panel.title, t) for t in panel.targets if isinstance(t, ClickHouseTarget)]
         variables = namespace.get("VARIABLES", {})
         for var in dashboard.templating.list:
-            if var.dataSource == CLICKHOUSE:
-                assert var.query == variables[var.name].rawSql
-                out.append((name, f"variable {var.name}", variables[var.name]))
+            if var.get("datasource") == CLICKHOUSE:
+                assert var["query"] == variables[var["name"]].rawSql
+                out.append((name, f"variable {var['name']}", variables[var["name"]]))
+        annotations = namespace.get("ANNOTATIONS", {})
         for ann in dashboard.annotations.list:
             if ann.get("datasource") == CLICKHOUSE:
-                out.append(
-                    (
-                        name,
-                        f"annotation {ann['name']}",
-                        ClickHouseTarget(ann["rawSql"], ("time", "title", "text", "tags")),
-                    )
-                )
+                assert ann["target"]["rawSql"] == annotations[ann["name"]].rawSql
+                out.append((name, f"annotation {ann['name']}", annotations[ann["name"]]))
     return out
 
 
-def expand(sql: str, database: str, interval_s: int) -> str:
+def expand(
+    sql: str, database: str, interval_s: int, frm: int = FROM, to: int = TO, org: str = "org-a"
+) -> str:
     """Grafana's macros and variables, as the ClickHouse plugin expands them, with concrete values."""
-    sql = re.sub(r"\$__timeFilter\(([^)]+)\)", rf"\1 >= toDateTime({FROM}) AND \1 <= toDateTime({TO})", sql)
+    sql = re.sub(r"\$__timeFilter\(([^)]+)\)", rf"\1 >= toDateTime({frm}) AND \1 <= toDateTime({to})", sql)
     sql = re.sub(
         r"\$__timeInterval\(([^)]+)\)",
         rf"toStartOfInterval(toDateTime(\1), INTERVAL {interval_s} second)",
         sql,
     )
     sql = sql.replace("$__interval_s", str(interval_s))
-    sql = sql.replace("$__fromTime", f"toDateTime({FROM})").replace("$__toTime", f"toDateTime({TO})")
-    for var, value in {"org": "org-a", "metric": "api.calls", "attribute": "feature"}.items():
+    sql = sql.replace("$__fromTime", f"toDateTime({frm})").replace("$__toTime", f"toDateTime({to})")
+    for var, value in {"org": org, "metric": "api.calls", "attribute": "feature"}.items():
         sql = sql.replace(f"${{{var}:singlequote}}", f"'{value}'")
     assert "$" not in sql, sql
     return sql.replace(f"{DATABASE}.", f"{database}.")
@@ -90,6 +89,7 @@ def filled(store):
                 }
             )
     rows.append({"org_id": "org-quiet", "time": now - 3 * hour, "value_int": 5})
+    rows.append({"org_id": "org-gone", "time": now - 48 * hour, "value_int": 5})  # silent for over 24 h
     rows.append({"org_id": "", "time": now - hour, "value_int": 7})
     put(store, rows)
     # A rollup row with no raw points behind it: the drift the reconciliation panel lists.
@@ -113,3 +113,181 @@ def test_every_clickhouse_query_runs_and_returns_its_columns(filled, interval_s)
         result = filled.client.query(sql)
         assert tuple(result.column_names) == target.columns, (dash, what)
         assert result.result_rows, f"{dash} / {what} returned no rows from data that should show"
+
+
+# -- JSON shape: what Grafana 11 and the ClickHouse plugin (4.x) read --------------------------------
+def dashboards_json() -> dict[str, dict]:
+    return {src.name.removesuffix(".dashboard.py"): json.loads(render(load(src))) for src in sources()}
+
+
+def _datasources(node):
+    if isinstance(node, dict):
+        if "datasource" in node:
+            yield node["datasource"]
+        for v in node.values():
+            yield from _datasources(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _datasources(v)
+
+
+def test_datasources_are_variables_not_hard_coded_uids():
+    for name, d in dashboards_json().items():
+        kinds = {v["query"]: v["name"] for v in d["templating"]["list"] if v["type"] == "datasource"}
+        assert kinds == {"prometheus": "prometheus", "grafana-clickhouse-datasource": "clickhouse"}, name
+        for ds in _datasources(d):
+            assert isinstance(ds, dict) and ds["uid"] in ("${prometheus}", "${clickhouse}"), (name, ds)
+
+
+def test_current_schema_version_units_and_data_points():
+    for name, d in dashboards_json().items():
+        assert d["schemaVersion"] == 39, name  # Grafana 11.1, the pinned image
+        for panel in d["panels"]:
+            unit = panel["fieldConfig"]["defaults"].get("unit")
+            assert unit and unit != "none", f"{name} / {panel['title']}: no unit"
+            limit = 100 if panel["type"] in ("stat", "table") else 1000
+            assert panel.get("maxDataPoints") == limit, f"{name} / {panel['title']}"
+
+
+def test_every_clickhouse_target_has_the_shape_the_plugin_reads():
+    for d in dashboards_json().values():
+        for panel in d["panels"]:
+            for t in panel["targets"]:
+                if t["datasource"]["type"] != "grafana-clickhouse-datasource":
+                    assert t["datasource"]["type"] == "prometheus" and t["expr"] and t["refId"], panel[
+                        "title"
+                    ]
+                    continue
+                assert t["editorType"] == "sql" and t["rawSql"].strip() and t["refId"], panel["title"]
+                assert (t["format"], t["queryType"]) in ((0, "timeseries"), (1, "table")), panel["title"]
+                assert t["format"] == (1 if panel["type"] in ("stat", "table") else 0), panel["title"]
+
+
+def test_annotations_carry_a_target_the_plugin_runs():
+    """The plugin runs ``annotation.target`` and skips an annotation without one: a top-level rawSql never
+    ran (only a legacy ``rawQuery`` is migrated)."""
+    seen = 0
+    for name, d in dashboards_json().items():
+        for ann in d["annotations"]["list"]:
+            if ann["datasource"]["type"] != "grafana-clickhouse-datasource":
+                continue
+            seen += 1
+            assert "rawSql" not in ann and "rawQuery" not in ann, name
+            assert ann["enable"] and ann["name"] and ann["iconColor"]
+            target = ann["target"]
+            assert target["editorType"] == "sql" and target["refId"] == "annotation"
+            assert re.match(r"SELECT time\b", target["rawSql"]) and " AS title" in target["rawSql"]
+    assert seen >= 1
+
+
+def test_variables_are_cheap_and_the_org_is_typed():
+    d = dashboards_json()
+    org = {v["name"]: v for v in d["org_usage"]["templating"]["list"]}["org"]
+    assert org["type"] == "textbox"  # no SELECT DISTINCT over 100k orgs
+    for name, dash in d.items():
+        for v in dash["templating"]["list"]:
+            if v["type"] == "query" and v["datasource"]["type"] == "grafana-clickhouse-datasource":
+                assert v["refresh"] == 1 and "LIMIT" in v["query"], (name, v["name"])
+        if name != "org_usage":
+            names = [v["name"] for v in dash["templating"]["list"]]
+            assert {"job", "instance"} <= set(names), name
+            for panel in dash["panels"]:
+                for t in panel["targets"]:
+                    if "expr" in t and "meterhouse" in t["expr"]:
+                        assert "$job" in t["expr"], (name, panel["title"])
+
+
+def test_rankings_link_to_the_org_dashboard():
+    linked = 0
+    for d in dashboards_json().values():
+        for panel in d["panels"]:
+            sql = " ".join(t.get("rawSql", "") for t in panel["targets"])
+            if panel["type"] == "table" and re.match(r"\s*SELECT org_id\b", sql):
+                links = [p for o in panel["fieldConfig"]["overrides"] if o["matcher"]["options"] == "org_id"
+                         for p in o["properties"] if p["id"] == "links"]  # fmt: skip
+                assert links and "/d/meterhouse-org-usage/" in links[0]["value"][0]["url"], panel["title"]
+                assert "var-org=${__value.raw}" in links[0]["value"][0]["url"]
+                linked += 1
+    assert linked >= 4
+
+
+def _top_level_branches(sql: str) -> list[str]:
+    depth, start, out, i = 0, 0, [], 0
+    while i < len(sql):
+        c = sql[i]
+        depth += c == "("
+        depth -= c == ")"
+        if depth == 0 and sql.startswith("UNION ALL", i):
+            out.append(sql[start:i])
+            start = i + len("UNION ALL")
+        i += 1
+    return [*out, sql[start:]]
+
+
+def test_union_all_orders_both_branches_and_usage_is_half_open():
+    for dash, what, target in clickhouse_queries():
+        branches = _top_level_branches(target.rawSql)
+        if len(branches) > 1:
+            assert all("ORDER BY" in b for b in branches), (dash, what)
+        # $__timeFilter is closed at both ends ([from, to]); summed usage must be [from, to).
+        assert "$__timeFilter" not in target.rawSql, (dash, what)
+
+
+def test_total_in_range_equals_the_half_open_sum_on_unaligned_ranges(store):
+    """A range that starts and ends inside an hour: the panel sums exactly the points in [from, to), like
+    the API; the closed $__timeFilter on hour buckets dropped the partial first hour and added the hour
+    starting at `to`."""
+    hour = 3600
+    base = (int(time.time()) // hour - 10) * hour
+    rows = [{"org_id": "org-t", "time": (base + m * 600) * 10**9, "value_int": 1 + m} for m in range(6 * 8)]
+    put(store, rows)
+    namespace = runpy.run_path(str(next(s for s in sources() if s.name.startswith("org_usage"))))
+    for frm, to in ((base + 1800, base + 5 * hour + 1200), (base + hour, base + 3 * hour), (base + 600, base + 1800),
+                    (base + 3000, base + hour + 1)):  # fmt: skip
+        expected = sum(r["value_int"] for r in rows if frm * 10**9 <= r["time"] < to * 10**9)
+        sql = expand(namespace["total_in_range"].rawSql, store.database, 3600, frm, to, org="org-t")
+        assert store.client.query(sql).result_rows[0][0] == expected, (frm - base, to - base)
+
+
+# -- cross-org panels: served from tables ordered for them, proved by ClickHouse's own plan ----------
+def granules(store, sql: str) -> tuple[int, int]:
+    """(selected, total) granules of the primary-key step of ``EXPLAIN indexes = 1``, summed over tables."""
+    plan = "\n".join(r[0] for r in store.client.query(f"EXPLAIN indexes = 1 {sql}").result_rows)
+    keys = re.findall(r"PrimaryKey.*?Granules: (\d+)/(\d+)", plan, re.S)
+    assert keys, plan
+    return sum(int(s) for s, _ in keys), sum(int(t) for _, t in keys)
+
+
+def test_cross_org_panels_read_only_the_granules_of_their_hours(store):
+    """The top-orgs, biggest-orgs and attribute-cardinality panels read a few granules of the tables
+    ordered for them, where the same rankings on the org-first rollup read every granule."""
+    hour = 3600 * 10**9
+    start = (time.time_ns() // hour - 48) * hour
+    rows = [
+        {"org_id": f"org-{o:03}", "metric": f"metric.{m:02}", "time": start + h * hour + 60 * 10**9,
+         "value_int": 1 + o, "attrs": {"feature": f"f{o % 7}"}}
+        for m in range(30) for h in range(48) for o in range(50)
+    ]  # fmt: skip
+    put(store, rows)
+    frm, to = int((start + 40 * hour) / 10**9), int((start + 46 * hour) / 10**9)
+    usage = runpy.run_path(str(next(s for s in sources() if s.name.startswith("org_usage"))))
+    health = runpy.run_path(str(next(s for s in sources() if s.name.startswith("org_health"))))
+    top = expand(usage["top_orgs"].rawSql, store.database, 3600, frm, to).replace(
+        "'api.calls'", "'metric.07'"
+    )
+    # The same ranking on the org-first rollup reads every granule (the old panel).
+    old = top.replace(
+        f"{store.database}.{schema.METRIC_ORGS_TABLE}", f"{store.database}.{schema.HOURLY_TABLE}"
+    )
+    old_selected, old_total = granules(store, old)
+    assert old_selected == old_total >= 8, (old_selected, old_total)
+    queries = {"top orgs": top} | {
+        panel: expand(health[panel].rawSql, store.database, 3600, frm, to)
+        for panel in ("biggest_orgs_by_series", "attribute_cardinality")
+    }
+    for panel, sql in queries.items():
+        selected, _ = granules(store, sql)
+        assert selected * 4 <= old_total, (panel, selected, old_total)
+    # And they answer what the rollup answers.
+    assert store.client.query(top).result_rows == store.client.query(old).result_rows
+    assert store.client.query(top).result_rows[0] == ("org-049", 6 * 50.0)
