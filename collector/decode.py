@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -20,6 +21,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 
 from meterhouse.collector.cumulative import Change, CumulativePoint, CumulativeState
 from meterhouse.collector.model import PointBatch
+from meterhouse.collector.series import Admission, SeriesLimiter
 from meterhouse.core import schema
 
 DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
@@ -47,6 +49,9 @@ class DecodeResult:
     examples: dict[str, str] = field(default_factory=dict)
     #: cumulative state changes made for this request, undone if it is not committed.
     changes: list[Change] = field(default_factory=list)
+    #: points folded into an overflow series by the series limit, and the sets this request admitted.
+    folded: int = 0
+    admitted: list[Admission] = field(default_factory=list)
 
     @property
     def rejected_count(self) -> int:
@@ -154,8 +159,18 @@ def series_id(
 class _Decoder:
     """One request's walk. Number points (sum, gauge) and distributions go to separate columns."""
 
-    def __init__(self, limits: Limits, now_ns: int, digest: str, cumulative: CumulativeState | None) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        now_ns: int,
+        digest: str,
+        cumulative: CumulativeState | None,
+        allowed_org: Callable[[str], bool] | None = None,
+        series: SeriesLimiter | None = None,
+    ) -> None:
         self.limits = limits
+        self.allowed_org = allowed_org
+        self.series = series
         self.min_t = now_ns - limits.max_past_ns
         self.max_t = now_ns + limits.max_future_ns
         self.now_ns = now_ns
@@ -204,7 +219,22 @@ class _Decoder:
                         self.distributions(m, which, data, res, res_org, scope)
         self.finish_cumulative()
         self.result.batch.size = len(self.cols["org_id"])
+        if self.series is not None:  # after the cumulative conversion, which keys on the real attributes
+            self.fold(self.series)
         return self.result
+
+    def fold(self, series: SeriesLimiter) -> None:
+        try:
+            for cols in (self.cols, self.dist):
+                if cols:
+                    folded, admitted = series.fold(cols)
+                    self.result.folded += folded
+                    self.result.admitted += admitted
+        except Exception:  # the admitted sets could not be read: nothing of this request is kept
+            series.rollback(self.result.admitted)
+            if self.result.changes and self.cumulative is not None:
+                self.cumulative.rollback(self.result.changes)
+            raise
 
     def numbers(self, m, which: str, data, res, res_org: str, scope) -> None:
         name, r = m.name, self.result
@@ -240,6 +270,7 @@ class _Decoder:
         )
         before = len(c_org)
         unattributed = 0
+        allowed = self.allowed_org
         for dp in data.data_points:
             t = dp.time_unix_nano
             start = dp.start_time_unix_nano
@@ -272,6 +303,9 @@ class _Decoder:
                 r.reject("attribute_limit", name)
                 continue
             org, keys, values = found
+            if allowed is not None and not allowed(org):
+                r.reject("org_not_allowed", name)
+                continue
             if not org:
                 unattributed += 1
             if cumulative:
@@ -354,6 +388,11 @@ class _Decoder:
                 r.reject("attribute_limit", name)
                 continue
             org, keys, values = attrs
+            if self.allowed_org is not None and not self.allowed_org(org):
+                if not org:
+                    self.result.unattributed -= 1  # counted by attributes(); rejected instead
+                r.reject("org_not_allowed", name)
+                continue
             row = {
                 "org_id": org, "metric": name, "kind": kind, "unit": m.unit, "temporality": temporality,
                 "start_time": dp.start_time_unix_nano, "time": dp.time_unix_nano,
@@ -421,9 +460,13 @@ def decode_request(
     now_ns: int,
     digest: str,
     cumulative: CumulativeState | None = None,
+    allowed_org: Callable[[str], bool] | None = None,
+    series: SeriesLimiter | None = None,
 ) -> DecodeResult:
     """Walk the request once into columns, counting every rejected point by reason.
 
     Cumulative sums need ``cumulative`` (their conversion state); without it they are rejected.
+    ``allowed_org`` (the sender's scope) rejects points of other orgs as ``org_not_allowed``;
+    ``series`` folds attribute sets over the per-(org, metric) limit into the overflow series.
     """
-    return _Decoder(limits, now_ns, digest, cumulative).run(request)
+    return _Decoder(limits, now_ns, digest, cumulative, allowed_org, series).run(request)

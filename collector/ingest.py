@@ -11,10 +11,13 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
+from meterhouse.collector.auth import IngestTokens, Principal
 from meterhouse.collector.cumulative import CumulativeState, Entry
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.dedup import RecentRequests
-from meterhouse.collector.model import Backpressure, Consumer
+from meterhouse.collector.model import Backpressure, Consumer, content_digest
+from meterhouse.collector.ratelimit import RateLimiter
+from meterhouse.collector.series import Loader, SeriesLimiter
 from meterhouse.collector.spool import SpoolError
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
@@ -37,6 +40,37 @@ def committed_state_loader(store: Store):
     return load
 
 
+def attribute_sets_loader(store: Store, limit: int) -> Loader:
+    """Read the attribute sets already stored for (org, metric) pairs (see series.py)."""
+    sql = schema.attribute_sets_sql(store.database)
+
+    def load(pairs: list[tuple[str, str]]) -> dict[tuple[str, str], list[tuple[list[str], list[str]]]]:
+        wanted = set(pairs)
+        rows = store.rows(
+            sql,
+            {"orgs": sorted({o for o, _ in pairs}), "metrics": sorted({m for _, m in pairs}), "n": limit + 1},
+        )
+        found: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {}
+        for org, metric, keys, values in rows:
+            if (org, metric) in wanted:
+                found.setdefault((org, metric), []).append((list(keys), list(values)))
+        return found
+
+    return load
+
+
+def count_points(request: ExportMetricsServiceRequest) -> int:
+    """Data points in a request, without decoding them (what the rate limit counts)."""
+    n = 0
+    for rm in request.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                which = m.WhichOneof("data")
+                if which is not None:
+                    n += len(getattr(m, which).data_points)
+    return n
+
+
 @dataclass
 class Outcome:
     """What to answer: ``kind`` is one of the request outcomes in core.metrics."""
@@ -48,7 +82,11 @@ class Outcome:
 
 
 class Ingestor:
-    """Decode → (dedup) → spool. The answer is sent once the points are durable in the spool."""
+    """(auth) → rate limit → (dedup) → decode (org scope, series limit) → spool.
+
+    The answer is sent once the points are durable in the spool. Receivers call :meth:`authenticate`
+    before reading a body, then :meth:`export` with the sender it returned.
+    """
 
     def __init__(
         self,
@@ -57,14 +95,51 @@ class Ingestor:
         limits: Limits,
         cumulative: CumulativeState | None = None,
         recent: RecentRequests | None = None,
+        tokens: IngestTokens | None = None,
+        rate: RateLimiter | None = None,
+        series: SeriesLimiter | None = None,
     ) -> None:
         self.next = next_stage
         self.metrics = metrics
         self.limits = limits
         self.cumulative = cumulative
         self.recent = recent
+        self.tokens = tokens or IngestTokens()
+        self.rate = rate
+        self.series = series
 
-    def export(self, request: ExportMetricsServiceRequest, digest: str) -> Outcome:
+    def authenticate(self, header: str | None) -> Principal | None:
+        """The sender of a request's ``authorization`` value (None when ingest is open).
+
+        Raises :class:`~meterhouse.collector.auth.Unauthenticated`: answer 401 / UNAUTHENTICATED.
+        """
+        return self.tokens.authenticate(header)
+
+    def export(
+        self, request: ExportMetricsServiceRequest, digest: str, sender: Principal | None = None
+    ) -> Outcome:
+        m = self.metrics
+        key = sender.id if sender is not None else ""
+        points = 0
+        if self.rate is not None:
+            points = count_points(request)
+            wait_s = self.rate.take(key, points)
+            if wait_s:
+                m.limited_requests.labels(reason="ingest_rate").inc()
+                return Outcome(
+                    "rate_limited",
+                    f"ingest rate limit of {self.rate.rate:g} points/s exceeded; retry in {wait_s}s",
+                    retry_after_s=wait_s,
+                )
+        if sender is not None:
+            # The same bytes from another sender are another request: its org scope may differ.
+            digest = content_digest(digest.encode(), sender.id.encode())
+        outcome = self._export(request, digest, sender)
+        if self.rate is not None and outcome.kind in ("backpressure", "unavailable"):
+            self.rate.refund(key, points)  # nothing kept: the client sends it all again
+        return outcome
+
+    def _export(self, request: ExportMetricsServiceRequest, digest: str, sender: Principal | None) -> Outcome:
         m = self.metrics
         if self.recent is not None and not self.recent.claim(digest):
             # The same bytes were accepted within the window (a client re-sent after a lost answer).
@@ -73,13 +148,19 @@ class Ingestor:
         now = time.time_ns()
         try:
             result = decode_request(
-                request, self.limits, now_ns=now, digest=digest, cumulative=self.cumulative
+                request,
+                self.limits,
+                now_ns=now,
+                digest=digest,
+                cumulative=self.cumulative,
+                allowed_org=None if sender is None or sender.all_orgs else sender.allows,
+                series=self.series,
             )
-        except Exception as e:  # the cumulative state could not be read from ClickHouse
+        except Exception as e:  # the cumulative state or attribute sets could not be read
             self._release(digest)
             log.warning("cannot decode request", extra={"error": str(e)[:300]})
             return Outcome(
-                "unavailable", f"cannot read cumulative state, retry later: {e}"[:500], retry_after_s=1
+                "unavailable", f"cannot read ingest state, retry later: {e}"[:500], retry_after_s=1
             )
         m.points_received.inc(result.received)
         try:
@@ -87,6 +168,8 @@ class Ingestor:
         except (Backpressure, SpoolError) as e:
             # Nothing of this request is kept; the client retries all of it, so count no rejections.
             self._undo(result.changes)
+            if self.series is not None:
+                self.series.rollback(result.admitted)
             self._release(digest)
             if isinstance(e, Backpressure):
                 m.spool_full.inc()
@@ -98,6 +181,8 @@ class Ingestor:
             m.points_rejected.labels(reason=reason).inc(n)
         if result.unattributed:
             m.points_unattributed.inc(result.unattributed)
+        if result.folded:
+            m.series_folded.inc(result.folded)
         response = ExportMetricsServiceResponse()
         if result.rejected:
             response.partial_success.rejected_data_points = result.rejected_count

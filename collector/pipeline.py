@@ -9,20 +9,24 @@ import logging
 import time
 from collections.abc import Callable
 
+from meterhouse.collector.auth import IngestTokens
 from meterhouse.collector.cumulative import CumulativeState
 from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.decode import Limits
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.failover import EndpointSet
-from meterhouse.collector.ingest import Ingestor, committed_state_loader
+from meterhouse.collector.ingest import Ingestor, attribute_sets_loader, committed_state_loader
+from meterhouse.collector.ratelimit import RateLimiter
 from meterhouse.collector.receivers.grpc import OtlpGrpcReceiver
 from meterhouse.collector.receivers.http import OtlpHttpReceiver
+from meterhouse.collector.series import SeriesLimiter
 from meterhouse.collector.spool import Spool
 from meterhouse.collector.writer import Writer
 from meterhouse.core.config import Config
 from meterhouse.core.faults import FaultInjector
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Store, connect
+from meterhouse.core.tls import ServerTls
 
 log = logging.getLogger("meterhouse.collector")
 
@@ -45,8 +49,10 @@ class Collector:
         config: Config,
         metrics: PipelineMetrics,
         connect_endpoint: Callable[[str], Store] | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
         self.config = config
+        self.tls = tls
         self.metrics = metrics
         self.endpoints = EndpointSet(
             config.endpoints,
@@ -83,12 +89,29 @@ class Collector:
             before_commit=self.recent.sync if self.recent else None,
         )
         self.cumulative = CumulativeState(committed_state_loader(self.endpoints))
-        self.ingestor = Ingestor(self.spool, metrics, limits_from(config), self.cumulative, self.recent)
+        self.tokens = IngestTokens(config.ingest_tokens)
+        self.rate = (
+            RateLimiter(config.ingest_points_per_s, config.ingest_burst_points)
+            if config.ingest_points_per_s > 0
+            else None
+        )
+        self.series = (
+            SeriesLimiter(
+                config.series_per_org_metric,
+                attribute_sets_loader(self.endpoints, config.series_per_org_metric),
+            )
+            if config.series_per_org_metric > 0
+            else None
+        )
+        self.ingestor = Ingestor(
+            self.spool, metrics, limits_from(config), self.cumulative, self.recent,
+            tokens=self.tokens, rate=self.rate, series=self.series,
+        )  # fmt: skip
         self.http = OtlpHttpReceiver(
-            config.host, config.otlp_http_port, self.ingestor, metrics, config.max_request_bytes
+            config.host, config.otlp_http_port, self.ingestor, metrics, config.max_request_bytes, tls=tls
         )
         self.grpc = OtlpGrpcReceiver(
-            config.host, config.otlp_grpc_port, self.ingestor, metrics, config.max_request_bytes
+            config.host, config.otlp_grpc_port, self.ingestor, metrics, config.max_request_bytes, tls=tls
         )
         m = metrics
         m.spool_limit_bytes.set(config.spool_max_bytes)
@@ -122,10 +145,22 @@ class Collector:
                                         f"points={self.spool.pending_points}")  # fmt: skip
         if self.recent is not None:
             self.recent.load(report.digests)
+        if self.series is not None and report.pending_records:
+            # Sets of points accepted but not yet in ClickHouse are admitted already.
+            for batch in self.spool.uncommitted_batches():
+                self.series.observe(batch.columns)
+                if batch.dist_columns:
+                    self.series.observe(batch.dist_columns)
         self.writer.start()
         self.http.start()
         self.grpc.start()
         self._started = True
+
+    def reload(self, config: Config) -> None:
+        """Serve new ingest tokens (SIGHUP); TLS material is swapped by its owner, ``tls``."""
+        self.tokens.replace(config.ingest_tokens)
+        if self.rate is not None:
+            self.rate.forget({"", *(p.id for p in self.tokens.principals)})
 
     def shutdown(self, timeout_s: float) -> None:
         """Stop receivers, write what the spool holds until the deadline, then close."""

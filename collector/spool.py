@@ -24,6 +24,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -316,6 +317,13 @@ class Spool:
         _seq, received, _points, digest = _DATA_HEAD.unpack_from(payload)
         cols, size, dist, dist_size = pickle.loads(payload[_DATA_HEAD.size :])
         return PointBatch(cols, size, digest.hex(), received, dist, dist_size)
+
+    def uncommitted_batches(self) -> Iterator[PointBatch]:
+        """Every batch not yet committed, read back in order (state that must count them at start)."""
+        with self._lock:
+            records = [r for g in self._replay for r in g.records] + list(self._pending)
+        for record in records:
+            yield self.load(record)
 
     def intent(self, group: Group, token: str) -> None:
         """Record the grouping and token before the insert, so a replay repeats both."""

@@ -6,17 +6,32 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from werkzeug.serving import make_server
+from werkzeug.serving import ThreadedWSGIServer
 
 from meterhouse import __version__
 from meterhouse.collector import Collector
-from meterhouse.core.config import Config
+from meterhouse.core.config import Config, ConfigError
 from meterhouse.core.metrics import PipelineMetrics
+from meterhouse.core.tls import ServerTls, load_material
 from meterhouse.exporter import OrgHealth, create_app
 
 log = logging.getLogger("meterhouse")
+
+
+class _ApiServer(ThreadedWSGIServer):
+    """The API's WSGI server; with TLS, each accepted connection is wrapped with the current material."""
+
+    tls: ServerTls | None = None
+
+    def get_request(self):  # type: ignore[no-untyped-def]
+        sock, address = super().get_request()
+        return (self.tls.wrap(sock) if self.tls is not None else sock), address
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        log.debug("API connection closed on error", exc_info=True)
 
 
 class Stack:
@@ -25,11 +40,13 @@ class Stack:
     def __init__(self, config: Config, connect_endpoint=None) -> None:
         """``connect_endpoint(url) -> Store`` overrides how endpoints are opened (tests share one engine)."""
         self.config = config
+        material = load_material(config)
+        self.tls = ServerTls(material) if material is not None else None
         self.registry = CollectorRegistry()
         for c in (ProcessCollector, PlatformCollector, GCCollector):
             c(registry=self.registry)
         self.metrics = PipelineMetrics(self.registry)
-        self.collector = Collector(config, self.metrics, connect_endpoint)
+        self.collector = Collector(config, self.metrics, connect_endpoint, tls=self.tls)
         self.store = self.collector.endpoints  # reads go to whichever endpoint is active
         self.health = OrgHealth(
             self.store,
@@ -49,7 +66,8 @@ class Stack:
             config.auth_tokens,
             config.raw_retention_days,
         )
-        self._http = make_server(config.host, config.http_port, self.app, threaded=True)
+        self._http = _ApiServer(config.host, config.http_port, self.app)
+        self._http.tls = self.tls
         self._http_thread = threading.Thread(target=self._http.serve_forever, name="http-api", daemon=True)
 
     @property
@@ -61,14 +79,30 @@ class Stack:
         self.health.start()
         self._http_thread.start()
 
+    def reload(self, config: Config) -> None:
+        """SIGHUP: new certificates, ingest and API tokens, for new connections and requests.
+
+        Open connections, requests in flight and the spool are untouched. Raises ConfigError (and
+        keeps everything as it was) when the new configuration is bad.
+        """
+        if self.tls is not None:
+            self.tls.reload(config)
+        elif config.tls_enabled:
+            raise ConfigError("tls: cannot be turned on by a reload; restart with it")
+        self.collector.reload(config)
+        self.app.extensions["meterhouse.auth"].tokens = config.auth_tokens  # one reference swap
+        self.config = config
+
     def shutdown(self, timeout_s: float) -> None:
         self.health.shutdown(1.0)
         self.collector.shutdown(timeout_s)
         self._http.shutdown()
 
 
-def run_up(config: Config) -> int:
+def run_up(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; on SIGHUP read ``reload_config()`` and serve its tokens and TLS files."""
     stop = threading.Event()
+    hup = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("stopping", extra={"signal": signal.Signals(signum).name})
@@ -76,6 +110,13 @@ def run_up(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+    def on_hup(_signum: int, _frame: object) -> None:
+        hup.set()
+        stop.set()  # wakes the main thread, which reloads and goes on
+
+    if reload_config is not None:
+        signal.signal(signal.SIGHUP, on_hup)
     started = time.monotonic()
     try:
         stack = Stack(config)
@@ -96,7 +137,33 @@ def run_up(config: Config) -> int:
             "startup_s": round(time.monotonic() - started, 3),
         },
     )
-    stop.wait()
+    while True:
+        stop.wait()
+        if not hup.is_set():
+            break
+        hup.clear()
+        stop.clear()
+        _reload(stack, reload_config)
     stack.shutdown(config.shutdown_timeout_s)
     log.info("stopped")
     return 0
+
+
+def _reload(stack: Stack, reload_config: Callable[[], Config] | None) -> None:
+    """Read the configuration again and serve its tokens and certificates; a bad one changes nothing."""
+    if reload_config is None:
+        return
+    try:
+        config = reload_config()
+        stack.reload(config)
+    except ConfigError as e:
+        log.error("reload refused, still serving the previous tokens and certificates: %s", e)
+        return
+    log.info(
+        "reloaded",
+        extra={
+            "ingest_tokens": len(config.ingest_tokens),
+            "api_tokens": len(config.auth_tokens),
+            "tls": config.tls_enabled,
+        },
+    )

@@ -1,7 +1,10 @@
 """OTLP/HTTP receiver: ``POST /v1/metrics`` with protobuf or JSON bodies, optionally gzip-compressed.
 
 Answers follow the OTLP specification: the response uses the request's content type, errors carry a
-``google.rpc.Status``, and only 429/502/503/504 are retryable.
+``google.rpc.Status``, and only 429/502/503/504 are retryable. With ingest tokens a request needs
+``Authorization: Bearer <token>``: without a valid one it is answered 401 before its body is read, and
+nothing is kept. With TLS, each accepted connection is wrapped with the current certificate (a reload
+serves new connections; open ones keep theirs); plain HTTP to the port fails its handshake.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 
+from meterhouse.collector.auth import Unauthenticated
 from meterhouse.collector.ingest import Ingestor, Outcome
 from meterhouse.collector.model import content_digest
 from meterhouse.core.metrics import PipelineMetrics
+from meterhouse.core.tls import ServerTls
 
 log = logging.getLogger("meterhouse.receiver.http")
 
@@ -39,7 +44,12 @@ _STATUS = {
     "unsupported_media_type": (HTTPStatus.UNSUPPORTED_MEDIA_TYPE, code_pb2.INVALID_ARGUMENT),
     "backpressure": (HTTPStatus.SERVICE_UNAVAILABLE, code_pb2.UNAVAILABLE),
     "unavailable": (HTTPStatus.SERVICE_UNAVAILABLE, code_pb2.UNAVAILABLE),
+    "unauthenticated": (HTTPStatus.UNAUTHORIZED, code_pb2.UNAUTHENTICATED),
+    "rate_limited": (HTTPStatus.TOO_MANY_REQUESTS, code_pb2.RESOURCE_EXHAUSTED),
 }
+
+#: Headers of a 401, so clients know which scheme to use.
+UNAUTHORIZED_HEADERS = (("WWW-Authenticate", 'Bearer realm="meterhouse"'),)
 
 
 class _TooLarge(Exception):
@@ -146,6 +156,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         if retry_after_s:
             self.send_header("Retry-After", str(retry_after_s))
+        if status == HTTPStatus.UNAUTHORIZED:
+            for name, value in UNAUTHORIZED_HEADERS:
+                self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -178,14 +191,31 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
     receiver: OtlpHttpReceiver
 
+    def get_request(self):  # type: ignore[no-untyped-def]
+        sock, address = super().get_request()
+        tls = self.receiver.tls
+        return (tls.wrap(sock) if tls is not None else sock), address
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        # A failed TLS handshake (plain HTTP to a TLS port, an unknown client certificate) or a
+        # dropped connection: the connection is closed, nothing else to do.
+        log.debug("connection closed on error", exc_info=True)
+
 
 class OtlpHttpReceiver:
     """A source stage: serves OTLP/HTTP and hands decoded points to an :class:`Ingestor`."""
 
     def __init__(
-        self, host: str, port: int, ingestor: Ingestor, metrics: PipelineMetrics, max_request_bytes: int
+        self,
+        host: str,
+        port: int,
+        ingestor: Ingestor,
+        metrics: PipelineMetrics,
+        max_request_bytes: int,
+        tls: ServerTls | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.tls = tls
         self.ingestor = ingestor
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
@@ -215,6 +245,11 @@ class OtlpHttpReceiver:
             self._thread.join(timeout_s)
 
     def handle(self, h: _Handler, ctype: str) -> Outcome:
+        try:
+            sender = self.ingestor.authenticate(h.headers.get("Authorization"))
+        except Unauthenticated as e:
+            h.close_connection = True  # the body is not read: nothing of it is kept
+            return Outcome("unauthenticated", str(e))
         limit = self.max_request_bytes
         encoding = (h.headers.get("Content-Encoding") or "identity").strip().lower()
         length_header = h.headers.get("Content-Length")
@@ -265,4 +300,4 @@ class OtlpHttpReceiver:
                 "invalid",
                 f"cannot parse {what} ExportMetricsServiceRequest: {str(e)[:300] or type(e).__name__}",
             )
-        return self.ingestor.export(request, content_digest(body))
+        return self.ingestor.export(request, content_digest(body), sender)
