@@ -23,7 +23,15 @@ def test_tokens_authenticate_bearer_only_and_replace_atomically():
     tokens = IngestTokens((A, ALL))
     assert tokens.authenticate(f"Bearer {A.token}").token == A
     assert tokens.authenticate(f"bearer  {ALL.token} ").token == ALL
-    for bad in (None, "", A.token, f"Basic {A.token}", "Bearer ", f"Bearer {A.token}x", f"Bearer {A.token[:-1]}"):
+    for bad in (
+        None,
+        "",
+        A.token,
+        f"Basic {A.token}",
+        "Bearer ",
+        f"Bearer {A.token}x",
+        f"Bearer {A.token[:-1]}",
+    ):
         with pytest.raises(Unauthenticated) as e:
             tokens.authenticate(bad)
         assert A.token not in str(e.value)
@@ -42,7 +50,9 @@ def test_token_comparison_is_constant_time_over_all_tokens(monkeypatch):
 
     calls = []
     real = auth.hmac.compare_digest
-    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: calls.append((len(a), len(b))) or real(a, b))
+    monkeypatch.setattr(
+        auth.hmac, "compare_digest", lambda a, b: calls.append((len(a), len(b))) or real(a, b)
+    )
     tokens = IngestTokens((A, ALL, Token("third-token-000000000003", ("x",))))
     tokens.authenticate(f"Bearer {A.token}")
     with pytest.raises(Unauthenticated):
@@ -129,7 +139,9 @@ def test_fold_comes_after_cumulative_conversion_so_each_series_keeps_its_own_del
     for i, values in enumerate(((100, 1000), (150, 1600))):  # two series of one org, limit 1
         req = sum_request({"c": [point(v, {"org.id": "o", "k": str(j)}, t_ns=start + (i + 1) * 10**9, start_ns=start)
                                  for j, v in enumerate(values)]}, temporality=CUMULATIVE)  # fmt: skip
-        r = decode_request(req, Limits(), now_ns=time.time_ns(), digest=str(i), cumulative=state, series=series)
+        r = decode_request(
+            req, Limits(), now_ns=time.time_ns(), digest=str(i), cumulative=state, series=series
+        )
         totals += sum(r.batch.columns["value_int"])
         assert r.folded == 1 and r.batch.columns["attr_keys"][1] == [OVERFLOW_KEY]
     assert totals == 150 + 1600  # exact: each cumulative series converted on its own attributes

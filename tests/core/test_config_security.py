@@ -39,10 +39,22 @@ def test_ingest_tokens_from_a_file_named_by_the_environment(tmp_path):
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ("ingest: {tokens: [{token: short, orgs: [a]}]}", "ingest.tokens[0].token: must be a string of at least 16"),
-        (f"ingest: {{tokens: [{{token: {TOKEN_A}, orgs: []}}]}}", "ingest.tokens[0].orgs: must be a non-empty list"),
-        (f"ingest: {{tokens: [{{token: {TOKEN_A}}}]}}", "ingest.tokens[0]: must be {token: ..., orgs: [...]}"),
-        (f"ingest: {{tokens: [{{token: {TOKEN_A}, orgs: [a]}}, {{token: {TOKEN_A}, orgs: [b]}}]}}", "ingest.tokens: a token appears twice"),
+        (
+            "ingest: {tokens: [{token: short, orgs: [a]}]}",
+            "ingest.tokens[0].token: must be a string of at least 16",
+        ),
+        (
+            f"ingest: {{tokens: [{{token: {TOKEN_A}, orgs: []}}]}}",
+            "ingest.tokens[0].orgs: must be a non-empty list",
+        ),
+        (
+            f"ingest: {{tokens: [{{token: {TOKEN_A}}}]}}",
+            "ingest.tokens[0]: must be {token: ..., orgs: [...]}",
+        ),
+        (
+            f"ingest: {{tokens: [{{token: {TOKEN_A}, orgs: [a]}}, {{token: {TOKEN_A}, orgs: [b]}}]}}",
+            "ingest.tokens: a token appears twice",
+        ),
         ("ingest: {keys: []}", "ingest: must be a mapping with the key tokens"),
         ("tls: {cert_file: /c.pem}", "tls.cert_file and tls.key_file: give both or neither"),
         ("tls: {client_ca_file: /ca.pem}", "tls.client_ca_file: needs tls.cert_file"),
@@ -66,7 +78,9 @@ def test_unreadable_or_wrong_tls_files_name_the_key(tmp_path):
     ca = Authority(tmp_path / "pki")
     server = ca.issue("server", server=True)
     other = Authority(tmp_path / "pki2", "other").issue("server", server=True)
-    ok = Config(tls_cert_file=str(server.cert), tls_key_file=str(server.key), tls_client_ca_file=str(ca.ca_file))
+    ok = Config(
+        tls_cert_file=str(server.cert), tls_key_file=str(server.key), tls_client_ca_file=str(ca.ca_file)
+    )
     m = load_material(ok)
     assert m is not None and m.mutual
     with pytest.raises(ConfigError, match="tls.cert_file: cannot read"):
