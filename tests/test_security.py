@@ -328,7 +328,6 @@ def test_a_flood_from_one_token_is_answered_retryable_while_another_token_is_ser
     stack = stack_factory(ingest_tokens=(TOKEN_A, TOKEN_B), ingest_points_per_s=20, ingest_burst_points=40)
     metric = f"flood.{transport}"
     client = Http(stack) if transport == "http" else Grpc(stack)
-    ten = {f"org-a": 1}
     limited = served_a = 0
     retry_after = set()
     for _ in range(30):  # 30 requests of 10 points at once: the burst of 40 lets 4 through
@@ -366,7 +365,6 @@ def test_a_flood_from_one_token_is_answered_retryable_while_another_token_is_ser
         stack.registry.get_sample_value("meterhouse_limited_requests_total", {"reason": "ingest_rate"})
         == limited
     )
-    del ten
 
 
 def test_rate_limited_sdk_retries_and_nothing_is_lost(stack_factory):
