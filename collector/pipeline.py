@@ -17,13 +17,14 @@ from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.failover import EndpointSet
 from meterhouse.collector.ingest import Ingestor, attribute_sets_loader, committed_state_loader
 from meterhouse.collector.ratelimit import RateLimiter
-from meterhouse.collector.receivers.grpc import OtlpGrpcReceiver
+from meterhouse.collector.receivers.grpc import GrpcKeepalive, OtlpGrpcReceiver
 from meterhouse.collector.receivers.http import OtlpHttpReceiver
 from meterhouse.collector.series import SeriesLimiter
 from meterhouse.collector.spool import Spool
 from meterhouse.collector.writer import Writer
 from meterhouse.core.config import Config
 from meterhouse.core.faults import FaultInjector
+from meterhouse.core.httpserver import limits_from as http_limits_from
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Store, connect
 from meterhouse.core.tls import ServerTls
@@ -108,10 +109,25 @@ class Collector:
             tokens=self.tokens, rate=self.rate, series=self.series,
         )  # fmt: skip
         self.http = OtlpHttpReceiver(
-            config.host, config.otlp_http_port, self.ingestor, metrics, config.max_request_bytes, tls=tls
+            config.host,
+            config.otlp_http_port,
+            self.ingestor,
+            metrics,
+            config.max_request_bytes,
+            limits=http_limits_from(config),
+            max_bytes_in_flight=config.http_max_bytes_in_flight,
+            tls=tls,
         )
         self.grpc = OtlpGrpcReceiver(
-            config.host, config.otlp_grpc_port, self.ingestor, metrics, config.max_request_bytes, tls=tls
+            config.host,
+            config.otlp_grpc_port,
+            self.ingestor,
+            metrics,
+            config.max_request_bytes,
+            keepalive=GrpcKeepalive.from_config(config),
+            max_concurrent_rpcs=config.grpc_max_concurrent_rpcs,
+            max_bytes_in_flight=config.grpc_max_bytes_in_flight,
+            tls=tls,
         )
         m = metrics
         m.spool_limit_bytes.set(config.spool_max_bytes)

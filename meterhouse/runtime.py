@@ -8,30 +8,18 @@ import threading
 import time
 from collections.abc import Callable
 
+from a2wsgi import WSGIMiddleware
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from werkzeug.serving import ThreadedWSGIServer
 
 from meterhouse import __version__
 from meterhouse.collector import Collector
 from meterhouse.core.config import Config, ConfigError
+from meterhouse.core.httpserver import HttpServer, InFlightLimit, limits_from
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.tls import ServerTls, load_material
 from meterhouse.exporter import OrgHealth, create_app
 
 log = logging.getLogger("meterhouse")
-
-
-class _ApiServer(ThreadedWSGIServer):
-    """The API's WSGI server; with TLS, each accepted connection is wrapped with the current material."""
-
-    tls: ServerTls | None = None
-
-    def get_request(self):  # type: ignore[no-untyped-def]
-        sock, address = super().get_request()
-        return (self.tls.wrap(sock) if self.tls is not None else sock), address
-
-    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
-        log.debug("API connection closed on error", exc_info=True)
 
 
 class Stack:
@@ -66,18 +54,19 @@ class Stack:
             config.auth_tokens,
             config.raw_retention_days,
         )
-        self._http = _ApiServer(config.host, config.http_port, self.app)
-        self._http.tls = self.tls
-        self._http_thread = threading.Thread(target=self._http.serve_forever, name="http-api", daemon=True)
+        # The Flask app runs on a2wsgi's bounded thread pool; the server holds connections, not threads.
+        limits = limits_from(config)
+        asgi = InFlightLimit(WSGIMiddleware(self.app, workers=8), limits.max_requests_in_flight)
+        self._http = HttpServer(asgi, config.host, config.http_port, limits, "http-api", self.tls)
 
     @property
     def http_port(self) -> int:
-        return self._http.server_port
+        return self._http.port
 
     def start(self) -> None:
         self.collector.start()
         self.health.start()
-        self._http_thread.start()
+        self._http.start()
 
     def reload(self, config: Config) -> None:
         """SIGHUP: new certificates, ingest and API tokens, for new connections and requests.
@@ -96,7 +85,7 @@ class Stack:
     def shutdown(self, timeout_s: float) -> None:
         self.health.shutdown(1.0)
         self.collector.shutdown(timeout_s)
-        self._http.shutdown()
+        self._http.shutdown(1.0)
 
 
 def run_up(config: Config, reload_config: Callable[[], Config] | None = None) -> int:

@@ -325,7 +325,7 @@ def test_reload_swaps_tokens_and_certificates_keeping_open_connections(stack_fac
 # -- limits -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_a_flood_from_one_token_is_answered_retryable_while_another_token_is_served(stack_factory, transport):
-    stack = stack_factory(ingest_tokens=(TOKEN_A, TOKEN_B), ingest_points_per_s=20, ingest_burst_points=40)
+    stack = stack_factory(ingest_tokens=(TOKEN_A, TOKEN_B), ingest_points_per_s=5, ingest_burst_points=40)
     metric = f"flood.{transport}"
     client = Http(stack) if transport == "http" else Grpc(stack)
     limited = served_a = 0

@@ -7,12 +7,17 @@ Retryable answers are UNAVAILABLE (or RESOURCE_EXHAUSTED for the ingest rate) wi
 detail. With ingest tokens, a call needs ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED
 otherwise, nothing kept). With TLS, credentials are re-read on the first handshake after a reload, so
 open channels are kept.
+
+Bounds: at most ``max_concurrent_rpcs`` calls are running or queued for a worker (gRPC answers the
+next RESOURCE_EXHAUSTED), at most ``max_bytes_in_flight`` request bytes are held by them (UNAVAILABLE
+with RetryInfo beyond), and clients' keepalive pings are held to the enforcement policy.
 """
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -20,7 +25,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from meterhouse.collector.auth import Unauthenticated
+from meterhouse.collector.auth import Principal, Unauthenticated
 from meterhouse.collector.ingest import Ingestor
 from meterhouse.collector.model import content_digest
 from meterhouse.core.metrics import PipelineMetrics
@@ -35,8 +40,6 @@ _CODES = {
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-_RETRYABLE = {"backpressure": code_pb2.UNAVAILABLE, "unavailable": code_pb2.UNAVAILABLE,
-              "rate_limited": code_pb2.RESOURCE_EXHAUSTED}  # fmt: skip
 
 
 def _certificate_config(m: TlsMaterial) -> grpc.ServerCertificateConfiguration:
@@ -62,11 +65,64 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
     return grpc.dynamic_ssl_server_credentials(_certificate_config(first), fetch, first.mutual)
 
 
+@dataclass(frozen=True)
+class GrpcKeepalive:
+    """Keepalive enforcement and connection lifetimes (the Collector's configgrpc ``keepalive``)."""
+
+    min_time_s: float = 300.0
+    permit_without_calls: bool = False
+    max_connection_idle_s: float = 0.0
+    max_connection_age_s: float = 0.0
+
+    @classmethod
+    def from_config(cls, config) -> GrpcKeepalive:
+        return cls(
+            config.grpc_keepalive_min_time_s,
+            config.grpc_keepalive_permit_without_calls,
+            config.grpc_max_connection_idle_s,
+            config.grpc_max_connection_age_s,
+        )
+
+    def options(self) -> list[tuple[str, int]]:
+        opts = [
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.min_time_s * 1000)),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", int(self.min_time_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", int(self.permit_without_calls)),
+            ("grpc.http2.max_ping_strikes", 2),
+        ]
+        if self.max_connection_idle_s:
+            opts.append(("grpc.max_connection_idle_ms", int(self.max_connection_idle_s * 1000)))
+        if self.max_connection_age_s:
+            opts.append(("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)))
+            opts.append(("grpc.max_connection_age_grace_ms", 30_000))
+        return opts
+
+
+class _Budget:
+    """Request bytes held by calls at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
 class OtlpGrpcReceiver:
     """A source stage serving OTLP/gRPC into an :class:`Ingestor`."""
 
     def __init__(self, host: str, port: int, ingestor: Ingestor, metrics: PipelineMetrics,
-                 max_request_bytes: int, workers: int = 16,
+                 max_request_bytes: int, workers: int = 16, keepalive: GrpcKeepalive | None = None,
+                 max_concurrent_rpcs: int = 64, max_bytes_in_flight: int = 0,
                  tls: ServerTls | None = None) -> None:  # fmt: skip
         self.host, self.port = host, port
         self.tls = tls
@@ -74,6 +130,9 @@ class OtlpGrpcReceiver:
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
         self.workers = workers
+        self.keepalive = keepalive or GrpcKeepalive()
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.bytes_in_flight = _Budget(max_bytes_in_flight or 4 * max_request_bytes)
         self._server: grpc.Server | None = None
 
     def start(self) -> None:
@@ -84,7 +143,9 @@ class OtlpGrpcReceiver:
             options=[
                 ("grpc.max_receive_message_length", self.max_request_bytes),
                 ("grpc.so_reuseport", 0),
+                *self.keepalive.options(),
             ],
+            maximum_concurrent_rpcs=self.max_concurrent_rpcs,
         )
         handler = grpc.unary_unary_rpc_method_handler(self._export)  # raw bytes in and out
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Export": handler}),))
@@ -120,6 +181,39 @@ class OtlpGrpcReceiver:
         except Unauthenticated as e:
             self.metrics.requests.labels(transport="grpc", outcome="unauthenticated").inc()
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        if not self.bytes_in_flight.take(len(body)):
+            self.metrics.requests.labels(transport="grpc", outcome="backpressure").inc()
+            self._abort_retryable(context, "too many request bytes in flight, retry later", 1)
+        try:
+            return self._export_held(body, context, sender)
+        finally:
+            self.bytes_in_flight.give(len(body))
+
+    def _abort_retryable(
+        self,
+        context: grpc.ServicerContext,
+        message: str,
+        retry_after_s: int,
+        code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+    ) -> None:
+        rpc_code = (
+            code_pb2.RESOURCE_EXHAUSTED
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            else code_pb2.UNAVAILABLE
+        )
+        retry = error_details_pb2.RetryInfo(retry_delay=Duration(seconds=max(1, retry_after_s)))
+        detail = status_pb2.Status(code=rpc_code, message=message)
+        detail.details.add().Pack(retry)
+        # The status details (the gRPC convention) and RetryInfo alone, which the Python SDK reads.
+        context.set_trailing_metadata(
+            (
+                ("grpc-status-details-bin", detail.SerializeToString()),
+                ("google.rpc.retryinfo-bin", retry.SerializeToString()),
+            )
+        )
+        context.abort(code, message)
+
+    def _export_held(self, body: bytes, context: grpc.ServicerContext, sender: Principal | None) -> bytes:
         request = ExportMetricsServiceRequest()
         try:
             request.ParseFromString(body)
@@ -134,15 +228,6 @@ class OtlpGrpcReceiver:
         if outcome.response is not None:
             return outcome.response.SerializeToString()
         code = _CODES[outcome.kind]
-        if outcome.kind in _RETRYABLE:
-            retry = error_details_pb2.RetryInfo(retry_delay=Duration(seconds=max(1, outcome.retry_after_s)))
-            detail = status_pb2.Status(code=_RETRYABLE[outcome.kind], message=outcome.message)
-            detail.details.add().Pack(retry)
-            # The status details (the gRPC convention) and RetryInfo alone, which the Python SDK reads.
-            context.set_trailing_metadata(
-                (
-                    ("grpc-status-details-bin", detail.SerializeToString()),
-                    ("google.rpc.retryinfo-bin", retry.SerializeToString()),
-                )
-            )
+        if outcome.kind in ("backpressure", "unavailable", "rate_limited"):
+            self._abort_retryable(context, outcome.message, outcome.retry_after_s, code)
         context.abort(code, outcome.message)

@@ -3,18 +3,18 @@
 Answers follow the OTLP specification: the response uses the request's content type, errors carry a
 ``google.rpc.Status``, and only 429/502/503/504 are retryable. With ingest tokens a request needs
 ``Authorization: Bearer <token>``: without a valid one it is answered 401 before its body is read, and
-nothing is kept. With TLS, each accepted connection is wrapped with the current certificate (a reload
-serves new connections; open ones keep theirs); plain HTTP to the port fails its handshake.
+nothing is kept. With TLS (see core.tls), plain HTTP to the port fails its handshake.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor
@@ -24,9 +24,10 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 
-from meterhouse.collector.auth import Unauthenticated
+from meterhouse.collector.auth import Principal, Unauthenticated
 from meterhouse.collector.ingest import Ingestor, Outcome
 from meterhouse.collector.model import content_digest
+from meterhouse.core.httpserver import HttpLimits, HttpServer
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.tls import ServerTls
 
@@ -48,8 +49,8 @@ _STATUS = {
     "rate_limited": (HTTPStatus.TOO_MANY_REQUESTS, code_pb2.RESOURCE_EXHAUSTED),
 }
 
-#: Headers of a 401, so clients know which scheme to use.
-UNAUTHORIZED_HEADERS = (("WWW-Authenticate", 'Bearer realm="meterhouse"'),)
+#: Header of a 401, so clients know which scheme to use.
+WWW_AUTHENTICATE = (b"www-authenticate", b'Bearer realm="meterhouse"')
 
 
 class _TooLarge(Exception):
@@ -79,90 +80,30 @@ def check_json_shape(value: object, descriptor: Descriptor, path: str = "") -> N
 
 
 def gunzip_limited(data: bytes, limit: int) -> bytes:
-    """Inflate gzip ``data`` but never past ``limit`` bytes, so a gzip bomb is refused cheaply."""
-    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    out = d.decompress(data, limit + 1)
-    if len(out) > limit or d.unconsumed_tail:
-        raise _TooLarge
-    if not d.eof:
-        raise zlib.error("truncated gzip stream")
-    return out
+    """Inflate every gzip member of ``data`` (RFC 1952 allows several), never past ``limit`` bytes in
+    total, so a gzip bomb is refused cheaply. Anything after the last member but another member is
+    refused: a 200 for part of a body would lose acknowledged usage."""
+    out: list[bytes] = []
+    total, rest = 0, data
+    while True:
+        d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        part = d.decompress(rest, limit - total + 1)
+        total += len(part)
+        if total > limit or d.unconsumed_tail:
+            raise _TooLarge
+        if not d.eof:
+            raise zlib.error("truncated gzip stream")
+        out.append(part)
+        rest = d.unused_data
+        if not rest:
+            return b"".join(out)
+        if not rest.startswith(b"\x1f\x8b"):
+            raise zlib.error(f"{len(rest)} bytes of trailing data after a gzip member")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    server_version = "meterhouse"
-    sys_version = ""
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
-        pass  # one line per request would drown the logs; outcomes are counted instead
-
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
-        with self.server.receiver.in_flight:
-            try:
-                self._post()
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True
-            except Exception:
-                # A bug must not cost the client its answer: 500 is not retryable, and it is logged.
-                log.exception("unexpected error while handling an OTLP/HTTP request")
-                self.close_connection = True
-                self.server.receiver.metrics.requests.labels(transport="http", outcome="invalid").inc()
-                self._status(HTTPStatus.INTERNAL_SERVER_ERROR, code_pb2.INTERNAL, "internal error", JSON)
-
-    def _post(self) -> None:
-        receiver = self.server.receiver
-        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        answer_type = ctype if ctype in (PROTOBUF, JSON) else JSON
-        if self.path.split("?")[0] != PATH:
-            self._discard_body()
-            return self._status(
-                HTTPStatus.NOT_FOUND,
-                code_pb2.NOT_FOUND,
-                f"no such path; OTLP metrics are posted to {PATH}",
-                answer_type,
-            )
-        outcome = receiver.handle(self, ctype)
-        status, code = _STATUS[outcome.kind]
-        receiver.metrics.requests.labels(transport="http", outcome=outcome.kind).inc()
-        if outcome.response is not None:
-            body = (
-                json_format.MessageToJson(outcome.response).encode()
-                if answer_type == JSON
-                else outcome.response.SerializeToString()
-            )
-            return self._send(status, body, answer_type)
-        self._status(status, code, outcome.message, answer_type, outcome.retry_after_s)
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._status(HTTPStatus.METHOD_NOT_ALLOWED, code_pb2.INVALID_ARGUMENT, f"use POST {PATH}", JSON)
-
-    do_PUT = do_DELETE = do_PATCH = do_GET
-
-    def _discard_body(self) -> None:
-        self.close_connection = True
-
-    def _status(
-        self, status: HTTPStatus, code: int, message: str, ctype: str, retry_after_s: int = 0
-    ) -> None:
-        st = status_pb2.Status(code=code, message=message)
-        body = json_format.MessageToJson(st).encode() if ctype == JSON else st.SerializeToString()
-        self._send(status, body, ctype, retry_after_s)
-
-    def _send(self, status: HTTPStatus, body: bytes, ctype: str, retry_after_s: int = 0) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        if retry_after_s:
-            self.send_header("Retry-After", str(retry_after_s))
-        if status == HTTPStatus.UNAUTHORIZED:
-            for name, value in UNAUTHORIZED_HEADERS:
-                self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
+    value = headers.get(name)
+    return value.decode("latin-1") if value is not None else None
 
 
 class InFlight:
@@ -186,24 +127,20 @@ class InFlight:
             return self._cond.wait_for(lambda: self._n == 0, timeout_s)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-    receiver: OtlpHttpReceiver
+class _Answer:
+    """What the receiver sends back: an outcome, and whether the connection must close (unread body)."""
 
-    def get_request(self):  # type: ignore[no-untyped-def]
-        sock, address = super().get_request()
-        tls = self.receiver.tls
-        return (tls.wrap(sock) if tls is not None else sock), address
-
-    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
-        # A failed TLS handshake (plain HTTP to a TLS port, an unknown client certificate) or a
-        # dropped connection: the connection is closed, nothing else to do.
-        log.debug("connection closed on error", exc_info=True)
+    def __init__(self, outcome: Outcome, close: bool = False) -> None:
+        self.outcome, self.close = outcome, close
 
 
 class OtlpHttpReceiver:
-    """A source stage: serves OTLP/HTTP and hands decoded points to an :class:`Ingestor`."""
+    """A source stage: serves OTLP/HTTP and hands decoded points to an :class:`Ingestor`.
+
+    The server (see core.httpserver) reads bodies on its event loop; decoding and the spool append run
+    on ``workers`` threads. At most ``limits.max_requests_in_flight`` requests and
+    ``max_bytes_in_flight`` body bytes are held at once; beyond either, 503 with Retry-After.
+    """
 
     def __init__(
         self,
@@ -212,6 +149,9 @@ class OtlpHttpReceiver:
         ingestor: Ingestor,
         metrics: PipelineMetrics,
         max_request_bytes: int,
+        limits: HttpLimits | None = None,
+        max_bytes_in_flight: int = 0,
+        workers: int = 8,
         tls: ServerTls | None = None,
     ) -> None:
         self.host, self.port = host, port
@@ -219,62 +159,152 @@ class OtlpHttpReceiver:
         self.ingestor = ingestor
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self.limits = limits or HttpLimits()
+        self.max_bytes_in_flight = max_bytes_in_flight or 4 * max_request_bytes
+        self.workers = workers
         self.in_flight = InFlight()
+        self._admitted = 0  # touched on the event loop thread only
+        self._bytes = 0
+        self._server: HttpServer | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
         if self._server is not None:
             return
-        self._server = _Server((self.host, self.port), _Handler)
-        self._server.receiver = self
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="otlp-http", daemon=True
-        )
-        self._thread.start()
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="otlp-http")
+        server = HttpServer(self._asgi, self.host, self.port, self.limits, "otlp-http", self.tls)
+        try:
+            server.start()
+        except OSError:
+            self._pool.shutdown(wait=False)
+            raise
+        self.port = server.port
+        self._server = server
 
     def shutdown(self, timeout_s: float) -> None:
         """Stop accepting; requests in flight finish against the still-running writer."""
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        server.shutdown(timeout_s)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
-    def handle(self, h: _Handler, ctype: str) -> Outcome:
-        try:
-            sender = self.ingestor.authenticate(h.headers.get("Authorization"))
-        except Unauthenticated as e:
-            h.close_connection = True  # the body is not read: nothing of it is kept
-            return Outcome("unauthenticated", str(e))
-        limit = self.max_request_bytes
-        encoding = (h.headers.get("Content-Encoding") or "identity").strip().lower()
-        length_header = h.headers.get("Content-Length")
-        if h.headers.get("Transfer-Encoding", "").lower() == "chunked" or length_header is None:
-            h.close_connection = True
-            return Outcome("invalid", "a Content-Length header is required")
-        try:
-            length = int(length_header)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            h.close_connection = True
-            return Outcome("invalid", f"invalid Content-Length {length_header!r}")
-        if length > limit:
-            h.close_connection = True  # the unread body makes the connection unusable
-            return Outcome("too_large", f"request body of {length} bytes exceeds the limit of {limit} bytes")
-        body = h.rfile.read(length)
-        if len(body) < length:
-            h.close_connection = True
-            return Outcome("invalid", "request body shorter than Content-Length")
-        if ctype not in (PROTOBUF, JSON):
-            return Outcome(
-                "unsupported_media_type",
-                f"unsupported Content-Type {ctype or '(none)'!r}; use {PROTOBUF} or {JSON}",
+    async def _asgi(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = {k: v for k, v in scope["headers"]}
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+        answer_type = ctype if ctype in (PROTOBUF, JSON) else JSON
+        if scope["method"] != "POST":
+            return await self._status(
+                send,
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                code_pb2.INVALID_ARGUMENT,
+                f"use POST {PATH}",
+                JSON,
+                close=True,
             )
+        if scope["path"] != PATH:
+            return await self._status(
+                send,
+                HTTPStatus.NOT_FOUND,
+                code_pb2.NOT_FOUND,
+                f"no such path; OTLP metrics are posted to {PATH}",
+                answer_type,
+                close=True,
+            )
+        if self._admitted >= self.limits.max_requests_in_flight:
+            answer = _Answer(
+                Outcome("backpressure", "too many requests in flight, retry later", retry_after_s=1), True
+            )
+        else:
+            self._admitted += 1
+            try:
+                with self.in_flight:
+                    answer = await self._handle(headers, ctype, receive)
+                    if answer is not None:
+                        await self._answer(send, answer, answer_type)
+                return
+            except Exception:
+                # A bug must not cost the client its answer: 500 is not retryable, and it is logged.
+                log.exception("unexpected error while handling an OTLP/HTTP request")
+                self.metrics.requests.labels(transport="http", outcome="invalid").inc()
+                return await self._status(
+                    send,
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                    code_pb2.INTERNAL,
+                    "internal error",
+                    JSON,
+                    close=True,
+                )
+            finally:
+                self._admitted -= 1
+        await self._answer(send, answer, answer_type)
+
+    async def _handle(self, headers: dict[bytes, bytes], ctype: str, receive) -> _Answer | None:
+        try:
+            sender = self.ingestor.authenticate(_header(headers, b"authorization"))
+        except Unauthenticated as e:
+            return _Answer(Outcome("unauthenticated", str(e)), True)  # the body is not read, nor kept
+        limit = self.max_request_bytes
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower().decode("latin-1")
+        length = headers.get(b"content-length")
+        if length is not None and int(length) > limit:  # llhttp has already checked it is digits
+            return _Answer(
+                Outcome(
+                    "too_large", f"request body of {int(length)} bytes exceeds the limit of {limit} bytes"
+                ),
+                True,
+            )
+        if ctype not in (PROTOBUF, JSON):
+            return _Answer(
+                Outcome(
+                    "unsupported_media_type",
+                    f"unsupported Content-Type {ctype or '(none)'!r}; use {PROTOBUF} or {JSON}",
+                ),
+                True,
+            )
+        if encoding not in ("gzip", "identity"):
+            return _Answer(
+                Outcome(
+                    "unsupported_media_type",
+                    f"unsupported Content-Encoding {encoding!r}; use gzip or identity",
+                ),
+                True,
+            )
+        body = bytearray()
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None  # the client went away mid-body; nothing was acknowledged
+                chunk = message.get("body", b"")
+                if len(body) + len(chunk) > limit:
+                    return _Answer(
+                        Outcome("too_large", f"request body exceeds the limit of {limit} bytes"), True
+                    )
+                if self._bytes + len(chunk) > self.max_bytes_in_flight:
+                    return _Answer(
+                        Outcome(
+                            "backpressure", "too many request bytes in flight, retry later", retry_after_s=1
+                        ),
+                        True,
+                    )
+                self._bytes += len(chunk)
+                body += chunk
+                if not message.get("more_body", False):
+                    break
+            loop = asyncio.get_running_loop()
+            outcome = await loop.run_in_executor(
+                self._pool, self._decode_export, ctype, encoding, bytes(body), sender
+            )
+            return _Answer(outcome)
+        finally:
+            self._bytes -= len(body)
+
+    def _decode_export(self, ctype: str, encoding: str, body: bytes, sender: Principal | None) -> Outcome:
+        limit = self.max_request_bytes
         if encoding == "gzip":
             try:
                 body = gunzip_limited(body, limit)
@@ -282,10 +312,6 @@ class OtlpHttpReceiver:
                 return Outcome("too_large", f"decompressed request exceeds the limit of {limit} bytes")
             except (zlib.error, EOFError) as e:
                 return Outcome("invalid", f"invalid gzip body: {e}")
-        elif encoding != "identity":
-            return Outcome(
-                "unsupported_media_type", f"unsupported Content-Encoding {encoding!r}; use gzip or identity"
-            )
         request = ExportMetricsServiceRequest()
         try:
             if ctype == PROTOBUF:
@@ -301,3 +327,46 @@ class OtlpHttpReceiver:
                 f"cannot parse {what} ExportMetricsServiceRequest: {str(e)[:300] or type(e).__name__}",
             )
         return self.ingestor.export(request, content_digest(body), sender)
+
+    async def _answer(self, send, answer: _Answer, answer_type: str) -> None:
+        outcome = answer.outcome
+        status, code = _STATUS[outcome.kind]
+        self.metrics.requests.labels(transport="http", outcome=outcome.kind).inc()
+        if outcome.response is not None:
+            body = (
+                json_format.MessageToJson(outcome.response).encode()
+                if answer_type == JSON
+                else outcome.response.SerializeToString()
+            )
+            return await self._send(send, status, body, answer_type, close=answer.close)
+        await self._status(
+            send, status, code, outcome.message, answer_type, outcome.retry_after_s, answer.close
+        )
+
+    async def _status(
+        self,
+        send,
+        status: HTTPStatus,
+        code: int,
+        message: str,
+        ctype: str,
+        retry_after_s: int = 0,
+        close: bool = False,
+    ) -> None:
+        st = status_pb2.Status(code=code, message=message)
+        body = json_format.MessageToJson(st).encode() if ctype == JSON else st.SerializeToString()
+        await self._send(send, status, body, ctype, retry_after_s, close)
+
+    @staticmethod
+    async def _send(
+        send, status: HTTPStatus, body: bytes, ctype: str, retry_after_s: int = 0, close: bool = False
+    ) -> None:
+        headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]
+        if retry_after_s:
+            headers.append((b"retry-after", str(retry_after_s).encode()))
+        if close:
+            headers.append((b"connection", b"close"))
+        if status == HTTPStatus.UNAUTHORIZED:
+            headers.append(WWW_AUTHENTICATE)
+        await send({"type": "http.response.start", "status": int(status), "headers": headers})
+        await send({"type": "http.response.body", "body": body})

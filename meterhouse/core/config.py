@@ -94,6 +94,65 @@ class Config:
     max_request_bytes: int = _opt(
         _positive, default=20 * 1024 * 1024, help="Largest OTLP request body, measured after decompression."
     )
+    http_read_header_timeout_s: float = _opt(
+        _non_negative,
+        default=60.0,
+        help="Both HTTP ports: seconds for a request line and its headers to arrive (408; 0 = off).",
+    )
+    http_read_timeout_s: float = _opt(
+        _non_negative,
+        default=60.0,
+        help="Both HTTP ports: seconds for a request body to arrive after its headers (408; 0 = off).",
+    )
+    http_idle_timeout_s: float = _opt(
+        _non_negative,
+        default=60.0,
+        help="Both HTTP ports: a connection that sends nothing for this long is closed (0 = off).",
+    )
+    http_max_header_bytes: int = _opt(
+        _positive, default=64 * 1024, help="Both HTTP ports: largest request line and headers (431 beyond)."
+    )
+    http_max_requests_in_flight: int = _opt(
+        _positive,
+        default=64,
+        help="Requests handled at once on each HTTP port; more are answered 503 with Retry-After.",
+    )
+    http_max_bytes_in_flight: int = _opt(
+        _positive,
+        default=80 * 1024 * 1024,
+        help="OTLP/HTTP body bytes held at once (before decompression); beyond, 503 with Retry-After.",
+    )
+    http_max_connections: int = _opt(
+        _positive, default=10_000, help="Open connections on each HTTP port; more are answered 503 and closed"
+    )
+    grpc_max_concurrent_rpcs: int = _opt(
+        _positive,
+        default=64,
+        help="OTLP/gRPC calls handled or queued at once; more are answered RESOURCE_EXHAUSTED.",
+    )
+    grpc_max_bytes_in_flight: int = _opt(
+        _positive,
+        default=80 * 1024 * 1024,
+        help="OTLP/gRPC request bytes held by calls at once; beyond, UNAVAILABLE with RetryInfo.",
+    )
+    grpc_keepalive_min_time_s: float = _opt(
+        _positive,
+        default=300.0,
+        help="Clients pinging more often than this are sent GOAWAY (keepalive enforcement; gRPC's default).",
+    )
+    grpc_keepalive_permit_without_calls: bool = _opt(
+        None, default=False, help="Allow client keepalive pings on a connection with no call open."
+    )
+    grpc_max_connection_idle_s: float = _opt(
+        _non_negative,
+        default=0.0,
+        help="Close a gRPC connection with no call open for this long (GOAWAY; 0 = never).",
+    )
+    grpc_max_connection_age_s: float = _opt(
+        _non_negative,
+        default=0.0,
+        help="Close a gRPC connection after this long, letting calls finish (0 = never).",
+    )
     spool_max_bytes: int = _opt(
         _positive,
         default=1 << 30,

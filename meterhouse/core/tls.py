@@ -23,6 +23,8 @@ class TlsMaterial:
     private_key: bytes
     client_ca: bytes | None
     context: ssl.SSLContext
+    cert_file: str
+    key_file: str
     generation: int = 0
 
     @property
@@ -47,19 +49,24 @@ def load_material(config: Config, generation: int = 0) -> TlsMaterial | None:
     cert = _read(config.tls_cert_file, "tls.cert_file")
     key = _read(config.tls_key_file, "tls.key_file")
     ca = _read(config.tls_client_ca_file, "tls.client_ca_file") if config.tls_client_ca_file else None
+    ctx = _context(config.tls_cert_file, config.tls_key_file, ca)
+    return TlsMaterial(cert, key, ca, ctx, config.tls_cert_file, config.tls_key_file, generation)
+
+
+def _context(cert_file: str, key_file: str, client_ca: bytes | None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+        ctx.load_cert_chain(cert_file, key_file)
     except (ssl.SSLError, OSError) as e:
         raise ConfigError(f"tls.cert_file / tls.key_file: cannot load the pair: {e}") from None
-    if ca is not None:
+    if client_ca is not None:
         try:
-            ctx.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
+            ctx.load_verify_locations(cadata=client_ca.decode("ascii", errors="replace"))
         except (ssl.SSLError, ValueError) as e:
-            raise ConfigError(f"tls.client_ca_file: cannot load {config.tls_client_ca_file}: {e}") from None
+            raise ConfigError(f"tls.client_ca_file: cannot load it: {e}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
-    return TlsMaterial(cert, key, ca, ctx, generation)
+    return ctx
 
 
 class ServerTls:
@@ -83,9 +90,22 @@ class ServerTls:
             new = load_material(config, self._material.generation + 1)
             if new is None:
                 raise ConfigError("tls: cannot be turned off by a reload; restart without it")
+            if new.mutual != self._material.mutual:
+                raise ConfigError("tls.client_ca_file: turning mutual TLS on or off needs a restart")
             self._material = new
             return new
 
-    def wrap(self, sock: Any) -> ssl.SSLSocket:
-        """Server side of an accepted socket; the handshake runs on first use (in the handler's thread)."""
-        return self._material.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    def front_context(self) -> ssl.SSLContext:
+        """The context to give a server that builds its listener once (uvicorn, asyncio).
+
+        Each handshake is moved, from the ClientHello callback (which OpenSSL runs with or without
+        SNI), to the context of the material current at that moment; whether a client certificate is
+        required is this front context's, fixed at start.
+        """
+        m = self._material
+        front = _context(m.cert_file, m.key_file, m.client_ca)
+        front.sni_callback = self._switch
+        return front
+
+    def _switch(self, sslobj: Any, _server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        sslobj.context = self._material.context

@@ -1,0 +1,233 @@
+"""The HTTP server under both HTTP ports: uvicorn (httptools' llhttp parser) on one asyncio loop thread.
+
+uvicorn brings chunked bodies, keep-alive, pipelining, ``Expect: 100-continue`` and llhttp's refusal
+of ambiguous framing (two Content-Length headers, Content-Length with Transfer-Encoding: 400 and the
+connection closed). What it lacks is added here, on its protocol class, after the OpenTelemetry
+Collector's confighttp: a header timeout (request line and headers must arrive within
+``read_header_timeout_s``), a request timeout (the body too, within ``read_timeout_s``), an idle timeout
+(a connection that sends nothing, before or between requests) and a bound on header bytes (431).
+Connections cost a socket and a few kilobytes, not a thread: thousands of idle or trickling clients
+neither starve the others nor pile up threads, and each is closed when its timer runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from meterhouse.core.tls import ServerTls
+
+log = logging.getLogger("meterhouse.http")
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """Timeouts and bounds of one HTTP port (0 turns a timeout off)."""
+
+    read_header_timeout_s: float = 60.0
+    read_timeout_s: float = 60.0
+    idle_timeout_s: float = 60.0
+    max_header_bytes: int = 64 * 1024
+    max_requests_in_flight: int = 64
+    max_connections: int = 10_000
+    backlog: int = 2048
+
+
+def _close_with(transport: asyncio.Transport, status: bytes, message: bytes) -> None:
+    if transport.is_closing():
+        return
+    transport.write(
+        b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"content-length: " + str(len(message)).encode() + b"\r\nconnection: close\r\n\r\n" + message
+    )
+    transport.close()
+
+
+def limits_from(config) -> HttpLimits:
+    """The HTTP limits of ``config`` (a :class:`meterhouse.core.config.Config`)."""
+    return HttpLimits(
+        read_header_timeout_s=config.http_read_header_timeout_s,
+        read_timeout_s=config.http_read_timeout_s,
+        idle_timeout_s=config.http_idle_timeout_s,
+        max_header_bytes=config.http_max_header_bytes,
+        max_requests_in_flight=config.http_max_requests_in_flight,
+        max_connections=config.http_max_connections,
+    )
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with header/request/idle deadlines and a header-size bound."""
+
+    limits: HttpLimits = HttpLimits()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._timer: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
+        self._in_head = True  # between requests and while a request line and headers arrive
+        if len(self.connections) > self.limits.max_connections:
+            _close_with(transport, b"503 Service Unavailable", b"too many connections")
+            return
+        self._arm(self.limits.idle_timeout_s, b"")  # a connection that never sends is idle
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self, seconds: float, status: bytes) -> None:
+        self._disarm()
+        if seconds > 0:
+            self._timer = self.loop.call_later(seconds, self._expire, status)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self, status: bytes) -> None:
+        self._timer = None
+        if status and (self.cycle is None or not self.cycle.response_started):
+            _close_with(self.transport, status, b"request not received in time")
+        elif not self.transport.is_closing():
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._header_bytes += len(data)
+        super().data_received(data)
+        if self._in_head and self._header_bytes > self.limits.max_header_bytes and self.parser is not None:
+            _close_with(self.transport, b"431 Request Header Fields Too Large", b"request headers too large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._arm(self.limits.read_header_timeout_s, b"408 Request Timeout")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._header_bytes = 0
+        self._arm(self.limits.read_timeout_s, b"408 Request Timeout")
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()  # the application has the request; uvicorn arms keep-alive after the answer
+        self._in_head = True
+        super().on_message_complete()
+
+
+def retry_after_503(message: str, retry_after_s: int = 1):
+    """An ASGI answer: 503 with Retry-After, closing the connection (the body was not read)."""
+
+    async def app(scope, receive, send) -> None:
+        body = message.encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", str(retry_after_s).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+class InFlightLimit:
+    """ASGI middleware: at most ``limit`` requests inside ``app``; more are answered 503 + Retry-After."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit, self.n = app, limit, 0
+        self._refuse = retry_after_503("too many requests in flight, retry later")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or self.n >= self.limit:
+            return await self._refuse(scope, receive, send)
+        self.n += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.n -= 1
+
+
+class HttpServer:
+    """An ASGI application served by uvicorn on its own thread and event loop, in this process."""
+
+    def __init__(
+        self, app, host: str, port: int, limits: HttpLimits, name: str, tls: ServerTls | None = None
+    ) -> None:
+        self.app, self.host, self.port, self.limits, self.name = app, host, port, limits, name
+        self.tls = tls  # TLS on every connection (plain HTTP fails its handshake); reloadable
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind (raising OSError when the port is taken) and serve; returns once the server is up."""
+        if self._server is not None:
+            return
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+            sock.listen(self.limits.backlog)
+        except OSError:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        protocol = type("Protocol", (GuardedProtocol,), {"limits": self.limits})
+        config = uvicorn.Config(
+            self.app,
+            http=protocol,
+            loop="asyncio",
+            lifespan="off",
+            interface="asgi3",
+            proxy_headers=False,
+            log_config=None,
+            log_level="error",  # uvicorn would log a line per refused request; outcomes are counted
+            access_log=False,
+            server_header=False,
+            date_header=False,
+            timeout_keep_alive=max(1, round(self.limits.idle_timeout_s))
+            if self.limits.idle_timeout_s
+            else 10**9,
+            backlog=self.limits.backlog,
+            ssl_context_factory=self._ssl_context if self.tls is not None else None,
+        )
+        server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name=self.name, daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not server.started:
+            raise OSError(f"{self.name}: the HTTP server did not start on {self.host}:{self.port}")
+        self._server = server
+
+    def _ssl_context(self, _config: uvicorn.Config, _default: object) -> ssl.SSLContext:
+        assert self.tls is not None
+        return self.tls.front_context()
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Stop accepting; requests in flight get ``timeout_s`` to be answered. Idempotent."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.config.timeout_graceful_shutdown = max(0.1, timeout_s)
+        server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout_s + 2)
