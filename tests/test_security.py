@@ -320,6 +320,15 @@ def test_reload_swaps_tokens_and_certificates_keeping_open_connections(stack_fac
     g.close()
     g2.close()
     assert totals(stack, "reload") == {"org-a": 3, "org-b": 8 + 16 + 128 + 256}
+    # API tokens are reloaded too.
+    api = f"https://127.0.0.1:{stack.http_port}/api/v1/orgs/org-b/usage?metric=reload"
+    assert requests.get(api, verify=str(ca2.ca_file), timeout=30).status_code == 200  # open API
+    stack.reload(dataclasses.replace(config, auth_tokens=(API_TOKEN,)))
+    assert requests.get(api, verify=str(ca2.ca_file), timeout=30).status_code == 401
+    r = requests.get(
+        api, verify=str(ca2.ca_file), timeout=30, headers={"Authorization": f"Bearer {API_TOKEN.token}"}
+    )
+    assert r.status_code == 200 and r.json()["total"] == 8 + 16 + 128 + 256
 
 
 # -- limits -----------------------------------------------------------------------------------------------
@@ -489,8 +498,15 @@ def test_reload_of_the_client_ca_applies_to_new_connections_on_every_listener(st
     new.close()
     api = f"https://127.0.0.1:{stack.http_port}/healthz"
     with pytest.raises(requests.exceptions.ConnectionError):
-        requests.get(api, verify=str(pki["ca"].ca_file), cert=(str(pki["client"].cert), str(pki["client"].key)), timeout=10)
-    assert requests.get(api, verify=str(pki["ca"].ca_file), cert=(str(client2.cert), str(client2.key)), timeout=10).ok
+        requests.get(
+            api,
+            verify=str(pki["ca"].ca_file),
+            cert=(str(pki["client"].cert), str(pki["client"].key)),
+            timeout=10,
+        )
+    assert requests.get(
+        api, verify=str(pki["ca"].ca_file), cert=(str(client2.cert), str(client2.key)), timeout=10
+    ).ok
     assert totals(stack, "ca") == {"org-a": 10}
     # Turning mutual TLS off is refused by a reload (it needs a restart); nothing changes.
     from meterhouse.core.config import ConfigError
