@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -17,7 +18,7 @@ from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.model import Backpressure, Consumer, content_digest
 from meterhouse.collector.ratelimit import RateLimiter
-from meterhouse.collector.series import Loader, SeriesLimiter
+from meterhouse.collector.series import Loader, Pair, SeriesLimiter
 from meterhouse.collector.spool import SpoolError
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
@@ -44,13 +45,13 @@ def attribute_sets_loader(store: Store, limit: int) -> Loader:
     """Read the attribute sets already stored for (org, metric) pairs (see series.py)."""
     sql = schema.attribute_sets_sql(store.database)
 
-    def load(pairs: list[tuple[str, str]]) -> dict[tuple[str, str], list[tuple[list[str], list[str]]]]:
+    def load(pairs: list[Pair]) -> dict[Pair, list[tuple[Sequence[str], Sequence[str]]]]:
         wanted = set(pairs)
         rows = store.rows(
             sql,
             {"orgs": sorted({o for o, _ in pairs}), "metrics": sorted({m for _, m in pairs}), "n": limit + 1},
         )
-        found: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {}
+        found: dict[Pair, list[tuple[Sequence[str], Sequence[str]]]] = {}
         for org, metric, keys, values in rows:
             if (org, metric) in wanted:
                 found.setdefault((org, metric), []).append((list(keys), list(values)))
