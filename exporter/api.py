@@ -84,7 +84,8 @@ def _limit(default: int = 100) -> int:
     raw = _text("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    # ASCII digits only: str.isdigit() is also true for '²', which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or not 1 <= int(raw) <= MAX_LIMIT:
         raise _bad(f"limit: must be a whole number from 1 to {MAX_LIMIT}")
     return int(raw)
 

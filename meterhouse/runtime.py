@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import cast
 
 from a2wsgi import WSGIMiddleware
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from meterhouse import __version__
 from meterhouse.collector import Collector
 from meterhouse.core.config import Config, ConfigError
-from meterhouse.core.httpserver import HttpServer, InFlightLimit, limits_from
+from meterhouse.core.httpserver import App, HttpServer, InFlightLimit, limits_from
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.tls import ServerTls, load_material
 from meterhouse.exporter import OrgHealth, create_app
@@ -56,7 +57,8 @@ class Stack:
         )
         # The Flask app runs on a2wsgi's bounded thread pool; the server holds connections, not threads.
         limits = limits_from(config)
-        asgi = InFlightLimit(WSGIMiddleware(self.app, workers=8), limits.max_requests_in_flight)
+        wsgi = WSGIMiddleware(self.app, workers=8)  # type: ignore[arg-type]  # Flask is a WSGI app
+        asgi = InFlightLimit(cast(App, wsgi), limits.max_requests_in_flight)
         self._http = HttpServer(asgi, config.host, config.http_port, limits, "http-api", self.tls)
 
     @property

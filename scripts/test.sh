@@ -7,6 +7,12 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   echo "==> installing Debian's prometheus package (promtool and prometheus for the alert-rule tests)"
   apt_install --no-install-recommends prometheus
 fi
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "==> installing Debian's nodejs and npm (the OpenTelemetry JS SDK conformance test)"
+  apt_install --no-install-recommends nodejs npm
+fi
+echo "==> npm ci (tests/js: the OpenTelemetry JS SDK, pinned by its package-lock.json)"
+(cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 echo "==> ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .

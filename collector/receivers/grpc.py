@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -30,6 +31,9 @@ from meterhouse.collector.ingest import Ingestor
 from meterhouse.collector.model import content_digest
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.tls import ServerTls, TlsMaterial
+
+if TYPE_CHECKING:
+    from meterhouse.core.config import Config
 
 SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
 
@@ -75,7 +79,7 @@ class GrpcKeepalive:
     max_connection_age_s: float = 0.0
 
     @classmethod
-    def from_config(cls, config) -> GrpcKeepalive:
+    def from_config(cls, config: Config) -> GrpcKeepalive:
         return cls(
             config.grpc_keepalive_min_time_s,
             config.grpc_keepalive_permit_without_calls,
@@ -195,7 +199,7 @@ class OtlpGrpcReceiver:
         message: str,
         retry_after_s: int,
         code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
-    ) -> None:
+    ) -> NoReturn:
         rpc_code = (
             code_pb2.RESOURCE_EXHAUSTED
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -212,6 +216,7 @@ class OtlpGrpcReceiver:
             )
         )
         context.abort(code, message)
+        raise AssertionError("context.abort raises")  # for type checkers: abort never returns
 
     def _export_held(self, body: bytes, context: grpc.ServicerContext, sender: Principal | None) -> bytes:
         request = ExportMetricsServiceRequest()
@@ -231,3 +236,4 @@ class OtlpGrpcReceiver:
         if outcome.kind in ("backpressure", "unavailable", "rate_limited"):
             self._abort_retryable(context, outcome.message, outcome.retry_after_s, code)
         context.abort(code, outcome.message)
+        raise AssertionError("context.abort raises")

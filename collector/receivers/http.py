@@ -27,7 +27,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from meterhouse.collector.auth import Principal, Unauthenticated
 from meterhouse.collector.ingest import Ingestor, Outcome
 from meterhouse.collector.model import content_digest
-from meterhouse.core.httpserver import HttpLimits, HttpServer
+from meterhouse.core.httpserver import HttpLimits, HttpServer, Receive, Scope, Send
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.tls import ServerTls
 
@@ -190,7 +190,7 @@ class OtlpHttpReceiver:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
-    async def _asgi(self, scope, receive, send) -> None:
+    async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         headers = {k: v for k, v in scope["headers"]}
@@ -222,9 +222,9 @@ class OtlpHttpReceiver:
             self._admitted += 1
             try:
                 with self.in_flight:
-                    answer = await self._handle(headers, ctype, receive)
-                    if answer is not None:
-                        await self._answer(send, answer, answer_type)
+                    handled = await self._handle(headers, ctype, receive)
+                    if handled is not None:
+                        await self._answer(send, handled, answer_type)
                 return
             except Exception:
                 # A bug must not cost the client its answer: 500 is not retryable, and it is logged.
@@ -242,7 +242,7 @@ class OtlpHttpReceiver:
                 self._admitted -= 1
         await self._answer(send, answer, answer_type)
 
-    async def _handle(self, headers: dict[bytes, bytes], ctype: str, receive) -> _Answer | None:
+    async def _handle(self, headers: dict[bytes, bytes], ctype: str, receive: Receive) -> _Answer | None:
         try:
             sender = self.ingestor.authenticate(_header(headers, b"authorization"))
         except Unauthenticated as e:
@@ -328,7 +328,7 @@ class OtlpHttpReceiver:
             )
         return self.ingestor.export(request, content_digest(body), sender)
 
-    async def _answer(self, send, answer: _Answer, answer_type: str) -> None:
+    async def _answer(self, send: Send, answer: _Answer, answer_type: str) -> None:
         outcome = answer.outcome
         status, code = _STATUS[outcome.kind]
         self.metrics.requests.labels(transport="http", outcome=outcome.kind).inc()
@@ -345,7 +345,7 @@ class OtlpHttpReceiver:
 
     async def _status(
         self,
-        send,
+        send: Send,
         status: HTTPStatus,
         code: int,
         message: str,
@@ -359,7 +359,7 @@ class OtlpHttpReceiver:
 
     @staticmethod
     async def _send(
-        send, status: HTTPStatus, body: bytes, ctype: str, retry_after_s: int = 0, close: bool = False
+        send: Send, status: HTTPStatus, body: bytes, ctype: str, retry_after_s: int = 0, close: bool = False
     ) -> None:
         headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]
         if retry_after_s:

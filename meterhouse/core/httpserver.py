@@ -18,14 +18,26 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meterhouse.core.tls import ServerTls
 
+if TYPE_CHECKING:
+    from meterhouse.core.config import Config
+
 log = logging.getLogger("meterhouse.http")
+
+# ASGI 3, as uvicorn calls it.
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -51,7 +63,7 @@ def _close_with(transport: asyncio.Transport, status: bytes, message: bytes) -> 
     transport.close()
 
 
-def limits_from(config) -> HttpLimits:
+def limits_from(config: Config) -> HttpLimits:
     """The HTTP limits of ``config`` (a :class:`meterhouse.core.config.Config`)."""
     return HttpLimits(
         read_header_timeout_s=config.http_read_header_timeout_s,
@@ -123,10 +135,10 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
 
-def retry_after_503(message: str, retry_after_s: int = 1):
+def retry_after_503(message: str, retry_after_s: int = 1) -> App:
     """An ASGI answer: 503 with Retry-After, closing the connection (the body was not read)."""
 
-    async def app(scope, receive, send) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         body = message.encode()
         await send(
             {
@@ -148,13 +160,14 @@ def retry_after_503(message: str, retry_after_s: int = 1):
 class InFlightLimit:
     """ASGI middleware: at most ``limit`` requests inside ``app``; more are answered 503 + Retry-After."""
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app: App, limit: int) -> None:
         self.app, self.limit, self.n = app, limit, 0
         self._refuse = retry_after_503("too many requests in flight, retry later")
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self.n >= self.limit:
-            return await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send)
+            return
         self.n += 1
         try:
             await self.app(scope, receive, send)
@@ -166,7 +179,7 @@ class HttpServer:
     """An ASGI application served by uvicorn on its own thread and event loop, in this process."""
 
     def __init__(
-        self, app, host: str, port: int, limits: HttpLimits, name: str, tls: ServerTls | None = None
+        self, app: App, host: str, port: int, limits: HttpLimits, name: str, tls: ServerTls | None = None
     ) -> None:
         self.app, self.host, self.port, self.limits, self.name = app, host, port, limits, name
         self.tls = tls  # TLS on every connection (plain HTTP fails its handshake); reloadable
@@ -227,7 +240,7 @@ class HttpServer:
         server, self._server = self._server, None
         if server is None:
             return
-        server.config.timeout_graceful_shutdown = max(0.1, timeout_s)
+        server.config.timeout_graceful_shutdown = max(1, round(timeout_s))
         server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout_s + 2)

@@ -101,3 +101,13 @@ def test_hostile_values_are_empty_results_or_4xx_never_500(client, value):
         else:
             assert body["error"]["message"]
     assert client.get("/api/v1/orgs/big/usage?metric=api.calls").get_json()["total"] == 1000  # tables intact
+
+
+@pytest.mark.parametrize("value", ["²", "١٢", "𝟗", "1e3", "+5", " 5", "9" * 40])
+def test_numeric_query_parameters_are_ascii_digits_only(client, value):
+    from urllib.parse import quote
+
+    """'²'.isdigit() is true and int('²') raises: every such value is a 400, never a 500."""
+    r = client.get(f"/api/v1/orgs?metric=api.calls&limit={quote(value, safe='')}")
+    assert r.status_code == 400, (value, r.status_code)
+    assert "limit" in r.get_json()["error"]["message"]
