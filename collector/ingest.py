@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -41,7 +42,15 @@ def committed_state_loader(store: Store):
     return load
 
 
-def attribute_sets_loader(store: Store, limit: int) -> Loader:
+class RowSource(Protocol):
+    """What the loaders read through: a store, or the endpoint set that routes to the active one."""
+
+    database: str
+
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]: ...
+
+
+def attribute_sets_loader(store: RowSource, limit: int) -> Loader:
     """Read the attribute sets already stored for (org, metric) pairs (see series.py)."""
     sql = schema.attribute_sets_sql(store.database)
 
