@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import cardinality, ingest, query, scale
+from bench import cardinality, close, ingest, query, scale
 from bench.common import table
 
 SCENARIOS = {
@@ -23,6 +23,7 @@ SCENARIOS = {
     "cardinality": (cardinality, "3. Per-org usage as Prometheus series (org_id label) against meterhouse"),
     "query": (query, "4. Query latency, rollup against raw"),
     "scale": (scale, "5. Scale curve: the same points from 1k to 100k orgs"),
+    "close": (close, "6. Monthly close: 100k orgs x 4 metrics from raw points, checked against the rollup"),
 }
 
 

@@ -230,6 +230,16 @@ class EndpointSet:
     def insert_distributions(self, columns: Sequence[Sequence[Any]], token: str) -> None:
         self._call(lambda s: s.insert_distributions(columns, token), write=True)
 
+    def insert_rows(
+        self,
+        table: str,
+        columns: Sequence[Sequence[Any]],
+        names: Sequence[str],
+        types: Sequence[str],
+        token: str,
+    ) -> None:
+        self._call(lambda s: s.insert_rows(table, columns, names, types, token), write=True)
+
     def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
         return self._call(lambda s: s.rows(sql, parameters), write=False)
 

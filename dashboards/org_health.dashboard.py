@@ -61,6 +61,18 @@ GROUP BY org_id ORDER BY series DESC, points DESC LIMIT 50""",
     table=True,
 )
 
+# The orgs behind meterhouse_reconcile_drifting_orgs, for the whole months the time range touches.
+drifting_orgs = ClickHouseTarget(
+    literal(
+        schema.drifting_orgs_sql(DATABASE),
+        from_ns="toUnixTimestamp64Nano(toDateTime64(toStartOfMonth($__fromTime), 9, 'UTC'))",
+        to_ns="toUnixTimestamp64Nano(toDateTime64(toStartOfMonth($__toTime) + INTERVAL 1 MONTH, 9, 'UTC'))",
+        limit="200",
+    ),
+    ("month", "org_id", "metric", "raw_points", "rollup_points", "value_drift"),
+    table=True,
+)
+
 unattributed = ClickHouseTarget(
     f"""SELECT $__timeInterval(hour) AS time, sum(points) AS points FROM {HOURLY}
 WHERE org_id = '' AND $__timeFilter(hour)
@@ -109,5 +121,10 @@ dashboard = Dashboard(
         table("Spiking orgs (last hour over 5x the 24 h baseline)", spiking_orgs, at(12, 12, 12, 9)),
         table("Attribute cardinality per metric", attribute_cardinality, at(0, 21, 12, 9)),
         table("Biggest orgs by series", biggest_orgs_by_series, at(12, 21, 12, 9)),
+        table(
+            "Reconciliation: orgs whose raw points and hourly rollup disagree",
+            drifting_orgs,
+            at(0, 30, 24, 9),
+        ),
     ],
 ).auto_panel_ids()

@@ -2,5 +2,6 @@
 
 from meterhouse.exporter.app import create_app
 from meterhouse.exporter.health import OrgHealth
+from meterhouse.exporter.reconcile import Reconciler
 
-__all__ = ["OrgHealth", "create_app"]
+__all__ = ["OrgHealth", "Reconciler", "create_app"]

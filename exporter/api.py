@@ -7,14 +7,17 @@ Errors are ``{"error": {"code", "message"}}`` with a 4xx (503 when ClickHouse ca
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from typing import Any
 
 from clickhouse_connect.driver.exceptions import OperationalError
 from flask import Blueprint, current_app, g, jsonify, request
 
 from meterhouse.core import schema
+from meterhouse.core.close import SETTLE_S
 from meterhouse.core.timefmt import format_rfc3339, parse_rfc3339
 from meterhouse.exporter.auth import Auth, Unauthorized
+from meterhouse.exporter.months import register_months
 from meterhouse.exporter.openapi import spec
 
 NS = 10**9
@@ -102,6 +105,14 @@ def _org_id(org_id: str) -> str:
 def _query(store, sql: str, params: dict[str, Any]) -> list[tuple]:
     try:
         return store.rows(sql, params)
+    except (ConnectionError, OSError, OperationalError) as e:
+        raise ApiError(503, "unavailable", f"ClickHouse is not reachable: {str(e)[:200]}") from None
+
+
+def _guarded(fn):
+    """``fn()``, with ClickHouse unreachable answered 503 (as :func:`_query` does)."""
+    try:
+        return fn()
     except (ConnectionError, OSError, OperationalError) as e:
         raise ApiError(503, "unavailable", f"ClickHouse is not reachable: {str(e)[:200]}") from None
 
@@ -214,9 +225,23 @@ def metrics_catalog(store) -> dict[str, Any]:
     }
 
 
-def create_api(store, health=None, auth: Auth | None = None, raw_retention_days: int = 0) -> Blueprint:
+def create_api(
+    store,
+    health=None,
+    auth: Auth | None = None,
+    raw_retention_days: int = 0,
+    late_window_days: int = 35,
+    close_settle_s: float = SETTLE_S,
+) -> Blueprint:
     auth = auth or Auth(())
     api = Blueprint("api_v1", __name__, url_prefix="/api/v1")
+    register_months(
+        api,
+        store,
+        late_window_days,
+        close_settle_s,
+        SimpleNamespace(ApiError=ApiError, query=_guarded, bad=_bad, org_id=_org_id),
+    )
 
     @api.before_request
     def _authenticate():

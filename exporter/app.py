@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.openmetrics import exposition as openmetrics
 from werkzeug.exceptions import HTTPException
 
+from meterhouse.core.close import SETTLE_S
 from meterhouse.core.config import Token
 from meterhouse.exporter.api import create_api
 from meterhouse.exporter.auth import Auth
@@ -21,6 +22,8 @@ def create_app(
     health=None,
     tokens: tuple[Token, ...] = (),
     raw_retention_days: int = 0,
+    late_window_days: int = 35,
+    close_settle_s: float = SETTLE_S,
 ) -> Flask:
     """``store`` answers queries (a Store or the failover set); ``ready`` tells whether receivers and
     writer run; ``health`` is the OrgHealth behind ``/api/v1/orgs?status=``. /metrics, /healthz and
@@ -54,5 +57,7 @@ def create_app(
 
     auth = Auth(tokens)
     app.extensions["meterhouse.auth"] = auth  # its tokens are replaced on reload (SIGHUP)
-    app.register_blueprint(create_api(store, health, auth, raw_retention_days))
+    app.register_blueprint(
+        create_api(store, health, auth, raw_retention_days, late_window_days, close_settle_s)
+    )
     return app

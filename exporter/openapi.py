@@ -17,7 +17,8 @@ def _param(name: str, description: str, schema: dict, required: bool = False, wh
 
 def _errors(*codes: int) -> dict:
     text = {400: "Invalid parameter", 401: "Missing or invalid bearer token (when tokens are configured)",
-            403: "The token may not read this org", 404: "No such path",
+            403: "The token may not read this org (or may not close months)", 404: "No such path, or the month is not closed",
+            409: "The month has not ended, or is inside the late window (pass force=true)",
             503: "ClickHouse is not reachable"}  # fmt: skip
     return {
         str(c): {"description": text[c], "content": {"application/json": {"schema": _ERROR}}} for c in codes
@@ -32,6 +33,160 @@ _RANGE = [
     ),
     _param("to", "End of the range, RFC 3339 (default: the end of the current hour).", _TIME),
 ]
+_MONTH = _param(
+    "month",
+    "The month, YYYY-MM (UTC).",
+    {"type": "string", "pattern": "^(19[7-9][0-9]|2[01][0-9][0-9]|22[0-5][0-9]|226[01])-(0[1-9]|1[0-2])$"},
+    True,
+    "path",
+)
+_PAGE = [
+    _param(
+        "limit", "Lines per page (1-1000, default 1000).", {"type": "integer", "minimum": 1, "maximum": 1000}
+    ),
+    _param(
+        "offset",
+        "Lines to skip (the previous page's next_offset).",
+        {"type": "integer", "minimum": 0, "maximum": 10**12},
+    ),
+]
+_EXACT = {"type": "string", "pattern": "^-?[0-9]+$"}  # an integer of any size, as text
+_NS_TIME = {"type": "string", "format": "date-time"}
+_CLOSE = {
+    "type": "object",
+    "required": [
+        "month",
+        "close_id",
+        "status",
+        "forced",
+        "cutoff",
+        "orgs",
+        "lines",
+        "points",
+        "total",
+        "rollup",
+        "reconciled",
+    ],
+    "properties": {
+        "month": {"type": "string"},
+        "close_id": {"type": "string"},
+        "status": {"type": "string", "enum": ["running", "done"]},
+        "forced": {"type": "boolean"},
+        "cutoff": _NS_TIME,
+        "closed_at": {**_NS_TIME, "nullable": True},
+        "orgs": {"type": "integer"},
+        "lines": {"type": "integer"},
+        "points": {"type": "integer"},
+        "total": _NUMBER,
+        "rollup": {
+            "type": "object",
+            "required": ["total", "points"],
+            "properties": {"total": _NUMBER, "points": {"type": "integer"}},
+        },
+        "mismatched_lines": {"type": "integer"},
+        "reconciled": {"type": "boolean"},
+        "progress": {
+            "type": "object",
+            "properties": {
+                "done": {"type": "integer"},
+                "total": {"type": "integer"},
+                "rate": {"type": "number"},
+                "eta_s": {"type": "integer", "nullable": True},
+            },
+        },
+    },
+}
+_STATEMENT = {
+    "type": "object",
+    "required": [
+        "month",
+        "org_id",
+        "metric",
+        "unit",
+        "total",
+        "points",
+        "total_int",
+        "total_double",
+        "first_point",
+        "last_point",
+        "close_id",
+        "closed_at",
+        "forced",
+        "checksum",
+        "rollup_total",
+        "rollup_points",
+        "reconciled",
+    ],
+    "properties": {
+        "month": {"type": "string"},
+        "org_id": {"type": "string"},
+        "metric": {"type": "string"},
+        "unit": {"type": "string"},
+        "total": _NUMBER,
+        "points": {"type": "integer"},
+        "total_int": _EXACT,
+        "total_double": {"type": "number"},
+        "first_point": _NS_TIME,
+        "last_point": _NS_TIME,
+        "close_id": {"type": "string"},
+        "closed_at": _NS_TIME,
+        "forced": {"type": "boolean"},
+        "checksum": {"type": "string"},
+        "rollup_total": _NUMBER,
+        "rollup_points": {"type": "integer"},
+        "reconciled": {"type": "boolean"},
+    },
+}
+_ADJUSTMENT = {
+    "type": "object",
+    "required": [
+        "month",
+        "org_id",
+        "metric",
+        "unit",
+        "amount",
+        "points",
+        "amount_int",
+        "amount_double",
+        "arrived_at",
+        "batch_id",
+    ],
+    "properties": {
+        "month": {"type": "string"},
+        "org_id": {"type": "string"},
+        "metric": {"type": "string"},
+        "unit": {"type": "string"},
+        "amount": _NUMBER,
+        "points": {"type": "integer"},
+        "amount_int": _EXACT,
+        "amount_double": {"type": "number"},
+        "arrived_at": _NS_TIME,
+        "batch_id": {"type": "string"},
+    },
+}
+
+
+def _page_of(key: str, item: dict, extra: dict) -> dict:
+    return {
+        "type": "object",
+        "required": [key, "limit", "offset", "next_offset"],
+        "properties": {
+            **extra,
+            "limit": {"type": "integer"},
+            "offset": {"type": "integer"},
+            "next_offset": {"type": "integer", "nullable": True},
+            key: {"type": "array", "items": item},
+        },
+    }
+
+
+def _json_or_csv(name: str) -> dict:
+    return {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}},
+        "text/csv": {"schema": {"type": "string"}},
+    }
+
+
 _POINTS = {
     "type": "array",
     "items": {
@@ -120,6 +275,9 @@ def spec() -> dict:
                         },
                     },
                 },
+                "Close": _CLOSE,
+                "Statements": _page_of("statements", _STATEMENT, {"month": {"type": "string"}, "org_id": {"type": "string"}, "close": _CLOSE}),
+                "Adjustments": _page_of("adjustments", _ADJUSTMENT, {"month": {"type": "string"}, "close": _CLOSE}),
                 "Catalog": {
                     "type": "object",
                     "required": ["metrics"],
@@ -175,6 +333,59 @@ def spec() -> dict:
                     "responses": {
                         "200": {"description": "Orgs", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Orgs"}}}},
                         **_errors(400, 401, 503),
+                    },
+                }
+            },
+            "/api/v1/months/{month}/close": {
+                "post": {
+                    "operationId": "closeMonth",
+                    "summary": "Close a month: one immutable statement line per org and metric from raw points, checked against the hourly rollup. Idempotent: a closed month answers its close. Needs an admin token when tokens are configured.",
+                    "parameters": [_MONTH, _param("force", "Close inside the late window (recorded on the statement).", {"type": "string", "enum": ["true", "false"]})],
+                    "responses": {
+                        "200": {"description": "The close", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Close"}}}},
+                        **_errors(400, 401, 403, 404, 409, 503),
+                    },
+                },
+                "get": {
+                    "operationId": "monthClose",
+                    "summary": "The close of a month (running, with progress, or done).",
+                    "parameters": [_MONTH],
+                    "responses": {
+                        "200": {"description": "The close", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Close"}}}},
+                        **_errors(400, 401, 404, 503),
+                    },
+                },
+            },
+            "/api/v1/months/{month}/statements": {
+                "get": {
+                    "operationId": "monthStatements",
+                    "summary": "A closed month's statement lines, by org and metric (CSV with Accept: text/csv; org-scoped tokens see their orgs).",
+                    "parameters": [_MONTH, *_PAGE],
+                    "responses": {
+                        "200": {"description": "Statement lines", "content": _json_or_csv("Statements")},
+                        **_errors(400, 401, 404, 503),
+                    },
+                }
+            },
+            "/api/v1/months/{month}/adjustments": {
+                "get": {
+                    "operationId": "monthAdjustments",
+                    "summary": "Points of a closed month that arrived after its close, per org, metric and arriving batch; never in the statement.",
+                    "parameters": [_MONTH, *_PAGE],
+                    "responses": {
+                        "200": {"description": "Adjustments", "content": _json_or_csv("Adjustments")},
+                        **_errors(400, 401, 404, 503),
+                    },
+                }
+            },
+            "/api/v1/orgs/{org_id}/statements": {
+                "get": {
+                    "operationId": "orgStatements",
+                    "summary": "One org's statement lines over every closed month, newest first.",
+                    "parameters": [_param("org_id", "The org.", _ID, True, "path"), *_PAGE],
+                    "responses": {
+                        "200": {"description": "Statement lines", "content": _json_or_csv("Statements")},
+                        **_errors(400, 401, 403, 404, 503),
                     },
                 }
             },

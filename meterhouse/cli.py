@@ -134,6 +134,100 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
+def _server_url(config: Config) -> str:
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    return f"http://{'[' + host + ']' if ':' in host else host}:{config.http_port}"
+
+
+def _close_remote(base: str, args: argparse.Namespace) -> int | None:
+    """Close through a running server's API; None when nothing answers there."""
+    import json
+    import threading
+
+    import requests
+
+    try:
+        requests.get(f"{base}/healthz", timeout=2).raise_for_status()
+    except requests.RequestException:
+        return None
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    url = f"{base}/api/v1/months/{args.month}/close"
+    result: dict = {}
+
+    def post() -> None:
+        try:
+            result["response"] = requests.post(url, params={"force": str(args.force).lower()},
+                                               headers=headers, timeout=24 * 3600)  # fmt: skip
+        except requests.RequestException as e:
+            result["error"] = e
+
+    print(f"closing {args.month} on the running server at {base}", file=sys.stderr)
+    worker = threading.Thread(target=post, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(1.0)
+        if worker.is_alive() and sys.stderr.isatty():
+            try:
+                body = requests.get(url, headers=headers, timeout=5).json()
+            except (requests.RequestException, ValueError):
+                continue
+            if body.get("progress"):
+                p = body["progress"]
+                print(f"\r\033[Korgs {p['done']}/{p['total']}  left {p.get('eta_s') or '?'}s",
+                      end="", file=sys.stderr)  # fmt: skip
+    if "error" in result:
+        print(f"meterhouse: close failed: {result['error']}", file=sys.stderr)
+        return 1
+    response = result["response"]
+    body = response.json() if response.headers.get("Content-Type", "").startswith("application/json") else {}
+    if response.status_code != 200:
+        message = body.get("error", {}).get("message", response.text[:300])
+        print(f"\nmeterhouse: close refused ({response.status_code}): {message}", file=sys.stderr)
+        return 3 if response.status_code == 409 else 1
+    print(json.dumps(body, indent=2))
+    return 0
+
+
+def cmd_close(args: argparse.Namespace) -> int:
+    """Close a month: through the running server when one answers, else on the data directory."""
+    import json
+
+    from meterhouse.core import close
+    from meterhouse.core.store import open_store
+    from meterhouse.exporter.months import close_json
+
+    config = _config_from(args)
+    try:
+        month = close.Month.parse(args.month)
+    except ValueError as e:
+        print(f"meterhouse: {e}", file=sys.stderr)
+        return 2
+    if not args.direct:
+        code = _close_remote(_server_url(config), args)
+        if code is not None:
+            return code
+    try:
+        store = open_store(config)
+    except Exception as e:  # noqa: BLE001 - a clear message instead of a trace
+        print(f"meterhouse: cannot open ClickHouse ({e}); is `meterhouse up` running on another "
+              "--http-port?", file=sys.stderr)  # fmt: skip
+        return 1
+    try:
+        record = close.close_month(
+            store,
+            month,
+            late_window_days=config.late_window_days,
+            force=args.force,
+            batch_orgs=args.batch_orgs,
+            progress=close.terminal_progress(),
+        )
+    except close.CloseRefused as e:
+        print(f"meterhouse: close refused: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps(close_json(record), indent=2))
+    return 0
+
+
 def options_table() -> str:
     """The Markdown table of every option, as the README carries it."""
     defaults = Config()
@@ -202,6 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("action", choices=["list", "redrive"])
     _add_config_flags(dl)
     dl.set_defaults(func=cmd_dead_letter)
+
+    cl = sub.add_parser(
+        "close",
+        help="Close a month: immutable per-org statements from raw points, checked against the rollup.",
+    )
+    cl.add_argument("--month", required=True, metavar="YYYY-MM", help="The month to close (UTC).")
+    cl.add_argument("--force", action="store_true", help="Close even inside the late window (recorded).")
+    cl.add_argument("--token", help="API token (admin) when the running server has tokens configured.")
+    cl.add_argument(
+        "--direct",
+        action="store_true",
+        help="Work on the data directory even if a server answers on --http-port.",
+    )
+    cl.add_argument("--batch-orgs", type=int, default=2000, help="Orgs written per insert [default: 2000].")
+    _add_config_flags(cl)
+    cl.set_defaults(func=cmd_close)
 
     dash = sub.add_parser("dashboards", help="Generate the Grafana dashboards' JSON from their sources.")
     dash.add_argument("action", choices=["build"])

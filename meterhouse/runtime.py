@@ -18,7 +18,7 @@ from meterhouse.core.config import Config, ConfigError
 from meterhouse.core.httpserver import App, HttpServer, InFlightLimit, limits_from
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.tls import ServerTls, load_material
-from meterhouse.exporter import OrgHealth, create_app
+from meterhouse.exporter import OrgHealth, Reconciler, create_app
 
 log = logging.getLogger("meterhouse")
 
@@ -47,6 +47,9 @@ class Stack:
             spike_min_usage=config.spike_min_usage,
             top_k=config.top_k,
         )
+        self.reconciler = Reconciler(
+            self.store, self.registry, interval_s=config.reconcile_interval_s, months=config.reconcile_months
+        )
         self.app = create_app(
             self.store,
             self.registry,
@@ -54,6 +57,7 @@ class Stack:
             self.health,
             config.auth_tokens,
             config.raw_retention_days,
+            config.late_window_days,
         )
         # The Flask app runs on a2wsgi's bounded thread pool; the server holds connections, not threads.
         limits = limits_from(config)
@@ -68,6 +72,7 @@ class Stack:
     def start(self) -> None:
         self.collector.start()
         self.health.start()
+        self.reconciler.start()
         self._http.start()
 
     def reload(self, config: Config) -> None:
@@ -86,6 +91,7 @@ class Stack:
 
     def shutdown(self, timeout_s: float) -> None:
         self.health.shutdown(1.0)
+        self.reconciler.shutdown(1.0)
         self.collector.shutdown(timeout_s)
         self._http.shutdown(1.0)
 

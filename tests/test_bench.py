@@ -28,3 +28,5 @@ def test_quick_benchmarks_run_every_scenario(tmp_path):
     assert [row["orgs"] for row in res["query"]["rows"]] == [1_000, 5_000]
     # meterhouse's own series do not grow with the number of orgs
     assert len({row["metrics_series"] for row in res["scale"]["rows"]}) == 1
+    (closed,) = res["close"]["rows"]
+    assert closed["lines"] == closed["orgs"] * 4 and closed["reconciled"]

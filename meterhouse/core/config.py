@@ -236,6 +236,18 @@ class Config:
         default=0,
         help="Export the K orgs with most points in 24 h as labelled series (0 = off; K bounds the series).",
     )
+    late_window_days: int = _opt(
+        _non_negative,
+        default=35,
+        help="Days after a month's end during which it stays open for late points; closing it sooner "
+        "needs force.",
+    )
+    reconcile_interval_s: float = _opt(
+        _positive, default=300.0, help="How often raw points are reconciled against the hourly rollup."
+    )
+    reconcile_months: int = _opt(
+        _positive, default=3, help="Months reconciled continuously: the current one and those before it."
+    )
     allow_unauthenticated: bool = _opt(
         None, default=False, help="Serve the API without tokens on a non-loopback --host (refused otherwise)."
     )
@@ -358,10 +370,12 @@ def _coerce(name: str, typ: Any, raw: Any, source: str) -> Any:
 
 @dataclass(frozen=True)
 class Token:
-    """A bearer token and the orgs it may read (API) or send for (ingest); ``*`` = all."""
+    """A bearer token and the orgs it may read (API) or send for (ingest), ``*`` = all; API tokens
+    may also be allowed to close months."""
 
     token: str
     orgs: tuple[str, ...]
+    admin: bool = False
 
     @property
     def all_orgs(self) -> bool:
@@ -380,14 +394,22 @@ def _tokens(raw: Any, source: str, section: str = "auth") -> tuple[Token, ...]:
     out = []
     for i, e in enumerate(entries):
         where = f"{section}.tokens[{i}]"
-        if not isinstance(e, dict) or set(e) != {"token", "orgs"}:
-            raise ConfigError(f"{where}: must be {{token: ..., orgs: [...]}} (from {source})")
+        keys = {"token", "orgs", "admin"} if section == "auth" else {"token", "orgs"}
+        if not isinstance(e, dict) or not {"token", "orgs"} <= set(e) <= keys:
+            shape = (
+                "{token: ..., orgs: [...], admin: false}"
+                if section == "auth"
+                else "{token: ..., orgs: [...]}"
+            )
+            raise ConfigError(f"{where}: must be {shape} (from {source})")
+        if not isinstance(e.get("admin", False), bool):
+            raise ConfigError(f"{where}.admin: must be true or false (from {source})")
         tok, orgs = e["token"], e["orgs"]
         if not isinstance(tok, str) or len(tok) < 16:
             raise ConfigError(f"{where}.token: must be a string of at least 16 characters (from {source})")
         if not isinstance(orgs, list) or not orgs or not all(isinstance(o, str) and o for o in orgs):
             raise ConfigError(f"{where}.orgs: must be a non-empty list of org ids or '*' (from {source})")
-        out.append(Token(tok, tuple(orgs)))
+        out.append(Token(tok, tuple(orgs), e.get("admin", False)))
     if len({t.token for t in out}) != len(out):
         raise ConfigError(f"{section}.tokens: a token appears twice (from {source})")
     return tuple(out)

@@ -459,3 +459,247 @@ GROUP BY grp, start ORDER BY grp, start"""
 def catalog_sql(database: str) -> str:
     return f"""SELECT metric, kind, anyLast(unit), toUnixTimestamp64Milli(max(last_seen)), sum(points)
 FROM {database}.{CATALOG_TABLE} GROUP BY metric, kind ORDER BY metric, kind"""
+
+
+# -- monthly close (statements, adjustments, reconciliation) ----------------------------------------
+CLOSES_TABLE = "month_closes"
+STATEMENTS_TABLE = "usage_statements"
+ADJUSTMENTS_VIEW = "usage_adjustments"
+
+#: Columns of one statement line, in insert order (one immutable line per month, org and metric).
+STATEMENT_COLUMNS: tuple[Column, ...] = (
+    Column("month", "UInt32"),  # YYYYMM
+    Column("org_id", "String"),
+    Column("metric", "String"),
+    Column("unit", "String"),
+    Column("total_int", "Int128"),
+    Column("total_double", "Float64"),
+    Column("points", "UInt64"),
+    Column("first_time", "DateTime64(9, 'UTC')"),
+    Column("last_time", "DateTime64(9, 'UTC')"),
+    Column("close_id", "String"),
+    Column("closed_at", "DateTime64(3, 'UTC')"),
+    Column("forced", "UInt8"),
+    Column("checksum", "String"),  # sha256 over the org's lines of the month (see meterhouse.core.close)
+    # The hourly rollup's numbers for the same org, metric and month, as compared at close.
+    Column("rollup_int", "Int128"),
+    Column("rollup_double", "Float64"),
+    Column("rollup_points", "UInt64"),
+)
+STATEMENT_COLUMN_NAMES = tuple(c.name for c in STATEMENT_COLUMNS)
+STATEMENT_COLUMN_TYPES = tuple(c.type for c in STATEMENT_COLUMNS)
+
+#: One row per state of a close (``running``, then ``done``); the highest ``version`` is the current one.
+CLOSE_COLUMNS: tuple[Column, ...] = (
+    Column("month", "UInt32"),
+    Column("close_id", "String"),
+    Column("status", "String"),
+    Column("forced", "UInt8"),
+    Column("cutoff", "DateTime64(3, 'UTC')"),  # points committed before it are in the statements
+    Column("finished_at", "DateTime64(3, 'UTC')"),
+    Column("orgs", "UInt64"),
+    Column("lines", "UInt64"),
+    Column("points", "UInt64"),
+    Column("total_int", "Int128"),
+    Column("total_double", "Float64"),
+    Column("rollup_points", "UInt64"),
+    Column("rollup_int", "Int128"),
+    Column("rollup_double", "Float64"),
+    Column("mismatched_lines", "UInt64"),
+    Column("version", "UInt64"),
+)
+CLOSE_COLUMN_NAMES = tuple(c.name for c in CLOSE_COLUMNS)
+CLOSE_COLUMN_TYPES = tuple(c.type for c in CLOSE_COLUMNS)
+CLOSE_RUNNING, CLOSE_DONE = "running", "done"
+
+
+def close_ddl(database: str) -> list[str]:
+    """The monthly close's tables. Statement lines are deterministic for a close, so a line written twice
+    (a close resumed after a crash) is the same row, collapsed by ``ReplacingMergeTree`` and ``FINAL``."""
+    db = database
+    dedup = f"non_replicated_deduplication_window = {DEDUP_WINDOW_BLOCKS}"
+    stmt_cols = ",\n    ".join(f"{c.name} {c.type}" for c in STATEMENT_COLUMNS)
+    close_cols = ",\n    ".join(f"{c.name} {c.type}" for c in CLOSE_COLUMNS)
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {db}.{STATEMENTS_TABLE} (
+    {stmt_cols}
+) ENGINE = ReplacingMergeTree
+PARTITION BY intDiv(month, 100)
+ORDER BY (month, org_id, metric)
+SETTINGS {dedup}""",
+        f"""CREATE TABLE IF NOT EXISTS {db}.{CLOSES_TABLE} (
+    {close_cols}
+) ENGINE = ReplacingMergeTree(version)
+ORDER BY month
+SETTINGS {dedup}""",
+        # Points of a closed month committed at or after its cutoff: stored, outside the statement.
+        f"""CREATE VIEW IF NOT EXISTS {db}.{ADJUSTMENTS_VIEW} AS
+SELECT c.month AS month, p.org_id AS org_id, p.metric AS metric, any(p.unit) AS unit,
+    sum(toInt128(p.value_int)) AS amount_int, sum(p.value_double) AS amount_double, count() AS points,
+    min(p.received_at) AS arrived_at, min(p.committed_at) AS committed_at, p.batch_id AS batch_id
+FROM {db}.{POINTS_TABLE} AS p
+INNER JOIN (SELECT month, cutoff FROM {db}.{CLOSES_TABLE} FINAL WHERE status = '{CLOSE_DONE}') AS c
+    ON toYYYYMM(p.time) = c.month
+WHERE p.kind = '{KIND_SUM}' AND p.org_id != '' AND p.committed_at >= c.cutoff
+GROUP BY month, org_id, metric, batch_id""",
+    ]
+
+
+_MONTH_RANGE = """time >= fromUnixTimestamp64Nano({from_ns:Int64}, 'UTC')
+    AND time < fromUnixTimestamp64Nano({to_ns:Int64}, 'UTC')"""
+
+
+def close_orgs_sql(database: str) -> str:
+    """The orgs with usage in month ``[from_ns, to_ns)`` committed before ``cutoff_ms``, in order."""
+    return f"""SELECT DISTINCT org_id FROM {database}.{POINTS_TABLE}
+WHERE kind = '{KIND_SUM}' AND org_id != '' AND {_MONTH_RANGE}
+    AND committed_at < fromUnixTimestamp64Milli({{cutoff_ms:Int64}}, 'UTC')
+ORDER BY org_id"""
+
+
+def close_lines_sql(database: str) -> str:
+    """Statement lines of orgs ``[lo, hi]`` from raw points (the source of truth).
+
+    Doubles are summed in sorted order so that a recomputation gives the same bits."""
+    return f"""SELECT org_id, metric, argMax(unit, time) AS u, sum(toInt128(value_int)) AS ti,
+    arraySum(arraySort(groupArrayIf(value_double, value_double != 0))) AS td, count() AS n,
+    toUnixTimestamp64Nano(min(time)) AS first_ns, toUnixTimestamp64Nano(max(time)) AS last_ns
+FROM {database}.{POINTS_TABLE}
+WHERE kind = '{KIND_SUM}' AND org_id >= {{lo:String}} AND org_id <= {{hi:String}} AND {_MONTH_RANGE}
+    AND committed_at < fromUnixTimestamp64Milli({{cutoff_ms:Int64}}, 'UTC')
+GROUP BY org_id, metric ORDER BY org_id, metric"""
+
+
+def close_rollup_sql(database: str) -> str:
+    """The hourly rollup's totals of orgs ``[lo, hi]`` for the month, per org and metric."""
+    return f"""SELECT org_id, metric, sum(value_int), sum(value_double), sum(points)
+FROM {database}.{HOURLY_TABLE}
+WHERE org_id >= {{lo:String}} AND org_id <= {{hi:String}}
+    AND hour >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
+    AND hour < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC')
+GROUP BY org_id, metric"""
+
+
+def close_record_sql(database: str) -> str:
+    """The current state of the close of ``month`` (YYYYMM), if any."""
+    cols = ", ".join(
+        f"toUnixTimestamp64Milli({c})" if c in ("cutoff", "finished_at") else c for c in CLOSE_COLUMN_NAMES
+    )
+    return f"""SELECT {cols} FROM {database}.{CLOSES_TABLE} FINAL WHERE month = {{month:UInt32}}
+ORDER BY version DESC LIMIT 1"""
+
+
+def closes_sql(database: str) -> str:
+    """Every finished close: month and cutoff (ms)."""
+    return f"""SELECT month, toUnixTimestamp64Milli(cutoff) FROM {database}.{CLOSES_TABLE} FINAL
+WHERE status = '{CLOSE_DONE}' ORDER BY month"""
+
+
+def close_progress_sql(database: str) -> str:
+    """The last org written by close ``close_id`` of ``month`` (orgs are written in order)."""
+    return f"""SELECT max(org_id), uniqExact(org_id) FROM {database}.{STATEMENTS_TABLE}
+WHERE month = {{month:UInt32}} AND close_id = {{close_id:String}}"""
+
+
+def close_summary_sql(database: str) -> str:
+    """Totals of a close's lines, and how many lines the rollup does not match (doubles to 1e-9)."""
+    return f"""SELECT uniqExact(org_id), count(), sum(points), sum(total_int), sum(total_double),
+    sum(rollup_points), sum(rollup_int), sum(rollup_double),
+    countIf(points != rollup_points OR total_int != rollup_int
+        OR abs(total_double - rollup_double) > 1e-9 * greatest(1, abs(total_double)))
+FROM {database}.{STATEMENTS_TABLE} FINAL
+WHERE month = {{month:UInt32}} AND close_id = {{close_id:String}}"""
+
+
+_STATEMENT_SELECT = """month, org_id, metric, unit, total_int, total_double, points,
+    toUnixTimestamp64Nano(first_time) AS first_ns, toUnixTimestamp64Nano(last_time) AS last_ns, close_id,
+    toUnixTimestamp64Milli(closed_at) AS closed_ms, forced, checksum, rollup_int, rollup_double,
+    rollup_points"""
+STATEMENT_FIELDS = (
+    "month", "org_id", "metric", "unit", "total_int", "total_double", "points", "first_ns", "last_ns",
+    "close_id", "closed_ms", "forced", "checksum", "rollup_int", "rollup_double", "rollup_points",
+)  # fmt: skip
+
+
+def statements_sql(database: str, scoped: bool) -> str:
+    """A page of a month's statement lines, by org and metric; ``scoped`` binds ``orgs``."""
+    scope = "AND org_id IN {orgs:Array(String)}" if scoped else ""
+    return f"""SELECT {_STATEMENT_SELECT} FROM {database}.{STATEMENTS_TABLE} FINAL
+WHERE month = {{month:UInt32}} {scope}
+ORDER BY org_id, metric LIMIT {{limit:UInt32}} OFFSET {{offset:UInt64}}"""
+
+
+def org_statements_sql(database: str) -> str:
+    """A page of one org's statement lines over every closed month, newest month first."""
+    return f"""SELECT {_STATEMENT_SELECT} FROM {database}.{STATEMENTS_TABLE} FINAL
+WHERE org_id = {{org:String}}
+ORDER BY month DESC, metric LIMIT {{limit:UInt32}} OFFSET {{offset:UInt64}}"""
+
+
+def adjustments_sql(database: str, scoped: bool) -> str:
+    """A page of a closed month's adjustments: its points committed at or after the close's cutoff,
+    one line per org, metric and arriving batch. Bound: ``from_ns``, ``to_ns``, ``cutoff_ms``."""
+    scope = "AND org_id IN {orgs:Array(String)}" if scoped else ""
+    return f"""SELECT org_id, metric, any(unit), sum(toInt128(value_int)), sum(value_double), count(),
+    toUnixTimestamp64Nano(min(received_at)) AS arrived_ns, batch_id
+FROM {database}.{POINTS_TABLE}
+WHERE kind = '{KIND_SUM}' AND org_id != '' AND {_MONTH_RANGE}
+    AND committed_at >= fromUnixTimestamp64Milli({{cutoff_ms:Int64}}, 'UTC') {scope}
+GROUP BY org_id, metric, batch_id
+ORDER BY arrived_ns, org_id, metric, batch_id LIMIT {{limit:UInt32}} OFFSET {{offset:UInt64}}"""
+
+
+def _drift_rows(database: str) -> str:
+    """Raw against rollup per month, org and metric over ``[from_ns, to_ns)`` (whole months)."""
+    return f"""SELECT month, org_id, metric, raw_points, rollup_points,
+        raw_int - rollup_int AS drift_int, raw_double - rollup_double AS drift_double
+    FROM (
+        SELECT toYYYYMM(time) AS month, org_id, metric, count() AS raw_points,
+            sum(toInt128(value_int)) AS raw_int, sum(value_double) AS raw_double
+        FROM {database}.{POINTS_TABLE}
+        WHERE kind = '{KIND_SUM}' AND {_MONTH_RANGE}
+        GROUP BY month, org_id, metric
+    ) AS r
+    FULL OUTER JOIN (
+        SELECT toYYYYMM(hour) AS month, org_id, metric, sum(points) AS rollup_points,
+            sum(value_int) AS rollup_int, sum(value_double) AS rollup_double
+        FROM {database}.{HOURLY_TABLE}
+        WHERE hour >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
+            AND hour < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC')
+        GROUP BY month, org_id, metric
+    ) AS h USING (month, org_id, metric)
+    WHERE raw_points != rollup_points OR raw_int != rollup_int
+        OR abs(raw_double - rollup_double) > 1e-9 * greatest(1, abs(raw_double))"""
+
+
+def drifting_orgs_sql(database: str) -> str:
+    """(month, org, metric) whose raw points and hourly rollup disagree: the list behind the drift gauges
+    (API-free: Grafana reads it). Bound ``from_ns``, ``to_ns`` (Int64 ns) and ``limit``."""
+    return f"""SELECT month, org_id, metric, raw_points, rollup_points,
+    toFloat64(drift_int) + drift_double AS value_drift
+FROM ({_drift_rows(database)})
+ORDER BY month DESC, abs(toFloat64(drift_int) + drift_double) DESC, org_id, metric
+LIMIT {{limit:UInt32}}"""
+
+
+def drift_summary_sql(database: str) -> str:
+    """Per month: drifting orgs, absolute drift in points and in value (the gauges' numbers)."""
+    return f"""SELECT month, uniqExact(org_id), sum(abs(toInt64(raw_points) - toInt64(rollup_points))),
+    sum(abs(toFloat64(drift_int) + drift_double))
+FROM ({_drift_rows(database)})
+GROUP BY month"""
+
+
+def late_points_sql(database: str) -> str:
+    """Points committed after the end of the month they belong to, per month (``open`` since ever)."""
+    return f"""SELECT toYYYYMM(time) AS month, count() FROM {database}.{POINTS_TABLE}
+WHERE kind = '{KIND_SUM}'
+    AND committed_at >= toDateTime64(addMonths(toStartOfMonth(time), 1), 3, 'UTC')
+GROUP BY month"""
+
+
+def after_close_points_sql(database: str) -> str:
+    """Points of a closed month committed at or after its cutoff (the adjustments' points)."""
+    return f"""SELECT count() FROM {database}.{POINTS_TABLE}
+WHERE kind = '{KIND_SUM}' AND org_id != '' AND {_MONTH_RANGE}
+    AND committed_at >= fromUnixTimestamp64Milli({{cutoff_ms:Int64}}, 'UTC')"""

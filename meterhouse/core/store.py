@@ -46,8 +46,10 @@ class Store:
         self.raw_retention_days = raw_retention_days
 
     def ensure_schema(self) -> None:
-        for statement in schema.ddl(self.database) + schema.retention_ddl(
-            self.database, self.raw_retention_days
+        for statement in (
+            schema.ddl(self.database)
+            + schema.close_ddl(self.database)
+            + schema.retention_ddl(self.database, self.raw_retention_days)
         ):
             self.client.command(statement)
 
@@ -86,6 +88,17 @@ class Store:
                 "deduplicate_blocks_in_dependent_materialized_views": 1,
             },
         )
+
+    def insert_rows(
+        self,
+        table: str,
+        columns: Sequence[Sequence[Any]],
+        names: Sequence[str],
+        types: Sequence[str],
+        token: str,
+    ) -> None:
+        """Insert into one of the schema's tables, column-oriented, deduplicated by ``token``."""
+        self._insert(table, names, types, columns, token)
 
     def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         return cast("list[tuple[Any, ...]]", self.client.query(sql, parameters=parameters or {}).result_rows)

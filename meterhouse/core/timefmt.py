@@ -31,3 +31,10 @@ def format_rfc3339(value: datetime | int) -> str:
         value = value.replace(tzinfo=UTC)
     text = value.astimezone(UTC).isoformat()
     return text.replace("+00:00", "Z")
+
+
+def format_rfc3339_ns(ns: int) -> str:
+    """``2026-01-31T23:59:59.999999999Z``: every nanosecond kept (statement times are exact)."""
+    seconds, frac = divmod(int(ns), 10**9)
+    base = (EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{base}.{frac:09d}Z"

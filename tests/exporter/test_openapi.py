@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from prometheus_client import CollectorRegistry
 from usage_rows import put
 
+from meterhouse.core.close import Month, close_month
 from meterhouse.core.config import Config
 from meterhouse.core.store import open_store
 from meterhouse.exporter import OrgHealth, create_app
@@ -20,10 +21,15 @@ def api_app(engine_dir):
     now = time.time_ns()
     put(store, [{"org_id": f"org-{i}", "time": now - i * 10**10, "value_int": i, "attrs": {"f": str(i % 2)}}
                 for i in range(20)])  # fmt: skip
+    # A closed month with statements and an adjustment, so that the month routes answer with data.
+    month = Month.of_ns(now).previous().previous().previous()
+    put(store, [{"org_id": f"org-{i}", "time": month.start_ns + i, "value_int": 2**62} for i in range(5)])
+    close_month(store, month, late_window_days=35, settle_s=0)
+    put(store, [{"org_id": "org-1", "time": month.start_ns, "value_int": 1}])
     registry = CollectorRegistry()
     health = OrgHealth(store, registry)
     health.refresh()
-    yield create_app(store, registry, lambda: True, health)
+    yield create_app(store, registry, lambda: True, health, close_settle_s=0)
     store.client.command(f"DROP DATABASE IF EXISTS {store.database} SYNC")
 
 
@@ -60,5 +66,5 @@ def test_the_spec_is_served_and_names_every_route(api_app):
         for r in api_app.url_map.iter_rules()
         if r.rule.startswith("/api/v1/") and "openapi" not in r.rule
     }
-    documented = {p.replace("{org_id}", "<path:org_id>") for p in spec["paths"]}
+    documented = {p.replace("{org_id}", "<path:org_id>").replace("{month}", "<month>") for p in spec["paths"]}
     assert routes == documented
