@@ -18,11 +18,21 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from bench.payloads import make_requests
 
-SERVERS = ("stdlib", "waitress", "cheroot", "aiohttp", "uvicorn-httptools", "uvicorn-h11", "hypercorn")
+SERVERS = (
+    "stdlib",
+    "meterhouse",
+    "waitress",
+    "cheroot",
+    "aiohttp",
+    "uvicorn-httptools",
+    "uvicorn-h11",
+    "hypercorn",
+)
 RESPONSE = b""  # an empty ExportMetricsServiceResponse serializes to no bytes
 
 
@@ -72,6 +82,11 @@ def serve(name: str, port: int) -> None:
 
         ThreadingHTTPServer.daemon_threads = True
         ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+    elif name == "meterhouse":  # uvicorn under core.httpserver's guarded protocol, as `meterhouse up` runs it
+        from meterhouse.core.httpserver import HttpLimits, HttpServer
+
+        HttpServer(asgi_app, "127.0.0.1", port, HttpLimits(), "bench").start()
+        threading.Event().wait()
     elif name == "waitress":
         import waitress
 

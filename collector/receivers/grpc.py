@@ -172,7 +172,8 @@ class OtlpGrpcReceiver:
             done = threading.Event()
             done.set()
             return done
-        return server.stop(grace=grace_s)
+        stopped: threading.Event = server.stop(grace=grace_s)
+        return stopped
 
     def shutdown(self, timeout_s: float) -> None:
         """Idempotent and safe without start."""
@@ -231,7 +232,8 @@ class OtlpGrpcReceiver:
         outcome = self.ingestor.export(request, content_digest(body), sender)
         self.metrics.requests.labels(transport="grpc", outcome=outcome.kind).inc()
         if outcome.response is not None:
-            return outcome.response.SerializeToString()
+            answer: bytes = outcome.response.SerializeToString()
+            return answer
         code = _CODES[outcome.kind]
         if outcome.kind in ("backpressure", "unavailable", "rate_limited"):
             self._abort_retryable(context, outcome.message, outcome.retry_after_s, code)
