@@ -376,15 +376,21 @@ def test_a_flood_from_one_token_is_answered_retryable_while_another_token_is_ser
     )
 
 
-def test_rate_limited_sdk_retries_and_nothing_is_lost(stack_factory):
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_rate_limited_sdk_retries_and_nothing_is_lost(stack_factory, transport):
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
     from opentelemetry.sdk.metrics import Counter, MeterProvider
     from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
 
     stack = stack_factory(ingest_tokens=(TOKEN_A,), ingest_points_per_s=50, ingest_burst_points=50)
-    exporter = OTLPMetricExporter(endpoint=f"http://127.0.0.1:{stack.collector.http.port}/v1/metrics",
-                                  headers={"authorization": f"Bearer {TOKEN_A.token}"},
-                                  preferred_temporality={Counter: AggregationTemporality.DELTA})  # fmt: skip
+    prefs = {Counter: AggregationTemporality.DELTA}
+    if transport == "http":
+        exporter = HttpExporter(endpoint=f"http://127.0.0.1:{stack.collector.http.port}/v1/metrics",
+                                headers={"authorization": f"Bearer {TOKEN_A.token}"}, preferred_temporality=prefs)  # fmt: skip
+    else:
+        exporter = GrpcExporter(endpoint=f"127.0.0.1:{stack.collector.grpc.port}", insecure=True,
+                                headers={"authorization": f"Bearer {TOKEN_A.token}"}, preferred_temporality=prefs)  # fmt: skip
     p = MeterProvider(
         metric_readers=[PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)]
     )
