@@ -48,6 +48,10 @@ Change = tuple[int, Entry | None, Entry]
 Loader = Callable[[list[int]], dict[int, Entry]]
 
 
+class StateUnavailable(Exception):
+    """The committed state of some series could not be read: retryable, unlike anything in a request."""
+
+
 class CumulativeState:
     """Last point per cumulative series, loaded lazily from committed state on a miss."""
 
@@ -65,7 +69,11 @@ class CumulativeState:
         with self._lock:
             missing = list({p.series_id for p in points if p.series_id not in self._entries})
             if missing:
-                self._entries.update(self._load(missing))
+                try:
+                    loaded = self._load(missing)
+                except Exception as err:  # whatever the store raises; the request is not at fault
+                    raise StateUnavailable(str(err)) from err
+                self._entries.update(loaded)
             now = time.monotonic()
             results: list[Resolution] = []
             changes: list[Change] = []

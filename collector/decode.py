@@ -10,14 +10,14 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
-from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, ResourceMetrics
 
 from meterhouse.collector.cumulative import Change, CumulativePoint, CumulativeState
 from meterhouse.collector.model import PointBatch
@@ -40,6 +40,14 @@ class Limits:
 
 
 @dataclass
+class RejectSample:
+    """Points rejected for one (reason, metric), and an org one of them named (for the log)."""
+
+    points: int
+    org: str
+
+
+@dataclass
 class DecodeResult:
     batch: PointBatch
     received: int = 0
@@ -47,6 +55,10 @@ class DecodeResult:
     rejected: Counter = field(default_factory=Counter)
     #: reason → first metric name seen with it, for the partial-success message.
     examples: dict[str, str] = field(default_factory=dict)
+    #: (reason, metric) → points and an example org, for the rejection log.
+    by_metric: dict[tuple[str, str], RejectSample] = field(default_factory=dict)
+    #: points stored with a field corrected (usage kept exactly), by repair reason.
+    repaired: Counter[str] = field(default_factory=Counter)
     #: cumulative state changes made for this request, undone if it is not committed.
     changes: list[Change] = field(default_factory=list)
     #: points folded into an overflow series by the series limit, and the sets this request admitted.
@@ -57,9 +69,15 @@ class DecodeResult:
     def rejected_count(self) -> int:
         return sum(self.rejected.values())
 
-    def reject(self, reason: str, metric: str, n: int = 1) -> None:
+    def reject(self, reason: str, metric: str, n: int = 1, org: str = "") -> None:
         self.rejected[reason] += n
         self.examples.setdefault(reason, metric)
+        sample = self.by_metric.get((reason, metric))
+        if sample is None:
+            self.by_metric[(reason, metric)] = RejectSample(n, org)
+        else:
+            sample.points += n
+            sample.org = sample.org or org
 
     def error_message(self) -> str:
         parts = [
@@ -147,6 +165,38 @@ def _attribute_columns(
     return org, [k for k, _ in pairs], [v for _, v in pairs]
 
 
+#: An example org in a log line is cut to this length.
+_ORG_HINT_LENGTH = 128
+
+
+def _org_hint(attrs: Iterable[KeyValue], fallback: str, org_key: str) -> str:
+    """The org a rejected point names, for the rejection log (only called for rejected points)."""
+    for kv in attrs:
+        if kv.key == org_key and kv.value.WhichOneof("value") == "string_value":
+            return str(kv.value.string_value)[:_ORG_HINT_LENGTH]
+    return fallback[:_ORG_HINT_LENGTH]
+
+
+def resource_columns(attrs: Sequence[KeyValue], limits: Limits) -> tuple[list[str], list[str], str] | None:
+    """A resource's attributes as (sorted keys, values, org), the org attribute kept among them; None
+    when they break the limits point attributes have (count, key or value length, nesting depth)."""
+    if len(attrs) > limits.max_attributes:
+        return None
+    pairs = []
+    max_len = limits.max_attribute_length
+    for kv in attrs:
+        try:
+            text = value_text(kv.value)
+        except (_TooDeep, RecursionError):
+            return None
+        if len(kv.key) > max_len or len(text) > max_len:
+            return None
+        pairs.append((str(kv.key), text))
+    pairs.sort()
+    org = next((v for k, v in pairs if k == limits.org_attribute), "")
+    return [k for k, _ in pairs], [v for _, v in pairs], org
+
+
 def series_id(
     metric: str, org: str, scope: str, resource: list[str], keys: list[str], values: list[str]
 ) -> int:
@@ -184,7 +234,7 @@ class _Decoder:
     # -- shared per-point checks -----------------------------------------------------------------
     def bad_time(self, dp) -> bool:
         t = dp.time_unix_nano
-        return t == 0 or t < self.min_t or t > self.max_t or dp.start_time_unix_nano > t
+        return t == 0 or t < self.min_t or t > self.max_t
 
     def attributes(self, dp, res_org: str) -> tuple[str, list[str], list[str]] | None:
         """(org, sorted keys, values), or None when over a limit."""
@@ -202,9 +252,12 @@ class _Decoder:
     def run(self, request: ExportMetricsServiceRequest) -> DecodeResult:
         org_key = self.limits.org_attribute
         for rm in request.resource_metrics:
-            res_pairs = sorted((kv.key, value_text(kv.value)) for kv in rm.resource.attributes)
-            res = ([k for k, _ in res_pairs], [v for _, v in res_pairs])
-            res_org = next((v for k, v in res_pairs if k == org_key), "")
+            found = resource_columns(rm.resource.attributes, self.limits)
+            if found is None:
+                self.reject_resource(rm, _org_hint(rm.resource.attributes, "", org_key))
+                continue
+            res_keys, res_values, res_org = found
+            res = (res_keys, res_values)
             for sm in rm.scope_metrics:
                 scope = (sm.scope.name, sm.scope.version)
                 for m in sm.metrics:
@@ -236,12 +289,23 @@ class _Decoder:
                 self.cumulative.rollback(self.result.changes)
             raise
 
+    def reject_resource(self, rm: ResourceMetrics, org: str) -> None:
+        """Every point of a resource whose attributes break the limits is rejected (and counted)."""
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                which = m.WhichOneof("data")
+                if which is not None:
+                    n = len(getattr(m, which).data_points)
+                    self.result.received += n
+                    if n:
+                        self.result.reject("attribute_limit", m.name, n, org)
+
     def numbers(self, m, which: str, data, res, res_org: str, scope) -> None:
         name, r = m.name, self.result
         if which == "sum":
             temporality = _TEMPORALITY.get(data.aggregation_temporality)
             if temporality is None:
-                r.reject("unsupported_metric", name, len(data.data_points))
+                r.reject("unsupported_metric", name, len(data.data_points), res_org)
                 return
             mono = 1 if data.is_monotonic else 0
             kind = schema.KIND_SUM
@@ -249,7 +313,7 @@ class _Decoder:
             temporality, mono, kind = schema.TEMPORALITY_UNSPECIFIED, 0, schema.KIND_GAUGE
         cumulative = temporality == schema.TEMPORALITY_CUMULATIVE
         if cumulative and self.cumulative is None:
-            r.reject("unsupported_metric", name, len(data.data_points))
+            r.reject("unsupported_metric", name, len(data.data_points), res_org)
             return
         c = self.cols
         res_keys, res_values = res
@@ -270,12 +334,13 @@ class _Decoder:
         )
         before = len(c_org)
         unattributed = 0
+        late_starts = 0
         allowed = self.allowed_org
         for dp in data.data_points:
             t = dp.time_unix_nano
             start = dp.start_time_unix_nano
-            if t == 0 or t < min_t or t > max_t or start > t:
-                r.reject("invalid_timestamp", name)
+            if t == 0 or t < min_t or t > max_t:
+                r.reject("invalid_timestamp", name, 1, _org_hint(dp.attributes, res_org, org_key))
                 continue
             vkind = dp.WhichOneof("value")
             if vkind == "as_int":
@@ -284,27 +349,33 @@ class _Decoder:
             elif vkind == "as_double":
                 vi, vd, is_int = 0, dp.as_double, 0
                 if check_finite and not math.isfinite(vd):
-                    r.reject("invalid_value", name)
+                    r.reject("invalid_value", name, 1, _org_hint(dp.attributes, res_org, org_key))
                     continue
                 negative = vd < 0
             else:
-                r.reject("no_value", name)
+                r.reject("no_value", name, 1, _org_hint(dp.attributes, res_org, org_key))
                 continue
             if mono and negative:
                 # A monotonic delta that decreases; or a monotonic cumulative counter below zero.
-                r.reject("invalid_value" if cumulative else "negative_delta", name)
+                reason = "invalid_value" if cumulative else "negative_delta"
+                r.reject(reason, name, 1, _org_hint(dp.attributes, res_org, org_key))
                 continue
             attrs = dp.attributes
             if len(attrs) > max_attrs:
-                r.reject("attribute_limit", name)
+                r.reject("attribute_limit", name, 1, _org_hint(attrs, res_org, org_key))
                 continue
             found = _attribute_columns(attrs, res_org, org_key, max_len)
             if found is None:
-                r.reject("attribute_limit", name)
+                r.reject("attribute_limit", name, 1, _org_hint(attrs, res_org, org_key))
                 continue
+            if start > t and not cumulative:
+                # The SDK race of a series created while a collection runs: the interval ends where
+                # it starts; the usage is the same. (Cumulative points: see finish_cumulative.)
+                start = t
+                late_starts += 1
             org, keys, values = found
             if allowed is not None and not allowed(org):
-                r.reject("org_not_allowed", name)
+                r.reject("org_not_allowed", name, 1, org)
                 continue
             if not org:
                 unattributed += 1
@@ -326,6 +397,8 @@ class _Decoder:
             c_av.append(values)
         n = len(c_org) - before
         r.unattributed += unattributed
+        if late_starts:
+            r.repaired["start_after_time"] += late_starts
         if not n:
             return
         if not cumulative:
@@ -349,9 +422,15 @@ class _Decoder:
         for row, res in zip(self.cum_rows, results, strict=True):
             if res is None:
                 drop.append(row)
-                self.result.reject("out_of_order", c["metric"][row])
+                self.result.reject("out_of_order", c["metric"][row], 1, c["org_id"][row])
                 continue
             delta, start = res
+            t = c["time"][row]
+            if start > t:
+                # The sender's start is after the time (first point of a series): the series keeps
+                # the sender's start (so its next point continues it), the stored interval ends at t.
+                start = t
+                self.result.repaired["start_after_time"] += 1
             c["start_time"][row] = start
             if isinstance(delta, int):
                 c["value_int"][row] = delta
@@ -375,27 +454,32 @@ class _Decoder:
             "exponential_histogram": schema.KIND_EXP_HISTOGRAM,
             "summary": schema.KIND_SUMMARY,
         }[which]
+        org_key = self.limits.org_attribute
         for dp in data.data_points:
             if self.bad_time(dp):
-                r.reject("invalid_timestamp", name)
+                r.reject("invalid_timestamp", name, 1, _org_hint(dp.attributes, res_org, org_key))
                 continue
             shape = _distribution(kind, dp)
             if shape is None:
-                r.reject("invalid_value", name)
+                r.reject("invalid_value", name, 1, _org_hint(dp.attributes, res_org, org_key))
                 continue
             attrs = self.attributes(dp, res_org)
             if attrs is None:
-                r.reject("attribute_limit", name)
+                r.reject("attribute_limit", name, 1, _org_hint(dp.attributes, res_org, org_key))
                 continue
             org, keys, values = attrs
             if self.allowed_org is not None and not self.allowed_org(org):
                 if not org:
                     self.result.unattributed -= 1  # counted by attributes(); rejected instead
-                r.reject("org_not_allowed", name)
+                r.reject("org_not_allowed", name, 1, org)
                 continue
+            t, start = dp.time_unix_nano, dp.start_time_unix_nano
+            if start > t:
+                start = t
+                r.repaired["start_after_time"] += 1
             row = {
                 "org_id": org, "metric": name, "kind": kind, "unit": m.unit, "temporality": temporality,
-                "start_time": dp.start_time_unix_nano, "time": dp.time_unix_nano,
+                "start_time": start, "time": t,
                 "attr_keys": keys, "attr_values": values, "resource_keys": res[0],
                 "resource_values": res[1], "scope_name": scope[0], "scope_version": scope[1],
                 "received_at": self.now_ns, **shape,

@@ -14,11 +14,12 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 
 from meterhouse.collector.auth import IngestTokens, Principal
-from meterhouse.collector.cumulative import CumulativeState, Entry
+from meterhouse.collector.cumulative import CumulativeState, Entry, StateUnavailable
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.model import Backpressure, Consumer, content_digest
 from meterhouse.collector.ratelimit import RateLimiter
+from meterhouse.collector.rejectlog import RejectLog
 from meterhouse.collector.series import Loader, Pair, SeriesLimiter
 from meterhouse.collector.spool import SpoolError
 from meterhouse.core import schema
@@ -105,6 +106,7 @@ class Ingestor:
         limits: Limits,
         cumulative: CumulativeState | None = None,
         recent: RecentRequests | None = None,
+        reject_log: RejectLog | None = None,
         tokens: IngestTokens | None = None,
         rate: RateLimiter | None = None,
         series: SeriesLimiter | None = None,
@@ -114,6 +116,7 @@ class Ingestor:
         self.limits = limits
         self.cumulative = cumulative
         self.recent = recent
+        self.reject_log = reject_log if reject_log is not None else RejectLog()
         self.tokens = tokens or IngestTokens()
         self.rate = rate
         self.series = series
@@ -166,7 +169,7 @@ class Ingestor:
                 allowed_org=None if sender is None or sender.all_orgs else sender.allows,
                 series=self.series,
             )
-        except Exception as e:  # the cumulative state or attribute sets could not be read
+        except StateUnavailable as e:  # the cumulative state or attribute sets could not be read
             self._release(digest)
             log.warning("cannot decode request", extra={"error": str(e)[:300]})
             return Outcome(
@@ -189,6 +192,10 @@ class Ingestor:
             self.recent.add(digest, now)
         for reason, n in result.rejected.items():
             m.points_rejected.labels(reason=reason).inc(n)
+        for reason, n in result.repaired.items():
+            m.points_repaired.labels(reason=reason).inc(n)
+        if result.by_metric:
+            self.reject_log.record(result.by_metric)
         if result.unattributed:
             m.points_unattributed.inc(result.unattributed)
         if result.folded:

@@ -58,7 +58,11 @@ class Collector:
         self.endpoints = EndpointSet(
             config.endpoints,
             connect_endpoint
-            or (lambda url: connect(url, config.data_dir, config.database, config.raw_retention_days)),
+            or (
+                lambda url: connect(
+                    url, config.data_dir, config.database, config.raw_retention_days, config.cluster
+                )
+            ),
             metrics,
             config.database,
             failover_after_failures=config.failover_after_failures,

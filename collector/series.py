@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from meterhouse.collector.cumulative import StateUnavailable
+
 OVERFLOW_KEY = "otel.metric.overflow"
 OVERFLOW_VALUE = "true"
 _OVERFLOW = hash(((OVERFLOW_KEY,), (OVERFLOW_VALUE,)))
@@ -55,7 +57,11 @@ class SeriesLimiter:
         with self._lock:
             missing = list({(o, m) for o, m in zip(orgs, metrics, strict=True)} - self._loaded)
             if missing:
-                self._merge(self._load(missing))
+                try:
+                    found = self._load(missing)
+                except Exception as err:  # ClickHouse unreachable: retryable, like cumulative state
+                    raise StateUnavailable(f"cannot read attribute sets: {err}") from err
+                self._merge(found)
                 self._loaded.update(missing)
             limit = self.limit
             for i, pair in enumerate(zip(orgs, metrics, strict=True)):

@@ -270,6 +270,25 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    """Print the DDL `meterhouse up` applies: single-node, or ``--cluster NAME``'s replicated, sharded one."""
+    from meterhouse.core import schema
+
+    config = _config_from(args) if args.config else None
+    database = args.database or (config.database if config else "meterhouse")
+    cluster = args.cluster if args.cluster is not None else (config.cluster if config else "")
+    days = args.raw_retention_days if args.raw_retention_days is not None else (
+        config.raw_retention_days if config else 0)  # fmt: skip
+    from meterhouse.core.config import _identifier
+
+    for name, value in (("database", database), ("cluster", cluster)):
+        if value and (problem := _identifier(value)):
+            raise ConfigError(f"{name}: {problem} (got {value!r})")
+    for statement in schema.render(database, cluster, days):
+        print(statement + ";\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meterhouse",
@@ -312,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--batch-orgs", type=int, default=2000, help="Orgs written per insert [default: 2000].")
     _add_config_flags(cl)
     cl.set_defaults(func=cmd_close)
+    sch = sub.add_parser(
+        "schema", help="Print the ClickHouse DDL (with --cluster NAME: replicated and sharded by org)."
+    )
+    sch.add_argument("--config", metavar="FILE", help="YAML file to take database and cluster from.")
+    sch.add_argument("--cluster", metavar="NAME", default=None, help="Render for this ClickHouse cluster.")
+    sch.add_argument("--database", metavar="NAME", default=None, help="Database [default: meterhouse].")
+    sch.add_argument("--raw-retention-days", type=int, default=None, help="Include the raw-points TTL.")
+    sch.set_defaults(func=cmd_schema)
 
     dash = sub.add_parser("dashboards", help="Generate the Grafana dashboards' JSON from their sources.")
     dash.add_argument("action", choices=["build"])

@@ -1,7 +1,9 @@
 """`meterhouse demo`: realistic per-org usage sent with the OpenTelemetry SDK, then checked back.
 
 The SDK exports with delta temporality over OTLP/HTTP. The demo keeps its own exact totals of what it
-recorded and, at the end, reads a few orgs' totals from the usage API (rollup and raw) and compares.
+recorded and, at the end, reads a few orgs' totals from the usage API (rollup and raw) and compares. What
+those orgs already had in the window before the run (an earlier demo against the same data directory) is
+read first and subtracted, so the demo can be run again and again.
 """
 
 from __future__ import annotations
@@ -79,6 +81,36 @@ def wait_committed(api: str, timeout_s: float = 60.0) -> bool:
     return False
 
 
+def edge_counts(api: str) -> dict[tuple[str, str], float]:
+    """meterhouse's points rejected and repaired so far, by reason: {("rejected", reason): n, ...}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{api.rstrip('/')}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    kinds = {"meterhouse_points_rejected": "rejected", "meterhouse_points_repaired": "repaired"}
+    counts: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        kind = kinds.get(family.name)
+        if kind is None:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                counts[(kind, sample.labels.get("reason", ""))] = sample.value
+    return counts
+
+
+def edge_report(before: dict, after: dict) -> str:
+    """What meterhouse rejected or repaired during the demo, by reason, e.g. ``rejected 0; repaired 3
+    (start_after_time 3)``."""
+    parts = []
+    for kind in ("rejected", "repaired"):
+        diff = {r: after[(k, r)] - before.get((k, r), 0) for (k, r) in after if k == kind}
+        diff = {r: int(n) for r, n in sorted(diff.items()) if n}
+        by_reason = ", ".join(f"{r} {n:,}" for r, n in diff.items())
+        parts.append(f"{kind} {sum(diff.values()):,}" + (f" ({by_reason})" if by_reason else ""))
+    return "; ".join(parts)
+
+
 def _matches(expected: int | float, got: int | float, exact: bool) -> bool:
     return got == expected if exact else math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-9)
 
@@ -94,6 +126,24 @@ def run_demo(
     org_ids = [f"org-{i:05d}" for i in range(1, orgs + 1)]
     # A few big customers and a long tail, as on a real platform.
     weights = [1.0 / (i + 1) ** 0.8 for i in range(orgs)]
+    # Checked: the three biggest orgs by weight and the two smallest (chosen before sending, so that
+    # what they had before the run can be read and subtracted).
+    checked = list(dict.fromkeys(org_ids[:3] + org_ids[-2:]))
+    started = time.time()
+    start_s = int(started) // HOUR * HOUR
+    end_s = (int(started + seconds + 600) // HOUR + 1) * HOUR  # the run, its flush and then some
+    try:
+        wait_committed(api)
+        edge_before = edge_counts(api)
+        baseline = {
+            (org, name, step): fetch_usage(api, org, name, start_s, end_s, step)["total"]
+            for org in checked
+            for name, _, _, _ in METRICS
+            for step in ("1h", "1m")
+        }
+    except OSError as e:
+        print(f"demo: cannot read usage from {api}: {e}", file=out)
+        return 1
     provider = make_provider(endpoint)
     meter = provider.get_meter("meterhouse.demo", "1")
     counters = {
@@ -101,7 +151,6 @@ def run_demo(
         for name, unit, _, _ in METRICS
     }
     sent: dict[tuple[str, str], int | float] = defaultdict(int)
-    started = time.time()
     deadline = time.monotonic() + seconds
     measurements, next_report = 0, time.monotonic() + 1
     print(f"demo: sending usage for {orgs} orgs for {seconds:g}s to {endpoint}", file=out)
@@ -128,10 +177,6 @@ def run_demo(
     if not flushed:
         print("demo: the SDK could not export everything (is meterhouse up running?)", file=out)
         return 1
-    ended = time.time()
-    start_s, end_s = int(started) // HOUR * HOUR, (int(ended) // HOUR + 1) * HOUR
-    by_size = sorted(org_ids, key=lambda o: -sum(v for (g, _), v in sent.items() if g == o))
-    checked = list(dict.fromkeys(by_size[:3] + by_size[-2:]))
     print(f"demo: {measurements:,} measurements exported; reading totals back from {api}", file=out)
     try:
         if not wait_committed(api):
@@ -147,6 +192,8 @@ def run_demo(
             try:
                 rollup = fetch_usage(api, org, name, start_s, end_s, "1h")["total"]
                 raw = fetch_usage(api, org, name, start_s, end_s, "1m")["total"]
+                rollup -= baseline[(org, name, "1h")]
+                raw -= baseline[(org, name, "1m")]
             except OSError as e:
                 print(f"demo: cannot read usage from {api}: {e}", file=out)
                 return 1
@@ -157,5 +204,10 @@ def run_demo(
                 file=out,
             )
     verdict = "all totals match" if ok_all else "MISMATCH"
+    try:
+        edge = edge_report(edge_before, edge_counts(api))
+    except OSError as e:
+        edge = f"cannot read {api}/metrics: {e}"
     print(f"demo: {verdict} (integers exactly; doubles within 1e-9 relative)", file=out)
+    print(f"demo: points meterhouse rejected or repaired while the demo ran: {edge}", file=out)
     return 0 if ok_all else 1

@@ -68,6 +68,21 @@ def many_attrs(n: int) -> bytes:
     return sum_request({"bad.calls": [point(1, {f"k{i}": "v" for i in range(n)})]}).SerializeToString()
 
 
+def with_resource(resource: dict) -> bytes:
+    return sum_request(
+        {"bad.calls": [point(1, {"org.id": "org-bad"})]}, resource=resource
+    ).SerializeToString()
+
+
+def nested_value(depth: int):
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValueList
+
+    v = AnyValue(string_value="leaf")
+    for _ in range(depth):
+        v = AnyValue(kvlist_value=KeyValueList(values=[kv("k", v)]))
+    return v
+
+
 def one_point(value, **kw) -> bytes:
     return sum_request({"bad.calls": [point(value, {"org.id": "org-bad"}, **kw)]}).SerializeToString()
 
@@ -117,6 +132,11 @@ CORPUS = [
     ("10,000 attributes", many_attrs(10_000), PB, 200, (1, "attribute_limit")),
     ("huge attribute value", with_attr("big", "x" * 500_000), PB, 200, (1, "attribute_limit")),
     ("huge attribute key", with_attr("k" * 100_000, "v"), PB, 200, (1, "attribute_limit")),
+    # Resource attributes: the same limits as point attributes, and a rejection, never "retry later".
+    ("resource attribute nested 20 deep", with_resource({"deep": nested_value(20)}), PB, 200, (1, "attribute_limit")),
+    ("resource attribute nested 29 deep", with_resource({"deep": nested_value(29)}), PB, 200, (1, "attribute_limit")),
+    ("10,000 resource attributes", with_resource({f"k{i}": "v" for i in range(10_000)}), PB, 200, (1, "attribute_limit")),
+    ("huge resource attribute value", with_resource({"big": "x" * 500_000}), PB, 200, (1, "attribute_limit")),
     ("NaN in a sum", one_point(math.nan), PB, 200, (1, "invalid_value")),
     ("Inf in a sum", one_point(math.inf), PB, 200, (1, "invalid_value")),
     ("-Inf in a sum", one_point(-math.inf), PB, 200, (1, "invalid_value")),
@@ -198,3 +218,18 @@ def test_rejections_are_counted_by_reason(up):
             expected[expect[1]] = expected.get(expect[1], 0) + expect[0]
     for reason, n in expected.items():
         assert counts[reason] >= n, (reason, counts)
+
+
+def test_rejections_are_logged_once_per_reason_and_metric(up):
+    """Never silent, never one line per point: the corpus above rejected `bad.calls` points for
+    attribute_limit many times; the log has one line for that pair, with an example org and a count."""
+    r = requests.post(f"{up.otlp_http}/v1/metrics", data=with_attr("big", "x" * 5000), headers=PB, timeout=30)
+    assert r.status_code == 200
+    lines = [json.loads(line) for line in up.output().splitlines() if '"data points rejected"' in line]
+    pairs = [(entry["reason"], entry["metric"]) for entry in lines]
+    assert pairs.count(("attribute_limit", "bad.calls")) == 1, lines
+    (entry,) = [e for e in lines if (e["reason"], e["metric"]) == ("invalid_value", "bad.calls")]
+    assert entry["level"] == "warning" and entry["example_org"] == "org-bad" and entry["points"] >= 1
+    assert {"invalid_value", "invalid_timestamp", "negative_delta", "no_value"} <= {
+        e["reason"] for e in lines
+    }

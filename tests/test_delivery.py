@@ -11,7 +11,6 @@ from collections import Counter
 
 import pytest
 import requests
-from conftest import free_port
 from otlp_builders import point, sum_request
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -164,8 +163,10 @@ def test_store_outage_is_absorbed_by_the_spool_and_drained_after(up_factory, tmp
 
 
 def test_outage_with_a_real_closed_port_then_failover(up_factory, tmp_path):
-    closed = f"http://127.0.0.1:{free_port()}"
-    ff = faults(tmp_path, "embedded#b")  # the second endpoint is down too: nowhere to write
+    # A server URL beside the embedded engine is refused (not replicas of one schema), so the first
+    # endpoint is an embedded handle kept down; the real closed port is covered in test_failover.py.
+    closed = "embedded#a"
+    ff = faults(tmp_path, closed, "embedded#b")  # the second endpoint is down too: nowhere to write
     up = up_factory("--clickhouse-url", f"{closed},embedded#b", *FAST, env={"MH_FAULTS_FILE": str(ff)},
                     ready_path="/healthz")  # not ready: no endpoint answers  # fmt: skip
     assert requests.get(f"{up.api}/readyz", timeout=5).status_code == 503
@@ -175,7 +176,7 @@ def test_outage_with_a_real_closed_port_then_failover(up_factory, tmp_path):
     time.sleep(0.5)
     assert metric(up, "meterhouse_pending_points") > 0
     assert metric(up, "meterhouse_endpoint_up", endpoint=closed) == 0
-    faults(tmp_path)  # b returns; the closed port never does
+    faults(tmp_path, closed)  # b returns; the first endpoint does not
     assert org_totals(up) == reqs.expected()
     assert metric(up, "meterhouse_endpoint_active", endpoint="embedded#b") == 1
 

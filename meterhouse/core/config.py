@@ -58,6 +58,10 @@ def _urls(v: str) -> str | None:
     return None
 
 
+def _optional_identifier(v: str) -> str | None:
+    return _identifier(v) if v else None
+
+
 def _opt(check: Check | None, *, default: Any, help: str) -> Any:
     return field(default=default, metadata={"check": check, "help": help})
 
@@ -78,6 +82,12 @@ class Config:
         "or embedded (the chdb engine under data_dir). Writes fail over down the list.",
     )
     database: str = _opt(_identifier, default="meterhouse", help="ClickHouse database name.")
+    cluster: str = _opt(
+        _optional_identifier,
+        default="",
+        help="ClickHouse cluster (remote_servers) name: the schema is created ON CLUSTER, replicated and "
+        "sharded by org, and the endpoints are nodes of it. Empty = one node.",
+    )
     host: str = _opt(None, default="127.0.0.1", help="Address every listener binds.")
     otlp_grpc_port: int = _opt(_port, default=4317, help="OTLP/gRPC port (0 = any free port).")
     otlp_http_port: int = _opt(_port, default=4318, help="OTLP/HTTP port (0 = any free port).")
@@ -317,10 +327,29 @@ class Config:
             problem = check(getattr(self, f.name)) if check else None
             if problem:
                 raise ConfigError(f"{f.name}: {problem} (got {getattr(self, f.name)!r})")
+        self._check_endpoints()
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("tls.cert_file and tls.key_file: give both or neither")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ConfigError("tls.client_ca_file: needs tls.cert_file and tls.key_file (mutual TLS is TLS)")
+
+    def _check_endpoints(self) -> None:
+        """Several endpoints are safe only as nodes of one replicated schema: with plain tables on each,
+        points written during a failover would stay on the other server, and a retry there would count
+        twice. ``embedded#name`` handles all open the one embedded database, so they may be listed."""
+        urls = self.endpoints
+        embedded = [u for u in urls if u == "embedded" or u.startswith("embedded#")]
+        if self.cluster and embedded:
+            raise ConfigError(
+                f"cluster: the embedded engine cannot be a node of cluster {self.cluster!r}; "
+                "name the cluster's ClickHouse servers in clickhouse_url"
+            )
+        if len(urls) > 1 and not self.cluster and len(embedded) != len(urls):
+            raise ConfigError(
+                "clickhouse_url: several endpoints are only safe as replicas of one replicated schema; "
+                "pass --cluster NAME (their ClickHouse cluster), or name one endpoint "
+                f"(got {len(urls)}: {redact_urls(', '.join(urls))})"
+            )
 
     @property
     def tls_enabled(self) -> bool:

@@ -19,8 +19,12 @@ REJECT_REASONS = (
     "out_of_order",  # a cumulative point older than its series' last one, with another value
     "attribute_limit",  # too many attributes, or a key or value over the length limit
     "unsupported_metric",  # no data, or a sum without temporality
+    "out_of_order",  # a cumulative point older than its series' last one, with another value
     "org_not_allowed",  # the sender's ingest token may not send for the point's org
 )
+
+#: Why a data point was stored changed. Each repair keeps the usage exactly; it is counted and logged.
+REPAIR_REASONS = ("start_after_time",)  # start time a few ms after the time (an SDK race): start := time
 
 #: Why a whole request was refused by a limit (retryable: the client sends it again).
 LIMIT_REASONS = ("ingest_rate",)
@@ -74,6 +78,12 @@ class PipelineMetrics:
         self.points_rejected = Counter(
             f"{p}_points_rejected",
             "Data points rejected as invalid, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.points_repaired = Counter(
+            f"{p}_points_repaired",
+            "Data points stored with a field corrected (usage kept exactly), by reason.",
             ["reason"],
             registry=registry,
         )
@@ -202,6 +212,8 @@ class PipelineMetrics:
             self.points_rejected.labels(reason=reason)
         for reason in LIMIT_REASONS:
             self.limited_requests.labels(reason=reason)
+        for reason in REPAIR_REASONS:
+            self.points_repaired.labels(reason=reason)
         for transport in TRANSPORTS:
             for outcome in REQUEST_OUTCOMES:
                 self.requests.labels(transport=transport, outcome=outcome)

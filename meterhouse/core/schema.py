@@ -9,6 +9,7 @@ so a batch inserted again with the same ``insert_deduplication_token`` counts on
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 INGEST_TABLE = "usage_points_ingest"
@@ -703,3 +704,132 @@ def after_close_points_sql(database: str) -> str:
     return f"""SELECT count() FROM {database}.{POINTS_TABLE}
 WHERE kind = '{KIND_SUM}' AND org_id != '' AND {_MONTH_RANGE}
     AND committed_at >= fromUnixTimestamp64Milli({{cutoff_ms:Int64}}, 'UTC')"""
+
+
+# -- the cluster rendering ---------------------------------------------------------------------------
+# Derived from ddl() statement by statement, so a table added there gets its cluster form without a line
+# here: each table becomes a shard-local ``<name>_local`` (Replicated*MergeTree with {shard}/{replica}
+# macros, or Null) plus a Distributed table under the original name, sharded by org; materialized views
+# run shard-locally from ``_local`` to ``_local``. Readers keep the original names (the Distributed
+# tables), so the API and dashboard queries above serve both renderings unchanged. A statement of a
+# shape this does not know raises, so a new kind of statement cannot silently stay single-node.
+
+#: Suffix of the shard-local table behind each Distributed table.
+LOCAL_SUFFIX = "_local"
+
+#: How long Keeper keeps insert deduplication hashes (the same 10,000-block window as single-node).
+REPLICATED_DEDUP_WINDOW_SECONDS = 7 * 86400
+
+#: Settings of every insert. The token makes a repeat count once in the target and, with the second
+#: setting, in every materialized view the insert feeds.
+INSERT_SETTINGS = {"deduplicate_blocks_in_dependent_materialized_views": 1}
+
+#: Added on a cluster: the Distributed insert returns only once every shard has the block on one replica
+#: (no background queue that re-batches blocks and loses the token's meaning), and deduplication is on.
+CLUSTER_INSERT_SETTINGS = {
+    "insert_deduplicate": 1,
+    "distributed_foreground_insert": 1,
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+}
+
+#: Added to reads on a cluster: a query with ``org_id = …`` touches only that org's shard.
+CLUSTER_QUERY_SETTINGS = {"optimize_skip_unused_shards": 1}
+
+#: Settings of the ON CLUSTER statements: queue them for every node and return (see Store.ensure_schema).
+CLUSTER_DDL_SETTINGS = {"distributed_ddl_output_mode": "none"}
+
+#: The sharding key of tables with an ``org_id`` column; tables without one (the catalog, the cumulative
+#: state, events) are written shard-locally by views, or carry no token (events), and get ``rand()``.
+SHARDING_KEY = "cityHash64(org_id)"
+
+_CREATE_DB = re.compile(r"^CREATE DATABASE IF NOT EXISTS (\w+)$")
+_CREATE_TABLE = re.compile(r"^CREATE TABLE IF NOT EXISTS (\w+)\.(\w+) \((.*?)\n\) ENGINE = (\w+)(.*)$", re.S)
+_CREATE_MV = re.compile(
+    r"^CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+)\.(\w+) TO (\w+)\.(\w+) AS\n(.*)$", re.S
+)
+_CREATE_VIEW = re.compile(r"^CREATE VIEW IF NOT EXISTS (\w+)\.(\w+) AS\n(.*)$", re.S)
+_ALTER = re.compile(r"^ALTER TABLE (\w+)\.(\w+) (.*)$", re.S)
+
+
+def local_name(table: str) -> str:
+    return table + LOCAL_SUFFIX
+
+
+def _replicated_engine(engine: str, rest: str, database: str, table: str) -> tuple[str, str]:
+    """``MergeTree`` → ``ReplicatedMergeTree('/clickhouse/tables/{shard}/db/t', '{replica}')``; the
+    engine's own arguments (e.g. ReplacingMergeTree's version column) follow the two."""
+    args = ""
+    if rest.startswith("("):
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                args, rest = rest[1:i], rest[i + 1 :]
+                break
+    path = f"'/clickhouse/tables/{{shard}}/{database}/{table}', '{{replica}}'"
+    return f"Replicated{engine}({path}{', ' + args if args else ''})", rest
+
+
+def cluster_ddl(database: str, cluster: str, statements: list[str] | None = None) -> list[str]:
+    """The schema for a cluster named ``cluster``, from the single-node statements (default ``ddl``)."""
+    db, on = database, f"ON CLUSTER {cluster}"
+    tables = {m.group(2) for s in (statements or ddl(db)) if (m := _CREATE_TABLE.match(s))}
+    out: list[str] = []
+    for statement in statements if statements is not None else ddl(db):
+        if m := _CREATE_DB.match(statement):
+            out.append(f"{statement} {on}")
+        elif m := _CREATE_TABLE.match(statement):
+            _, table, columns, engine, rest = m.groups()
+            local = local_name(table)
+            if engine.endswith("MergeTree"):
+                engine, rest = _replicated_engine(engine, rest, db, local)
+                rest = rest.replace(
+                    f"non_replicated_deduplication_window = {DEDUP_WINDOW_BLOCKS}",
+                    f"replicated_deduplication_window = {DEDUP_WINDOW_BLOCKS}, "
+                    f"replicated_deduplication_window_seconds = {REPLICATED_DEDUP_WINDOW_SECONDS}",
+                )
+            elif engine != "Null":
+                raise ValueError(f"no cluster rendering for engine {engine} of {table}")
+            if re.search(r"^\s*org_id ", columns, re.M):
+                key = SHARDING_KEY
+            elif re.search(r"^\s*month ", columns, re.M):
+                key = "month"  # one month's close records on one shard, so FINAL collapses them
+            else:
+                key = "rand()"
+            out.append(f"CREATE TABLE IF NOT EXISTS {db}.{local} {on} ({columns}\n) ENGINE = {engine}{rest}")
+            out.append(
+                f"CREATE TABLE IF NOT EXISTS {db}.{table} {on} AS {db}.{local}\n"
+                f"ENGINE = Distributed({cluster}, {db}, {local}, {key})"
+            )
+        elif m := _CREATE_MV.match(statement):
+            _, view, _, target, select = m.groups()
+            for table in tables:  # read the shard's own rows
+                select = re.sub(rf"\b{db}\.{table}\b", f"{db}.{local_name(table)}", select)
+            out.append(
+                f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{view} {on} TO {db}.{local_name(target)} AS\n"
+                f"{select}"
+            )
+        elif m := _CREATE_VIEW.match(statement):
+            # A plain view reads the Distributed tables from whichever node is asked; a join's right
+            # side is computed once and shipped to the shards (GLOBAL), not distributed twice.
+            _, view, select = m.groups()
+            select = re.sub(r"\b((?:INNER |LEFT )?JOIN)\b", r"GLOBAL \1", select)
+            out.append(f"CREATE VIEW IF NOT EXISTS {db}.{view} {on} AS\n{select}")
+        elif m := _ALTER.match(statement):
+            _, table, action = m.groups()
+            out.append(f"ALTER TABLE {db}.{local_name(table)} {on} {action}")
+        else:
+            raise ValueError(f"no cluster rendering for: {statement[:80]}")
+    return out
+
+
+def created_names(statements: list[str]) -> list[str]:
+    """The tables and views the statements create."""
+    pattern = re.compile(r"^CREATE (?:TABLE|MATERIALIZED VIEW) IF NOT EXISTS \w+\.(\w+) ")
+    return [m.group(1) for s in statements if (m := pattern.match(s))]
+
+
+def render(database: str, cluster: str = "", raw_retention_days: int = 0) -> list[str]:
+    """Every statement of the schema: single-node, or for ``cluster`` when one is named."""
+    statements = ddl(database) + close_ddl(database) + retention_ddl(database, raw_retention_days)
+    return cluster_ddl(database, cluster, statements) if cluster else statements

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -39,19 +40,52 @@ def _embedded_client(path: Path) -> Client:
 class Store:
     """A handle on one ClickHouse endpoint with the project's schema in ``database``."""
 
-    def __init__(self, client: Client, database: str, name: str, raw_retention_days: int = 0) -> None:
+    def __init__(
+        self, client: Client, database: str, name: str, raw_retention_days: int = 0, cluster: str = ""
+    ) -> None:
         self.client = client
         self.database = database
         self.name = name
         self.raw_retention_days = raw_retention_days
+        self.cluster = cluster  # the replicated, sharded schema of this ClickHouse cluster, or ""
 
     def ensure_schema(self) -> None:
-        for statement in (
-            schema.ddl(self.database)
-            + schema.close_ddl(self.database)
-            + schema.retention_ddl(self.database, self.raw_retention_days)
-        ):
-            self.client.command(statement)
+        statements = schema.render(self.database, self.cluster, self.raw_retention_days)
+        # ON CLUSTER statements are queued for every node without waiting for them (a node that is down
+        # would otherwise hold every statement for distributed_ddl_task_timeout); this endpoint is ready
+        # once its own tables exist.
+        settings = schema.CLUSTER_DDL_SETTINGS if self.cluster else {}
+        for statement in statements:
+            self.client.command(statement, settings=settings)
+        if self.cluster:
+            self.wait_for_tables(schema.created_names(statements))
+
+    def wait_for_tables(self, names: Sequence[str], timeout_s: float = 60.0) -> None:
+        """Wait until every named table and view exists in the database on this endpoint."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            present = {
+                r[0]
+                for r in self.client.query(
+                    "SELECT name FROM system.tables WHERE database = {db:String}",
+                    parameters={"db": self.database},
+                ).result_rows
+            }
+            missing = sorted(set(names) - present)
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{self.name}: tables not created within {timeout_s:g}s: {missing}")
+            time.sleep(0.2)
+
+    def insert_settings(self, token: str) -> dict[str, Any]:
+        """The settings of every insert: what makes a retried or replayed batch count once."""
+        settings = schema.CLUSTER_INSERT_SETTINGS if self.cluster else schema.INSERT_SETTINGS
+        return {"insert_deduplication_token": token, **settings}
+
+    @property
+    def query_settings(self) -> dict[str, Any]:
+        return schema.CLUSTER_QUERY_SETTINGS if self.cluster else {}
 
     def insert_points(self, columns: Sequence[Sequence[Any]], token: str) -> None:
         """Insert number points, column-oriented; ``token`` makes a repeat of the batch count once."""
@@ -83,10 +117,7 @@ class Store:
             column_names=names,
             column_type_names=types,
             column_oriented=True,
-            settings={
-                "insert_deduplication_token": token,
-                "deduplicate_blocks_in_dependent_materialized_views": 1,
-            },
+            settings=self.insert_settings(token),
         )
 
     def insert_rows(
@@ -101,7 +132,8 @@ class Store:
         self._insert(table, names, types, columns, token)
 
     def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        return cast("list[tuple[Any, ...]]", self.client.query(sql, parameters=parameters or {}).result_rows)
+        result = self.client.query(sql, parameters=parameters or {}, settings=self.query_settings)
+        return cast("list[tuple[Any, ...]]", result.result_rows)
 
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         rows = self.rows(sql, parameters)
@@ -134,17 +166,20 @@ def endpoint_label(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{parts.port or (8443 if parts.scheme == 'https' else 8123)}"
 
 
-def connect(url: str, data_dir: Path, database: str, raw_retention_days: int = 0) -> Store:
-    """A store on one endpoint: ``embedded[#name]`` or ``http(s)://[user:password@]host:port``."""
+def connect(url: str, data_dir: Path, database: str, raw_retention_days: int = 0, cluster: str = "") -> Store:
+    """A store on one endpoint: ``embedded[#name]`` or ``http(s)://[user:password@]host:port``; with
+    ``cluster``, a node of that ClickHouse cluster holding the replicated schema."""
     if is_embedded(url):
         return Store(_embedded_client(data_dir / "clickhouse"), database, url, raw_retention_days)
     client = clickhouse_connect.get_client(dsn=url, connect_timeout=5, send_receive_timeout=30)
-    return Store(client, database, endpoint_label(url), raw_retention_days)
+    return Store(client, database, endpoint_label(url), raw_retention_days, cluster)
 
 
 def open_store(config: Config, *, create_schema: bool = True) -> Store:
     """Open the first configured endpoint (the embedded engine under ``config.data_dir`` by default)."""
-    store = connect(config.endpoints[0], config.data_dir, config.database, config.raw_retention_days)
+    store = connect(
+        config.endpoints[0], config.data_dir, config.database, config.raw_retention_days, config.cluster
+    )
     if create_schema:
         store.ensure_schema()
     return store

@@ -65,8 +65,39 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 
 def test_several_endpoints_in_priority_order():
-    c = Config(clickhouse_url="http://a:8123, https://b:8443")
+    c = Config(clickhouse_url="http://a:8123, https://b:8443", cluster="mh")
     assert c.endpoints == ["http://a:8123", "https://b:8443"]
+
+
+def test_several_servers_without_a_cluster_are_refused():
+    # Plain tables on two servers split the data on failover and count a cross-server retry twice.
+    with pytest.raises(ConfigError, match="only safe as replicas of one replicated schema") as e:
+        Config(clickhouse_url="http://u:secretpw@a:8123,http://b:8123")
+    assert "secretpw" not in str(e.value)
+    with pytest.raises(ConfigError, match="only safe as replicas"):
+        Config(clickhouse_url="http://a:8123,embedded#b")
+
+
+def test_embedded_handles_share_one_database_and_are_allowed():
+    assert Config(clickhouse_url="embedded#a,embedded#b").endpoints == ["embedded#a", "embedded#b"]
+
+
+def test_the_embedded_engine_is_never_a_cluster_node():
+    with pytest.raises(ConfigError, match="cannot be a node of cluster"):
+        Config(cluster="mh")
+    with pytest.raises(ConfigError, match="cluster: must be a plain identifier"):
+        Config(cluster="a-b", clickhouse_url="http://a:8123")
+
+
+def test_up_refuses_several_servers_without_a_cluster_with_exit_2(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "meterhouse", "up", "--data-dir", str(tmp_path),
+         "--clickhouse-url", "http://127.0.0.1:1,http://127.0.0.1:2"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "--cluster NAME" in r.stderr
+    assert not (tmp_path / "spool").exists()  # nothing was started
 
 
 def test_up_refuses_bad_configuration_with_exit_2_naming_the_key(tmp_path):
@@ -163,7 +194,7 @@ def test_boolean_options_are_switches():
 def test_config_command_redacts_passwords_in_clickhouse_url(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "meterhouse", "config", "--clickhouse-url",
-         "http://u:secretpw@h:8123,https://other:pw2@h2:8443", "--data-dir", str(tmp_path)],
+         "http://u:secretpw@h:8123,https://other:pw2@h2:8443", "--cluster", "mh", "--data-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr

@@ -1,0 +1,189 @@
+"""Validation at the edge: repairs that keep usage exactly, limits on resource attributes, and answers
+that a request's content decides being 4xx-class (partial success), never a retryable 5xx."""
+
+import logging
+import time
+
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValueList
+from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
+from otlp_builders import CUMULATIVE, kv, point, sum_request
+from prometheus_client import CollectorRegistry
+
+from meterhouse.collector.cumulative import CumulativeState
+from meterhouse.collector.decode import Limits, decode_request
+from meterhouse.collector.ingest import Ingestor
+from meterhouse.collector.rejectlog import RejectLog
+from meterhouse.core.metrics import PipelineMetrics
+
+
+def decode(req, limits=None, cumulative=None):
+    return decode_request(req, limits or Limits(), now_ns=time.time_ns(), digest="d", cumulative=cumulative)
+
+
+def rows(result):
+    cols = result.batch.columns
+    return [dict(zip(cols, values, strict=True)) for values in zip(*cols.values(), strict=True)]
+
+
+class Keep:
+    """The last stage of a pipeline, keeping what it is given in memory."""
+
+    def __init__(self) -> None:
+        self.batches = []
+
+    def consume(self, batch) -> None:
+        self.batches.append(batch)
+
+    def start(self) -> None: ...
+
+    def shutdown(self, timeout_s: float) -> None: ...
+
+
+def nested(depth: int) -> AnyValue:
+    v = AnyValue(string_value="leaf")
+    for _ in range(depth):
+        v = AnyValue(kvlist_value=KeyValueList(values=[kv("k", v)]))
+    return v
+
+
+# -- start after time: stored, start clamped, counted ---------------------------------------------------
+def test_a_delta_point_whose_start_is_after_its_time_is_stored_with_start_clamped():
+    now = time.time_ns()
+    req = sum_request({"m": [point(7, {"org.id": "o"}, t_ns=now, start_ns=now + 21_000_000)]})
+    r = decode(req)
+    assert r.rejected_count == 0
+    assert r.repaired == {"start_after_time": 1}
+    (p,) = rows(r)
+    assert p["value_int"] == 7 and p["start_time"] == p["time"] == now
+
+
+def test_a_cumulative_series_with_a_late_start_keeps_exact_deltas():
+    """The SDK's cumulative start of a new series can also be a few ms after the first collection time;
+    the series keeps the sender's start, so the next point is a continuation, not a reset."""
+    state = CumulativeState(lambda ids: {})
+    t0 = time.time_ns()
+    start = t0 + 5_000_000
+    first = decode(sum_request({"c": [point(10, {"org.id": "o"}, t_ns=t0, start_ns=start)]},
+                               temporality=CUMULATIVE), cumulative=state)  # fmt: skip
+    second = decode(sum_request({"c": [point(25, {"org.id": "o"}, t_ns=t0 + 10**9, start_ns=start)]},
+                                temporality=CUMULATIVE), cumulative=state)  # fmt: skip
+    assert first.repaired == {"start_after_time": 1} and not second.repaired
+    (a,), (b,) = rows(first), rows(second)
+    assert (a["value_int"], a["start_time"], a["time"]) == (10, t0, t0)
+    assert (b["value_int"], b["start_time"], b["time"]) == (15, t0, t0 + 10**9)
+
+
+def test_a_histogram_point_whose_start_is_after_its_time_is_stored_with_start_clamped():
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    now = time.time_ns()
+    req = ExportMetricsServiceRequest()
+    m = req.resource_metrics.add().scope_metrics.add().metrics.add(name="h")
+    m.histogram.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
+    dp = m.histogram.data_points.add(time_unix_nano=now, start_time_unix_nano=now + 3, count=2, sum=3.0)
+    dp.bucket_counts.extend([1, 1])
+    dp.explicit_bounds.extend([1.0])
+    r = decode(req)
+    assert r.rejected_count == 0 and r.repaired == {"start_after_time": 1}
+    assert r.batch.dist_columns["start_time"] == [now]
+
+
+# -- resource attributes: the same limits as point attributes ------------------------------------------
+def test_resource_attributes_over_the_limits_reject_the_resource_points():
+    limits = Limits(max_attributes=3, max_attribute_length=10)
+    cases = {
+        "too many": {f"k{i}": "v" for i in range(4)},
+        "long value": {"k": "x" * 11},
+        "long key": {"k" * 11: "x"},
+    }
+    for name, resource in cases.items():
+        req = sum_request({"m": [point(1, {"org.id": "o"}), point(2, {"org.id": "o"})]}, resource=resource)
+        r = decode(req, limits)
+        assert r.rejected == {"attribute_limit": 2}, name
+        assert r.batch.size == 0 and r.received == 2, name
+    ok = decode(sum_request({"m": [point(1)]}, resource={"a": "1", "b": "2", "org.id": "o"}), limits)
+    assert ok.rejected_count == 0 and rows(ok)[0]["org_id"] == "o"
+
+
+def test_a_resource_attribute_nested_too_deep_rejects_its_points_and_spares_other_resources():
+    req = sum_request({"m": [point(1, {"org.id": "o"})]})
+    bad = req.resource_metrics.add()
+    bad.resource.attributes.append(kv("deep", nested(20)))
+    m2 = bad.scope_metrics.add().metrics.add(name="m2")
+    m2.sum.data_points.append(point(5, {"org.id": "o"}))
+    m2.sum.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
+    r = decode(req)
+    assert r.rejected == {"attribute_limit": 1} and r.examples == {"attribute_limit": "m2"}
+    assert [p["metric"] for p in rows(r)] == ["m"]
+
+
+def test_a_resource_attribute_array_nested_too_deep_is_rejected():
+    v = AnyValue(string_value="x")
+    for _ in range(25):
+        v = AnyValue(array_value=ArrayValue(values=[v]))
+    req = sum_request({"m": [point(1, {"org.id": "o"})]}, resource={"deep": v})
+    assert decode(req).rejected == {"attribute_limit": 1}
+
+
+def ingestor(metrics, reject_log=None):
+    state = CumulativeState(lambda ids: {})
+    return Ingestor(Keep(), metrics, Limits(), state, reject_log=reject_log)
+
+
+def test_a_deep_resource_attribute_is_answered_as_a_rejection_not_as_retry_later():
+    """Was: 503 "cannot read cumulative state, retry later", so the client retried a bad request forever."""
+    metrics = PipelineMetrics(CollectorRegistry())
+    for temporality in (AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA, CUMULATIVE):
+        req = sum_request({"m": [point(1, {"org.id": "o"})]}, resource={"deep": nested(20)},
+                          temporality=temporality)  # fmt: skip
+        outcome = ingestor(metrics).export(req, f"digest-{temporality}")
+        assert outcome.kind == "partial", outcome
+        assert outcome.response.partial_success.rejected_data_points == 1
+
+
+def test_a_state_read_failure_is_still_retryable():
+    def broken(ids):
+        raise OSError("ClickHouse is down")
+
+    metrics = PipelineMetrics(CollectorRegistry())
+    ing = Ingestor(Keep(), metrics, Limits(), CumulativeState(broken))
+    outcome = ing.export(sum_request({"c": [point(1, {"org.id": "o"})]}, temporality=CUMULATIVE), "d")
+    assert outcome.kind == "unavailable" and outcome.retry_after_s >= 1
+
+
+def test_repairs_are_counted_in_the_repaired_metric():
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    assert registry.get_sample_value("meterhouse_points_repaired_total", {"reason": "start_after_time"}) == 0
+    assert registry.get_sample_value("meterhouse_points_rejected_total", {"reason": "out_of_order"}) == 0
+    now = time.time_ns()
+    req = sum_request(
+        {"m": [point(1, {"org.id": "o"}, t_ns=now, start_ns=now + 1), point(2, {"org.id": "o"})]}
+    )
+    outcome = ingestor(metrics).export(req, "d")
+    assert outcome.kind == "ok"
+    assert registry.get_sample_value("meterhouse_points_repaired_total", {"reason": "start_after_time"}) == 1
+
+
+# -- what is still rejected is logged, rate-limited, per (reason, metric) --------------------------------
+def test_rejections_are_logged_once_per_interval_per_reason_and_metric_with_an_org_and_a_count(caplog):
+    clock = [1000.0]
+    log = RejectLog(interval_s=60, clock=lambda: clock[0])
+    metrics = PipelineMetrics(CollectorRegistry())
+    ing = ingestor(metrics, reject_log=log)
+    bad = sum_request(
+        {"neg": [point(-1, {"org.id": "org-7"})], "nan": [point(float("nan"), {"org.id": "org-8"})]}
+    )
+    with caplog.at_level(logging.WARNING, logger="meterhouse.rejected"):
+        for i in range(5):
+            ing.export(bad, f"d{i}")
+        lines = [r for r in caplog.records if r.name == "meterhouse.rejected"]
+        assert sorted((r.reason, r.metric, r.example_org, r.points) for r in lines) == [
+            ("invalid_value", "nan", "org-8", 1),
+            ("negative_delta", "neg", "org-7", 1),
+        ]
+        clock[0] += 61
+        ing.export(bad, "d-later")
+        lines = [r for r in caplog.records if r.name == "meterhouse.rejected"]
+        assert len(lines) == 4
+        assert sorted(r.points for r in lines[2:]) == [5, 5]  # the 4 held back and this one

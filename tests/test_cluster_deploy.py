@@ -1,0 +1,151 @@
+"""The compose profile `cluster`: its ClickHouse and Keeper configs are what generate.py writes, parse as
+XML, and name exactly the hosts and ports the compose file runs; the collectors, load balancer,
+Prometheus and Grafana point at them. (No Docker engine runs here: this is all that can be checked.)"""
+
+import re
+import runpy
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from meterhouse.cli import _config_from, build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+DIR = ROOT / "deploy" / "clickhouse-cluster"
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return runpy.run_path(str(DIR / "generate.py"))
+
+
+@pytest.fixture(scope="module")
+def services():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return {n: s for n, s in compose["services"].items() if "cluster" in s.get("profiles", [])}
+
+
+def xml(name: str) -> ET.Element:
+    return ET.parse(DIR / name).getroot()
+
+
+def mounted(service: dict, target: str) -> str:
+    for v in service["volumes"]:
+        source, dest = v.split(":")[:2]
+        if dest == target:
+            return source
+    raise AssertionError(f"nothing mounted at {target}")
+
+
+def test_committed_configs_are_the_generated_ones(gen):
+    files = gen["files"]()
+    on_disk = {str(p.relative_to(DIR)) for p in DIR.rglob("*.xml")}
+    assert on_disk == set(files), "run `python deploy/clickhouse-cluster/generate.py`"
+    for name, text in files.items():
+        assert (DIR / name).read_text() == text, f"{name} drifted: run generate.py"
+        ET.fromstring(text)  # valid XML
+
+
+def test_topology_two_shards_two_replicas_three_keepers_two_collectors(services):
+    nodes = sorted(n for n in services if n.startswith("ch-"))
+    assert nodes == ["ch-s1-r1", "ch-s1-r2", "ch-s2-r1", "ch-s2-r2"]
+    assert sorted(n for n in services if n.startswith("keeper-")) == ["keeper-1", "keeper-2", "keeper-3"]
+    assert sorted(n for n in services if n.startswith("collector-")) == ["collector-1", "collector-2"]
+    assert {"lb", "prometheus-cluster", "grafana-cluster"} <= set(services)
+
+
+def test_remote_servers_macros_and_keeper_match_the_compose_services(services):
+    cluster = xml("config.d/cluster.xml")
+    native = int(cluster.findtext("tcp_port"))
+    (remote,) = list(cluster.find("remote_servers"))
+    assert remote.tag == "meterhouse"
+    hosts = []
+    for shard_num, shard in enumerate(remote.findall("shard"), start=1):
+        assert shard.findtext("internal_replication") == "true"
+        for replica in shard.findall("replica"):
+            host = replica.findtext("host")
+            hosts.append(host)
+            assert int(replica.findtext("port")) == native
+            service = services[host]  # every host is a service of the profile
+            macros = ET.parse(ROOT / mounted(service, "/etc/clickhouse-server/config.d/macros.xml")).getroot()
+            assert macros.findtext("macros/shard") == str(shard_num)
+            assert macros.findtext("macros/replica") == host
+            assert macros.findtext("macros/cluster") == remote.tag
+            assert mounted(service, "/etc/clickhouse-server/config.d/cluster.xml") == (
+                "./deploy/clickhouse-cluster/config.d/cluster.xml"
+            )
+            assert service["environment"]["CLICKHOUSE_USER"] == replica.findtext("user")
+            assert service["environment"]["CLICKHOUSE_PASSWORD"] == replica.findtext("password")
+    assert sorted(hosts) == sorted(n for n in services if n.startswith("ch-"))
+    keepers = {n: services[n] for n in services if n.startswith("keeper-")}
+    raft_sets = []
+    for name, service in keepers.items():
+        conf = ET.parse(ROOT / mounted(service, "/etc/clickhouse-keeper/keeper_config.xml")).getroot()
+        ks = conf.find("keeper_server")
+        raft = [(int(s.findtext("id")), s.findtext("hostname"), int(s.findtext("port")))
+                for s in ks.find("raft_configuration")]  # fmt: skip
+        raft_sets.append(raft)
+        assert (int(ks.findtext("server_id")), name) in [(i, h) for i, h, _ in raft]
+        assert "9181" in " ".join(service["healthcheck"]["test"]) and ks.findtext("tcp_port") == "9181"
+        for node in cluster.find("zookeeper"):
+            assert int(node.findtext("port")) == int(ks.findtext("tcp_port"))
+    assert all(r == raft_sets[0] for r in raft_sets)
+    assert sorted(h for _, h, _ in raft_sets[0]) == sorted(keepers)
+    assert sorted(n.findtext("host") for n in cluster.find("zookeeper")) == sorted(keepers)
+    assert len({i for i, _, _ in raft_sets[0]}) == 3
+
+
+def test_collectors_are_configured_for_the_cluster(services):
+    http_port = int(xml("config.d/cluster.xml").findtext("http_port"))
+    nodes = {n for n in services if n.startswith("ch-")}
+    volumes = set()
+    for name in ("collector-1", "collector-2"):
+        service = services[name]
+        args = build_parser().parse_args(service["command"])
+        config = _config_from(args)  # the configuration is accepted: several nodes of one cluster
+        assert config.cluster == "meterhouse"
+        assert {urlsplit(u).hostname for u in config.endpoints} == nodes
+        assert {urlsplit(u).port for u in config.endpoints} == {http_port}
+        assert set(service["depends_on"]) == nodes
+        volumes.add(mounted(service, "/var/lib/meterhouse"))
+    assert len(volumes) == 2  # each collector has its own spool
+
+
+def test_every_meterhouse_command_in_the_compose_file_parses():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    commands = [s["command"] for s in compose["services"].values() if s.get("build")]
+    assert len(commands) == 3
+    for command in commands:
+        _config_from(build_parser().parse_args(command))
+
+
+def test_load_balancer_prometheus_and_grafana_point_at_the_collectors_and_nodes(services):
+    nginx = (ROOT / mounted(services["lb"], "/etc/nginx/nginx.conf")).read_text()
+    upstreams = dict(re.findall(r"upstream (\w+) \{(.*?)\}", nginx, re.S))
+    for name, port in (("otlp_grpc", 4317), ("otlp_http", 4318)):
+        assert "hash $remote_addr consistent;" in upstreams[name]  # affinity of cumulative series
+        assert re.findall(r"server (\S+);", upstreams[name]) == [f"collector-1:{port}", f"collector-2:{port}"]
+    listens = {int(p) for p in re.findall(r"listen (\d+);", nginx)}
+    assert listens == {int(p.split(":")[1]) for p in services["lb"]["ports"]} == {4317, 4318, 9464}
+    prom = yaml.safe_load(
+        (ROOT / mounted(services["prometheus-cluster"], "/etc/prometheus/prometheus.yml")).read_text()
+    )
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "meterhouse")
+    assert job["static_configs"][0]["targets"] == ["collector-1:9464", "collector-2:9464"]
+    provisioning = ROOT / mounted(services["grafana-cluster"], "/etc/grafana/provisioning")
+    sources = yaml.safe_load((provisioning / "datasources" / "datasources.yml").read_text())["datasources"]
+    ch = next(d for d in sources if d["uid"] == "clickhouse")
+    assert ch["jsonData"]["host"] in services and ch["jsonData"]["port"] == 8123
+    assert next(d for d in sources if d["uid"] == "prometheus")["url"] == "http://prometheus-cluster:9090"
+    assert (provisioning / "dashboards" / "dashboards.yml").exists()
+
+
+def test_profile_settings_match_the_insert_and_query_settings():
+    from meterhouse.core import schema
+
+    profile = xml("users.d/profile.xml").find("profiles/default")
+    values = {e.tag: int(e.text) for e in profile}
+    assert values == {**schema.CLUSTER_INSERT_SETTINGS, **schema.CLUSTER_QUERY_SETTINGS}
