@@ -292,11 +292,9 @@ ORDER BY (kind, time)""",
 ) ENGINE = ReplacingMergeTree
 ORDER BY (org_id, metric, attr_keys, attr_values)
 SETTINGS {dedup}""",
-        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attribute_sets_points_mv
-TO {db}.{ATTRIBUTE_SETS_TABLE} AS
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attr_sets_points_mv TO {db}.{ATTRIBUTE_SETS_TABLE} AS
 SELECT DISTINCT org_id, metric, attr_keys, attr_values FROM {db}.{INGEST_TABLE}""",
-        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attribute_sets_dist_mv
-TO {db}.{ATTRIBUTE_SETS_TABLE} AS
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attr_sets_dist_mv TO {db}.{ATTRIBUTE_SETS_TABLE} AS
 SELECT DISTINCT org_id, metric, attr_keys, attr_values FROM {db}.{DIST_INGEST_TABLE}""",
     ]
 
