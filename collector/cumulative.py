@@ -14,6 +14,11 @@ Rules, for a point (start s, time t, value v) and the series' previous point e:
 
 State changes are applied at decode time and rolled back when the batch is not committed, so a client
 that retries after a 503 gets the same deltas again.
+
+The state in memory is the truth for every series with a point not yet committed: at start it is rebuilt
+from the uncommitted spool records (``restore``) before any receiver runs, and an entry is evicted only
+once the spool record that last changed it is committed (``committed_seq``), so a miss can safely be
+answered from ClickHouse. That look-up runs outside the lock.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from meterhouse.collector.model import PointBatch
+from meterhouse.core.schema import TEMPORALITY_CUMULATIVE as _CUMULATIVE
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class Entry:
     time_ns: int
     value: int | float
     touched: float = 0.0  # monotonic time of the last change, for eviction
+    seq: int = -1  # the spool record that holds this point (-1: not spooled yet, or unknown)
 
 
 @dataclass(frozen=True)
@@ -55,39 +64,81 @@ class StateUnavailable(Exception):
 class CumulativeState:
     """Last point per cumulative series, loaded lazily from committed state on a miss."""
 
-    def __init__(self, loader: Loader, *, max_entries: int = 2_000_000, settle_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        loader: Loader,
+        *,
+        max_entries: int = 2_000_000,
+        committed_seq: Callable[[], int] = lambda: 0,
+    ) -> None:
         self._load = loader
         self._entries: dict[int, Entry] = {}
         self._lock = threading.Lock()
         self.max_entries = max_entries
-        self.settle_s = settle_s  # entries untouched this long are committed and can be evicted
+        self.committed_seq = committed_seq  # the spool's committed watermark: older entries may go
+        self._evictions = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def convert(self, points: list[CumulativePoint]) -> tuple[list[Resolution], list[Change]]:
+    def restore(self, batches: Iterable[tuple[int, PointBatch]]) -> int:
+        """Apply the cumulative points of uncommitted spool records (seq, batch), in seq order: the state
+        they left is the state, whatever ClickHouse holds. Call before receivers start."""
+        n = 0
         with self._lock:
-            missing = list({p.series_id for p in points if p.series_id not in self._entries})
-            if missing:
-                try:
-                    loaded = self._load(missing)
-                except Exception as err:  # whatever the store raises; the request is not at fault
-                    raise StateUnavailable(str(err)) from err
-                self._entries.update(loaded)
-            now = time.monotonic()
-            results: list[Resolution] = []
-            changes: list[Change] = []
-            for p in points:
-                e = self._entries.get(p.series_id)
-                res = _resolve(e, p)
-                results.append(res)
-                if res is None or (e is not None and p.time_ns <= e.time_ns):
-                    continue
-                new = Entry(p.start_ns, p.time_ns, p.value, now)
-                self._entries[p.series_id] = new
-                changes.append((p.series_id, e, new))
-            self._evict(now)
-            return results, changes
+            for seq, b in batches:
+                c = b.columns
+                for i, sid in enumerate(c["series_id"]):
+                    if not sid or c["temporality"][i] != _CUMULATIVE:
+                        continue
+                    t = c["time"][i]
+                    e = self._entries.get(sid)
+                    if e is not None and t <= e.time_ns:
+                        continue
+                    value = c["cumulative_int"][i] if c["is_int"][i] else c["cumulative_double"][i]
+                    self._entries[sid] = Entry(c["series_start"][i], t, value, time.monotonic(), seq)
+                    n += 1
+        return n
+
+    def spooled(self, changes: Iterable[Change], seq: int) -> None:
+        """The changes' points are in spool record ``seq``: their entries may go once it is committed."""
+        with self._lock:
+            for series_id, _old, new in changes:
+                if self._entries.get(series_id) is new:
+                    self._entries[series_id] = replace(new, seq=seq)
+
+    def convert(self, points: list[CumulativePoint]) -> tuple[list[Resolution], list[Change]]:
+        while True:
+            with self._lock:
+                missing = list({p.series_id for p in points if p.series_id not in self._entries})
+                evictions = self._evictions
+            # ClickHouse is read outside the lock: ingest of known series never waits for it.
+            try:
+                loaded = self._load(missing) if missing else {}
+            except Exception as err:  # whatever the store raises; the request is not at fault
+                raise StateUnavailable(str(err)) from err
+            with self._lock:
+                if self._evictions != evictions:
+                    continue  # an entry went meanwhile: what was read may be older than it; read again
+                for sid, e in loaded.items():
+                    self._entries.setdefault(sid, replace(e, seq=0))  # committed: may be evicted
+                return self._apply(points)
+
+    def _apply(self, points: list[CumulativePoint]) -> tuple[list[Resolution], list[Change]]:
+        now = time.monotonic()
+        results: list[Resolution] = []
+        changes: list[Change] = []
+        for p in points:
+            e = self._entries.get(p.series_id)
+            res = _resolve(e, p)
+            results.append(res)
+            if res is None or (e is not None and p.time_ns <= e.time_ns):
+                continue
+            new = Entry(p.start_ns, p.time_ns, p.value, now)
+            self._entries[p.series_id] = new
+            changes.append((p.series_id, e, new))
+        self._evict(now)
+        return results, changes
 
     def rollback(self, changes: Iterable[Change]) -> None:
         """Undo changes whose batch was not committed (only where nothing newer replaced them)."""
@@ -102,10 +153,11 @@ class CumulativeState:
     def _evict(self, now: float) -> None:
         if len(self._entries) <= self.max_entries:
             return
-        # Only settled entries go: their points are committed, so a later miss reloads the same state.
-        cutoff = now - self.settle_s
-        for sid in [sid for sid, e in self._entries.items() if e.touched < cutoff]:
+        # Only entries whose point is committed go, so a later miss reads the same state back.
+        committed = self.committed_seq()
+        for sid in [sid for sid, e in self._entries.items() if 0 <= e.seq <= committed]:
             del self._entries[sid]
+            self._evictions += 1
             if len(self._entries) <= self.max_entries * 0.9:
                 break
 

@@ -8,12 +8,12 @@ once it is in.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from meterhouse.collector.files import Files
 from meterhouse.collector.model import PointBatch
 
 
@@ -27,18 +27,13 @@ class DeadLetter:
     batches: list[PointBatch] | None = None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class DeadLetters:
-    def __init__(self, directory: Path) -> None:
+    """Each letter is written atomically and its directory fsync'd before ``put`` returns, so the spool
+    may forget the batch as soon as it does."""
+
+    def __init__(self, directory: Path, files: Files | None = None) -> None:
         self.dir = Path(directory)
+        self.files = files or Files()
 
     def put(self, token: str, reason: str, batches: list[PointBatch]) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -46,8 +41,8 @@ class DeadLetters:
         meta = {"token": token, "reason": reason, "points": points, "time": time.time()}
         path = self.dir / f"{time.time_ns()}-{token[:16]}.dlq"
         payload = [(b.digest, b.received_ns, b.columns, b.size, b.dist_columns, b.dist_size) for b in batches]
-        _atomic_write(path, pickle.dumps((meta, payload), protocol=pickle.HIGHEST_PROTOCOL))
-        _atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+        self.files.write_durably(path, pickle.dumps((meta, payload), protocol=pickle.HIGHEST_PROTOCOL))
+        self.files.write_durably(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
         return path
 
     def list(self, with_batches: bool = False) -> list[DeadLetter]:

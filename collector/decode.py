@@ -12,6 +12,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -26,7 +27,7 @@ from meterhouse.core import schema
 
 DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
 CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
-_TEMPORALITY = {DELTA: schema.TEMPORALITY_DELTA, CUMULATIVE: schema.TEMPORALITY_CUMULATIVE}
+_TEMPORALITY: dict[int, int] = {DELTA: schema.TEMPORALITY_DELTA, CUMULATIVE: schema.TEMPORALITY_CUMULATIVE}
 MAX_VALUE_DEPTH = 16
 
 
@@ -52,7 +53,7 @@ class DecodeResult:
     batch: PointBatch
     received: int = 0
     unattributed: int = 0
-    rejected: Counter = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
     #: reason → first metric name seen with it, for the partial-success message.
     examples: dict[str, str] = field(default_factory=dict)
     #: (reason, metric) → points and an example org, for the rejection log.
@@ -91,7 +92,7 @@ class _TooDeep(ValueError):
     pass
 
 
-def _plain(v: AnyValue, depth: int):
+def _plain(v: AnyValue, depth: int) -> Any:
     """AnyValue → a JSON-able Python value (bytes as base64)."""
     if depth > MAX_VALUE_DEPTH:
         raise _TooDeep
@@ -138,7 +139,7 @@ def value_text(v: AnyValue) -> str:
 
 
 def _attribute_columns(
-    attrs, org: str, org_key: str, max_len: int
+    attrs: Any, org: str, org_key: str, max_len: int
 ) -> tuple[str, list[str], list[str]] | None:
     """A point's attributes as (org, sorted keys, values), the org attribute taken out (``org`` is the
     fallback); None when a key or value is over ``max_len`` or a value nests too deep. A key repeated
@@ -227,16 +228,16 @@ class _Decoder:
         self.cumulative = cumulative
         self.result = DecodeResult(PointBatch(PointBatch.empty(), 0, digest, now_ns))
         self.cols = self.result.batch.columns
-        self.dist: dict[str, list] | None = None
+        self.dist: dict[str, list[Any]] | None = None
         self.cum_points: list[CumulativePoint] = []
         self.cum_rows: list[int] = []
 
     # -- shared per-point checks -----------------------------------------------------------------
-    def bad_time(self, dp) -> bool:
+    def bad_time(self, dp: Any) -> bool:
         t = dp.time_unix_nano
-        return t == 0 or t < self.min_t or t > self.max_t
+        return bool(t == 0 or t < self.min_t or t > self.max_t)
 
-    def attributes(self, dp, res_org: str) -> tuple[str, list[str], list[str]] | None:
+    def attributes(self, dp: Any, res_org: str) -> tuple[str, list[str], list[str]] | None:
         """(org, sorted keys, values), or None when over a limit."""
         attrs = dp.attributes
         if len(attrs) > self.limits.max_attributes:
@@ -300,7 +301,7 @@ class _Decoder:
                     if n:
                         self.result.reject("attribute_limit", m.name, n, org)
 
-    def numbers(self, m, which: str, data, res, res_org: str, scope) -> None:
+    def numbers(self, m: Any, which: str, data: Any, res: Any, res_org: str, scope: Any) -> None:
         name, r = m.name, self.result
         if which == "sum":
             temporality = _TEMPORALITY.get(data.aggregation_temporality)
@@ -405,16 +406,17 @@ class _Decoder:
             for col in (c_sid, c_sstart, c_ci):
                 col.extend([0] * n)
             c_cd.extend([0.0] * n)
-        for col, value in (
+        shared: tuple[tuple[str, Any], ...] = (
             ("metric", name), ("kind", kind), ("unit", m.unit), ("monotonic", mono),
             ("resource_keys", res_keys), ("resource_values", res_values), ("scope_name", scope[0]),
             ("scope_version", scope[1]), ("received_at", self.now_ns), ("temporality", temporality),
-        ):  # fmt: skip
-            c[col].extend([value] * n)
+        )  # fmt: skip
+        for column, value in shared:
+            c[column].extend([value] * n)
 
     def finish_cumulative(self) -> None:
         """Turn the request's cumulative points into deltas (one state look-up for all of them)."""
-        if not self.cum_points:
+        if not self.cum_points or self.cumulative is None:
             return
         results, self.result.changes = self.cumulative.convert(self.cum_points)
         c = self.cols
@@ -441,7 +443,7 @@ class _Decoder:
             for name, col in c.items():
                 c[name] = [col[i] for i in keep]
 
-    def distributions(self, m, which: str, data, res, res_org: str, scope) -> None:
+    def distributions(self, m: Any, which: str, data: Any, res: Any, res_org: str, scope: Any) -> None:
         name, r = m.name, self.result
         if self.dist is None:
             self.dist = self.result.batch.dist_columns = PointBatch.empty_dist()
@@ -489,21 +491,21 @@ class _Decoder:
         self.result.batch.dist_size = len(d["org_id"])
 
 
-_DIST_DEFAULTS = {
+_DIST_DEFAULTS: dict[str, Any] = {
     "sum": None, "min": None, "max": None, "bucket_counts": [], "explicit_bounds": [], "scale": 0,
     "zero_count": 0, "zero_threshold": 0.0, "positive_offset": 0, "positive_counts": [],
     "negative_offset": 0, "negative_counts": [], "quantiles": [], "quantile_values": [],
 }  # fmt: skip
 
 
-def _finite_or_none(dp, field_name: str) -> tuple[bool, float | None]:
+def _finite_or_none(dp: Any, field_name: str) -> tuple[bool, float | None]:
     if not dp.HasField(field_name):
         return True, None
     v = getattr(dp, field_name)
     return math.isfinite(v), v
 
 
-def _distribution(kind: str, dp) -> dict | None:
+def _distribution(kind: str, dp: Any) -> dict[str, Any] | None:
     """The distribution columns of one point, or None when its numbers are inconsistent."""
     shape = dict(_DIST_DEFAULTS, count=dp.count)
     if kind == schema.KIND_SUMMARY:

@@ -1,5 +1,10 @@
 """Requests accepted recently, by content digest: an identical request re-sent (its answer was lost)
-within the window counts once. The digests survive restarts in a small append-only file."""
+within the window counts once. The digests survive restarts in a small append-only file.
+
+A digest is *claimed* while its first copy is being stored and *settled* once that copy is durable.
+Only a settled digest lets a re-sent copy be answered "ok": a copy that arrives while the first is still
+claimed waits for the first's outcome (and stores itself if the first failed), so an acknowledgement is
+never given for points that are not stored."""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TextIO
+
+from meterhouse.collector.model import PointBatch
 
 
 class RecentRequests:
@@ -18,7 +26,8 @@ class RecentRequests:
         self._seen: OrderedDict[str, int] = OrderedDict()  # digest → received_ns, oldest first
         self._claimed: set[str] = set()
         self._lock = threading.Lock()
-        self._file = None
+        self._settled = threading.Condition(self._lock)
+        self._file: TextIO | None = None
         self._unsynced = 0
 
     def load(self, extra: Iterable[tuple[str, int]] = ()) -> int:
@@ -38,26 +47,51 @@ class RecentRequests:
         self._rewrite()
         return len(self._seen)
 
-    def claim(self, digest: str) -> bool:
-        """True when the digest is new: the caller stores the request, then calls ``add`` or ``release``."""
+    def claim(self, digest: str, wait_s: float = 0.0) -> str:
+        """``"new"``: the caller stores the request, then calls ``add`` or ``release``.
+        ``"settled"``: an identical request is stored; ``"busy"``: an identical request is still being
+        stored after ``wait_s`` (answer retryable). A copy whose first failed (released) becomes new."""
+        deadline = time.monotonic() + wait_s
         with self._lock:
-            self._prune()
-            if digest in self._seen or digest in self._claimed:
-                return False
-            self._claimed.add(digest)
-            return True
+            while True:
+                self._prune()
+                if digest in self._seen:
+                    return "settled"
+                if digest not in self._claimed:
+                    self._claimed.add(digest)
+                    return "new"
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "busy"
+                self._settled.wait(left)
 
     def release(self, digest: str) -> None:
         with self._lock:
             self._claimed.discard(digest)
+            self._settled.notify_all()
 
     def add(self, digest: str, received_ns: int) -> None:
         with self._lock:
             self._claimed.discard(digest)
+            self._settled.notify_all()
             self._seen[digest] = received_ns
             if self._file is not None:
                 self._file.write(f"{received_ns} {digest}\n")
                 self._unsynced += 1
+
+    def committed(self, batches: Iterable[PointBatch]) -> None:
+        """Make the digests of batches about to be committed durable, before the spool forgets them.
+        The ingest thread adds a digest once its append is durable, but the writer may commit the record
+        before that thread gets there; without this its digest could be in neither file after a crash,
+        and a re-sent copy would be stored again."""
+        with self._lock:
+            for b in batches:
+                if b.digest not in self._seen:
+                    self._seen[b.digest] = b.received_ns
+                    if self._file is not None:
+                        self._file.write(f"{b.received_ns} {b.digest}\n")
+                        self._unsynced += 1
+        self.sync()
 
     def sync(self) -> None:
         """Make added digests durable; called when their points are committed (not on the hot path)."""

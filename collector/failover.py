@@ -5,8 +5,10 @@ healthy endpoint; a higher-priority endpoint that has stayed healthy for the hol
 so a flapping replica does not drag writes back and forth. Every switch is a failover event: a row in
 ``pipeline_events``, a structured log line and ``meterhouse_failovers_total{from_endpoint,to_endpoint}``.
 
-:class:`EndpointSet` offers the :class:`~meterhouse.core.store.Store` interface, so the writer, the
-cumulative state and the API read and write through whichever endpoint is active.
+:class:`EndpointSet` offers the :class:`~meterhouse.core.store.Store` interface, so the writer and the
+cumulative state read and write through whichever endpoint is active. The API and org health read through
+:meth:`EndpointSet.reads`, a view with health of its own: a failing read query never marks an endpoint
+down for the writer, so reads cannot take writes down.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from meterhouse.core import schema
-from meterhouse.core.faults import FaultInjector
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Store, endpoint_label
 
@@ -54,7 +55,6 @@ class EndpointSet:
         failover_after_failures: int = 3,
         failback_hold_s: float = 30.0,
         health_check_interval_s: float = 2.0,
-        faults: FaultInjector | None = None,
     ) -> None:
         self.endpoints = [Endpoint(u, endpoint_label(u)) for u in urls]
         self._connect = connect
@@ -63,7 +63,6 @@ class EndpointSet:
         self.failover_after_failures = failover_after_failures
         self.failback_hold_s = failback_hold_s
         self.health_check_interval_s = health_check_interval_s
-        self.faults = faults
         self.active = 0
         self.name = self.endpoints[0].label
         self._lock = threading.RLock()
@@ -109,8 +108,6 @@ class EndpointSet:
 
     # -- health ---------------------------------------------------------------------------------
     def _store(self, ep: Endpoint) -> Store:
-        if self.faults is not None:
-            self.faults.check(ep.label)
         if ep.store is None:
             ep.store = self._connect(ep.url)
         if not ep.schema_ready:
@@ -216,13 +213,17 @@ class EndpointSet:
         except Exception:
             with self._lock:
                 self._mark(ep, False)
-                if write and ep.failures >= self.failover_after_failures:
+                if ep.failures >= self.failover_after_failures:
                     self._failover(f"{ep.label}: {ep.failures} consecutive failures")
             raise
         if write and ep.failures:
             with self._lock:
                 self._mark(ep, True)
         return result
+
+    def reads(self) -> ReadView:
+        """The endpoint set as the API and org health see it (separate health, same routing)."""
+        return ReadView(self)
 
     def insert_points(self, columns: Sequence[Sequence[Any]], token: str) -> None:
         self._call(lambda s: s.insert_points(columns, token), write=True)
@@ -240,8 +241,9 @@ class EndpointSet:
     ) -> None:
         self._call(lambda s: s.insert_rows(table, columns, names, types, token), write=True)
 
-    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
-        return self._call(lambda s: s.rows(sql, parameters), write=False)
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = self._call(lambda s: s.rows(sql, parameters), write=False)
+        return rows
 
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         rows = self.rows(sql, parameters)
@@ -258,3 +260,47 @@ class EndpointSet:
 
     def close(self) -> None:
         self.shutdown(1.0)
+
+
+class ReadView:
+    """Queries for the API and org health: routed to the writer's active endpoint (the freshest data),
+    with failures counted here only. A broken or slow query is the reader's problem, not the writer's."""
+
+    def __init__(self, endpoints: EndpointSet) -> None:
+        self._set = endpoints
+        self.database = endpoints.database
+        self.failures = 0  # consecutive failed reads (for logs and tests; never fails writes over)
+
+    @property
+    def name(self) -> str:
+        return self._set.name
+
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        with self._set._lock:
+            ep = self._set.endpoints[self._set.active]
+        try:
+            result = self._set._store(ep).rows(sql, parameters)
+        except Exception:
+            self.failures += 1
+            raise
+        self.failures = 0
+        return result
+
+    def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        rows = self.rows(sql, parameters)
+        return rows[0][0] if rows else None
+
+    def ping(self) -> bool:
+        """Readiness is the write path's (the pipeline's) health."""
+        return self._set.ping()
+
+    def insert_rows(
+        self,
+        table: str,
+        columns: Sequence[Sequence[Any]],
+        names: Sequence[str],
+        types: Sequence[str],
+        token: str,
+    ) -> None:
+        """A write from the API (a monthly close) goes the write path's way, with its health."""
+        self._set.insert_rows(table, columns, names, types, token)

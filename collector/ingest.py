@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -14,22 +14,28 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 
 from meterhouse.collector.auth import IngestTokens, Principal
-from meterhouse.collector.cumulative import CumulativeState, Entry, StateUnavailable
+from meterhouse.collector.cumulative import Change, CumulativeState, Entry, StateUnavailable
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.model import Backpressure, Consumer, content_digest
 from meterhouse.collector.ratelimit import RateLimiter
 from meterhouse.collector.rejectlog import RejectLog
 from meterhouse.collector.series import Loader, Pair, SeriesLimiter
-from meterhouse.collector.spool import SpoolError
+from meterhouse.collector.spool import Spool, SpoolError
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.core.store import Store
+from meterhouse.core.store import Queries
 
 log = logging.getLogger("meterhouse.ingest")
 
 
-def committed_state_loader(store: Store):
+def restore_cumulative(state: CumulativeState, spool: Spool) -> int:
+    """Rebuild the conversion state of series with uncommitted points from the spool (before receivers
+    start), so a new point is never converted against ClickHouse while an earlier one waits in the spool."""
+    return state.restore((r.seq, spool.load(r)) for r in spool.uncommitted_records())
+
+
+def committed_state_loader(store: Queries) -> Callable[[list[int]], dict[int, Entry]]:
     """Read the last committed point of cumulative series from ClickHouse (see cumulative.py)."""
     sql = schema.series_state_sql(store.database)
 
@@ -107,6 +113,7 @@ class Ingestor:
         cumulative: CumulativeState | None = None,
         recent: RecentRequests | None = None,
         reject_log: RejectLog | None = None,
+        resend_wait_s: float = 5.0,
         tokens: IngestTokens | None = None,
         rate: RateLimiter | None = None,
         series: SeriesLimiter | None = None,
@@ -117,6 +124,7 @@ class Ingestor:
         self.cumulative = cumulative
         self.recent = recent
         self.reject_log = reject_log if reject_log is not None else RejectLog()
+        self.resend_wait_s = resend_wait_s  # how long a re-sent copy waits for its first copy
         self.tokens = tokens or IngestTokens()
         self.rate = rate
         self.series = series
@@ -154,10 +162,17 @@ class Ingestor:
 
     def _export(self, request: ExportMetricsServiceRequest, digest: str, sender: Principal | None) -> Outcome:
         m = self.metrics
-        if self.recent is not None and not self.recent.claim(digest):
-            # The same bytes were accepted within the window (a client re-sent after a lost answer).
-            m.requests_deduplicated.inc()
-            return Outcome("ok", "", ExportMetricsServiceResponse())
+        if self.recent is not None:
+            state = self.recent.claim(digest, self.resend_wait_s)
+            if state == "settled":
+                # The same bytes are stored within the window (a client re-sent after a lost answer).
+                m.requests_deduplicated.inc()
+                return Outcome("ok", "", ExportMetricsServiceResponse())
+            if state == "busy":
+                # The first copy is still being stored: its fate is not known, so promise nothing.
+                return Outcome(
+                    "unavailable", "an identical request is being stored, retry later", retry_after_s=1
+                )
         now = time.time_ns()
         try:
             result = decode_request(
@@ -177,7 +192,7 @@ class Ingestor:
             )
         m.points_received.inc(result.received)
         try:
-            self.next.consume(result.batch)
+            seq = self.next.consume(result.batch)
         except (Backpressure, SpoolError) as e:
             # Nothing of this request is kept; the client retries all of it, so count no rejections.
             self._undo(result.changes)
@@ -188,6 +203,8 @@ class Ingestor:
                 m.spool_full.inc()
                 return Outcome("backpressure", f"pipeline is full: {e}", retry_after_s=e.retry_after_s)
             return Outcome("unavailable", str(e), retry_after_s=1)
+        if result.changes and self.cumulative is not None and isinstance(seq, int):
+            self.cumulative.spooled(result.changes, seq)
         if self.recent is not None:
             self.recent.add(digest, now)
         for reason, n in result.rejected.items():
@@ -211,6 +228,6 @@ class Ingestor:
         if self.recent is not None:
             self.recent.release(digest)
 
-    def _undo(self, changes) -> None:
+    def _undo(self, changes: list[Change]) -> None:
         if changes and self.cumulative is not None:
             self.cumulative.rollback(changes)

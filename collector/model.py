@@ -56,8 +56,8 @@ def content_digest(*parts: bytes) -> str:
 class Consumer(Protocol):
     """A pipeline stage (after the OpenTelemetry Collector's consumer and component interfaces)."""
 
-    def consume(self, batch: PointBatch) -> None:
-        """Take the batch durably, or raise :class:`Backpressure`."""
+    def consume(self, batch: PointBatch) -> int | None:
+        """Take the batch durably, or raise :class:`Backpressure`. The spool returns the record's seq."""
 
     def start(self) -> None: ...
 

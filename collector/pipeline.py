@@ -15,7 +15,13 @@ from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.decode import Limits
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.failover import EndpointSet
-from meterhouse.collector.ingest import Ingestor, attribute_sets_loader, committed_state_loader
+from meterhouse.collector.files import Files
+from meterhouse.collector.ingest import (
+    Ingestor,
+    attribute_sets_loader,
+    committed_state_loader,
+    restore_cumulative,
+)
 from meterhouse.collector.ratelimit import RateLimiter
 from meterhouse.collector.receivers.grpc import GrpcKeepalive, OtlpGrpcReceiver
 from meterhouse.collector.receivers.http import OtlpHttpReceiver
@@ -23,7 +29,6 @@ from meterhouse.collector.series import SeriesLimiter
 from meterhouse.collector.spool import Spool
 from meterhouse.collector.writer import Writer
 from meterhouse.core.config import Config
-from meterhouse.core.faults import FaultInjector
 from meterhouse.core.httpserver import limits_from as http_limits_from
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Store, connect
@@ -50,8 +55,11 @@ class Collector:
         config: Config,
         metrics: PipelineMetrics,
         connect_endpoint: Callable[[str], Store] | None = None,
+        files: Files | None = None,
         tls: ServerTls | None = None,
     ) -> None:
+        """``connect_endpoint`` opens a ClickHouse endpoint and ``files`` is the file layer of the spool
+        and dead letters: the seams through which tests inject outages and disk errors."""
         self.config = config
         self.tls = tls
         self.metrics = metrics
@@ -68,7 +76,6 @@ class Collector:
             failover_after_failures=config.failover_after_failures,
             failback_hold_s=config.failback_hold_s,
             health_check_interval_s=config.health_check_interval_s,
-            faults=FaultInjector.from_env(),
         )
         self.spool = Spool(
             config.data_dir / "spool",
@@ -76,6 +83,7 @@ class Collector:
             segment_bytes=config.spool_segment_bytes,
             fsync=config.spool_fsync,
             max_cached_points=config.max_cached_points,
+            files=files,
         )
         self.recent = (
             RecentRequests(config.data_dir / "spool" / "recent-requests.log", config.dedup_window_s)
@@ -86,14 +94,16 @@ class Collector:
             self.spool,
             self.endpoints,
             metrics,
-            DeadLetters(config.data_dir / "dead-letter"),
+            DeadLetters(config.data_dir / "dead-letter", files),
             flush_interval_s=config.flush_interval_s,
             flush_max_points=config.flush_max_points,
             backoff_max_s=config.retry_max_backoff_s,
             poison_after_attempts=config.poison_after_attempts,
-            before_commit=self.recent.sync if self.recent else None,
+            before_commit=self.recent.committed if self.recent else None,
         )
-        self.cumulative = CumulativeState(committed_state_loader(self.endpoints))
+        self.cumulative = CumulativeState(
+            committed_state_loader(self.endpoints), committed_seq=lambda: self.spool.committed_seq
+        )
         self.tokens = IngestTokens(config.ingest_tokens)
         self.rate = (
             RateLimiter(config.ingest_points_per_s, config.ingest_burst_points)
@@ -145,6 +155,11 @@ class Collector:
     def ready(self) -> bool:
         return self._started and self.writer.running
 
+    @property
+    def alive(self) -> bool:
+        """False once the writer has stopped while the collector runs (nothing in-process restarts it)."""
+        return not self._started or self.writer.running
+
     def start(self) -> None:
         self.endpoints.start()
         report = self.spool.open()
@@ -165,6 +180,7 @@ class Collector:
                                         f"points={self.spool.pending_points}")  # fmt: skip
         if self.recent is not None:
             self.recent.load(report.digests)
+        restore_cumulative(self.cumulative, self.spool)  # before the writer commits and receivers run
         if self.series is not None and report.pending_records:
             # Sets of points accepted but not yet in ClickHouse are admitted already.
             for batch in self.spool.uncommitted_batches():

@@ -2,15 +2,23 @@
 
 A receiver's answer is sent once the request's points are appended here and fsync'd. The writer reads
 records in order, and before each insert appends an INTENT naming the records it groups and the
-deduplication token it uses; after the insert it appends a COMMIT. On start the log is scanned:
-committed records are skipped, uncommitted intents are replayed with the same grouping and token (so
-ClickHouse deduplicates a batch that did commit before the crash), and the rest is queued afresh.
+deduplication token it uses; after each table's insert a PART mark, and after the last a COMMIT. On start
+the log is scanned: committed records are skipped, uncommitted intents are replayed with the same
+grouping and token (so ClickHouse deduplicates a batch that did commit before the crash), and the rest is
+queued afresh.
 
 Record layout (little-endian): ``b"MH"``, type (u8), payload length (u32), CRC-32 of type, length and
-payload (u32), payload. DATA payloads are the decoded columns, pickled (the spool directory is private
-to the process; the CRC guards against torn and corrupt records, not against a hostile writer).
-A record that fails its checks ends the readable part of its segment: the rest of that segment is
-moved to ``quarantine/`` and counted, and start-up continues.
+payload (u32), payload. Every segment starts with a FORMAT record (the format version) and a COMMIT (what
+was committed when it was opened). DATA payloads are the decoded columns, pickled (the spool directory
+is private to the process; the CRC guards against torn and corrupt records, not against a hostile
+writer).
+
+Faults: a write or fsync that fails seals the segment (the torn bytes are truncated away when the disk
+allows, and nothing is appended after them) and the request fails retryably; its sequence number is
+burned and an ABORT record naming it rides on the next fsync'd append, so a record whose fsync failed is
+never replayed as if it were safe. A record that fails its checks is skipped: the scan resumes at the
+next sound record, and the damaged bytes are copied to ``quarantine/`` (file and directory fsync'd)
+before the segment is rewritten without them.
 """
 
 from __future__ import annotations
@@ -24,17 +32,24 @@ import threading
 import time
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
-from meterhouse.collector.model import Backpressure, PointBatch
+from meterhouse.collector.files import Files
+from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, Backpressure, PointBatch
+from meterhouse.core import schema
 
 log = logging.getLogger("meterhouse.spool")
 
 MAGIC = b"MH"
 HEADER = struct.Struct("<2sBII")  # magic, type, length, crc
-DATA, INTENT, COMMIT = 1, 2, 3
+DATA, INTENT, COMMIT, ABORT, PART, FORMAT = 1, 2, 3, 4, 5, 6
+KINDS = frozenset({DATA, INTENT, COMMIT, ABORT, PART, FORMAT})
+#: Version 1 segments (no FORMAT record) have the same DATA layout and are read as they are.
+FORMAT_VERSION = 2
+_VERSION = struct.Struct("<H")
 _DATA_HEAD = struct.Struct("<QQI16s")  # seq, received_ns, points, request digest
 _RANGE = struct.Struct("<QQ")  # first seq, last seq
 _SEQ = struct.Struct("<Q")
@@ -43,6 +58,10 @@ MAX_RECORD = 1 << 31
 
 class SpoolError(Exception):
     """The spool cannot take the request (a disk error): answer retryable."""
+
+
+class SpoolFormatError(Exception):
+    """The spool was written in a format this version cannot read; see the README's migration note."""
 
 
 @dataclass
@@ -56,6 +75,8 @@ class Record:
     points: int
     received_ns: int
     batch: PointBatch | None = None
+    epoch: int = 0  # the append that wrote it (group commit: durable once the synced epoch reaches it)
+    state: str = "durable"  # "written" until its group fsync; "failed" if that fsync (or write) failed
 
 
 @dataclass
@@ -65,6 +86,7 @@ class Group:
     records: list[Record]
     token: str | None = None
     replay: bool = False
+    done: set[str] = field(default_factory=set)  # tables ("n", "d") already inserted under the token
 
     @property
     def first(self) -> int:
@@ -100,12 +122,66 @@ def _digest_bytes(digest: str) -> bytes:
     return raw if len(raw) == 16 else hashlib.blake2b(digest.encode(), digest_size=16).digest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _default(column_type: str) -> Callable[[], Any] | None:
+    t = column_type.removeprefix("LowCardinality(").removeprefix("Nullable(")
+    if t.startswith("Array("):
+        return list
+    if t.startswith("Map("):
+        return dict
+    if t.startswith("String"):
+        return lambda: ""
+    if t.startswith("Float"):
+        return lambda: 0.0
+    if t.startswith(("Int", "UInt", "DateTime")):
+        return lambda: 0
+    return None
+
+
+def _conform(
+    cols: dict[str, list[Any]],
+    size: int,
+    names: tuple[str, ...],
+    columns: tuple[schema.Column, ...],
+    seq: int,
+) -> dict[str, list[Any]]:
+    if all(n in cols for n in names) and len(cols) == len(names):
+        return cols
+    types = {c.name: c.type for c in columns}
+    out: dict[str, list[Any]] = {}
+    for n in names:
+        if n in cols:
+            out[n] = cols[n]
+            continue
+        make = _default(types[n])
+        if make is None:
+            raise SpoolFormatError(
+                f"spool record {seq} lacks column {n} ({types[n]}), which has no default; "
+                "see the README, section 'Spool format'"
+            )
+        out[n] = [make() for _ in range(size)]
+    return out
+
+
+def _sound(raw: bytes, pos: int) -> int:
+    """The end of a sound record at ``pos``, or -1."""
+    if len(raw) - pos < HEADER.size:
+        return -1
+    magic, kind, length, crc = HEADER.unpack_from(raw, pos)
+    end = pos + HEADER.size + length
+    if magic != MAGIC or kind not in KINDS or end > len(raw):
+        return -1
+    payload = memoryview(raw)[pos + HEADER.size : end]
+    return end if zlib.crc32(payload, zlib.crc32(struct.pack("<BI", kind, length))) == crc else -1
+
+
+def _next_sound(raw: bytes, pos: int) -> int:
+    """The offset of the next sound record after ``pos``, or the end of ``raw``."""
+    while True:
+        pos = raw.find(MAGIC, pos + 1)
+        if pos < 0:
+            return len(raw)
+        if _sound(raw, pos) > 0:
+            return pos
 
 
 class Spool:
@@ -119,35 +195,51 @@ class Spool:
         segment_bytes: int = 64 << 20,
         fsync: bool = True,
         max_cached_points: int = 2_000_000,
+        files: Files | None = None,
     ) -> None:
         self.dir = Path(directory)
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.fsync = fsync
         self.max_cached_points = max_cached_points
+        self.files = files or Files()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._pending: deque[Record] = deque()  # uncommitted, not yet in a group, in seq order
         self._replay: deque[Group] = deque()  # groups with intents from before the restart
         self._inflight: Group | None = None
-        self._segments: OrderedDict[Path, int] = OrderedDict()  # path → highest DATA seq in it
-        self._active: Path | None = None
-        self._file = None
+        self._segments: OrderedDict[Path, int] = OrderedDict()  # path → highest seq in it
+        self._active: Path = self.dir / "(none)"  # until open() starts the first segment
+        self._file: BinaryIO | None = None
+        self._size = 0  # bytes in the active segment
         self._seq = 0
         self._committed = 0
+        self._aborted: list[int] = []  # burned seqs whose ABORT is not yet on disk
+        self._abort_mark: tuple[int, int] | None = None  # (epoch, count) of the last ABORTs written
+        # Group commit: every append gets an epoch; one fsync covers every append made before it began.
+        self._epoch = 0  # the last append's epoch
+        self._synced = 0  # every append up to this epoch is durable (or failed)
+        self._syncing = False  # a group fsync is running (outside the lock)
+        self._unsynced: deque[Record] = deque()  # DATA written, waiting for their group fsync
+        self._defer_close: list[BinaryIO] = []  # files rotated away while an fsync on them ran
+        self._failed_segments: dict[Path, int] = {}  # sealed after a failed fsync → synced epoch then
         self._pending_points = 0
         self._cached_points = 0
         self._uncommitted_bytes = 0
         self._closed = False
+        self.write_errors = 0  # failed writes or fsyncs (each sealed a segment)
 
     # -- opening and replay ---------------------------------------------------------------------
     def open(self) -> ScanReport:
-        """Scan the log, quarantine damaged tails, and queue what is not committed."""
+        """Scan the log, quarantine damaged records, and queue what is not committed."""
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         report = ScanReport()
         data: dict[int, Record] = {}
         intents: list[tuple[int, int, str]] = []
+        parts: dict[tuple[int, int], set[str]] = {}
+        aborted: set[int] = set()
+        digests: dict[int, tuple[str, int]] = {}
         paths = sorted(self.dir.glob("seg-*.wal"))
         for path in paths:
             top = 0
@@ -156,25 +248,38 @@ class Spool:
                 if kind == DATA:
                     seq, received, points, digest = _DATA_HEAD.unpack_from(payload)
                     data[seq] = Record(seq, path, offset, length, points, received)
-                    report.digests.append((digest.hex(), received))
+                    digests[seq] = (digest.hex(), received)
                     top = max(top, seq)
                 elif kind == INTENT:
                     first, last = _RANGE.unpack_from(payload)
                     intents.append((first, last, payload[_RANGE.size :].decode()))
+                elif kind == PART:
+                    first, last = _RANGE.unpack_from(payload)
+                    parts.setdefault((first, last), set()).add(payload[_RANGE.size :].decode())
+                elif kind == ABORT:
+                    (seq,) = _SEQ.unpack_from(payload)
+                    aborted.add(seq)
+                    top = max(top, seq)
                 elif kind == COMMIT:
                     (seq,) = _SEQ.unpack_from(payload)
                     self._committed = max(self._committed, seq)
                     top = max(top, seq)
             self._segments[path] = top
             self._seq = max(self._seq, top)
+        for seq in aborted:
+            data.pop(seq, None)
+        report.digests = [digests[seq] for seq in sorted(data)]
         report.committed_through = self._committed
         grouped: set[int] = set()
+        seen_ranges: set[tuple[int, int]] = set()
         for first, last, token in intents:
-            if last <= self._committed:
-                continue
+            if last <= self._committed or (first, last) in seen_ranges:
+                continue  # committed, or an intent written again after a failed write
+            seen_ranges.add((first, last))
             records = [data[s] for s in range(first, last + 1) if s in data]
             if records:
-                self._replay.append(Group(records, token, replay=True))
+                done = parts.get((first, last), set())
+                self._replay.append(Group(records, token, replay=True, done=set(done)))
                 grouped.update(r.seq for r in records)
         for seq in sorted(data):
             if seq > self._committed and seq not in grouped:
@@ -188,45 +293,78 @@ class Spool:
         self._drop_committed_segments()
         return report
 
-    def _scan(self, path: Path, report: ScanReport):
-        """Yield (kind, offset, length, payload) of every sound record; quarantine the rest."""
+    def uncommitted_records(self) -> list[Record]:
+        """Every uncommitted record, in seq order (replayed groups included)."""
+        with self._lock:
+            records = [r for g in (self._inflight, *self._replay) if g for r in g.records]
+            records += list(self._pending)
+        return sorted(records, key=lambda r: r.seq)
+
+    @property
+    def committed_seq(self) -> int:
+        return self._committed
+
+    def _scan(self, path: Path, report: ScanReport) -> Iterator[tuple[int, int, int, bytes]]:
+        """Yield (kind, offset, length, payload) of every sound record. Damaged stretches are skipped
+        (the scan resumes at the next sound record), copied to the quarantine and cut from the segment."""
         raw = path.read_bytes()
+        bad: list[tuple[int, int]] = []
         pos = 0
         while pos < len(raw):
-            bad = len(raw) - pos < HEADER.size
-            if not bad:
-                magic, kind, length, crc = HEADER.unpack_from(raw, pos)
-                end = pos + HEADER.size + length
-                bad = magic != MAGIC or kind not in (DATA, INTENT, COMMIT) or end > len(raw)
-                if not bad:
-                    payload = raw[pos + HEADER.size : end]
-                    bad = zlib.crc32(payload, zlib.crc32(struct.pack("<BI", kind, length))) != crc
-            if bad:
-                self._quarantine(path, pos, raw[pos:], report)
-                return
-            yield kind, pos, end - pos, payload
+            end = _sound(raw, pos)
+            if end < 0:
+                nxt = _next_sound(raw, pos)
+                bad.append((pos, nxt))
+                pos = nxt
+            else:
+                pos = end
+        if bad:
+            raw = self._quarantine(path, raw, bad, report)
+        pos = 0
+        version = 1
+        while pos < len(raw):
+            _magic, kind, length, _crc = HEADER.unpack_from(raw, pos)
+            end = pos + HEADER.size + length
+            payload = raw[pos + HEADER.size : end]
+            if kind == FORMAT:
+                (version,) = _VERSION.unpack_from(payload)
+                if version > FORMAT_VERSION:
+                    raise SpoolFormatError(
+                        f"spool segment {path.name} has format version {version}; this meterhouse reads "
+                        f"versions 1-{FORMAT_VERSION}. Drain it with the version that wrote it (or move "
+                        "the spool directory aside); see the README, section 'Spool format'."
+                    )
+            else:
+                yield kind, pos, end - pos, payload
             pos = end
 
-    def _quarantine(self, path: Path, offset: int, tail: bytes, report: ScanReport) -> None:
+    def _quarantine(self, path: Path, raw: bytes, bad: list[tuple[int, int]], report: ScanReport) -> bytes:
+        """Keep the damaged bytes durably in ``quarantine/``, then rewrite the segment without them."""
         qdir = self.dir / "quarantine"
         qdir.mkdir(exist_ok=True)
-        target = qdir / f"{path.stem}-{offset}-{int(time.time())}.bin"
-        target.write_bytes(tail)
-        with open(path, "r+b") as f:
-            f.truncate(offset)
-            f.flush()
-            os.fsync(f.fileno())
-        report.quarantined_records += 1
-        report.quarantined_bytes += len(tail)
-        log.warning("spool: damaged record quarantined",
-                    extra={"segment": path.name, "offset": offset, "bytes": len(tail),
-                           "quarantine_file": target.name})  # fmt: skip
+        stamp = int(time.time())
+        for start, end in bad:
+            target = qdir / f"{path.stem}-{start}-{stamp}.bin"
+            self.files.write_durably(target, raw[start:end])
+            report.quarantined_records += 1
+            report.quarantined_bytes += end - start
+            log.warning("spool: damaged record quarantined",
+                        extra={"segment": path.name, "offset": start, "bytes": end - start,
+                               "quarantine_file": target.name})  # fmt: skip
+        kept, pos = [], 0
+        for start, end in bad:
+            kept.append(raw[pos:start])
+            pos = end
+        kept.append(raw[pos:])
+        cleaned = b"".join(kept)
+        self.files.write_durably(path, cleaned)
+        return cleaned
 
     # -- appending (receivers) ------------------------------------------------------------------
-    def consume(self, batch: PointBatch) -> None:
-        """Append the batch durably; return only once it is on disk (fsync'd when configured)."""
+    def consume(self, batch: PointBatch) -> int:
+        """Append the batch durably; return its seq only once it is on disk (fsync'd when configured)."""
         if batch.total == 0:
-            return
+            return 0
         body = pickle.dumps(
             (batch.columns, batch.size, batch.dist_columns, batch.dist_size), protocol=pickle.HIGHEST_PROTOCOL
         )
@@ -242,41 +380,166 @@ class Spool:
             record = _encode(DATA, _DATA_HEAD.pack(seq, batch.received_ns, batch.total, digest) + body)
             if len(record) > MAX_RECORD:
                 raise SpoolError("request too large for one spool record")
-            offset = self._write(record, sync=True)
             self._seq = seq
+            try:
+                offset = self._append(record)
+            except SpoolError:
+                # The bytes may be on disk or torn: the seq is burned for good.
+                self._aborted.append(seq)
+                raise
             self._segments[self._active] = seq
             cached = self._cached_points + batch.total <= self.max_cached_points
             rec = Record(seq, self._active, offset, len(record), batch.total, batch.received_ns,
-                         batch if cached else None)  # fmt: skip
+                         batch if cached else None, self._epoch, "written")  # fmt: skip
             self._cached_points += batch.total if cached else 0
-            self._pending.append(rec)
             self._pending_points += batch.total
             self._uncommitted_bytes += len(record)
+            self._unsynced.append(rec)
+            self._wait_durable(rec.epoch, rec)
+            return seq
+
+    def _wait_durable(self, epoch: int, rec: Record | None = None) -> None:
+        """Group commit: return once the append of ``epoch`` is fsync'd. The first waiter to find no fsync
+        running starts one (outside the lock) covering every append made so far; the others wait for it.
+        A failed fsync fails every append not yet durable in its segment. Called with the lock held."""
+        segment = rec.segment if rec is not None else self._active
+        while True:
+            failed = segment in self._failed_segments and epoch > self._failed_segments[segment]
+            if failed or (rec is not None and rec.state == "failed"):
+                raise SpoolError("spool write or fsync failed: the request is not stored")
+            if self._synced >= epoch and (rec is None or rec.state == "durable"):
+                return
+            if self._syncing:
+                self._cond.wait()
+                continue
+            self._syncing = True
+            target, f, seg = self._epoch, self._file, self._active
+            self._lock.release()
+            try:
+                error = None
+                if f is not None and self.fsync:
+                    self.files.fsync(f)
+            except OSError as e:
+                error = e
+            finally:
+                self._lock.acquire()
+                self._syncing = False
+                for old in self._defer_close:
+                    try:
+                        old.close()
+                    except OSError:
+                        pass
+                self._defer_close.clear()
+            if error is None:
+                self._synced_to(target)
+            elif seg == self._active and f is self._file:
+                self._seal(self._size)
             self._cond.notify_all()
 
-    def _write(self, record: bytes, sync: bool) -> int:
-        if self._file is None or self._file.tell() + len(record) > self.segment_bytes:
+    def _synced_to(self, target: int) -> None:
+        """Appends up to ``target`` are durable: their records become visible to the writer, in order."""
+        self._synced = max(self._synced, target)
+        while self._unsynced and self._unsynced[0].epoch <= target:
+            rec = self._unsynced.popleft()
+            rec.state = "durable"
+            self._pending.append(rec)
+        if self._abort_mark is not None and self._abort_mark[0] <= target:
+            del self._aborted[: self._abort_mark[1]]
+            self._abort_mark = None
+        self._cond.notify_all()
+
+    def _fail_unsynced(self, segment: Path) -> None:
+        """The segment's fsync failed: none of its appends not yet durable may be trusted."""
+        self._failed_segments[segment] = self._synced
+        keep: deque[Record] = deque()
+        for rec in self._unsynced:
+            if rec.segment != segment:
+                keep.append(rec)
+                continue
+            rec.state = "failed"
+            self._aborted.append(rec.seq)
+            self._pending_points -= rec.points
+            self._uncommitted_bytes -= rec.length
+            if rec.batch is not None:
+                self._cached_points -= rec.points
+                rec.batch = None
+        self._unsynced = keep
+        self._abort_mark = None
+
+    def _append(self, record: bytes) -> int:
+        """Write one record (after any ABORT marks still owed) without waiting for its fsync; its offset.
+        The append's epoch is ``self._epoch`` afterwards (see ``_wait_durable``). On failure the segment
+        is sealed and :class:`SpoolError` raised: nothing is ever appended after torn bytes."""
+        aborts = b"".join(_encode(ABORT, _SEQ.pack(s)) for s in self._aborted)
+        if self._file is None or self._size + len(aborts) + len(record) > self.segment_bytes:
             self._rotate()
-        offset = self._file.tell()
+        start, f = self._size, self._file
+        assert f is not None  # _rotate opened one or raised
         try:
-            self._file.write(record)
-            self._file.flush()
-            if sync and self.fsync:
-                os.fsync(self._file.fileno())
+            self.files.write(f, aborts + record)
         except OSError as e:
+            self._seal(start)
             raise SpoolError(f"spool write failed: {e}") from e
-        return offset
+        self._size += len(aborts) + len(record)
+        self._epoch += 1
+        if self._aborted:
+            self._segments[self._active] = max(self._segments[self._active], max(self._aborted))
+            self._abort_mark = (self._epoch, len(self._aborted))
+        if not self.fsync:
+            self._synced_to(self._epoch)
+        return start + len(aborts)
+
+    def _seal(self, good: int) -> None:
+        """After a failed write or fsync: cut the torn bytes if the disk lets us, and never append to this
+        segment again (after a failed fsync its pages may be gone: nothing that follows may depend on it)."""
+        self.write_errors += 1
+        log.error("spool: write failed, segment sealed", extra={"segment": self._active.name})
+        if self._file is not None:
+            try:
+                self.files.truncate(self._file, good)
+            except OSError:
+                pass  # the scan at the next start skips the torn bytes
+            self._close(self._file)
+        self._segments[self._active] = max(self._segments.get(self._active, 0), self._seq)
+        self._fail_unsynced(self._active)
+        self._file = None
 
     def _rotate(self) -> None:
         if self._file is not None:
-            self._file.close()
-        self._active = self.dir / f"seg-{time.time_ns():020d}.wal"
-        self._file = open(self._active, "ab")  # noqa: SIM115 - kept open for appends
-        self._segments[self._active] = self._seq
-        _fsync_dir(self.dir)
-        # Each segment starts with what is committed, so older segments can go without losing it.
-        self._file.write(_encode(COMMIT, _SEQ.pack(self._committed)))
-        self._file.flush()
+            try:
+                if self.fsync:
+                    self.files.fsync(self._file)  # what waits for its group fsync, and the marks
+            except OSError:
+                self._seal(self._size)  # fails what waited in it
+            else:
+                self._synced_to(self._epoch)
+                self._close(self._file)
+                self._file = None
+        path = self.dir / f"seg-{time.time_ns():020d}.wal"
+        head = _encode(FORMAT, _VERSION.pack(FORMAT_VERSION)) + _encode(COMMIT, _SEQ.pack(self._committed))
+        try:
+            f = self.files.open_append(path)
+        except OSError as e:
+            self.write_errors += 1
+            raise SpoolError(f"cannot open a spool segment: {e}") from e
+        self._file, self._active, self._size = f, path, 0
+        self._segments[path] = self._seq
+        try:
+            self.files.write(f, head)
+            self._size = len(head)
+            self.files.fsync_dir(self.dir)
+        except OSError as e:
+            self._seal(0)
+            raise SpoolError(f"cannot start a spool segment: {e}") from e
+
+    def _close(self, f: BinaryIO) -> None:
+        if self._syncing:
+            self._defer_close.append(f)  # an fsync on it may be running outside the lock
+            return
+        try:
+            f.close()
+        except OSError:
+            pass
 
     # -- the writer's side ----------------------------------------------------------------------
     def next_group(self, max_points: int, max_wait_s: float, stop: threading.Event) -> Group | None:
@@ -298,7 +561,8 @@ class Spool:
                     return None
                 else:
                     self._cond.wait(0.5)
-            records, n = [], 0
+            records: list[Record] = []
+            n = 0
             for rec in self._pending:
                 if records and n + rec.points > max_points:
                     break
@@ -315,7 +579,15 @@ class Spool:
             f.seek(record.offset + HEADER.size)
             payload = f.read(record.length - HEADER.size)
         _seq, received, _points, digest = _DATA_HEAD.unpack_from(payload)
-        cols, size, dist, dist_size = pickle.loads(payload[_DATA_HEAD.size :])
+        try:
+            cols, size, dist, dist_size = pickle.loads(payload[_DATA_HEAD.size :])
+        except Exception as e:  # noqa: BLE001 - any undecodable payload
+            raise SpoolFormatError(f"spool record {record.seq} cannot be decoded: {e}") from e
+        # A record written by an older version may lack columns added since: they get their defaults;
+        # columns since removed are dropped. Anything else is refused with a clear error.
+        cols = _conform(cols, size, BATCH_COLUMNS, schema.INGEST_COLUMNS, record.seq)
+        if dist_size:
+            dist = _conform(dist, dist_size, DIST_BATCH_COLUMNS, schema.DIST_INGEST_COLUMNS, record.seq)
         return PointBatch(cols, size, digest.hex(), received, dist, dist_size)
 
     def uncommitted_batches(self) -> Iterator[PointBatch]:
@@ -326,17 +598,33 @@ class Spool:
             yield self.load(record)
 
     def intent(self, group: Group, token: str) -> None:
-        """Record the grouping and token before the insert, so a replay repeats both."""
+        """Record the grouping and token before the insert, so a replay repeats both (fsync'd)."""
         with self._lock:
-            group.token = token
             payload = _RANGE.pack(group.first, group.last) + token.encode()
-            self._write(_encode(INTENT, payload), sync=True)
+            self._append(_encode(INTENT, payload))
+            self._wait_durable(self._epoch)  # rides on the next group fsync
+            group.token = token
+
+    def part(self, group: Group, table: str) -> None:
+        """One table of the group is inserted: a retry, replay or dead letter skips it. Best effort (a
+        lost mark means a replay repeats the insert under the same token, which ClickHouse drops)."""
+        group.done.add(table)
+        with self._lock:
+            try:
+                self._append(_encode(PART, _RANGE.pack(group.first, group.last) + table.encode()))
+            except SpoolError:
+                pass
 
     def commit(self, group: Group) -> None:
-        """The group is in ClickHouse: drop it from the queue and from disk once its segment is done."""
+        """The group is in ClickHouse: drop it from the queue and from disk once its segment is done.
+        The mark rides on the next fsync; if it cannot be written, a replay repeats the insert under the
+        same token and ClickHouse drops it."""
         with self._lock:
-            self._write(_encode(COMMIT, _SEQ.pack(group.last)), sync=False)
             self._committed = max(self._committed, group.last)
+            try:
+                self._append(_encode(COMMIT, _SEQ.pack(group.last)))
+            except SpoolError:
+                pass
             done = {r.seq for r in group.records}
             if not group.replay:
                 while self._pending and self._pending[0].seq in done:
@@ -385,8 +673,13 @@ class Spool:
         with self._lock:
             self._closed = True
             if self._file is not None:
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                self._file.close()
-                self._file = None
+                try:
+                    if self.fsync:
+                        self.files.fsync(self._file)
+                except OSError:
+                    self._seal(self._size)
+                else:
+                    self._synced_to(self._epoch)
+                    self._close(self._file)
+                    self._file = None
             self._cond.notify_all()

@@ -15,6 +15,8 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, PointBatch, content_digest
@@ -25,6 +27,11 @@ log = logging.getLogger("meterhouse.writer")
 
 #: ClickHouse error codes that no retry can fix: the data itself is refused.
 PERMANENT_CODES = frozenset({6, 27, 38, 41, 43, 53, 69, 70, 72, 117, 131, 190})
+#: Overload and availability: the server refuses now and will take the same batch later, however often it
+#: failed (TIMEOUT_EXCEEDED, SOCKET_TIMEOUT, NETWORK_ERROR, TOO_MANY_SIMULTANEOUS_QUERIES,
+#: NO_FREE_CONNECTION, MEMORY_LIMIT_EXCEEDED, TABLE_IS_READ_ONLY, TOO_MANY_PARTS, CANNOT_SCHEDULE_TASK,
+#: ALL_CONNECTION_TRIES_FAILED, KEEPER_EXCEPTION).
+TRANSIENT_CODES = frozenset({159, 209, 210, 202, 203, 241, 242, 252, 439, 279, 999})
 _CODE = re.compile(r"Code:\s*(\d+)")
 
 
@@ -33,19 +40,23 @@ class PermanentError(Exception):
 
 
 def classify(exc: BaseException) -> str:
-    """``permanent`` (never retry) or ``retryable``."""
+    """``permanent`` (dead-letter at once), ``transient`` (retry for as long as it takes: overload or
+    outage) or ``retryable`` (unknown: retried, and dead-lettered only after repeated failures on an
+    endpoint that is otherwise healthy)."""
     if isinstance(exc, PermanentError | TypeError | OverflowError):
         return "permanent"
     m = _CODE.search(str(exc))
     if m and int(m.group(1)) in PERMANENT_CODES:
         return "permanent"
+    if (m and int(m.group(1)) in TRANSIENT_CODES) or isinstance(exc, ConnectionError | TimeoutError):
+        return "transient"
     return "retryable"
 
 
-def merge(batches: list[PointBatch], token: str) -> tuple[list[list] | None, list[list] | None]:
+def merge(batches: list[PointBatch], token: str) -> tuple[list[list[Any]] | None, list[list[Any]] | None]:
     """The batches' columns per table, concatenated, each with its ``batch_id`` column."""
 
-    def one(attr: str, size_attr: str, names: tuple[str, ...], suffix: str) -> list[list] | None:
+    def one(attr: str, size_attr: str, names: tuple[str, ...], suffix: str) -> list[list[Any]] | None:
         parts = [b for b in batches if getattr(b, size_attr)]
         if not parts:
             return None
@@ -61,13 +72,26 @@ def merge(batches: list[PointBatch], token: str) -> tuple[list[list] | None, lis
     )
 
 
+def _remaining(batches: list[PointBatch], done: set[str]) -> list[PointBatch]:
+    """The batches without the tables already inserted (a dead letter holds only what is not in)."""
+    if not done:
+        return batches
+    out = []
+    for b in batches:
+        cols, size = (PointBatch.empty(), 0) if "n" in done else (b.columns, b.size)
+        dist, dist_size = (PointBatch.empty_dist(), 0) if "d" in done else (b.dist_columns, b.dist_size)
+        if size or dist_size:
+            out.append(PointBatch(cols, size, b.digest, b.received_ns, dist, dist_size))
+    return out
+
+
 class Writer:
     """Spool → ClickHouse, one thread."""
 
     def __init__(
         self,
         spool: Spool,
-        store,
+        store: Any,  # a Store or the failover EndpointSet (insert_points, insert_distributions)
         metrics: PipelineMetrics,
         dead_letters: DeadLetters,
         *,
@@ -76,7 +100,7 @@ class Writer:
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 5.0,
         poison_after_attempts: int = 10,
-        before_commit=None,
+        before_commit: Callable[[list[PointBatch]], None] | None = None,
     ) -> None:
         self.spool = spool
         self.store = store  # a Store, or an EndpointSet that fails over
@@ -92,6 +116,7 @@ class Writer:
         self._stop = threading.Event()
         self._deadline = float("inf")
         self._thread: threading.Thread | None = None
+        self.last_error = ""
 
     def start(self) -> None:
         if self._thread is None:
@@ -110,15 +135,28 @@ class Writer:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        """A supervised loop: any error outside the insert (loading, the intent, the commit) is counted,
+        logged and retried with backoff; the group stays in flight, so nothing is skipped."""
+        errors = 0
         while not (self._stop.is_set() and time.monotonic() >= self._deadline):
-            group = self.spool.next_group(self.flush_max_points, self.flush_interval_s, self._stop)
-            if group is None:
-                return
-            if not self.write(group):
-                return  # shutting down with the group still spooled
+            try:
+                group = self.spool.next_group(self.flush_max_points, self.flush_interval_s, self._stop)
+                if group is None:
+                    return
+                if not self.write(group):
+                    return  # shutting down with the group still spooled
+                errors = 0
+            except Exception as e:  # noqa: BLE001 - the writer must outlive any one error
+                errors += 1
+                self.metrics.writer_errors.inc()
+                self.last_error = f"{type(e).__name__}: {e}"[:500]
+                log.error("writer error, will retry", extra={"error": self.last_error, "in_a_row": errors})
+                if not self._backoff(min(errors, 8)):
+                    return
 
     def write(self, group: Group) -> bool:
-        """Insert one group; True once it is committed or dead-lettered."""
+        """Insert one group; True once it is committed or dead-lettered. Each table's insert is marked
+        in the spool once done, so a retry, a replay or a dead letter covers only what is left."""
         batches = [self.spool.load(r) for r in group.records]
         token = group.token
         if token is None:
@@ -130,18 +168,21 @@ class Writer:
             attempt += 1
             started = time.perf_counter()
             try:
-                if numbers:
+                if numbers and "n" not in group.done:
                     self.store.insert_points(numbers, token + ":n")
-                if dists:
+                    self.spool.part(group, "n")
+                if dists and "d" not in group.done:
                     self.store.insert_distributions(dists, token + ":d")
+                    self.spool.part(group, "d")
                 break
             except Exception as e:  # noqa: BLE001 - classified below
                 self.metrics.insert_failures.inc()
                 error = f"{type(e).__name__}: {e}"[:1000]
-                healthy = getattr(self.store, "active_healthy", lambda: True)()
-                poisoned = healthy and attempt >= self.poison_after_attempts
-                if classify(e) == "permanent" or poisoned:
-                    self._dead_letter(group, batches, token, error)
+                kind = classify(e)
+                healthy = self.store.active_healthy() if hasattr(self.store, "active_healthy") else True
+                poisoned = kind == "retryable" and healthy and attempt >= self.poison_after_attempts
+                if kind == "permanent" or poisoned:
+                    self._dead_letter(group, _remaining(batches, group.done), token, error)
                     return True
                 extra = {"attempt": attempt, "error": error[:300], "endpoint": self.store.name}
                 log.warning("insert failed, will retry", extra=extra)
@@ -150,7 +191,7 @@ class Writer:
                 self.metrics.insert_retries.inc()
         self.metrics.insert_duration.observe(time.perf_counter() - started)
         if self.before_commit is not None:
-            self.before_commit()
+            self.before_commit(batches)
         self.spool.commit(group)
         self._committed(batches)
         return True

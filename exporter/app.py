@@ -24,6 +24,7 @@ def create_app(
     raw_retention_days: int = 0,
     late_window_days: int = 35,
     close_settle_s: float = SETTLE_S,
+    alive: Callable[[], bool] = lambda: True,
 ) -> Flask:
     """``store`` answers queries (a Store or the failover set); ``ready`` tells whether receivers and
     writer run; ``health`` is the OrgHealth behind ``/api/v1/orgs?status=``. /metrics, /healthz and
@@ -42,6 +43,10 @@ def create_app(
 
     @app.get("/healthz")
     def healthz():
+        # Liveness: 503 once a part that nothing restarts in-process (the writer) has stopped, so that a
+        # supervisor restarts the process instead of it answering every request 503 for ever.
+        if not alive():
+            return jsonify({"status": "dead"}), 503
         return jsonify({"status": "ok"})
 
     @app.get("/readyz")

@@ -26,8 +26,9 @@ log = logging.getLogger("meterhouse")
 class Stack:
     """Everything `meterhouse up` runs, with ports resolved once started."""
 
-    def __init__(self, config: Config, connect_endpoint=None) -> None:
-        """``connect_endpoint(url) -> Store`` overrides how endpoints are opened (tests share one engine)."""
+    def __init__(self, config: Config, connect_endpoint=None, files=None) -> None:
+        """``connect_endpoint(url) -> Store`` overrides how endpoints are opened (tests share one engine);
+        ``files`` the spool's file layer (tests inject disk errors)."""
         self.config = config
         material = load_material(config)
         self.tls = ServerTls(material) if material is not None else None
@@ -35,8 +36,9 @@ class Stack:
         for c in (ProcessCollector, PlatformCollector, GCCollector):
             c(registry=self.registry)
         self.metrics = PipelineMetrics(self.registry)
-        self.collector = Collector(config, self.metrics, connect_endpoint, tls=self.tls)
-        self.store = self.collector.endpoints  # reads go to whichever endpoint is active
+        self.collector = Collector(config, self.metrics, connect_endpoint, files, tls=self.tls)
+        # Reads go to whichever endpoint is active, with health of their own (reads never fail writes over).
+        self.store = self.collector.endpoints.reads()
         self.health = OrgHealth(
             self.store,
             self.registry,
@@ -58,6 +60,7 @@ class Stack:
             config.auth_tokens,
             config.raw_retention_days,
             config.late_window_days,
+            alive=lambda: self.collector.alive,
         )
         # The Flask app runs on a2wsgi's bounded thread pool; the server holds connections, not threads.
         limits = limits_from(config)

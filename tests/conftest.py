@@ -63,8 +63,10 @@ class UpProcess:
         *extra: str,
         env: dict[str, str] | None = None,
         ports_of: UpProcess | None = None,
+        faults: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.faults = faults  # a control file: started through tests/fault_up.py (see there)
         if ports_of is not None:  # a restart that clients must find on the same ports
             self.otlp_http_port, self.otlp_grpc_port = ports_of.otlp_http_port, ports_of.otlp_grpc_port
             self.http_port = ports_of.http_port
@@ -89,8 +91,13 @@ class UpProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(self, wait: bool = True, ready_path: str = "/readyz") -> UpProcess:
+        launcher = (
+            ["-m", "meterhouse"]
+            if self.faults is None
+            else [str(ROOT / "tests" / "fault_up.py"), str(self.faults)]
+        )
         cmd = [
-            sys.executable, "-m", "meterhouse", "up",
+            sys.executable, *launcher, "up",
             "--data-dir", str(self.data_dir),
             "--otlp-http-port", str(self.otlp_http_port),
             "--otlp-grpc-port", str(self.otlp_grpc_port),

@@ -1,6 +1,6 @@
 """Delivery guarantees with real processes and real faults: SIGKILL, store outages, failover, a full
 spool, duplicates. Outages of the embedded engine are injected at the endpoint boundary
-(MH_FAULTS_FILE, a named stand-in for a replica going away); one endpoint is a real closed port."""
+(through `connect_endpoint` in tests/fault_up.py, a named stand-in for a replica going away); one endpoint is a real closed port."""
 
 import json
 import random
@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 import requests
-from otlp_builders import point, sum_request
+from otlp_builders import CUMULATIVE, point, sum_request
 from prometheus_client.parser import text_string_to_metric_families
 
 from meterhouse.demo import fetch_usage
@@ -135,7 +135,7 @@ def wait(cond, timeout_s=20):
 
 def test_store_outage_is_absorbed_by_the_spool_and_drained_after(up_factory, tmp_path):
     ff = faults(tmp_path)
-    up = up_factory("--clickhouse-url", "embedded#main", *FAST, env={"MH_FAULTS_FILE": str(ff)})
+    up = up_factory("--clickhouse-url", "embedded#main", *FAST, faults=ff)
     reqs = Requests(7)
     url = f"{up.otlp_http}/v1/metrics"
     reqs.send(url, reqs.make(5))
@@ -167,7 +167,7 @@ def test_outage_with_a_real_closed_port_then_failover(up_factory, tmp_path):
     # endpoint is an embedded handle kept down; the real closed port is covered in test_failover.py.
     closed = "embedded#a"
     ff = faults(tmp_path, closed, "embedded#b")  # the second endpoint is down too: nowhere to write
-    up = up_factory("--clickhouse-url", f"{closed},embedded#b", *FAST, env={"MH_FAULTS_FILE": str(ff)},
+    up = up_factory("--clickhouse-url", f"{closed},embedded#b", *FAST, faults=ff,
                     ready_path="/healthz")  # not ready: no endpoint answers  # fmt: skip
     assert requests.get(f"{up.api}/readyz", timeout=5).status_code == 503
     reqs = Requests(8)
@@ -184,7 +184,7 @@ def test_outage_with_a_real_closed_port_then_failover(up_factory, tmp_path):
 def test_failover_and_failback_between_two_endpoints(up_factory, tmp_path):
     ff = faults(tmp_path)
     up = up_factory("--clickhouse-url", "embedded#a,embedded#b", "--failback-hold-s", "1", *FAST,
-                    env={"MH_FAULTS_FILE": str(ff)})  # fmt: skip
+                    faults=ff)  # fmt: skip
     url = f"{up.otlp_http}/v1/metrics"
     reqs = Requests(9)
     reqs.send(url, reqs.make(5))
@@ -209,7 +209,7 @@ def test_failover_and_failback_between_two_endpoints(up_factory, tmp_path):
 def test_a_full_spool_answers_503_with_retry_after_and_recovers(up_factory, tmp_path):
     ff = faults(tmp_path, "embedded#main")
     up = up_factory("--clickhouse-url", "embedded#main", "--spool-max-bytes", "20000", *FAST,
-                    env={"MH_FAULTS_FILE": str(ff)}, ready_path="/healthz")  # fmt: skip
+                    faults=ff, ready_path="/healthz")  # fmt: skip
     url = f"{up.otlp_http}/v1/metrics"
     reqs = Requests(10)
     statuses = []
@@ -258,3 +258,115 @@ def test_a_torn_spool_tail_is_quarantined_counted_and_start_up_succeeds(up_facto
     reqs.acked.discard(2)
     reqs.send(f"{up2.otlp_http}/v1/metrics", [2])
     assert org_totals(up2) == reqs.expected()
+
+
+class CumulativeSender:
+    """Cumulative counters per (org, series), as an SDK exports them: each request carries the current
+    value of a few series; a request not acknowledged is superseded by the next (never re-sent late)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.start_ns = time.time_ns() - 60 * 10**9
+        self.values: dict[tuple[str, int], int] = {}
+        self.acked: dict[tuple[str, int], int] = {}  # the last acknowledged value per series
+        self.t = self.start_ns
+
+    def request(self) -> tuple[bytes, dict]:
+        self.t = max(self.t + 1000, time.time_ns() - 10**9)
+        points, sent = [], {}
+        for _ in range(self.rng.randint(1, 6)):
+            key = (self.rng.choice(ORGS), self.rng.randint(0, 3))
+            if key in sent:
+                continue
+            self.values[key] = self.values.get(key, 0) + self.rng.randint(1, 10**9)
+            sent[key] = self.values[key]
+            points.append(point(sent[key], {"org.id": key[0], "s": str(key[1])}, t_ns=self.t,
+                                start_ns=self.start_ns))  # fmt: skip
+        return sum_request({"credits": points}, temporality=CUMULATIVE).SerializeToString(), sent
+
+    def send(self, url: str, n: int, stop: threading.Event | None = None) -> None:
+        for _ in range(n):
+            if stop is not None and stop.is_set():
+                return
+            body, sent = self.request()
+            if self.post(url, body):
+                self.acked.update(sent)
+
+    def settle(self, url: str, deadline_s: float = 60) -> None:
+        """Send every series' latest value until acknowledged (what an SDK's next exports do)."""
+        self.t = max(self.t + 1000, time.time_ns() - 10**9)
+        points = [point(v, {"org.id": o, "s": str(s)}, t_ns=self.t, start_ns=self.start_ns)
+                  for (o, s), v in self.values.items()]  # fmt: skip
+        body = sum_request({"credits": points}, temporality=CUMULATIVE).SerializeToString()
+        deadline = time.monotonic() + deadline_s
+        while not self.post(url, body):
+            assert time.monotonic() < deadline, "the latest cumulative values were never acknowledged"
+            time.sleep(0.1)
+        self.acked = dict(self.values)
+
+    @staticmethod
+    def post(url: str, body: bytes) -> bool:
+        try:
+            return requests.post(url, data=body, headers=PB, timeout=10).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def expected(self) -> dict:
+        total: Counter = Counter()
+        for (org, _s), v in self.values.items():
+            total[org] += v
+        return {org: total.get(org, 0) for org in ORGS}
+
+
+def control(path, down=(), p_write=0.0):
+    time.sleep(0.01)  # a new mtime
+    path.write_text(json.dumps({"down": list(down), "p_write": p_write}))
+
+
+def fault_rounds(up_factory, tmp_path, rounds: int, seed: int, p_write: float) -> None:
+    """SIGKILL at random moments with concurrent delta and cumulative senders, injected ENOSPC on spool
+    writes, ClickHouse outages that leave a backlog across the restart, and re-sent copies."""
+    rng = random.Random(seed)
+    deltas, cumulative = Requests(seed), CumulativeSender(seed)
+    ctl = tmp_path / "control.json"
+    control(ctl)
+    args = ("--clickhouse-url", "embedded#main", *FAST)
+    up = up_factory(*args, data_dir=tmp_path / "d", faults=ctl)
+    for _round in range(rounds):
+        outage = rng.random() < 0.5
+        control(ctl, ["embedded#main"] if outage else [], p_write)
+        url = f"{up.otlp_http}/v1/metrics"
+        senders = [
+            threading.Thread(target=deltas.send, args=(url, deltas.make(rng.randint(20, 50)))),
+            threading.Thread(target=cumulative.send, args=(url, rng.randint(20, 50))),
+        ]
+        for s in senders:
+            s.start()
+        time.sleep(rng.uniform(0.1, 1.0))
+        up.stop(signal.SIGKILL)
+        for s in senders:
+            s.join(30)
+        up = up_factory(*args, data_dir=tmp_path / "d", ports_of=up, faults=ctl, ready_path="/healthz")
+        url = f"{up.otlp_http}/v1/metrics"
+        cumulative.send(url, 5)  # new points of series whose earlier points wait in the spool
+        control(ctl)  # the store returns, the disk has room
+        unacked = [i for i in range(len(deltas.bodies)) if i not in deltas.acked]
+        again = rng.sample(sorted(deltas.acked), k=min(len(deltas.acked), 10))
+        deltas.send(url, unacked + again)
+        deltas.send(url, [i for i in range(len(deltas.bodies)) if i not in deltas.acked])
+        assert all(i in deltas.acked for i in range(len(deltas.bodies)))
+        cumulative.settle(url)
+        up.wait_ready()
+        for metric_name, expected in (("calls", deltas.expected()), ("credits", cumulative.expected())):
+            assert org_totals(up, metric_name) == expected, (metric_name, "rollup", _round)
+            assert org_totals(up, metric_name, step="1m") == expected, (metric_name, "raw", _round)
+    up.stop()
+
+
+def test_crash_loop_with_faults_cumulative_and_backlog(up_factory, tmp_path):
+    fault_rounds(up_factory, tmp_path, rounds=3, seed=12, p_write=0.05)
+
+
+@pytest.mark.soak
+def test_crash_loop_with_faults_soak(up_factory, tmp_path):
+    fault_rounds(up_factory, tmp_path, rounds=20, seed=2026, p_write=0.05)

@@ -130,6 +130,11 @@ class PipelineMetrics:
         self.insert_retries = Counter(
             f"{p}_insert_retries", "Batch inserts retried after a retryable error.", registry=registry
         )
+        self.writer_errors = Counter(
+            f"{p}_writer_errors",
+            "Errors of the writer loop outside an insert (spool read, intent, commit), each retried.",
+            registry=registry,
+        )
         self.insert_failures = Counter(
             f"{p}_insert_failures",
             "Failed batch insert attempts (retried, or dead-lettered).",

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import clickhouse_connect
@@ -35,6 +35,16 @@ def _embedded_client(path: Path) -> Client:
         client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
         _embedded[path] = client
         return client
+
+
+class Queries(Protocol):
+    """What readers of ClickHouse need: a Store, or the collector's endpoint set that fails over."""
+
+    database: str
+
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]: ...
+
+    def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any: ...
 
 
 class Store:

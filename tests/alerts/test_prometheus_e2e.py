@@ -102,7 +102,7 @@ def test_failover_and_backlog_alerts_fire_in_a_real_prometheus(up_factory, tmp_p
     faults.write_text("{}")
     up = up_factory("--clickhouse-url", "embedded#a,embedded#b", "--health-check-interval-s", "0.2",
                     "--failover-after-failures", "2", "--failback-hold-s", "3600", "--retry-max-backoff-s", "0.5",
-                    env={"MH_FAULTS_FILE": str(faults)})  # fmt: skip
+                    faults=faults)  # fmt: skip
     prom = prometheus(up.http_port)
     wait(lambda: requests.get(f"{prom}/api/v1/query", params={"query": 'up{job="meterhouse"}'},
                               timeout=5).json()["data"]["result"], 30, "first scrape")  # fmt: skip

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from meterhouse.collector.cumulative import CumulativePoint, CumulativeState, Entry
 from meterhouse.collector.decode import Limits
-from meterhouse.collector.ingest import Ingestor, committed_state_loader
+from meterhouse.collector.ingest import Ingestor, committed_state_loader, restore_cumulative
 from meterhouse.collector.writer import Writer
 from meterhouse.core.metrics import PipelineMetrics
 
@@ -85,10 +85,40 @@ def test_rollback_restores_the_previous_entry_unless_replaced():
     assert run(s, cp(60, 600)) == [(10, 500)]
 
 
-def test_eviction_keeps_recent_entries():
-    s = CumulativeState(lambda ids: {}, max_entries=10, settle_s=3600)
-    run(s, *[cp(1, 200, sid=i) for i in range(20)])
-    assert len(s) == 20  # nothing settled yet: nothing may go
+def test_eviction_keeps_entries_whose_points_are_not_committed():
+    committed = [0]
+    s = CumulativeState(lambda ids: {}, max_entries=10, committed_seq=lambda: committed[0])
+    _, changes = s.convert([cp(1, 200, sid=i) for i in range(20)])
+    assert len(s) == 20  # not even spooled: nothing may go, however long it waits (an outage)
+    s.spooled(changes, seq=7)
+    run(s, cp(1, 300, sid=99))
+    assert len(s) == 21  # spooled as record 7, which is not committed
+    committed[0] = 7
+    run(s, cp(1, 300, sid=100))
+    assert len(s) <= 10  # committed: a later miss reads the same state back from ClickHouse
+
+
+def test_the_clickhouse_lookup_runs_outside_the_lock():
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_loader(ids):
+        if 2 in ids:
+            entered.set()
+            release.wait(5)
+        return {}
+
+    s = CumulativeState(slow_loader)
+    run(s, cp(1, 200, sid=1))
+    t = threading.Thread(target=run, args=(s, cp(1, 200, sid=2)))
+    t.start()
+    assert entered.wait(5)
+    done = threading.Event()
+    threading.Thread(target=lambda: (run(s, cp(5, 300, sid=1)), done.set())).start()
+    assert done.wait(2), "a known series waited for another series' ClickHouse look-up"
+    release.set()
+    t.join(5)
 
 
 def cumulative_request(value, t_ns, start_ns, org="org-c"):
@@ -114,10 +144,12 @@ class Pipeline:
         self.writer = Writer(
             self.spool, store, metrics, DeadLetters(tmp_path / "dead"), flush_interval_s=0.01
         )
-        self.writer.start()
-        self.ingestor = Ingestor(
-            self.spool, metrics, Limits(), CumulativeState(committed_state_loader(store))
+        self.state = CumulativeState(
+            committed_state_loader(store), committed_seq=lambda: self.spool.committed_seq
         )
+        restore_cumulative(self.state, self.spool)  # as the collector does before receivers start
+        self.writer.start()
+        self.ingestor = Ingestor(self.spool, metrics, Limits(), self.state)
 
     def export(self, req, digest):
         return self.ingestor.export(req, digest)
@@ -157,3 +189,30 @@ def test_state_is_recovered_from_committed_points_after_a_restart(tmp_path, stor
             p.close()
     assert totals(store) == 300
     assert store.scalar(f"SELECT sum(value_int) FROM {store.database}.usage_hourly") == 300
+
+
+def test_a_restart_with_a_spool_backlog_does_not_count_twice(tmp_path, store):
+    """The first point waits in the spool (ClickHouse was down); after a restart the next point of the
+    series is converted against it, not against the older state ClickHouse holds."""
+    start = time.time_ns() - 10**10
+    p = Pipeline(tmp_path, store)
+    try:
+        assert p.export(cumulative_request(50, start + 10**9, start), "r0").kind == "ok"
+        deadline = time.time() + 10
+        while p.spool.pending_points and time.time() < deadline:
+            time.sleep(0.01)
+        p.writer.shutdown(0)  # ClickHouse goes away: what follows stays in the spool
+        assert p.export(cumulative_request(150, start + 2 * 10**9, start), "r1").kind == "ok"
+    finally:
+        p.spool.shutdown(1)
+    assert totals(store) == 50
+    p2 = Pipeline(tmp_path, store)  # the restart: backlog of one record (150)
+    try:
+        assert p2.export(cumulative_request(200, start + 3 * 10**9, start), "r2").kind == "ok"
+        deadline = time.time() + 10
+        while p2.spool.pending_points and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        p2.close()
+    assert totals(store) == 200  # the sender's own value
+    assert store.scalar(f"SELECT sum(value_int) FROM {store.database}.usage_hourly") == 200

@@ -1,12 +1,13 @@
 """Endpoint failover with the real engine. No ClickHouse server runs here, so two handles on the
 embedded engine stand in for two replicas of one cluster, with outages injected at the endpoint
-boundary (FaultInjector); one case uses a real HTTP URL on a closed port."""
+boundary (a store returned by `connect_endpoint` that fails while listed as down); one case uses a real HTTP URL on a closed port."""
 
 import json
 import time
 
 import pytest
 from conftest import free_port, shared_engine
+from faulty_store import faulty_connect
 from otlp_builders import point, sum_request
 from prometheus_client import CollectorRegistry
 
@@ -16,7 +17,6 @@ from meterhouse.collector.failover import EndpointSet
 from meterhouse.collector.model import content_digest
 from meterhouse.collector.spool import Spool
 from meterhouse.collector.writer import Writer
-from meterhouse.core.faults import FaultInjector
 from meterhouse.core.metrics import PipelineMetrics
 
 
@@ -34,9 +34,8 @@ class Rig:
         self.registry = CollectorRegistry()
         self.metrics = PipelineMetrics(self.registry)
         self.endpoints = EndpointSet(
-            urls, shared_engine(engine_dir, database), self.metrics, database,
+            urls, faulty_connect(shared_engine(engine_dir, database), self.faults_file), self.metrics, database,
             failover_after_failures=2, failback_hold_s=hold_s, health_check_interval_s=0.05,
-            faults=FaultInjector(self.faults_file),
         )  # fmt: skip
         self.spool = Spool(tmp_path / "spool")
         self.spool.open()
@@ -148,3 +147,22 @@ def test_when_every_endpoint_is_down_the_spool_holds_until_one_returns(tmp_path,
         rig.down("embedded#a")
         rig.wait(lambda: rig.spool.pending_points == 0)
     assert totals(db) == 6
+
+
+def test_failing_reads_never_take_the_write_endpoint_down(tmp_path, engine_dir, db):
+    """Three failing API queries used to mark the endpoint down: /readyz 503 and the next write error
+    failed over at once. Reads have health of their own."""
+    with Rig(tmp_path, engine_dir, db.database, ["embedded#a", "embedded#b"]) as rig:
+        rig.wait(lambda: rig.endpoints.endpoints[0].up)
+        reads = rig.endpoints.reads()
+        for _ in range(5):
+            with pytest.raises(Exception, match="no_such_column|Missing columns|UNKNOWN_IDENTIFIER"):
+                reads.rows("SELECT no_such_column FROM system.one")
+        assert reads.failures == 5
+        ep = rig.endpoints.endpoints[0]
+        assert ep.up and ep.failures == 0 and rig.endpoints.active == 0
+        assert reads.ping()  # readiness follows the write path
+        rig.spool.consume(batch("a", 3))
+        rig.wait(lambda: totals(db) == 3)
+        assert reads.scalar(f"SELECT sum(toInt128(value_int)) FROM {db.database}.usage_points") == 3
+        assert rig.failovers("embedded#a", "embedded#b") == 0

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 from conftest import shared_engine
+from faulty_store import faulty_connect
 from test_failover import Rig, batch
 
 from meterhouse.core import schema
@@ -33,9 +34,10 @@ def test_failover_between_separate_stores_splits_the_data(tmp_path, engine_dir, 
     a, b = two_stores["embedded#a"], two_stores["embedded#b"]
     with Rig(tmp_path, engine_dir, a.database, ["embedded#a", "embedded#b"]) as rig:
         # Each endpoint opens its own database: two servers with plain tables.
-        rig.endpoints._connect = lambda url: two_stores[url]
+        connect_separate = faulty_connect(lambda url: two_stores[url], rig.faults_file)
+        rig.endpoints._connect = connect_separate
         for ep in rig.endpoints.endpoints:
-            ep.store, ep.schema_ready = two_stores[ep.url], True
+            ep.store, ep.schema_ready = connect_separate(ep.url), True
         rig.spool.consume(batch("o", 1))
         rig.wait(lambda: rig.spool.pending_points == 0)
         rig.down("embedded#a")

@@ -1,15 +1,22 @@
 """The spool on a real disk: durability, replay, torn tails, back-pressure, segments."""
 
 import os
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from faulty_files import FaultyFiles
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from otlp_builders import point, sum_request
 
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.model import Backpressure, content_digest
-from meterhouse.collector.spool import Spool
+from meterhouse.collector.spool import Spool, SpoolError, SpoolFormatError
 
 
 def batch(org="a", value=1, n=1):
@@ -158,3 +165,278 @@ def test_the_oldest_age_rises_and_falls(tmp_path):
     s.intent(g, "t")
     s.commit(g)
     assert s.oldest_age_s() == 0
+
+
+# -- faults at the file layer ---------------------------------------------------------------------------
+
+
+def values_after_restart(path):
+    s, report = opened(path)
+    g = take(s)
+    values = [s.load(r).columns["value_int"][0] for r in g.records] if g else []
+    s.shutdown(1)
+    return values, report
+
+
+@pytest.mark.parametrize("truncate_fails", [False, True])
+def test_a_torn_write_does_not_cost_later_acknowledged_records(tmp_path, truncate_fails):
+    files = FaultyFiles(seed=3)
+    files.truncate_fails = truncate_fails  # the disk is full: even cutting the torn bytes may fail
+    s, _ = opened(tmp_path, files=files)
+    s.consume(batch(value=1))
+    files.fail_write()
+    with pytest.raises(SpoolError):
+        s.consume(batch(value=2))  # answered 503: the client re-sends it
+    for v in (3, 4, 5):
+        s.consume(batch(value=v))  # answered 200
+    del s  # a crash: no shutdown
+    values, report = values_after_restart(tmp_path)
+    assert values == [1, 3, 4, 5]
+    assert report.pending_records == 4
+
+
+def test_a_failed_fsync_fails_the_request_and_its_record_is_never_replayed(tmp_path):
+    files = FaultyFiles()
+    s, _ = opened(tmp_path, files=files)
+    s.consume(batch(value=1))
+    files.fail_fsync()
+    with pytest.raises(SpoolError):
+        s.consume(batch(value=2))  # its bytes may be on disk, but it was answered 503
+    s.consume(batch(value=3))  # the re-sent copy (and its ABORT of seq 2) is acknowledged
+    values, _ = values_after_restart(tmp_path)
+    assert values == [1, 3]
+
+
+def test_a_failed_intent_seals_the_segment_and_the_writer_can_try_again(tmp_path):
+    files = FaultyFiles()
+    s, _ = opened(tmp_path, files=files)
+    s.consume(batch(value=1))
+    g = take(s)
+    files.fail_write()
+    with pytest.raises(SpoolError):
+        s.intent(g, "tok")
+    assert g.token is None
+    s.intent(g, "tok")
+    s.consume(batch(value=2))
+    s.shutdown(1)
+    s2, report = opened(tmp_path)
+    assert report.replay_groups == 1 and report.pending_records == 2
+
+
+def test_a_damaged_record_in_the_middle_is_skipped_not_the_rest(tmp_path):
+    s, _ = opened(tmp_path)
+    for v in (1, 2, 3, 4):
+        s.consume(batch(value=v))
+    s.shutdown(1)
+    seg = segment(tmp_path)
+    data = bytearray(seg.read_bytes())
+    second = data.find(b"MH", data.find(b"MH", data.find(b"MH", data.find(b"MH") + 1) + 1) + 1)
+    data[second + 40] ^= 0xFF  # a bit flip inside the second DATA record
+    seg.write_bytes(bytes(data))
+    values, report = values_after_restart(tmp_path)
+    assert values == [1, 3, 4]
+    assert report.quarantined_records == 1
+
+
+class RecordingFiles(FaultyFiles):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def write_durably(self, path, data):
+        self.ops.append(("durable", path.parent.name))
+        super().write_durably(path, data)
+
+    def fsync_dir(self, path):
+        self.ops.append(("fsync_dir", path.name))
+        super().fsync_dir(path)
+
+
+def test_the_quarantine_copy_is_durable_before_the_segment_is_cut(tmp_path):
+    s, _ = opened(tmp_path)
+    s.consume(batch(value=1))
+    s.shutdown(1)
+    seg = segment(tmp_path)
+    seg.write_bytes(seg.read_bytes() + b"torn")
+    files = RecordingFiles()
+    opened(tmp_path, files=files)
+    q = files.ops.index(("durable", "quarantine"))
+    assert files.ops[q + 1] == ("fsync_dir", "quarantine")
+    assert files.ops.index(("durable", tmp_path.name)) > q
+
+
+def test_a_spool_of_an_unknown_future_format_is_refused_with_a_clear_message(tmp_path):
+    from meterhouse.collector.spool import FORMAT, _encode
+
+    (tmp_path / "seg-00000000000000000001.wal").write_bytes(_encode(FORMAT, (99).to_bytes(2, "little")))
+    with pytest.raises(SpoolFormatError, match="format version 99.*README"):
+        opened(tmp_path)
+
+
+# -- a model-based test: the spool against a list, with crashes and I/O errors at random points ----------
+
+
+class SpoolMachine(RuleBasedStateMachine):
+    """Model: acknowledged values not yet committed must come back after any crash, exactly once;
+    values whose append failed may come back (at most once) only if no ABORT reached the disk."""
+
+    def __init__(self):
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="spool-model-"))
+        self.files = FaultyFiles(seed=7)
+        self.spool, _ = opened(self.dir, files=self.files, segment_bytes=3000)
+        self.next_value = 1
+        self.acked: set[int] = set()  # acknowledged, not committed
+        self.maybe: set[int] = set()  # failed appends, or committed with a mark not yet durable
+        self.committed: set[int] = set()
+
+    def teardown(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @rule(fault=st.sampled_from([None, None, None, "write", "fsync"]))
+    def append(self, fault):
+        v, self.next_value = self.next_value, self.next_value + 1
+        if fault == "write":
+            self.files.fail_write()
+        elif fault == "fsync":
+            self.files.fail_fsync()
+        try:
+            self.spool.consume(batch(value=v))
+        except SpoolError:
+            self.maybe.add(v)
+            return
+        self.acked.add(v)
+
+    @rule(n=st.integers(1, 4), fault=st.sampled_from([None, None, "intent", "commit"]))
+    def write_some(self, n, fault):
+        g = take(self.spool, max_points=n)
+        if g is None:
+            return
+        values = {self.spool.load(r).columns["value_int"][0] for r in g.records}
+        if g.token is None:
+            if fault == "intent":
+                self.files.fail_write()
+            try:
+                self.spool.intent(g, f"t{g.first}")
+            except SpoolError:
+                return  # retried by the writer later
+        if fault == "commit":
+            self.files.fail_write()
+        self.spool.commit(g)
+        assert values <= self.acked | self.maybe
+        self.acked -= values
+        self.maybe |= values  # a replay under the same token is allowed (ClickHouse drops it)
+        self.committed |= values
+
+    @rule(power=st.booleans())
+    def crash(self, power):
+        """The process dies (no shutdown); with ``power``, what was not fsync'd is lost or torn."""
+        self.spool._file = None  # abandoned, as a killed process leaves it
+        if power:
+            self.files.power_loss(self.dir)
+        synced, self.files = self.files.synced, FaultyFiles(seed=self.next_value)
+        self.files.synced = synced  # the disk outlives the process
+        self.spool, _ = opened(self.dir, files=self.files, segment_bytes=3000)
+        present = [self.spool.load(r).columns["value_int"][0] for r in self.spool.uncommitted_records()]
+        assert len(present) == len(set(present)), "a record came back twice"
+        assert self.acked <= set(present), f"acknowledged records lost: {self.acked - set(present)}"
+        assert set(present) <= self.acked | self.maybe
+        # Committed records that came back are written again under their token; the rest is as before.
+        self.maybe = {v for v in self.maybe if v in present}
+
+    @invariant()
+    def pending_matches(self):
+        assert self.spool.pending_points >= len(self.acked)
+
+
+SpoolMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+test_spool_against_a_model = SpoolMachine.TestCase
+
+
+def test_a_record_written_by_an_older_version_with_fewer_columns_is_replayed(tmp_path):
+    import pickle
+    import struct
+
+    from meterhouse.collector.spool import _DATA_HEAD, COMMIT, DATA, _encode
+
+    b = batch(value=5)
+    old_columns = {k: v for k, v in b.columns.items() if k not in ("series_id", "cumulative_double")}
+    body = pickle.dumps((old_columns, b.size, {}, 0))
+    head = _DATA_HEAD.pack(1, b.received_ns, b.total, bytes(16))
+    # A version-1 segment: no FORMAT record, a COMMIT first.
+    (tmp_path / "seg-00000000000000000001.wal").write_bytes(
+        _encode(COMMIT, struct.pack("<Q", 0)) + _encode(DATA, head + body)
+    )
+    s, report = opened(tmp_path)
+    assert report.pending_records == 1
+    loaded = s.load(take(s).records[0])
+    assert loaded.columns["value_int"] == [5] and loaded.columns["series_id"] == [0]
+    assert list(loaded.columns) == list(b.columns)
+
+
+# -- group commit ---------------------------------------------------------------------------------------
+
+
+class SlowFsync(FaultyFiles):
+    """fsync takes a while (as on a real disk) and is counted; the first one may be held and failed."""
+
+    def __init__(self, hold_first=False):
+        super().__init__()
+        self.count = 0
+        self.hold_first = hold_first
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def fsync(self, f):
+        self.count += 1
+        if self.hold_first and self.count == 1:
+            self.entered.set()
+            self.release.wait(10)
+            raise OSError(5, "Input/output error (injected)")
+        time.sleep(0.005)
+        super().fsync(f)
+
+
+def test_one_fsync_covers_every_append_that_arrived_while_the_previous_ran(tmp_path):
+    files = SlowFsync()
+    s, _ = opened(tmp_path, files=files)
+    b = batch()
+    threads = [threading.Thread(target=lambda: [s.consume(b) for _ in range(20)]) for _ in range(8)]
+    before = files.count
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert s.pending_points == 160
+    assert files.count - before < 160 * 0.75  # appends shared fsyncs
+    s.shutdown(1)
+    assert opened(tmp_path)[1].pending_records == 160
+
+
+def test_a_failed_group_fsync_fails_every_request_that_depended_on_it(tmp_path):
+    files = SlowFsync(hold_first=True)
+    s, _ = opened(tmp_path, files=files)
+    results = {}
+
+    def send(name, value):
+        try:
+            s.consume(batch(value=value))
+            results[name] = "ok"
+        except SpoolError:
+            results[name] = "failed"
+
+    leader = threading.Thread(target=send, args=("a", 1))
+    leader.start()
+    assert files.entered.wait(5)  # a's fsync runs; b and c are written behind it and wait
+    others = [threading.Thread(target=send, args=(n, v)) for n, v in (("b", 2), ("c", 3))]
+    for t in others:
+        t.start()
+    time.sleep(0.2)
+    files.release.set()  # the fsync fails
+    for t in (leader, *others):
+        t.join(10)
+    assert results == {"a": "failed", "b": "failed", "c": "failed"}
+    assert s.pending_points == 0
+    s.consume(batch(value=4))  # a new segment; the ABORTs ride on its fsync
+    s.shutdown(1)
+    values, _ = values_after_restart(tmp_path)
+    assert values == [4]

@@ -3,13 +3,14 @@
 import time
 
 import pytest
+from faulty_files import FaultyFiles
 from otlp_builders import point, sum_request
 from prometheus_client import CollectorRegistry
 
 from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.model import content_digest
-from meterhouse.collector.spool import Spool
+from meterhouse.collector.spool import INTENT, Spool
 from meterhouse.collector.writer import PermanentError, Writer, classify
 from meterhouse.core.metrics import PipelineMetrics
 
@@ -148,7 +149,8 @@ def test_a_batch_failing_on_a_healthy_endpoint_is_poison_after_n_attempts(tmp_pa
         def active_healthy(self):
             return True
 
-    with Rig(tmp_path, Poison(store, 100), poison_after_attempts=3) as rig:
+    poison = Poison(store, 100, RuntimeError("Code: 1001. DB::Exception: an error never seen before"))
+    with Rig(tmp_path, poison, poison_after_attempts=3) as rig:
         rig.spool.consume(batch_of({"api": [point(2, {"org.id": "a"})]}))
         rig.drain()
     assert rig.value("meterhouse_dead_letter_batches_total") == 1
@@ -158,11 +160,13 @@ def test_a_batch_failing_on_a_healthy_endpoint_is_poison_after_n_attempts(tmp_pa
 @pytest.mark.parametrize(
     ("error", "kind"),
     [
-        (ConnectionError("refused"), "retryable"),
-        (RuntimeError("Code: 241. DB::Exception: Memory limit exceeded"), "retryable"),
+        (ConnectionError("refused"), "transient"),
+        (RuntimeError("Code: 241. DB::Exception: Memory limit exceeded"), "transient"),
+        (RuntimeError("Code: 252. DB::Exception: Too many parts"), "transient"),
+        (RuntimeError("Code: 1001. DB::Exception: something new"), "retryable"),
         (RuntimeError("Code: 53. DB::Exception: Type mismatch"), "permanent"),
         (TypeError("bad column"), "permanent"),
-        (TimeoutError(), "retryable"),
+        (TimeoutError(), "transient"),
     ],
 )
 def test_error_classification(error, kind):
@@ -188,3 +192,87 @@ def test_a_spool_replay_of_a_committed_batch_counts_once(tmp_path, store):
         again.drain()
     assert totals(store) == {"a": 4, "b": 5}
     assert totals(store, "usage_hourly") == {"a": 4, "b": 5}
+
+
+def test_the_writer_survives_an_io_error_writing_its_intent(tmp_path, store):
+    files = FaultyFiles()
+    rig = Rig(tmp_path, store)
+    rig.spool.files = files  # the spool's file layer (as the constructor would take it)
+    with rig:
+        files.fail_kind = INTENT
+        files.fail_write()  # ENOSPC on the writer's intent
+        rig.spool.consume(batch_of({"api": [point(2, {"org.id": "a"})]}))
+        rig.drain()
+        assert rig.writer.running
+    assert totals(store) == {"a": 2}
+    assert rig.value("meterhouse_writer_errors_total") == 1
+
+
+class OverloadedStore(FailingStore):
+    def active_healthy(self):
+        return True  # SELECT 1 works; inserts are refused for overload
+
+
+@pytest.mark.parametrize(
+    "error",
+    ["Code: 252. DB::Exception: Too many parts (300)", "Code: 241. DB::Exception: Memory limit exceeded"],
+)
+def test_overload_is_retried_for_as_long_as_it_takes_never_dead_lettered(tmp_path, store, error):
+    overloaded = OverloadedStore(store, 12, RuntimeError(error))
+    with Rig(tmp_path, overloaded, poison_after_attempts=3, backoff_max_s=0.05) as rig:
+        rig.spool.consume(batch_of({"api": [point(2, {"org.id": "a"})]}))
+        rig.drain()
+    assert rig.value("meterhouse_dead_letter_batches_total") == 0
+    assert totals(store) == {"a": 2}
+
+
+class DistributionsRefused:
+    """Numbers go in; the distributions insert is refused for good."""
+
+    def __init__(self, real):
+        self.real, self.name, self.database = real, "faulty", real.database
+
+    def insert_points(self, columns, token):
+        self.real.insert_points(columns, token)
+
+    def insert_distributions(self, columns, token):
+        raise PermanentError("Code: 53. DB::Exception: Type mismatch")
+
+
+def test_a_dead_letter_holds_only_the_table_that_was_not_inserted(tmp_path, store):
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from otlp_builders import kv
+
+    req = ExportMetricsServiceRequest()
+    m = req.resource_metrics.add().scope_metrics.add().metrics.add(name="latency")
+    m.histogram.aggregation_temporality = 1
+    dp = m.histogram.data_points.add(time_unix_nano=time.time_ns(), start_time_unix_nano=1, count=3, sum=6.0)
+    dp.bucket_counts.extend([1, 2])
+    dp.explicit_bounds.extend([1.0])
+    dp.attributes.append(kv("org.id", "a"))
+    number = batch_of({"api": [point(2, {"org.id": "a"})]})
+    dist = decode_request(req, Limits(), now_ns=time.time_ns(), digest="h").batch
+    assert dist.dist_size
+    with Rig(tmp_path, DistributionsRefused(store)) as rig:
+        rig.spool.consume(number)
+        rig.spool.consume(dist)
+        rig.drain()
+    (letter,) = rig.dead.list(with_batches=True)
+    assert letter.points == dist.dist_size  # the numbers are in and are not redriven again
+    assert sum(b.size for b in letter.batches) == 0
+
+
+def test_a_committed_requests_digest_is_durable_before_the_spool_forgets_it(tmp_path, store):
+    """The writer may commit a record before the ingest thread has added its digest; after a crash the
+    digest must still be known, or a re-sent copy of an acknowledged request is stored again."""
+    from meterhouse.collector.dedup import RecentRequests
+
+    recent = RecentRequests(tmp_path / "recent.log", window_s=60)
+    recent.load()
+    b = batch_of({"api": [point(2, {"org.id": "a"})]}, digest="d" * 32)
+    with Rig(tmp_path, store, before_commit=recent.committed) as rig:
+        rig.spool.consume(b)  # durable; the ingest thread has not yet called recent.add
+        rig.drain()
+    again = RecentRequests(tmp_path / "recent.log", window_s=60)  # a restart (no close: a crash)
+    again.load()
+    assert again.claim("d" * 32) == "settled"
