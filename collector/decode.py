@@ -434,10 +434,12 @@ class _Decoder:
                 start = t
                 self.result.repaired["start_after_time"] += 1
             c["start_time"][row] = start
-            if isinstance(delta, int):
-                c["value_int"][row] = delta
+            # The column follows the point's own type, not the delta's: "the same point again" resolves
+            # to a plain 0, which on a double point must clear the double (it held the cumulative value).
+            if c["is_int"][row]:
+                c["value_int"][row] = int(delta)
             else:
-                c["value_double"][row] = delta
+                c["value_double"][row] = float(delta)
         if drop:
             keep = sorted(set(range(len(c["org_id"]))) - set(drop))
             for name, col in c.items():

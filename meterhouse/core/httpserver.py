@@ -113,6 +113,15 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
+            # Count the head's bytes before the parser sees them: a head that ends within this read
+            # would otherwise be complete (and the count reset) before the bound is checked.
+            end = data.find(b"\r\n\r\n")
+            head = len(data) if end < 0 else end + 4
+            if self._header_bytes + head > self.limits.max_header_bytes and self.parser is not None:
+                _close_with(
+                    self.transport, b"431 Request Header Fields Too Large", b"request headers too large"
+                )
+                return
             self._header_bytes += len(data)
         super().data_received(data)
         if self._in_head and self._header_bytes > self.limits.max_header_bytes and self.parser is not None:
