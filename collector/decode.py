@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, R
 
 from meterhouse.collector.cumulative import Change, CumulativePoint, CumulativeState
 from meterhouse.collector.model import PointBatch
+from meterhouse.collector.series import Admission, SeriesLimiter
 from meterhouse.core import schema
 
 DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
@@ -61,6 +62,9 @@ class DecodeResult:
     repaired: Counter[str] = field(default_factory=Counter)
     #: cumulative state changes made for this request, undone if it is not committed.
     changes: list[Change] = field(default_factory=list)
+    #: points folded into an overflow series by the series limit, and the sets this request admitted.
+    folded: int = 0
+    admitted: list[Admission] = field(default_factory=list)
 
     @property
     def rejected_count(self) -> int:
@@ -206,8 +210,18 @@ def series_id(
 class _Decoder:
     """One request's walk. Number points (sum, gauge) and distributions go to separate columns."""
 
-    def __init__(self, limits: Limits, now_ns: int, digest: str, cumulative: CumulativeState | None) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        now_ns: int,
+        digest: str,
+        cumulative: CumulativeState | None,
+        allowed_org: Callable[[str], bool] | None = None,
+        series: SeriesLimiter | None = None,
+    ) -> None:
         self.limits = limits
+        self.allowed_org = allowed_org
+        self.series = series
         self.min_t = now_ns - limits.max_past_ns
         self.max_t = now_ns + limits.max_future_ns
         self.now_ns = now_ns
@@ -259,7 +273,22 @@ class _Decoder:
                         self.distributions(m, which, data, res, res_org, scope)
         self.finish_cumulative()
         self.result.batch.size = len(self.cols["org_id"])
+        if self.series is not None:  # after the cumulative conversion, which keys on the real attributes
+            self.fold(self.series)
         return self.result
+
+    def fold(self, series: SeriesLimiter) -> None:
+        try:
+            for cols in (self.cols, self.dist):
+                if cols:
+                    folded, admitted = series.fold(cols)
+                    self.result.folded += folded
+                    self.result.admitted += admitted
+        except Exception:  # the admitted sets could not be read: nothing of this request is kept
+            series.rollback(self.result.admitted)
+            if self.result.changes and self.cumulative is not None:
+                self.cumulative.rollback(self.result.changes)
+            raise
 
     def reject_resource(self, rm: ResourceMetrics, org: str) -> None:
         """Every point of a resource whose attributes break the limits is rejected (and counted)."""
@@ -307,6 +336,7 @@ class _Decoder:
         before = len(c_org)
         unattributed = 0
         late_starts = 0
+        allowed = self.allowed_org
         for dp in data.data_points:
             t = dp.time_unix_nano
             start = dp.start_time_unix_nano
@@ -345,6 +375,9 @@ class _Decoder:
                 start = t
                 late_starts += 1
             org, keys, values = found
+            if allowed is not None and not allowed(org):
+                r.reject("org_not_allowed", name, 1, org)
+                continue
             if not org:
                 unattributed += 1
             if cumulative:
@@ -401,10 +434,12 @@ class _Decoder:
                 start = t
                 self.result.repaired["start_after_time"] += 1
             c["start_time"][row] = start
-            if isinstance(delta, int):
-                c["value_int"][row] = delta
+            # The column follows the point's own type, not the delta's: "the same point again" resolves
+            # to a plain 0, which on a double point must clear the double (it held the cumulative value).
+            if c["is_int"][row]:
+                c["value_int"][row] = int(delta)
             else:
-                c["value_double"][row] = delta
+                c["value_double"][row] = float(delta)
         if drop:
             keep = sorted(set(range(len(c["org_id"]))) - set(drop))
             for name, col in c.items():
@@ -437,6 +472,11 @@ class _Decoder:
                 r.reject("attribute_limit", name, 1, _org_hint(dp.attributes, res_org, org_key))
                 continue
             org, keys, values = attrs
+            if self.allowed_org is not None and not self.allowed_org(org):
+                if not org:
+                    self.result.unattributed -= 1  # counted by attributes(); rejected instead
+                r.reject("org_not_allowed", name, 1, org)
+                continue
             t, start = dp.time_unix_nano, dp.start_time_unix_nano
             if start > t:
                 start = t
@@ -508,9 +548,13 @@ def decode_request(
     now_ns: int,
     digest: str,
     cumulative: CumulativeState | None = None,
+    allowed_org: Callable[[str], bool] | None = None,
+    series: SeriesLimiter | None = None,
 ) -> DecodeResult:
     """Walk the request once into columns, counting every rejected point by reason.
 
     Cumulative sums need ``cumulative`` (their conversion state); without it they are rejected.
+    ``allowed_org`` (the sender's scope) rejects points of other orgs as ``org_not_allowed``;
+    ``series`` folds attribute sets over the per-(org, metric) limit into the overflow series.
     """
-    return _Decoder(limits, now_ns, digest, cumulative).run(request)
+    return _Decoder(limits, now_ns, digest, cumulative, allowed_org, series).run(request)

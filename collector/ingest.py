@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
 )
 
+from meterhouse.collector.auth import IngestTokens, Principal
 from meterhouse.collector.cumulative import Change, CumulativeState, Entry, StateUnavailable
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.dedup import RecentRequests
-from meterhouse.collector.model import Backpressure, Consumer
+from meterhouse.collector.model import Backpressure, Consumer, content_digest
+from meterhouse.collector.ratelimit import RateLimiter
 from meterhouse.collector.rejectlog import RejectLog
+from meterhouse.collector.series import Loader, Pair, SeriesLimiter
 from meterhouse.collector.spool import Spool, SpoolError
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
@@ -45,6 +49,45 @@ def committed_state_loader(store: Queries) -> Callable[[list[int]], dict[int, En
     return load
 
 
+class RowSource(Protocol):
+    """What the loaders read through: a store, or the endpoint set that routes to the active one."""
+
+    database: str
+
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]: ...
+
+
+def attribute_sets_loader(store: RowSource, limit: int) -> Loader:
+    """Read the attribute sets already stored for (org, metric) pairs (see series.py)."""
+    sql = schema.attribute_sets_sql(store.database)
+
+    def load(pairs: list[Pair]) -> dict[Pair, list[tuple[Sequence[str], Sequence[str]]]]:
+        wanted = set(pairs)
+        rows = store.rows(
+            sql,
+            {"orgs": sorted({o for o, _ in pairs}), "metrics": sorted({m for _, m in pairs}), "n": limit + 1},
+        )
+        found: dict[Pair, list[tuple[Sequence[str], Sequence[str]]]] = {}
+        for org, metric, keys, values in rows:
+            if (org, metric) in wanted:
+                found.setdefault((org, metric), []).append((list(keys), list(values)))
+        return found
+
+    return load
+
+
+def count_points(request: ExportMetricsServiceRequest) -> int:
+    """Data points in a request, without decoding them (what the rate limit counts)."""
+    n = 0
+    for rm in request.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                which = m.WhichOneof("data")
+                if which is not None:
+                    n += len(getattr(m, which).data_points)
+    return n
+
+
 @dataclass
 class Outcome:
     """What to answer: ``kind`` is one of the request outcomes in core.metrics."""
@@ -56,7 +99,11 @@ class Outcome:
 
 
 class Ingestor:
-    """Decode → (dedup) → spool. The answer is sent once the points are durable in the spool."""
+    """(auth) → rate limit → (dedup) → decode (org scope, series limit) → spool.
+
+    The answer is sent once the points are durable in the spool. Receivers call :meth:`authenticate`
+    before reading a body, then :meth:`export` with the sender it returned.
+    """
 
     def __init__(
         self,
@@ -67,6 +114,9 @@ class Ingestor:
         recent: RecentRequests | None = None,
         reject_log: RejectLog | None = None,
         resend_wait_s: float = 5.0,
+        tokens: IngestTokens | None = None,
+        rate: RateLimiter | None = None,
+        series: SeriesLimiter | None = None,
     ) -> None:
         self.next = next_stage
         self.metrics = metrics
@@ -75,8 +125,42 @@ class Ingestor:
         self.recent = recent
         self.reject_log = reject_log if reject_log is not None else RejectLog()
         self.resend_wait_s = resend_wait_s  # how long a re-sent copy waits for its first copy
+        self.tokens = tokens or IngestTokens()
+        self.rate = rate
+        self.series = series
 
-    def export(self, request: ExportMetricsServiceRequest, digest: str) -> Outcome:
+    def authenticate(self, header: str | None) -> Principal | None:
+        """The sender of a request's ``authorization`` value (None when ingest is open).
+
+        Raises :class:`~meterhouse.collector.auth.Unauthenticated`: answer 401 / UNAUTHENTICATED.
+        """
+        return self.tokens.authenticate(header)
+
+    def export(
+        self, request: ExportMetricsServiceRequest, digest: str, sender: Principal | None = None
+    ) -> Outcome:
+        m = self.metrics
+        key = sender.id if sender is not None else ""
+        points = 0
+        if self.rate is not None:
+            points = count_points(request)
+            wait_s = self.rate.take(key, points)
+            if wait_s:
+                m.limited_requests.labels(reason="ingest_rate").inc()
+                return Outcome(
+                    "rate_limited",
+                    f"ingest rate limit of {self.rate.rate:g} points/s exceeded; retry in {wait_s}s",
+                    retry_after_s=wait_s,
+                )
+        if sender is not None:
+            # The same bytes from another sender are another request: its org scope may differ.
+            digest = content_digest(digest.encode(), sender.id.encode())
+        outcome = self._export(request, digest, sender)
+        if self.rate is not None and outcome.kind in ("backpressure", "unavailable"):
+            self.rate.refund(key, points)  # nothing kept: the client sends it all again
+        return outcome
+
+    def _export(self, request: ExportMetricsServiceRequest, digest: str, sender: Principal | None) -> Outcome:
         m = self.metrics
         if self.recent is not None:
             state = self.recent.claim(digest, self.resend_wait_s)
@@ -92,13 +176,19 @@ class Ingestor:
         now = time.time_ns()
         try:
             result = decode_request(
-                request, self.limits, now_ns=now, digest=digest, cumulative=self.cumulative
+                request,
+                self.limits,
+                now_ns=now,
+                digest=digest,
+                cumulative=self.cumulative,
+                allowed_org=None if sender is None or sender.all_orgs else sender.allows,
+                series=self.series,
             )
-        except StateUnavailable as e:  # the cumulative state could not be read from ClickHouse
+        except StateUnavailable as e:  # the cumulative state or attribute sets could not be read
             self._release(digest)
             log.warning("cannot decode request", extra={"error": str(e)[:300]})
             return Outcome(
-                "unavailable", f"cannot read cumulative state, retry later: {e}"[:500], retry_after_s=1
+                "unavailable", f"cannot read ingest state, retry later: {e}"[:500], retry_after_s=1
             )
         m.points_received.inc(result.received)
         try:
@@ -106,6 +196,8 @@ class Ingestor:
         except (Backpressure, SpoolError) as e:
             # Nothing of this request is kept; the client retries all of it, so count no rejections.
             self._undo(result.changes)
+            if self.series is not None:
+                self.series.rollback(result.admitted)
             self._release(digest)
             if isinstance(e, Backpressure):
                 m.spool_full.inc()
@@ -123,6 +215,8 @@ class Ingestor:
             self.reject_log.record(result.by_metric)
         if result.unattributed:
             m.points_unattributed.inc(result.unattributed)
+        if result.folded:
+            m.series_folded.inc(result.folded)
         response = ExportMetricsServiceResponse()
         if result.rejected:
             response.partial_success.rejected_data_points = result.rejected_count

@@ -11,21 +11,30 @@ import shutil
 import time
 from collections.abc import Callable
 
+from meterhouse.collector.auth import IngestTokens
 from meterhouse.collector.cumulative import CumulativeState
 from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.decode import Limits
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.failover import EndpointSet
 from meterhouse.collector.files import Files
-from meterhouse.collector.ingest import Ingestor, committed_state_loader, restore_cumulative
+from meterhouse.collector.ingest import (
+    Ingestor,
+    attribute_sets_loader,
+    committed_state_loader,
+    restore_cumulative,
+)
+from meterhouse.collector.ratelimit import RateLimiter
 from meterhouse.collector.receivers.grpc import GrpcKeepalive, OtlpGrpcReceiver
 from meterhouse.collector.receivers.http import OtlpHttpReceiver
+from meterhouse.collector.series import SeriesLimiter
 from meterhouse.collector.spool import Spool
 from meterhouse.collector.writer import Writer
 from meterhouse.core.config import Config
 from meterhouse.core.httpserver import limits_from as http_limits_from
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Store, connect
+from meterhouse.core.tls import ServerTls
 
 log = logging.getLogger("meterhouse.collector")
 
@@ -49,10 +58,12 @@ class Collector:
         metrics: PipelineMetrics,
         connect_endpoint: Callable[[str], Store] | None = None,
         files: Files | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
         """``connect_endpoint`` opens a ClickHouse endpoint and ``files`` is the file layer of the spool
         and dead letters: the seams through which tests inject outages and disk errors."""
         self.config = config
+        self.tls = tls
         self.metrics = metrics
         self.endpoints = EndpointSet(
             config.endpoints,
@@ -97,7 +108,24 @@ class Collector:
         self.cumulative = CumulativeState(
             committed_state_loader(self.endpoints), committed_seq=lambda: self.spool.committed_seq
         )
-        self.ingestor = Ingestor(self.spool, metrics, limits_from(config), self.cumulative, self.recent)
+        self.tokens = IngestTokens(config.ingest_tokens)
+        self.rate = (
+            RateLimiter(config.ingest_points_per_s, config.ingest_burst_points)
+            if config.ingest_points_per_s > 0
+            else None
+        )
+        self.series = (
+            SeriesLimiter(
+                config.series_per_org_metric,
+                attribute_sets_loader(self.endpoints, config.series_per_org_metric),
+            )
+            if config.series_per_org_metric > 0
+            else None
+        )
+        self.ingestor = Ingestor(
+            self.spool, metrics, limits_from(config), self.cumulative, self.recent,
+            tokens=self.tokens, rate=self.rate, series=self.series,
+        )  # fmt: skip
         self.http = OtlpHttpReceiver(
             config.host,
             config.otlp_http_port,
@@ -106,6 +134,7 @@ class Collector:
             config.max_request_bytes,
             limits=http_limits_from(config),
             max_bytes_in_flight=config.http_max_bytes_in_flight,
+            tls=tls,
         )
         self.grpc = OtlpGrpcReceiver(
             config.host,
@@ -116,6 +145,7 @@ class Collector:
             keepalive=GrpcKeepalive.from_config(config),
             max_concurrent_rpcs=config.grpc_max_concurrent_rpcs,
             max_bytes_in_flight=config.grpc_max_bytes_in_flight,
+            tls=tls,
         )
         m = metrics
         m.spool_limit_bytes.set(config.spool_max_bytes)
@@ -158,10 +188,22 @@ class Collector:
         if self.recent is not None:
             self.recent.load(report.digests)
         restore_cumulative(self.cumulative, self.spool)  # before the writer commits and receivers run
+        if self.series is not None and report.pending_records:
+            # Sets of points accepted but not yet in ClickHouse are admitted already.
+            for batch in self.spool.uncommitted_batches():
+                self.series.observe(batch.columns)
+                if batch.dist_columns:
+                    self.series.observe(batch.dist_columns)
         self.writer.start()
         self.http.start()
         self.grpc.start()
         self._started = True
+
+    def reload(self, config: Config) -> None:
+        """Serve new ingest tokens (SIGHUP); TLS material is swapped by its owner, ``tls``."""
+        self.tokens.replace(config.ingest_tokens)
+        if self.rate is not None:
+            self.rate.forget({"", *(p.id for p in self.tokens.principals)})
 
     def shutdown(self, timeout_s: float) -> None:
         """Stop receivers, write what the spool holds until the deadline, then close."""

@@ -590,6 +590,13 @@ class Spool:
             dist = _conform(dist, dist_size, DIST_BATCH_COLUMNS, schema.DIST_INGEST_COLUMNS, record.seq)
         return PointBatch(cols, size, digest.hex(), received, dist, dist_size)
 
+    def uncommitted_batches(self) -> Iterator[PointBatch]:
+        """Every batch not yet committed, read back in order (state that must count them at start)."""
+        with self._lock:
+            records = [r for g in self._replay for r in g.records] + list(self._pending)
+        for record in records:
+            yield self.load(record)
+
     def intent(self, group: Group, token: str) -> None:
         """Record the grouping and token before the insert, so a replay repeats both (fsync'd)."""
         with self._lock:

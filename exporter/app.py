@@ -60,7 +60,9 @@ def create_app(
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.code or 0, "bad_request")
         return jsonify({"error": {"code": code, "message": e.description or e.name}}), e.code
 
+    auth = Auth(tokens)
+    app.extensions["meterhouse.auth"] = auth  # its tokens are replaced on reload (SIGHUP)
     app.register_blueprint(
-        create_api(store, health, Auth(tokens), raw_retention_days, late_window_days, close_settle_s)
+        create_api(store, health, auth, raw_retention_days, late_window_days, close_settle_s)
     )
     return app

@@ -9,6 +9,7 @@ from dataclasses import fields
 from meterhouse import __version__
 from meterhouse.core.config import Config, ConfigError, load_config, redact_urls
 from meterhouse.core.log import setup_logging
+from meterhouse.core.tls import load_material
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,21 +52,33 @@ def _config_from(args: argparse.Namespace) -> Config:
 
 
 def check_bind(config: Config) -> None:
-    """Refuse an open API on a non-loopback address."""
+    """Refuse an open API, or open OTLP ports, on a non-loopback address."""
     if config.is_public_bind and not config.auth_tokens and not config.allow_unauthenticated:
         raise ConfigError(
             f"host: {config.host} is not a loopback address and no API tokens are configured "
             "(auth.tokens in the config file); add tokens, or pass --allow-unauthenticated"
+        )
+    if config.is_public_bind and not config.ingest_tokens and not config.allow_unauthenticated_ingest:
+        raise ConfigError(
+            f"host: {config.host} is not a loopback address and no ingest tokens are configured "
+            "(ingest.tokens in the config file, or MH_INGEST_TOKENS_FILE): anyone could send usage for "
+            "any org; add ingest tokens, or pass --allow-unauthenticated-ingest"
         )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     config = _config_from(args)
     check_bind(config)
+    load_material(config)  # a bad certificate or key stops start-up with the key named
     setup_logging(config.log_level, config.log_format)
     from meterhouse.runtime import run_up
 
-    return run_up(config)
+    def reload_config() -> Config:
+        new = _config_from(args)
+        check_bind(new)
+        return new
+
+    return run_up(config, reload_config)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -249,7 +262,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     config = _config_from(args)
     for f in fields(Config):
         value = getattr(config, f.name)
-        if f.name == "auth_tokens":  # never print secrets
+        if f.name in ("auth_tokens", "ingest_tokens"):  # never print secrets
             value = [f"{t.token[:4]}… orgs={list(t.orgs)}" for t in value]
         elif f.name == "clickhouse_url":
             value = redact_urls(value)

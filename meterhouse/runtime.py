@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import cast
 
 from a2wsgi import WSGIMiddleware
@@ -13,9 +14,10 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from meterhouse import __version__
 from meterhouse.collector import Collector
-from meterhouse.core.config import Config
+from meterhouse.core.config import Config, ConfigError
 from meterhouse.core.httpserver import App, HttpServer, InFlightLimit, limits_from
 from meterhouse.core.metrics import PipelineMetrics
+from meterhouse.core.tls import ServerTls, load_material
 from meterhouse.exporter import OrgHealth, Reconciler, create_app
 
 log = logging.getLogger("meterhouse")
@@ -28,11 +30,13 @@ class Stack:
         """``connect_endpoint(url) -> Store`` overrides how endpoints are opened (tests share one engine);
         ``files`` the spool's file layer (tests inject disk errors)."""
         self.config = config
+        material = load_material(config)
+        self.tls = ServerTls(material) if material is not None else None
         self.registry = CollectorRegistry()
         for c in (ProcessCollector, PlatformCollector, GCCollector):
             c(registry=self.registry)
         self.metrics = PipelineMetrics(self.registry)
-        self.collector = Collector(config, self.metrics, connect_endpoint, files)
+        self.collector = Collector(config, self.metrics, connect_endpoint, files, tls=self.tls)
         # Reads go to whichever endpoint is active, with health of their own (reads never fail writes over).
         self.store = self.collector.endpoints.reads()
         self.health = OrgHealth(
@@ -62,7 +66,7 @@ class Stack:
         limits = limits_from(config)
         wsgi = WSGIMiddleware(self.app, workers=8)  # type: ignore[arg-type]  # Flask is a WSGI app
         asgi = InFlightLimit(cast(App, wsgi), limits.max_requests_in_flight)
-        self._http = HttpServer(asgi, config.host, config.http_port, limits, "http-api")
+        self._http = HttpServer(asgi, config.host, config.http_port, limits, "http-api", self.tls)
 
     @property
     def http_port(self) -> int:
@@ -74,6 +78,20 @@ class Stack:
         self.reconciler.start()
         self._http.start()
 
+    def reload(self, config: Config) -> None:
+        """SIGHUP: new certificates, ingest and API tokens, for new connections and requests.
+
+        Open connections, requests in flight and the spool are untouched. Raises ConfigError (and
+        keeps everything as it was) when the new configuration is bad.
+        """
+        if self.tls is not None:
+            self.tls.reload(config)
+        elif config.tls_enabled:
+            raise ConfigError("tls: cannot be turned on by a reload; restart with it")
+        self.collector.reload(config)
+        self.app.extensions["meterhouse.auth"].tokens = config.auth_tokens  # one reference swap
+        self.config = config
+
     def shutdown(self, timeout_s: float) -> None:
         self.health.shutdown(1.0)
         self.reconciler.shutdown(1.0)
@@ -81,8 +99,10 @@ class Stack:
         self._http.shutdown(1.0)
 
 
-def run_up(config: Config) -> int:
+def run_up(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; on SIGHUP read ``reload_config()`` and serve its tokens and TLS files."""
     stop = threading.Event()
+    hup = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("stopping", extra={"signal": signal.Signals(signum).name})
@@ -90,6 +110,13 @@ def run_up(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+    def on_hup(_signum: int, _frame: object) -> None:
+        hup.set()
+        stop.set()  # wakes the main thread, which reloads and goes on
+
+    if reload_config is not None:
+        signal.signal(signal.SIGHUP, on_hup)
     started = time.monotonic()
     try:
         stack = Stack(config)
@@ -110,7 +137,33 @@ def run_up(config: Config) -> int:
             "startup_s": round(time.monotonic() - started, 3),
         },
     )
-    stop.wait()
+    while True:
+        stop.wait()
+        if not hup.is_set():
+            break
+        hup.clear()
+        stop.clear()
+        _reload(stack, reload_config)
     stack.shutdown(config.shutdown_timeout_s)
     log.info("stopped")
     return 0
+
+
+def _reload(stack: Stack, reload_config: Callable[[], Config] | None) -> None:
+    """Read the configuration again and serve its tokens and certificates; a bad one changes nothing."""
+    if reload_config is None:
+        return
+    try:
+        config = reload_config()
+        stack.reload(config)
+    except ConfigError as e:
+        log.error("reload refused, still serving the previous tokens and certificates: %s", e)
+        return
+    log.info(
+        "reloaded",
+        extra={
+            "ingest_tokens": len(config.ingest_tokens),
+            "api_tokens": len(config.auth_tokens),
+            "tls": config.tls_enabled,
+        },
+    )

@@ -14,10 +14,23 @@ if new clickhouse.env; then
     >"$dir/clickhouse.env"
   printf 'MH_CLICKHOUSE_URL=http://meterhouse:%s@clickhouse:8123\n' "$ch" >"$dir/meterhouse.env"
 fi
+# The cluster profile's collectors: the four replicas, each collector preferring its own shard first.
+ch=$(sed -n 's/^CLICKHOUSE_PASSWORD=//p' "$dir/clickhouse.env")
+for i in 1 2; do
+  if new "meterhouse-cluster-$i.env"; then
+    if [ "$i" = 1 ]; then order="ch-s1-r1 ch-s1-r2 ch-s2-r1 ch-s2-r2"; else order="ch-s2-r1 ch-s2-r2 ch-s1-r1 ch-s1-r2"; fi
+    urls=""
+    for node in $order; do urls="$urls${urls:+,}http://meterhouse:$ch@$node:8123"; done
+    printf 'MH_CLICKHOUSE_URL=%s\n' "$urls" >"$dir/meterhouse-cluster-$i.env"
+  fi
+done
 if new grafana_clickhouse_password; then
   sed -n 's/^MH_GRAFANA_CLICKHOUSE_PASSWORD=//p' "$dir/clickhouse.env" | tr -d '\n' >"$dir/grafana_clickhouse_password"
 fi
 if new grafana_admin_password; then rand | tr -d '\n' >"$dir/grafana_admin_password"; fi
+if new meterhouse_ingest_tokens.yml; then  # who may send usage (OTLP), for all orgs
+  printf 'tokens:\n  - token: "%s"\n    orgs: ["*"]\n' "$(rand)" >"$dir/meterhouse_ingest_tokens.yml"
+fi
 if new meterhouse_tokens.yml; then
   printf 'tokens:\n  - token: "%s"\n    orgs: ["*"]\n' "$(rand)" >"$dir/meterhouse_tokens.yml"
 fi
@@ -25,3 +38,4 @@ fi
 # (grafana 472, meterhouse 10001) must read them.
 chmod 644 "$dir"/*
 echo "secrets in $dir; API token: $(sed -n 's/.*token: "\(.*\)"/\1/p' "$dir/meterhouse_tokens.yml")"
+echo "OTLP ingest token (Authorization: Bearer ...): $(sed -n 's/.*token: "\(.*\)"/\1/p' "$dir/meterhouse_ingest_tokens.yml")"

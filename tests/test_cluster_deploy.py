@@ -4,14 +4,18 @@ Prometheus and Grafana point at them. (No Docker engine runs here: this is all t
 
 import re
 import runpy
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
+from dataclasses import fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-from meterhouse.cli import _config_from, build_parser
+from meterhouse.cli import build_parser, check_bind
+from meterhouse.core.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DIR = ROOT / "deploy" / "clickhouse-cluster"
@@ -77,8 +81,11 @@ def test_remote_servers_macros_and_keeper_match_the_compose_services(services):
             assert mounted(service, "/etc/clickhouse-server/config.d/cluster.xml") == (
                 "./deploy/clickhouse-cluster/config.d/cluster.xml"
             )
-            assert service["environment"]["CLICKHOUSE_USER"] == replica.findtext("user")
-            assert service["environment"]["CLICKHOUSE_PASSWORD"] == replica.findtext("password")
+            # Credentials come from the node's environment, which compose fills from the secrets' env file.
+            assert replica.find("user").get("from_env") == "CLICKHOUSE_USER"
+            assert replica.find("password").get("from_env") == "CLICKHOUSE_PASSWORD"
+            assert "./deploy/secrets/clickhouse.env" in service["env_file"]
+            assert "CLICKHOUSE_PASSWORD" not in service.get("environment", {})
     assert sorted(hosts) == sorted(n for n in services if n.startswith("ch-"))
     keepers = {n: services[n] for n in services if n.startswith("keeper-")}
     raft_sets = []
@@ -98,28 +105,65 @@ def test_remote_servers_macros_and_keeper_match_the_compose_services(services):
     assert len({i for i, _, _ in raft_sets[0]}) == 3
 
 
-def test_collectors_are_configured_for_the_cluster(services):
+@pytest.fixture(scope="module")
+def secrets_dir(tmp_path_factory) -> Path:
+    """The secrets scripts/compose-secrets.sh makes, made in a scratch copy (never in the repository)."""
+    work = tmp_path_factory.mktemp("compose")
+    (work / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "compose-secrets.sh", work / "scripts")
+    subprocess.run(["bash", str(work / "scripts" / "compose-secrets.sh")], check=True, capture_output=True,
+                   timeout=60)  # fmt: skip
+    return work / "deploy" / "secrets"
+
+
+def service_config(service: dict, secrets_dir: Path):
+    """The Config `meterhouse up` builds inside the container: its command, env_file and environment,
+    with the compose secrets' paths pointing at the generated files."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    env: dict[str, str] = {}
+    for path in service.get("env_file", []):
+        for line in (secrets_dir / Path(path).name).read_text().splitlines():
+            key, _, value = line.partition("=")
+            env[key] = value
+    for key, value in (service.get("environment") or {}).items():
+        if str(value).startswith("/run/secrets/"):
+            value = str(secrets_dir / Path(compose["secrets"][Path(value).name]["file"]).name)
+        env[key] = str(value)
+    args = build_parser().parse_args(service["command"])
+    flags = {f.name: getattr(args, f.name) for f in fields(Config) if f.metadata.get("flag", True)}
+    return load_config(flags, env=env)
+
+
+def test_every_meterhouse_service_starts_with_the_generated_secrets(secrets_dir):
+    """`meterhouse up` refuses a public bind without API and ingest tokens: each service must carry both."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    checked = 0
+    for name, service in compose["services"].items():
+        if not service.get("build"):
+            continue
+        config = service_config(service, secrets_dir)
+        assert config.is_public_bind, name
+        check_bind(config)  # raises ConfigError naming what is missing
+        assert config.auth_tokens and config.ingest_tokens, name
+        assert not config.allow_unauthenticated and not config.allow_unauthenticated_ingest, name
+        assert "meterhouse:" not in " ".join(service["command"]), f"{name}: credentials on a command line"
+        checked += 1
+    assert checked == 3
+
+
+def test_collectors_are_configured_for_the_cluster(services, secrets_dir):
     http_port = int(xml("config.d/cluster.xml").findtext("http_port"))
     nodes = {n for n in services if n.startswith("ch-")}
     volumes = set()
     for name in ("collector-1", "collector-2"):
         service = services[name]
-        args = build_parser().parse_args(service["command"])
-        config = _config_from(args)  # the configuration is accepted: several nodes of one cluster
+        config = service_config(service, secrets_dir)  # accepted: several nodes of one cluster
         assert config.cluster == "meterhouse"
         assert {urlsplit(u).hostname for u in config.endpoints} == nodes
         assert {urlsplit(u).port for u in config.endpoints} == {http_port}
         assert set(service["depends_on"]) == nodes
         volumes.add(mounted(service, "/var/lib/meterhouse"))
     assert len(volumes) == 2  # each collector has its own spool
-
-
-def test_every_meterhouse_command_in_the_compose_file_parses():
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    commands = [s["command"] for s in compose["services"].values() if s.get("build")]
-    assert len(commands) == 3
-    for command in commands:
-        _config_from(build_parser().parse_args(command))
 
 
 def test_load_balancer_prometheus_and_grafana_point_at_the_collectors_and_nodes(services):

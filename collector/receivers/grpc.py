@@ -3,7 +3,10 @@
 The request is taken as raw bytes and parsed here, so a malformed message is answered
 INVALID_ARGUMENT (gRPC's own deserializer would answer INTERNAL). gzip is handled by gRPC; messages
 above ``max_request_bytes`` (after decompression) are refused by gRPC with RESOURCE_EXHAUSTED.
-Retryable answers are UNAVAILABLE with a ``RetryInfo`` detail.
+Retryable answers are UNAVAILABLE (or RESOURCE_EXHAUSTED for the ingest rate) with a ``RetryInfo``
+detail. With ingest tokens, a call needs ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED
+otherwise, nothing kept). With TLS, credentials are re-read on the first handshake after a reload, so
+open channels are kept.
 
 Bounds: at most ``max_concurrent_rpcs`` calls are running or queued for a worker (gRPC answers the
 next RESOURCE_EXHAUSTED), at most ``max_bytes_in_flight`` request bytes are held by them (UNAVAILABLE
@@ -23,9 +26,11 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
+from meterhouse.collector.auth import Principal, Unauthenticated
 from meterhouse.collector.ingest import Ingestor
 from meterhouse.collector.model import content_digest
 from meterhouse.core.metrics import PipelineMetrics
+from meterhouse.core.tls import ServerTls, TlsMaterial
 
 if TYPE_CHECKING:
     from meterhouse.core.config import Config
@@ -37,7 +42,31 @@ _CODES = {
     "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "backpressure": grpc.StatusCode.UNAVAILABLE,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+
+
+def _certificate_config(m: TlsMaterial) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration([(m.private_key, m.cert_chain)], m.client_ca)
+
+
+def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
+    """TLS credentials that follow :meth:`ServerTls.reload`: new handshakes get the new material.
+
+    A client CA makes client certificates required (mutual TLS); whether they are required is fixed
+    at start.
+    """
+    first = tls.material
+    served = [first.generation]
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        m = tls.material
+        if m.generation == served[0]:
+            return None  # unchanged
+        served[0] = m.generation
+        return _certificate_config(m)
+
+    return grpc.dynamic_ssl_server_credentials(_certificate_config(first), fetch, first.mutual)
 
 
 @dataclass(frozen=True)
@@ -97,8 +126,10 @@ class OtlpGrpcReceiver:
 
     def __init__(self, host: str, port: int, ingestor: Ingestor, metrics: PipelineMetrics,
                  max_request_bytes: int, workers: int = 16, keepalive: GrpcKeepalive | None = None,
-                 max_concurrent_rpcs: int = 64, max_bytes_in_flight: int = 0) -> None:  # fmt: skip
+                 max_concurrent_rpcs: int = 64, max_bytes_in_flight: int = 0,
+                 tls: ServerTls | None = None) -> None:  # fmt: skip
         self.host, self.port = host, port
+        self.tls = tls
         self.ingestor = ingestor
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
@@ -123,7 +154,11 @@ class OtlpGrpcReceiver:
         handler = grpc.unary_unary_rpc_method_handler(self._export)  # raw bytes in and out
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Export": handler}),))
         host = f"[{self.host}]" if ":" in self.host else self.host
-        bound = server.add_insecure_port(f"{host}:{self.port}")
+        address = f"{host}:{self.port}"
+        if self.tls is not None:
+            bound = server.add_secure_port(address, server_credentials(self.tls))
+        else:
+            bound = server.add_insecure_port(address)
         if bound == 0:
             raise OSError(f"cannot bind OTLP/gRPC on {self.host}:{self.port}")
         self.port = bound
@@ -145,23 +180,46 @@ class OtlpGrpcReceiver:
         self.stop_accepting(timeout_s).wait(timeout_s + 1)
 
     def _export(self, body: bytes, context: grpc.ServicerContext) -> bytes:
+        header = next((v for k, v in context.invocation_metadata() if k == "authorization"), None)
+        try:
+            sender = self.ingestor.authenticate(header if isinstance(header, str) else None)
+        except Unauthenticated as e:
+            self.metrics.requests.labels(transport="grpc", outcome="unauthenticated").inc()
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         if not self.bytes_in_flight.take(len(body)):
             self.metrics.requests.labels(transport="grpc", outcome="backpressure").inc()
             self._abort_retryable(context, "too many request bytes in flight, retry later", 1)
         try:
-            return self._export_held(body, context)
+            return self._export_held(body, context, sender)
         finally:
             self.bytes_in_flight.give(len(body))
 
-    def _abort_retryable(self, context: grpc.ServicerContext, message: str, retry_after_s: int) -> NoReturn:
-        detail = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message)
-        delay = Duration(seconds=max(1, retry_after_s))
-        detail.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        context.set_trailing_metadata((("grpc-status-details-bin", detail.SerializeToString()),))
-        context.abort(grpc.StatusCode.UNAVAILABLE, message)
+    def _abort_retryable(
+        self,
+        context: grpc.ServicerContext,
+        message: str,
+        retry_after_s: int,
+        code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+    ) -> NoReturn:
+        rpc_code = (
+            code_pb2.RESOURCE_EXHAUSTED
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            else code_pb2.UNAVAILABLE
+        )
+        retry = error_details_pb2.RetryInfo(retry_delay=Duration(seconds=max(1, retry_after_s)))
+        detail = status_pb2.Status(code=rpc_code, message=message)
+        detail.details.add().Pack(retry)
+        # The status details (the gRPC convention) and RetryInfo alone, which the Python SDK reads.
+        context.set_trailing_metadata(
+            (
+                ("grpc-status-details-bin", detail.SerializeToString()),
+                ("google.rpc.retryinfo-bin", retry.SerializeToString()),
+            )
+        )
+        context.abort(code, message)
         raise AssertionError("context.abort raises")  # for type checkers: abort never returns
 
-    def _export_held(self, body: bytes, context: grpc.ServicerContext) -> bytes:
+    def _export_held(self, body: bytes, context: grpc.ServicerContext, sender: Principal | None) -> bytes:
         request = ExportMetricsServiceRequest()
         try:
             request.ParseFromString(body)
@@ -171,13 +229,13 @@ class OtlpGrpcReceiver:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"cannot parse ExportMetricsServiceRequest: {str(e)[:300] or type(e).__name__}",
             )
-        outcome = self.ingestor.export(request, content_digest(body))
+        outcome = self.ingestor.export(request, content_digest(body), sender)
         self.metrics.requests.labels(transport="grpc", outcome=outcome.kind).inc()
         if outcome.response is not None:
             answer: bytes = outcome.response.SerializeToString()
             return answer
         code = _CODES[outcome.kind]
-        if code == grpc.StatusCode.UNAVAILABLE:
-            self._abort_retryable(context, outcome.message, outcome.retry_after_s)
+        if outcome.kind in ("backpressure", "unavailable", "rate_limited"):
+            self._abort_retryable(context, outcome.message, outcome.retry_after_s, code)
         context.abort(code, outcome.message)
         raise AssertionError("context.abort raises")

@@ -1,7 +1,9 @@
 """OTLP/HTTP receiver: ``POST /v1/metrics`` with protobuf or JSON bodies, optionally gzip-compressed.
 
 Answers follow the OTLP specification: the response uses the request's content type, errors carry a
-``google.rpc.Status``, and only 429/502/503/504 are retryable.
+``google.rpc.Status``, and only 429/502/503/504 are retryable. With ingest tokens a request needs
+``Authorization: Bearer <token>``: without a valid one it is answered 401 before its body is read, and
+nothing is kept. With TLS (see core.tls), plain HTTP to the port fails its handshake.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 
+from meterhouse.collector.auth import Principal, Unauthenticated
 from meterhouse.collector.ingest import Ingestor, Outcome
 from meterhouse.collector.model import content_digest
 from meterhouse.core.httpserver import HttpLimits, HttpServer, Receive, Scope, Send
 from meterhouse.core.metrics import PipelineMetrics
+from meterhouse.core.tls import ServerTls
 
 log = logging.getLogger("meterhouse.receiver.http")
 
@@ -41,7 +45,12 @@ _STATUS = {
     "unsupported_media_type": (HTTPStatus.UNSUPPORTED_MEDIA_TYPE, code_pb2.INVALID_ARGUMENT),
     "backpressure": (HTTPStatus.SERVICE_UNAVAILABLE, code_pb2.UNAVAILABLE),
     "unavailable": (HTTPStatus.SERVICE_UNAVAILABLE, code_pb2.UNAVAILABLE),
+    "unauthenticated": (HTTPStatus.UNAUTHORIZED, code_pb2.UNAUTHENTICATED),
+    "rate_limited": (HTTPStatus.TOO_MANY_REQUESTS, code_pb2.RESOURCE_EXHAUSTED),
 }
+
+#: Header of a 401, so clients know which scheme to use.
+WWW_AUTHENTICATE = (b"www-authenticate", b'Bearer realm="meterhouse"')
 
 
 class _TooLarge(Exception):
@@ -92,6 +101,11 @@ def gunzip_limited(data: bytes, limit: int) -> bytes:
             raise zlib.error(f"{len(rest)} bytes of trailing data after a gzip member")
 
 
+def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
+    value = headers.get(name)
+    return value.decode("latin-1") if value is not None else None
+
+
 class InFlight:
     """Counts requests being handled, so shutdown can wait until their answers are sent."""
 
@@ -138,8 +152,10 @@ class OtlpHttpReceiver:
         limits: HttpLimits | None = None,
         max_bytes_in_flight: int = 0,
         workers: int = 8,
+        tls: ServerTls | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.tls = tls
         self.ingestor = ingestor
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
@@ -156,7 +172,7 @@ class OtlpHttpReceiver:
         if self._server is not None:
             return
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="otlp-http")
-        server = HttpServer(self._asgi, self.host, self.port, self.limits, "otlp-http")
+        server = HttpServer(self._asgi, self.host, self.port, self.limits, "otlp-http", self.tls)
         try:
             server.start()
         except OSError:
@@ -227,6 +243,10 @@ class OtlpHttpReceiver:
         await self._answer(send, answer, answer_type)
 
     async def _handle(self, headers: dict[bytes, bytes], ctype: str, receive: Receive) -> _Answer | None:
+        try:
+            sender = self.ingestor.authenticate(_header(headers, b"authorization"))
+        except Unauthenticated as e:
+            return _Answer(Outcome("unauthenticated", str(e)), True)  # the body is not read, nor kept
         limit = self.max_request_bytes
         encoding = headers.get(b"content-encoding", b"identity").strip().lower().decode("latin-1")
         length = headers.get(b"content-length")
@@ -277,13 +297,13 @@ class OtlpHttpReceiver:
                     break
             loop = asyncio.get_running_loop()
             outcome = await loop.run_in_executor(
-                self._pool, self._decode_export, ctype, encoding, bytes(body)
+                self._pool, self._decode_export, ctype, encoding, bytes(body), sender
             )
             return _Answer(outcome)
         finally:
             self._bytes -= len(body)
 
-    def _decode_export(self, ctype: str, encoding: str, body: bytes) -> Outcome:
+    def _decode_export(self, ctype: str, encoding: str, body: bytes, sender: Principal | None) -> Outcome:
         limit = self.max_request_bytes
         if encoding == "gzip":
             try:
@@ -306,7 +326,7 @@ class OtlpHttpReceiver:
                 "invalid",
                 f"cannot parse {what} ExportMetricsServiceRequest: {str(e)[:300] or type(e).__name__}",
             )
-        return self.ingestor.export(request, content_digest(body))
+        return self.ingestor.export(request, content_digest(body), sender)
 
     async def _answer(self, send: Send, answer: _Answer, answer_type: str) -> None:
         outcome = answer.outcome
@@ -346,5 +366,7 @@ class OtlpHttpReceiver:
             headers.append((b"retry-after", str(retry_after_s).encode()))
         if close:
             headers.append((b"connection", b"close"))
+        if status == HTTPStatus.UNAUTHORIZED:
+            headers.append(WWW_AUTHENTICATE)
         await send({"type": "http.response.start", "status": int(status), "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -21,7 +21,7 @@ KEEPER_RAFT_PORT = 9234
 NATIVE_PORT = 9000
 HTTP_PORT = 8123
 INTERSERVER_PORT = 9009
-USER = PASSWORD = "meterhouse"
+USER_ENV, PASSWORD_ENV = "CLICKHOUSE_USER", "CLICKHOUSE_PASSWORD"
 
 
 def node(shard: int, replica: int) -> str:
@@ -59,8 +59,10 @@ def cluster_xml() -> str:
             rep = _el(shard, "replica")
             _el(rep, "host", node(s, r))
             _el(rep, "port", NATIVE_PORT)
-            _el(rep, "user", USER)
-            _el(rep, "password", PASSWORD)
+            # Credentials from the node's environment (compose's env_file, deploy/secrets/clickhouse.env):
+            # nothing secret in a committed file.
+            _el(rep, "user").set("from_env", USER_ENV)
+            _el(rep, "password").set("from_env", PASSWORD_ENV)
     zk = _el(root, "zookeeper")
     for k in KEEPERS:
         n = _el(zk, "node")

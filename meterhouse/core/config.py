@@ -270,6 +270,52 @@ class Config:
             "`tokens: [...]` named by MH_AUTH_TOKENS_FILE; never a flag, so tokens stay out of `ps`).",
         },
     )
+    allow_unauthenticated_ingest: bool = _opt(
+        None,
+        default=False,
+        help="Serve OTLP without ingest tokens on a non-loopback --host (refused otherwise; API tokens "
+        "alone are not enough).",
+    )
+    ingest_tokens: tuple[Token, ...] = field(
+        default=(),
+        metadata={
+            "check": None,
+            "flag": False,
+            "help": "Bearer tokens that may send usage, and the orgs each may send for (config file "
+            "`ingest.tokens`, or a YAML file `tokens: [...]` named by MH_INGEST_TOKENS_FILE; never a flag).",
+        },
+    )
+    tls_cert_file: str = _opt(
+        None,
+        default="",
+        help="PEM certificate chain served on all three listeners (config file `tls.cert_file`; "
+        "empty = plain TCP). Reloaded on SIGHUP.",
+    )
+    tls_key_file: str = _opt(None, default="", help="PEM private key of tls_cert_file (`tls.key_file`).")
+    tls_client_ca_file: str = _opt(
+        None,
+        default="",
+        help="PEM CA bundle for client certificates (`tls.client_ca_file`): when set, mutual TLS is "
+        "required on all three listeners.",
+    )
+    ingest_points_per_s: float = _opt(
+        _non_negative,
+        default=0.0,
+        help="Data points per second each ingest token may send (`limits.ingest_points_per_s`; "
+        "0 = unlimited); above it requests are answered retryable 429 / RESOURCE_EXHAUSTED.",
+    )
+    ingest_burst_points: int = _opt(
+        _non_negative,
+        default=0,
+        help="Points a token may send at once above its rate (`limits.ingest_burst_points`; "
+        "0 = one second's worth).",
+    )
+    series_per_org_metric: int = _opt(
+        _non_negative,
+        default=0,
+        help="Attribute sets kept per org and metric (`limits.series_per_org_metric`; 0 = unlimited); "
+        "new sets beyond it are folded into one series otel.metric.overflow=true.",
+    )
     log_level: str = _opt(_choice("debug", "info", "warning", "error"), default="info", help="Log level.")
     log_format: str = _opt(
         _choice("auto", "json", "text"), default="auto", help="auto = JSON lines unless stderr is a terminal."
@@ -282,6 +328,10 @@ class Config:
             if problem:
                 raise ConfigError(f"{f.name}: {problem} (got {getattr(self, f.name)!r})")
         self._check_endpoints()
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("tls.cert_file and tls.key_file: give both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError("tls.client_ca_file: needs tls.cert_file and tls.key_file (mutual TLS is TLS)")
 
     def _check_endpoints(self) -> None:
         """Several endpoints are safe only as nodes of one replicated schema: with plain tables on each,
@@ -300,6 +350,10 @@ class Config:
                 "pass --cluster NAME (their ClickHouse cluster), or name one endpoint "
                 f"(got {len(urls)}: {redact_urls(', '.join(urls))})"
             )
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert_file)
 
     @property
     def endpoints(self) -> list[str]:
@@ -345,7 +399,8 @@ def _coerce(name: str, typ: Any, raw: Any, source: str) -> Any:
 
 @dataclass(frozen=True)
 class Token:
-    """An API bearer token, the orgs it may read (``*`` = all), and whether it may close months."""
+    """A bearer token and the orgs it may read (API) or send for (ingest), ``*`` = all; API tokens
+    may also be allowed to close months."""
 
     token: str
     orgs: tuple[str, ...]
@@ -359,17 +414,23 @@ class Token:
         return self.all_orgs or org in self.orgs
 
 
-def _tokens(raw: Any, source: str) -> tuple[Token, ...]:
+def _tokens(raw: Any, source: str, section: str = "auth") -> tuple[Token, ...]:
     if not isinstance(raw, dict) or set(raw) - {"tokens"}:
-        raise ConfigError(f"auth: must be a mapping with the key tokens (from {source})")
+        raise ConfigError(f"{section}: must be a mapping with the key tokens (from {source})")
     entries = raw.get("tokens") or []
     if not isinstance(entries, list):
-        raise ConfigError(f"auth.tokens: must be a list (from {source})")
+        raise ConfigError(f"{section}.tokens: must be a list (from {source})")
     out = []
     for i, e in enumerate(entries):
-        where = f"auth.tokens[{i}]"
-        if not isinstance(e, dict) or not {"token", "orgs"} <= set(e) <= {"token", "orgs", "admin"}:
-            raise ConfigError(f"{where}: must be {{token: ..., orgs: [...], admin: false}} (from {source})")
+        where = f"{section}.tokens[{i}]"
+        keys = {"token", "orgs", "admin"} if section == "auth" else {"token", "orgs"}
+        if not isinstance(e, dict) or not {"token", "orgs"} <= set(e) <= keys:
+            shape = (
+                "{token: ..., orgs: [...], admin: false}"
+                if section == "auth"
+                else "{token: ..., orgs: [...]}"
+            )
+            raise ConfigError(f"{where}: must be {shape} (from {source})")
         if not isinstance(e.get("admin", False), bool):
             raise ConfigError(f"{where}.admin: must be true or false (from {source})")
         tok, orgs = e["token"], e["orgs"]
@@ -379,7 +440,7 @@ def _tokens(raw: Any, source: str) -> tuple[Token, ...]:
             raise ConfigError(f"{where}.orgs: must be a non-empty list of org ids or '*' (from {source})")
         out.append(Token(tok, tuple(orgs), e.get("admin", False)))
     if len({t.token for t in out}) != len(out):
-        raise ConfigError(f"auth.tokens: a token appears twice (from {source})")
+        raise ConfigError(f"{section}.tokens: a token appears twice (from {source})")
     return tuple(out)
 
 
@@ -396,21 +457,55 @@ def redact_urls(urls: str) -> str:
     return ",".join(out)
 
 
-def _tokens_file(path: Path, source: str) -> tuple[Token, ...]:
-    """Tokens from a YAML file of its own: ``tokens: [{token, orgs}]`` (or ``auth: {tokens: ...}``)."""
+def _tokens_file(path: Path, source: str, section: str = "auth") -> tuple[Token, ...]:
+    """Tokens from a YAML file of its own: ``tokens: [{token, orgs}]`` (or ``<section>: {tokens: ...}``)."""
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except OSError as e:
-        raise ConfigError(f"auth tokens file: cannot read {path} (named by {source}): {e.strerror}") from None
+        raise ConfigError(
+            f"{section} tokens file: cannot read {path} (named by {source}): {e.strerror}"
+        ) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"auth tokens file: {path} (named by {source}) is not valid YAML: {e}") from None
-    if isinstance(loaded, dict) and set(loaded) == {"auth"}:
-        loaded = loaded["auth"]
-    return _tokens(loaded, str(path))
+        raise ConfigError(
+            f"{section} tokens file: {path} (named by {source}) is not valid YAML: {e}"
+        ) from None
+    if isinstance(loaded, dict) and set(loaded) == {section}:
+        loaded = loaded[section]
+    return _tokens(loaded, str(path), section)
+
+
+#: Nested mappings of the config file and the options their keys stand for (``tls: {cert_file: ...}``).
+SECTIONS: dict[str, dict[str, str]] = {
+    "tls": {"cert_file": "tls_cert_file", "key_file": "tls_key_file", "client_ca_file": "tls_client_ca_file"},
+    "limits": {
+        "ingest_points_per_s": "ingest_points_per_s",
+        "ingest_burst_points": "ingest_burst_points",
+        "series_per_org_metric": "series_per_org_metric",
+    },
+}
+
+
+def _flatten_sections(loaded: dict[str, Any], source: str) -> dict[str, Any]:
+    """``tls:`` and ``limits:`` mappings → their flat option names; an unknown key is named."""
+    out = {k: v for k, v in loaded.items() if k not in SECTIONS}
+    for section, keys in SECTIONS.items():
+        raw = loaded.get(section)
+        if raw is None:
+            continue
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{section}: must be a mapping of {', '.join(keys)} (from {source})")
+        for key, value in raw.items():
+            key = str(key).replace("-", "_")
+            if key not in keys:
+                raise ConfigError(
+                    f"{section}.{key}: unknown option; known: {', '.join(keys)} (from {source})"
+                )
+            out[keys[key]] = value
+    return out
 
 
 def option_names() -> list[str]:
-    """Options that are flags and environment variables (auth tokens come from the file only)."""
+    """Options that are flags and environment variables (tokens come from files only)."""
     return [f.name for f in fields(Config) if f.metadata.get("flag", True)]
 
 
@@ -444,7 +539,9 @@ def load_config(
         loaded = {str(k).replace("-", "_"): v for k, v in loaded.items()}
         if "auth" in loaded:
             values["auth_tokens"] = _tokens(loaded.pop("auth"), str(path))
-        take(loaded, str(path))
+        if "ingest" in loaded:
+            values["ingest_tokens"] = _tokens(loaded.pop("ingest"), str(path), "ingest")
+        take(_flatten_sections(loaded, str(path)), str(path))
     env = os.environ if env is None else env
     from_env = {
         k[len(ENV_PREFIX) :].lower(): v
@@ -455,5 +552,10 @@ def load_config(
     tokens_file = env.get(ENV_PREFIX + "AUTH_TOKENS_FILE")
     if tokens_file:
         values["auth_tokens"] = _tokens_file(Path(tokens_file), ENV_PREFIX + "AUTH_TOKENS_FILE")
+    ingest_tokens_file = env.get(ENV_PREFIX + "INGEST_TOKENS_FILE")
+    if ingest_tokens_file:
+        values["ingest_tokens"] = _tokens_file(
+            Path(ingest_tokens_file), ENV_PREFIX + "INGEST_TOKENS_FILE", "ingest"
+        )
     take(dict(flags or {}), "command line")
     return dataclasses.replace(Config(), **values) if values else Config()

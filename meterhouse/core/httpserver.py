@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from meterhouse.core.tls import ServerTls
 
 if TYPE_CHECKING:
     from meterhouse.core.config import Config
@@ -110,6 +113,15 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
+            # Count the head's bytes before the parser sees them: a head that ends within this read
+            # would otherwise be complete (and the count reset) before the bound is checked.
+            end = data.find(b"\r\n\r\n")
+            head = len(data) if end < 0 else end + 4
+            if self._header_bytes + head > self.limits.max_header_bytes and self.parser is not None:
+                _close_with(
+                    self.transport, b"431 Request Header Fields Too Large", b"request headers too large"
+                )
+                return
             self._header_bytes += len(data)
         super().data_received(data)
         if self._in_head and self._header_bytes > self.limits.max_header_bytes and self.parser is not None:
@@ -175,8 +187,11 @@ class InFlightLimit:
 class HttpServer:
     """An ASGI application served by uvicorn on its own thread and event loop, in this process."""
 
-    def __init__(self, app: App, host: str, port: int, limits: HttpLimits, name: str) -> None:
+    def __init__(
+        self, app: App, host: str, port: int, limits: HttpLimits, name: str, tls: ServerTls | None = None
+    ) -> None:
         self.app, self.host, self.port, self.limits, self.name = app, host, port, limits, name
+        self.tls = tls  # TLS on every connection (plain HTTP fails its handshake); reloadable
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -211,6 +226,7 @@ class HttpServer:
             if self.limits.idle_timeout_s
             else 10**9,
             backlog=self.limits.backlog,
+            ssl_context_factory=self._ssl_context if self.tls is not None else None,
         )
         server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -223,6 +239,10 @@ class HttpServer:
         if not server.started:
             raise OSError(f"{self.name}: the HTTP server did not start on {self.host}:{self.port}")
         self._server = server
+
+    def _ssl_context(self, _config: uvicorn.Config, _default: object) -> ssl.SSLContext:
+        assert self.tls is not None
+        return self.tls.front_context()
 
     def shutdown(self, timeout_s: float) -> None:
         """Stop accepting; requests in flight get ``timeout_s`` to be answered. Idempotent."""

@@ -19,11 +19,14 @@ REJECT_REASONS = (
     "out_of_order",  # a cumulative point older than its series' last one, with another value
     "attribute_limit",  # too many attributes, or a key or value over the length limit
     "unsupported_metric",  # no data, or a sum without temporality
-    "out_of_order",  # a cumulative point older than its series' last one, with another value
+    "org_not_allowed",  # the sender's ingest token may not send for the point's org
 )
 
 #: Why a data point was stored changed. Each repair keeps the usage exactly; it is counted and logged.
 REPAIR_REASONS = ("start_after_time",)  # start time a few ms after the time (an SDK race): start := time
+
+#: Why a whole request was refused by a limit (retryable: the client sends it again).
+LIMIT_REASONS = ("ingest_rate",)
 
 #: Outcomes of one OTLP request, by transport.
 REQUEST_OUTCOMES = (
@@ -34,6 +37,8 @@ REQUEST_OUTCOMES = (
     "unsupported_media_type",
     "backpressure",
     "unavailable",
+    "unauthenticated",
+    "rate_limited",
 )
 TRANSPORTS = ("http", "grpc")
 
@@ -95,6 +100,18 @@ class PipelineMetrics:
             f"{p}_requests",
             "OTLP export requests answered, by transport and outcome.",
             ["transport", "outcome"],
+            registry=registry,
+        )
+        self.limited_requests = Counter(
+            f"{p}_limited_requests",
+            "OTLP requests refused (retryable) by a limit, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.series_folded = Counter(
+            f"{p}_series_folded",
+            "Data points whose new attribute set was over the per-org-and-metric series limit, "
+            "stored in the overflow series otel.metric.overflow=true.",
             registry=registry,
         )
         self.ingest_lag = Histogram(
@@ -219,6 +236,8 @@ class PipelineMetrics:
         self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
         for reason in REJECT_REASONS:
             self.points_rejected.labels(reason=reason)
+        for reason in LIMIT_REASONS:
+            self.limited_requests.labels(reason=reason)
         for reason in REPAIR_REASONS:
             self.points_repaired.labels(reason=reason)
         for transport in TRANSPORTS:

@@ -25,6 +25,8 @@ EVENTS_TABLE = "pipeline_events"
 #: granules of the metric and hours asked for (the rollup is ordered by org first).
 METRIC_ORGS_TABLE = "usage_hourly_by_metric"
 ATTRIBUTE_CARDINALITY_TABLE = "attribute_cardinality_hourly"
+#: Every attribute set stored per org and metric: what the series limit counts, read back at start.
+ATTRIBUTE_SETS_TABLE = "attribute_sets"
 
 #: Blocks remembered per table for insert deduplication (a retried or replayed batch counts once).
 DEDUP_WINDOW_BLOCKS = 10_000
@@ -324,6 +326,19 @@ GROUP BY metric, kind""",
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(time)
 ORDER BY (kind, time)""",
+        # Attribute sets as the collector sorted them (parallel arrays: a Map cannot be a sort key).
+        f"""CREATE TABLE IF NOT EXISTS {db}.{ATTRIBUTE_SETS_TABLE} (
+    org_id String,
+    metric LowCardinality(String),
+    attr_keys Array(String),
+    attr_values Array(String)
+) ENGINE = ReplacingMergeTree
+ORDER BY (org_id, metric, attr_keys, attr_values)
+SETTINGS {dedup}""",
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attr_sets_points_mv TO {db}.{ATTRIBUTE_SETS_TABLE} AS
+SELECT DISTINCT org_id, metric, attr_keys, attr_values FROM {db}.{INGEST_TABLE}""",
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attr_sets_dist_mv TO {db}.{ATTRIBUTE_SETS_TABLE} AS
+SELECT DISTINCT org_id, metric, attr_keys, attr_values FROM {db}.{DIST_INGEST_TABLE}""",
     ]
 
 
@@ -374,6 +389,19 @@ def series_state_sql(database: str) -> str:
 FROM {database}.{SERIES_STATE_TABLE}
 WHERE series_id IN {{ids:Array(UInt64)}}
 GROUP BY series_id"""
+
+
+def attribute_sets_sql(database: str) -> str:
+    """Stored attribute sets of the listed orgs' metrics, at most ``n`` per (org, metric).
+
+    Bound parameters: ``orgs`` and ``metrics`` (Array(String)), ``n`` (UInt64); the caller keeps only
+    the (org, metric) pairs it asked for.
+    """
+    return f"""SELECT org_id, metric, attr_keys, attr_values
+FROM {database}.{ATTRIBUTE_SETS_TABLE}
+WHERE org_id IN {{orgs:Array(String)}} AND metric IN {{metrics:Array(String)}}
+GROUP BY org_id, metric, attr_keys, attr_values
+LIMIT {{n:UInt64}} BY org_id, metric"""
 
 
 # -- org health (exporter) ---------------------------------------------------------------------------

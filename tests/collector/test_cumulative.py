@@ -216,3 +216,28 @@ def test_a_restart_with_a_spool_backlog_does_not_count_twice(tmp_path, store):
         p2.close()
     assert totals(store) == 200  # the sender's own value
     assert store.scalar(f"SELECT sum(value_int) FROM {store.database}.usage_hourly") == 200
+
+
+def test_a_double_point_sent_again_in_another_request_counts_zero():
+    """Found by an adversarial run: a re-sent cumulative double point (in a request whose bytes differ,
+    so request dedup cannot see it) was stored with its full cumulative value again."""
+    from meterhouse.collector.decode import decode_request
+
+    state = CumulativeState(lambda ids: {})
+    t0 = time.time_ns() - 60 * 10**9
+    t1, t2 = t0 + 10**9, t0 + 2 * 10**9
+
+    def stored(*points):
+        req = sum_request({"credits": list(points)}, temporality=CUMULATIVE)
+        cols = decode_request(
+            req, Limits(), now_ns=time.time_ns(), digest="d", cumulative=state
+        ).batch.columns
+        return sum(cols["value_double"]) + sum(cols["value_int"])
+
+    assert stored(point(100.0, {"org.id": "o"}, t1, t0)) == 100.0
+    assert stored(point(100.0, {"org.id": "o"}, t1, t0), point(110.0, {"org.id": "o"}, t2, t0)) == 10.0
+    assert stored(point(110.0, {"org.id": "o"}, t2, t0)) == 0.0  # the last point once more
+    same = point(120.0, {"org.id": "o"}, t2 + 10**9, t0)
+    assert stored(same, same) == 10.0  # twice within one request
+    # Integers were right before and stay so.
+    assert stored(point(5, {"org.id": "p"}, t1, t0), point(5, {"org.id": "p"}, t1, t0)) == 5

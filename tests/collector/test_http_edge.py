@@ -205,6 +205,19 @@ def test_header_floods_are_refused(stack, flood):
     assert Reader(ok).response()[0] == 200
 
 
+@pytest.mark.parametrize("size", [66_000, 100_000])
+def test_a_head_just_over_the_bound_in_one_read_is_refused(stack, size):
+    """Found by an adversarial run: a head over the bound that ended within one read was taken (200)."""
+    s = connect(stack.collector.http.port)
+    payload = body("org-head", 1)
+    extra = "X-Big: " + "a" * size + "\r\n"
+    try:
+        s.sendall(head(len(payload), extra) + payload)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert Reader(s).response()[0] == 431
+
+
 def test_idle_silent_and_slow_connections_are_closed_after_their_timeouts(stack_factory):
     stack = stack_factory(http_idle_timeout_s=0.5, http_read_header_timeout_s=0.5, http_read_timeout_s=0.5)
     port = stack.collector.http.port

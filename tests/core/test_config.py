@@ -154,6 +154,7 @@ def test_every_reject_reason_in_the_code_is_pre_created_and_documented():
     used = set(re.findall(r'reject\(\s*"([a-z_]+)"', code))
     used |= set(re.findall(r'reject\(\s*"[a-z_]+" if \w+ else "([a-z_]+)"', code))
     assert used, "no reject reason found in the collector"
+    assert len(set(REJECT_REASONS)) == len(REJECT_REASONS), "a reject reason is listed twice"
     assert used <= set(REJECT_REASONS), used - set(REJECT_REASONS)
     readme = (root / "README.md").read_text().split("### Validation", 1)[1].split("\n## ", 1)[0]
     for reason in REJECT_REASONS:

@@ -82,8 +82,9 @@ def test_tokens_come_from_the_config_file(tmp_path):
 def test_a_public_bind_needs_tokens_or_an_explicit_opt_out():
     with pytest.raises(ConfigError, match="not a loopback address"):
         check_bind(Config(host="0.0.0.0"))
-    check_bind(Config(host="0.0.0.0", auth_tokens=(Token(WILD, ("*",)),)))
-    check_bind(Config(host="0.0.0.0", allow_unauthenticated=True))
+    # (OTLP on a public address needs ingest tokens or its own opt-out: tests/core/test_config_security.py)
+    check_bind(Config(host="0.0.0.0", auth_tokens=(Token(WILD, ("*",)),), allow_unauthenticated_ingest=True))
+    check_bind(Config(host="0.0.0.0", allow_unauthenticated=True, allow_unauthenticated_ingest=True))
     check_bind(Config(host="127.0.0.1"))
     check_bind(Config(host="::1"))
 

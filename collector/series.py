@@ -1,0 +1,110 @@
+"""Per-(org, metric) series limit: new attribute sets beyond it are folded into one overflow series.
+
+Folding replaces a point's attributes with ``otel.metric.overflow=true`` (as the OpenTelemetry SDKs do
+for their own cardinality limit); its value is kept, so the org's totals stay exact. It runs after the
+cumulative→delta conversion, which keys its state on the original attributes, so a folded cumulative
+series still counts exactly its own increase.
+
+The attribute sets admitted so far are read back from ClickHouse (``attribute_sets``) the first time an
+(org, metric) is seen by this process, so a restart does not admit more; sets of points still waiting
+in the spool are added at start (:meth:`SeriesLimiter.observe`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from meterhouse.collector.cumulative import StateUnavailable
+
+OVERFLOW_KEY = "otel.metric.overflow"
+OVERFLOW_VALUE = "true"
+_OVERFLOW = hash(((OVERFLOW_KEY,), (OVERFLOW_VALUE,)))
+
+Pair = tuple[str, str]
+#: (org, metric) → the attribute sets stored for it, as (sorted keys, values).
+Loader = Callable[[list[Pair]], dict[Pair, list[tuple[Sequence[str], Sequence[str]]]]]
+Admission = tuple[Pair, int]
+
+
+def _set_key(keys: Sequence[str], values: Sequence[str]) -> int:
+    # Process-local hashes are enough: every set is hashed by this process, loaded ones included.
+    return hash((tuple(keys), tuple(values)))
+
+
+class SeriesLimiter:
+    """Admitted attribute sets per (org, metric), at most ``limit`` each (the overflow set aside)."""
+
+    def __init__(self, limit: int, loader: Loader) -> None:
+        self.limit = limit
+        self._load = loader
+        self._sets: dict[Pair, set[int]] = {}
+        self._loaded: set[Pair] = set()
+        self._lock = threading.Lock()
+
+    def fold(self, columns: dict[str, list[Any]]) -> tuple[int, list[Admission]]:
+        """Fold the rows of ``columns`` whose new attribute set is over the limit, in place.
+
+        Returns the number of folded rows and the sets admitted by this call (for :meth:`rollback`).
+        """
+        orgs, metrics = columns["org_id"], columns["metric"]
+        if not orgs:
+            return 0, []
+        keys_col, values_col = columns["attr_keys"], columns["attr_values"]
+        folded = 0
+        admitted: list[Admission] = []
+        with self._lock:
+            missing = list({(o, m) for o, m in zip(orgs, metrics, strict=True)} - self._loaded)
+            if missing:
+                try:
+                    found = self._load(missing)
+                except Exception as err:  # ClickHouse unreachable: retryable, like cumulative state
+                    raise StateUnavailable(f"cannot read attribute sets: {err}") from err
+                self._merge(found)
+                self._loaded.update(missing)
+            limit = self.limit
+            for i, pair in enumerate(zip(orgs, metrics, strict=True)):
+                h = _set_key(keys_col[i], values_col[i])
+                if h == _OVERFLOW:
+                    continue
+                sets = self._sets.setdefault(pair, set())
+                if h in sets:
+                    continue
+                if len(sets) < limit:
+                    sets.add(h)
+                    admitted.append((pair, h))
+                    continue
+                keys_col[i] = [OVERFLOW_KEY]
+                values_col[i] = [OVERFLOW_VALUE]
+                folded += 1
+        return folded, admitted
+
+    def rollback(self, admitted: Iterable[Admission]) -> None:
+        """Forget sets admitted by a request that was not kept (the client sends it again)."""
+        with self._lock:
+            for pair, h in admitted:
+                self._sets.get(pair, set()).discard(h)
+
+    def observe(self, columns: dict[str, list[Any]]) -> None:
+        """Count the sets of points already accepted (the spool at start) as admitted."""
+        with self._lock:
+            for org, metric, keys, values in zip(
+                columns["org_id"], columns["metric"], columns["attr_keys"], columns["attr_values"],
+                strict=True,
+            ):  # fmt: skip
+                h = _set_key(keys, values)
+                if h != _OVERFLOW:
+                    self._sets.setdefault((org, metric), set()).add(h)
+
+    def _merge(self, found: dict[Pair, list[tuple[Sequence[str], Sequence[str]]]]) -> None:
+        for pair, sets in found.items():
+            mine = self._sets.setdefault(pair, set())
+            for keys, values in sets:
+                h = _set_key(keys, values)
+                if h != _OVERFLOW:
+                    mine.add(h)
+
+    def admitted(self, org: str, metric: str) -> int:
+        with self._lock:
+            return len(self._sets.get((org, metric), ()))
