@@ -34,7 +34,14 @@ def prometheus_side(work: Path, orgs: int, seconds: float, interval_s: int) -> d
         t_scrape = median_time(lambda: get(f"http://127.0.0.1:{port}/metrics", 60), 3, warm=False)
         size = len(get(f"http://127.0.0.1:{port}/metrics", 60))
         time.sleep(seconds)
-        m = scrape(f"{base}/metrics")
+        # On a loaded machine the first scrapes can time out: wait (bounded) until one has landed, so the
+        # figures describe Prometheus holding the orgs' series rather than an empty head.
+        deadline = time.monotonic() + 120
+        while True:
+            m = scrape(f"{base}/metrics")
+            if m.get("prometheus_tsdb_head_series", 0) >= orgs or time.monotonic() > deadline:
+                break
+            time.sleep(interval_s)
         q = urllib.parse.urlencode(
             {"query": 'sum(increase(usage_api_requests_total{org_id="org-000042"}[24h]))'}
         )
