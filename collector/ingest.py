@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -49,15 +48,7 @@ def committed_state_loader(store: Queries) -> Callable[[list[int]], dict[int, En
     return load
 
 
-class RowSource(Protocol):
-    """What the loaders read through: a store, or the endpoint set that routes to the active one."""
-
-    database: str
-
-    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]: ...
-
-
-def attribute_sets_loader(store: RowSource, limit: int) -> Loader:
+def attribute_sets_loader(store: Queries, limit: int) -> Loader:
     """Read the attribute sets already stored for (org, metric) pairs (see series.py)."""
     sql = schema.attribute_sets_sql(store.database)
 

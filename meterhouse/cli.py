@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from dataclasses import fields
 
 from meterhouse import __version__
@@ -46,9 +47,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _config_from(args: argparse.Namespace) -> Config:
+def _config_from(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
+    """The configuration from parsed flags, the config file they name, and ``env`` (default: os.environ)."""
     flags = {f.name: getattr(args, f.name) for f in fields(Config) if f.metadata.get("flag", True)}
-    return load_config(flags, config_file=args.config)
+    return load_config(flags, env=env, config_file=args.config)
 
 
 def check_bind(config: Config) -> None:

@@ -7,15 +7,13 @@ import runpy
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
-from dataclasses import fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-from meterhouse.cli import build_parser, check_bind
-from meterhouse.core.config import Config, load_config
+from meterhouse.cli import _config_from, build_parser, check_bind
 
 ROOT = Path(__file__).resolve().parent.parent
 DIR = ROOT / "deploy" / "clickhouse-cluster"
@@ -129,9 +127,7 @@ def service_config(service: dict, secrets_dir: Path):
         if str(value).startswith("/run/secrets/"):
             value = str(secrets_dir / Path(compose["secrets"][Path(value).name]["file"]).name)
         env[key] = str(value)
-    args = build_parser().parse_args(service["command"])
-    flags = {f.name: getattr(args, f.name) for f in fields(Config) if f.metadata.get("flag", True)}
-    return load_config(flags, env=env)
+    return _config_from(build_parser().parse_args(service["command"]), env=env)
 
 
 def test_every_meterhouse_service_starts_with_the_generated_secrets(secrets_dir):

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TextIO
 
 from meterhouse.core import schema
+from meterhouse.core.store import Queries
 
 NS = 10**9
 DAY_S = 86400
@@ -31,14 +32,9 @@ SETTLE_S = 5.0
 DOUBLE_TOLERANCE = 1e-9
 
 
-class CloseStore(Protocol):
-    """What a close needs of a store (a :class:`~meterhouse.core.store.Store` or the failover set)."""
-
-    database: str
-
-    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]: ...
-
-    def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any: ...
+class CloseStore(Queries, Protocol):
+    """What a close needs of a store (a :class:`~meterhouse.core.store.Store` or the failover set): the
+    readers' queries, and inserts into the close's tables."""
 
     def insert_rows(
         self,
