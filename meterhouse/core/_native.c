@@ -7,8 +7,11 @@
  *   String            LEB128 byte length + UTF-8 bytes, per row
  *   UInt8             1 byte per row
  *   Int64, UInt64     8 bytes little-endian per row (DateTime64(9) is an Int64 of nanoseconds)
+ *   Int32             4 bytes little-endian per row
  *   Float64           8 bytes little-endian (IEEE 754) per row
- *   Array(String)     UInt64 cumulative end offsets, one per row, then every element as a String
+ *   Nullable(Float64) one byte per row (1 = NULL), then the Float64 column (0 where NULL)
+ *   Array(T)          UInt64 cumulative end offsets, one per row, then every element as a T column
+ *                     (T = String, UInt64 or Float64)
  * Only the types the ingest tables use are supported; anything else raises ValueError, a value of the
  * wrong Python type TypeError, an integer out of range OverflowError: the caller falls back to (or
  * reports like) clickhouse-connect.
@@ -18,7 +21,8 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { T_STRING, T_UINT8, T_INT64, T_UINT64, T_FLOAT64, T_ARRAY_STRING };
+enum { T_STRING, T_UINT8, T_INT32, T_INT64, T_UINT64, T_FLOAT64, T_NULLABLE_FLOAT64, T_ARRAY_STRING,
+       T_ARRAY_UINT64, T_ARRAY_FLOAT64 };
 
 typedef struct {
     char *data;
@@ -87,8 +91,49 @@ static int type_code(const char *t) {
     if (!strcmp(t, "Int64") || !strncmp(t, "DateTime64(", 11)) return T_INT64;
     if (!strcmp(t, "UInt64")) return T_UINT64;
     if (!strcmp(t, "Float64")) return T_FLOAT64;
+    if (!strcmp(t, "Int32")) return T_INT32;
+    if (!strcmp(t, "Nullable(Float64)")) return T_NULLABLE_FLOAT64;
     if (!strcmp(t, "Array(String)")) return T_ARRAY_STRING;
+    if (!strcmp(t, "Array(UInt64)")) return T_ARRAY_UINT64;
+    if (!strcmp(t, "Array(Float64)")) return T_ARRAY_FLOAT64;
     return -1;
+}
+
+static int put_uint64_obj(Buf *b, PyObject *o) {
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    return put_u64(b, (uint64_t)v);
+}
+
+static int put_float64_obj(Buf *b, PyObject *o) {
+    double d = PyFloat_AsDouble(o);
+    if (d == -1.0 && PyErr_Occurred()) return -1;
+    uint64_t bits;
+    memcpy(&bits, &d, 8);
+    return put_u64(b, bits);
+}
+
+static int write_array(Buf *b, int code, PyObject **items, Py_ssize_t rows) {
+    uint64_t end = 0;
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        if (!PyList_Check(items[i]) && !PyTuple_Check(items[i])) {
+            PyErr_Format(PyExc_TypeError, "expected a list, got %.80s", Py_TYPE(items[i])->tp_name);
+            return -1;
+        }
+        end += (uint64_t)PySequence_Fast_GET_SIZE(items[i]);
+        if (put_u64(b, end) < 0) return -1;
+    }
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(items[i]);
+        PyObject **elems = PySequence_Fast_ITEMS(items[i]);
+        for (Py_ssize_t j = 0; j < n; j++) {
+            int rc = code == T_ARRAY_STRING   ? put_str(b, elems[j])
+                     : code == T_ARRAY_UINT64 ? put_uint64_obj(b, elems[j])
+                                              : put_float64_obj(b, elems[j]);
+            if (rc < 0) return -1;
+        }
+    }
+    return 0;
 }
 
 static int write_column(Buf *b, int code, PyObject *seq, Py_ssize_t rows) {
@@ -120,40 +165,44 @@ static int write_column(Buf *b, int code, PyObject *seq, Py_ssize_t rows) {
         return 0;
     case T_UINT64:
         if (buf_reserve(b, rows * 8) < 0) return -1;
-        for (Py_ssize_t i = 0; i < rows; i++) {
-            unsigned long long v = PyLong_AsUnsignedLongLong(items[i]);
-            if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
-            if (put_u64(b, (uint64_t)v) < 0) return -1;
-        }
+        for (Py_ssize_t i = 0; i < rows; i++)
+            if (put_uint64_obj(b, items[i]) < 0) return -1;
         return 0;
     case T_FLOAT64:
         if (buf_reserve(b, rows * 8) < 0) return -1;
-        for (Py_ssize_t i = 0; i < rows; i++) {
-            double d = PyFloat_AsDouble(items[i]);
-            if (d == -1.0 && PyErr_Occurred()) return -1;
-            uint64_t bits;
-            memcpy(&bits, &d, 8);
-            if (put_u64(b, bits) < 0) return -1;
-        }
+        for (Py_ssize_t i = 0; i < rows; i++)
+            if (put_float64_obj(b, items[i]) < 0) return -1;
         return 0;
-    case T_ARRAY_STRING: {
-        uint64_t end = 0;
+    case T_INT32:
+        if (buf_reserve(b, rows * 4) < 0) return -1;
         for (Py_ssize_t i = 0; i < rows; i++) {
-            if (!PyList_Check(items[i]) && !PyTuple_Check(items[i])) {
-                PyErr_Format(PyExc_TypeError, "expected a list of str, got %.80s", Py_TYPE(items[i])->tp_name);
+            long long v = PyLong_AsLongLong(items[i]);
+            if (v == -1 && PyErr_Occurred()) return -1;
+            if (v < INT32_MIN || v > INT32_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "Int32 value out of range");
                 return -1;
             }
-            end += (uint64_t)PySequence_Fast_GET_SIZE(items[i]);
-            if (put_u64(b, end) < 0) return -1;
-        }
-        for (Py_ssize_t i = 0; i < rows; i++) {
-            Py_ssize_t n = PySequence_Fast_GET_SIZE(items[i]);
-            PyObject **elems = PySequence_Fast_ITEMS(items[i]);
-            for (Py_ssize_t j = 0; j < n; j++)
-                if (put_str(b, elems[j]) < 0) return -1;
+            uint32_t u = (uint32_t)(int32_t)v;
+            unsigned char le[4] = {(unsigned char)u, (unsigned char)(u >> 8), (unsigned char)(u >> 16),
+                                   (unsigned char)(u >> 24)};
+            if (put(b, le, 4) < 0) return -1;
         }
         return 0;
-    }
+    case T_NULLABLE_FLOAT64:
+        if (buf_reserve(b, rows * 9) < 0) return -1;
+        for (Py_ssize_t i = 0; i < rows; i++) b->data[b->len++] = items[i] == Py_None ? 1 : 0;
+        for (Py_ssize_t i = 0; i < rows; i++) {
+            if (items[i] == Py_None) {
+                if (put_u64(b, 0) < 0) return -1;
+            } else if (put_float64_obj(b, items[i]) < 0) {
+                return -1;
+            }
+        }
+        return 0;
+    case T_ARRAY_STRING:
+    case T_ARRAY_UINT64:
+    case T_ARRAY_FLOAT64:
+        return write_array(b, code, items, rows);
     }
     PyErr_SetString(PyExc_ValueError, "unsupported column type");
     return -1;

@@ -12,28 +12,10 @@ from urllib.parse import urlsplit
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from meterhouse.core import schema
+from meterhouse.core import native, schema
 from meterhouse.core.config import Config
 
 # chdb opens one data directory per process, and only once: share the client per path.
-try:  # the Native-format encoder (meterhouse/core/_native.c); clickhouse-connect serializes without it
-    from meterhouse.core._native import native_block as _encode_native
-except ImportError:  # pragma: no cover - built by `pip install`; the suite requires it
-    _encode_native = None
-
-_NATIVE_TYPES = frozenset({"String", "UInt8", "Int64", "UInt64", "Float64", "Array(String)"})
-
-
-def _native_block(
-    names: Sequence[str], types: Sequence[str], columns: Sequence[Sequence[Any]]
-) -> bytes | None:
-    """The columns as one Native-format block, or None when the encoder or a column type is missing
-    (then clickhouse-connect serializes them)."""
-    if _encode_native is None or not all(t in _NATIVE_TYPES or t.startswith("DateTime64(") for t in types):
-        return None
-    return cast("bytes", _encode_native(names, types, columns))
-
-
 _embedded_lock = threading.Lock()
 _embedded: dict[Path, Client] = {}
 
@@ -139,11 +121,8 @@ class Store:
         columns: Sequence[Sequence[Any]],
         token: str,
     ) -> None:
-        block = _native_block(names, types, columns)
-        if block is not None:
-            self.client.raw_insert(
-                f"{self.database}.{table}", names, block, settings=self.insert_settings(token), fmt="Native"
-            )
+        if all(native.supported(t) for t in types):
+            self.insert_native(table, names, native.encode(names, types, columns), token)
             return
         self.client.insert(
             f"{self.database}.{table}",
@@ -152,6 +131,12 @@ class Store:
             column_type_names=types,
             column_oriented=True,
             settings=self.insert_settings(token),
+        )
+
+    def insert_native(self, table: str, names: Sequence[str], block: bytes, token: str) -> None:
+        """Insert Native-format blocks (``meterhouse.core.native``) holding the named columns."""
+        self.client.raw_insert(
+            f"{self.database}.{table}", names, block, settings=self.insert_settings(token), fmt="Native"
         )
 
     def insert_rows(

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from meterhouse.core import store as store_module
+from meterhouse.core import native
 from meterhouse.core._native import native_block
 
 NAMES = ("s", "u8", "i64", "u64", "f64", "t", "arr")
@@ -25,7 +25,7 @@ COLUMNS = [
 
 def test_the_extension_is_built():
     # The suite exercises the native path: a build without it would silently test the fallback.
-    assert store_module._encode_native is native_block
+    assert native._c_encode is native_block
 
 
 def test_native_block_reads_back_exactly_like_clickhouse_connect(store):
@@ -70,3 +70,30 @@ def test_a_bad_value_raises_and_names_its_column(types, columns, error):
 def test_columns_of_different_lengths_are_refused():
     with pytest.raises(ValueError, match="differ in length"):
         native_block(["a", "b"], ["UInt8", "UInt8"], [[1, 2], [1]])
+
+
+def test_the_c_and_python_encoders_agree_and_decode_reads_either_back():
+    names, types = [*NAMES, "n", "i32", "au", "af"], [*TYPES, "Nullable(Float64)", "Int32", "Array(UInt64)",
+                                                       "Array(Float64)"]  # fmt: skip
+    cols = [*COLUMNS, [None, 1.5, None, -0.0, 2.0, None], [0, -1, 2**31 - 1, -(2**31), 5, 6],
+            [[], [1, 2**64 - 1], [0], [], [3, 4, 5], [7]], [[0.5], [], [1e-300, -2.0], [], [], [3.0]]]  # fmt: skip
+    block = native_block(names, types, cols)
+    assert block == native.encode_python(names, types, cols)
+    got_names, got_types, got, rows = native.decode(block)
+    assert (got_names, got_types, rows) == (names, types, 6)
+    assert [got[n] for n in names] == [[list(v) if isinstance(v, list) else v for v in c] for c in cols]
+
+
+def test_with_constant_adds_a_column_the_engine_reads(store):
+    db = store.database
+    store.client.command(f"CREATE TABLE {db}.k (s String, batch_id String) ENGINE = MergeTree ORDER BY s")
+    block = native.with_constant(
+        native.encode(["s"], ["String"], [["a", "b", "c"]]), 3, "batch_id", "String", "t:n"
+    )
+    store.insert_native("k", ["s", "batch_id"], block, "tok")
+    assert store.rows(f"SELECT s, batch_id FROM {db}.k ORDER BY s") == [
+        ("a", "t:n"),
+        ("b", "t:n"),
+        ("c", "t:n"),
+    ]
+    assert native.rows_of(block) == 3
