@@ -415,6 +415,10 @@ static int lists_from(const Attr *attrs, const int *idx, Py_ssize_t n, PyObject 
         Py_INCREF(a->v);
         PyList_SET_ITEM(v, i, a->v);
     }
+    /* Lists of str only cannot be part of a reference cycle: the cyclic GC need not traverse them (it
+     * would, at every collection, for each of the millions of rows a full spool queue can hold). */
+    PyObject_GC_UnTrack(k);
+    PyObject_GC_UnTrack(v);
     *keys = k;
     *values = v;
     return OK;
