@@ -13,6 +13,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -35,14 +36,15 @@ log = logging.getLogger("meterhouse.decode")
 
 # The native fast path (collector/_otlpfast.c): delta sums and gauges straight from the request bytes.
 # Without it (no C compiler at install time) every request takes the Python path below.
-_fast: Any
+_fast: ModuleType | None
 try:
-    from meterhouse.collector import _otlpfast as _fast
+    from meterhouse.collector import _otlpfast
 except ImportError as e:  # pragma: no cover - the test suite requires the extension
     _fast = None
     log.info("the native decoder is not available; decoding in Python", extra={"error": str(e)[:200]})
 else:
-    if tuple(_fast.COLUMNS) != BATCH_COLUMNS:  # pragma: no cover - built from another version
+    _fast = _otlpfast
+    if tuple(_otlpfast.COLUMNS) != BATCH_COLUMNS:  # pragma: no cover - built from another version
         log.info("the native decoder was built for other columns; decoding in Python")
         _fast = None
 
