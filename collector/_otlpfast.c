@@ -255,6 +255,7 @@ typedef struct {
     Attr *attrs; /* max_attrs entries */
     int *idx;
     Py_ssize_t points, unattributed, late;
+    struct SetTab *sets;
 } Ctx;
 
 static inline int append_new(PyObject *list, PyObject *obj)
@@ -424,6 +425,104 @@ static int lists_from(const Attr *attrs, const int *idx, Py_ssize_t n, PyObject 
     return OK;
 }
 
+/* One pair of lists per distinct attribute set in a request, shared by its rows (the strings are
+ * interned, so equal sets are equal pointers). Nothing downstream changes a row's lists in place: the
+ * series limit replaces them (series.py). */
+typedef struct {
+    uint64_t h;
+    PyObject *keys, *values; /* owned by the table */
+} SetEnt;
+
+typedef struct SetTab {
+    SetEnt *e;
+    size_t cap, used;
+} SetTab;
+
+static int set_grow(SetTab *t)
+{
+    size_t cap = t->cap ? t->cap * 2 : 256;
+    SetEnt *e = PyMem_Calloc(cap, sizeof(SetEnt));
+    if (!e) {
+        PyErr_NoMemory();
+        return ERR;
+    }
+    for (size_t i = 0; i < t->cap; i++) {
+        if (!t->e[i].h)
+            continue;
+        size_t j = t->e[i].h & (cap - 1);
+        while (e[j].h)
+            j = (j + 1) & (cap - 1);
+        e[j] = t->e[i];
+    }
+    PyMem_Free(t->e);
+    t->e = e;
+    t->cap = cap;
+    return OK;
+}
+
+static void set_free(SetTab *t)
+{
+    for (size_t i = 0; i < t->cap; i++) {
+        if (t->e[i].h) {
+            Py_DECREF(t->e[i].keys);
+            Py_DECREF(t->e[i].values);
+        }
+    }
+    PyMem_Free(t->e);
+    t->e = NULL;
+    t->cap = t->used = 0;
+}
+
+static inline uint64_t mix64(uint64_t h)
+{
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ULL;
+    h ^= h >> 33;
+    return h;
+}
+
+/* Borrowed lists (owned by the set table) for the attribute set idx[0..n) of attrs. */
+static int attr_lists(SetTab *t, const Attr *attrs, const int *idx, Py_ssize_t n, PyObject **keys,
+                      PyObject **values)
+{
+    if ((t->used + 1) * 2 > t->cap)
+        TRY(set_grow(t));
+    uint64_t h = (uint64_t)n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const Attr *a = &attrs[idx[i]];
+        h = mix64(h ^ (uint64_t)(uintptr_t)a->k);
+        h = mix64(h ^ (uint64_t)(uintptr_t)a->v);
+    }
+    h = h ? h : 1;
+    size_t j = h & (t->cap - 1);
+    for (;;) {
+        SetEnt *e = &t->e[j];
+        if (!e->h)
+            break;
+        if (e->h == h && PyList_GET_SIZE(e->keys) == n) {
+            Py_ssize_t i = 0;
+            while (i < n && PyList_GET_ITEM(e->keys, i) == attrs[idx[i]].k &&
+                   PyList_GET_ITEM(e->values, i) == attrs[idx[i]].v)
+                i++;
+            if (i == n) {
+                *keys = e->keys;
+                *values = e->values;
+                return OK;
+            }
+        }
+        j = (j + 1) & (t->cap - 1);
+    }
+    TRY(lists_from(attrs, idx, n, keys, values));
+    SetEnt *e = &t->e[j];
+    e->h = h;
+    e->keys = *keys;
+    e->values = *values;
+    t->used++;
+    return OK;
+}
+
 /* ---- the walk ------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -522,7 +621,7 @@ static int parse_point(Ctx *c, Rd r, int check_finite, int mono, PyObject *res_o
         idx[w++] = idx[i];
     }
     PyObject *keys, *values;
-    TRY(lists_from(attrs, idx, w, &keys, &values));
+    TRY(attr_lists(c->sets, attrs, idx, w, &keys, &values));
     if (start > t) {
         start = t;
         c->late++;
@@ -530,8 +629,8 @@ static int parse_point(Ctx *c, Rd r, int check_finite, int mono, PyObject *res_o
     if (PyUnicode_GET_LENGTH(org) == 0)
         c->unattributed++;
     PyObject **cols = c->cols;
-    if (append_new(cols[C_AK], keys) || append_new(cols[C_AV], values))
-        return ERR;
+    TRY(append(cols[C_AK], keys));
+    TRY(append(cols[C_AV], values));
     TRY(append(cols[C_ORG], org));
     TRY(append_new(cols[C_START], PyLong_FromUnsignedLongLong(start)));
     TRY(append_new(cols[C_TIME], PyLong_FromUnsignedLongLong(t)));
@@ -841,7 +940,10 @@ static PyObject *decode_numbers(PyObject *self, PyObject *args)
                           &max_t, &max_attrs, &max_len, &received_at))
         return NULL;
     Ctx c;
+    SetTab sets;
     memset(&c, 0, sizeof c);
+    memset(&sets, 0, sizeof sets);
+    c.sets = &sets;
     c.org_key = (const uint8_t *)org_key;
     c.org_key_len = org_key_len;
     c.min_t = min_t;
@@ -880,6 +982,7 @@ done:
     for (int i = 0; i < NCOLS; i++)
         Py_XDECREF(c.cols[i]);
     tab_free(&c.tab);
+    set_free(&sets);
     Py_XDECREF(c.keep);
     PyMem_Free(c.attrs);
     PyMem_Free(c.idx);
