@@ -8,7 +8,12 @@ accepted when protobuf refuses them.
 
 import math
 import random
+import shutil
+import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from google.protobuf.message import DecodeError
@@ -161,6 +166,52 @@ def test_float_and_sequence_attributes_fall_back():
         meter.create_counter("c").add(1, {"org.id": "o", "ratio": 0.5, "tags": ("a", "b")})
 
     assert check(sdk_request(SdkTemporality.DELTA, floats)) is None
+
+
+def test_opentelemetry_js_sdk_protobuf_exports_take_the_fast_path():
+    """The JS SDK's OTLP/HTTP protobuf exporter (tests/js, delta temporality), captured on loopback."""
+    js = Path(__file__).resolve().parent.parent / "js"
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.fail(
+            "node and npm are needed (Debian: apt-get install nodejs npm); scripts/test.sh installs them"
+        )
+    if not (js / "node_modules" / "@opentelemetry" / "sdk-metrics").exists():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=js, check=True, timeout=300)
+    bodies = []
+
+    class Capture(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            if self.headers.get("Content-Length") is not None:
+                bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+            else:  # Node's client sends chunked bodies
+                body = b""
+                while size := int(self.rfile.readline().split(b";")[0], 16):
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+                self.rfile.readline()
+                bodies.append(body)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Capture)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/metrics"
+        subprocess.run(["node", "export.js", url, "proto", "none", "js-fast", "12"], cwd=js,
+                       capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    with_points = [b for b in bodies if slow(b).received]
+    assert with_points
+    for body in with_points:
+        got = check(body, in_path=True)
+        assert got is not None and got[1] > 0
 
 
 # -- decode_request wiring -------------------------------------------------------------------------
