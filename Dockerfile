@@ -6,7 +6,8 @@ COPY collector ./collector
 COPY exporter ./exporter
 COPY dashboards ./dashboards
 COPY alerts ./alerts
-# gcc only while installing: it compiles the decoder's native fast path (collector/_otlpfast.c).
+# gcc builds the native encoders and the decoder's fast path (setup.py) and is removed again in the
+# same layer.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install --no-cache-dir . \
     && (cd / && python -c 'import meterhouse.collector._otlpfast') \

@@ -1,7 +1,7 @@
-"""The native part of the build: the decoder's fast path (collector/_otlpfast.c, CPython C API only).
+"""Native parts of meterhouse (everything else is in pyproject.toml).
 
-Everything else is declared in pyproject.toml. The extension is optional for the build (a machine
-without a C compiler still installs, and the decoder runs its Python path); the test suite requires it.
+Each extension is optional: without a C compiler the package installs and runs on its pure-Python
+paths (slower). The test suite requires them, so CI always exercises them.
 """
 
 from setuptools import Extension, setup
@@ -9,10 +9,17 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
+            "meterhouse.core._native",
+            ["meterhouse/core/_native.c"],
+            optional=True,
+            extra_compile_args=["-O2"],
+        ),
+        # The decoder's fast path: OTLP request bytes straight to the number columns (collector/decode.py).
+        Extension(
             "meterhouse.collector._otlpfast",
             ["collector/_otlpfast.c"],
             optional=True,
             extra_compile_args=["-O2"],
-        )
+        ),
     ]
 )

@@ -13,15 +13,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV" 2>/dev/null || { rm -rf "$VENV"; apt_install python3-venv; python3 -m venv "$VENV"; }
 fi
 PY="$VENV/bin/python"
-# The decoder's native fast path (collector/_otlpfast.c) is compiled by `pip install`: a C compiler and
-# Python's headers (the test suite requires the extension).
-if ! command -v gcc >/dev/null; then
-  echo "==> installing Debian's gcc (the decoder's native fast path is compiled on install)"
-  apt_install --no-install-recommends gcc libc6-dev
-fi
-if ! "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
-  echo "==> installing Debian's python3-dev (Python.h, for the decoder's native fast path)"
-  apt_install --no-install-recommends python3-dev
+# The native encoders and the decoder's fast path (setup.py) need a C compiler and the Python headers; without them meterhouse still
+# installs and runs on its slower pure-Python paths.
+if ! command -v gcc >/dev/null || [ ! -f "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then
+  echo "==> installing a C compiler and the Python headers (meterhouse's native encoders and decoder)"
+  apt_install --no-install-recommends gcc libc6-dev python3-dev
 fi
 echo "==> installing meterhouse${MH_EXTRAS:+[$MH_EXTRAS]} and its dependencies"
 "$PY" -m pip install -q --disable-pip-version-check --upgrade pip
