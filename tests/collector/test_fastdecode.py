@@ -230,6 +230,17 @@ def test_decode_request_with_body_equals_the_python_walk():
                 c.received, c.unattributed, c.batch.size, c.repaired)  # fmt: skip
 
 
+def test_the_spool_encodes_fast_path_batches_to_the_same_blocks():
+    from meterhouse.collector.spool import encode_blocks
+
+    bodies, _ = make_requests(30, 500, 2)
+    mixed = bodies[0] + one_point([("n", 7), ("b", True)], resource=[("p", 1)]).SerializeToString()
+    for body in (*bodies, mixed):
+        a = decode_request(None, Limits(), now_ns=NOW, digest="d", body=body)
+        b = decode_request(ExportMetricsServiceRequest.FromString(body), Limits(), now_ns=NOW, digest="d")
+        assert encode_blocks(a.batch) == encode_blocks(b.batch)
+
+
 def test_decode_request_checks_the_senders_orgs_on_the_fast_path():
     bodies, _ = make_requests(5, 40, 1)
     req = ExportMetricsServiceRequest.FromString(bodies[0])
