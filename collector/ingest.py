@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
@@ -79,6 +80,19 @@ def count_points(request: ExportMetricsServiceRequest) -> int:
     return n
 
 
+def _invalid(e: BaseException) -> Outcome:
+    return Outcome("invalid", f"cannot parse ExportMetricsServiceRequest: {str(e)[:300] or type(e).__name__}")
+
+
+def _parse(body: bytes | None) -> ExportMetricsServiceRequest | Outcome:
+    request = ExportMetricsServiceRequest()
+    try:
+        request.ParseFromString(body or b"")
+    except (DecodeError, RecursionError, ValueError) as e:
+        return _invalid(e)
+    return request
+
+
 @dataclass
 class Outcome:
     """What to answer: ``kind`` is one of the request outcomes in core.metrics."""
@@ -128,12 +142,23 @@ class Ingestor:
         return self.tokens.authenticate(header)
 
     def export(
-        self, request: ExportMetricsServiceRequest, digest: str, sender: Principal | None = None
+        self,
+        request: ExportMetricsServiceRequest | None,
+        digest: str,
+        sender: Principal | None = None,
+        body: bytes | None = None,
     ) -> Outcome:
+        """Handle one export: ``request`` parsed, or None with ``body`` its protobuf bytes (decoded by the
+        native fast path when it can, parsed otherwise; bytes protobuf refuses answer ``invalid``)."""
         m = self.metrics
         key = sender.id if sender is not None else ""
         points = 0
         if self.rate is not None:
+            if request is None:
+                parsed = _parse(body)
+                if isinstance(parsed, Outcome):
+                    return parsed
+                request = parsed
             points = count_points(request)
             wait_s = self.rate.take(key, points)
             if wait_s:
@@ -146,12 +171,18 @@ class Ingestor:
         if sender is not None:
             # The same bytes from another sender are another request: its org scope may differ.
             digest = content_digest(digest.encode(), sender.id.encode())
-        outcome = self._export(request, digest, sender)
+        outcome = self._export(request, digest, sender, body)
         if self.rate is not None and outcome.kind in ("backpressure", "unavailable"):
             self.rate.refund(key, points)  # nothing kept: the client sends it all again
         return outcome
 
-    def _export(self, request: ExportMetricsServiceRequest, digest: str, sender: Principal | None) -> Outcome:
+    def _export(
+        self,
+        request: ExportMetricsServiceRequest | None,
+        digest: str,
+        sender: Principal | None,
+        body: bytes | None,
+    ) -> Outcome:
         m = self.metrics
         if self.recent is not None:
             state = self.recent.claim(digest, self.resend_wait_s)
@@ -174,7 +205,11 @@ class Ingestor:
                 cumulative=self.cumulative,
                 allowed_org=None if sender is None or sender.all_orgs else sender.allows,
                 series=self.series,
+                body=body if request is None else None,
             )
+        except (DecodeError, RecursionError) as e:  # bytes protobuf refuses: nothing kept
+            self._release(digest)
+            return _invalid(e)
         except StateUnavailable as e:  # the cumulative state or attribute sets could not be read
             self._release(digest)
             log.warning("cannot decode request", extra={"error": str(e)[:300]})

@@ -22,9 +22,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
 from meterhouse.collector.auth import Principal, Unauthenticated
 from meterhouse.collector.ingest import Ingestor
@@ -220,16 +218,8 @@ class OtlpGrpcReceiver:
         raise AssertionError("context.abort raises")  # for type checkers: abort never returns
 
     def _export_held(self, body: bytes, context: grpc.ServicerContext, sender: Principal | None) -> bytes:
-        request = ExportMetricsServiceRequest()
-        try:
-            request.ParseFromString(body)
-        except (DecodeError, RecursionError, ValueError) as e:
-            self.metrics.requests.labels(transport="grpc", outcome="invalid").inc()
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"cannot parse ExportMetricsServiceRequest: {str(e)[:300] or type(e).__name__}",
-            )
-        outcome = self.ingestor.export(request, content_digest(body), sender)
+        # Parsed (or decoded natively) by the ingestor; bytes protobuf refuses answer INVALID_ARGUMENT.
+        outcome = self.ingestor.export(None, content_digest(body), sender, body=body)
         self.metrics.requests.labels(transport="grpc", outcome=outcome.kind).inc()
         if outcome.response is not None:
             answer: bytes = outcome.response.SerializeToString()

@@ -312,19 +312,17 @@ class OtlpHttpReceiver:
                 return Outcome("too_large", f"decompressed request exceeds the limit of {limit} bytes")
             except (zlib.error, EOFError) as e:
                 return Outcome("invalid", f"invalid gzip body: {e}")
+        if ctype == PROTOBUF:  # parsed (or decoded natively) by the ingestor
+            return self.ingestor.export(None, content_digest(body), sender, body=body)
         request = ExportMetricsServiceRequest()
         try:
-            if ctype == PROTOBUF:
-                request.ParseFromString(body)
-            else:
-                parsed = json.loads(body)
-                check_json_shape(parsed, request.DESCRIPTOR)
-                json_format.ParseDict(parsed, request, ignore_unknown_fields=True)
+            parsed = json.loads(body)
+            check_json_shape(parsed, request.DESCRIPTOR)
+            json_format.ParseDict(parsed, request, ignore_unknown_fields=True)
         except (DecodeError, json_format.ParseError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            what = "protobuf" if ctype == PROTOBUF else "OTLP/JSON"
             return Outcome(
                 "invalid",
-                f"cannot parse {what} ExportMetricsServiceRequest: {str(e)[:300] or type(e).__name__}",
+                f"cannot parse OTLP/JSON ExportMetricsServiceRequest: {str(e)[:300] or type(e).__name__}",
             )
         return self.ingestor.export(request, content_digest(body), sender)
 
