@@ -241,6 +241,9 @@ class EndpointSet:
     ) -> None:
         self._call(lambda s: s.insert_rows(table, columns, names, types, token), write=True)
 
+    def sync_replicas(self, tables: Sequence[str]) -> None:
+        self._call(lambda s: s.sync_replicas(tables), write=False)
+
     def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = self._call(lambda s: s.rows(sql, parameters), write=False)
         return rows
@@ -289,6 +292,12 @@ class ReadView:
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         rows = self.rows(sql, parameters)
         return rows[0][0] if rows else None
+
+    def sync_replicas(self, tables: Sequence[str]) -> None:
+        """Before a read that must see every acknowledged write (a monthly close), on the active endpoint."""
+        with self._set._lock:
+            ep = self._set.endpoints[self._set.active]
+        self._set._store(ep).sync_replicas(tables)
 
     def ping(self) -> bool:
         """Readiness is the write path's (the pipeline's) health."""

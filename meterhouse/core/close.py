@@ -45,6 +45,9 @@ class CloseStore(Queries, Protocol):
         token: str,
     ) -> None: ...
 
+    def sync_replicas(self, tables: Sequence[str]) -> None:
+        """On a cluster, wait until every replica of ``tables`` has every part acknowledged so far."""
+
 
 class CloseRefused(Exception):
     """The month cannot be closed now (``code``: ``late_window`` or ``month_not_ended``)."""
@@ -230,10 +233,15 @@ def close_month(
                 forced=int(force), cutoff_ms=cutoff_ms, finished_ms=0,
             )  # fmt: skip
             _write_record(store, record)
+        # Inserts that took their commit time before the cutoff have finished (settle_s), so their parts
+        # are in their shards' replication logs: once every replica has fetched them, whichever replica a
+        # read reaches holds every point the statements count (and a resumed close its lines so far).
+        store.sync_replicas(schema.CLOSE_READ_TABLES)
         try:
             _write_lines(store, month, record, batch_orgs, progress)
         finally:
             _running.pop(month.key, None)
+        store.sync_replicas([schema.STATEMENTS_TABLE])  # the totals below read back every line written
         return _finish(store, month, record)
 
 

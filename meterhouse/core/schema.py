@@ -10,6 +10,7 @@ so a batch inserted again with the same ``insert_deduplication_token`` counts on
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 INGEST_TABLE = "usage_points_ingest"
@@ -862,6 +863,23 @@ def cluster_ddl(database: str, cluster: str, statements: list[str] | None = None
         else:
             raise ValueError(f"no cluster rendering for: {statement[:80]}")
     return out
+
+
+#: What the monthly close reads. On a cluster a Distributed read goes to one replica of each shard, which
+#: may not yet have fetched a part another replica acknowledged; so before the close reads, every replica
+#: of these is synced (a point committed before the cutoff and missing from the replica read would be in
+#: neither the statement nor the adjustments).
+CLOSE_READ_TABLES = (POINTS_TABLE, HOURLY_TABLE, STATEMENTS_TABLE, CLOSES_TABLE)
+
+
+def sync_replicas_sql(database: str, cluster: str, tables: Sequence[str]) -> list[str]:
+    """Statements that return once every replica of each table's shard-local form, on every node of
+    ``cluster``, has fetched the parts in its shard's replication log when the statement was issued
+    (``LIGHTWEIGHT``: fetches only, not merges). They fail if a node does not answer within
+    ``distributed_ddl_task_timeout``: a read then would not be known to be complete."""
+    return [
+        f"SYSTEM SYNC REPLICA ON CLUSTER {cluster} {database}.{local_name(t)} LIGHTWEIGHT" for t in tables
+    ]
 
 
 def created_names(statements: list[str]) -> list[str]:

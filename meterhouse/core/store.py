@@ -88,6 +88,13 @@ class Store:
                 raise RuntimeError(f"{self.name}: tables not created within {timeout_s:g}s: {missing}")
             time.sleep(0.2)
 
+    def sync_replicas(self, tables: Sequence[str]) -> None:
+        """On a cluster, wait until every replica of ``tables`` has what its shard's log held when called
+        (see ``schema.sync_replicas_sql``); one node has nothing to wait for."""
+        if self.cluster:
+            for statement in schema.sync_replicas_sql(self.database, self.cluster, tables):
+                self.client.command(statement)
+
     def insert_settings(self, token: str) -> dict[str, Any]:
         """The settings of every insert: what makes a retried or replayed batch count once."""
         settings = schema.CLUSTER_INSERT_SETTINGS if self.cluster else schema.INSERT_SETTINGS
