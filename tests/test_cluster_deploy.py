@@ -229,7 +229,8 @@ def test_capacity_keeper_load_counts_the_tables_each_insert_feeds():
     assert schema.POINTS_TABLE in numbers and schema.DIST_TABLE in dists
     text = (ROOT / "docs" / "capacity.md").read_text()
     m = re.search(
-        r"the insert feeds: (\d+) for number points \(([^)]*)\)[,]? and (\d+) for distributions", text
+        r"the insert feeds[^:]*:\s+(\d+)\s+for\s+number\s+points\s+\(([^)]*)\),?\s+and\s+(\d+)\s+for\s+distributions",
+        text,
     )
     assert m, "the Keeper section names the tables each insert feeds"
     listed = set(re.findall(r"`(\w+)`", m.group(2)))
