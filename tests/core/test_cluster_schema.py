@@ -374,3 +374,37 @@ def test_replica_syncs_name_every_shard_local_table_on_the_cluster(store):
         assert store.client.query(f"EXPLAIN AST {sql}").result_rows
     # One node: nothing to sync, nothing sent.
     Store(store.client, store.database, "single").sync_replicas([schema.POINTS_TABLE])
+
+
+def test_the_cumulative_state_is_read_from_every_replica(cluster_store):
+    """The collector answers a miss from ClickHouse once the series' last point is committed, that is
+    acknowledged by one replica of its shard. A Distributed read may reach the other replica before it
+    fetched that part and return an older point; the next point's delta would then count the difference
+    again. So on a cluster the look-up reads every replica and keeps each series' newest point."""
+    from meterhouse.collector.ingest import committed_state_loader
+
+    db = cluster_store.database
+    sql = schema.series_state_sql(db, CLUSTER)
+    source = f"clusterAllReplicas({CLUSTER}, {db}.{schema.SERIES_STATE_TABLE}_local)"
+    assert source in sql
+    assert cluster_store.client.query(f"EXPLAIN AST {sql}").result_rows
+    # Two replicas of the shard, one of them lagging: the look-up's query over both gives the newest point.
+    state = f"{db}.{schema.SERIES_STATE_TABLE}_local"
+    cluster_store.client.command(f"CREATE TABLE {state}_lagging AS {state}")
+    cols = "series_id, start_time, time, is_int, cumulative_int, cumulative_double"
+    cluster_store.client.command(
+        f"INSERT INTO {state} ({cols}) VALUES (7, 0, 10, 1, 100, 0), (7, 0, 20, 1, 150, 0)"
+    )
+    cluster_store.client.command(f"INSERT INTO {state}_lagging ({cols}) VALUES (7, 0, 10, 1, 100, 0)")
+    both = sql.replace(source, f"merge('{db}', '^{schema.SERIES_STATE_TABLE}_local')")
+    assert [tuple(r)[4] for r in cluster_store.rows(both, {"ids": [7]})] == [150]
+    # And the collector's loader sends that query when it runs on a cluster.
+    sent = []
+
+    class Node(Store):
+        def rows(self, sql, parameters=None):
+            sent.append(sql)
+            return []
+
+    committed_state_loader(Node(cluster_store.client, db, "node", cluster=CLUSTER), CLUSTER)([7])
+    assert sent and source in sent[0]
