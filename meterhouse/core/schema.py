@@ -381,15 +381,26 @@ WHERE org_id = {{org:String}} AND metric = {{metric:String}} AND kind = '{KIND_S
 GROUP BY start ORDER BY start"""
 
 
-def series_state_sql(database: str) -> str:
-    """The last committed point of each listed cumulative series (bound ``ids``: Array(UInt64))."""
+def series_state_sql(database: str, cluster: str = "") -> str:
+    """The last committed point of each listed cumulative series (bound ``ids``: Array(UInt64)).
+
+    On a cluster, every replica is read (``clusterAllReplicas``) and the newest point wins: "committed"
+    means acknowledged by one replica of the shard, and a Distributed read could reach another one that has
+    not fetched it yet, whose older point would make the next delta count the difference twice. A replica
+    that does not answer is skipped; only if the one that took the insert is down before any other fetched
+    it can an older point be read."""
+    source = f"{database}.{SERIES_STATE_TABLE}"
+    settings = ""
+    if cluster:
+        source = f"clusterAllReplicas({cluster}, {database}.{local_name(SERIES_STATE_TABLE)})"
+        settings = "\nSETTINGS skip_unavailable_shards = 1"
     # Times as integer nanoseconds: a datetime would drop the last three digits and fake a reset.
     return f"""SELECT series_id, toUnixTimestamp64Nano(argMax(start_time, time)),
     toUnixTimestamp64Nano(max(time)), argMax(is_int, time),
     argMax(cumulative_int, time), argMax(cumulative_double, time)
-FROM {database}.{SERIES_STATE_TABLE}
+FROM {source}
 WHERE series_id IN {{ids:Array(UInt64)}}
-GROUP BY series_id"""
+GROUP BY series_id{settings}"""
 
 
 def attribute_sets_sql(database: str) -> str:
