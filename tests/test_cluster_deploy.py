@@ -242,3 +242,15 @@ def test_capacity_keeper_load_counts_the_tables_each_insert_feeds():
         f"{2 * per_flush * 2}/s for the compose profile" in text
         and f"{2 * per_flush * 8}/s with 8 shards" in text
     )
+
+
+def test_each_node_advertises_its_service_name_to_the_other_replicas(services):
+    """A replica fetches parts from the host the other one registered in Keeper: ``interserver_http_host``,
+    or else the output of ``hostname -f``, which in a container without a set hostname is its id (peers
+    then fail with "Host not found: <container id>", ClickHouse/ClickHouse#14018). Each node advertises its
+    compose service name, the name the other containers resolve."""
+    for name in (n for n in services if n.startswith("ch-")):
+        node = ET.parse(
+            ROOT / mounted(services[name], "/etc/clickhouse-server/config.d/macros.xml")
+        ).getroot()
+        assert node.findtext("interserver_http_host") == name, name
