@@ -408,3 +408,30 @@ def test_the_cumulative_state_is_read_from_every_replica(cluster_store):
 
     committed_state_loader(Node(cluster_store.client, db, "node", cluster=CLUSTER), CLUSTER)([7])
     assert sent and source in sent[0]
+
+
+def test_the_close_and_its_api_run_on_the_cluster_names(cluster_store):
+    """The close's tables and the adjustments view in their cluster rendering (GLOBAL JOIN over the
+    Distributed names), read by the months API: a point committed after the close is an adjustment."""
+    from meterhouse.core import close
+
+    month = close.Month.of_ns(time.time_ns())
+    for _ in range(3):
+        month = month.previous()
+    put(cluster_store, [{"org_id": "org-a", "time": month.start_ns + H, "value_int": 5}])
+    node = RecordingClusterStore(cluster_store)
+    close.close_month(node, month, late_window_days=35, settle_s=0)
+    time.sleep(0.01)
+    put(cluster_store, [{"org_id": "org-a", "time": month.start_ns + 2 * H, "value_int": 2}])  # late
+    app = create_app(node, CollectorRegistry(), lambda: True, None).test_client()
+    m = str(month)
+    assert app.get(f"/api/v1/months/{m}/close").get_json()["status"] == schema.CLOSE_DONE
+    (line,) = app.get(f"/api/v1/months/{m}/statements").get_json()["statements"]
+    assert (line["org_id"], line["total_int"]) == ("org-a", "5")
+    (adj,) = app.get(f"/api/v1/months/{m}/adjustments").get_json()["adjustments"]
+    assert adj["org_id"] == "org-a"
+    assert app.get("/api/v1/orgs/org-a/statements").status_code == 200
+    view = (
+        f"SELECT org_id, amount_int FROM {node.database}.{schema.ADJUSTMENTS_VIEW} WHERE month = {month.key}"
+    )
+    assert [tuple(r) for r in node.rows(view)] == [("org-a", 2)]
