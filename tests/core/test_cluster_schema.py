@@ -435,3 +435,15 @@ def test_the_close_and_its_api_run_on_the_cluster_names(cluster_store):
         f"SELECT org_id, amount_int FROM {node.database}.{schema.ADJUSTMENTS_VIEW} WHERE month = {month.key}"
     )
     assert [tuple(r) for r in node.rows(view)] == [("org-a", 2)]
+
+
+def test_a_cluster_node_holding_the_single_node_schema_is_refused(store):
+    """`--cluster` against a database created without it (an upgrade from one node, or one start without
+    the flag): every `CREATE … IF NOT EXISTS` of the cluster rendering finds the ingest and points names
+    taken by plain tables, so the `_local` tables are created beside them and nothing writes there, while
+    each node keeps its own plain tables — the split between endpoints the cluster exists to prevent.
+    Such a node is refused; so is a database with the cluster schema opened as one node."""
+    node = Store(store.client, store.database, "node", cluster=CLUSTER)
+    with pytest.raises(RuntimeError, match="single-node schema"):
+        node.check_rendering()
+    store.check_rendering()  # one node on the single-node schema: as it should be
