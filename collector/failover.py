@@ -22,7 +22,7 @@ from typing import Any
 
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.core.store import Store, endpoint_label
+from meterhouse.core.store import SchemaMismatch, Store, endpoint_label
 
 log = logging.getLogger("meterhouse.failover")
 
@@ -121,6 +121,9 @@ class EndpointSet:
             if not store.ping():
                 raise ConnectionError("ping failed")
             return True
+        except SchemaMismatch as e:  # a configuration error: said loudly, and the endpoint stays down
+            log.error("endpoint refused", extra={"endpoint": ep.label, "error": str(e)[:500]})
+            return False
         except Exception as e:  # noqa: BLE001 - any failure means down
             log.debug("health check failed", extra={"endpoint": ep.label, "error": str(e)[:200]})
             return False

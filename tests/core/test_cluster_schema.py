@@ -443,7 +443,9 @@ def test_a_cluster_node_holding_the_single_node_schema_is_refused(store):
     taken by plain tables, so the `_local` tables are created beside them and nothing writes there, while
     each node keeps its own plain tables — the split between endpoints the cluster exists to prevent.
     Such a node is refused; so is a database with the cluster schema opened as one node."""
+    from meterhouse.core.store import SchemaMismatch
+
     node = Store(store.client, store.database, "node", cluster=CLUSTER)
-    with pytest.raises(RuntimeError, match="single-node schema"):
+    with pytest.raises(SchemaMismatch, match="single-node schema"):
         node.check_rendering()
     store.check_rendering()  # one node on the single-node schema: as it should be
