@@ -35,9 +35,10 @@ def restore_cumulative(state: CumulativeState, spool: Spool) -> int:
     return state.restore((r.seq, spool.load(r)) for r in spool.uncommitted_records())
 
 
-def committed_state_loader(store: Queries) -> Callable[[list[int]], dict[int, Entry]]:
-    """Read the last committed point of cumulative series from ClickHouse (see cumulative.py)."""
-    sql = schema.series_state_sql(store.database)
+def committed_state_loader(store: Queries, cluster: str = "") -> Callable[[list[int]], dict[int, Entry]]:
+    """Read the last committed point of cumulative series from ClickHouse (see cumulative.py); on a
+    ``cluster``, from every replica (see ``schema.series_state_sql``)."""
+    sql = schema.series_state_sql(store.database, cluster)
 
     def load(ids: list[int]) -> dict[int, Entry]:
         rows = store.rows(sql, {"ids": ids})

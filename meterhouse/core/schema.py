@@ -10,6 +10,7 @@ so a batch inserted again with the same ``insert_deduplication_token`` counts on
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 INGEST_TABLE = "usage_points_ingest"
@@ -386,15 +387,26 @@ WHERE org_id = {{org:String}} AND metric = {{metric:String}} AND kind = '{KIND_S
 GROUP BY start ORDER BY start"""
 
 
-def series_state_sql(database: str) -> str:
-    """The last committed point of each listed cumulative series (bound ``ids``: Array(UInt64))."""
+def series_state_sql(database: str, cluster: str = "") -> str:
+    """The last committed point of each listed cumulative series (bound ``ids``: Array(UInt64)).
+
+    On a cluster, every replica is read (``clusterAllReplicas``) and the newest point wins: "committed"
+    means acknowledged by one replica of the shard, and a Distributed read could reach another one that has
+    not fetched it yet, whose older point would make the next delta count the difference twice. A replica
+    that does not answer is skipped; only if the one that took the insert is down before any other fetched
+    it can an older point be read."""
+    source = f"{database}.{SERIES_STATE_TABLE}"
+    settings = ""
+    if cluster:
+        source = f"clusterAllReplicas({cluster}, {database}.{local_name(SERIES_STATE_TABLE)})"
+        settings = "\nSETTINGS skip_unavailable_shards = 1"
     # Times as integer nanoseconds: a datetime would drop the last three digits and fake a reset.
     return f"""SELECT series_id, toUnixTimestamp64Nano(argMax(start_time, time)),
     toUnixTimestamp64Nano(max(time)), argMax(is_int, time),
     argMax(cumulative_int, time), argMax(cumulative_double, time)
-FROM {database}.{SERIES_STATE_TABLE}
+FROM {source}
 WHERE series_id IN {{ids:Array(UInt64)}}
-GROUP BY series_id"""
+GROUP BY series_id{settings}"""
 
 
 def attribute_sets_sql(database: str) -> str:
@@ -875,6 +887,23 @@ def cluster_ddl(database: str, cluster: str, statements: list[str] | None = None
         else:
             raise ValueError(f"no cluster rendering for: {statement[:80]}")
     return out
+
+
+#: What the monthly close reads. On a cluster a Distributed read goes to one replica of each shard, which
+#: may not yet have fetched a part another replica acknowledged; so before the close reads, every replica
+#: of these is synced (a point committed before the cutoff and missing from the replica read would be in
+#: neither the statement nor the adjustments).
+CLOSE_READ_TABLES = (POINTS_TABLE, HOURLY_TABLE, STATEMENTS_TABLE, CLOSES_TABLE)
+
+
+def sync_replicas_sql(database: str, cluster: str, tables: Sequence[str]) -> list[str]:
+    """Statements that return once every replica of each table's shard-local form, on every node of
+    ``cluster``, has fetched the parts in its shard's replication log when the statement was issued
+    (``LIGHTWEIGHT``: fetches only, not merges). They fail if a node does not answer within
+    ``distributed_ddl_task_timeout``: a read then would not be known to be complete."""
+    return [
+        f"SYSTEM SYNC REPLICA ON CLUSTER {cluster} {database}.{local_name(t)} LIGHTWEIGHT" for t in tables
+    ]
 
 
 def created_names(statements: list[str]) -> list[str]:
