@@ -125,3 +125,39 @@ def test_config_command_never_prints_ingest_tokens(tmp_path):
                        timeout=60, env={"MH_INGEST_TOKENS_FILE": str(tokens), "PATH": ""})  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "ingest_tokens:" in r.stdout and TOKEN_A not in r.stdout
+
+
+@pytest.mark.parametrize("source", ["config_file", "ingest_tokens_file", "api_tokens_file"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        f'tokens: [{{token: "{TOKEN_A}\\q", orgs: [a]}}]',  # an escape YAML does not know
+        f"tokens:\n  - {{token: {TOKEN_A}, orgs: [a]\n  - {{token: other}}",  # an unclosed mapping
+        f"tokens: [{{token: {TOKEN_A}, orgs: [a]",  # cut short, as a write in progress leaves it
+    ],
+)
+def test_yaml_errors_name_the_place_but_never_show_a_token(tmp_path, source, text):
+    """PyYAML quotes the offending line in its messages; the message of a file holding tokens (logged
+    by a refused reload, printed at start) must not."""
+    f = tmp_path / "secrets.yml"
+    if source == "config_file":
+        text = "ingest:\n  " + text.replace("\n", "\n  ")
+    f.write_text(text + "\n")
+    env = {"ingest_tokens_file": {"MH_INGEST_TOKENS_FILE": str(f)},
+           "api_tokens_file": {"MH_AUTH_TOKENS_FILE": str(f)}}.get(source, {})  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        load_config(env=env, config_file=f if source == "config_file" else None)
+    message = str(e.value)
+    assert "not valid YAML" in message and str(f) in message and "line " in message
+    assert TOKEN_A[:12] not in message
+
+
+@pytest.mark.parametrize("text", ["", "\n", "tokens: []", "tokens:", "{section}: {{tokens: []}}"])
+def test_a_tokens_file_without_tokens_is_refused(tmp_path, text):
+    """A tokens file that names no token (empty, or caught in the middle of a rewrite) would open
+    ingest to anyone: refused, like an unreadable one."""
+    f = tmp_path / "ingest.yml"
+    for var, section in (("MH_INGEST_TOKENS_FILE", "ingest"), ("MH_AUTH_TOKENS_FILE", "auth")):
+        f.write_text(text.format(section=section))
+        with pytest.raises(ConfigError, match=f"{section} tokens file: .* names no token"):
+            load_config(env={var: str(f)})
