@@ -467,11 +467,25 @@ def _tokens_file(path: Path, source: str, section: str = "auth") -> tuple[Token,
         ) from None
     except yaml.YAMLError as e:
         raise ConfigError(
-            f"{section} tokens file: {path} (named by {source}) is not valid YAML: {e}"
+            f"{section} tokens file: {path} (named by {source}) is not valid YAML: {_yaml_error(e)}"
         ) from None
     if isinstance(loaded, dict) and set(loaded) == {section}:
         loaded = loaded[section]
-    return _tokens(loaded, str(path), section)
+    tokens = _tokens(loaded, str(path), section)
+    if not tokens:
+        # Empty, or read in the middle of a rewrite: serving it would open the door to anyone.
+        raise ConfigError(f"{section} tokens file: {path} (named by {source}) names no token")
+    return tokens
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """Where and what a YAML error is, without PyYAML's quote of the offending line (a file of
+    settings may hold tokens and passwords, and this message is logged)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        return where + (e.problem or e.context or "syntax error")
+    return type(e).__name__
 
 
 #: Nested mappings of the config file and the options their keys stand for (``tls: {cert_file: ...}``).
@@ -533,7 +547,7 @@ def load_config(
         except OSError as e:
             raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
+            raise ConfigError(f"config: {path} is not valid YAML: {_yaml_error(e)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config: {path} must hold a mapping of option: value")
         loaded = {str(k).replace("-", "_"): v for k, v in loaded.items()}
