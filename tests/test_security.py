@@ -520,3 +520,28 @@ def test_reload_of_the_client_ca_applies_to_new_connections_on_every_listener(st
     with pytest.raises(ConfigError, match="needs a restart"):
         stack.reload(dataclasses.replace(stack.config, tls_client_ca_file=""))
     assert Http(stack, pki2).send(usage("ca", {"org-a": 16}), TOKEN_ALL).status_code == 200
+
+
+def test_a_reload_never_opens_ingest_or_the_api_and_a_refused_one_changes_nothing(
+    stack_factory, pki, tmp_path
+):
+    """Dropping every ingest (or API) token by a reload would serve anyone, like turning TLS off: it
+    needs a restart. A refused reload changes nothing, the certificate included."""
+    import dataclasses
+
+    from meterhouse.core.config import ConfigError
+
+    stack = stack_factory(
+        ingest_tokens=(TOKEN_A,), auth_tokens=(API_TOKEN,), **tls_options(pki, mutual=False)
+    )
+    server2 = Authority(tmp_path / "pki2", "ca2").issue("server", server=True)
+    new_cert = {"tls_cert_file": str(server2.cert), "tls_key_file": str(server2.key)}
+    for change in ({"ingest_tokens": ()}, {"auth_tokens": ()}):
+        with pytest.raises(ConfigError, match="restart"):
+            stack.reload(dataclasses.replace(stack.config, **change, **new_cert))
+    client = Http(stack, pki)  # a new connection: still the old certificate
+    assert client.send(usage("reopen", {"org-a": 1}), None).status_code == 401
+    assert client.send(usage("reopen", {"org-a": 2}), TOKEN_A).status_code == 200
+    api = f"https://127.0.0.1:{stack.http_port}/api/v1/orgs/org-a/usage?metric=reopen"
+    assert requests.get(api, verify=str(pki["ca"].ca_file), timeout=30).status_code == 401
+    assert totals(stack, "reopen") == {"org-a": 2}
