@@ -120,8 +120,8 @@ class Ingestor:
         self.rate = rate
         self.series = series
 
-    def authenticate(self, header: str | None) -> Principal | None:
-        """The sender of a request's ``authorization`` value (None when ingest is open).
+    def authenticate(self, header: str | Sequence[str] | None) -> Principal | None:
+        """The sender of a request's ``authorization`` value, or of all of them (None when ingest is open).
 
         Raises :class:`~meterhouse.collector.auth.Unauthenticated`: answer 401 / UNAUTHENTICATED.
         """
