@@ -153,3 +153,17 @@ def test_new_metrics_are_pre_created():
     assert reg.get_sample_value("meterhouse_limited_requests_total", {"reason": "ingest_rate"}) == 0
     assert reg.get_sample_value("meterhouse_series_folded_total") == 0
     assert reg.get_sample_value("meterhouse_points_rejected_total", {"reason": "org_not_allowed"}) == 0
+
+
+def test_a_point_rejected_for_its_org_is_not_also_counted_as_repaired():
+    """A delta point whose start is after its time is stored repaired (start_after_time); one of an org
+    outside the token's scope is not stored at all, so it is a rejection only."""
+    t = time.time_ns()
+    late = {"t_ns": t, "start_ns": t + 5_000_000}
+    req = sum_request(
+        {"calls": [point(5, {"org.id": "org-a"}, **late), point(7, {"org.id": "org-b"}, **late)]}
+    )
+    r = decode_request(req, Limits(), now_ns=time.time_ns(), digest="d", allowed_org=A.allows)
+    assert r.batch.columns["value_int"] == [5]
+    assert r.rejected == {"org_not_allowed": 1}
+    assert r.repaired == {"start_after_time": 1}
