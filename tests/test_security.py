@@ -585,3 +585,23 @@ def test_more_than_one_authorization_header_is_refused_on_both_transports(stack_
     conn.request("POST", "/v1/metrics", body, {"Content-Type": PROTOBUF["Content-Type"]})
     assert conn.getresponse().status == 200
     conn.close()
+
+
+def test_a_reload_to_an_expired_certificate_is_refused_and_the_old_one_served(stack_factory, pki, tmp_path):
+    import dataclasses
+
+    from meterhouse.core.config import ConfigError
+
+    stack = stack_factory(ingest_tokens=(TOKEN_ALL,), **tls_options(pki))
+    expired = pki["ca"].issue("expired", server=True, valid_from_days=-3, valid_days=2)
+    with pytest.raises(ConfigError, match="expired"):
+        stack.reload(
+            dataclasses.replace(stack.config, tls_cert_file=str(expired.cert), tls_key_file=str(expired.key))
+        )
+    assert (
+        Http(stack, pki).send(usage("expired", {"org-a": 3}), TOKEN_ALL).status_code == 200
+    )  # a new connection
+    client = Grpc(stack, pki)
+    client.send(usage("expired", {"org-a": 4}), TOKEN_ALL)
+    client.close()
+    assert totals(stack, "expired") == {"org-a": 7}

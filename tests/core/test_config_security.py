@@ -161,3 +161,15 @@ def test_a_tokens_file_without_tokens_is_refused(tmp_path, text):
         f.write_text(text.format(section=section))
         with pytest.raises(ConfigError, match=f"{section} tokens file: .* names no token"):
             load_config(env={var: str(f)})
+
+
+def test_a_server_certificate_out_of_its_validity_is_refused_naming_the_key(tmp_path):
+    """Served, an expired (or not yet valid) certificate fails every new client's handshake: it is
+    refused at start and by a reload (which then keeps the old one), with its dates."""
+    ca = Authority(tmp_path / "pki")
+    for pair, needle in (
+        (ca.issue("old", server=True, valid_from_days=-3, valid_days=2), "expired on "),
+        (ca.issue("future", server=True, valid_from_days=2), "not valid before "),
+    ):
+        with pytest.raises(ConfigError, match=f"tls.cert_file: .*{needle}"):
+            load_material(Config(tls_cert_file=str(pair.cert), tls_key_file=str(pair.key)))
