@@ -194,6 +194,8 @@ class Ingestor:
                 m.spool_full.inc()
                 return Outcome("backpressure", f"pipeline is full: {e}", retry_after_s=e.retry_after_s)
             return Outcome("unavailable", str(e), retry_after_s=1)
+        if self.series is not None:
+            self.series.settle(result.admitted)  # stored: its sets stay admitted
         if result.changes and self.cumulative is not None and isinstance(seq, int):
             self.cumulative.spooled(result.changes, seq)
         if self.recent is not None:
