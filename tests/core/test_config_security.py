@@ -173,3 +173,19 @@ def test_a_server_certificate_out_of_its_validity_is_refused_naming_the_key(tmp_
     ):
         with pytest.raises(ConfigError, match=f"tls.cert_file: .*{needle}"):
             load_material(Config(tls_cert_file=str(pair.cert), tls_key_file=str(pair.key)))
+
+
+@pytest.mark.parametrize("section", ["ingest", "auth"])
+@pytest.mark.parametrize(
+    "bad", [f" {TOKEN_A}", f"{TOKEN_A}\\t", f"{TOKEN_A}\\n", f"{TOKEN_A}é", f"{TOKEN_A}\\x7f"]
+)
+def test_a_token_no_client_can_present_is_refused(tmp_path, section, bad):
+    """Leading or trailing whitespace is stripped from a presented token, and an HTTP header or gRPC
+    metadata value carries visible ASCII: such a configured token could never be matched."""
+    f = tmp_path / "mh.yml"
+    f.write_text(f'{section}:\n  tokens:\n    - {{token: "{bad}", orgs: [a]}}\n')
+    with pytest.raises(ConfigError, match=rf"{section}.tokens\[0\].token: .*visible ASCII") as e:
+        load_config(env={}, config_file=f)
+    assert TOKEN_A not in str(e.value)
+    f.write_text(f'{section}:\n  tokens:\n    - {{token: "{TOKEN_A} with spaces inside", orgs: [a]}}\n')
+    assert load_config(env={}, config_file=f)  # inner spaces reach the server intact
