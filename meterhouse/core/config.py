@@ -436,6 +436,13 @@ def _tokens(raw: Any, source: str, section: str = "auth") -> tuple[Token, ...]:
         tok, orgs = e["token"], e["orgs"]
         if not isinstance(tok, str) or len(tok) < 16:
             raise ConfigError(f"{where}.token: must be a string of at least 16 characters (from {source})")
+        if tok != tok.strip() or not all(" " <= ch <= "~" for ch in tok):
+            # A presented token is stripped, and headers and gRPC metadata carry visible ASCII: such a
+            # token could never be matched.
+            raise ConfigError(
+                f"{where}.token: must be visible ASCII (spaces inside only) to be sent in a header "
+                f"(from {source})"
+            )
         if not isinstance(orgs, list) or not orgs or not all(isinstance(o, str) and o for o in orgs):
             raise ConfigError(f"{where}.orgs: must be a non-empty list of org ids or '*' (from {source})")
         out.append(Token(tok, tuple(orgs), e.get("admin", False)))
