@@ -1,6 +1,6 @@
 """Attacks on ingest security that found nothing, kept as regressions: org scope under case, whitespace,
 duplicate and misplaced org attributes (protobuf and gzipped JSON); header and metadata forms that are
-not a bearer token; the rate limit under concurrent senders on both transports (a 429 stores nothing,
+not a bearer token, pipelined requests, 100-continue, API and ingest tokens swapped; the rate limit under concurrent senders on both transports (a 429 stores nothing,
 a 200 loses nothing); expired client certificates. A SIGHUP storm with a broken certificate on a real
 `meterhouse up` while both transports send is a soak test."""
 
@@ -22,7 +22,7 @@ from certs import Authority
 from google.protobuf import json_format
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 from otlp_builders import kv, point, sum_request
-from test_security import EXPORT, TOKEN_A, TOKEN_ALL, Grpc, Http, pki, tls_options, totals, usage  # noqa: F401 (pki: a fixture)
+from test_security import API_TOKEN, EXPORT, TOKEN_A, TOKEN_ALL, Grpc, Http, pki, tls_options, totals, usage  # noqa: F401 (pki: a fixture)
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +97,7 @@ def _raw_post(port: int, body: bytes, header_lines: list[str]) -> bytes:
 
 
 def test_what_is_not_a_bearer_token_is_refused_and_what_is_one_is_served(stack_factory):
-    stack = stack_factory(ingest_tokens=(TOKEN_A,))
+    stack = stack_factory(ingest_tokens=(TOKEN_A,), auth_tokens=(API_TOKEN,))
     port, t = stack.collector.http.port, TOKEN_A.token
     refused = [[f"Authorization: Bearer\t{t}"], [f"Authorization: Basic {t}"], [f"Authorization: {t}"],
                [f"Authorization: Bearer {t} extra"], [f"Authorization: Bearer {t}, Bearer {t}"],
@@ -126,7 +126,32 @@ def test_what_is_not_a_bearer_token_is_refused_and_what_is_one_is_served(stack_f
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     export(body, metadata=(("authorization", f"bearer {t}"),), timeout=30)
     channel.close()
-    assert totals(stack, "forms") == {"org-a": 100 + 200 + 300 + 1000}
+
+    # Each request of a keep-alive connection is authenticated on its own: a pipelined second request
+    # without a token is refused; a refused one asking `Expect: 100-continue` gets no 100.
+    def head(extra: str, n: int) -> bytes:
+        return (f"POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n{extra}"
+                f"Content-Length: {n}\r\n\r\n").encode()  # fmt: skip
+
+    first, second = (usage("forms", {"org-a": v}).SerializeToString() for v in (10_000, 20_000))
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head(f"Authorization: Bearer {t}\r\n", len(first)) + first + head("", len(second)) + second)
+        answers = b""
+        while answers.count(b"HTTP/1.1 ") < 2 and (chunk := s.recv(65536)):
+            answers += chunk
+    assert [line for line in answers.split(b"\r\n") if line.startswith(b"HTTP/")] == [
+        b"HTTP/1.1 200 OK", b"HTTP/1.1 401 Unauthorized"]  # fmt: skip
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(
+            head("Authorization: Bearer unknown-token-0000000\r\nExpect: 100-continue\r\n", len(second))
+        )
+        assert s.recv(100).startswith(b"HTTP/1.1 401 Unauthorized")
+    # API and ingest tokens are separate lists.
+    assert _raw_post(port, second, [f"Authorization: Bearer {API_TOKEN.token}"]).endswith(b"401 Unauthorized")
+    r = requests.get(f"http://127.0.0.1:{stack.http_port}/api/v1/orgs/org-a/usage?metric=forms", timeout=30,
+                     headers={"Authorization": f"Bearer {t}"})  # fmt: skip
+    assert r.status_code == 401
+    assert totals(stack, "forms") == {"org-a": 100 + 200 + 300 + 1000 + 10_000}
 
 
 def test_rate_limit_under_concurrent_senders_on_both_transports_stores_exactly_what_was_accepted(
