@@ -178,9 +178,9 @@ class OtlpGrpcReceiver:
         self.stop_accepting(timeout_s).wait(timeout_s + 1)
 
     def _export(self, body: bytes, context: grpc.ServicerContext) -> bytes:
-        header = next((v for k, v in context.invocation_metadata() if k == "authorization"), None)
+        headers = [v for k, v in context.invocation_metadata() if k == "authorization" and isinstance(v, str)]
         try:
-            sender = self.ingestor.authenticate(header if isinstance(header, str) else None)
+            sender = self.ingestor.authenticate(headers)
         except Unauthenticated as e:
             self.metrics.requests.labels(transport="grpc", outcome="unauthenticated").inc()
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
