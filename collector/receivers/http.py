@@ -229,7 +229,7 @@ class OtlpHttpReceiver:
             except Exception:
                 # A bug must not cost the client its answer: 500 is not retryable, and it is logged.
                 log.exception("unexpected error while handling an OTLP/HTTP request")
-                self.metrics.requests.labels(transport="http", outcome="invalid").inc()
+                self.metrics.requests.labels(transport="http", outcome="error").inc()
                 return await self._status(
                     send,
                     HTTPStatus.INTERNAL_SERVER_ERROR,

@@ -39,6 +39,7 @@ REQUEST_OUTCOMES = (
     "unavailable",
     "unauthenticated",
     "rate_limited",
+    "error",  # meterhouse failed by its own fault (HTTP 500, gRPC INTERNAL): a bug, never the sender's
 )
 TRANSPORTS = ("http", "grpc")
 
