@@ -197,6 +197,7 @@ class OtlpHttpReceiver:
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
         answer_type = ctype if ctype in (PROTOBUF, JSON) else JSON
         if scope["method"] != "POST":
+            self.metrics.requests.labels(transport="http", outcome="not_found").inc()
             return await self._status(
                 send,
                 HTTPStatus.METHOD_NOT_ALLOWED,
@@ -206,6 +207,7 @@ class OtlpHttpReceiver:
                 close=True,
             )
         if scope["path"] != PATH:
+            self.metrics.requests.labels(transport="http", outcome="not_found").inc()
             return await self._status(
                 send,
                 HTTPStatus.NOT_FOUND,
