@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import requests
 import yaml
 
@@ -73,6 +74,20 @@ def test_runbook_urls_are_absolute_from_a_configurable_base():
                 for alert in case.get("exp_alerts") or []:
                     url = alert["exp_annotations"]["runbook_url"]
                     assert url.startswith("https://") and url.endswith("#" + case["alertname"].lower())
+
+
+@pytest.mark.parametrize(
+    "config", sorted((ROOT / "deploy" / "prometheus").glob("*.yml")), ids=lambda p: p.name
+)
+def test_every_prometheus_that_loads_the_rules_renders_absolute_runbook_urls(config):
+    """Each Prometheus the deployment runs with the rule files (the single node and the cluster profile)
+    has the runbook_base_url external label; without it every runbook_url renders as a bare "#anchor"."""
+    prom = yaml.safe_load(config.read_text())
+    assert prom.get("rule_files"), config.name
+    base = (prom["global"].get("external_labels") or {}).get("runbook_base_url", "")
+    assert re.fullmatch(r"https://[^\s#]+", base), f"{config.name}: runbook_base_url is {base!r}"
+    r = promtool("check", "config", "--syntax-only", str(config))
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_recording_rules_are_named_level_metric_operations():
