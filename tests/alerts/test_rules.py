@@ -175,13 +175,38 @@ def exposed_names(text: str) -> set[str]:
     return names
 
 
+def exposed_label_values(text: str) -> dict[str, dict[str, set[str]]]:
+    """metric name → label → the values a scrape shows (labelled series are pre-created)."""
+    out: dict[str, dict[str, set[str]]] = {}
+    for line in text.splitlines():
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? ", line)
+        if m and not line.startswith("#"):
+            for key, value in re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""):
+                out.setdefault(m.group(1), {}).setdefault(key, set()).add(value)
+    return out
+
+
 def test_promql_names_only_metrics_meterhouse_exposes(up):
-    exposed = exposed_names(requests.get(f"{up.api}/metrics", timeout=10).text)
+    text = requests.get(f"{up.api}/metrics", timeout=10).text
+    exposed = exposed_names(text)
+    labels = exposed_label_values(text)
     recorded = {r["record"] for r in rules() if "record" in r}
     for where, expr in promql_expressions():
         code = re.sub(r'"[^"]*"', '""', expr)  # label values are not metric names
         for name in set(re.findall(r"\b((?:[a-z_]+:)?meterhouse[a-z0-9_:]*)", code)):
             assert name in exposed or name in recorded, f"{where}: {name} is neither exposed nor recorded"
+        # Every label matcher on an exposed series selects a value it has (a typo in an outcome or a
+        # reason would select nothing, and the alert would never fire).
+        for name, body in re.findall(r"\b(meterhouse_[a-z0-9_]+)\s*\{([^}]*)\}", expr):
+            for key, op, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', body):
+                if key in ("job", "instance") or "$" in value or op.startswith("!"):
+                    continue
+                values = labels.get(name, {}).get(key)
+                assert values, f"{where}: {name} has no label {key}"
+                for alternative in value.split("|") if op == "=~" else [re.escape(value)]:
+                    assert any(re.fullmatch(alternative, v) for v in values), (
+                        f"{where}: {name}{{{key}={value!r}}}"
+                    )
     assert "meterhouse_failovers_total" in exposed and "meterhouse_spool_oldest_age_seconds" in exposed
     for name in (
         "meterhouse_dead_letters_pending",
