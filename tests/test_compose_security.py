@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,12 @@ def dclint_binary() -> str:
 
 
 def dclint(path: Path) -> list[dict]:
-    r = subprocess.run(
-        [dclint_binary(), "-f", "json", str(path)], capture_output=True, text=True, timeout=120
-    )
-    return [m for f in json.loads(r.stdout) for m in f["messages"]]
+    # The report goes to a file: node exits before a piped stdout beyond 64 KiB is flushed.
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "dclint.json"
+        subprocess.run([dclint_binary(), "-f", "json", "-o", str(report), str(path)],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+        return [m for f in json.loads(report.read_text()) for m in f["messages"]]
 
 
 @pytest.fixture(scope="module")
