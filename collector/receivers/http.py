@@ -192,6 +192,7 @@ class OtlpHttpReceiver:
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
         answer_type = ctype if ctype in (PROTOBUF, JSON) else JSON
         if scope["method"] != "POST":
+            self.metrics.requests.labels(transport="http", outcome="not_found").inc()
             return await self._status(
                 send,
                 HTTPStatus.METHOD_NOT_ALLOWED,
@@ -201,6 +202,7 @@ class OtlpHttpReceiver:
                 close=True,
             )
         if scope["path"] != PATH:
+            self.metrics.requests.labels(transport="http", outcome="not_found").inc()
             return await self._status(
                 send,
                 HTTPStatus.NOT_FOUND,
@@ -225,7 +227,7 @@ class OtlpHttpReceiver:
             except Exception:
                 # A bug must not cost the client its answer: 500 is not retryable, and it is logged.
                 log.exception("unexpected error while handling an OTLP/HTTP request")
-                self.metrics.requests.labels(transport="http", outcome="invalid").inc()
+                self.metrics.requests.labels(transport="http", outcome="error").inc()
                 return await self._status(
                     send,
                     HTTPStatus.INTERNAL_SERVER_ERROR,

@@ -441,6 +441,19 @@ ORDER BY last
 LIMIT {{limit:UInt32}}"""
 
 
+def orgs_silent_count_sql(database: str) -> str:
+    """How many orgs :func:`orgs_silent_sql` would list without its limit (same bound parameters but
+    ``limit``): the gauge counts every silent org, the API lists at most ``limit`` of them."""
+    return f"""SELECT count() FROM (
+    SELECT org_id, toUnixTimestamp64Milli(max(last_seen)) AS last
+    FROM {database}.{ORGS_TABLE}
+    WHERE org_id != ''
+    GROUP BY org_id
+    HAVING last >= toUnixTimestamp64Milli(toDateTime64({{day_ago:DateTime('UTC')}}, 3))
+       AND last < toUnixTimestamp64Milli(toDateTime64({{quiet_since:DateTime('UTC')}}, 3))
+)"""
+
+
 def orgs_spiking_sql(database: str) -> str:
     """(org, metric) whose usage in hour ``last`` exceeds ``factor`` × its mean hourly usage over the
     ``hours`` hours before, and at least ``min_usage``. Read from the rollup."""
@@ -457,6 +470,13 @@ def orgs_spiking_sql(database: str) -> str:
 WHERE baseline > 0 AND last_usage >= {{min_usage:Float64}} AND last_usage > {{factor:Float64}} * baseline
 ORDER BY last_usage / baseline DESC
 LIMIT {{limit:UInt32}}"""
+
+
+def orgs_spiking_count_sql(database: str) -> str:
+    """How many distinct orgs :func:`orgs_spiking_sql` would list without its limit (same bound
+    parameters but ``limit``)."""
+    inner = orgs_spiking_sql(database).split("\nORDER BY")[0]
+    return f"SELECT uniqExact(org_id) FROM (\n{inner}\n)"
 
 
 def top_orgs_by_points_sql(database: str) -> str:
