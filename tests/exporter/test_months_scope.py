@@ -1,0 +1,67 @@
+"""The month routes against hostile callers: an org-scoped token learns nothing of other orgs (not even
+the month's totals over all orgs), and malformed months and pages are a clear 400, never a 500."""
+
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+from usage_rows import put
+
+from meterhouse.core.close import Month
+from meterhouse.core.config import Token
+from meterhouse.exporter import create_app
+
+ADMIN = "admin-token-0123456789"
+SCOPED = "scoped-token-0123456789"
+M = Month.of_ns(time.time_ns()).previous().previous().previous()
+
+
+@pytest.fixture
+def client(store):
+    put(store, [{"org_id": f"org-{i}", "metric": metric, "time": M.start_ns + i, "value_int": 1000 * i + 1}
+                for i in range(5) for metric in ("calls", "rows")])  # fmt: skip
+    tokens = (Token(ADMIN, ("*",), admin=True), Token(SCOPED, ("org-1", "org-9")))
+    app = create_app(store, CollectorRegistry(), lambda: True, tokens=tokens, close_settle_s=0)
+    c = app.test_client()
+    assert call(c, "POST", f"/api/v1/months/{M}/close").status_code == 200
+    return c
+
+
+def call(client, method, path, token=ADMIN, **kw):
+    return client.open(path, method=method, headers={"Authorization": f"Bearer {token}"}, **kw)
+
+
+def test_a_scoped_token_sees_the_close_of_its_own_orgs_only(client):
+    whole = call(client, "GET", f"/api/v1/months/{M}/close").get_json()
+    assert (whole["orgs"], whole["lines"], whole["points"], whole["total"]) == (5, 10, 10, 2 * 10005)
+    own = {"orgs": 1, "lines": 2, "points": 2, "total": 2 * 1001}
+    for path in (f"/api/v1/months/{M}/close", f"/api/v1/months/{M}/statements",
+                 f"/api/v1/months/{M}/adjustments"):  # fmt: skip
+        body = call(client, "GET", path, SCOPED).get_json()
+        record = body.get("close", body)
+        assert {k: record[k] for k in own} == own, path
+        assert record["rollup"] == {"total": 2 * 1001, "points": 2} and record["reconciled"], path
+        assert record["close_id"] == whole["close_id"] and record["status"] == "done"
+    # An admin's view of the same close is unchanged.
+    assert call(client, "GET", f"/api/v1/months/{M}/statements").get_json()["close"] == whole
+
+
+@pytest.mark.parametrize(
+    "query", ["limit=²", "offset=²", "limit=١٠", "offset=" + "9" * 5000, "offset=-0", "limit=1e3"]
+)
+def test_bad_pages_are_400(client, query):
+    for path in (f"/api/v1/months/{M}/statements", f"/api/v1/months/{M}/adjustments",
+                 "/api/v1/orgs/org-1/statements"):  # fmt: skip
+        r = call(client, "GET", f"{path}?{query}")
+        assert r.status_code == 400, (path, query, r.get_json())
+        assert r.get_json()["error"]["code"] == "invalid_parameter"
+
+
+@pytest.mark.parametrize(
+    "month", ["٢٠٢٦-٠١", "2026-01%0A", "2026-1", "2026-13", "1969-12", "2026-01-01", "+2026-01"]
+)
+def test_malformed_months_are_400(client, month):
+    for method, path in (("GET", f"/api/v1/months/{month}/statements"), ("GET", f"/api/v1/months/{month}/close"),
+                         ("POST", f"/api/v1/months/{month}/close")):  # fmt: skip
+        r = call(client, method, path)
+        assert r.status_code == 400, (method, path, r.get_json())
