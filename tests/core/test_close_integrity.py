@@ -5,7 +5,6 @@ months (leap day, December to January, a month without data), extreme values and
 import threading
 import time
 
-import pytest
 from prometheus_client import CollectorRegistry
 from usage_rows import put
 

@@ -65,3 +65,23 @@ def test_malformed_months_are_400(client, month):
                          ("POST", f"/api/v1/months/{month}/close")):  # fmt: skip
         r = call(client, method, path)
         assert r.status_code == 400, (method, path, r.get_json())
+
+
+def test_verify_lists_edited_lines_within_the_token_scope(client, store):
+    from meterhouse.core import schema
+
+    url = f"/api/v1/months/{M}/close?verify=true"
+    assert call(client, "GET", url).get_json()["verification"] == {"verified": True, "mismatches": []}
+    for org in ("org-1", "org-3"):  # two lines rewritten after the close
+        row = list(store.rows(f"SELECT * FROM {store.database}.{schema.STATEMENTS_TABLE} "
+                              f"WHERE org_id = '{org}' AND metric = 'calls'")[0])  # fmt: skip
+        row[schema.STATEMENT_COLUMN_NAMES.index("total_int")] = 0
+        store.insert_rows(schema.STATEMENTS_TABLE, [[v] for v in row], schema.STATEMENT_COLUMN_NAMES,
+                          schema.STATEMENT_COLUMN_TYPES, f"edit-{org}")  # fmt: skip
+    found = call(client, "GET", url).get_json()["verification"]
+    assert not found["verified"]
+    assert [(x["org_id"], x["statement_total"], x["raw_total"]) for x in found["mismatches"]] == [
+        ("org-1", 0, 1001), ("org-3", 0, 3001)]  # fmt: skip
+    scoped = call(client, "GET", url, SCOPED).get_json()["verification"]
+    assert [x["org_id"] for x in scoped["mismatches"]] == ["org-1"]
+    assert call(client, "GET", f"/api/v1/months/{M}/close?verify=yes").status_code == 400
