@@ -5,6 +5,7 @@ months (leap day, December to January, a month without data), extreme values and
 import threading
 import time
 
+import pytest
 from prometheus_client import CollectorRegistry
 from usage_rows import put
 
@@ -197,3 +198,46 @@ def test_concurrent_closes_of_a_month_give_one_close(store):
     assert results[0].lines == 200 and results[0].total_int == sum(range(200))
     assert store.scalar(f"SELECT count() FROM {store.database}.{schema.STATEMENTS_TABLE} FINAL") == 200
     assert store.scalar(f"SELECT uniqExact(close_id) FROM {store.database}.{schema.STATEMENTS_TABLE}") == 1
+
+
+def test_late_point_counters_never_go_down_when_a_month_is_closed(store):
+    # Committed after its month ended, so counted open_month; then a close whose cutoff lies before its
+    # commit makes it an adjustment. A counter that went down would read as a reset: increase() would
+    # count every late point again.
+    put(store, [{"org_id": "a", "time": M.start_ns + 1, "value_int": 1}])
+    registry = CollectorRegistry()
+    reconciler = Reconciler(store, registry, months=6)
+    assert reconciler.refresh()
+    late = "meterhouse_late_points_total"
+    before = {d: registry.get_sample_value(late, {"disposition": d}) for d in ("open_month", "adjustment")}
+    assert before == {"open_month": 1, "adjustment": 0}
+    do_close(store, settle_s=3600)  # the point was committed within the settle time: after the cutoff
+    assert reconciler.refresh()
+    after = {d: registry.get_sample_value(late, {"disposition": d}) for d in ("open_month", "adjustment")}
+    assert after["adjustment"] == 1
+    assert after["open_month"] >= before["open_month"]
+
+
+def test_a_resumed_close_completes_an_org_whose_lines_were_written_in_part(store):
+    # A chunk's insert is one insert, but ClickHouse cuts a large one into several parts, committed one by
+    # one: a kill between them leaves the last org written with only some of its metrics.
+    put(store, [{"org_id": f"o{i}", "metric": m, "time": M.start_ns + i, "value_int": i + 1}
+                for i in range(6) for m in ("m1", "m2", "m3")])  # fmt: skip
+
+    class Crash(Exception):
+        pass
+
+    def crash(p):
+        if p.done >= 4:
+            raise Crash
+
+    with pytest.raises(Crash):
+        do_close(store, batch_orgs=2, progress=crash)
+    # What a kill between the parts of the second chunk leaves: o3's last metric was not committed.
+    store.client.command(f"ALTER TABLE {store.database}.{schema.STATEMENTS_TABLE} DELETE "
+                         "WHERE org_id = 'o3' AND metric = 'm3'", settings={"mutations_sync": 2})  # fmt: skip
+    record = do_close(store, batch_orgs=2)
+    assert record.lines == 18 and record.reconciled
+    assert [(x["org_id"], x["metric"]) for x in lines(store)] == [
+        (f"o{i}", m) for i in range(6) for m in ("m1", "m2", "m3")]  # fmt: skip
+    assert close.verify_statements(store, M) == []

@@ -85,3 +85,35 @@ def test_verify_lists_edited_lines_within_the_token_scope(client, store):
     scoped = call(client, "GET", url, SCOPED).get_json()["verification"]
     assert [x["org_id"] for x in scoped["mismatches"]] == ["org-1"]
     assert call(client, "GET", f"/api/v1/months/{M}/close?verify=yes").status_code == 400
+
+
+def test_a_running_close_shows_its_progress_to_unscoped_tokens_only(client, store):
+    import threading
+
+    from meterhouse.core import close
+
+    month = M.previous()
+    put(store, [{"org_id": f"p-{i:02d}", "time": month.start_ns + i, "value_int": 1} for i in range(30)])
+    put(store, [{"org_id": "org-1", "time": month.start_ns, "value_int": 4}])
+    started, release = threading.Event(), threading.Event()
+
+    def hold(p):
+        if p.done > 0:
+            started.set()
+            release.wait(30)
+
+    worker = threading.Thread(target=lambda: close.close_month(store, month, late_window_days=35, settle_s=0,
+                                                               batch_orgs=5, progress=hold))  # fmt: skip
+    worker.start()
+    try:
+        assert started.wait(30)
+        admin = call(client, "GET", f"/api/v1/months/{month}/close").get_json()
+        assert admin["status"] == "running" and admin["progress"]["total"] == 31
+        scoped = call(client, "GET", f"/api/v1/months/{month}/close", SCOPED).get_json()
+        assert scoped["status"] == "running" and "progress" not in scoped  # how many orgs: not its to know
+        assert scoped["orgs"] <= 1
+    finally:
+        release.set()
+        worker.join(60)
+    done = call(client, "GET", f"/api/v1/months/{month}/close", SCOPED).get_json()
+    assert (done["status"], done["orgs"], done["total"]) == ("done", 1, 4)
