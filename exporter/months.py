@@ -170,7 +170,7 @@ def register_months(api: Blueprint, store, late_window_days: int, settle_s: floa
                 ],
             }  # fmt: skip
         progress = close.running_progress(m)
-        if progress is not None and not record.done:
+        if progress is not None and not record.done and not scope_params()[0]:  # orgs of the month: all
             eta = progress.eta_s
             body["progress"] = {
                 "done": progress.done, "total": progress.total, "rate": round(progress.rate, 1),

@@ -121,9 +121,12 @@ class Reconciler:
             value,
             checked,
         )
-        # A point committed after its close is late too; the two dispositions do not overlap.
         self.statement_mismatches = mismatches
-        self.late_points = {"open_month": max(0, late_all - after_close), "adjustment": after_close}
+        # A point committed after its close is late too; the two dispositions do not overlap. A point
+        # committed within a close's settle seconds was open_month until that close took its cutoff before
+        # it; the counters never go down (Prometheus would read a reset and count every point again).
+        counted = {"open_month": max(0, late_all - after_close), "adjustment": after_close}
+        self.late_points = {d: max(self.late_points[d], counted[d]) for d in DISPOSITIONS}
         self.computed_at = self.clock()
         self.duration_s = time.perf_counter() - started
         self.ok = True

@@ -291,10 +291,19 @@ def _write_lines(
     bounds = {"from_ns": month.start_ns, "to_ns": month.end_ns}
     orgs = [r[0] for r in store.rows(schema.close_orgs_sql(db), {**bounds, "cutoff_ms": record.cutoff_ms})]
     last, _ = store.rows(schema.close_progress_sql(db), {"month": month.key, "close_id": record.close_id})[0]
-    # Orgs are written in order, one insert per chunk: every org up to the last one written is complete.
+    # Orgs are written in order, one insert per chunk: every org before the last one written is complete.
+    # ClickHouse may commit a large insert as several parts, so the last org may lack lines: then resume
+    # with it (a line written again is the same row, collapsed by FINAL), else after it.
     start = 0
     if last:
         start = next((i for i, o in enumerate(orgs) if o > last), len(orgs))
+        params = {**bounds, "lo": last, "hi": last, "cutoff_ms": record.cutoff_ms}
+        expected = len(store.rows(schema.close_lines_sql(db), params))
+        written = store.scalar(
+            schema.close_org_lines_sql(db), {"month": month.key, "close_id": record.close_id, "org": last}
+        )
+        if int(written or 0) < expected:
+            start -= 1
     state = Progress(start, len(orgs), time.monotonic(), first_done=start)
     _running[month.key] = state
     if progress:

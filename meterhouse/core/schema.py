@@ -655,6 +655,12 @@ def close_progress_sql(database: str) -> str:
 WHERE month = {{month:UInt32}} AND close_id = {{close_id:String}}"""
 
 
+def close_org_lines_sql(database: str) -> str:
+    """How many lines close ``close_id`` of ``month`` has written for ``org``."""
+    return f"""SELECT count() FROM {database}.{STATEMENTS_TABLE} FINAL
+WHERE month = {{month:UInt32}} AND close_id = {{close_id:String}} AND org_id = {{org:String}}"""
+
+
 def close_summary_sql(database: str, scoped: bool = False) -> str:
     """Totals of a close's lines, and how many lines the rollup does not match (doubles to 1e-9);
     ``scoped`` binds ``orgs`` (Array(String)): the totals of those orgs' lines only."""
