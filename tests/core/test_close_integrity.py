@@ -241,3 +241,23 @@ def test_a_resumed_close_completes_an_org_whose_lines_were_written_in_part(store
     assert [(x["org_id"], x["metric"]) for x in lines(store)] == [
         (f"o{i}", m) for i in range(6) for m in ("m1", "m2", "m3")]  # fmt: skip
     assert close.verify_statements(store, M) == []
+
+
+@pytest.mark.parametrize("batch_orgs", [0, -1])
+def test_a_close_with_a_nonsense_chunk_size_is_refused_not_signed_empty(store, batch_orgs):
+    put(store, [{"org_id": "a", "time": M.start_ns + 1, "value_int": 100}])
+    with pytest.raises(ValueError, match="batch_orgs"):
+        do_close(store, batch_orgs=batch_orgs)
+    assert close.get_close(store, M) is None  # nothing recorded: the month stays open
+    record = do_close(store)
+    assert (record.lines, record.total_int) == (1, 100)
+
+
+def test_the_close_command_refuses_a_nonsense_chunk_size(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "meterhouse", "close", "--month", str(M), "--direct",
+                          "--data-dir", str(tmp_path), "--batch-orgs", "-5"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and "--batch-orgs" in out.stderr and "Traceback" not in out.stderr
