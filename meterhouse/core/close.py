@@ -251,6 +251,8 @@ def close_month(
     now_ns: Callable[[], int] = time.time_ns,
 ) -> CloseRecord:
     """Close ``month`` (or finish a close that was interrupted); a finished close is returned unchanged."""
+    if batch_orgs < 1:  # a chunk of no orgs would write nothing and sign the month empty
+        raise ValueError(f"batch_orgs must be at least 1 (got {batch_orgs})")
     with _lock:  # one close at a time in a process (API and CLI share this module)
         record = get_close(store, month)
         if record is not None and record.done:
