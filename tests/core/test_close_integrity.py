@@ -261,3 +261,45 @@ def test_the_close_command_refuses_a_nonsense_chunk_size(tmp_path):
                           "--data-dir", str(tmp_path), "--batch-orgs", "-5"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2 and "--batch-orgs" in out.stderr and "Traceback" not in out.stderr
+
+
+TZ_PROBE = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from usage_rows import put
+from meterhouse.core import close, schema
+from meterhouse.core.close import Month
+from meterhouse.core.config import Config
+from meterhouse.core.store import open_store
+store = open_store(Config(data_dir=Path(sys.argv[1])))
+dec, jan = Month(2023, 12), Month(2024, 1)
+put(store, [{"org_id": "a", "time": jan.start_ns - 1, "value_int": 1}, {"org_id": "a", "time": jan.start_ns, "value_int": 10},
+            {"org_id": "a", "time": jan.start_ns + 1800 * 10**9, "value_int": 100}])
+out = {}
+for m in (dec, jan):
+    r = close.close_month(store, m, late_window_days=35, settle_s=0)
+    rows = store.rows(schema.statements_sql(store.database, False), {"month": m.key, "limit": 10, "offset": 0})
+    out[str(m)] = [[int(x[4]), int(x[6]), int(x[7]), int(x[8]), int(x[13]), int(x[15])] for x in rows] + [r.reconciled]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("tz", ["Pacific/Chatham"])  # +13:45 in January: a date ahead, off the hour
+def test_months_are_utc_whatever_the_process_time_zone(tmp_path, tz):
+    # chdb's session time zone is the process's: every month boundary must still be UTC, to the nanosecond.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", TZ_PROBE, str(tmp_path), tests], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "TZ": tz})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    jan = Month(2024, 1).start_ns
+    assert json.loads(out.stdout) == {
+        "2023-12": [[1, 1, jan - 1, jan - 1, 1, 1], True],
+        "2024-01": [[110, 2, jan, jan + 1800 * NS, 110, 2], True],
+    }
