@@ -303,3 +303,17 @@ def test_months_are_utc_whatever_the_process_time_zone(tmp_path, tz):
         "2023-12": [[1, 1, jan - 1, jan - 1, 1, 1], True],
         "2024-01": [[110, 2, jan, jan + 1800 * NS, 110, 2], True],
     }
+
+
+def test_rollup_usage_without_a_statement_line_is_a_mismatch(store):
+    # The rollup (the hourly numbers customers see) has usage the raw points do not: for an org with no
+    # line at all, and for a metric of an org that has lines. The close must not call that reconciled.
+    put(store, [{"org_id": "m", "time": M.start_ns + 1, "value_int": 5}])
+    for org, metric in (("ghost", "api.calls"), ("m", "other")):
+        store.client.command(f"""INSERT INTO {store.database}.{schema.HOURLY_TABLE}
+            (org_id, metric, hour, attributes_hash, attributes, unit, value_int, value_double, points)
+            VALUES ('{org}', '{metric}', toDateTime({M.start_ns // NS}, 'UTC'), 1, map(), '', 3, 0, 1)""")
+    record = do_close(store)
+    assert [(x["org_id"], x["metric"]) for x in lines(store)] == [("m", "api.calls")]
+    assert not record.reconciled and record.mismatched_lines == 2
+    assert (record.total_int, record.rollup_int, record.points, record.rollup_points) == (5, 11, 1, 3)
