@@ -328,6 +328,9 @@ def _write_lines(
         for org, org_lines in by_org.items():
             for metric, unit, ti, td, n, first, last_ns in org_lines:
                 ri, rd, rn = rollup.get((org, metric), (0, 0.0, 0))
+                # Below zero only when the rollup lacks points committed after the cutoff (drift): a line
+                # has points, so 0 still reads as a mismatch.
+                rn = max(0, rn)
                 row = (month.key, org, metric, unit, ti, td, n, first, last_ns, record.close_id,
                        record.cutoff_ms, record.forced, sums[org], ri, rd, rn)  # fmt: skip
                 for col, v in zip(cols, row, strict=True):
@@ -367,10 +370,19 @@ def scoped_close(store: CloseStore, month: Month, record: CloseRecord, orgs: Seq
 
 
 def _finish(store: CloseStore, month: Month, record: CloseRecord) -> CloseRecord:
+    summary = _summary(store, month, record, None)
+    # Usage the rollup has under an org and metric with no line: lines the two disagree on as well.
+    n, vi, vd, points = store.rows(schema.close_rollup_only_sql(store.database), {
+        "month": month.key, "close_id": record.close_id, "from_ns": month.start_ns, "to_ns": month.end_ns,
+        "cutoff_ms": record.cutoff_ms})[0]  # fmt: skip
+    summary["mismatched_lines"] += int(n or 0)
+    summary["rollup_int"] += int(vi or 0)
+    summary["rollup_double"] += float(vd or 0.0)
+    summary["rollup_points"] = max(0, summary["rollup_points"] + int(points or 0))
     done = CloseRecord(
         month=month.key, close_id=record.close_id, status=schema.CLOSE_DONE, forced=record.forced,
         cutoff_ms=record.cutoff_ms, finished_ms=int(store.scalar("SELECT toUnixTimestamp64Milli(now64(3))")),
-        version=2, **_summary(store, month, record, None),
+        version=2, **summary,
     )  # fmt: skip
     _write_record(store, done)
     return done

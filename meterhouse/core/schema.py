@@ -613,25 +613,40 @@ WHERE kind = '{KIND_SUM}' AND org_id >= {{lo:String}} AND org_id <= {{hi:String}
 GROUP BY org_id, metric ORDER BY org_id, metric"""
 
 
-def close_rollup_sql(database: str) -> str:
-    """The hourly rollup's totals of orgs ``[lo, hi]`` for the month as of the cutoff, per org and metric.
-
-    The rollup cannot tell when a point was committed, so the points committed at or after ``cutoff_ms``
-    (adjustments, or points still arriving while the month is closed) are taken out of it, read in the
-    same query: what is compared is then like for like with the statement."""
-    return f"""SELECT org_id, metric, sum(vi), sum(vd), sum(n) FROM (
+def _rollup_at_cutoff(database: str, org_range: bool) -> str:
+    """Per org and metric, the hourly rollup's totals for the month as of the cutoff: the rollup cannot
+    tell when a point was committed, so the points committed at or after ``cutoff_ms`` (adjustments, or
+    points still arriving while the month is closed) are taken out of it, read in the same query; what is
+    compared is then like for like with the statement. ``org_range`` binds ``lo`` and ``hi``."""
+    orgs = "org_id >= {lo:String} AND org_id <= {hi:String}" if org_range else "org_id != ''"
+    return f"""SELECT org_id, metric, sum(vi) AS vi, sum(vd) AS vd, sum(n) AS n FROM (
     SELECT org_id, metric, toInt128(value_int) AS vi, toFloat64(value_double) AS vd, toInt64(points) AS n
     FROM {database}.{HOURLY_TABLE}
-    WHERE org_id >= {{lo:String}} AND org_id <= {{hi:String}}
+    WHERE {orgs}
         AND hour >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
         AND hour < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC')
     UNION ALL
     SELECT org_id, metric, -toInt128(value_int), -value_double, toInt64(-1)
     FROM {database}.{POINTS_TABLE}
-    WHERE kind = '{KIND_SUM}' AND org_id >= {{lo:String}} AND org_id <= {{hi:String}} AND {_MONTH_RANGE}
+    WHERE kind = '{KIND_SUM}' AND {orgs} AND {_MONTH_RANGE}
         AND committed_at >= fromUnixTimestamp64Milli({{cutoff_ms:Int64}}, 'UTC')
 )
 GROUP BY org_id, metric"""
+
+
+def close_rollup_sql(database: str) -> str:
+    """The hourly rollup's totals of orgs ``[lo, hi]`` for the month as of the cutoff, per org and metric."""
+    return _rollup_at_cutoff(database, org_range=True)
+
+
+def close_rollup_only_sql(database: str) -> str:
+    """The rollup's usage for the month (as of the cutoff) under an org and metric that close ``close_id``
+    has no line for: how many such (org, metric) and their totals. Each is a line the rollup and the
+    statement disagree on. Unattributed usage (org ``''``) is in no statement and not counted here."""
+    return f"""SELECT count(), sum(vi), sum(vd), sum(n) FROM ({_rollup_at_cutoff(database, org_range=False)})
+WHERE (n != 0 OR vi != 0 OR vd != 0) AND (org_id, metric) NOT IN (
+    SELECT org_id, metric FROM {database}.{STATEMENTS_TABLE} FINAL
+    WHERE month = {{month:UInt32}} AND close_id = {{close_id:String}})"""
 
 
 def close_record_sql(database: str) -> str:
