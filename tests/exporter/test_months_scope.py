@@ -117,3 +117,28 @@ def test_a_running_close_shows_its_progress_to_unscoped_tokens_only(client, stor
         worker.join(60)
     done = call(client, "GET", f"/api/v1/months/{month}/close", SCOPED).get_json()
     assert (done["status"], done["orgs"], done["total"]) == ("done", 1, 4)
+
+
+def test_an_orgs_statements_list_finished_closes_only(client, store):
+    from meterhouse.core import close
+
+    month = M.previous()
+    put(store, [{"org_id": f"org-{i}", "metric": "calls", "time": month.start_ns + i, "value_int": 50 + i}
+                for i in range(6)])  # fmt: skip
+
+    class Crash(Exception):
+        pass
+
+    def crash(p):
+        if p.done >= 2:
+            raise Crash
+
+    with pytest.raises(Crash):  # a close killed half-way: lines written, the month not closed
+        close.close_month(store, month, late_window_days=35, settle_s=0, batch_orgs=2, progress=crash)
+    assert call(client, "GET", f"/api/v1/months/{month}/statements").status_code == 404
+    body = call(client, "GET", "/api/v1/orgs/org-1/statements", SCOPED).get_json()
+    assert [x["month"] for x in body["statements"]] == [str(M), str(M)]  # not the unfinished month
+    close.close_month(store, month, late_window_days=35, settle_s=0, batch_orgs=2)
+    body = call(client, "GET", "/api/v1/orgs/org-1/statements", SCOPED).get_json()
+    assert [(x["month"], x["metric"], x["total"]) for x in body["statements"]] == [
+        (str(month), "calls", 51), (str(M), "calls", 1001), (str(M), "rows", 1001)]  # fmt: skip
