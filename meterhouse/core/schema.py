@@ -644,7 +644,7 @@ def close_rollup_only_sql(database: str) -> str:
     has no line for: how many such (org, metric) and their totals. Each is a line the rollup and the
     statement disagree on. Unattributed usage (org ``''``) is in no statement and not counted here."""
     return f"""SELECT count(), sum(vi), sum(vd), sum(n) FROM ({_rollup_at_cutoff(database, org_range=False)})
-WHERE (n != 0 OR vi != 0 OR vd != 0) AND (org_id, metric) NOT IN (
+WHERE (n != 0 OR vi != 0 OR vd != 0) AND (org_id, metric) GLOBAL NOT IN (
     SELECT org_id, metric FROM {database}.{STATEMENTS_TABLE} FINAL
     WHERE month = {{month:UInt32}} AND close_id = {{close_id:String}})"""
 
@@ -707,9 +707,11 @@ ORDER BY org_id, metric LIMIT {{limit:UInt32}} OFFSET {{offset:UInt64}}"""
 
 
 def org_statements_sql(database: str) -> str:
-    """A page of one org's statement lines over every closed month, newest month first."""
+    """A page of one org's statement lines over every closed month, newest month first: the lines of
+    finished closes only (a close killed half-way has written lines of a month that is not closed)."""
     return f"""SELECT {_STATEMENT_SELECT} FROM {database}.{STATEMENTS_TABLE} FINAL
-WHERE org_id = {{org:String}}
+WHERE org_id = {{org:String}} AND (month, close_id) GLOBAL IN (
+    SELECT month, close_id FROM {database}.{CLOSES_TABLE} FINAL WHERE status = '{CLOSE_DONE}')
 ORDER BY month DESC, metric LIMIT {{limit:UInt32}} OFFSET {{offset:UInt64}}"""
 
 

@@ -141,4 +141,7 @@ def test_an_orgs_statements_list_finished_closes_only(client, store):
     close.close_month(store, month, late_window_days=35, settle_s=0, batch_orgs=2)
     body = call(client, "GET", "/api/v1/orgs/org-1/statements", SCOPED).get_json()
     assert [(x["month"], x["metric"], x["total"]) for x in body["statements"]] == [
-        (str(month), "calls", 51), (str(M), "calls", 1001), (str(M), "rows", 1001)]  # fmt: skip
+        (str(M), "calls", 1001),
+        (str(M), "rows", 1001),
+        (str(month), "calls", 51),
+    ]  # newest month first
