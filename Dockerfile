@@ -1,12 +1,15 @@
 FROM python:3.11.9-slim-bookworm
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY meterhouse ./meterhouse
 COPY collector ./collector
 COPY exporter ./exporter
 COPY dashboards ./dashboards
 COPY alerts ./alerts
-RUN pip install --no-cache-dir . \
+# gcc builds the native encoders (setup.py) and is removed again in the same layer.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir . \
+    && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /var/lib/meterhouse --shell /usr/sbin/nologin meterhouse \
     && mkdir -p /var/lib/meterhouse && chown meterhouse:meterhouse /var/lib/meterhouse
 USER 10001:10001

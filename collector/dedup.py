@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from meterhouse.collector.model import PointBatch
+from meterhouse.collector.model import Blocks
 
 
 class RecentRequests:
@@ -79,7 +79,7 @@ class RecentRequests:
                 self._file.write(f"{received_ns} {digest}\n")
                 self._unsynced += 1
 
-    def committed(self, batches: Iterable[PointBatch]) -> None:
+    def committed(self, batches: Iterable[Blocks]) -> None:
         """Make the digests of batches about to be committed durable, before the spool forgets them.
         The ingest thread adds a digest once its append is durable, but the writer may commit the record
         before that thread gets there; without this its digest could be in neither file after a crash,

@@ -228,6 +228,9 @@ class EndpointSet:
     def insert_points(self, columns: Sequence[Sequence[Any]], token: str) -> None:
         self._call(lambda s: s.insert_points(columns, token), write=True)
 
+    def insert_native(self, table: str, names: Sequence[str], block: bytes, token: str) -> None:
+        self._call(lambda s: s.insert_native(table, names, block, token), write=True)
+
     def insert_distributions(self, columns: Sequence[Sequence[Any]], token: str) -> None:
         self._call(lambda s: s.insert_distributions(columns, token), write=True)
 

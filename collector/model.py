@@ -46,6 +46,27 @@ class PointBatch:
         return {name: [] for name in DIST_BATCH_COLUMNS}
 
 
+@dataclass
+class Blocks:
+    """A spooled request as the writer inserts it: Native-format blocks (``meterhouse.core.native``) of
+    its number points (:data:`BATCH_COLUMNS`) and distribution points, without ``batch_id``."""
+
+    numbers: bytes
+    size: int
+    dists: bytes
+    dist_size: int
+    digest: str
+    received_ns: int
+
+    @property
+    def total(self) -> int:
+        return self.size + self.dist_size
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.numbers) + len(self.dists)
+
+
 def content_digest(*parts: bytes) -> str:
     h = hashlib.blake2b(digest_size=16)
     for part in parts:

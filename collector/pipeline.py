@@ -84,7 +84,7 @@ class Collector:
             max_bytes=config.spool_max_bytes,
             segment_bytes=config.spool_segment_bytes,
             fsync=config.spool_fsync,
-            max_cached_points=config.max_cached_points,
+            max_cached_bytes=config.spool_cache_bytes,
             files=files,
         )
         self.recent = (

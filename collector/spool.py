@@ -9,9 +9,11 @@ queued afresh.
 
 Record layout (little-endian): ``b"MH"``, type (u8), payload length (u32), CRC-32 of type, length and
 payload (u32), payload. Every segment starts with a FORMAT record (the format version) and a COMMIT (what
-was committed when it was opened). DATA payloads are the decoded columns, pickled (the spool directory
-is private to the process; the CRC guards against torn and corrupt records, not against a hostile
-writer).
+was committed when it was opened). A DATA payload (version 3) holds the request's points as ClickHouse
+Native-format blocks, the form the writer inserts them in: a fingerprint of the column set, the length of
+the number block, the number block, the distribution block. A block names its columns, so a record
+written by another column set is read back by name (missing columns get their defaults). Versions 1
+and 2 held the decoded columns pickled; they are still read.
 
 Faults: a write or fsync that fails seals the segment (the torn bytes are truncated away when the disk
 allows, and nothing is appended after them) and the request fails retryably; its sequence number is
@@ -38,8 +40,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from meterhouse.collector.files import Files
-from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, Backpressure, PointBatch
-from meterhouse.core import schema
+from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, Backpressure, Blocks, PointBatch
+from meterhouse.core import native, schema
 
 log = logging.getLogger("meterhouse.spool")
 
@@ -47,13 +49,36 @@ MAGIC = b"MH"
 HEADER = struct.Struct("<2sBII")  # magic, type, length, crc
 DATA, INTENT, COMMIT, ABORT, PART, FORMAT = 1, 2, 3, 4, 5, 6
 KINDS = frozenset({DATA, INTENT, COMMIT, ABORT, PART, FORMAT})
-#: Version 1 segments (no FORMAT record) have the same DATA layout and are read as they are.
-FORMAT_VERSION = 2
+#: Version 1 segments (no FORMAT record) and version 2 hold pickled columns; both are still read.
+FORMAT_VERSION = 3
 _VERSION = struct.Struct("<H")
 _DATA_HEAD = struct.Struct("<QQI16s")  # seq, received_ns, points, request digest
 _RANGE = struct.Struct("<QQ")  # first seq, last seq
 _SEQ = struct.Struct("<Q")
+_BLOCKS_HEAD = struct.Struct("<II")  # column-set fingerprint, length of the number block
 MAX_RECORD = 1 << 31
+
+_TYPES = {c.name: c.type for c in schema.INGEST_COLUMNS}
+_DIST_TYPES = {c.name: c.type for c in schema.DIST_INGEST_COLUMNS}
+NUMBER_TYPES = tuple(_TYPES[n] for n in BATCH_COLUMNS)
+DIST_TYPES = tuple(_DIST_TYPES[n] for n in DIST_BATCH_COLUMNS)
+#: Records whose blocks carry exactly today's columns go to ClickHouse as they are; others are conformed.
+COLUMN_SET = zlib.crc32(repr((BATCH_COLUMNS, NUMBER_TYPES, DIST_BATCH_COLUMNS, DIST_TYPES)).encode())
+
+
+def encode_blocks(batch: PointBatch) -> Blocks:
+    """The batch as the spool stores it and the writer inserts it."""
+    numbers = (
+        native.encode(BATCH_COLUMNS, NUMBER_TYPES, [batch.columns[n] for n in BATCH_COLUMNS])
+        if batch.size
+        else b""
+    )
+    dists = (
+        native.encode(DIST_BATCH_COLUMNS, DIST_TYPES, [batch.dist_columns[n] for n in DIST_BATCH_COLUMNS])
+        if batch.dist_size
+        else b""
+    )
+    return Blocks(numbers, batch.size, dists, batch.dist_size, batch.digest, batch.received_ns)
 
 
 class SpoolError(Exception):
@@ -74,9 +99,10 @@ class Record:
     length: int
     points: int
     received_ns: int
-    batch: PointBatch | None = None
+    blocks: Blocks | None = None  # kept in memory while the cache's byte budget allows
     epoch: int = 0  # the append that wrote it (group commit: durable once the synced epoch reaches it)
     state: str = "durable"  # "written" until its group fsync; "failed" if that fsync (or write) failed
+    version: int = FORMAT_VERSION  # the format of the segment it lies in
 
 
 @dataclass
@@ -162,6 +188,11 @@ def _conform(
     return out
 
 
+def _columns(block: bytes) -> tuple[dict[str, list[Any]], int]:
+    _names, _types, columns, rows = native.decode(block)
+    return columns, rows
+
+
 def _sound(raw: bytes, pos: int) -> int:
     """The end of a sound record at ``pos``, or -1."""
     if len(raw) - pos < HEADER.size:
@@ -194,14 +225,14 @@ class Spool:
         max_bytes: int = 1 << 30,
         segment_bytes: int = 64 << 20,
         fsync: bool = True,
-        max_cached_points: int = 2_000_000,
+        max_cached_bytes: int = 256 << 20,
         files: Files | None = None,
     ) -> None:
         self.dir = Path(directory)
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.fsync = fsync
-        self.max_cached_points = max_cached_points
+        self.max_cached_bytes = max_cached_bytes
         self.files = files or Files()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -224,7 +255,7 @@ class Spool:
         self._defer_close: list[BinaryIO] = []  # files rotated away while an fsync on them ran
         self._failed_segments: dict[Path, int] = {}  # sealed after a failed fsync → synced epoch then
         self._pending_points = 0
-        self._cached_points = 0
+        self._cached_bytes = 0
         self._uncommitted_bytes = 0
         self._closed = False
         self.write_errors = 0  # failed writes or fsyncs (each sealed a segment)
@@ -243,11 +274,11 @@ class Spool:
         paths = sorted(self.dir.glob("seg-*.wal"))
         for path in paths:
             top = 0
-            for kind, offset, length, payload in self._scan(path, report):
+            for kind, offset, length, payload, version in self._scan(path, report):
                 report.records += 1
                 if kind == DATA:
                     seq, received, points, digest = _DATA_HEAD.unpack_from(payload)
-                    data[seq] = Record(seq, path, offset, length, points, received)
+                    data[seq] = Record(seq, path, offset, length, points, received, version=version)
                     digests[seq] = (digest.hex(), received)
                     top = max(top, seq)
                 elif kind == INTENT:
@@ -304,9 +335,10 @@ class Spool:
     def committed_seq(self) -> int:
         return self._committed
 
-    def _scan(self, path: Path, report: ScanReport) -> Iterator[tuple[int, int, int, bytes]]:
-        """Yield (kind, offset, length, payload) of every sound record. Damaged stretches are skipped
-        (the scan resumes at the next sound record), copied to the quarantine and cut from the segment."""
+    def _scan(self, path: Path, report: ScanReport) -> Iterator[tuple[int, int, int, bytes, int]]:
+        """Yield (kind, offset, length, payload, format version) of every sound record. Damaged stretches
+        are skipped (the scan resumes at the next sound record), copied to the quarantine and cut from the
+        segment."""
         raw = path.read_bytes()
         bad: list[tuple[int, int]] = []
         pos = 0
@@ -335,7 +367,7 @@ class Spool:
                         "the spool directory aside); see the README, section 'Spool format'."
                     )
             else:
-                yield kind, pos, end - pos, payload
+                yield kind, pos, end - pos, payload, version
             pos = end
 
     def _quarantine(self, path: Path, raw: bytes, bad: list[tuple[int, int]], report: ScanReport) -> bytes:
@@ -365,9 +397,8 @@ class Spool:
         """Append the batch durably; return its seq only once it is on disk (fsync'd when configured)."""
         if batch.total == 0:
             return 0
-        body = pickle.dumps(
-            (batch.columns, batch.size, batch.dist_columns, batch.dist_size), protocol=pickle.HIGHEST_PROTOCOL
-        )
+        blocks = encode_blocks(batch)
+        body = _BLOCKS_HEAD.pack(COLUMN_SET, len(blocks.numbers)) + blocks.numbers + blocks.dists
         digest = _digest_bytes(batch.digest)
         with self._lock:
             if self._closed:
@@ -388,10 +419,10 @@ class Spool:
                 self._aborted.append(seq)
                 raise
             self._segments[self._active] = seq
-            cached = self._cached_points + batch.total <= self.max_cached_points
+            cached = self._cached_bytes + blocks.nbytes <= self.max_cached_bytes
             rec = Record(seq, self._active, offset, len(record), batch.total, batch.received_ns,
-                         batch if cached else None, self._epoch, "written")  # fmt: skip
-            self._cached_points += batch.total if cached else 0
+                         blocks if cached else None, self._epoch, "written")  # fmt: skip
+            self._cached_bytes += blocks.nbytes if cached else 0
             self._pending_points += batch.total
             self._uncommitted_bytes += len(record)
             self._unsynced.append(rec)
@@ -436,6 +467,11 @@ class Spool:
                 self._seal(self._size)
             self._cond.notify_all()
 
+    def _uncache(self, rec: Record) -> None:
+        if rec.blocks is not None:
+            self._cached_bytes -= rec.blocks.nbytes
+            rec.blocks = None
+
     def _synced_to(self, target: int) -> None:
         """Appends up to ``target`` are durable: their records become visible to the writer, in order."""
         self._synced = max(self._synced, target)
@@ -460,9 +496,7 @@ class Spool:
             self._aborted.append(rec.seq)
             self._pending_points -= rec.points
             self._uncommitted_bytes -= rec.length
-            if rec.batch is not None:
-                self._cached_points -= rec.points
-                rec.batch = None
+            self._uncache(rec)
         self._unsynced = keep
         self._abort_mark = None
 
@@ -571,24 +605,59 @@ class Spool:
             self._inflight = Group(records)
             return self._inflight
 
-    def load(self, record: Record) -> PointBatch:
-        """The record's batch, from memory or read back from its segment."""
-        if record.batch is not None:
-            return record.batch
+    def _payload(self, record: Record) -> bytes:
         with open(record.segment, "rb") as f:
             f.seek(record.offset + HEADER.size)
-            payload = f.read(record.length - HEADER.size)
+            return f.read(record.length - HEADER.size)
+
+    def _read_blocks(self, record: Record) -> tuple[Blocks, int]:
+        """A version 3 record's blocks read back from its segment, and their column-set fingerprint."""
+        payload = self._payload(record)
         _seq, received, _points, digest = _DATA_HEAD.unpack_from(payload)
+        column_set, n_len = _BLOCKS_HEAD.unpack_from(payload, _DATA_HEAD.size)
+        start = _DATA_HEAD.size + _BLOCKS_HEAD.size
+        numbers, dists = payload[start : start + n_len], payload[start + n_len :]
         try:
-            cols, size, dist, dist_size = pickle.loads(payload[_DATA_HEAD.size :])
-        except Exception as e:  # noqa: BLE001 - any undecodable payload
+            size = native.rows_of(numbers) if numbers else 0
+            dist_size = native.rows_of(dists) if dists else 0
+        except (ValueError, IndexError) as e:
             raise SpoolFormatError(f"spool record {record.seq} cannot be decoded: {e}") from e
-        # A record written by an older version may lack columns added since: they get their defaults;
+        return Blocks(numbers, size, dists, dist_size, digest.hex(), received), column_set
+
+    def blocks(self, record: Record) -> Blocks:
+        """The record as the writer inserts it: from memory, or read back from its segment."""
+        if record.blocks is not None:
+            return record.blocks
+        if record.version >= 3:
+            blocks, column_set = self._read_blocks(record)
+            if column_set == COLUMN_SET:
+                return blocks
+        return encode_blocks(self.load(record))  # another column set or format: conformed first
+
+    def load(self, record: Record) -> PointBatch:
+        """The record's points as Python columns (for the state rebuilt at start and dead letters)."""
+        if record.version >= 3:
+            b = record.blocks if record.blocks is not None else self._read_blocks(record)[0]
+            digest, received = b.digest, b.received_ns
+            try:
+                cols, size = _columns(b.numbers) if b.numbers else (PointBatch.empty(), 0)
+                dist, dist_size = _columns(b.dists) if b.dists else ({}, 0)
+            except (ValueError, IndexError, UnicodeDecodeError) as e:
+                raise SpoolFormatError(f"spool record {record.seq} cannot be decoded: {e}") from e
+        else:
+            payload = self._payload(record)
+            _seq, received, _points, raw_digest = _DATA_HEAD.unpack_from(payload)
+            digest = raw_digest.hex()
+            try:
+                cols, size, dist, dist_size = pickle.loads(payload[_DATA_HEAD.size :])
+            except Exception as e:  # noqa: BLE001 - any undecodable payload
+                raise SpoolFormatError(f"spool record {record.seq} cannot be decoded: {e}") from e
+        # A record written by another version may lack columns added since: they get their defaults;
         # columns since removed are dropped. Anything else is refused with a clear error.
         cols = _conform(cols, size, BATCH_COLUMNS, schema.INGEST_COLUMNS, record.seq)
         if dist_size:
             dist = _conform(dist, dist_size, DIST_BATCH_COLUMNS, schema.DIST_INGEST_COLUMNS, record.seq)
-        return PointBatch(cols, size, digest.hex(), received, dist, dist_size)
+        return PointBatch(cols, size, digest, received, dist, dist_size)
 
     def uncommitted_batches(self) -> Iterator[PointBatch]:
         """Every batch not yet committed, read back in order (state that must count them at start)."""
@@ -632,9 +701,7 @@ class Spool:
             for r in group.records:
                 self._pending_points -= r.points
                 self._uncommitted_bytes -= r.length
-                if r.batch is not None:
-                    self._cached_points -= r.points
-                    r.batch = None
+                self._uncache(r)
             self._inflight = None
             self._drop_committed_segments()
             self._cond.notify_all()

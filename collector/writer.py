@@ -19,8 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 from meterhouse.collector.deadletter import DeadLetters
-from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, PointBatch, content_digest
+from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, Blocks, PointBatch, content_digest
 from meterhouse.collector.spool import Group, Spool
+from meterhouse.core import native, schema
 from meterhouse.core.metrics import PipelineMetrics
 
 log = logging.getLogger("meterhouse.writer")
@@ -72,6 +73,24 @@ def merge(batches: list[PointBatch], token: str) -> tuple[list[list[Any]] | None
     )
 
 
+NUMBER_NAMES = (*BATCH_COLUMNS, "batch_id")
+DIST_NAMES = (*DIST_BATCH_COLUMNS, "batch_id")
+
+
+def merge_blocks(blocks: list[Blocks], token: str) -> tuple[bytes, bytes]:
+    """The records' Native blocks per table, each with its ``batch_id`` column, one after another (an
+    INSERT reads any number of blocks; ClickHouse squashes them into parts)."""
+    numbers = b"".join(
+        native.with_constant(b.numbers, b.size, "batch_id", "String", token + ":n") for b in blocks if b.size
+    )
+    dists = b"".join(
+        native.with_constant(b.dists, b.dist_size, "batch_id", "String", token + ":d")
+        for b in blocks
+        if b.dist_size
+    )
+    return numbers, dists
+
+
 def _remaining(batches: list[PointBatch], done: set[str]) -> list[PointBatch]:
     """The batches without the tables already inserted (a dead letter holds only what is not in)."""
     if not done:
@@ -100,7 +119,7 @@ class Writer:
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 5.0,
         poison_after_attempts: int = 10,
-        before_commit: Callable[[list[PointBatch]], None] | None = None,
+        before_commit: Callable[[list[Blocks]], None] | None = None,
     ) -> None:
         self.spool = spool
         self.store = store  # a Store, or an EndpointSet that fails over
@@ -157,22 +176,22 @@ class Writer:
     def write(self, group: Group) -> bool:
         """Insert one group; True once it is committed or dead-lettered. Each table's insert is marked
         in the spool once done, so a retry, a replay or a dead letter covers only what is left."""
-        batches = [self.spool.load(r) for r in group.records]
+        batches = [self.spool.blocks(r) for r in group.records]
         token = group.token
         if token is None:
             token = content_digest(*(b.digest.encode() for b in batches))
             self.spool.intent(group, token)
-        numbers, dists = merge(batches, token)
+        numbers, dists = merge_blocks(batches, token)
         attempt = 0
         while True:
             attempt += 1
             started = time.perf_counter()
             try:
                 if numbers and "n" not in group.done:
-                    self.store.insert_points(numbers, token + ":n")
+                    self.store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
                     self.spool.part(group, "n")
                 if dists and "d" not in group.done:
-                    self.store.insert_distributions(dists, token + ":d")
+                    self.store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
                     self.spool.part(group, "d")
                 break
             except Exception as e:  # noqa: BLE001 - classified below
@@ -182,7 +201,8 @@ class Writer:
                 healthy = self.store.active_healthy() if hasattr(self.store, "active_healthy") else True
                 poisoned = kind == "retryable" and healthy and attempt >= self.poison_after_attempts
                 if kind == "permanent" or poisoned:
-                    self._dead_letter(group, _remaining(batches, group.done), token, error)
+                    loaded = [self.spool.load(r) for r in group.records]
+                    self._dead_letter(group, _remaining(loaded, group.done), token, error)
                     return True
                 extra = {"attempt": attempt, "error": error[:300], "endpoint": self.store.name}
                 log.warning("insert failed, will retry", extra=extra)
@@ -196,7 +216,7 @@ class Writer:
         self._committed(batches)
         return True
 
-    def _committed(self, batches: list[PointBatch]) -> None:
+    def _committed(self, batches: list[Blocks]) -> None:
         now_ns = time.time_ns()
         self.metrics.points_written.inc(sum(b.total for b in batches))
         self.metrics.last_commit.set(now_ns / 1e9)

@@ -34,6 +34,7 @@ EVENTS = f"{DATABASE}.{schema.EVENTS_TABLE}"
 #: Cross-org rankings read these, ordered by metric and hour, not the org-first rollup.
 METRIC_ORGS = f"{DATABASE}.{schema.METRIC_ORGS_TABLE}"
 ATTRIBUTE_CARDINALITY = f"{DATABASE}.{schema.ATTRIBUTE_CARDINALITY_TABLE}"
+ATTRIBUTE_SETS = f"{DATABASE}.{schema.ATTRIBUTE_SETS_TABLE}"
 #: Usage as one number per row (integer sums exactly in Int128; shown as a double in panels).
 USAGE = "sum(toFloat64(value_int) + value_double)"
 

@@ -7,7 +7,9 @@ sort-key columns (org_id, metric, time).
 
 from grafanalib.core import Dashboard, Templating, Time
 
+from meterhouse.core import schema
 from meterhouse.dashboards.common import (
+    ATTRIBUTE_SETS,
     CATALOG,
     CLICKHOUSE,
     COUNT,
@@ -65,8 +67,13 @@ total_in_range = ClickHouseTarget(
 )
 
 by_attribute = ClickHouseTarget(
-    f"""SELECT $__timeInterval(hour) AS time, attributes[{ATTR}] AS value, {USAGE} AS usage FROM {HOURLY}
-WHERE org_id = {ORG} AND metric = {METRIC} AND {HOURS}
+    f"""SELECT $__timeInterval(h.hour) AS time, sets.value AS value, {USAGE} AS usage FROM {HOURLY} AS h
+LEFT JOIN (
+    SELECT {schema.ATTRIBUTES_HASH} AS attributes_hash,
+        any(attr_values[indexOf(attr_keys, {ATTR})]) AS value
+    FROM {ATTRIBUTE_SETS} WHERE org_id = {ORG} AND metric = {METRIC} GROUP BY attributes_hash
+) AS sets ON h.attributes_hash = sets.attributes_hash
+WHERE h.org_id = {ORG} AND h.metric = {METRIC} AND {HOURS}
 GROUP BY time, value ORDER BY time, value""",
     ("time", "value", "usage"),
 )
@@ -97,8 +104,8 @@ GROUP BY org_id ORDER BY usage DESC, org_id LIMIT 20""",
 VARIABLES = {
     "metric": ClickHouseTarget(f"SELECT DISTINCT metric FROM {CATALOG} WHERE kind = 'sum' ORDER BY metric LIMIT 1000", ("metric",), table=True),
     "attribute": ClickHouseTarget(
-        f"""SELECT DISTINCT arrayJoin(mapKeys(attributes)) AS attribute FROM {HOURLY}
-WHERE org_id = {ORG} AND metric = {METRIC} AND hour >= $__fromTime AND hour < $__toTime
+        f"""SELECT DISTINCT arrayJoin(attr_keys) AS attribute FROM {ATTRIBUTE_SETS}
+WHERE org_id = {ORG} AND metric = {METRIC}
 ORDER BY attribute LIMIT 100""",
         ("attribute",), table=True),
 }  # fmt: skip

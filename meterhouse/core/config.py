@@ -174,10 +174,11 @@ class Config:
         default=True,
         help="fsync each spool append before answering (off: faster, loses the last requests on power loss).",
     )
-    max_cached_points: int = _opt(
-        _positive,
-        default=2_000_000,
-        help="Spooled points also kept in memory; a larger backlog is read back from disk.",
+    spool_cache_bytes: int = _opt(
+        _non_negative,
+        default=256 << 20,
+        help="Bytes of spooled requests also kept in memory for the writer; a larger backlog is read back "
+        "from disk.",
     )
     dedup_window_s: float = _opt(
         _non_negative,

@@ -28,6 +28,10 @@ ATTRIBUTE_CARDINALITY_TABLE = "attribute_cardinality_hourly"
 #: Every attribute set stored per org and metric: what the series limit counts, read back at start.
 ATTRIBUTE_SETS_TABLE = "attribute_sets"
 
+#: The hash of a point's attribute set that the rollup is keyed by, from the ingest columns (the
+#: collector sorts the keys, so this is cityHash64 of the raw table's sorted ``attributes`` Map).
+ATTRIBUTES_HASH = "cityHash64(mapFromArrays(attr_keys, attr_values))"
+
 #: Blocks remembered per table for insert deduplication (a retried or replayed batch counts once).
 DEDUP_WINDOW_BLOCKS = 10_000
 
@@ -230,7 +234,6 @@ FROM {db}.{DIST_INGEST_TABLE}""",
     metric LowCardinality(String),
     hour DateTime('UTC'),
     attributes_hash UInt64,
-    attributes SimpleAggregateFunction(any, Map(String, String)),
     unit SimpleAggregateFunction(any, String),
     value_int SimpleAggregateFunction(sum, Int128),
     value_double SimpleAggregateFunction(sum, Float64),
@@ -239,13 +242,16 @@ FROM {db}.{DIST_INGEST_TABLE}""",
 PARTITION BY toYYYYMM(hour)
 ORDER BY (org_id, metric, hour, attributes_hash)
 SETTINGS {dedup}""",
+        # The rollup reads the ingest block (the collector's sorted key and value arrays), not the raw
+        # table's Map, and groups by a hash of the attribute set: no Map is built or aggregated per
+        # point (~4x cheaper). The sets themselves are in attribute_sets; the hash is cityHash64 of the
+        # raw table's sorted Map, as it always was.
         f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.usage_hourly_mv TO {db}.{HOURLY_TABLE} AS
-SELECT org_id, metric, toStartOfHour(time) AS hour, cityHash64(attributes) AS attributes_hash,
-    attributes, any(unit) AS unit,
+SELECT org_id, metric, toStartOfHour(time) AS hour, {ATTRIBUTES_HASH} AS attributes_hash, any(unit) AS unit,
     sum(toInt128(value_int)) AS value_int, sum(value_double) AS value_double, count() AS points
-FROM {db}.{POINTS_TABLE}
+FROM {db}.{INGEST_TABLE}
 WHERE kind = '{KIND_SUM}'
-GROUP BY org_id, metric, hour, attributes""",
+GROUP BY org_id, metric, hour, attributes_hash""",
         # Per (metric, hour, org): usage, points and the org's distinct series (metric + attributes).
         f"""CREATE TABLE IF NOT EXISTS {db}.{METRIC_ORGS_TABLE} (
     metric LowCardinality(String),
@@ -263,8 +269,8 @@ SETTINGS {dedup}""",
         f"""TO {db}.{METRIC_ORGS_TABLE} AS
 SELECT metric, toStartOfHour(time) AS hour, org_id,
     sum(toInt128(value_int)) AS value_int, sum(value_double) AS value_double, count() AS points,
-    uniqExactState(cityHash64(metric, attributes)) AS series
-FROM {db}.{POINTS_TABLE}
+    uniqExactState(cityHash64(metric, mapFromArrays(attr_keys, attr_values))) AS series
+FROM {db}.{INGEST_TABLE}
 WHERE kind = '{KIND_SUM}'
 GROUP BY metric, hour, org_id""",
         # Per (metric, attribute key, hour): distinct values and distinct orgs, for cardinality panels.
@@ -281,8 +287,8 @@ SETTINGS {dedup}""",
         f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attribute_cardinality_hourly_mv "
         f"""TO {db}.{ATTRIBUTE_CARDINALITY_TABLE} AS
 SELECT metric, toStartOfHour(time) AS hour, key,
-    uniqExactState(attributes[key]) AS distinct_values, uniqExactState(org_id) AS orgs
-FROM {db}.{POINTS_TABLE} ARRAY JOIN mapKeys(attributes) AS key
+    uniqExactState(value) AS distinct_values, uniqExactState(org_id) AS orgs
+FROM {db}.{INGEST_TABLE} ARRAY JOIN attr_keys AS key, attr_values AS value
 WHERE kind = '{KIND_SUM}'
 GROUP BY metric, hour, key""",
         # One row per org (after merges): when it last reported. Feeds the silent-org signal cheaply.
@@ -482,12 +488,19 @@ def usage_grouped_sql(database: str, step: str, rollup: bool) -> str:
     """Like :func:`usage_series_sql`, split by the value of attribute ``key`` (bound String)."""
     bucket = STEPS[step]
     if rollup:
-        return f"""SELECT attributes[{{key:String}}] AS grp, {bucket}(hour) AS start, sum(value_int) AS vi,
-    sum(value_double) AS vd, sum(points) AS n, any(unit) AS u
-FROM {database}.{HOURLY_TABLE}
-WHERE org_id = {{org:String}} AND metric = {{metric:String}}
-    AND hour >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
-    AND hour < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC')
+        # The rollup is keyed by the set's hash; the org's sets (a few hundred rows) name the value.
+        return f"""SELECT sets.grp AS grp, {bucket}(h.hour) AS start, sum(h.value_int) AS vi,
+    sum(h.value_double) AS vd, sum(h.points) AS n, any(h.unit) AS u
+FROM {database}.{HOURLY_TABLE} AS h
+LEFT JOIN (
+    SELECT {ATTRIBUTES_HASH} AS attributes_hash, any(attr_values[indexOf(attr_keys, {{key:String}})]) AS grp
+    FROM {database}.{ATTRIBUTE_SETS_TABLE}
+    WHERE org_id = {{org:String}} AND metric = {{metric:String}}
+    GROUP BY attributes_hash
+) AS sets ON h.attributes_hash = sets.attributes_hash
+WHERE h.org_id = {{org:String}} AND h.metric = {{metric:String}}
+    AND h.hour >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
+    AND h.hour < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC')
 GROUP BY grp, start ORDER BY grp, start"""
     return f"""SELECT attributes[{{key:String}}] AS grp, {bucket}(time) AS start,
     sum(toInt128(value_int)) AS vi, sum(value_double) AS vd, count() AS n, any(unit) AS u

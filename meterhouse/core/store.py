@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from meterhouse.core import schema
+from meterhouse.core import native, schema
 from meterhouse.core.config import Config
 
 # chdb opens one data directory per process, and only once: share the client per path.
@@ -121,6 +121,9 @@ class Store:
         columns: Sequence[Sequence[Any]],
         token: str,
     ) -> None:
+        if all(native.supported(t) for t in types):
+            self.insert_native(table, names, native.encode(names, types, columns), token)
+            return
         self.client.insert(
             f"{self.database}.{table}",
             columns,
@@ -128,6 +131,12 @@ class Store:
             column_type_names=types,
             column_oriented=True,
             settings=self.insert_settings(token),
+        )
+
+    def insert_native(self, table: str, names: Sequence[str], block: bytes, token: str) -> None:
+        """Insert Native-format blocks (``meterhouse.core.native``) holding the named columns."""
+        self.client.raw_insert(
+            f"{self.database}.{table}", names, block, settings=self.insert_settings(token), fmt="Native"
         )
 
     def insert_rows(

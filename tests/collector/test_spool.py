@@ -16,7 +16,7 @@ from otlp_builders import point, sum_request
 
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.model import Backpressure, content_digest
-from meterhouse.collector.spool import Spool, SpoolError, SpoolFormatError
+from meterhouse.collector.spool import Spool, SpoolError, SpoolFormatError, encode_blocks
 
 
 def batch(org="a", value=1, n=1):
@@ -137,12 +137,15 @@ def test_committed_segments_are_deleted(tmp_path):
 
 
 def test_records_beyond_the_memory_budget_are_read_back_from_disk(tmp_path):
-    s, _ = opened(tmp_path, max_cached_points=2)
-    s.consume(batch(value=1, n=2))
-    s.consume(batch(value=7, n=3))
+    first = batch(value=1, n=2)
+    s, _ = opened(tmp_path, max_cached_bytes=len(encode_blocks(first).numbers))
+    second = batch(value=7, n=3)
+    s.consume(first)
+    s.consume(second)
     g = take(s)
-    assert g.records[0].batch is not None and g.records[1].batch is None
+    assert g.records[0].blocks is not None and g.records[1].blocks is None
     assert s.load(g.records[1]).columns["value_int"] == [7, 7, 7]
+    assert s.blocks(g.records[1]) == encode_blocks(second)
 
 
 def test_appends_are_fsynced(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.model import content_digest
 from meterhouse.collector.spool import INTENT, Spool
 from meterhouse.collector.writer import PermanentError, Writer, classify
+from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
 
 
@@ -107,11 +108,11 @@ class FailingStore:
         self.real, self.failures, self.name, self.database = real, failures, "faulty", real.database
         self.error = error or ConnectionError("injected: engine unavailable")
 
-    def insert_points(self, columns, token):
+    def insert_native(self, table, names, block, token):
         if self.failures > 0:
             self.failures -= 1
             raise self.error
-        self.real.insert_points(columns, token)
+        self.real.insert_native(table, names, block, token)
 
     def active_healthy(self):
         return isinstance(self.error, ConnectionError) is False
@@ -232,11 +233,10 @@ class DistributionsRefused:
     def __init__(self, real):
         self.real, self.name, self.database = real, "faulty", real.database
 
-    def insert_points(self, columns, token):
-        self.real.insert_points(columns, token)
-
-    def insert_distributions(self, columns, token):
-        raise PermanentError("Code: 53. DB::Exception: Type mismatch")
+    def insert_native(self, table, names, block, token):
+        if table == schema.DIST_INGEST_TABLE:
+            raise PermanentError("Code: 53. DB::Exception: Type mismatch")
+        self.real.insert_native(table, names, block, token)
 
 
 def test_a_dead_letter_holds_only_the_table_that_was_not_inserted(tmp_path, store):

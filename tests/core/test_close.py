@@ -226,8 +226,8 @@ def test_reconciliation_finds_drift_without_an_org_label(store):
     do_close(store)
     # A rollup row with no raw point behind it: what a broken view or a manual repair would leave.
     store.client.command(f"""INSERT INTO {store.database}.{schema.HOURLY_TABLE}
-        (org_id, metric, hour, attributes_hash, attributes, unit, value_int, value_double, points)
-        VALUES ('drifts', 'api.calls', toDateTime({M.start_ns // 10**9}, 'UTC'), 1, map(), '', 3, 0, 1)""")
+        (org_id, metric, hour, attributes_hash, unit, value_int, value_double, points)
+        VALUES ('drifts', 'api.calls', toDateTime({M.start_ns // 10**9}, 'UTC'), 1, '', 3, 0, 1)""")
     registry = CollectorRegistry()
     reconciler = Reconciler(store, registry, months=4)
     assert reconciler.refresh()

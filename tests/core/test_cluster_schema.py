@@ -242,8 +242,8 @@ def filled(cluster_store):
     put(cluster_store, rows)
     # A rollup row with no raw points behind it: the drift the reconciliation panel lists.
     cluster_store.client.command(f"""INSERT INTO {cluster_store.database}.{schema.HOURLY_TABLE}_local (org_id,
-        metric, hour, attributes_hash, attributes, unit, value_int, value_double, points)
-        VALUES ('org-drift', 'api.calls', toDateTime({(now // H - 1) * 3600}, 'UTC'), 1, map(), '', 3, 0, 1)""")
+        metric, hour, attributes_hash, unit, value_int, value_double, points)
+        VALUES ('org-drift', 'api.calls', toDateTime({(now // H - 1) * 3600}, 'UTC'), 1, '', 3, 0, 1)""")
     # Events go through the Distributed table on a cluster; here straight to the shard's table.
     cluster_store.client.insert(
         f"{cluster_store.database}.{schema.EVENTS_TABLE}_local",

@@ -94,8 +94,8 @@ def filled(store):
     put(store, rows)
     # A rollup row with no raw points behind it: the drift the reconciliation panel lists.
     store.client.command(f"""INSERT INTO {store.database}.usage_hourly (org_id, metric, hour, attributes_hash,
-        attributes, unit, value_int, value_double, points)
-        VALUES ('org-drift', 'api.calls', toDateTime({(now // hour - 1) * 3600}, 'UTC'), 1, map(), '', 3, 0, 1)""")
+        unit, value_int, value_double, points)
+        VALUES ('org-drift', 'api.calls', toDateTime({(now // hour - 1) * 3600}, 'UTC'), 1, '', 3, 0, 1)""")
     store.client.insert(f"{store.database}.pipeline_events", [[now // 10**6 - 60_000], ["failover"], ["embedded#a"],
                         ["embedded#b"], ["2 consecutive failures"], [""]],
                         column_names=["time", "kind", "source", "target", "reason", "details"],

@@ -1,0 +1,287 @@
+/* Columns of Python values -> one block in ClickHouse's Native format, for the writer's inserts.
+ *
+ * The writer holds a batch as parallel Python lists (str, int, float, list of str). clickhouse-connect
+ * serializes them value by value in Python; this does the same in one C pass over the lists. Native
+ * format (the body of `INSERT ... FORMAT Native`): LEB128 column count, LEB128 row count, then per
+ * column its name and type as LEB128-prefixed strings and the values:
+ *   String            LEB128 byte length + UTF-8 bytes, per row
+ *   UInt8             1 byte per row
+ *   Int64, UInt64     8 bytes little-endian per row (DateTime64(9) is an Int64 of nanoseconds)
+ *   Int32             4 bytes little-endian per row
+ *   Float64           8 bytes little-endian (IEEE 754) per row
+ *   Nullable(Float64) one byte per row (1 = NULL), then the Float64 column (0 where NULL)
+ *   Array(T)          UInt64 cumulative end offsets, one per row, then every element as a T column
+ *                     (T = String, UInt64 or Float64)
+ * Only the types the ingest tables use are supported; anything else raises ValueError, a value of the
+ * wrong Python type TypeError, an integer out of range OverflowError: the caller falls back to (or
+ * reports like) clickhouse-connect.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { T_STRING, T_UINT8, T_INT32, T_INT64, T_UINT64, T_FLOAT64, T_NULLABLE_FLOAT64, T_ARRAY_STRING,
+       T_ARRAY_UINT64, T_ARRAY_FLOAT64 };
+
+typedef struct {
+    char *data;
+    Py_ssize_t len, cap;
+} Buf;
+
+static int buf_reserve(Buf *b, Py_ssize_t more) {
+    if (b->len + more <= b->cap) return 0;
+    Py_ssize_t cap = b->cap ? b->cap : 1 << 16;
+    while (cap < b->len + more) cap *= 2;
+    char *p = PyMem_Realloc(b->data, (size_t)cap);
+    if (!p) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = p;
+    b->cap = cap;
+    return 0;
+}
+
+static int put(Buf *b, const void *src, Py_ssize_t n) {
+    if (buf_reserve(b, n) < 0) return -1;
+    memcpy(b->data + b->len, src, (size_t)n);
+    b->len += n;
+    return 0;
+}
+
+static int put_leb128(Buf *b, uint64_t v) {
+    if (buf_reserve(b, 10) < 0) return -1;
+    do {
+        uint8_t byte = v & 0x7f;
+        v >>= 7;
+        if (v) byte |= 0x80;
+        b->data[b->len++] = (char)byte;
+    } while (v);
+    return 0;
+}
+
+static int put_u64(Buf *b, uint64_t v) {
+    unsigned char le[8];
+    for (int i = 0; i < 8; i++) le[i] = (unsigned char)(v >> (8 * i));
+    return put(b, le, 8);
+}
+
+static int put_str(Buf *b, PyObject *s) {
+    if (!PyUnicode_Check(s)) {
+        PyErr_Format(PyExc_TypeError, "expected str, got %.80s", Py_TYPE(s)->tp_name);
+        return -1;
+    }
+    Py_ssize_t n;
+    const char *u = PyUnicode_AsUTF8AndSize(s, &n);
+    if (!u) return -1;
+    if (put_leb128(b, (uint64_t)n) < 0) return -1;
+    return put(b, u, n);
+}
+
+static int put_name(Buf *b, const char *s) {
+    size_t n = strlen(s);
+    if (put_leb128(b, n) < 0) return -1;
+    return put(b, s, (Py_ssize_t)n);
+}
+
+static int type_code(const char *t) {
+    if (!strcmp(t, "String")) return T_STRING;
+    if (!strcmp(t, "UInt8")) return T_UINT8;
+    if (!strcmp(t, "Int64") || !strncmp(t, "DateTime64(", 11)) return T_INT64;
+    if (!strcmp(t, "UInt64")) return T_UINT64;
+    if (!strcmp(t, "Float64")) return T_FLOAT64;
+    if (!strcmp(t, "Int32")) return T_INT32;
+    if (!strcmp(t, "Nullable(Float64)")) return T_NULLABLE_FLOAT64;
+    if (!strcmp(t, "Array(String)")) return T_ARRAY_STRING;
+    if (!strcmp(t, "Array(UInt64)")) return T_ARRAY_UINT64;
+    if (!strcmp(t, "Array(Float64)")) return T_ARRAY_FLOAT64;
+    return -1;
+}
+
+static int put_uint64_obj(Buf *b, PyObject *o) {
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    return put_u64(b, (uint64_t)v);
+}
+
+static int put_float64_obj(Buf *b, PyObject *o) {
+    double d = PyFloat_AsDouble(o);
+    if (d == -1.0 && PyErr_Occurred()) return -1;
+    uint64_t bits;
+    memcpy(&bits, &d, 8);
+    return put_u64(b, bits);
+}
+
+static int write_array(Buf *b, int code, PyObject **items, Py_ssize_t rows) {
+    uint64_t end = 0;
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        if (!PyList_Check(items[i]) && !PyTuple_Check(items[i])) {
+            PyErr_Format(PyExc_TypeError, "expected a list, got %.80s", Py_TYPE(items[i])->tp_name);
+            return -1;
+        }
+        end += (uint64_t)PySequence_Fast_GET_SIZE(items[i]);
+        if (put_u64(b, end) < 0) return -1;
+    }
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(items[i]);
+        PyObject **elems = PySequence_Fast_ITEMS(items[i]);
+        for (Py_ssize_t j = 0; j < n; j++) {
+            int rc = code == T_ARRAY_STRING   ? put_str(b, elems[j])
+                     : code == T_ARRAY_UINT64 ? put_uint64_obj(b, elems[j])
+                                              : put_float64_obj(b, elems[j]);
+            if (rc < 0) return -1;
+        }
+    }
+    return 0;
+}
+
+static int write_column(Buf *b, int code, PyObject *seq, Py_ssize_t rows) {
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    switch (code) {
+    case T_STRING:
+        for (Py_ssize_t i = 0; i < rows; i++)
+            if (put_str(b, items[i]) < 0) return -1;
+        return 0;
+    case T_UINT8:
+        if (buf_reserve(b, rows) < 0) return -1;
+        for (Py_ssize_t i = 0; i < rows; i++) {
+            long v = PyLong_AsLong(items[i]);
+            if (v == -1 && PyErr_Occurred()) return -1;
+            if (v < 0 || v > 255) {
+                PyErr_SetString(PyExc_OverflowError, "UInt8 value out of range");
+                return -1;
+            }
+            b->data[b->len++] = (char)v;
+        }
+        return 0;
+    case T_INT64:
+        if (buf_reserve(b, rows * 8) < 0) return -1;
+        for (Py_ssize_t i = 0; i < rows; i++) {
+            long long v = PyLong_AsLongLong(items[i]);
+            if (v == -1 && PyErr_Occurred()) return -1;
+            if (put_u64(b, (uint64_t)v) < 0) return -1;
+        }
+        return 0;
+    case T_UINT64:
+        if (buf_reserve(b, rows * 8) < 0) return -1;
+        for (Py_ssize_t i = 0; i < rows; i++)
+            if (put_uint64_obj(b, items[i]) < 0) return -1;
+        return 0;
+    case T_FLOAT64:
+        if (buf_reserve(b, rows * 8) < 0) return -1;
+        for (Py_ssize_t i = 0; i < rows; i++)
+            if (put_float64_obj(b, items[i]) < 0) return -1;
+        return 0;
+    case T_INT32:
+        if (buf_reserve(b, rows * 4) < 0) return -1;
+        for (Py_ssize_t i = 0; i < rows; i++) {
+            long long v = PyLong_AsLongLong(items[i]);
+            if (v == -1 && PyErr_Occurred()) return -1;
+            if (v < INT32_MIN || v > INT32_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "Int32 value out of range");
+                return -1;
+            }
+            uint32_t u = (uint32_t)(int32_t)v;
+            unsigned char le[4] = {(unsigned char)u, (unsigned char)(u >> 8), (unsigned char)(u >> 16),
+                                   (unsigned char)(u >> 24)};
+            if (put(b, le, 4) < 0) return -1;
+        }
+        return 0;
+    case T_NULLABLE_FLOAT64:
+        if (buf_reserve(b, rows * 9) < 0) return -1;
+        for (Py_ssize_t i = 0; i < rows; i++) b->data[b->len++] = items[i] == Py_None ? 1 : 0;
+        for (Py_ssize_t i = 0; i < rows; i++) {
+            if (items[i] == Py_None) {
+                if (put_u64(b, 0) < 0) return -1;
+            } else if (put_float64_obj(b, items[i]) < 0) {
+                return -1;
+            }
+        }
+        return 0;
+    case T_ARRAY_STRING:
+    case T_ARRAY_UINT64:
+    case T_ARRAY_FLOAT64:
+        return write_array(b, code, items, rows);
+    }
+    PyErr_SetString(PyExc_ValueError, "unsupported column type");
+    return -1;
+}
+
+/* native_block(names, types, columns) -> bytes */
+static PyObject *native_block(PyObject *self, PyObject *args) {
+    PyObject *names, *types, *columns;
+    if (!PyArg_ParseTuple(args, "OOO", &names, &types, &columns)) return NULL;
+    PyObject *fn = PySequence_Fast(names, "names must be a sequence");
+    PyObject *ft = fn ? PySequence_Fast(types, "types must be a sequence") : NULL;
+    PyObject *fc = ft ? PySequence_Fast(columns, "columns must be a sequence") : NULL;
+    PyObject *result = NULL;
+    PyObject **cols = NULL;
+    Py_ssize_t ncols = 0, made = 0, rows = 0;
+    Buf b = {NULL, 0, 0};
+    if (!fc) goto done;
+    ncols = PySequence_Fast_GET_SIZE(fc);
+    if (PySequence_Fast_GET_SIZE(fn) != ncols || PySequence_Fast_GET_SIZE(ft) != ncols) {
+        PyErr_SetString(PyExc_ValueError, "names, types and columns differ in length");
+        goto done;
+    }
+    cols = PyMem_Calloc((size_t)(ncols ? ncols : 1), sizeof(PyObject *));
+    if (!cols) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; made < ncols; made++) {
+        cols[made] = PySequence_Fast(PySequence_Fast_GET_ITEM(fc, made), "a column must be a sequence");
+        if (!cols[made]) goto done;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(cols[made]);
+        if (made == 0) rows = n;
+        else if (n != rows) {
+            PyErr_SetString(PyExc_ValueError, "columns differ in length");
+            made++;
+            goto done;
+        }
+    }
+    if (put_leb128(&b, (uint64_t)ncols) < 0 || put_leb128(&b, (uint64_t)rows) < 0) goto done;
+    for (Py_ssize_t c = 0; c < ncols; c++) {
+        const char *name = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(fn, c));
+        const char *type = name ? PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(ft, c)) : NULL;
+        if (!type) goto done;
+        int code = type_code(type);
+        if (code < 0) {
+            PyErr_Format(PyExc_ValueError, "unsupported column type %.80s", type);
+            goto done;
+        }
+        if (put_name(&b, name) < 0 || put_name(&b, type) < 0) goto done;
+        if (write_column(&b, code, cols[c], rows) < 0) {
+            /* Name the column: a bad value is a bug upstream, and the message is all the log gets. */
+            PyObject *type_, *value, *tb;
+            PyErr_Fetch(&type_, &value, &tb);
+            PyErr_NormalizeException(&type_, &value, &tb);
+            PyErr_Format(type_ ? type_ : PyExc_ValueError, "column %s (%s): %S", name, type,
+                         value ? value : Py_None);
+            Py_XDECREF(type_);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+            goto done;
+        }
+    }
+    result = PyBytes_FromStringAndSize(b.data ? b.data : "", b.len);
+done:
+    for (Py_ssize_t i = 0; i < made; i++) Py_XDECREF(cols[i]);
+    PyMem_Free(cols);
+    PyMem_Free(b.data);
+    Py_XDECREF(fn);
+    Py_XDECREF(ft);
+    Py_XDECREF(fc);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"native_block", native_block, METH_VARARGS,
+     "native_block(names, types, columns) -> bytes: one ClickHouse Native-format block."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -1,0 +1,188 @@
+"""ClickHouse's Native format for the column types the ingest tables use: what the spool stores and what
+the writer sends.
+
+A block is self-describing (column names and types precede the values), so a spool record written by
+an older column set is read back by name (see ``collector/spool.py``). ``encode`` uses the C encoder
+(``_native.c``) when it is built and this module's pure-Python one otherwise; ``decode`` is for the rare
+paths that need Python values back (the state rebuilt at start, dead letters). Layout per block: LEB128
+column count, LEB128 row count, then per column LEB128-prefixed name and type and the values (see
+``_native.c`` for each type's layout).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from typing import Any, cast
+
+try:
+    from meterhouse.core._native import native_block as _c_encode
+except ImportError:  # pragma: no cover - built by `pip install`; the suite requires it
+    _c_encode = None
+
+#: Types both encoders support (DateTime64(...) columns are written as Int64 nanoseconds).
+SCALAR_SIZES = {"UInt8": 1, "Int32": 4, "Int64": 8, "UInt64": 8, "Float64": 8}
+_ARRAY_CODES = {"UInt8": "B", "Int32": "i", "Int64": "q", "UInt64": "Q", "Float64": "d"}
+ARRAYS = ("Array(String)", "Array(UInt64)", "Array(Float64)")
+
+
+def supported(column_type: str) -> bool:
+    return (
+        column_type in SCALAR_SIZES
+        or column_type in ("String", "Nullable(Float64)")
+        or column_type in ARRAYS
+        or column_type.startswith("DateTime64(")
+    )
+
+
+def _base(column_type: str) -> str:
+    return "Int64" if column_type.startswith("DateTime64(") else column_type
+
+
+def _leb128(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _string(s: str) -> bytes:
+    raw = s.encode()
+    return _leb128(len(raw)) + raw
+
+
+def _values(column_type: str, values: Sequence[Any]) -> bytes:
+    t = _base(column_type)
+    if t == "String":
+        for v in values:
+            if not isinstance(v, str):
+                raise TypeError(f"expected str, got {type(v).__name__}")
+        return b"".join(_string(v) for v in values)
+    if t in _ARRAY_CODES:
+        return array(_ARRAY_CODES[t], values).tobytes()  # raises OverflowError/TypeError like the C one
+    if t == "Nullable(Float64)":
+        nulls = bytes(1 if v is None else 0 for v in values)
+        return nulls + array("d", [0.0 if v is None else v for v in values]).tobytes()
+    if t in ARRAYS:
+        ends: list[int] = []
+        flat: list[Any] = []
+        end = 0
+        for row in values:
+            if not isinstance(row, list | tuple):
+                raise TypeError(f"expected a list, got {type(row).__name__}")
+            end += len(row)
+            ends.append(end)
+            flat.extend(row)
+        return array("Q", ends).tobytes() + _values(t[len("Array(") : -1], flat)
+    raise ValueError(f"unsupported column type {column_type}")
+
+
+def encode_python(names: Sequence[str], types: Sequence[str], columns: Sequence[Sequence[Any]]) -> bytes:
+    """The pure-Python encoder (the reference the C one is tested against)."""
+    rows = len(columns[0]) if columns else 0
+    if len(names) != len(types) or len(names) != len(columns):
+        raise ValueError("names, types and columns differ in length")
+    out = [_leb128(len(names)), _leb128(rows)]
+    for name, column_type, values in zip(names, types, columns, strict=True):
+        if len(values) != rows:
+            raise ValueError("columns differ in length")
+        try:
+            data = _values(column_type, values)
+        except (TypeError, OverflowError, ValueError) as e:
+            raise type(e)(f"column {name} ({column_type}): {e}") from e
+        out += [_string(name), _string(column_type), data]
+    return b"".join(out)
+
+
+def encode(names: Sequence[str], types: Sequence[str], columns: Sequence[Sequence[Any]]) -> bytes:
+    """One Native block of the columns (C encoder when built)."""
+    if _c_encode is not None:
+        return cast("bytes", _c_encode(names, types, columns))
+    return encode_python(names, types, columns)
+
+
+class _Reader:
+    def __init__(self, data: bytes | memoryview, pos: int = 0) -> None:
+        self.data = memoryview(data)
+        self.pos = pos
+
+    def leb128(self) -> int:
+        n = shift = 0
+        while True:
+            byte = self.data[self.pos]
+            self.pos += 1
+            n |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return n
+            shift += 7
+
+    def raw(self, n: int) -> memoryview:
+        if self.pos + n > len(self.data):
+            raise ValueError("Native block is truncated")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def fixed(self, code: str, n: int) -> list[Any]:
+        out = array(code)
+        out.frombytes(self.raw(n))
+        return out.tolist()
+
+    def string(self) -> str:
+        return bytes(self.raw(self.leb128())).decode()
+
+    def values(self, column_type: str, rows: int) -> list[Any]:
+        t = _base(column_type)
+        if t == "String":
+            return [self.string() for _ in range(rows)]
+        if t in _ARRAY_CODES:
+            return self.fixed(_ARRAY_CODES[t], rows * SCALAR_SIZES[t])
+        if t == "Nullable(Float64)":
+            nulls = bytes(self.raw(rows))
+            values = self.fixed("d", rows * 8)
+            return [None if null else v for null, v in zip(nulls, values, strict=True)]
+        if t in ARRAYS:
+            ends = self.fixed("Q", rows * 8)
+            flat = self.values(t[len("Array(") : -1], ends[-1] if ends else 0)
+            out, start = [], 0
+            for end in ends:
+                out.append(flat[start:end])
+                start = end
+            return out
+        raise ValueError(f"unsupported column type {column_type}")
+
+
+def decode(data: bytes | memoryview) -> tuple[list[str], list[str], dict[str, list[Any]], int]:
+    """A block's (names, types, columns by name, rows)."""
+    r = _Reader(data)
+    ncols, rows = r.leb128(), r.leb128()
+    names, types, columns = [], [], {}
+    for _ in range(ncols):
+        name, column_type = r.string(), r.string()
+        names.append(name)
+        types.append(column_type)
+        columns[name] = r.values(column_type, rows)
+    if r.pos != len(r.data):
+        raise ValueError("Native block has trailing bytes")
+    return names, types, columns, rows
+
+
+def with_constant(block: bytes, rows: int, name: str, column_type: str, value: str) -> bytes:
+    """The block with one more String column holding ``value`` in every row (the writer's batch_id)."""
+    if column_type != "String":
+        raise ValueError("only String constants are supported")
+    r = _Reader(block)
+    ncols = r.leb128()
+    head = r.pos
+    return b"".join(
+        (_leb128(ncols + 1), block[head:], _string(name), _string(column_type), _string(value) * rows)
+    )
+
+
+def rows_of(block: bytes) -> int:
+    r = _Reader(block)
+    r.leb128()
+    return r.leb128()
