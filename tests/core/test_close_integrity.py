@@ -24,24 +24,17 @@ def do_close(store, month=M, **kw):
 
 
 def put_committed(store, rows: list[dict], committed_ms: int) -> None:
-    """Points straight into the raw table with a chosen commit time (what a slow or late insert leaves);
-    the hourly rollup's view sees them as it sees any insert."""
+    """Points through the ingest path (raw and rollup alike), then given a chosen commit time: what a slow
+    or late insert leaves (``committed_at`` is the commit time of its insert)."""
+    put(store, rows)
     for r in rows:
         store.client.command(
-            f"""INSERT INTO {store.database}.{schema.POINTS_TABLE}
-            (org_id, metric, kind, unit, start_time, time, is_int, value_int, value_double, received_at,
-             committed_at, batch_id)
-            SELECT {{o:String}}, {{m:String}}, 'sum', '{{call}}', fromUnixTimestamp64Nano({{t:Int64}}, 'UTC'),
-                fromUnixTimestamp64Nano({{t:Int64}}, 'UTC'), 1, {{v:Int64}}, 0, fromUnixTimestamp64Nano({{t:Int64}}, 'UTC'),
-                fromUnixTimestamp64Milli({{c:Int64}}, 'UTC'), {{b:String}}""",
-            parameters={
-                "o": r["org_id"],
-                "m": r.get("metric", "api.calls"),
-                "t": r["time"],
-                "v": r["value_int"],
-                "c": committed_ms,
-                "b": r.get("batch_id", "late"),
-            },  # fmt: skip
+            f"""ALTER TABLE {store.database}.{schema.POINTS_TABLE}
+            UPDATE committed_at = fromUnixTimestamp64Milli({{c:Int64}}, 'UTC')
+            WHERE org_id = {{o:String}} AND time = fromUnixTimestamp64Nano({{t:Int64}}, 'UTC')
+                AND value_int = {{v:Int64}}""",
+            parameters={"o": r["org_id"], "t": r["time"], "v": r["value_int"], "c": committed_ms},
+            settings={"mutations_sync": 2},
         )
 
 
@@ -311,8 +304,8 @@ def test_rollup_usage_without_a_statement_line_is_a_mismatch(store):
     put(store, [{"org_id": "m", "time": M.start_ns + 1, "value_int": 5}])
     for org, metric in (("ghost", "api.calls"), ("m", "other")):
         store.client.command(f"""INSERT INTO {store.database}.{schema.HOURLY_TABLE}
-            (org_id, metric, hour, attributes_hash, attributes, unit, value_int, value_double, points)
-            VALUES ('{org}', '{metric}', toDateTime({M.start_ns // NS}, 'UTC'), 1, map(), '', 3, 0, 1)""")
+            (org_id, metric, hour, attributes_hash, unit, value_int, value_double, points)
+            VALUES ('{org}', '{metric}', toDateTime({M.start_ns // NS}, 'UTC'), 1, '', 3, 0, 1)""")
     record = do_close(store)
     assert [(x["org_id"], x["metric"]) for x in lines(store)] == [("m", "api.calls")]
     assert not record.reconciled and record.mismatched_lines == 2
