@@ -421,7 +421,10 @@ def test_a_group_of_many_records_replayed_after_a_crash_counts_once(
     assert stored(store) == want
 
 
-def test_a_version_2_spool_with_a_half_inserted_group_replays_exactly_once(tmp_path, store, store_factory):
+@pytest.mark.parametrize("previous_insert", ["one native block", "clickhouse-connect"])
+def test_a_version_2_spool_with_a_half_inserted_group_replays_exactly_once(
+    tmp_path, store, store_factory, previous_insert
+):
     """A segment the previous format wrote (pickled columns): its intent's numbers were inserted by the
     previous version (column-oriented, one block) before the crash; the distributions were not. The
     replay through today's blocks counts every record once, the histograms' columns intact."""
@@ -457,7 +460,14 @@ def test_a_version_2_spool_with_a_half_inserted_group_replays_exactly_once(tmp_p
     (tmp_path / "spool").mkdir()
     (tmp_path / "spool" / "seg-00000000000000000001.wal").write_bytes(b"".join(seg))
     numbers, _dists = merge(batches[:4], token)
-    store.insert_points(numbers, token + ":n")  # what the previous version's writer did, then died
+    # What the previous version's writer did before it died: the merged columns in one Native block, or
+    # (the versions before) through clickhouse-connect's column-oriented insert.
+    if previous_insert == "one native block":
+        store.insert_points(numbers, token + ":n")
+    else:
+        store.client.insert(f"{store.database}.{schema.INGEST_TABLE}", numbers,
+                            column_names=schema.INGEST_COLUMN_NAMES, column_type_names=schema.INGEST_COLUMN_TYPES,
+                            column_oriented=True, settings=store.insert_settings(token + ":n"))  # fmt: skip
 
     with Rig(tmp_path, store) as rig:
         assert rig.report.replay_groups == 1 and rig.report.pending_records == 7
