@@ -181,18 +181,16 @@ class Writer:
         if token is None:
             token = content_digest(*(b.digest.encode() for b in batches))
             self.spool.intent(group, token)
-        numbers, dists = merge_blocks(batches, token)
+        inserts = self._inserts(group, batches, token)
         attempt = 0
         while True:
             attempt += 1
             started = time.perf_counter()
             try:
-                if numbers and "n" not in group.done:
-                    self.store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
-                    self.spool.part(group, "n")
-                if dists and "d" not in group.done:
-                    self.store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
-                    self.spool.part(group, "d")
+                for table, insert in inserts:
+                    if table not in group.done:
+                        insert()
+                        self.spool.part(group, table)
                 break
             except Exception as e:  # noqa: BLE001 - classified below
                 self.metrics.insert_failures.inc()
@@ -215,6 +213,37 @@ class Writer:
         self.spool.commit(group)
         self._committed(batches)
         return True
+
+    def _inserts(
+        self, group: Group, batches: list[Blocks], token: str
+    ) -> list[tuple[str, Callable[[], None]]]:
+        """The group's inserts per table ("n" numbers, "d" distributions), as calls to make.
+
+        ClickHouse keys a token's deduplication by the blocks the insert holds (a repeat that holds its
+        rows in other blocks is not dropped), so a replay must send what the first try sent. Records
+        of spool formats 1-2 were inserted by the writer of their time as the group's columns merged
+        into one block per table (``Store.insert_points``): a group holding any of them is sent that way
+        again; format 3 groups go as the records' blocks, one after another."""
+        store = self.store
+        if any(r.version < 3 for r in group.records):
+            n_cols, d_cols = merge([self.spool.load(r) for r in group.records], token)
+
+            def legacy_n() -> None:
+                store.insert_points(n_cols, token + ":n")
+
+            def legacy_d() -> None:
+                store.insert_distributions(d_cols, token + ":d")
+
+            return [("n", legacy_n)] * bool(n_cols) + [("d", legacy_d)] * bool(d_cols)
+        numbers, dists = merge_blocks(batches, token)
+
+        def blocks_n() -> None:
+            store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
+
+        def blocks_d() -> None:
+            store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
+
+        return [("n", blocks_n)] * bool(numbers) + [("d", blocks_d)] * bool(dists)
 
     def _committed(self, batches: list[Blocks]) -> None:
         now_ns = time.time_ns()
