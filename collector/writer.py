@@ -20,7 +20,7 @@ from typing import Any
 
 from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, Blocks, PointBatch, content_digest
-from meterhouse.collector.spool import Group, Spool
+from meterhouse.collector.spool import Group, Spool, encode_blocks
 from meterhouse.core import native, schema
 from meterhouse.core.metrics import PipelineMetrics
 
@@ -89,6 +89,23 @@ def merge_blocks(blocks: list[Blocks], token: str) -> tuple[bytes, bytes]:
         if b.dist_size
     )
     return numbers, dists
+
+
+def redrive_letter(store: Any, batches: list[PointBatch], token: str, per_batch_blocks: bool) -> None:
+    """Insert a dead letter's batches again under its token, in the blocks the writer sent them in
+    (one per batch, or merged into one): what ClickHouse needs to drop an insert that did land."""
+    if per_batch_blocks:
+        numbers, dists = merge_blocks([encode_blocks(b) for b in batches], token)
+        if numbers:
+            store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
+        if dists:
+            store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
+        return
+    n_cols, d_cols = merge(batches, token)
+    if n_cols:
+        store.insert_points(n_cols, token + ":n")
+    if d_cols:
+        store.insert_distributions(d_cols, token + ":d")
 
 
 def _remaining(batches: list[PointBatch], done: set[str]) -> list[PointBatch]:
@@ -200,7 +217,8 @@ class Writer:
                 poisoned = kind == "retryable" and healthy and attempt >= self.poison_after_attempts
                 if kind == "permanent" or poisoned:
                     loaded = [self.spool.load(r) for r in group.records]
-                    self._dead_letter(group, _remaining(loaded, group.done), token, error)
+                    per_batch = all(r.version >= 3 for r in group.records)  # as _inserts sent it
+                    self._dead_letter(group, _remaining(loaded, group.done), token, error, per_batch)
                     return True
                 extra = {"attempt": attempt, "error": error[:300], "endpoint": self.store.name}
                 log.warning("insert failed, will retry", extra=extra)
@@ -252,8 +270,10 @@ class Writer:
         for b in batches:
             self.metrics.ingest_lag.observe(max(0.0, (now_ns - b.received_ns) / 1e9))
 
-    def _dead_letter(self, group: Group, batches: list[PointBatch], token: str, error: str) -> None:
-        path = self.dead_letters.put(token, error, batches)
+    def _dead_letter(
+        self, group: Group, batches: list[PointBatch], token: str, error: str, per_batch_blocks: bool
+    ) -> None:
+        path = self.dead_letters.put(token, error, batches, per_batch_blocks)
         points = sum(b.total for b in batches)
         self.metrics.dead_letter_batches.inc()
         self.metrics.dead_letter_points.inc(points)
