@@ -198,6 +198,8 @@ class Writer:
         if token is None:
             token = content_digest(*(b.digest.encode() for b in batches))
             self.spool.intent(group, token)
+        if group.damaged:
+            self._skip_landed(group, token)
         inserts = self._inserts(group, batches, token)
         attempt = 0
         while True:
@@ -231,6 +233,18 @@ class Writer:
         self.spool.commit(group)
         self._committed(batches)
         return True
+
+    def _skip_landed(self, group: Group, token: str) -> None:
+        """A replay group that lost records to damage: a table whose raw points already hold the batch
+        is done (its insert landed before the crash); only the rest is inserted."""
+        for table, raw in (("n", schema.POINTS_TABLE), ("d", schema.DIST_TABLE)):
+            if table in group.done:
+                continue
+            sql = f"SELECT count() FROM {self.store.database}.{raw} WHERE batch_id = {{b:String}}"
+            if int(self.store.scalar(sql, {"b": f"{token}:{table}"}) or 0) > 0:
+                log.warning("replay: a damaged group's insert had landed; not inserted again",
+                            extra={"table": raw, "records": len(group.records)})  # fmt: skip
+                self.spool.part(group, table)
 
     def _inserts(
         self, group: Group, batches: list[Blocks], token: str

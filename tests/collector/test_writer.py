@@ -514,11 +514,6 @@ def test_a_redriven_dead_letter_that_did_land_counts_once(tmp_path, store, store
     assert stored(store) == want
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a replay that lost a record to damage holds other blocks than the insert that landed, "
-    "so ClickHouse does not drop it (see the README's known gaps)",
-)
 def test_a_landed_group_with_a_record_damaged_on_disk_does_not_count_the_rest_twice(
     tmp_path, store, store_factory
 ):
