@@ -548,3 +548,43 @@ def test_a_landed_group_with_a_record_damaged_on_disk_does_not_count_the_rest_tw
         assert set(got[table]) >= set(want[table]), table
         assert len(want[table]) <= len(got[table]) <= len(want[table]) + lost[table], table
     assert sum(p for _o, p in got["org_last_seen"]) <= sum(b.size for b in batches)
+
+
+def test_a_format_3_record_of_another_column_set_is_conformed_and_inserted(tmp_path, store, store_factory):
+    """A record whose blocks carry another column set (a column since added is missing, one since removed
+    is there): read back by name, the missing column defaulted, the extra one dropped, inserted once."""
+    import struct
+
+    from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS
+    from meterhouse.collector.spool import (
+        _BLOCKS_HEAD,
+        _DATA_HEAD,
+        COMMIT,
+        DATA,
+        DIST_TYPES,
+        FORMAT,
+        NUMBER_TYPES,
+        _digest_bytes,
+        _encode,
+    )
+    from meterhouse.core import native
+
+    b = mixed_request(3, time.time_ns() - 3600 * 10**9)
+    want = expected_rows(tmp_path, store_factory, [b])
+    keep = [i for i, n in enumerate(BATCH_COLUMNS) if n != "cumulative_double"]
+    names = [BATCH_COLUMNS[i] for i in keep] + ["retired"]
+    types = [NUMBER_TYPES[i] for i in keep] + ["String"]
+    numbers = native.encode(names, types, [b.columns[BATCH_COLUMNS[i]] for i in keep] + [["x"] * b.size])
+    dists = native.encode(DIST_BATCH_COLUMNS, DIST_TYPES, [b.dist_columns[n] for n in DIST_BATCH_COLUMNS])
+    body = _BLOCKS_HEAD.pack(0xDEAD, len(numbers)) + numbers + dists
+    head = _DATA_HEAD.pack(1, b.received_ns, b.total, _digest_bytes(b.digest))
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "seg-00000000000000000001.wal").write_bytes(
+        _encode(FORMAT, struct.pack("<H", 3))
+        + _encode(COMMIT, struct.pack("<Q", 0))
+        + _encode(DATA, head + body)
+    )
+    assert 0.0 in b.columns["cumulative_double"]  # what the default restores
+    with Rig(tmp_path, store) as rig:
+        rig.drain(30)
+    assert stored(store) == want
