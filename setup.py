@@ -14,5 +14,12 @@ setup(
             optional=True,
             extra_compile_args=["-O2"],
         ),
+        # The decoder's fast path: OTLP request bytes straight to the number columns (collector/decode.py).
+        Extension(
+            "meterhouse.collector._otlpfast",
+            ["collector/_otlpfast.c"],
+            optional=True,
+            extra_compile_args=["-O2"],
+        ),
     ]
 )

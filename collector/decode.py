@@ -8,10 +8,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -21,7 +23,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, ResourceMetrics
 
 from meterhouse.collector.cumulative import Change, CumulativePoint, CumulativeState
-from meterhouse.collector.model import PointBatch
+from meterhouse.collector.model import BATCH_COLUMNS, PointBatch
 from meterhouse.collector.series import Admission, SeriesLimiter
 from meterhouse.core import schema
 
@@ -29,6 +31,22 @@ DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
 CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 _TEMPORALITY: dict[int, int] = {DELTA: schema.TEMPORALITY_DELTA, CUMULATIVE: schema.TEMPORALITY_CUMULATIVE}
 MAX_VALUE_DEPTH = 16
+
+log = logging.getLogger("meterhouse.decode")
+
+# The native fast path (collector/_otlpfast.c): delta sums and gauges straight from the request bytes.
+# Without it (no C compiler at install time) every request takes the Python path below.
+_fast: ModuleType | None
+try:
+    from meterhouse.collector import _otlpfast
+except ImportError as e:  # pragma: no cover - the test suite requires the extension
+    _fast = None
+    log.info("the native decoder is not available; decoding in Python", extra={"error": str(e)[:200]})
+else:
+    _fast = _otlpfast
+    if tuple(_otlpfast.COLUMNS) != BATCH_COLUMNS:  # pragma: no cover - built from another version
+        log.info("the native decoder was built for other columns; decoding in Python")
+        _fast = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +268,33 @@ class _Decoder:
         return found
 
     # -- the walk ---------------------------------------------------------------------------------
+    def run_fast(self, body: bytes) -> bool:
+        """The native walk over the request bytes; False when it does not apply (the request is outside
+        the fast path, a point would not be accepted as it is, or an org is not the sender's)."""
+        if _fast is None:
+            return False
+        lim = self.limits
+        found = _fast.decode_numbers(
+            body, lim.org_attribute, self.min_t, self.max_t, lim.max_attributes,
+            lim.max_attribute_length, self.now_ns,
+        )  # fmt: skip
+        if found is None:
+            return False
+        cols, points, unattributed, late_starts = found
+        allowed = self.allowed_org
+        if allowed is not None and not all(allowed(org) for org in set(cols["org_id"])):
+            return False
+        r = self.result
+        r.batch.columns = self.cols = cols
+        r.batch.size = points
+        r.received = points
+        r.unattributed = unattributed
+        if late_starts:
+            r.repaired["start_after_time"] += late_starts
+        if self.series is not None:
+            self.fold(self.series)
+        return True
+
     def run(self, request: ExportMetricsServiceRequest) -> DecodeResult:
         org_key = self.limits.org_attribute
         for rm in request.resource_metrics:
@@ -369,15 +414,15 @@ class _Decoder:
             if found is None:
                 r.reject("attribute_limit", name, 1, _org_hint(attrs, res_org, org_key))
                 continue
+            org, keys, values = found
+            if allowed is not None and not allowed(org):
+                r.reject("org_not_allowed", name, 1, org)
+                continue
             if start > t and not cumulative:
                 # The SDK race of a series created while a collection runs: the interval ends where
                 # it starts; the usage is the same. (Cumulative points: see finish_cumulative.)
                 start = t
                 late_starts += 1
-            org, keys, values = found
-            if allowed is not None and not allowed(org):
-                r.reject("org_not_allowed", name, 1, org)
-                continue
             if not org:
                 unattributed += 1
             if cumulative:
@@ -542,7 +587,7 @@ def _distribution(kind: str, dp: Any) -> dict[str, Any] | None:
 
 
 def decode_request(
-    request: ExportMetricsServiceRequest,
+    request: ExportMetricsServiceRequest | None,
     limits: Limits,
     *,
     now_ns: int,
@@ -550,11 +595,23 @@ def decode_request(
     cumulative: CumulativeState | None = None,
     allowed_org: Callable[[str], bool] | None = None,
     series: SeriesLimiter | None = None,
+    body: bytes | None = None,
 ) -> DecodeResult:
     """Walk the request once into columns, counting every rejected point by reason.
 
     Cumulative sums need ``cumulative`` (their conversion state); without it they are rejected.
     ``allowed_org`` (the sender's scope) rejects points of other orgs as ``org_not_allowed``;
     ``series`` folds attribute sets over the per-(org, metric) limit into the overflow series.
+
+    ``body``, the serialized request, lets the native fast path decode it when every point is a delta
+    sum or gauge point accepted as it is (the common case); anything else takes the Python walk, for
+    which ``request`` is parsed from ``body`` when it is None (raising protobuf's DecodeError).
     """
-    return _Decoder(limits, now_ns, digest, cumulative, allowed_org, series).run(request)
+    decoder = _Decoder(limits, now_ns, digest, cumulative, allowed_org, series)
+    if body is not None and decoder.run_fast(body):
+        return decoder.result
+    if request is None:
+        if body is None:
+            raise ValueError("decode_request needs the request or its bytes")
+        request = ExportMetricsServiceRequest.FromString(body)
+    return decoder.run(request)

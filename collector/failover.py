@@ -22,7 +22,7 @@ from typing import Any
 
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.core.store import Store, endpoint_label
+from meterhouse.core.store import SchemaMismatch, Store, endpoint_label
 
 log = logging.getLogger("meterhouse.failover")
 
@@ -121,6 +121,9 @@ class EndpointSet:
             if not store.ping():
                 raise ConnectionError("ping failed")
             return True
+        except SchemaMismatch as e:  # a configuration error: said loudly, and the endpoint stays down
+            log.error("endpoint refused", extra={"endpoint": ep.label, "error": str(e)[:500]})
+            return False
         except Exception as e:  # noqa: BLE001 - any failure means down
             log.debug("health check failed", extra={"endpoint": ep.label, "error": str(e)[:200]})
             return False
@@ -244,6 +247,9 @@ class EndpointSet:
     ) -> None:
         self._call(lambda s: s.insert_rows(table, columns, names, types, token), write=True)
 
+    def sync_replicas(self, tables: Sequence[str]) -> None:
+        self._call(lambda s: s.sync_replicas(tables), write=False)
+
     def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = self._call(lambda s: s.rows(sql, parameters), write=False)
         return rows
@@ -292,6 +298,12 @@ class ReadView:
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         rows = self.rows(sql, parameters)
         return rows[0][0] if rows else None
+
+    def sync_replicas(self, tables: Sequence[str]) -> None:
+        """Before a read that must see every acknowledged write (a monthly close), on the active endpoint."""
+        with self._set._lock:
+            ep = self._set.endpoints[self._set.active]
+        self._set._store(ep).sync_replicas(tables)
 
     def ping(self) -> bool:
         """Readiness is the write path's (the pipeline's) health."""

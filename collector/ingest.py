@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
@@ -34,9 +35,10 @@ def restore_cumulative(state: CumulativeState, spool: Spool) -> int:
     return state.restore((r.seq, spool.load(r)) for r in spool.uncommitted_records())
 
 
-def committed_state_loader(store: Queries) -> Callable[[list[int]], dict[int, Entry]]:
-    """Read the last committed point of cumulative series from ClickHouse (see cumulative.py)."""
-    sql = schema.series_state_sql(store.database)
+def committed_state_loader(store: Queries, cluster: str = "") -> Callable[[list[int]], dict[int, Entry]]:
+    """Read the last committed point of cumulative series from ClickHouse (see cumulative.py); on a
+    ``cluster``, from every replica (see ``schema.series_state_sql``)."""
+    sql = schema.series_state_sql(store.database, cluster)
 
     def load(ids: list[int]) -> dict[int, Entry]:
         rows = store.rows(sql, {"ids": ids})
@@ -77,6 +79,19 @@ def count_points(request: ExportMetricsServiceRequest) -> int:
                 if which is not None:
                     n += len(getattr(m, which).data_points)
     return n
+
+
+def _invalid(e: BaseException) -> Outcome:
+    return Outcome("invalid", f"cannot parse ExportMetricsServiceRequest: {str(e)[:300] or type(e).__name__}")
+
+
+def _parse(body: bytes | None) -> ExportMetricsServiceRequest | Outcome:
+    request = ExportMetricsServiceRequest()
+    try:
+        request.ParseFromString(body or b"")
+    except (DecodeError, RecursionError, ValueError) as e:
+        return _invalid(e)
+    return request
 
 
 @dataclass
@@ -120,20 +135,31 @@ class Ingestor:
         self.rate = rate
         self.series = series
 
-    def authenticate(self, header: str | None) -> Principal | None:
-        """The sender of a request's ``authorization`` value (None when ingest is open).
+    def authenticate(self, header: str | Sequence[str] | None) -> Principal | None:
+        """The sender of a request's ``authorization`` value, or of all of them (None when ingest is open).
 
         Raises :class:`~meterhouse.collector.auth.Unauthenticated`: answer 401 / UNAUTHENTICATED.
         """
         return self.tokens.authenticate(header)
 
     def export(
-        self, request: ExportMetricsServiceRequest, digest: str, sender: Principal | None = None
+        self,
+        request: ExportMetricsServiceRequest | None,
+        digest: str,
+        sender: Principal | None = None,
+        body: bytes | None = None,
     ) -> Outcome:
+        """Handle one export: ``request`` parsed, or None with ``body`` its protobuf bytes (decoded by the
+        native fast path when it can, parsed otherwise; bytes protobuf refuses answer ``invalid``)."""
         m = self.metrics
         key = sender.id if sender is not None else ""
         points = 0
         if self.rate is not None:
+            if request is None:
+                parsed = _parse(body)
+                if isinstance(parsed, Outcome):
+                    return parsed
+                request = parsed
             points = count_points(request)
             wait_s = self.rate.take(key, points)
             if wait_s:
@@ -146,12 +172,18 @@ class Ingestor:
         if sender is not None:
             # The same bytes from another sender are another request: its org scope may differ.
             digest = content_digest(digest.encode(), sender.id.encode())
-        outcome = self._export(request, digest, sender)
+        outcome = self._export(request, digest, sender, body)
         if self.rate is not None and outcome.kind in ("backpressure", "unavailable"):
             self.rate.refund(key, points)  # nothing kept: the client sends it all again
         return outcome
 
-    def _export(self, request: ExportMetricsServiceRequest, digest: str, sender: Principal | None) -> Outcome:
+    def _export(
+        self,
+        request: ExportMetricsServiceRequest | None,
+        digest: str,
+        sender: Principal | None,
+        body: bytes | None,
+    ) -> Outcome:
         m = self.metrics
         if self.recent is not None:
             state = self.recent.claim(digest, self.resend_wait_s)
@@ -174,7 +206,11 @@ class Ingestor:
                 cumulative=self.cumulative,
                 allowed_org=None if sender is None or sender.all_orgs else sender.allows,
                 series=self.series,
+                body=body if request is None else None,
             )
+        except (DecodeError, RecursionError) as e:  # bytes protobuf refuses: nothing kept
+            self._release(digest)
+            return _invalid(e)
         except StateUnavailable as e:  # the cumulative state or attribute sets could not be read
             self._release(digest)
             log.warning("cannot decode request", extra={"error": str(e)[:300]})
@@ -194,6 +230,8 @@ class Ingestor:
                 m.spool_full.inc()
                 return Outcome("backpressure", f"pipeline is full: {e}", retry_after_s=e.retry_after_s)
             return Outcome("unavailable", str(e), retry_after_s=1)
+        if self.series is not None:
+            self.series.settle(result.admitted)  # stored: its sets stay admitted
         if result.changes and self.cumulative is not None and isinstance(seq, int):
             self.cumulative.spooled(result.changes, seq)
         if self.recent is not None:

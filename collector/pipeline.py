@@ -106,7 +106,8 @@ class Collector:
             before_commit=self.recent.committed if self.recent is not None else None,
         )
         self.cumulative = CumulativeState(
-            committed_state_loader(self.endpoints), committed_seq=lambda: self.spool.committed_seq
+            committed_state_loader(self.endpoints, config.cluster),
+            committed_seq=lambda: self.spool.committed_seq,
         )
         self.tokens = IngestTokens(config.ingest_tokens)
         self.rate = (

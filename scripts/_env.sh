@@ -13,10 +13,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV" 2>/dev/null || { rm -rf "$VENV"; apt_install python3-venv; python3 -m venv "$VENV"; }
 fi
 PY="$VENV/bin/python"
-# The native encoders (setup.py) need a C compiler and the Python headers; without them meterhouse still
+# The native encoders and the decoder's fast path (setup.py) need a C compiler and the Python headers; without them meterhouse still
 # installs and runs on its slower pure-Python paths.
 if ! command -v gcc >/dev/null || [ ! -f "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then
-  echo "==> installing a C compiler and the Python headers (meterhouse's native encoders)"
+  echo "==> installing a C compiler and the Python headers (meterhouse's native encoders and decoder)"
   apt_install --no-install-recommends gcc libc6-dev python3-dev
 fi
 echo "==> installing meterhouse${MH_EXTRAS:+[$MH_EXTRAS]} and its dependencies"

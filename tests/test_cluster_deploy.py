@@ -189,3 +189,68 @@ def test_profile_settings_match_the_insert_and_query_settings():
     profile = xml("users.d/profile.xml").find("profiles/default")
     values = {e.tag: int(e.text) for e in profile}
     assert values == {**schema.CLUSTER_INSERT_SETTINGS, **schema.CLUSTER_QUERY_SETTINGS}
+
+
+def _replicated_tables_fed_by(ingest: str) -> set[str]:
+    """The Replicated tables one insert into ``ingest`` writes a part to, following the cluster
+    rendering's materialized views (each reads one ``_local`` table and writes another)."""
+    from meterhouse.core import schema
+
+    statements = schema.render("db", "mh")
+    views = []
+    for s in statements:
+        if m := re.match(
+            r"CREATE MATERIALIZED VIEW IF NOT EXISTS db\.\w+ ON CLUSTER mh TO db\.(\w+)_local", s
+        ):
+            views.append((set(re.findall(r"FROM db\.(\w+)_local", s)), m.group(1)))
+    replicated = {
+        m.group(1)
+        for s in statements
+        if (
+            m := re.match(
+                r"CREATE TABLE IF NOT EXISTS db\.(\w+)_local ON CLUSTER mh .*ENGINE = Replicated", s, re.S
+            )
+        )
+    }
+    fed, frontier = set(), {ingest}
+    while frontier:
+        frontier = {target for sources, target in views if sources & frontier} - fed
+        fed |= frontier
+    return fed & replicated
+
+
+def test_capacity_keeper_load_counts_the_tables_each_insert_feeds():
+    """docs/capacity.md sizes Keeper by the parts one flush commits on each shard: one per Replicated
+    table the insert feeds, as the schema has them now."""
+    from meterhouse.core import schema
+
+    numbers = _replicated_tables_fed_by(schema.INGEST_TABLE)
+    dists = _replicated_tables_fed_by(schema.DIST_INGEST_TABLE)
+    assert schema.POINTS_TABLE in numbers and schema.DIST_TABLE in dists
+    text = (ROOT / "docs" / "capacity.md").read_text()
+    m = re.search(
+        r"the insert feeds[^:]*:\s+(\d+)\s+for\s+number\s+points\s+\(([^)]*)\),?\s+and\s+(\d+)\s+for\s+distributions",
+        text,
+    )
+    assert m, "the Keeper section names the tables each insert feeds"
+    listed = set(re.findall(r"`(\w+)`", m.group(2)))
+    assert (int(m.group(1)), listed, int(m.group(3))) == (len(numbers), numbers, len(dists))
+    per_flush = len(numbers) + len(dists)
+    assert f"≤ C × {per_flush} per second" in text
+    # The worked figures: 2 collectors on the compose profile's 2 shards, and on 8 shards.
+    assert (
+        f"{2 * per_flush * 2}/s for the compose profile" in text
+        and f"{2 * per_flush * 8}/s with 8 shards" in text
+    )
+
+
+def test_each_node_advertises_its_service_name_to_the_other_replicas(services):
+    """A replica fetches parts from the host the other one registered in Keeper: ``interserver_http_host``,
+    or else the output of ``hostname -f``, which in a container without a set hostname is its id (peers
+    then fail with "Host not found: <container id>", ClickHouse/ClickHouse#14018). Each node advertises its
+    compose service name, the name the other containers resolve."""
+    for name in (n for n in services if n.startswith("ch-")):
+        node = ET.parse(
+            ROOT / mounted(services[name], "/etc/clickhouse-server/config.d/macros.xml")
+        ).getroot()
+        assert node.findtext("interserver_http_host") == name, name

@@ -75,11 +75,14 @@ def cluster_xml() -> str:
 
 def macros_xml(shard: int, replica: int) -> str:
     root = ET.Element("clickhouse")
+    # The host the other replicas fetch parts from (registered in Keeper): the service name they resolve,
+    # not `hostname -f`, which is the container's id.
+    _el(root, "interserver_http_host", node(shard, replica))
     m = _el(root, "macros")
     _el(m, "cluster", CLUSTER)
     _el(m, "shard", shard)
     _el(m, "replica", node(shard, replica))
-    return _xml(root, f"macros of {node(shard, replica)}")
+    return _xml(root, f"macros and interserver host of {node(shard, replica)}")
 
 
 def profile_xml() -> str:
@@ -90,6 +93,7 @@ def profile_xml() -> str:
     _el(default, "distributed_foreground_insert", 1)
     _el(default, "insert_deduplicate", 1)
     _el(default, "deduplicate_blocks_in_dependent_materialized_views", 1)
+    _el(default, "optimize_on_insert", 0)
     return _xml(root, "default profile: per-org queries touch one shard; inserts deduplicated")
 
 

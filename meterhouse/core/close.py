@@ -45,6 +45,9 @@ class CloseStore(Queries, Protocol):
         token: str,
     ) -> None: ...
 
+    def sync_replicas(self, tables: Sequence[str]) -> None:
+        """On a cluster, wait until every replica of ``tables`` has every part acknowledged so far."""
+
 
 class CloseRefused(Exception):
     """The month cannot be closed now (``code``: ``late_window`` or ``month_not_ended``)."""
@@ -225,25 +228,39 @@ def close_month(
         if record is None:
             check_window(month, now_ns(), late_window_days, force)
             cutoff_ms = int(store.scalar("SELECT toUnixTimestamp64Milli(now64(3))")) - int(settle_s * 1000)
-            record = CloseRecord(
+            mine = CloseRecord(
                 month=month.key, close_id=uuid.uuid4().hex, status=schema.CLOSE_RUNNING,
                 forced=int(force), cutoff_ms=cutoff_ms, finished_ms=0,
             )  # fmt: skip
-            _write_record(store, record)
+            # The lock above is this process's; several collectors may start the month's close at once.
+            # The start record's token is the month's, so the first one stored wins and the others are
+            # dropped as repeats; every process then carries on the close that was recorded.
+            _write_record(store, mine, token=f"close:{month.key}:start")
+            store.sync_replicas([schema.CLOSES_TABLE])
+            record = get_close(store, month)
+            if record is None:
+                raise RuntimeError(f"the close of {month} was not recorded")
+            if record.done:
+                return record
+        # Inserts that took their commit time before the cutoff have finished (settle_s), so their parts
+        # are in their shards' replication logs: once every replica has fetched them, whichever replica a
+        # read reaches holds every point the statements count (and a resumed close its lines so far).
+        store.sync_replicas(schema.CLOSE_READ_TABLES)
         try:
             _write_lines(store, month, record, batch_orgs, progress)
         finally:
             _running.pop(month.key, None)
+        store.sync_replicas([schema.STATEMENTS_TABLE])  # the totals below read back every line written
         return _finish(store, month, record)
 
 
-def _write_record(store: CloseStore, record: CloseRecord) -> None:
+def _write_record(store: CloseStore, record: CloseRecord, token: str = "") -> None:
     store.insert_rows(
         schema.CLOSES_TABLE,
         record.columns(),
         schema.CLOSE_COLUMN_NAMES,
         schema.CLOSE_COLUMN_TYPES,
-        f"close:{record.close_id}:{record.version}",
+        token or f"close:{record.close_id}:{record.version}",
     )
 
 

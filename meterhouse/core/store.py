@@ -13,7 +13,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
 from meterhouse.core import native, schema
-from meterhouse.core.config import Config
+from meterhouse.core.config import Config, ConfigError
 
 # chdb opens one data directory per process, and only once: share the client per path.
 _embedded_lock = threading.Lock()
@@ -47,6 +47,11 @@ class Queries(Protocol):
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any: ...
 
 
+class SchemaMismatch(ConfigError):
+    """The database holds the other rendering of the schema (single-node against cluster): a configuration
+    error that no retry mends."""
+
+
 class Store:
     """A handle on one ClickHouse endpoint with the project's schema in ``database``."""
 
@@ -69,6 +74,31 @@ class Store:
             self.client.command(statement, settings=settings)
         if self.cluster:
             self.wait_for_tables(schema.created_names(statements))
+        self.check_rendering()
+
+    def check_rendering(self) -> None:
+        """Refuse a database whose schema is the other rendering. ``CREATE … IF NOT EXISTS`` keeps whatever
+        holds a name: a cluster node whose database was created single-node keeps its plain tables (each
+        node's points stay apart, the split the cluster prevents), and a single-node store on a cluster
+        schema would insert into its Distributed tables without the cluster's insert settings."""
+        rows = self.client.query(
+            "SELECT name, engine FROM system.tables "
+            "WHERE database = {db:String} AND name IN {names:Array(String)}",
+            parameters={"db": self.database, "names": [schema.INGEST_TABLE, schema.POINTS_TABLE]},
+        ).result_rows
+        engines = {str(name): str(engine) for name, engine in rows}
+        found = ", ".join(f"{name}: {engine}" for name, engine in sorted(engines.items()))
+        distributed = [name for name, engine in engines.items() if engine == "Distributed"]
+        if self.cluster and len(distributed) < len(engines):
+            raise SchemaMismatch(
+                f"{self.name}: database {self.database} holds the single-node schema ({found}), not cluster "
+                f"{self.cluster}'s: its plain tables would keep this node's points apart from the others'. "
+                "Use another database, or move the data into the cluster's tables first"
+            )
+        if not self.cluster and distributed:
+            raise SchemaMismatch(
+                f"{self.name}: database {self.database} holds a cluster schema ({found}); pass --cluster NAME"
+            )
 
     def wait_for_tables(self, names: Sequence[str], timeout_s: float = 60.0) -> None:
         """Wait until every named table and view exists in the database on this endpoint."""
@@ -87,6 +117,13 @@ class Store:
             if time.monotonic() >= deadline:
                 raise RuntimeError(f"{self.name}: tables not created within {timeout_s:g}s: {missing}")
             time.sleep(0.2)
+
+    def sync_replicas(self, tables: Sequence[str]) -> None:
+        """On a cluster, wait until every replica of ``tables`` has what its shard's log held when called
+        (see ``schema.sync_replicas_sql``); one node has nothing to wait for."""
+        if self.cluster:
+            for statement in schema.sync_replicas_sql(self.database, self.cluster, tables):
+                self.client.command(statement)
 
     def insert_settings(self, token: str) -> dict[str, Any]:
         """The settings of every insert: what makes a retried or replayed batch count once."""

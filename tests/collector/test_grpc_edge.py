@@ -29,7 +29,7 @@ class HeldIngestor:
     def authenticate(self, header):  # ingest is open: no sender
         return None
 
-    def export(self, request, digest, sender=None) -> Outcome:
+    def export(self, request, digest, sender=None, body=None) -> Outcome:
         self.entered.release()
         self.release.wait(30)
         return Outcome("ok", response=ExportMetricsServiceResponse())

@@ -246,3 +246,48 @@ def test_reconciliation_finds_drift_without_an_org_label(store):
     assert [(m, org, int(rp), int(hp), v) for m, org, _metric, rp, hp, v in listed] == [
         (M.key, "drifts", 1, 2, -3.0)
     ]
+
+
+def test_two_collectors_closing_the_same_month_make_one_close(store, monkeypatch):
+    """Several collectors serve the API (the compose profile `cluster` runs two behind one load balancer),
+    and the one-close-at-a-time lock is per process. Two close requests that both find no close must still
+    make one close — one close id, one cutoff — or the lines of one and the cutoff of the other would count
+    the points committed between the two cutoffs twice (statement and adjustment) or not at all."""
+    import contextlib
+    import threading
+
+    from meterhouse.core.store import Store
+
+    put(store, [{"org_id": "a", "time": M.start_ns + 1, "value_int": 3},
+                {"org_id": "b", "time": M.start_ns + 2, "value_int": 4}])  # fmt: skip
+    monkeypatch.setattr(close, "_lock", contextlib.nullcontext())  # two processes: a lock each
+    both_looked = threading.Barrier(2, timeout=60)
+    seen = threading.local()
+
+    class Collector(Store):
+        def rows(self, sql, parameters=None):
+            result = super().rows(sql, parameters)
+            if f".{schema.CLOSES_TABLE} FINAL WHERE month =" in sql and not getattr(seen, "looked", False):
+                seen.looked = True
+                both_looked.wait()  # both have found no close before either records one
+            return result
+
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(do_close(Collector(store.client, store.database, "collector")))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 2
+    assert results[0].close_id == results[1].close_id and results[0].cutoff_ms == results[1].cutoff_ms
+    db = store.database
+    assert store.scalar(f"SELECT uniqExact(close_id) FROM {db}.{schema.STATEMENTS_TABLE}") == 1
+    assert store.scalar(f"SELECT uniqExact(close_id) FROM {db}.{schema.CLOSES_TABLE}") == 1
+    assert [(r["org_id"], r["total_int"]) for r in lines(store, M)] == [("a", 3), ("b", 4)]

@@ -115,11 +115,13 @@ def test_the_insert_path_carries_the_deduplication_settings():
         "insert_deduplicate": 1,
         "distributed_foreground_insert": 1,
         "deduplicate_blocks_in_dependent_materialized_views": 1,
+        "optimize_on_insert": 0,
     }
     assert Store(None, "db", "x", cluster=CLUSTER).query_settings == {"optimize_skip_unused_shards": 1}
     assert Store(None, "db", "x").insert_settings("tok") == {
         "insert_deduplication_token": "tok",
         "deduplicate_blocks_in_dependent_materialized_views": 1,
+        "optimize_on_insert": 0,
     }
 
 
@@ -146,7 +148,7 @@ def stand_in(database: str) -> list[str]:
     the ``_local`` one."""
     out = []
     null_locals = set()
-    for s in schema.cluster_ddl(database, CLUSTER):
+    for s in schema.render(database, CLUSTER):  # the close's tables and view too
         s = s.replace(f" ON CLUSTER {CLUSTER}", "")
         s = re.sub(r"Replicated(\w*MergeTree)\('[^']*', '\{replica\}'(?:, )?", r"\1(", s)
         s = re.sub(r"replicated_deduplication_window = (\d+), replicated_deduplication_window_seconds = \d+",
@@ -302,3 +304,150 @@ def test_every_api_query_runs_on_the_cluster_names(filled):
     top = filled.rows(schema.top_orgs_by_points_sql(filled.database),
                       {"since": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now_s - 86400)), "k": 2})  # fmt: skip
     assert sorted(o for o, _ in top) == ["org-a", "org-b"]
+
+
+# -- the monthly close on a cluster reads what every replica has --------------------------------------
+class RecordingClusterStore(Store):
+    """The stand-in as a cluster node, with its reads, writes and replica syncs recorded in order. The
+    stand-in has no replicas and the embedded engine no ``ON CLUSTER``, so a sync's statements are parsed
+    by the engine and recorded; writes go to the shard's table (the stand-in's Distributed tables are
+    read-only Merge tables), as the events do above."""
+
+    def __init__(self, base: Store) -> None:
+        super().__init__(base.client, base.database, base.name, cluster=base.cluster)
+        self.log: list[tuple[str, object]] = []
+
+    def sync_replicas(self, tables):
+        statements = schema.sync_replicas_sql(self.database, self.cluster, tables)
+        assert len(statements) == len(tables)
+        for sql in statements:
+            assert self.client.query(f"EXPLAIN AST {sql}").result_rows, sql
+        self.log.append(("sync", frozenset(tables)))
+
+    def rows(self, sql, parameters=None):
+        self.log.append(("read", sql))
+        return super().rows(sql, parameters)
+
+    def insert_rows(self, table, columns, names, types, token):
+        self.log.append(("write", table))
+        super().insert_rows(schema.local_name(table), columns, names, types, token)
+
+
+def test_a_close_on_a_cluster_syncs_the_replicas_before_it_reads(cluster_store):
+    """Distributed reads one replica per shard, and a replica may not have fetched a part the other one
+    acknowledged: a point committed before the cutoff but read from a lagging replica would be in neither
+    the statement nor the adjustments (committed before the cutoff). So each replica of what the close
+    reads is synced after the cutoff is taken and before the first read, and the statements again before
+    the close's totals are read back."""
+    from meterhouse.core import close
+
+    month = close.Month.of_ns(time.time_ns())
+    for _ in range(3):
+        month = month.previous()
+    put(cluster_store, [{"org_id": "org-a", "time": month.start_ns + H, "value_int": 5},
+                        {"org_id": "org-b", "time": month.start_ns + 2 * H, "value_int": 7}])  # fmt: skip
+    node = RecordingClusterStore(cluster_store)
+    record = close.close_month(node, month, late_window_days=35, settle_s=0)
+    assert (record.orgs, record.points, record.total_int) == (2, 2, 12)
+
+    log = node.log
+    cutoff = next(i for i, (kind, what) in enumerate(log) if kind == "read" and "now64(3)" in what)
+    first_points_read = next(
+        i for i, (kind, what) in enumerate(log)
+        if kind == "read" and f".{schema.POINTS_TABLE}\n" in what
+    )  # fmt: skip
+    synced = [(i, what) for i, (kind, what) in enumerate(log) if kind == "sync"]
+    read_tables = {schema.POINTS_TABLE, schema.HOURLY_TABLE, schema.STATEMENTS_TABLE, schema.CLOSES_TABLE}
+    assert any(cutoff < i < first_points_read and read_tables <= what for i, what in synced), log
+    last_write = max(
+        i for i, (kind, what) in enumerate(log) if kind == "write" and what == schema.STATEMENTS_TABLE
+    )
+    summary = next(i for i, (kind, what) in enumerate(log) if kind == "read" and "countIf(points !=" in what)
+    assert any(last_write < i < summary and schema.STATEMENTS_TABLE in what for i, what in synced), log
+
+
+def test_replica_syncs_name_every_shard_local_table_on_the_cluster(store):
+    statements = schema.sync_replicas_sql("db", CLUSTER, [schema.POINTS_TABLE, schema.STATEMENTS_TABLE])
+    assert statements == [
+        f"SYSTEM SYNC REPLICA ON CLUSTER {CLUSTER} db.{schema.POINTS_TABLE}_local LIGHTWEIGHT",
+        f"SYSTEM SYNC REPLICA ON CLUSTER {CLUSTER} db.{schema.STATEMENTS_TABLE}_local LIGHTWEIGHT",
+    ]
+    for sql in statements:
+        assert store.client.query(f"EXPLAIN AST {sql}").result_rows
+    # One node: nothing to sync, nothing sent.
+    Store(store.client, store.database, "single").sync_replicas([schema.POINTS_TABLE])
+
+
+def test_the_cumulative_state_is_read_from_every_replica(cluster_store):
+    """The collector answers a miss from ClickHouse once the series' last point is committed, that is
+    acknowledged by one replica of its shard. A Distributed read may reach the other replica before it
+    fetched that part and return an older point; the next point's delta would then count the difference
+    again. So on a cluster the look-up reads every replica and keeps each series' newest point."""
+    from meterhouse.collector.ingest import committed_state_loader
+
+    db = cluster_store.database
+    sql = schema.series_state_sql(db, CLUSTER)
+    source = f"clusterAllReplicas({CLUSTER}, {db}.{schema.SERIES_STATE_TABLE}_local)"
+    assert source in sql
+    assert cluster_store.client.query(f"EXPLAIN AST {sql}", parameters={"ids": [7]}).result_rows
+    # Two replicas of the shard, one of them lagging: the look-up's query over both gives the newest point.
+    state = f"{db}.{schema.SERIES_STATE_TABLE}_local"
+    cluster_store.client.command(f"CREATE TABLE {state}_lagging AS {state}")
+    cols = "series_id, start_time, time, is_int, cumulative_int, cumulative_double"
+    cluster_store.client.command(
+        f"INSERT INTO {state} ({cols}) VALUES (7, 0, 10, 1, 100, 0), (7, 0, 20, 1, 150, 0)"
+    )
+    cluster_store.client.command(f"INSERT INTO {state}_lagging ({cols}) VALUES (7, 0, 10, 1, 100, 0)")
+    both = sql.replace(source, f"merge('{db}', '^{schema.SERIES_STATE_TABLE}_local')")
+    assert [tuple(r)[4] for r in cluster_store.rows(both, {"ids": [7]})] == [150]
+    # And the collector's loader sends that query when it runs on a cluster.
+    sent = []
+
+    class Node(Store):
+        def rows(self, sql, parameters=None):
+            sent.append(sql)
+            return []
+
+    committed_state_loader(Node(cluster_store.client, db, "node", cluster=CLUSTER), CLUSTER)([7])
+    assert sent and source in sent[0]
+
+
+def test_the_close_and_its_api_run_on_the_cluster_names(cluster_store):
+    """The close's tables and the adjustments view in their cluster rendering (GLOBAL JOIN over the
+    Distributed names), read by the months API: a point committed after the close is an adjustment."""
+    from meterhouse.core import close
+
+    month = close.Month.of_ns(time.time_ns())
+    for _ in range(3):
+        month = month.previous()
+    put(cluster_store, [{"org_id": "org-a", "time": month.start_ns + H, "value_int": 5}])
+    node = RecordingClusterStore(cluster_store)
+    close.close_month(node, month, late_window_days=35, settle_s=0)
+    time.sleep(0.01)
+    put(cluster_store, [{"org_id": "org-a", "time": month.start_ns + 2 * H, "value_int": 2}])  # late
+    app = create_app(node, CollectorRegistry(), lambda: True, None).test_client()
+    m = str(month)
+    assert app.get(f"/api/v1/months/{m}/close").get_json()["status"] == schema.CLOSE_DONE
+    (line,) = app.get(f"/api/v1/months/{m}/statements").get_json()["statements"]
+    assert (line["org_id"], line["total_int"]) == ("org-a", "5")
+    (adj,) = app.get(f"/api/v1/months/{m}/adjustments").get_json()["adjustments"]
+    assert adj["org_id"] == "org-a"
+    assert app.get("/api/v1/orgs/org-a/statements").status_code == 200
+    view = (
+        f"SELECT org_id, amount_int FROM {node.database}.{schema.ADJUSTMENTS_VIEW} WHERE month = {month.key}"
+    )
+    assert [tuple(r) for r in node.rows(view)] == [("org-a", 2)]
+
+
+def test_a_cluster_node_holding_the_single_node_schema_is_refused(store):
+    """`--cluster` against a database created without it (an upgrade from one node, or one start without
+    the flag): every `CREATE … IF NOT EXISTS` of the cluster rendering finds the ingest and points names
+    taken by plain tables, so the `_local` tables are created beside them and nothing writes there, while
+    each node keeps its own plain tables — the split between endpoints the cluster exists to prevent.
+    Such a node is refused; so is a database with the cluster schema opened as one node."""
+    from meterhouse.core.store import SchemaMismatch
+
+    node = Store(store.client, store.database, "node", cluster=CLUSTER)
+    with pytest.raises(SchemaMismatch, match="single-node schema"):
+        node.check_rendering()
+    store.check_rendering()  # one node on the single-node schema: as it should be

@@ -1,0 +1,17 @@
+"""The native fast path of the decoder (collector/_otlpfast.c)."""
+
+from typing import Any
+
+#: The columns it builds, in model.BATCH_COLUMNS order.
+COLUMNS: tuple[str, ...]
+
+def decode_numbers(
+    body: bytes,
+    org_key: str,
+    min_t: int,
+    max_t: int,
+    max_attrs: int,
+    max_len: int,
+    received_at: int,
+    /,
+) -> tuple[dict[str, list[Any]], int, int, int] | None: ...

@@ -1,0 +1,52 @@
+"""Child process of tests/core/test_engine_dedup_soak.py: insert batches into the embedded engine's ingest
+table, each under its own deduplication token, printing each batch number once its insert returned.
+
+``python engine_insert_child.py DATA_DIR FIRST loop|once``; batch i holds ROWS points of org ``b{i}``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from meterhouse.collector.model import BATCH_COLUMNS
+from meterhouse.collector.writer import NUMBER_NAMES
+from meterhouse.core import native, schema
+from meterhouse.core.store import connect
+
+ROWS = 20_000
+TYPES = [{c.name: c.type for c in schema.INGEST_COLUMNS}[n] for n in BATCH_COLUMNS]
+
+
+def block(i: int) -> bytes:
+    now = time.time_ns()
+    row = dict(org_id=f"b{i:05d}", metric="m", kind=schema.KIND_SUM, unit="1", monotonic=1, start_time=now,
+               time=now, is_int=1, value_int=1, value_double=0.0, attr_keys=["k"], attr_values=["v"],
+               resource_keys=[], resource_values=[], scope_name="", scope_version="", received_at=now,
+               temporality=schema.TEMPORALITY_DELTA, series_id=0, series_start=0, cumulative_int=0,
+               cumulative_double=0.0)  # fmt: skip
+    cols = [
+        [[str(j % 500)] for j in range(ROWS)] if n == "attr_values" else [row[n]] * ROWS
+        for n in BATCH_COLUMNS
+    ]
+    return native.with_constant(
+        native.encode(BATCH_COLUMNS, TYPES, cols), ROWS, "batch_id", "String", f"t{i}:n"
+    )
+
+
+def main() -> None:
+    data, first, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    store = connect("embedded", data, "meterhouse")
+    store.ensure_schema()
+    i = first
+    while True:
+        store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block(i), f"t{i}:n")
+        print(i, flush=True)
+        if mode == "once":
+            return
+        i += 1
+
+
+if __name__ == "__main__":
+    main()
