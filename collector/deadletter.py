@@ -25,6 +25,9 @@ class DeadLetter:
     points: int
     time: float
     batches: list[PointBatch] | None = None
+    #: The writer sent the batches as one block per batch (spool format 3), not merged into one: a
+    #: redrive sends them the same way, or an insert that did land is not recognised by ClickHouse.
+    per_batch_blocks: bool = False
 
 
 class DeadLetters:
@@ -35,10 +38,11 @@ class DeadLetters:
         self.dir = Path(directory)
         self.files = files or Files()
 
-    def put(self, token: str, reason: str, batches: list[PointBatch]) -> Path:
+    def put(self, token: str, reason: str, batches: list[PointBatch], per_batch_blocks: bool = False) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         points = sum(b.total for b in batches)
-        meta = {"token": token, "reason": reason, "points": points, "time": time.time()}
+        meta = {"token": token, "reason": reason, "points": points, "time": time.time(),
+                "per_batch_blocks": per_batch_blocks}  # fmt: skip
         path = self.dir / f"{time.time_ns()}-{token[:16]}.dlq"
         payload = [(b.digest, b.received_ns, b.columns, b.size, b.dist_columns, b.dist_size) for b in batches]
         self.files.write_durably(path, pickle.dumps((meta, payload), protocol=pickle.HIGHEST_PROTOCOL))
@@ -59,7 +63,8 @@ class DeadLetters:
             batches = None
             if with_batches:
                 batches = [PointBatch(c, s, d, r, dc, ds) for d, r, c, s, dc, ds in payload]
-            out.append(DeadLetter(path, meta["token"], meta["reason"], meta["points"], meta["time"], batches))
+            out.append(DeadLetter(path, meta["token"], meta["reason"], meta["points"], meta["time"], batches,
+                                  bool(meta.get("per_batch_blocks", False))))  # fmt: skip
         return out
 
     def remove(self, letter: DeadLetter) -> None:

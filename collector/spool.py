@@ -113,6 +113,9 @@ class Group:
     token: str | None = None
     replay: bool = False
     done: set[str] = field(default_factory=set)  # tables ("n", "d") already inserted under the token
+    #: A replay group that lost records to damage: its insert cannot repeat the first try's blocks, so
+    #: ClickHouse would not drop it; the writer asks each table whether the batch is in first.
+    damaged: bool = False
 
     @property
     def first(self) -> int:
@@ -310,7 +313,8 @@ class Spool:
             records = [data[s] for s in range(first, last + 1) if s in data]
             if records:
                 done = parts.get((first, last), set())
-                self._replay.append(Group(records, token, replay=True, done=set(done)))
+                damaged = len(records) + sum(1 for s in aborted if first <= s <= last) < last - first + 1
+                self._replay.append(Group(records, token, replay=True, done=set(done), damaged=damaged))
                 grouped.update(r.seq for r in records)
         for seq in sorted(data):
             if seq > self._committed and seq not in grouped:

@@ -20,7 +20,7 @@ from typing import Any
 
 from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, Blocks, PointBatch, content_digest
-from meterhouse.collector.spool import Group, Spool
+from meterhouse.collector.spool import Group, Spool, encode_blocks
 from meterhouse.core import native, schema
 from meterhouse.core.metrics import PipelineMetrics
 
@@ -89,6 +89,23 @@ def merge_blocks(blocks: list[Blocks], token: str) -> tuple[bytes, bytes]:
         if b.dist_size
     )
     return numbers, dists
+
+
+def redrive_letter(store: Any, batches: list[PointBatch], token: str, per_batch_blocks: bool) -> None:
+    """Insert a dead letter's batches again under its token, in the blocks the writer sent them in
+    (one per batch, or merged into one): what ClickHouse needs to drop an insert that did land."""
+    if per_batch_blocks:
+        numbers, dists = merge_blocks([encode_blocks(b) for b in batches], token)
+        if numbers:
+            store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
+        if dists:
+            store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
+        return
+    n_cols, d_cols = merge(batches, token)
+    if n_cols:
+        store.insert_points(n_cols, token + ":n")
+    if d_cols:
+        store.insert_distributions(d_cols, token + ":d")
 
 
 def _remaining(batches: list[PointBatch], done: set[str]) -> list[PointBatch]:
@@ -181,18 +198,18 @@ class Writer:
         if token is None:
             token = content_digest(*(b.digest.encode() for b in batches))
             self.spool.intent(group, token)
-        numbers, dists = merge_blocks(batches, token)
+        if group.damaged:
+            self._skip_landed(group, token)
+        inserts = self._inserts(group, batches, token)
         attempt = 0
         while True:
             attempt += 1
             started = time.perf_counter()
             try:
-                if numbers and "n" not in group.done:
-                    self.store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
-                    self.spool.part(group, "n")
-                if dists and "d" not in group.done:
-                    self.store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
-                    self.spool.part(group, "d")
+                for table, insert in inserts:
+                    if table not in group.done:
+                        insert()
+                        self.spool.part(group, table)
                 break
             except Exception as e:  # noqa: BLE001 - classified below
                 self.metrics.insert_failures.inc()
@@ -202,7 +219,8 @@ class Writer:
                 poisoned = kind == "retryable" and healthy and attempt >= self.poison_after_attempts
                 if kind == "permanent" or poisoned:
                     loaded = [self.spool.load(r) for r in group.records]
-                    self._dead_letter(group, _remaining(loaded, group.done), token, error)
+                    per_batch = all(r.version >= 3 for r in group.records)  # as _inserts sent it
+                    self._dead_letter(group, _remaining(loaded, group.done), token, error, per_batch)
                     return True
                 extra = {"attempt": attempt, "error": error[:300], "endpoint": self.store.name}
                 log.warning("insert failed, will retry", extra=extra)
@@ -216,6 +234,49 @@ class Writer:
         self._committed(batches)
         return True
 
+    def _skip_landed(self, group: Group, token: str) -> None:
+        """A replay group that lost records to damage: a table whose raw points already hold the batch
+        is done (its insert landed before the crash); only the rest is inserted."""
+        for table, raw in (("n", schema.POINTS_TABLE), ("d", schema.DIST_TABLE)):
+            if table in group.done:
+                continue
+            sql = f"SELECT count() FROM {self.store.database}.{raw} WHERE batch_id = {{b:String}}"
+            if int(self.store.scalar(sql, {"b": f"{token}:{table}"}) or 0) > 0:
+                log.warning("replay: a damaged group's insert had landed; not inserted again",
+                            extra={"table": raw, "records": len(group.records)})  # fmt: skip
+                self.spool.part(group, table)
+
+    def _inserts(
+        self, group: Group, batches: list[Blocks], token: str
+    ) -> list[tuple[str, Callable[[], None]]]:
+        """The group's inserts per table ("n" numbers, "d" distributions), as calls to make.
+
+        ClickHouse keys a token's deduplication by the blocks the insert holds (a repeat that holds its
+        rows in other blocks is not dropped), so a replay must send what the first try sent. Records
+        of spool formats 1-2 were inserted by the writer of their time as the group's columns merged
+        into one block per table (``Store.insert_points``): a group holding any of them is sent that way
+        again; format 3 groups go as the records' blocks, one after another."""
+        store = self.store
+        if any(r.version < 3 for r in group.records):
+            n_cols, d_cols = merge([self.spool.load(r) for r in group.records], token)
+
+            def legacy_n() -> None:
+                store.insert_points(n_cols, token + ":n")
+
+            def legacy_d() -> None:
+                store.insert_distributions(d_cols, token + ":d")
+
+            return [("n", legacy_n)] * bool(n_cols) + [("d", legacy_d)] * bool(d_cols)
+        numbers, dists = merge_blocks(batches, token)
+
+        def blocks_n() -> None:
+            store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
+
+        def blocks_d() -> None:
+            store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
+
+        return [("n", blocks_n)] * bool(numbers) + [("d", blocks_d)] * bool(dists)
+
     def _committed(self, batches: list[Blocks]) -> None:
         now_ns = time.time_ns()
         self.metrics.points_written.inc(sum(b.total for b in batches))
@@ -223,8 +284,10 @@ class Writer:
         for b in batches:
             self.metrics.ingest_lag.observe(max(0.0, (now_ns - b.received_ns) / 1e9))
 
-    def _dead_letter(self, group: Group, batches: list[PointBatch], token: str, error: str) -> None:
-        path = self.dead_letters.put(token, error, batches)
+    def _dead_letter(
+        self, group: Group, batches: list[PointBatch], token: str, error: str, per_batch_blocks: bool
+    ) -> None:
+        path = self.dead_letters.put(token, error, batches, per_batch_blocks)
         points = sum(b.total for b in batches)
         self.metrics.dead_letter_batches.inc()
         self.metrics.dead_letter_points.inc(points)

@@ -93,16 +93,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def redrive(dead_letters, store) -> tuple[int, int]:
     """Insert every dead letter again with its original token; (re-driven, still failing)."""
-    from meterhouse.collector.writer import merge
+    from meterhouse.collector.writer import redrive_letter
 
     ok = failed = 0
     for letter in dead_letters.list(with_batches=True):
-        numbers, dists = merge(letter.batches, letter.token)
         try:
-            if numbers:
-                store.insert_points(numbers, letter.token + ":n")
-            if dists:
-                store.insert_distributions(dists, letter.token + ":d")
+            redrive_letter(store, letter.batches or [], letter.token, letter.per_batch_blocks)
         except Exception as e:  # noqa: BLE001 - reported, the file stays
             failed += 1
             print(f"{letter.path.name}: still refused: {str(e)[:300]}", file=sys.stderr)

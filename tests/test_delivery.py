@@ -112,6 +112,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_counts_nothing_twice(up_fac
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("seed", [1, 2])
 def test_crash_loop_soak(up_factory, tmp_path, seed):
     crash_rounds(up_factory, tmp_path, rounds=12, seed=seed)
@@ -368,5 +369,6 @@ def test_crash_loop_with_faults_cumulative_and_backlog(up_factory, tmp_path):
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(3600)  # 20 rounds of restarts: past the suite's 300 s on a loaded machine
 def test_crash_loop_with_faults_soak(up_factory, tmp_path):
     fault_rounds(up_factory, tmp_path, rounds=20, seed=2026, p_write=0.05)

@@ -276,3 +276,315 @@ def test_a_committed_requests_digest_is_durable_before_the_spool_forgets_it(tmp_
     again = RecentRequests(tmp_path / "recent.log", window_s=60)  # a restart (no close: a crash)
     again.load()
     assert again.claim("d" * 32) == "settled"
+
+
+# -- replays of groups of many records, numbers and distributions ---------------------------------------
+
+I64_MIN, I64_MAX, U64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+
+
+def mixed_request(i, t_ns):
+    """Sums at the Int64 limits, a gauge, a histogram without a sum, an exponential histogram with
+    negative offsets and scale, and a summary; unicode and empty attribute values."""
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
+    from otlp_builders import kv
+
+    delta = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
+    org = ["a", "ö✓", "c"][i % 3]
+    attrs = {"org.id": org, "k": "" if i % 2 else "ü" * (i % 7)}
+    req = sum_request({"api": [point(I64_MAX, attrs, t_ns=t_ns), point(I64_MIN + i, attrs, t_ns=t_ns),
+                               point(i + 1, attrs, t_ns=t_ns)]}, monotonic=False)  # fmt: skip
+    sm = req.resource_metrics[0].scope_metrics[0]
+    g = sm.metrics.add()
+    g.name = "temp"
+    dp = g.gauge.data_points.add(time_unix_nano=t_ns, as_double=-0.5 * i)
+    dp.attributes.append(kv("org.id", org))
+    h = sm.metrics.add()
+    h.name, h.unit = "latency", "ms"
+    h.histogram.aggregation_temporality = delta
+    hp = h.histogram.data_points.add(time_unix_nano=t_ns, start_time_unix_nano=t_ns - 10**9, count=U64_MAX,
+                                     bucket_counts=[U64_MAX - i, i], explicit_bounds=[1.5], min=-1e308)  # fmt: skip
+    hp.attributes.append(kv("org.id", org))
+    e = sm.metrics.add()
+    e.name = "size"
+    e.exponential_histogram.aggregation_temporality = delta
+    ep = e.exponential_histogram.data_points.add(
+        time_unix_nano=t_ns, start_time_unix_nano=t_ns - 10**9, count=11 + i, sum=1e-300, scale=-10,
+        zero_count=3, zero_threshold=1e-9, max=2.0,
+    )  # fmt: skip
+    ep.positive.offset, ep.negative.offset = -(2**31), 2**31 - 1
+    ep.positive.bucket_counts.extend([1, 2 + i])
+    ep.negative.bucket_counts.extend([5])
+    ep.attributes.append(kv("org.id", org))
+    s = sm.metrics.add()
+    s.name = "rtt"
+    sp = s.summary.data_points.add(time_unix_nano=t_ns, start_time_unix_nano=t_ns - 10**9, count=2, sum=3.5)
+    sp.quantile_values.add(quantile=0.5, value=1.0)
+    sp.quantile_values.add(quantile=0.99, value=float(i))
+    sp.attributes.append(kv("org.id", org))
+    raw = req.SerializeToString()
+    result = decode_request(req, Limits(), now_ns=time.time_ns(), digest=content_digest(raw))
+    assert not result.rejected, result.rejected
+    return result.batch
+
+
+def stored(store):
+    """Every stored row of both tables (without the insert's own columns), sorted; and the rollups."""
+    db = store.database
+    skip = {"batch_id", "committed_at", "received_at"}
+    out = {}
+    for table in ("usage_points", "distribution_points"):
+        names = [r[0] for r in store.rows(f"SELECT name FROM system.columns WHERE database = '{db}' "
+                                          f"AND table = '{table}' ORDER BY position")]  # fmt: skip
+        cols = ", ".join(f"toString({n})" for n in names if n not in skip)
+        out[table] = sorted(store.rows(f"SELECT {cols} FROM {db}.{table}"))
+    for table in ("usage_hourly", "usage_hourly_by_metric"):
+        out[table] = sorted(store.rows(
+            f"SELECT org_id, metric, hour, sum(value_int), sum(value_double), sum(points) FROM {db}.{table} "
+            "GROUP BY org_id, metric, hour"))  # fmt: skip
+    out["org_last_seen"] = sorted(
+        store.rows(f"SELECT org_id, sum(points) FROM {db}.org_last_seen GROUP BY org_id")
+    )
+    return out
+
+
+def expected_rows(tmp_path, store_factory, batches):
+    """What the batches look like stored once, through a clean writer on a fresh database."""
+    ref = store_factory()
+    with Rig(tmp_path / "ref", ref) as rig:
+        for b in batches:
+            rig.spool.consume(b)
+        rig.drain(30)
+    return stored(ref)
+
+
+@pytest.fixture
+def store_factory(engine_dir):
+    import uuid
+
+    from meterhouse.core.config import Config
+    from meterhouse.core.store import open_store
+
+    made = []
+
+    def make():
+        made.append(open_store(Config(data_dir=engine_dir, database=f"t_{uuid.uuid4().hex[:12]}")))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.client.command(f"DROP DATABASE IF EXISTS {s.database} SYNC")
+
+
+def crash(spool):
+    spool._file = None  # abandoned, as a killed process leaves it (no shutdown, no marks)
+
+
+@pytest.mark.parametrize(
+    ("records", "max_points", "cache_bytes", "crash_after"),
+    [
+        (1, 50_000, 256 << 20, "numbers"),
+        (25, 50_000, 0, "numbers"),
+        (25, 50_000, 0, "both"),
+        (60, 40, 3000, "numbers"),
+        (60, 50_000, 256 << 20, "both"),
+    ],
+)
+def test_a_group_of_many_records_replayed_after_a_crash_counts_once(
+    tmp_path, store, store_factory, records, max_points, cache_bytes, crash_after
+):
+    """The writer's steps up to a crash after the numbers' insert (or after both, before any mark), then a
+    restart: the replay repeats the group's blocks (read back from disk when evicted) under its token."""
+    from meterhouse.collector.writer import DIST_NAMES, NUMBER_NAMES, merge_blocks
+
+    t0 = time.time_ns() - 3 * 3600 * 10**9
+    batches = [mixed_request(i, t0 + (i % 4) * 1800 * 10**9) for i in range(records)]
+    want = expected_rows(tmp_path, store_factory, batches)
+
+    spool = Spool(tmp_path / "spool", max_cached_bytes=cache_bytes)
+    spool.open()
+    for b in batches:
+        spool.consume(b)
+    group = spool.next_group(max_points, 0.0, __import__("threading").Event())
+    blocks = [spool.blocks(r) for r in group.records]
+    token = content_digest(*(b.digest.encode() for b in blocks))
+    spool.intent(group, token)
+    numbers, dists = merge_blocks(blocks, token)
+    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
+    if crash_after == "both":
+        store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
+    crash(spool)
+
+    with Rig(tmp_path, store, flush_max_points=max_points) as rig:  # the restart
+        assert rig.report.replay_groups == 1
+        rig.drain(60)
+    assert stored(store) == want
+
+
+@pytest.mark.parametrize("previous_insert", ["one native block", "clickhouse-connect"])
+def test_a_version_2_spool_with_a_half_inserted_group_replays_exactly_once(
+    tmp_path, store, store_factory, previous_insert
+):
+    """A segment the previous format wrote (pickled columns): its intent's numbers were inserted by the
+    previous version (column-oriented, one block) before the crash; the distributions were not. The
+    replay through today's blocks counts every record once, the histograms' columns intact."""
+    import pickle
+    import struct
+
+    from meterhouse.collector.spool import (
+        _DATA_HEAD,
+        _RANGE,
+        COMMIT,
+        DATA,
+        FORMAT,
+        INTENT,
+        _digest_bytes,
+        _encode,
+    )
+    from meterhouse.collector.writer import merge
+
+    t0 = time.time_ns() - 2 * 3600 * 10**9
+    batches = [mixed_request(i, t0 + i * 600 * 10**9) for i in range(7)]
+    want = expected_rows(tmp_path, store_factory, batches)
+    token = content_digest(*(b.digest.encode() for b in batches[:4]))
+    seg = [_encode(FORMAT, struct.pack("<H", 2)), _encode(COMMIT, struct.pack("<Q", 0))]
+    for seq, b in enumerate(batches, 1):
+        body = pickle.dumps(
+            (b.columns, b.size, b.dist_columns, b.dist_size), protocol=pickle.HIGHEST_PROTOCOL
+        )
+        seg.append(
+            _encode(DATA, _DATA_HEAD.pack(seq, b.received_ns, b.total, _digest_bytes(b.digest)) + body)
+        )
+        if seq == 4:
+            seg.append(_encode(INTENT, _RANGE.pack(1, 4) + token.encode()))
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "seg-00000000000000000001.wal").write_bytes(b"".join(seg))
+    numbers, _dists = merge(batches[:4], token)
+    # What the previous version's writer did before it died: the merged columns in one Native block, or
+    # (the versions before) through clickhouse-connect's column-oriented insert.
+    if previous_insert == "one native block":
+        store.insert_points(numbers, token + ":n")
+    else:
+        store.client.insert(f"{store.database}.{schema.INGEST_TABLE}", numbers,
+                            column_names=schema.INGEST_COLUMN_NAMES, column_type_names=schema.INGEST_COLUMN_TYPES,
+                            column_oriented=True, settings=store.insert_settings(token + ":n"))  # fmt: skip
+
+    with Rig(tmp_path, store) as rig:
+        assert rig.report.replay_groups == 1 and rig.report.pending_records == 7
+        rig.drain(30)
+    assert stored(store) == want
+
+
+class LandedThenRefused:
+    """The numbers' insert lands and then reports a permanent error (a later view of the chain refused
+    it: ClickHouse's views are not atomic with the table); distributions go in."""
+
+    def __init__(self, real):
+        self.real, self.name, self.database = real, "faulty", real.database
+
+    def insert_native(self, table, names, block, token):
+        self.real.insert_native(table, names, block, token)
+        if table == schema.INGEST_TABLE:
+            raise PermanentError("Code: 53. DB::Exception: Type mismatch in a view")
+
+    def insert_points(self, columns, token):
+        self.real.insert_points(columns, token)
+        raise PermanentError("Code: 53. DB::Exception: Type mismatch in a view")
+
+    def insert_distributions(self, columns, token):
+        self.real.insert_distributions(columns, token)
+
+
+def test_a_redriven_dead_letter_that_did_land_counts_once(tmp_path, store, store_factory):
+    """A dead letter is re-driven with its token: the insert that landed before the error must be
+    dropped by ClickHouse, so the redrive has to send the group in the blocks the writer sent."""
+    from meterhouse.cli import redrive
+
+    t0 = time.time_ns() - 3600 * 10**9
+    batches = [mixed_request(i, t0 + i * 10**9) for i in range(5)]
+    want = expected_rows(tmp_path, store_factory, batches)
+    rig = Rig(tmp_path, LandedThenRefused(store))
+    for b in batches:
+        rig.spool.consume(b)
+    with rig:
+        rig.drain(30)
+    (letter,) = rig.dead.list(with_batches=True)
+    assert sum(b.size for b in letter.batches) == sum(b.size for b in batches)  # the numbers only
+    assert redrive(rig.dead, store) == (1, 0)
+    assert stored(store) == want
+
+
+def test_a_landed_group_with_a_record_damaged_on_disk_does_not_count_the_rest_twice(
+    tmp_path, store, store_factory
+):
+    from meterhouse.collector.writer import DIST_NAMES, NUMBER_NAMES, merge_blocks
+
+    t0 = time.time_ns() - 3600 * 10**9
+    batches = [mixed_request(i, t0 + i * 10**9) for i in range(4)]
+    spool = Spool(tmp_path / "spool", max_cached_bytes=0)
+    spool.open()
+    for b in batches:
+        spool.consume(b)
+    group = spool.next_group(50_000, 0.0, __import__("threading").Event())
+    blocks = [spool.blocks(r) for r in group.records]
+    token = content_digest(*(b.digest.encode() for b in blocks))
+    spool.intent(group, token)
+    numbers, dists = merge_blocks(blocks, token)
+    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
+    store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
+    damaged = group.records[1]
+    crash(spool)
+    with open(damaged.segment, "r+b") as f:  # the disk damages a record that was safely written
+        f.seek(damaged.offset + damaged.length - 3)
+        f.write(b"\xff\xff\xff")
+    want = expected_rows(tmp_path, store_factory, [b for i, b in enumerate(batches) if i != 1])
+    with Rig(tmp_path, store) as rig:
+        assert rig.report.quarantined_records == 1
+        rig.drain(30)
+    got = stored(store)
+    # Every intact record is in exactly once (the damaged one landed too: it may be in).
+    lost = {"usage_points": batches[1].size, "distribution_points": batches[1].dist_size}
+    for table in ("usage_points", "distribution_points"):
+        assert set(got[table]) >= set(want[table]), table
+        assert len(want[table]) <= len(got[table]) <= len(want[table]) + lost[table], table
+    assert sum(p for _o, p in got["org_last_seen"]) <= sum(b.size for b in batches)
+
+
+def test_a_format_3_record_of_another_column_set_is_conformed_and_inserted(tmp_path, store, store_factory):
+    """A record whose blocks carry another column set (a column since added is missing, one since removed
+    is there): read back by name, the missing column defaulted, the extra one dropped, inserted once."""
+    import struct
+
+    from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS
+    from meterhouse.collector.spool import (
+        _BLOCKS_HEAD,
+        _DATA_HEAD,
+        COMMIT,
+        DATA,
+        DIST_TYPES,
+        FORMAT,
+        NUMBER_TYPES,
+        _digest_bytes,
+        _encode,
+    )
+    from meterhouse.core import native
+
+    b = mixed_request(3, time.time_ns() - 3600 * 10**9)
+    want = expected_rows(tmp_path, store_factory, [b])
+    keep = [i for i, n in enumerate(BATCH_COLUMNS) if n != "cumulative_double"]
+    names = [BATCH_COLUMNS[i] for i in keep] + ["retired"]
+    types = [NUMBER_TYPES[i] for i in keep] + ["String"]
+    numbers = native.encode(names, types, [b.columns[BATCH_COLUMNS[i]] for i in keep] + [["x"] * b.size])
+    dists = native.encode(DIST_BATCH_COLUMNS, DIST_TYPES, [b.dist_columns[n] for n in DIST_BATCH_COLUMNS])
+    body = _BLOCKS_HEAD.pack(0xDEAD, len(numbers)) + numbers + dists
+    head = _DATA_HEAD.pack(1, b.received_ns, b.total, _digest_bytes(b.digest))
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "seg-00000000000000000001.wal").write_bytes(
+        _encode(FORMAT, struct.pack("<H", 3))
+        + _encode(COMMIT, struct.pack("<Q", 0))
+        + _encode(DATA, head + body)
+    )
+    assert 0.0 in b.columns["cumulative_double"]  # what the default restores
+    with Rig(tmp_path, store) as rig:
+        rig.drain(30)
+    assert stored(store) == want

@@ -203,3 +203,67 @@ def test_raw_retention_is_a_ttl_and_older_minutes_come_from_the_rollup(engine_di
         assert (body["step"], body["source"], body["total"]) == ("1h", "rollup", 9)
     finally:
         store.client.command(f"DROP DATABASE IF EXISTS {store.database} SYNC")
+
+
+def test_grouped_totals_equal_the_ungrouped_total_for_every_key_raw_and_rollup(app, store, tmp_path):
+    """Through the spool's Native blocks and the writer: unicode, empty, very long and repeated keys,
+    a key some points lack; every group_by key splits the same total, and the rollup names the same
+    groups as the raw points."""
+    from meterhouse.collector.deadletter import DeadLetters
+    from meterhouse.collector.spool import Spool
+    from meterhouse.collector.writer import Writer
+
+    long_value = "ü" * 4096
+    attr_sets = [
+        {"org.id": "acme", "feature": "search"},
+        {"org.id": "acme", "feature": ""},
+        {"org.id": "acme"},
+        {"org.id": "acme", "feature": "ünïcødé ✓", "région": "eu"},
+        {"org.id": "acme", "région": "", "feature": long_value},
+        {"org.id": "acme", "": "empty key", "feature": "search"},
+        {"org.id": "acme", "a": "1", "b": "2", "feature": "x\x00y"},
+    ]
+    pts = [point(i * 1000 + h, attrs, t_ns=T0 + h * H + 61 * 10**9) for i, attrs in enumerate(attr_sets)
+           for h in range(3)]  # fmt: skip
+    dup = point(9, {"org.id": "acme", "feature": "first"}, t_ns=T0 + 5)
+    dup.attributes.append(dup.attributes[0].__class__(key="feature", value=dup.attributes[0].value))
+    dup.attributes[-1].value.string_value = "last"  # a repeated key: the last value wins
+    req = sum_request({"api.calls": [*pts, dup, point(2**62, {"org.id": "acme"}, t_ns=T0 + 7)]})
+    b = decode_request(req, Limits(), now_ns=time.time_ns(), digest="g" * 32).batch
+    spool = Spool(tmp_path / "spool", max_cached_bytes=0)  # every record read back from disk
+    spool.open()
+    writer = Writer(spool, store, PipelineMetrics(CollectorRegistry()), DeadLetters(tmp_path / "dead"),
+                    flush_interval_s=0.01)  # fmt: skip
+    spool.consume(b)
+    writer.start()
+    deadline = time.monotonic() + 20
+    while spool.pending_points and time.monotonic() < deadline:
+        time.sleep(0.02)
+    writer.shutdown(5)
+    spool.shutdown(1)
+    assert spool.pending_points == 0
+    expected = sum(i * 1000 + h for i in range(len(attr_sets)) for h in range(3)) + 9 + 2**62
+    c = app.test_client()
+    for source, frm, to in (("rollup", "2026-11-02T10:00:00Z", "2026-11-02T14:00:00Z"),
+                            ("raw", "2026-11-02T10:00:00Z", "2026-11-02T13:59:59Z")):  # fmt: skip
+        whole = usage(c, step="1h", **{"from": frm, "to": to}).get_json()
+        assert whole["source"] == source and whole["total"] == expected
+        for key in ("feature", "région", "a", "missing", "org.id"):
+            body = usage(c, step="1h", group_by=key, **{"from": frm, "to": to}).get_json()
+            assert body["source"] == source
+            assert body["total"] == expected, (source, key)
+            assert sum(g["total"] for g in body["groups"]) == expected, (source, key)
+            if key == "feature":
+                got = {g["value"]: g["total"] for g in body["groups"]}
+                assert got["last"] == 9 and "first" not in got
+                assert got[long_value] == 4000 + 4001 + 4002
+                assert got["ünïcødé ✓"] == 3000 + 3001 + 3002
+                assert got["x\x00y"] == 6000 + 6001 + 6002
+        by_source = {}
+        for key in ("feature", "région"):
+            body = usage(c, step="1h", group_by=key, **{"from": frm, "to": to}).get_json()
+            by_source[key] = sorted((g["value"], g["total"]) for g in body["groups"])
+        if source == "rollup":
+            rollup_groups = by_source
+        else:
+            assert by_source == rollup_groups  # the rollup's groups are the raw points' groups
