@@ -97,3 +97,86 @@ def test_with_constant_adds_a_column_the_engine_reads(store):
         ("c", "t:n"),
     ]
     assert native.rows_of(block) == 3
+
+
+# Converting a value can run Python code (``__index__``, ``__float__``) that changes the very lists being
+# read; the encoder must notice and raise, not read freed memory (a crash, or garbage written into the
+# spool). Run in a subprocess: on a broken encoder the interpreter may die.
+REENTRANT = r"""
+import sys
+from meterhouse.core._native import native_block
+
+case = sys.argv[1]
+column, inner = [], []
+
+
+class Shrinks:
+    def __index__(self):
+        column.clear()
+        inner.clear()
+        return 1
+
+    def __float__(self):
+        column.clear()
+        inner.clear()
+        return 1.0
+
+
+class Grows:
+    def __float__(self):
+        inner.extend([1.0] * 1000)
+        return 1.0
+
+
+tail = [float(i) + 0.5 for i in range(2000)]
+if case == "int64":
+    column += [Shrinks()] + list(range(1000, 3000))
+    types = ["Int64"]
+elif case == "float64":
+    column += [Shrinks()] + tail
+    types = ["Float64"]
+elif case == "nullable":
+    column += [Shrinks()] + tail
+    types = ["Nullable(Float64)"]
+elif case == "array":
+    inner += [Shrinks()] + tail
+    column += [inner, [0.5]]
+    types = ["Array(Float64)"]
+elif case == "array-grows":
+    inner += [0.5]
+    column += [[Grows()], inner]  # the second row's length is written before the first row's values
+    types = ["Array(Float64)"]
+try:
+    native_block(["c"], types, [column])
+except RuntimeError as e:
+    print("raised", e)
+else:
+    print("encoded")
+"""
+
+
+@pytest.mark.parametrize("case", ["int64", "float64", "nullable", "array", "array-grows"])
+def test_a_value_whose_conversion_changes_the_columns_raises(case):
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", REENTRANT, case], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("raised"), run.stdout
+
+
+@pytest.mark.parametrize(
+    ("names", "types"),
+    [(["a\x00b"], ["String"]), (["a"], ["String\x00junk"]), (["a"], ["UInt64\x00"])],
+)
+def test_names_and_types_with_nul_characters_are_encoded_like_the_python_encoder(names, types):
+    cols = [["x"]] if types[0].startswith("String") else [[1]]
+    try:
+        expected = native.encode_python(names, types, cols)
+    except ValueError:
+        with pytest.raises(ValueError, match="unsupported column type"):
+            native_block(names, types, cols)
+    else:
+        assert native_block(names, types, cols) == expected
