@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meterhouse.core import native
 from meterhouse.core._native import native_block
@@ -180,3 +182,37 @@ def test_names_and_types_with_nul_characters_are_encoded_like_the_python_encoder
             native_block(names, types, cols)
     else:
         assert native_block(names, types, cols) == expected
+
+
+_UINT64 = st.integers(0, 2**64 - 1)
+_FLOAT = st.floats(allow_nan=False) | st.just(math.nan) | st.sampled_from([-0.0, math.inf, -math.inf])
+_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=20)
+_TYPES = {
+    "String": _TEXT,
+    "UInt8": st.integers(0, 255) | st.booleans(),
+    "Int32": st.integers(-(2**31), 2**31 - 1),
+    "Int64": st.integers(-(2**63), 2**63 - 1),
+    "UInt64": _UINT64,
+    "DateTime64(9, 'UTC')": st.integers(0, 2**63 - 1),
+    "Float64": _FLOAT | st.integers(-(2**53), 2**53),
+    "Nullable(Float64)": st.none() | _FLOAT,
+    "Array(String)": st.lists(_TEXT, max_size=4) | st.lists(_TEXT, max_size=4).map(tuple),
+    "Array(UInt64)": st.lists(_UINT64, max_size=4),
+    "Array(Float64)": st.lists(_FLOAT, max_size=4),
+}
+
+
+@st.composite
+def _blocks(draw):
+    types = draw(st.lists(st.sampled_from(sorted(_TYPES)), min_size=1, max_size=6))
+    rows = draw(st.integers(0, 8))
+    names = [draw(_TEXT) for _ in types]
+    columns = [draw(st.lists(_TYPES[t], min_size=rows, max_size=rows)) for t in types]
+    return names, types, columns
+
+
+@settings(max_examples=300, deadline=None)
+@given(_blocks())
+def test_generated_columns_encode_byte_for_byte_like_the_python_encoder(block):
+    names, types, columns = block
+    assert native_block(names, types, columns) == native.encode_python(names, types, columns)

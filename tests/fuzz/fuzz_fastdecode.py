@@ -17,8 +17,8 @@ Run it (seeded with real payloads; with an ASan build of the extension, see READ
 from __future__ import annotations
 
 import os
-import time
 import sys
+import time
 from pathlib import Path
 
 import atheris
