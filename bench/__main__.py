@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import cardinality, close, ingest, query, scale, vm_exactness, vm_ingest, vm_query
+from bench import breakdown, cardinality, close, ingest, query, scale, vm_exactness, vm_ingest, vm_query
 from bench.common import table
 
 SCENARIOS = {
@@ -30,6 +30,7 @@ SCENARIOS = {
         vm_exactness,
         "9. Exactness beside VictoriaMetrics: big integers, a re-sent request, a late sample",
     ),
+    "breakdown": (breakdown, "10. Where a point's CPU goes: parse, decode, encode, insert with each view"),
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from meterhouse.core.config import Token
@@ -61,11 +62,19 @@ class IngestTokens:
     def enabled(self) -> bool:
         return bool(self._entries)
 
-    def authenticate(self, header: str | None) -> Principal | None:
-        """The sender of ``Authorization: Bearer <token>``; None when ingest is open."""
+    def authenticate(self, header: str | Sequence[str] | None) -> Principal | None:
+        """The sender of ``Authorization: Bearer <token>``; None when ingest is open.
+
+        ``header`` may be every value of the header a request carries: more than one is refused, since
+        which one counts would be a guess (and proxies and servers guess differently).
+        """
         entries = self._entries  # one snapshot for the whole look-up
         if not entries:
             return None
+        if header is not None and not isinstance(header, str):
+            if len(header) > 1:
+                raise Unauthenticated("more than one Authorization header; send exactly one")
+            header = header[0] if header else None
         scheme, _, presented = (header or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             raise Unauthenticated("an ingest token is required (Authorization: Bearer <token>)")

@@ -423,15 +423,15 @@ class _Decoder:
             if found is None:
                 r.reject("attribute_limit", name, 1, _org_hint(attrs, res_org, org_key))
                 continue
+            org, keys, values = found
+            if allowed is not None and not allowed(org):
+                r.reject("org_not_allowed", name, 1, org)
+                continue
             if start > t and not cumulative:
                 # The SDK race of a series created while a collection runs: the interval ends where
                 # it starts; the usage is the same. (Cumulative points: see finish_cumulative.)
                 start = t
                 late_starts += 1
-            org, keys, values = found
-            if allowed is not None and not allowed(org):
-                r.reject("org_not_allowed", name, 1, org)
-                continue
             if not org:
                 unattributed += 1
             if cumulative:

@@ -135,8 +135,8 @@ class Ingestor:
         self.rate = rate
         self.series = series
 
-    def authenticate(self, header: str | None) -> Principal | None:
-        """The sender of a request's ``authorization`` value (None when ingest is open).
+    def authenticate(self, header: str | Sequence[str] | None) -> Principal | None:
+        """The sender of a request's ``authorization`` value, or of all of them (None when ingest is open).
 
         Raises :class:`~meterhouse.collector.auth.Unauthenticated`: answer 401 / UNAUTHENTICATED.
         """
@@ -230,6 +230,8 @@ class Ingestor:
                 m.spool_full.inc()
                 return Outcome("backpressure", f"pipeline is full: {e}", retry_after_s=e.retry_after_s)
             return Outcome("unavailable", str(e), retry_after_s=1)
+        if self.series is not None:
+            self.series.settle(result.admitted)  # stored: its sets stay admitted
         if result.changes and self.cumulative is not None and isinstance(seq, int):
             self.cumulative.spooled(result.changes, seq)
         if self.recent is not None:

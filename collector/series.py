@@ -41,12 +41,17 @@ class SeriesLimiter:
         self._load = loader
         self._sets: dict[Pair, set[int]] = {}
         self._loaded: set[Pair] = set()
+        # Sets admitted by requests not yet settled: how many such requests use each, and whether one
+        # of them was stored. A refused request forgets a set only if no request using it was stored.
+        self._pending: dict[Admission, list[Any]] = {}  # admission → [users, stored]
         self._lock = threading.Lock()
 
     def fold(self, columns: dict[str, list[Any]]) -> tuple[int, list[Admission]]:
         """Fold the rows of ``columns`` whose new attribute set is over the limit, in place.
 
-        Returns the number of folded rows and the sets admitted by this call (for :meth:`rollback`).
+        Returns the number of folded rows and the admissions this call holds: the sets it admitted and
+        those it uses that other unsettled requests admitted. Each is given back once, by
+        :meth:`settle` (the request was stored) or :meth:`rollback` (it was not).
         """
         orgs, metrics = columns["org_id"], columns["metric"]
         if not orgs:
@@ -54,6 +59,7 @@ class SeriesLimiter:
         keys_col, values_col = columns["attr_keys"], columns["attr_values"]
         folded = 0
         admitted: list[Admission] = []
+        held: set[Admission] = set()
         with self._lock:
             missing = list({(o, m) for o, m in zip(orgs, metrics, strict=True)} - self._loaded)
             if missing:
@@ -70,9 +76,16 @@ class SeriesLimiter:
                     continue
                 sets = self._sets.setdefault(pair, set())
                 if h in sets:
+                    pending = self._pending.get((pair, h))
+                    if pending is not None and (pair, h) not in held:
+                        pending[0] += 1  # admitted by a request not settled yet: this one relies on it
+                        held.add((pair, h))
+                        admitted.append((pair, h))
                     continue
                 if len(sets) < limit:
                     sets.add(h)
+                    self._pending[(pair, h)] = [1, False]
+                    held.add((pair, h))
                     admitted.append((pair, h))
                     continue
                 keys_col[i] = [OVERFLOW_KEY]
@@ -81,10 +94,28 @@ class SeriesLimiter:
         return folded, admitted
 
     def rollback(self, admitted: Iterable[Admission]) -> None:
-        """Forget sets admitted by a request that was not kept (the client sends it again)."""
+        """Give back the admissions of a request that was not kept (the client sends it again): a set
+        is forgotten once no request using it is pending and none of them was stored."""
+        self._release(admitted, stored=False)
+
+    def settle(self, admitted: Iterable[Admission]) -> None:
+        """Give back the admissions of a request that was stored: its sets stay admitted."""
+        self._release(admitted, stored=True)
+
+    def _release(self, admitted: Iterable[Admission], stored: bool) -> None:
         with self._lock:
-            for pair, h in admitted:
-                self._sets.get(pair, set()).discard(h)
+            for admission in admitted:
+                pending = self._pending.get(admission)
+                if pending is None:
+                    continue
+                pending[0] -= 1
+                pending[1] = pending[1] or stored
+                if pending[0] > 0:
+                    continue
+                del self._pending[admission]
+                if not pending[1]:
+                    pair, h = admission
+                    self._sets.get(pair, set()).discard(h)
 
     def observe(self, columns: dict[str, list[Any]]) -> None:
         """Count the sets of points already accepted (the spool at start) as admitted."""

@@ -186,11 +186,11 @@ dashboard = Dashboard(
             "percentunit",
         ),  # fmt: skip
         series(
-            "SLO error ratios (1h): 503 answers, stale time",
+            "SLO error ratios (1h): 5xx answers, stale time",
             [
                 prom(
                     'max(job:meterhouse_requests_unavailable:ratio_rate1h{job=~"$job"})',
-                    "requests answered 503",
+                    "requests answered 5xx",
                     "A",
                 ),
                 prom('max(job:meterhouse_spool_stale:ratio_avg1h{job=~"$job"})', "time stale (> 2 min)", "B"),

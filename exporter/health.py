@@ -35,6 +35,9 @@ class Snapshot:
     silent_over_24h: int = 0
     duration_s: float = 0.0
     ok: bool = False
+    #: Counts of every silent and spiking org (the lists above stop at LIST_LIMIT entries).
+    silent_count: int = 0
+    spiking_count: int = 0
 
 
 def _dt(ts: float) -> datetime:
@@ -102,22 +105,25 @@ class OrgHealth:
                 w: int(self.store.scalar(schema.orgs_active_sql(db), {"since": _dt(now - s)}) or 0)
                 for w, s in WINDOWS.items()
             }
+            quiet = {"day_ago": _dt(now - 86400), "quiet_since": _dt(now - self.silent_after_s)}
             silent = [
                 {"org_id": org, "last_seen": _dt(ms / 1000).isoformat().replace("+00:00", "Z")}
-                for org, ms in self.store.rows(schema.orgs_silent_sql(db), {
-                    "day_ago": _dt(now - 86400), "quiet_since": _dt(now - self.silent_after_s),
-                    "limit": LIST_LIMIT})
-            ]  # fmt: skip
-            over_24h = {"day_ago": _dt(now - 7 * 86400), "quiet_since": _dt(now - 86400), "limit": LIST_LIMIT}
-            silent_over_24h = len(self.store.rows(schema.orgs_silent_sql(db), over_24h))
+                for org, ms in self.store.rows(schema.orgs_silent_sql(db), {**quiet, "limit": LIST_LIMIT})
+            ]
+            # The gauges count every org; the lists (what the API serves) stop at LIST_LIMIT.
+            silent_count = int(self.store.scalar(schema.orgs_silent_count_sql(db), quiet) or 0)
+            over_24h = {"day_ago": _dt(now - 7 * 86400), "quiet_since": _dt(now - 86400)}
+            silent_over_24h = int(self.store.scalar(schema.orgs_silent_count_sql(db), over_24h) or 0)
             last_hour = _dt(now // 3600 * 3600 - 3600)
+            spike = {"last": last_hour, "hours": self.spike_baseline_hours, "factor": self.spike_factor,
+                     "min_usage": self.spike_min_usage}  # fmt: skip
             spiking = [
                 {"org_id": org, "metric": metric, "last_hour_usage": last, "baseline": base,
                  "ratio": last / base, "hour": last_hour.isoformat().replace("+00:00", "Z")}
-                for org, metric, last, base in self.store.rows(schema.orgs_spiking_sql(db), {
-                    "last": last_hour, "hours": self.spike_baseline_hours, "factor": self.spike_factor,
-                    "min_usage": self.spike_min_usage, "limit": LIST_LIMIT})
+                for org, metric, last, base in self.store.rows(
+                    schema.orgs_spiking_sql(db), {**spike, "limit": LIST_LIMIT})
             ]  # fmt: skip
+            spiking_count = int(self.store.scalar(schema.orgs_spiking_count_sql(db), spike) or 0)
             top = []
             if self.top_k:
                 params = {"since": _dt(now - 86400), "k": self.top_k}
@@ -128,7 +134,8 @@ class OrgHealth:
             log.warning("org health refresh failed", extra={"error": str(e)[:300]})
             return self.snapshot
         self.snapshot = Snapshot(now, active, silent, spiking, top, silent_over_24h,
-                                 time.perf_counter() - started, True)  # fmt: skip
+                                 time.perf_counter() - started, True,
+                                 silent_count, spiking_count)  # fmt: skip
         self.refreshes += 1
         return self.snapshot
 
@@ -147,17 +154,16 @@ class OrgHealth:
         yield GaugeMetricFamily(
             "meterhouse_orgs_silent",
             f"Orgs that reported in the previous 24 h but not in the last {self.silent_after_s:g} s "
-            "(the list: GET /api/v1/orgs?status=silent).", value=len(snap.silent))  # fmt: skip
+            "(the list: GET /api/v1/orgs?status=silent).", value=snap.silent_count)  # fmt: skip
         yield GaugeMetricFamily(
             "meterhouse_orgs_silent_over_24h",
             "Orgs that reported in the previous 7 days but not in the last 24 h (no longer in "
             "meterhouse_orgs_silent).", value=snap.silent_over_24h)  # fmt: skip
-        spiking_orgs = len({s["org_id"] for s in snap.spiking})
         yield GaugeMetricFamily(
             "meterhouse_orgs_spiking",
             f"Orgs whose last complete hour exceeds {self.spike_factor:g} x their hourly baseline "
             "(the list: GET /api/v1/orgs?status=spiking).",
-            value=spiking_orgs,
+            value=snap.spiking_count,
         )
         for name, text, value in (
             ("last_refresh_timestamp_seconds", "When org health was last computed.", snap.computed_at),

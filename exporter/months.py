@@ -79,7 +79,13 @@ def register_months(api: Blueprint, store, late_window_days: int, settle_s: floa
             if raw in (None, ""):
                 out.append(default)
                 continue
-            if not raw.isdigit() or not (1 if name == "limit" else 0) <= int(raw) <= top:
+            # ASCII digits, and no more of them than the bound has: str.isdigit() is also true for '²' and
+            # other scripts' digits, which int() refuses or reads, and int() of thousands of digits raises.
+            if (
+                not (raw.isascii() and raw.isdigit())
+                or len(raw) > len(str(top))
+                or not (1 if name == "limit" else 0) <= int(raw) <= top
+            ):
                 raise bad(
                     f"{name}: must be a whole number up to {top}"
                     + (" and at least 1" if name == "limit" else "")
@@ -92,6 +98,13 @@ def register_months(api: Blueprint, store, late_window_days: int, settle_s: floa
         if scope is None or scope.all_orgs:
             return False, {}
         return True, {"orgs": list(scope.orgs)}
+
+    def visible(month: close.Month, record: close.CloseRecord) -> close.CloseRecord:
+        """The close as this token may see it: an org-scoped token gets its orgs' totals only."""
+        scoped, params = scope_params()
+        if not scoped:
+            return record
+        return query(lambda: close.scoped_close(store, month, record, params["orgs"]))
 
     def finished(month: close.Month) -> close.CloseRecord:
         record = query(lambda: close.get_close(store, month))
@@ -130,17 +143,34 @@ def register_months(api: Blueprint, store, late_window_days: int, settle_s: floa
                                                      force=force == "true", settle_s=settle_s))  # fmt: skip
         except close.CloseRefused as e:
             raise ApiError(409, e.code, str(e)) from None
-        return jsonify(close_json(record))
+        return jsonify(close_json(visible(m, record)))
 
     @api.get("/months/<month>/close")
     def month_close(month: str):
         m = month_of(month)
+        verify = request.args.get("verify", "false")
+        if verify not in ("true", "false"):
+            raise bad("verify: must be true or false")
         record = query(lambda: close.get_close(store, m))
         if record is None:
             raise ApiError(404, "not_closed", f"{m} has no close")
-        body = close_json(record)
+        body = close_json(visible(m, record))
+        if verify == "true" and record.done:
+            # The lines that no longer match the raw points they were computed from (at most 1000).
+            scope = g.get("scope")
+            found = query(lambda: close.verify_statements(store, m))
+            found = [x for x in found if scope is None or scope.allows(x["org_id"])]
+            body["verification"] = {
+                "verified": not found,
+                "mismatches": [
+                    {"org_id": x["org_id"], "metric": x["metric"], "statement_points": x["statement_points"],
+                     "raw_points": x["raw_points"], "statement_total": _number(x["statement_total"],
+                     x["statement_double"]), "raw_total": _number(x["raw_total"], x["raw_double"])}
+                    for x in found
+                ],
+            }  # fmt: skip
         progress = close.running_progress(m)
-        if progress is not None and not record.done:
+        if progress is not None and not record.done and not scope_params()[0]:  # orgs of the month: all
             eta = progress.eta_s
             body["progress"] = {
                 "done": progress.done, "total": progress.total, "rate": round(progress.rate, 1),
@@ -160,8 +190,8 @@ def register_months(api: Blueprint, store, late_window_days: int, settle_s: floa
         next_offset = offset + limit if len(lines) == limit else None
         if wants_csv():
             return csv_response(STATEMENT_CSV, lines, next_offset)
-        return jsonify({"month": str(m), "close": close_json(record), "limit": limit, "offset": offset,
-                        "next_offset": next_offset, "statements": lines})  # fmt: skip
+        return jsonify({"month": str(m), "close": close_json(visible(m, record)), "limit": limit,
+                        "offset": offset, "next_offset": next_offset, "statements": lines})  # fmt: skip
 
     @api.get("/months/<month>/adjustments")
     def adjustments(month: str):
@@ -181,8 +211,8 @@ def register_months(api: Blueprint, store, late_window_days: int, settle_s: floa
         next_offset = offset + limit if len(lines) == limit else None
         if wants_csv():
             return csv_response(ADJUSTMENT_CSV, lines, next_offset)
-        return jsonify({"month": str(m), "close": close_json(record), "limit": limit, "offset": offset,
-                        "next_offset": next_offset, "adjustments": lines})  # fmt: skip
+        return jsonify({"month": str(m), "close": close_json(visible(m, record)), "limit": limit,
+                        "offset": offset, "next_offset": next_offset, "adjustments": lines})  # fmt: skip
 
     @api.get("/orgs/<path:org_id>/statements")
     def org_statements(org_id: str):

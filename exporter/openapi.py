@@ -85,6 +85,35 @@ _CLOSE = {
         },
         "mismatched_lines": {"type": "integer"},
         "reconciled": {"type": "boolean"},
+        "verification": {
+            "type": "object",
+            "required": ["verified", "mismatches"],
+            "properties": {
+                "verified": {"type": "boolean"},
+                "mismatches": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": [
+                            "org_id",
+                            "metric",
+                            "statement_points",
+                            "raw_points",
+                            "statement_total",
+                            "raw_total",
+                        ],
+                        "properties": {
+                            "org_id": {"type": "string"},
+                            "metric": {"type": "string"},
+                            "statement_points": {"type": "integer"},
+                            "raw_points": {"type": "integer"},
+                            "statement_total": _NUMBER,
+                            "raw_total": _NUMBER,
+                        },
+                    },
+                },
+            },
+        },
         "progress": {
             "type": "object",
             "properties": {
@@ -348,8 +377,8 @@ def spec() -> dict:
                 },
                 "get": {
                     "operationId": "monthClose",
-                    "summary": "The close of a month (running, with progress, or done).",
-                    "parameters": [_MONTH],
+                    "summary": "The close of a month (running, with progress, or done). Org-scoped tokens see the totals of their orgs' lines. With verify=true, a finished close's lines are checked against the raw points they were computed from.",
+                    "parameters": [_MONTH, _param("verify", "Check the statement lines against their raw points (verification).", {"type": "string", "enum": ["true", "false"]})],
                     "responses": {
                         "200": {"description": "The close", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Close"}}}},
                         **_errors(400, 401, 404, 503),

@@ -6,6 +6,9 @@ before it) in ClickHouse and exports the drift as a few gauges labelled by month
 counts late points, by what became of them (``meterhouse_late_points_total{disposition}``):
 ``open_month`` — committed after their month ended, while it was still open, so in its statement;
 ``adjustment`` — committed after their month was closed, so kept out of it and listed as adjustments.
+And it checks what finance signed: the statement lines of the reconciled closed months against the raw
+points they were computed from (``meterhouse_statement_mismatched_lines``), so that nothing changes a
+closed month silently.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from meterhouse.core import schema
-from meterhouse.core.close import NS, Month
+from meterhouse.core.close import NS, Month, count_statement_mismatches, get_close
 
 log = logging.getLogger("meterhouse.reconcile")
 MONTH_STATES = ("open", "closed")
@@ -47,6 +50,7 @@ class Reconciler:
         self.drift_value: dict[str, float] = dict.fromkeys(MONTH_STATES, 0.0)
         self.months_checked: dict[str, int] = dict(zero)
         self.late_points: dict[str, int] = dict.fromkeys(DISPOSITIONS, 0)
+        self.statement_mismatches = 0
         self.computed_at = 0.0
         self.duration_s = 0.0
         self.ok = False
@@ -96,6 +100,11 @@ class Reconciler:
                 points[state] += p
                 value[state] += v
                 checked[state] += 1
+            # The signed numbers themselves: each closed month's lines against the raw points at its cutoff.
+            mismatches = 0
+            for month in window:
+                if month.key in closed and (record := get_close(self.store, month)) is not None:
+                    mismatches += count_statement_mismatches(self.store, month, record)
             late_all = sum(int(n) for _m, n in self.store.rows(schema.late_points_sql(db)))
             after_close = 0
             for key, cutoff_ms in closed.items():
@@ -112,8 +121,12 @@ class Reconciler:
             value,
             checked,
         )
-        # A point committed after its close is late too; the two dispositions do not overlap.
-        self.late_points = {"open_month": max(0, late_all - after_close), "adjustment": after_close}
+        self.statement_mismatches = mismatches
+        # A point committed after its close is late too; the two dispositions do not overlap. A point
+        # committed within a close's settle seconds was open_month until that close took its cutoff before
+        # it; the counters never go down (Prometheus would read a reset and count every point again).
+        counted = {"open_month": max(0, late_all - after_close), "adjustment": after_close}
+        self.late_points = {d: max(self.late_points[d], counted[d]) for d in DISPOSITIONS}
         self.computed_at = self.clock()
         self.duration_s = time.perf_counter() - started
         self.ok = True
@@ -143,6 +156,13 @@ class Reconciler:
             "drift_value", "Usage by which raw and rollup disagree (absolute, summed).", self.drift_value
         )
         yield by_state("months", "Months reconciled, by state.", self.months_checked)
+        yield GaugeMetricFamily(
+            "meterhouse_statement_mismatched_lines",
+            "Statement lines of the reconciled closed months that no longer match the raw points they were "
+            "computed from (edited or deleted lines, or points that slipped between statement and "
+            "adjustments). The list: GET /api/v1/months/{month}/close?verify=true.",
+            value=self.statement_mismatches,
+        )
         late = CounterMetricFamily(
             "meterhouse_late_points",
             "Points committed after their month ended, by disposition: in the open month's statement "

@@ -190,6 +190,17 @@ def _close_remote(base: str, args: argparse.Namespace) -> int | None:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
 def cmd_close(args: argparse.Namespace) -> int:
     """Close a month: through the running server when one answers, else on the data directory."""
     import json
@@ -330,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Work on the data directory even if a server answers on --http-port.",
     )
-    cl.add_argument("--batch-orgs", type=int, default=2000, help="Orgs written per insert [default: 2000].")
+    cl.add_argument(
+        "--batch-orgs", type=_positive_int, default=2000, help="Orgs written per insert [default: 2000]."
+    )
     _add_config_flags(cl)
     cl.set_defaults(func=cmd_close)
     sch = sub.add_parser(

@@ -82,8 +82,18 @@ class Stack:
         """SIGHUP: new certificates, ingest and API tokens, for new connections and requests.
 
         Open connections, requests in flight and the spool are untouched. Raises ConfigError (and
-        keeps everything as it was) when the new configuration is bad.
+        keeps everything as it was) when the new configuration is bad: every check comes before the
+        first change.
         """
+        # Like TLS, authentication is not turned off by a reload: an empty list would serve anyone.
+        if self.config.ingest_tokens and not config.ingest_tokens:
+            raise ConfigError(
+                "ingest.tokens: removing every ingest token would open ingest; restart without them"
+            )
+        if self.config.auth_tokens and not config.auth_tokens:
+            raise ConfigError(
+                "auth.tokens: removing every API token would open the API; restart without them"
+            )
         if self.tls is not None:
             self.tls.reload(config)
         elif config.tls_enabled:
@@ -101,19 +111,21 @@ class Stack:
 
 def run_up(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
     """Run until SIGTERM/SIGINT; on SIGHUP read ``reload_config()`` and serve its tokens and TLS files."""
+    wake = threading.Event()  # set by every signal; what to do is in the two flags below
     stop = threading.Event()
     hup = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("stopping", extra={"signal": signal.Signals(signum).name})
         stop.set()
+        wake.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
     def on_hup(_signum: int, _frame: object) -> None:
         hup.set()
-        stop.set()  # wakes the main thread, which reloads and goes on
+        wake.set()  # the main thread reloads and goes on, unless a stop came too
 
     if reload_config is not None:
         signal.signal(signal.SIGHUP, on_hup)
@@ -137,13 +149,17 @@ def run_up(config: Config, reload_config: Callable[[], Config] | None = None) ->
             "startup_s": round(time.monotonic() - started, 3),
         },
     )
-    while True:
-        stop.wait()
-        if not hup.is_set():
+    while not stop.is_set():
+        # Python runs signal handlers in the main thread only, and a signal the kernel hands to another
+        # thread does not interrupt a wait without timeout: its handler would run only at the next
+        # signal. Waking up now and then runs it.
+        wake.wait(0.5)
+        wake.clear()
+        if stop.is_set():  # a stop wins over a reload that came with it
             break
-        hup.clear()
-        stop.clear()
-        _reload(stack, reload_config)
+        if hup.is_set():
+            hup.clear()
+            _reload(stack, reload_config)
     stack.shutdown(config.shutdown_timeout_s)
     log.info("stopped")
     return 0

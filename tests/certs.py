@@ -67,9 +67,11 @@ class Authority:
         self.ca_file = self.dir / f"{name}.pem"
         self.ca_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, cn: str, *, server: bool) -> Pair:
+    def issue(self, cn: str, *, server: bool, valid_from_days: float = 0, valid_days: float = 1) -> Pair:
+        """A certificate valid from ``valid_from_days`` (minus five minutes) for ``valid_days`` days from
+        now: a negative start and a short validity make an expired one."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
+        now = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=valid_from_days)
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(cn))
@@ -77,7 +79,7 @@ class Authority:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=valid_days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage(

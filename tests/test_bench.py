@@ -50,3 +50,6 @@ def test_quick_benchmarks_run_every_scenario(tmp_path):
     assert exact["integer sum above 2^53"]["VictoriaMetrics"] != str(2**53 + 9)  # float64
     assert exact["the same request sent twice"]["VictoriaMetrics"] == "120"  # counted twice
     assert exact["late sample for last month"]["VictoriaMetrics_retention_13"] == "7"
+    stages = {row["stage"]: row["cpu_s_per_million"] for row in res["breakdown"]["rows"]}
+    assert stages["insert, the whole schema"] > stages["insert, no view (the engine's floor)"] > 0
+    assert stages["decode, native fast path (from the bytes)"] > 0

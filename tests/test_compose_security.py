@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,12 @@ def dclint_binary() -> str:
 
 
 def dclint(path: Path) -> list[dict]:
-    r = subprocess.run(
-        [dclint_binary(), "-f", "json", str(path)], capture_output=True, text=True, timeout=120
-    )
-    return [m for f in json.loads(r.stdout) for m in f["messages"]]
+    # The report goes to a file: node exits before a piped stdout beyond 64 KiB is flushed.
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "dclint.json"
+        subprocess.run([dclint_binary(), "-f", "json", "-o", str(report), str(path)],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+        return [m for f in json.loads(report.read_text()) for m in f["messages"]]
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +157,53 @@ def test_the_meterhouse_image_runs_as_a_non_root_user():
     last_stage = text.rsplit("\nFROM ", 1)[-1]
     users = re.findall(r"^USER (\S+)", last_stage, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
+
+
+#: Services of the cluster profile that are meterhouse or ClickHouse (what monitoring must not wait for).
+def _pipeline(name: str) -> bool:
+    return name in ("meterhouse", "clickhouse", "lb") or name.startswith(("collector-", "ch-", "keeper-"))
+
+
+def _monitoring(name: str) -> bool:
+    return name.startswith(("prometheus", "grafana", "alertmanager"))
+
+
+def test_monitoring_of_every_profile_starts_when_meterhouse_or_clickhouse_is_broken(whole_file):
+    """The cluster profile's Prometheus and Grafana too: waiting for healthy collectors or ClickHouse
+    nodes means no alert and no dashboard exactly when the cluster is broken."""
+    for name, service in whole_file["services"].items():
+        if _monitoring(name):
+            deps = set(service.get("depends_on") or {})
+            assert not {d for d in deps if _pipeline(d)}, f"{name} waits for {deps}"
+
+
+def test_every_service_of_every_profile_restarts_and_flushes_on_stop(whole_file):
+    from meterhouse.core.config import Config
+
+    for name, service in whole_file["services"].items():
+        assert service.get("restart") in ("unless-stopped", "always", "on-failure"), name
+        if "up" in [str(c) for c in service.get("command", [])]:
+            timeout = next((float(c.split("=", 1)[1]) for c in service["command"]
+                            if str(c).startswith("--shutdown-timeout-s=")), Config().shutdown_timeout_s)  # fmt: skip
+            grace = re.fullmatch(r"(\d+)s", str(service.get("stop_grace_period", "10s")))
+            assert grace and int(grace.group(1)) > timeout, f"{name}: stop_grace_period {grace}"
+
+
+def test_every_grafana_reads_clickhouse_as_the_read_only_user_with_a_secret_password(whole_file):
+    services = whole_file["services"]
+    users = (ROOT / "deploy/clickhouse/users.d/grafana.xml").read_text()
+    for name, service in services.items():
+        if not service.get("image", "").startswith("grafana/"):
+            continue
+        env = service.get("environment") or {}
+        assert str(env.get("GF_SECURITY_ADMIN_PASSWORD__FILE", "")).startswith("/run/secrets/"), name
+        mount = next(v for v in service["volumes"] if v.split(":")[1] == "/etc/grafana/provisioning")
+        sources = yaml.safe_load((ROOT / mount.split(":")[0] / "datasources" / "datasources.yml").read_text())
+        for ds in sources["datasources"]:
+            for value in (ds.get("secureJsonData") or {}).values():
+                assert re.fullmatch(r"\$__(file|env)\{[^}]+\}", value), f"{name}: {ds['name']}"
+            if ds["type"] == "grafana-clickhouse-datasource":
+                user, host = ds["jsonData"]["username"], ds["jsonData"]["host"]
+                assert f"<{user}>" in users, f"{name}: {user} is not the read-only user"
+                mounts = services[host]["volumes"]
+                assert any(m.startswith("./deploy/clickhouse/users.d/grafana.xml:") for m in mounts), host

@@ -520,3 +520,88 @@ def test_reload_of_the_client_ca_applies_to_new_connections_on_every_listener(st
     with pytest.raises(ConfigError, match="needs a restart"):
         stack.reload(dataclasses.replace(stack.config, tls_client_ca_file=""))
     assert Http(stack, pki2).send(usage("ca", {"org-a": 16}), TOKEN_ALL).status_code == 200
+
+
+def test_a_reload_never_opens_ingest_or_the_api_and_a_refused_one_changes_nothing(
+    stack_factory, pki, tmp_path
+):
+    """Dropping every ingest (or API) token by a reload would serve anyone, like turning TLS off: it
+    needs a restart. A refused reload changes nothing, the certificate included."""
+    import dataclasses
+
+    from meterhouse.core.config import ConfigError
+
+    stack = stack_factory(
+        ingest_tokens=(TOKEN_A,), auth_tokens=(API_TOKEN,), **tls_options(pki, mutual=False)
+    )
+    server2 = Authority(tmp_path / "pki2", "ca2").issue("server", server=True)
+    new_cert = {"tls_cert_file": str(server2.cert), "tls_key_file": str(server2.key)}
+    for change in ({"ingest_tokens": ()}, {"auth_tokens": ()}):
+        with pytest.raises(ConfigError, match="restart"):
+            stack.reload(dataclasses.replace(stack.config, **change, **new_cert))
+    client = Http(stack, pki)  # a new connection: still the old certificate
+    assert client.send(usage("reopen", {"org-a": 1}), None).status_code == 401
+    assert client.send(usage("reopen", {"org-a": 2}), TOKEN_A).status_code == 200
+    api = f"https://127.0.0.1:{stack.http_port}/api/v1/orgs/org-a/usage?metric=reopen"
+    assert requests.get(api, verify=str(pki["ca"].ca_file), timeout=30).status_code == 401
+    assert totals(stack, "reopen") == {"org-a": 2}
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_more_than_one_authorization_header_is_refused_on_both_transports(stack_factory, transport):
+    """Which of two Authorization values counts would be a guess (HTTP took the last, gRPC the first;
+    proxies guess as they like): a request carrying more than one is refused, and nothing is kept."""
+    import http.client
+
+    stack = stack_factory(ingest_tokens=(TOKEN_A, TOKEN_B))
+    metric = f"twice.{transport}"
+    pairs = [(TOKEN_A, TOKEN_B), (TOKEN_B, TOKEN_A), (TOKEN_A, TOKEN_A)]
+    for i, (first, second) in enumerate(pairs):
+        body = usage(metric, {"org-a": 10**i}).SerializeToString()
+        if transport == "http":
+            conn = http.client.HTTPConnection("127.0.0.1", stack.collector.http.port, timeout=30)
+            conn.putrequest("POST", "/v1/metrics")
+            conn.putheader("Content-Type", PROTOBUF["Content-Type"])
+            conn.putheader("Content-Length", str(len(body)))
+            conn.putheader("Authorization", f"Bearer {first.token}")
+            conn.putheader("Authorization", f"Bearer {second.token}")
+            conn.endheaders(body)
+            answer = conn.getresponse()
+            assert answer.status == 401, (first, second)
+            assert b"more than one" in answer.read()
+            conn.close()
+        else:
+            channel = grpc.insecure_channel(f"127.0.0.1:{stack.collector.grpc.port}")
+            with pytest.raises(grpc.RpcError) as e:
+                channel.unary_unary(EXPORT)(body, timeout=30, metadata=(
+                    ("authorization", f"Bearer {first.token}"), ("authorization", f"Bearer {second.token}")))  # fmt: skip
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "more than one" in e.value.details()
+            channel.close()
+    assert totals(stack, metric) == {}
+    # Open ingest (no tokens) does not look at the header at all.
+    open_stack = stack_factory()
+    conn = http.client.HTTPConnection("127.0.0.1", open_stack.collector.http.port, timeout=30)
+    body = usage(metric, {"org-a": 5}).SerializeToString()
+    conn.request("POST", "/v1/metrics", body, {"Content-Type": PROTOBUF["Content-Type"]})
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def test_a_reload_to_an_expired_certificate_is_refused_and_the_old_one_served(stack_factory, pki, tmp_path):
+    import dataclasses
+
+    from meterhouse.core.config import ConfigError
+
+    stack = stack_factory(ingest_tokens=(TOKEN_ALL,), **tls_options(pki))
+    expired = pki["ca"].issue("expired", server=True, valid_from_days=-3, valid_days=2)
+    with pytest.raises(ConfigError, match="expired"):
+        stack.reload(
+            dataclasses.replace(stack.config, tls_cert_file=str(expired.cert), tls_key_file=str(expired.key))
+        )
+    assert (
+        Http(stack, pki).send(usage("expired", {"org-a": 3}), TOKEN_ALL).status_code == 200
+    )  # a new connection
+    client = Grpc(stack, pki)
+    client.send(usage("expired", {"org-a": 4}), TOKEN_ALL)
+    client.close()
+    assert totals(stack, "expired") == {"org-a": 7}

@@ -94,3 +94,20 @@ def test_org_scope_answer_over_http_json(up_factory, tmp_path):
     answer = json_format.Parse(r.text, ExportMetricsServiceResponse())
     assert answer.partial_success.rejected_data_points == 1
     assert up.stop() == 0
+
+
+def test_sigterm_arriving_with_a_sighup_still_stops(up_factory, tmp_path):
+    """A SIGHUP right after SIGTERM (a config tool reloading while an orchestrator stops the service)
+    must not swallow the SIGTERM: the process stops, having written what it acknowledged."""
+    import os
+
+    tokens = tmp_path / "ingest.yml"
+    tokens.write_text(f"tokens: [{{token: {OLD}, orgs: [org-a]}}]\n")
+    up = up_factory(env={"MH_INGEST_TOKENS_FILE": str(tokens)})
+    r = requests.post(f"{up.otlp_http}/v1/metrics", data=body("org-a", 5), timeout=30,
+                      headers={"Content-Type": "application/x-protobuf", "Authorization": f"Bearer {OLD}"})  # fmt: skip
+    assert r.status_code == 200
+    os.kill(up.proc.pid, signal.SIGTERM)
+    os.kill(up.proc.pid, signal.SIGHUP)
+    assert up.proc.wait(30) == 0, up.output()[-3000:]
+    assert '"msg": "stopped"' in up.output()

@@ -101,11 +101,6 @@ def gunzip_limited(data: bytes, limit: int) -> bytes:
             raise zlib.error(f"{len(rest)} bytes of trailing data after a gzip member")
 
 
-def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
-    value = headers.get(name)
-    return value.decode("latin-1") if value is not None else None
-
-
 class InFlight:
     """Counts requests being handled, so shutdown can wait until their answers are sent."""
 
@@ -197,6 +192,7 @@ class OtlpHttpReceiver:
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
         answer_type = ctype if ctype in (PROTOBUF, JSON) else JSON
         if scope["method"] != "POST":
+            self.metrics.requests.labels(transport="http", outcome="not_found").inc()
             return await self._status(
                 send,
                 HTTPStatus.METHOD_NOT_ALLOWED,
@@ -206,6 +202,7 @@ class OtlpHttpReceiver:
                 close=True,
             )
         if scope["path"] != PATH:
+            self.metrics.requests.labels(transport="http", outcome="not_found").inc()
             return await self._status(
                 send,
                 HTTPStatus.NOT_FOUND,
@@ -222,14 +219,15 @@ class OtlpHttpReceiver:
             self._admitted += 1
             try:
                 with self.in_flight:
-                    handled = await self._handle(headers, ctype, receive)
+                    auth = [v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]
+                    handled = await self._handle(headers, auth, ctype, receive)
                     if handled is not None:
                         await self._answer(send, handled, answer_type)
                 return
             except Exception:
                 # A bug must not cost the client its answer: 500 is not retryable, and it is logged.
                 log.exception("unexpected error while handling an OTLP/HTTP request")
-                self.metrics.requests.labels(transport="http", outcome="invalid").inc()
+                self.metrics.requests.labels(transport="http", outcome="error").inc()
                 return await self._status(
                     send,
                     HTTPStatus.INTERNAL_SERVER_ERROR,
@@ -242,9 +240,11 @@ class OtlpHttpReceiver:
                 self._admitted -= 1
         await self._answer(send, answer, answer_type)
 
-    async def _handle(self, headers: dict[bytes, bytes], ctype: str, receive: Receive) -> _Answer | None:
+    async def _handle(
+        self, headers: dict[bytes, bytes], auth: list[str], ctype: str, receive: Receive
+    ) -> _Answer | None:
         try:
-            sender = self.ingestor.authenticate(_header(headers, b"authorization"))
+            sender = self.ingestor.authenticate(auth)  # every Authorization header: two are refused
         except Unauthenticated as e:
             return _Answer(Outcome("unauthenticated", str(e)), True)  # the body is not read, nor kept
         limit = self.max_request_bytes

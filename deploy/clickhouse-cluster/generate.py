@@ -93,6 +93,7 @@ def profile_xml() -> str:
     _el(default, "distributed_foreground_insert", 1)
     _el(default, "insert_deduplicate", 1)
     _el(default, "deduplicate_blocks_in_dependent_materialized_views", 1)
+    _el(default, "optimize_on_insert", 0)
     return _xml(root, "default profile: per-org queries touch one shard; inserts deduplicated")
 
 

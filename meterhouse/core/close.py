@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, TextIO
 
 from meterhouse.core import schema
@@ -25,7 +25,7 @@ from meterhouse.core.store import Queries
 
 NS = 10**9
 DAY_S = 86400
-MONTH_RE = re.compile(r"^(\d{4})-(\d{2})$")
+MONTH_RE = re.compile(r"(\d{4})-(\d{2})", re.ASCII)  # matched whole: no other digits, no newline
 #: The cutoff lies this many seconds before the close starts: an insert that took its commit time before
 #: the cutoff has finished (is visible) by then, so the statements never miss a point they claim to count.
 SETTLE_S = 5.0
@@ -65,7 +65,7 @@ class Month:
     @classmethod
     def parse(cls, text: str) -> Month:
         """``YYYY-MM`` (UTC), 1970-01 to 2261-12; ValueError otherwise."""
-        m = MONTH_RE.match(text or "")
+        m = MONTH_RE.fullmatch(text or "")
         if not m or not 1970 <= int(m[1]) <= 2261 or not 1 <= int(m[2]) <= 12:
             raise ValueError(f"month must be YYYY-MM between 1970-01 and 2261-12 (got {text[:20]!r})")
         return cls(int(m[1]), int(m[2]))
@@ -186,6 +186,39 @@ def get_close(store: CloseStore, month: Month) -> CloseRecord | None:
     return CloseRecord(**values)
 
 
+def _check_params(month: Month, record: CloseRecord) -> dict[str, Any]:
+    return {"month": month.key, "close_id": record.close_id, "from_ns": month.start_ns, "to_ns": month.end_ns,
+            "cutoff_ms": record.cutoff_ms}  # fmt: skip
+
+
+def verify_statements(store: CloseStore, month: Month, limit: int = 1000) -> list[dict[str, Any]]:
+    """The lines of a closed month's statement that no longer match the raw points they were computed from
+    (edited, deleted or written by another close, or raw points that became visible after the close though
+    committed before its cutoff); [] for a statement that still holds, or a month not closed."""
+    record = get_close(store, month)
+    if record is None or not record.done:
+        return []
+    rows = store.rows(
+        schema.statement_check_sql(store.database), {**_check_params(month, record), "limit": limit}
+    )
+    names = ("org_id", "metric", "statement_points", "raw_points", "statement_total", "raw_total",
+             "statement_double", "raw_double", "close_id")  # fmt: skip
+    out = []
+    for row in rows:
+        line = dict(zip(names, row, strict=True))
+        for k in ("statement_points", "raw_points", "statement_total", "raw_total"):
+            line[k] = int(line[k])
+        out.append(line)
+    return out
+
+
+def count_statement_mismatches(store: CloseStore, month: Month, record: CloseRecord) -> int:
+    """How many lines of the (finished) close ``record`` of ``month`` differ from their raw points."""
+    return int(
+        store.scalar(schema.statement_check_count_sql(store.database), _check_params(month, record)) or 0
+    )
+
+
 def check_window(month: Month, now_ns: int, late_window_days: int, force: bool) -> None:
     """Refuse a month not over, or (without force) one whose late window is still open."""
     if month.end_ns > now_ns:
@@ -221,6 +254,8 @@ def close_month(
     now_ns: Callable[[], int] = time.time_ns,
 ) -> CloseRecord:
     """Close ``month`` (or finish a close that was interrupted); a finished close is returned unchanged."""
+    if batch_orgs < 1:  # a chunk of no orgs would write nothing and sign the month empty
+        raise ValueError(f"batch_orgs must be at least 1 (got {batch_orgs})")
     with _lock:  # one close at a time in a process (API and CLI share this module)
         record = get_close(store, month)
         if record is not None and record.done:
@@ -275,10 +310,19 @@ def _write_lines(
     bounds = {"from_ns": month.start_ns, "to_ns": month.end_ns}
     orgs = [r[0] for r in store.rows(schema.close_orgs_sql(db), {**bounds, "cutoff_ms": record.cutoff_ms})]
     last, _ = store.rows(schema.close_progress_sql(db), {"month": month.key, "close_id": record.close_id})[0]
-    # Orgs are written in order, one insert per chunk: every org up to the last one written is complete.
+    # Orgs are written in order, one insert per chunk: every org before the last one written is complete.
+    # ClickHouse may commit a large insert as several parts, so the last org may lack lines: then resume
+    # with it (a line written again is the same row, collapsed by FINAL), else after it.
     start = 0
     if last:
         start = next((i for i, o in enumerate(orgs) if o > last), len(orgs))
+        params = {**bounds, "lo": last, "hi": last, "cutoff_ms": record.cutoff_ms}
+        expected = len(store.rows(schema.close_lines_sql(db), params))
+        written = store.scalar(
+            schema.close_org_lines_sql(db), {"month": month.key, "close_id": record.close_id, "org": last}
+        )
+        if int(written or 0) < expected:
+            start -= 1
     state = Progress(start, len(orgs), time.monotonic(), first_done=start)
     _running[month.key] = state
     if progress:
@@ -301,6 +345,9 @@ def _write_lines(
         for org, org_lines in by_org.items():
             for metric, unit, ti, td, n, first, last_ns in org_lines:
                 ri, rd, rn = rollup.get((org, metric), (0, 0.0, 0))
+                # Below zero only when the rollup lacks points committed after the cutoff (drift): a line
+                # has points, so 0 still reads as a mismatch.
+                rn = max(0, rn)
                 row = (month.key, org, metric, unit, ti, td, n, first, last_ns, record.close_id,
                        record.cutoff_ms, record.forced, sums[org], ri, rd, rn)  # fmt: skip
                 for col, v in zip(cols, row, strict=True):
@@ -318,17 +365,41 @@ def _write_lines(
             progress(state)
 
 
+def _summary(
+    store: CloseStore, month: Month, record: CloseRecord, orgs: Sequence[str] | None
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"month": month.key, "close_id": record.close_id}
+    if orgs is not None:
+        params["orgs"] = list(orgs)
+    row = store.rows(schema.close_summary_sql(store.database, scoped=orgs is not None), params)[0]
+    n_orgs, lines, points, ti, td, rp, ri, rd, mismatched = row
+    return dict(
+        orgs=int(n_orgs), lines=int(lines), points=int(points or 0), total_int=int(ti or 0),
+        total_double=float(td or 0.0), rollup_points=int(rp or 0), rollup_int=int(ri or 0),
+        rollup_double=float(rd or 0.0), mismatched_lines=int(mismatched or 0),
+    )  # fmt: skip
+
+
+def scoped_close(store: CloseStore, month: Month, record: CloseRecord, orgs: Sequence[str]) -> CloseRecord:
+    """The close as the holder of a token for ``orgs`` may see it: its totals over those orgs' lines only
+    (the month's totals over every org are not theirs to read)."""
+    return replace(record, **_summary(store, month, record, orgs))
+
+
 def _finish(store: CloseStore, month: Month, record: CloseRecord) -> CloseRecord:
-    row = store.rows(
-        schema.close_summary_sql(store.database), {"month": month.key, "close_id": record.close_id}
-    )[0]
-    orgs, lines, points, ti, td, rp, ri, rd, mismatched = row
+    summary = _summary(store, month, record, None)
+    # Usage the rollup has under an org and metric with no line: lines the two disagree on as well.
+    n, vi, vd, points = store.rows(schema.close_rollup_only_sql(store.database), {
+        "month": month.key, "close_id": record.close_id, "from_ns": month.start_ns, "to_ns": month.end_ns,
+        "cutoff_ms": record.cutoff_ms})[0]  # fmt: skip
+    summary["mismatched_lines"] += int(n or 0)
+    summary["rollup_int"] += int(vi or 0)
+    summary["rollup_double"] += float(vd or 0.0)
+    summary["rollup_points"] = max(0, summary["rollup_points"] + int(points or 0))
     done = CloseRecord(
         month=month.key, close_id=record.close_id, status=schema.CLOSE_DONE, forced=record.forced,
         cutoff_ms=record.cutoff_ms, finished_ms=int(store.scalar("SELECT toUnixTimestamp64Milli(now64(3))")),
-        orgs=int(orgs), lines=int(lines), points=int(points or 0), total_int=int(ti or 0),
-        total_double=float(td or 0.0), rollup_points=int(rp or 0), rollup_int=int(ri or 0),
-        rollup_double=float(rd or 0.0), mismatched_lines=int(mismatched or 0), version=2,
+        version=2, **summary,
     )  # fmt: skip
     _write_record(store, done)
     return done

@@ -437,6 +437,13 @@ def _tokens(raw: Any, source: str, section: str = "auth") -> tuple[Token, ...]:
         tok, orgs = e["token"], e["orgs"]
         if not isinstance(tok, str) or len(tok) < 16:
             raise ConfigError(f"{where}.token: must be a string of at least 16 characters (from {source})")
+        if tok != tok.strip() or not all(" " <= ch <= "~" for ch in tok):
+            # A presented token is stripped, and headers and gRPC metadata carry visible ASCII: such a
+            # token could never be matched.
+            raise ConfigError(
+                f"{where}.token: must be visible ASCII (spaces inside only) to be sent in a header "
+                f"(from {source})"
+            )
         if not isinstance(orgs, list) or not orgs or not all(isinstance(o, str) and o for o in orgs):
             raise ConfigError(f"{where}.orgs: must be a non-empty list of org ids or '*' (from {source})")
         out.append(Token(tok, tuple(orgs), e.get("admin", False)))
@@ -468,11 +475,25 @@ def _tokens_file(path: Path, source: str, section: str = "auth") -> tuple[Token,
         ) from None
     except yaml.YAMLError as e:
         raise ConfigError(
-            f"{section} tokens file: {path} (named by {source}) is not valid YAML: {e}"
+            f"{section} tokens file: {path} (named by {source}) is not valid YAML: {_yaml_error(e)}"
         ) from None
     if isinstance(loaded, dict) and set(loaded) == {section}:
         loaded = loaded[section]
-    return _tokens(loaded, str(path), section)
+    tokens = _tokens(loaded, str(path), section)
+    if not tokens:
+        # Empty, or read in the middle of a rewrite: serving it would open the door to anyone.
+        raise ConfigError(f"{section} tokens file: {path} (named by {source}) names no token")
+    return tokens
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """Where and what a YAML error is, without PyYAML's quote of the offending line (a file of
+    settings may hold tokens and passwords, and this message is logged)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        return where + (e.problem or e.context or "syntax error")
+    return type(e).__name__
 
 
 #: Nested mappings of the config file and the options their keys stand for (``tls: {cert_file: ...}``).
@@ -534,7 +555,7 @@ def load_config(
         except OSError as e:
             raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
+            raise ConfigError(f"config: {path} is not valid YAML: {_yaml_error(e)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config: {path} must hold a mapping of option: value")
         loaded = {str(k).replace("-", "_"): v for k, v in loaded.items()}

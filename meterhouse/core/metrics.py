@@ -39,6 +39,8 @@ REQUEST_OUTCOMES = (
     "unavailable",
     "unauthenticated",
     "rate_limited",
+    "error",  # meterhouse failed by its own fault (HTTP 500, gRPC INTERNAL): a bug, never the sender's
+    "not_found",  # OTLP/HTTP to another path than /v1/metrics (404) or not a POST (405): the sender's
 )
 TRANSPORTS = ("http", "grpc")
 

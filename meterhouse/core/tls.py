@@ -6,11 +6,14 @@ so SIGHUP drops nothing. A client CA makes a client certificate signed by it req
 
 from __future__ import annotations
 
+import datetime
 import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
 
 from meterhouse.core.config import Config, ConfigError
 
@@ -47,10 +50,29 @@ def load_material(config: Config, generation: int = 0) -> TlsMaterial | None:
     if not config.tls_enabled:
         return None
     cert = _read(config.tls_cert_file, "tls.cert_file")
+    _check_validity(cert, config.tls_cert_file)
     key = _read(config.tls_key_file, "tls.key_file")
     ca = _read(config.tls_client_ca_file, "tls.client_ca_file") if config.tls_client_ca_file else None
     ctx = _context(config.tls_cert_file, config.tls_key_file, ca)
     return TlsMaterial(cert, key, ca, ctx, config.tls_cert_file, config.tls_key_file, generation)
+
+
+def _check_validity(chain: bytes, path: str) -> None:
+    """The served (first) certificate is within its validity: served otherwise, it fails every new
+    client's handshake, so a reload keeps the old one instead."""
+    try:
+        leaf = x509.load_pem_x509_certificate(chain)
+    except ValueError as e:
+        raise ConfigError(f"tls.cert_file: {path} holds no readable certificate: {e}") from None
+    now = datetime.datetime.now(datetime.UTC)
+    if now >= leaf.not_valid_after_utc:
+        raise ConfigError(
+            f"tls.cert_file: {path} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    if now < leaf.not_valid_before_utc:
+        raise ConfigError(
+            f"tls.cert_file: {path} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC"
+        )
 
 
 def _context(cert_file: str, key_file: str, client_ca: bytes | None) -> ssl.SSLContext:

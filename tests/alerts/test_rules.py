@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import requests
 import yaml
 
@@ -73,6 +74,20 @@ def test_runbook_urls_are_absolute_from_a_configurable_base():
                 for alert in case.get("exp_alerts") or []:
                     url = alert["exp_annotations"]["runbook_url"]
                     assert url.startswith("https://") and url.endswith("#" + case["alertname"].lower())
+
+
+@pytest.mark.parametrize(
+    "config", sorted((ROOT / "deploy" / "prometheus").glob("*.yml")), ids=lambda p: p.name
+)
+def test_every_prometheus_that_loads_the_rules_renders_absolute_runbook_urls(config):
+    """Each Prometheus the deployment runs with the rule files (the single node and the cluster profile)
+    has the runbook_base_url external label; without it every runbook_url renders as a bare "#anchor"."""
+    prom = yaml.safe_load(config.read_text())
+    assert prom.get("rule_files"), config.name
+    base = (prom["global"].get("external_labels") or {}).get("runbook_base_url", "")
+    assert re.fullmatch(r"https://[^\s#]+", base), f"{config.name}: runbook_base_url is {base!r}"
+    r = promtool("check", "config", "--syntax-only", str(config))
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_recording_rules_are_named_level_metric_operations():
@@ -160,13 +175,38 @@ def exposed_names(text: str) -> set[str]:
     return names
 
 
+def exposed_label_values(text: str) -> dict[str, dict[str, set[str]]]:
+    """metric name → label → the values a scrape shows (labelled series are pre-created)."""
+    out: dict[str, dict[str, set[str]]] = {}
+    for line in text.splitlines():
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? ", line)
+        if m and not line.startswith("#"):
+            for key, value in re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""):
+                out.setdefault(m.group(1), {}).setdefault(key, set()).add(value)
+    return out
+
+
 def test_promql_names_only_metrics_meterhouse_exposes(up):
-    exposed = exposed_names(requests.get(f"{up.api}/metrics", timeout=10).text)
+    text = requests.get(f"{up.api}/metrics", timeout=10).text
+    exposed = exposed_names(text)
+    labels = exposed_label_values(text)
     recorded = {r["record"] for r in rules() if "record" in r}
     for where, expr in promql_expressions():
         code = re.sub(r'"[^"]*"', '""', expr)  # label values are not metric names
         for name in set(re.findall(r"\b((?:[a-z_]+:)?meterhouse[a-z0-9_:]*)", code)):
             assert name in exposed or name in recorded, f"{where}: {name} is neither exposed nor recorded"
+        # Every label matcher on an exposed series selects a value it has (a typo in an outcome or a
+        # reason would select nothing, and the alert would never fire).
+        for name, body in re.findall(r"\b(meterhouse_[a-z0-9_]+)\s*\{([^}]*)\}", expr):
+            for key, op, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', body):
+                if key in ("job", "instance") or "$" in value or op.startswith("!"):
+                    continue
+                values = labels.get(name, {}).get(key)
+                assert values, f"{where}: {name} has no label {key}"
+                for alternative in value.split("|") if op == "=~" else [re.escape(value)]:
+                    assert any(re.fullmatch(alternative, v) for v in values), (
+                        f"{where}: {name}{{{key}={value!r}}}"
+                    )
     assert "meterhouse_failovers_total" in exposed and "meterhouse_spool_oldest_age_seconds" in exposed
     for name in (
         "meterhouse_dead_letters_pending",

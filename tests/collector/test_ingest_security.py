@@ -153,3 +153,56 @@ def test_new_metrics_are_pre_created():
     assert reg.get_sample_value("meterhouse_limited_requests_total", {"reason": "ingest_rate"}) == 0
     assert reg.get_sample_value("meterhouse_series_folded_total") == 0
     assert reg.get_sample_value("meterhouse_points_rejected_total", {"reason": "org_not_allowed"}) == 0
+
+
+def test_a_point_rejected_for_its_org_is_not_also_counted_as_repaired():
+    """A delta point whose start is after its time is stored repaired (start_after_time); one of an org
+    outside the token's scope is not stored at all, so it is a rejection only."""
+    t = time.time_ns()
+    late = {"t_ns": t, "start_ns": t + 5_000_000}
+    req = sum_request(
+        {"calls": [point(5, {"org.id": "org-a"}, **late), point(7, {"org.id": "org-b"}, **late)]}
+    )
+    r = decode_request(req, Limits(), now_ns=time.time_ns(), digest="d", allowed_org=A.allows)
+    assert r.batch.columns["value_int"] == [5]
+    assert r.rejected == {"org_not_allowed": 1}
+    assert r.repaired == {"start_after_time": 1}
+
+
+def test_a_set_kept_by_one_request_stays_admitted_when_another_that_admitted_it_is_refused():
+    """Request A admits a new set, B (at the same time) carries the same set and is stored, then A is
+    refused by a full spool: the set is stored (by B), so it still counts, and a further new set is
+    folded. Forgetting it would let the org and metric grow past the limit."""
+    import threading
+
+    from meterhouse.collector.ingest import Ingestor
+    from meterhouse.collector.model import Backpressure
+
+    a_folded, b_stored = threading.Event(), threading.Event()
+    stored = []
+
+    class Spool:
+        def consume(self, batch):
+            if batch.columns["value_int"] == [1]:  # request A: refused once B is stored
+                a_folded.set()
+                assert b_stored.wait(10)
+                raise Backpressure("full")
+            stored.append(batch.columns["attr_values"])
+            return None
+
+    ingestor = Ingestor(Spool(), PipelineMetrics(CollectorRegistry()), Limits(),
+                        series=SeriesLimiter(1, lambda pairs: {}))  # fmt: skip
+
+    def request(v: int, session: str):
+        return sum_request({"calls": [point(v, {"org.id": "org-a", "session": session})]})
+
+    outcomes = []
+    a = threading.Thread(target=lambda: outcomes.append(ingestor.export(request(1, "s"), "a").kind))
+    a.start()
+    assert a_folded.wait(10)
+    assert ingestor.export(request(2, "s"), "b").kind == "ok"
+    b_stored.set()
+    a.join(10)
+    assert outcomes == ["backpressure"]
+    assert ingestor.export(request(3, "t"), "c").kind == "ok"
+    assert stored == [[["s"]], [["true"]]]  # set "s" (from B), then "t" folded: one set and the overflow

@@ -125,3 +125,67 @@ def test_config_command_never_prints_ingest_tokens(tmp_path):
                        timeout=60, env={"MH_INGEST_TOKENS_FILE": str(tokens), "PATH": ""})  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "ingest_tokens:" in r.stdout and TOKEN_A not in r.stdout
+
+
+@pytest.mark.parametrize("source", ["config_file", "ingest_tokens_file", "api_tokens_file"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        f'tokens: [{{token: "{TOKEN_A}\\q", orgs: [a]}}]',  # an escape YAML does not know
+        f"tokens:\n  - {{token: {TOKEN_A}, orgs: [a]\n  - {{token: other}}",  # an unclosed mapping
+        f"tokens: [{{token: {TOKEN_A}, orgs: [a]",  # cut short, as a write in progress leaves it
+    ],
+)
+def test_yaml_errors_name_the_place_but_never_show_a_token(tmp_path, source, text):
+    """PyYAML quotes the offending line in its messages; the message of a file holding tokens (logged
+    by a refused reload, printed at start) must not."""
+    f = tmp_path / "secrets.yml"
+    if source == "config_file":
+        text = "ingest:\n  " + text.replace("\n", "\n  ")
+    f.write_text(text + "\n")
+    env = {"ingest_tokens_file": {"MH_INGEST_TOKENS_FILE": str(f)},
+           "api_tokens_file": {"MH_AUTH_TOKENS_FILE": str(f)}}.get(source, {})  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        load_config(env=env, config_file=f if source == "config_file" else None)
+    message = str(e.value)
+    assert "not valid YAML" in message and str(f) in message and "line " in message
+    assert TOKEN_A[:12] not in message
+
+
+@pytest.mark.parametrize("text", ["", "\n", "tokens: []", "tokens:", "{section}: {{tokens: []}}"])
+def test_a_tokens_file_without_tokens_is_refused(tmp_path, text):
+    """A tokens file that names no token (empty, or caught in the middle of a rewrite) would open
+    ingest to anyone: refused, like an unreadable one."""
+    f = tmp_path / "ingest.yml"
+    for var, section in (("MH_INGEST_TOKENS_FILE", "ingest"), ("MH_AUTH_TOKENS_FILE", "auth")):
+        f.write_text(text.format(section=section))
+        with pytest.raises(ConfigError, match=f"{section} tokens file: .* names no token"):
+            load_config(env={var: str(f)})
+
+
+def test_a_server_certificate_out_of_its_validity_is_refused_naming_the_key(tmp_path):
+    """Served, an expired (or not yet valid) certificate fails every new client's handshake: it is
+    refused at start and by a reload (which then keeps the old one), with its dates."""
+    ca = Authority(tmp_path / "pki")
+    for pair, needle in (
+        (ca.issue("old", server=True, valid_from_days=-3, valid_days=2), "expired on "),
+        (ca.issue("future", server=True, valid_from_days=2), "not valid before "),
+    ):
+        with pytest.raises(ConfigError, match=f"tls.cert_file: .*{needle}"):
+            load_material(Config(tls_cert_file=str(pair.cert), tls_key_file=str(pair.key)))
+
+
+@pytest.mark.parametrize("section", ["ingest", "auth"])
+@pytest.mark.parametrize(
+    "bad", [f" {TOKEN_A}", f"{TOKEN_A}\\t", f"{TOKEN_A}\\n", f"{TOKEN_A}é", f"{TOKEN_A}\\x7f"]
+)
+def test_a_token_no_client_can_present_is_refused(tmp_path, section, bad):
+    """Leading or trailing whitespace is stripped from a presented token, and an HTTP header or gRPC
+    metadata value carries visible ASCII: such a configured token could never be matched."""
+    f = tmp_path / "mh.yml"
+    f.write_text(f'{section}:\n  tokens:\n    - {{token: "{bad}", orgs: [a]}}\n')
+    with pytest.raises(ConfigError, match=rf"{section}.tokens\[0\].token: .*visible ASCII") as e:
+        load_config(env={}, config_file=f)
+    assert TOKEN_A not in str(e.value)
+    f.write_text(f'{section}:\n  tokens:\n    - {{token: "{TOKEN_A} with spaces inside", orgs: [a]}}\n')
+    assert load_config(env={}, config_file=f)  # inner spaces reach the server intact

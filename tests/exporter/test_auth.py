@@ -94,3 +94,23 @@ def test_up_refuses_to_bind_publicly_without_tokens(tmp_path):
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 2 and "allow-unauthenticated" in r.stderr
     assert not (tmp_path / "spool").exists()  # refused before anything started
+
+
+def test_api_token_comparison_leaks_neither_length_nor_which_token(monkeypatch):
+    """Like ingest tokens: every configured token is compared, always on equal-length digests, so the
+    time of a refusal says nothing about the length of a token (hmac.compare_digest on values of other
+    lengths returns at once)."""
+    import meterhouse.exporter.auth as auth
+    from meterhouse.exporter.auth import Auth, Unauthorized
+
+    calls = []
+    real = auth.hmac.compare_digest
+    monkeypatch.setattr(
+        auth.hmac, "compare_digest", lambda a, b: calls.append((len(a), len(b))) or real(a, b)
+    )
+    a = Auth((Token(SCOPED, ("org-1",)), Token(WILD + "-longer", ("*",))))
+    assert a.authenticate(f"Bearer {SCOPED}").orgs == ("org-1",)
+    for presented in ("short", "x" * 200):
+        with pytest.raises(Unauthorized):
+            a.authenticate(f"Bearer {presented}")
+    assert len(calls) == 6 and len(set(calls)) == 1 and calls[0][0] == calls[0][1]

@@ -111,3 +111,26 @@ def test_a_failed_refresh_keeps_the_last_numbers_and_the_scrape_never_queries(st
     assert gauge(registry, "meterhouse_orgs_active", window="1h") == 1  # kept
     assert gauge(registry, "meterhouse_org_health_refresh_ok") == 0
     assert client.get("/metrics").status_code == 200  # scraping does not touch ClickHouse
+
+
+def test_silent_counts_are_counts_not_the_length_of_the_capped_list(store):
+    """At 20,000 orgs an outage can silence more orgs than the API's list holds (LIST_LIMIT): the gauges
+    the silent-org alerts divide by the active orgs must still count every one of them."""
+    from meterhouse.exporter.health import LIST_LIMIT
+
+    now = time.time()
+    n = LIST_LIMIT + 25
+    rows = [
+        {"org_id": f"quiet-{i:05d}", "time": int((now - 2 * H - i) * NS), "value_int": 1} for i in range(n)
+    ]
+    rows += [
+        {"org_id": f"gone-{i:05d}", "time": int((now - 48 * H - i) * NS), "value_int": 1} for i in range(n)
+    ]
+    put_rows(store, rows)
+    health, registry, client = health_app(store, Clock(now), silent_after_s=1800)
+    health.refresh()
+    assert gauge(registry, "meterhouse_orgs_silent") == n
+    assert gauge(registry, "meterhouse_orgs_silent_over_24h") == n
+    assert gauge(registry, "meterhouse_orgs_active", window="24h") == n
+    listed = client.get("/api/v1/orgs?status=silent").get_json()
+    assert len(listed["orgs"]) <= LIST_LIMIT  # the list stays bounded
