@@ -11,7 +11,7 @@ Run it (seeded with real payloads; with an ASan build of the extension, see READ
 
     .venv/bin/python tests/fuzz/fuzz_fastdecode.py -runs=200000 /tmp/fastdecode-corpus
 
-``--seeds DIR`` writes the seed corpus (bench payloads and edge-case requests) into DIR and exits.
+``seeds DIR`` writes the seed corpus (bench payloads) into DIR and exits.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def write_seeds(directory: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--seeds":
+    if len(sys.argv) == 3 and sys.argv[1] == "seeds":
         write_seeds(Path(sys.argv[2]))
         sys.exit(0)
     if os.environ.get("MH_FUZZ_NO_ATHERIS"):
