@@ -151,14 +151,12 @@ typedef struct {
     size_t used;
 } Tab;
 
+/* Python's own keyed hash of bytes (SipHash, seeded per process): the strings come from the network, and
+ * an unkeyed hash lets a sender pick strings that all land in one probe chain (a request of such strings
+ * takes time quadratic in their number). */
 static inline uint64_t hash_bytes(const uint8_t *p, Py_ssize_t n)
 {
-    uint64_t h = 1469598103934665603ULL ^ (uint64_t)n;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        h ^= p[i];
-        h *= 1099511628211ULL;
-    }
-    h ^= h >> 29;
+    uint64_t h = (uint64_t)_Py_HashBytes(p, n);
     return h ? h : 1;
 }
 

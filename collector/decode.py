@@ -49,6 +49,13 @@ else:
         _fast = None
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _clamp(n: int) -> int:
+    return min(max(n, _INT64_MIN), _INT64_MAX)
+
+
 @dataclass(frozen=True)
 class Limits:
     org_attribute: str = "org.id"
@@ -274,9 +281,11 @@ class _Decoder:
         if _fast is None:
             return False
         lim = self.limits
+        # The C types' ranges: a point's time is a uint64 the fast path only takes up to 2**63 - 1, so
+        # a window (or limit) past them is clamped without changing what it accepts.
         found = _fast.decode_numbers(
-            body, lim.org_attribute, self.min_t, self.max_t, lim.max_attributes,
-            lim.max_attribute_length, self.now_ns,
+            body, lim.org_attribute, _clamp(self.min_t), _clamp(self.max_t),
+            _clamp(lim.max_attributes), _clamp(lim.max_attribute_length), self.now_ns,
         )  # fmt: skip
         if found is None:
             return False

@@ -79,12 +79,6 @@ static int put_str(Buf *b, PyObject *s) {
     return put(b, u, n);
 }
 
-static int put_name(Buf *b, const char *s) {
-    size_t n = strlen(s);
-    if (put_leb128(b, n) < 0) return -1;
-    return put(b, s, (Py_ssize_t)n);
-}
-
 static int type_code(const char *t) {
     if (!strcmp(t, "String")) return T_STRING;
     if (!strcmp(t, "UInt8")) return T_UINT8;
@@ -113,96 +107,151 @@ static int put_float64_obj(Buf *b, PyObject *o) {
     return put_u64(b, bits);
 }
 
-static int write_array(Buf *b, int code, PyObject **items, Py_ssize_t rows) {
-    uint64_t end = 0;
-    for (Py_ssize_t i = 0; i < rows; i++) {
-        if (!PyList_Check(items[i]) && !PyTuple_Check(items[i])) {
-            PyErr_Format(PyExc_TypeError, "expected a list, got %.80s", Py_TYPE(items[i])->tp_name);
+/* The value at i of a column (or array) of n values, as a new reference; NULL with RuntimeError when the
+ * sequence no longer has n values. Converting a value can run Python code (__index__, __float__) that
+ * changes the lists being read: every value is fetched afresh and held while it is converted. */
+static PyObject *item(PyObject *seq, Py_ssize_t i, Py_ssize_t n) {
+    if (PySequence_Fast_GET_SIZE(seq) != n) {
+        PyErr_SetString(PyExc_RuntimeError, "a column changed size while it was encoded");
+        return NULL;
+    }
+    PyObject *o = PySequence_Fast_GET_ITEM(seq, i);
+    Py_INCREF(o);
+    return o;
+}
+
+static int array_row(PyObject *o) {
+    if (!PyList_Check(o) && !PyTuple_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "expected a list, got %.80s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+static int put_value(Buf *b, int code, PyObject *o) {
+    switch (code) {
+    case T_STRING:
+        return put_str(b, o);
+    case T_UINT8: {
+        long v = PyLong_AsLong(o);
+        if (v == -1 && PyErr_Occurred()) return -1;
+        if (v < 0 || v > 255) {
+            PyErr_SetString(PyExc_OverflowError, "UInt8 value out of range");
             return -1;
         }
-        end += (uint64_t)PySequence_Fast_GET_SIZE(items[i]);
+        unsigned char u = (unsigned char)v;
+        return put(b, &u, 1);
+    }
+    case T_INT64: {
+        long long v = PyLong_AsLongLong(o);
+        if (v == -1 && PyErr_Occurred()) return -1;
+        return put_u64(b, (uint64_t)v);
+    }
+    case T_UINT64:
+        return put_uint64_obj(b, o);
+    case T_FLOAT64:
+        return put_float64_obj(b, o);
+    case T_INT32: {
+        long long v = PyLong_AsLongLong(o);
+        if (v == -1 && PyErr_Occurred()) return -1;
+        if (v < INT32_MIN || v > INT32_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "Int32 value out of range");
+            return -1;
+        }
+        uint32_t u = (uint32_t)(int32_t)v;
+        unsigned char le[4] = {(unsigned char)u, (unsigned char)(u >> 8), (unsigned char)(u >> 16),
+                               (unsigned char)(u >> 24)};
+        return put(b, le, 4);
+    }
+    }
+    PyErr_SetString(PyExc_ValueError, "unsupported column type");
+    return -1;
+}
+
+/* Values i in [0, n) of seq, each as a `code` value. */
+static int put_values(Buf *b, int code, PyObject *seq, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = item(seq, i, n);
+        if (!o) return -1;
+        int rc = put_value(b, code, o);
+        Py_DECREF(o);
+        if (rc < 0) return -1;
+    }
+    return 0;
+}
+
+static int write_array(Buf *b, int code, PyObject *seq, Py_ssize_t rows) {
+    int elem = code == T_ARRAY_STRING ? T_STRING : code == T_ARRAY_UINT64 ? T_UINT64 : T_FLOAT64;
+    uint64_t end = 0;
+    for (Py_ssize_t i = 0; i < rows; i++) { /* no Python code runs in this loop */
+        PyObject *row = PySequence_Fast_GET_ITEM(seq, i);
+        if (array_row(row) < 0) return -1;
+        end += (uint64_t)PySequence_Fast_GET_SIZE(row);
         if (put_u64(b, end) < 0) return -1;
     }
+    /* The values, each row checked against the length its offset says (converting a value may have
+     * changed a row since). */
+    uint64_t written = 0;
     for (Py_ssize_t i = 0; i < rows; i++) {
-        Py_ssize_t n = PySequence_Fast_GET_SIZE(items[i]);
-        PyObject **elems = PySequence_Fast_ITEMS(items[i]);
-        for (Py_ssize_t j = 0; j < n; j++) {
-            int rc = code == T_ARRAY_STRING   ? put_str(b, elems[j])
-                     : code == T_ARRAY_UINT64 ? put_uint64_obj(b, elems[j])
-                                              : put_float64_obj(b, elems[j]);
-            if (rc < 0) return -1;
+        PyObject *row = item(seq, i, rows);
+        if (!row) return -1;
+        int rc = array_row(row);
+        Py_ssize_t n = rc < 0 ? 0 : PySequence_Fast_GET_SIZE(row);
+        written += (uint64_t)n;
+        if (rc == 0 && written > end) {
+            PyErr_SetString(PyExc_RuntimeError, "a column changed size while it was encoded");
+            rc = -1;
         }
+        if (rc == 0) rc = put_values(b, elem, row, n);
+        Py_DECREF(row);
+        if (rc < 0) return -1;
+    }
+    if (written != end) {
+        PyErr_SetString(PyExc_RuntimeError, "a column changed size while it was encoded");
+        return -1;
     }
     return 0;
 }
 
 static int write_column(Buf *b, int code, PyObject *seq, Py_ssize_t rows) {
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    if (PySequence_Fast_GET_SIZE(seq) != rows) {
+        PyErr_SetString(PyExc_RuntimeError, "a column changed size while it was encoded");
+        return -1;
+    }
     switch (code) {
     case T_STRING:
-        for (Py_ssize_t i = 0; i < rows; i++)
-            if (put_str(b, items[i]) < 0) return -1;
-        return 0;
     case T_UINT8:
-        if (buf_reserve(b, rows) < 0) return -1;
-        for (Py_ssize_t i = 0; i < rows; i++) {
-            long v = PyLong_AsLong(items[i]);
-            if (v == -1 && PyErr_Occurred()) return -1;
-            if (v < 0 || v > 255) {
-                PyErr_SetString(PyExc_OverflowError, "UInt8 value out of range");
-                return -1;
-            }
-            b->data[b->len++] = (char)v;
-        }
-        return 0;
     case T_INT64:
-        if (buf_reserve(b, rows * 8) < 0) return -1;
-        for (Py_ssize_t i = 0; i < rows; i++) {
-            long long v = PyLong_AsLongLong(items[i]);
-            if (v == -1 && PyErr_Occurred()) return -1;
-            if (put_u64(b, (uint64_t)v) < 0) return -1;
-        }
-        return 0;
     case T_UINT64:
-        if (buf_reserve(b, rows * 8) < 0) return -1;
-        for (Py_ssize_t i = 0; i < rows; i++)
-            if (put_uint64_obj(b, items[i]) < 0) return -1;
-        return 0;
     case T_FLOAT64:
-        if (buf_reserve(b, rows * 8) < 0) return -1;
-        for (Py_ssize_t i = 0; i < rows; i++)
-            if (put_float64_obj(b, items[i]) < 0) return -1;
-        return 0;
     case T_INT32:
-        if (buf_reserve(b, rows * 4) < 0) return -1;
+        return put_values(b, code, seq, rows);
+    case T_NULLABLE_FLOAT64: {
+        if (buf_reserve(b, rows) < 0) return -1;
+        for (Py_ssize_t i = 0; i < rows; i++) /* no Python code runs in this loop */
+            b->data[b->len++] = PySequence_Fast_GET_ITEM(seq, i) == Py_None ? 1 : 0;
+        Py_ssize_t nulls = b->len - rows;
         for (Py_ssize_t i = 0; i < rows; i++) {
-            long long v = PyLong_AsLongLong(items[i]);
-            if (v == -1 && PyErr_Occurred()) return -1;
-            if (v < INT32_MIN || v > INT32_MAX) {
-                PyErr_SetString(PyExc_OverflowError, "Int32 value out of range");
-                return -1;
+            PyObject *o = item(seq, i, rows);
+            if (!o) return -1;
+            int rc;
+            if (o == Py_None || b->data[nulls + i]) {
+                /* A value that became None (or stopped being None) since the null map was written. */
+                rc = (o == Py_None) == (b->data[nulls + i] != 0) ? put_u64(b, 0) : -1;
+                if (rc < 0)
+                    PyErr_SetString(PyExc_RuntimeError, "a column changed while it was encoded");
+            } else {
+                rc = put_float64_obj(b, o);
             }
-            uint32_t u = (uint32_t)(int32_t)v;
-            unsigned char le[4] = {(unsigned char)u, (unsigned char)(u >> 8), (unsigned char)(u >> 16),
-                                   (unsigned char)(u >> 24)};
-            if (put(b, le, 4) < 0) return -1;
+            Py_DECREF(o);
+            if (rc < 0) return -1;
         }
         return 0;
-    case T_NULLABLE_FLOAT64:
-        if (buf_reserve(b, rows * 9) < 0) return -1;
-        for (Py_ssize_t i = 0; i < rows; i++) b->data[b->len++] = items[i] == Py_None ? 1 : 0;
-        for (Py_ssize_t i = 0; i < rows; i++) {
-            if (items[i] == Py_None) {
-                if (put_u64(b, 0) < 0) return -1;
-            } else if (put_float64_obj(b, items[i]) < 0) {
-                return -1;
-            }
-        }
-        return 0;
+    }
     case T_ARRAY_STRING:
     case T_ARRAY_UINT64:
     case T_ARRAY_FLOAT64:
-        return write_array(b, code, items, rows);
+        return write_array(b, code, seq, rows);
     }
     PyErr_SetString(PyExc_ValueError, "unsupported column type");
     return -1;
@@ -212,9 +261,10 @@ static int write_column(Buf *b, int code, PyObject *seq, Py_ssize_t rows) {
 static PyObject *native_block(PyObject *self, PyObject *args) {
     PyObject *names, *types, *columns;
     if (!PyArg_ParseTuple(args, "OOO", &names, &types, &columns)) return NULL;
-    PyObject *fn = PySequence_Fast(names, "names must be a sequence");
-    PyObject *ft = fn ? PySequence_Fast(types, "types must be a sequence") : NULL;
-    PyObject *fc = ft ? PySequence_Fast(columns, "columns must be a sequence") : NULL;
+    /* Tuples (copies): converting a value can run Python code, which must not change these. */
+    PyObject *fn = PySequence_Tuple(names);
+    PyObject *ft = fn ? PySequence_Tuple(types) : NULL;
+    PyObject *fc = ft ? PySequence_Tuple(columns) : NULL;
     PyObject *result = NULL;
     PyObject **cols = NULL;
     Py_ssize_t ncols = 0, made = 0, rows = 0;
@@ -243,15 +293,18 @@ static PyObject *native_block(PyObject *self, PyObject *args) {
     }
     if (put_leb128(&b, (uint64_t)ncols) < 0 || put_leb128(&b, (uint64_t)rows) < 0) goto done;
     for (Py_ssize_t c = 0; c < ncols; c++) {
-        const char *name = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(fn, c));
-        const char *type = name ? PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(ft, c)) : NULL;
+        PyObject *name_obj = PySequence_Fast_GET_ITEM(fn, c), *type_obj = PySequence_Fast_GET_ITEM(ft, c);
+        Py_ssize_t type_len;
+        const char *name = PyUnicode_AsUTF8(name_obj);
+        const char *type = name ? PyUnicode_AsUTF8AndSize(type_obj, &type_len) : NULL;
         if (!type) goto done;
-        int code = type_code(type);
+        /* A NUL inside the type is not part of any supported type (strcmp would stop at it). */
+        int code = (size_t)type_len == strlen(type) ? type_code(type) : -1;
         if (code < 0) {
             PyErr_Format(PyExc_ValueError, "unsupported column type %.80s", type);
             goto done;
         }
-        if (put_name(&b, name) < 0 || put_name(&b, type) < 0) goto done;
+        if (put_str(&b, name_obj) < 0 || put_str(&b, type_obj) < 0) goto done;
         if (write_column(&b, code, cols[c], rows) < 0) {
             /* Name the column: a bad value is a bug upstream, and the message is all the log gets. */
             PyObject *type_, *value, *tb;

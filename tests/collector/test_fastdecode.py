@@ -574,3 +574,29 @@ def test_random_mutations_of_a_real_payload():
         for _ in range(rng.randint(1, 3)):
             body[rng.randrange(len(body))] = rng.randrange(256)
         check(bytes(body))
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        Limits(max_past_ns=10**20),  # "accept anything old": the window starts before -2**63
+        Limits(max_future_ns=10**20),
+        Limits(max_attribute_length=2**64, max_attributes=2**64),
+    ],
+    ids=["past", "future", "attributes"],
+)
+def test_limits_beyond_64_bits_decode_like_the_python_walk(limits):
+    """Limits are plain Python ints (config seconds * 1e9): ones past the C types must not fail every
+    request (OverflowError), and the fast path still decodes exactly what the Python walk does."""
+    bodies, _ = make_requests(5, 40, 1)
+    body = bodies[0]
+    req = ExportMetricsServiceRequest.FromString(body)
+    a = decode_request(None, limits, now_ns=NOW, digest="d", body=body)
+    c = decode_request(req, limits, now_ns=NOW, digest="d")
+    assert a.batch.size == c.batch.size > 0
+    assert same_columns(a.batch.columns, c.batch.columns)
+    assert (a.received, a.unattributed, a.repaired) == (c.received, c.unattributed, c.repaired)
+    old = one_point(t=1, start=0).SerializeToString()  # 1 ns after the epoch: inside a 3000-year window
+    if limits.max_past_ns > NOW:
+        got = decode_request(None, limits, now_ns=NOW, digest="d", body=old)
+        assert got.batch.size == 1 and got.batch.columns["time"] == [1]
