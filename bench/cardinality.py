@@ -29,7 +29,7 @@ def prometheus_side(work: Path, orgs: int, seconds: float, interval_s: int) -> d
                  f"--web.listen-address=127.0.0.1:{prom_port}"], work / "prometheus.log")  # fmt: skip
     base = f"http://127.0.0.1:{prom_port}"
     try:
-        wait_http(f"http://127.0.0.1:{port}/metrics", 120)
+        wait_http(f"http://127.0.0.1:{port}/metrics", 120, attempt_s=60)
         wait_http(f"{base}/-/ready", 60)
         t_scrape = median_time(lambda: get(f"http://127.0.0.1:{port}/metrics", 60), 3, warm=False)
         size = len(get(f"http://127.0.0.1:{port}/metrics", 60))

@@ -40,11 +40,13 @@ def get(url: str, timeout: float = 30) -> bytes:
         return r.read()
 
 
-def wait_http(url: str, timeout_s: float = 60) -> None:
+def wait_http(url: str, timeout_s: float = 60, attempt_s: float = 2) -> None:
+    """Until ``url`` answers; each attempt may take ``attempt_s`` (an exposition of 75k series takes
+    seconds to render on a loaded machine)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            get(url, 2)
+            get(url, attempt_s)
             return
         except OSError:
             time.sleep(0.1)
