@@ -31,6 +31,8 @@ DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
 CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 _TEMPORALITY: dict[int, int] = {DELTA: schema.TEMPORALITY_DELTA, CUMULATIVE: schema.TEMPORALITY_CUMULATIVE}
 MAX_VALUE_DEPTH = 16
+#: The largest time a DateTime64(9) column holds (Int64 nanoseconds).
+_MAX_TIME_NS = 2**63 - 1
 
 log = logging.getLogger("meterhouse.decode")
 
@@ -394,7 +396,9 @@ class _Decoder:
         for dp in data.data_points:
             t = dp.time_unix_nano
             start = dp.start_time_unix_nano
-            if t == 0 or t < min_t or t > max_t:
+            if t == 0 or t < min_t or t > max_t or (cumulative and start > _MAX_TIME_NS):
+                # A cumulative series keeps the sender's start as it is (series_start, a DateTime64):
+                # one past 2262 cannot be stored, and a clamped one would read as a reset after a restart.
                 r.reject("invalid_timestamp", name, 1, _org_hint(dp.attributes, res_org, org_key))
                 continue
             vkind = dp.WhichOneof("value")

@@ -172,7 +172,13 @@ class Ingestor:
         if sender is not None:
             # The same bytes from another sender are another request: its org scope may differ.
             digest = content_digest(digest.encode(), sender.id.encode())
-        outcome = self._export(request, digest, sender, body)
+        try:
+            outcome = self._export(request, digest, sender, body)
+        except BaseException:
+            # A bug (answered 500 by the receiver): the claim must not outlive it, or every identical
+            # re-send would be answered "being stored" for as long as the process runs.
+            self._release(digest)
+            raise
         if self.rate is not None and outcome.kind in ("backpressure", "unavailable"):
             self.rate.refund(key, points)  # nothing kept: the client sends it all again
         return outcome
@@ -230,6 +236,12 @@ class Ingestor:
                 m.spool_full.inc()
                 return Outcome("backpressure", f"pipeline is full: {e}", retry_after_s=e.retry_after_s)
             return Outcome("unavailable", str(e), retry_after_s=1)
+        except Exception:
+            # A bug: nothing was kept, so the conversion state and admitted sets go back as they were.
+            self._undo(result.changes)
+            if self.series is not None:
+                self.series.rollback(result.admitted)
+            raise
         if self.series is not None:
             self.series.settle(result.admitted)  # stored: its sets stay admitted
         if result.changes and self.cumulative is not None and isinstance(seq, int):

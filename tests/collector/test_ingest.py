@@ -98,3 +98,50 @@ def test_a_resent_copy_after_the_first_settled_is_answered_ok_without_storing(tm
     assert first[0].kind == "ok" and second[0].kind == "ok"
     assert len(sink.stored) == 1
     assert ing.metrics.requests_deduplicated._value.get() == 1
+
+
+class BrokenSink:
+    """A consumer that fails with an unexpected error the first time (a bug), then stores."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.stored = []
+
+    def consume(self, batch):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("injected: a bug in the spool")
+        self.stored.append(batch)
+        return self.calls
+
+
+def test_an_unexpected_error_releases_the_claim_so_a_resend_is_stored(tmp_path):
+    sink = BrokenSink()
+    ing = rig(tmp_path, sink, wait_s=0.2)
+    req, digest = request()
+    try:
+        ing.export(req, digest)
+    except RuntimeError:
+        pass  # the receiver answers 500
+    else:
+        raise AssertionError("the injected error was swallowed")
+    again = ing.export(req, digest)  # the sender's retry of the same bytes
+    assert again.kind == "ok" and len(sink.stored) == 1
+
+
+def test_a_cumulative_point_starting_past_2262_is_rejected_not_a_server_error(tmp_path):
+    from otlp_builders import CUMULATIVE
+
+    from meterhouse.collector.cumulative import CumulativeState
+    from meterhouse.collector.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    state = CumulativeState(lambda ids: {}, committed_seq=lambda: 0)
+    ing = Ingestor(spool, PipelineMetrics(CollectorRegistry()), Limits(), state)
+    req = sum_request({"calls": [point(5, {"org.id": "a"}, start_ns=2**64 - 1), point(3, {"org.id": "b"})]},
+                      temporality=CUMULATIVE)  # fmt: skip
+    out = ing.export(req, content_digest(req.SerializeToString()))
+    assert out.kind == "partial" and "invalid_timestamp" in out.message
+    assert spool.pending_points == 1  # the other point is kept
+    spool.shutdown(1)
