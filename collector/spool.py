@@ -191,6 +191,24 @@ def _conform(
     return out
 
 
+def _conformed(
+    seq: int,
+    cols: dict[str, list[Any]],
+    size: int,
+    digest: str,
+    received: int,
+    dist: dict[str, list[Any]],
+    dist_size: int,
+) -> PointBatch:
+    """A record's columns as today's batch: a record written by another version may lack columns added
+    since (they get their defaults), and columns since removed are dropped; anything else is refused
+    with a clear error."""
+    cols = _conform(cols, size, BATCH_COLUMNS, schema.INGEST_COLUMNS, seq)
+    if dist_size:
+        dist = _conform(dist, dist_size, DIST_BATCH_COLUMNS, schema.DIST_INGEST_COLUMNS, seq)
+    return PointBatch(cols, size, digest, received, dist, dist_size)
+
+
 def _columns(block: bytes) -> tuple[dict[str, list[Any]], int]:
     _names, _types, columns, rows = native.decode(block)
     return columns, rows
@@ -632,36 +650,34 @@ class Spool:
         """The record as the writer inserts it: from memory, or read back from its segment."""
         if record.blocks is not None:
             return record.blocks
-        if record.version >= 3:
-            blocks, column_set = self._read_blocks(record)
-            if column_set == COLUMN_SET:
-                return blocks
-        return encode_blocks(self.load(record))  # another column set or format: conformed first
+        if record.version < 3:
+            return encode_blocks(self.load(record))  # pickled columns, conformed first
+        blocks, column_set = self._read_blocks(record)
+        if column_set == COLUMN_SET:
+            return blocks
+        return encode_blocks(self._decoded(record, blocks))  # another column set: conformed first
 
     def load(self, record: Record) -> PointBatch:
         """The record's points as Python columns (for the state rebuilt at start and dead letters)."""
         if record.version >= 3:
             b = record.blocks if record.blocks is not None else self._read_blocks(record)[0]
-            digest, received = b.digest, b.received_ns
-            try:
-                cols, size = _columns(b.numbers) if b.numbers else (PointBatch.empty(), 0)
-                dist, dist_size = _columns(b.dists) if b.dists else ({}, 0)
-            except (ValueError, IndexError, UnicodeDecodeError) as e:
-                raise SpoolFormatError(f"spool record {record.seq} cannot be decoded: {e}") from e
-        else:
-            payload = self._payload(record)
-            _seq, received, _points, raw_digest = _DATA_HEAD.unpack_from(payload)
-            digest = raw_digest.hex()
-            try:
-                cols, size, dist, dist_size = pickle.loads(payload[_DATA_HEAD.size :])
-            except Exception as e:  # noqa: BLE001 - any undecodable payload
-                raise SpoolFormatError(f"spool record {record.seq} cannot be decoded: {e}") from e
-        # A record written by another version may lack columns added since: they get their defaults;
-        # columns since removed are dropped. Anything else is refused with a clear error.
-        cols = _conform(cols, size, BATCH_COLUMNS, schema.INGEST_COLUMNS, record.seq)
-        if dist_size:
-            dist = _conform(dist, dist_size, DIST_BATCH_COLUMNS, schema.DIST_INGEST_COLUMNS, record.seq)
-        return PointBatch(cols, size, digest, received, dist, dist_size)
+            return self._decoded(record, b)
+        payload = self._payload(record)
+        _seq, received, _points, raw_digest = _DATA_HEAD.unpack_from(payload)
+        try:
+            cols, size, dist, dist_size = pickle.loads(payload[_DATA_HEAD.size :])
+        except Exception as e:  # noqa: BLE001 - any undecodable payload
+            raise SpoolFormatError(f"spool record {record.seq} cannot be decoded: {e}") from e
+        return _conformed(record.seq, cols, size, raw_digest.hex(), received, dist, dist_size)
+
+    def _decoded(self, record: Record, b: Blocks) -> PointBatch:
+        """A version 3 record's blocks as Python columns, conformed to today's column set."""
+        try:
+            cols, size = _columns(b.numbers) if b.numbers else (PointBatch.empty(), 0)
+            dist, dist_size = _columns(b.dists) if b.dists else ({}, 0)
+        except (ValueError, IndexError, UnicodeDecodeError) as e:
+            raise SpoolFormatError(f"spool record {record.seq} cannot be decoded: {e}") from e
+        return _conformed(record.seq, cols, size, b.digest, b.received_ns, dist, dist_size)
 
     def uncommitted_batches(self) -> Iterator[PointBatch]:
         """Every batch not yet committed, read back in order (state that must count them at start)."""

@@ -91,21 +91,45 @@ def merge_blocks(blocks: list[Blocks], token: str) -> tuple[bytes, bytes]:
     return numbers, dists
 
 
+def insert_calls(
+    store: Any, token: str, *, blocks: list[Blocks] | None = None, batches: list[PointBatch] | None = None
+) -> list[tuple[str, Callable[[], None]]]:
+    """The inserts of one group per table ("n" numbers, "d" distributions), as calls to make.
+
+    ClickHouse keys a token's deduplication by the blocks the insert holds (a repeat that holds its rows
+    in other blocks is not dropped), so a repeat must send what the first try sent: ``blocks``, the
+    records' Native blocks one after another (spool format 3), or ``batches``, their columns merged into
+    one block per table (what the writer of spool formats 1-2 sent, through ``Store.insert_points``)."""
+    if blocks is not None:
+        numbers, dists = merge_blocks(blocks, token)
+
+        def blocks_n() -> None:
+            store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
+
+        def blocks_d() -> None:
+            store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
+
+        return [("n", blocks_n)] * bool(numbers) + [("d", blocks_d)] * bool(dists)
+    n_cols, d_cols = merge(batches or [], token)
+
+    def merged_n() -> None:
+        store.insert_points(n_cols, token + ":n")
+
+    def merged_d() -> None:
+        store.insert_distributions(d_cols, token + ":d")
+
+    return [("n", merged_n)] * bool(n_cols) + [("d", merged_d)] * bool(d_cols)
+
+
 def redrive_letter(store: Any, batches: list[PointBatch], token: str, per_batch_blocks: bool) -> None:
     """Insert a dead letter's batches again under its token, in the blocks the writer sent them in
     (one per batch, or merged into one): what ClickHouse needs to drop an insert that did land."""
     if per_batch_blocks:
-        numbers, dists = merge_blocks([encode_blocks(b) for b in batches], token)
-        if numbers:
-            store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
-        if dists:
-            store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
-        return
-    n_cols, d_cols = merge(batches, token)
-    if n_cols:
-        store.insert_points(n_cols, token + ":n")
-    if d_cols:
-        store.insert_distributions(d_cols, token + ":d")
+        calls = insert_calls(store, token, blocks=[encode_blocks(b) for b in batches])
+    else:
+        calls = insert_calls(store, token, batches=batches)
+    for _table, insert in calls:
+        insert()
 
 
 def _remaining(batches: list[PointBatch], done: set[str]) -> list[PointBatch]:
@@ -249,33 +273,11 @@ class Writer:
     def _inserts(
         self, group: Group, batches: list[Blocks], token: str
     ) -> list[tuple[str, Callable[[], None]]]:
-        """The group's inserts per table ("n" numbers, "d" distributions), as calls to make.
-
-        ClickHouse keys a token's deduplication by the blocks the insert holds (a repeat that holds its
-        rows in other blocks is not dropped), so a replay must send what the first try sent. Records
-        of spool formats 1-2 were inserted by the writer of their time as the group's columns merged
-        into one block per table (``Store.insert_points``): a group holding any of them is sent that way
-        again; format 3 groups go as the records' blocks, one after another."""
-        store = self.store
+        """The group's inserts as the first try sent them (see :func:`insert_calls`): a group holding any
+        record of spool formats 1-2 as merged columns, a format 3 group as the records' blocks."""
         if any(r.version < 3 for r in group.records):
-            n_cols, d_cols = merge([self.spool.load(r) for r in group.records], token)
-
-            def legacy_n() -> None:
-                store.insert_points(n_cols, token + ":n")
-
-            def legacy_d() -> None:
-                store.insert_distributions(d_cols, token + ":d")
-
-            return [("n", legacy_n)] * bool(n_cols) + [("d", legacy_d)] * bool(d_cols)
-        numbers, dists = merge_blocks(batches, token)
-
-        def blocks_n() -> None:
-            store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
-
-        def blocks_d() -> None:
-            store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
-
-        return [("n", blocks_n)] * bool(numbers) + [("d", blocks_d)] * bool(dists)
+            return insert_calls(self.store, token, batches=[self.spool.load(r) for r in group.records])
+        return insert_calls(self.store, token, blocks=batches)
 
     def _committed(self, batches: list[Blocks]) -> None:
         now_ns = time.time_ns()
