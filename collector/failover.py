@@ -234,6 +234,16 @@ class EndpointSet:
     def insert_native(self, table: str, names: Sequence[str], block: bytes, token: str) -> None:
         self._call(lambda s: s.insert_native(table, names, block, token), write=True)
 
+    def insert_in_doubt(
+        self, kind: str, names: Sequence[str], block: bytes, token: str, seq: int
+    ) -> list[str]:
+        done: list[str] = self._call(lambda s: s.insert_in_doubt(kind, names, block, token, seq), write=True)
+        return done
+
+    def max_batch_seq(self) -> int:
+        seq: int = self._call(lambda s: s.max_batch_seq(), write=False)
+        return seq
+
     def insert_distributions(self, columns: Sequence[Sequence[Any]], token: str) -> None:
         self._call(lambda s: s.insert_distributions(columns, token), write=True)
 

@@ -9,8 +9,10 @@ from typing import Any, Protocol
 from meterhouse.core import schema
 
 #: Columns a decoded batch carries: every ingest column except ``batch_id``, set when written.
-BATCH_COLUMNS = tuple(n for n in schema.INGEST_COLUMN_NAMES if n != "batch_id")
-DIST_BATCH_COLUMNS = tuple(n for n in schema.DIST_INGEST_COLUMN_NAMES if n != "batch_id")
+#: What the writer adds to every row of a group (its token and sequence number); not in the spool.
+WRITER_COLUMNS = ("batch_id", "batch_seq")
+BATCH_COLUMNS = tuple(n for n in schema.INGEST_COLUMN_NAMES if n not in WRITER_COLUMNS)
+DIST_BATCH_COLUMNS = tuple(n for n in schema.DIST_INGEST_COLUMN_NAMES if n not in WRITER_COLUMNS)
 
 
 class Backpressure(Exception):

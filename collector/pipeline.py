@@ -33,7 +33,7 @@ from meterhouse.collector.writer import Writer
 from meterhouse.core.config import Config
 from meterhouse.core.httpserver import limits_from as http_limits_from
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.core.store import Store, connect
+from meterhouse.core.store import Store, connect, is_embedded
 from meterhouse.core.tls import ServerTls
 
 log = logging.getLogger("meterhouse.collector")
@@ -186,6 +186,8 @@ class Collector:
             self.endpoints.record_event("spool_replay", "spool", self.endpoints.name,
                                         f"{report.pending_records} record(s) not yet committed at start",
                                         f"points={self.spool.pending_points}")  # fmt: skip
+        if self.spool.last_seq == 0:
+            self._continue_numbering()
         if self.recent is not None:
             self.recent.load(report.digests)
         restore_cumulative(self.cumulative, self.spool)  # before the writer commits and receivers run
@@ -199,6 +201,21 @@ class Collector:
         self.http.start()
         self.grpc.start()
         self._started = True
+
+    def _continue_numbering(self) -> None:
+        """A new spool: number its records above every group the embedded database holds, so the
+        writer's ledger (``schema.SEQ_COLUMN``) never mistakes an old group's rows for a new one's."""
+        if not is_embedded(self.config.endpoints[0]):
+            return
+        try:
+            floor = self.endpoints.max_batch_seq()
+        except Exception as e:  # noqa: BLE001 - an empty or unreachable database has nothing to number above
+            log.warning("new spool: could not read the database's last batch number",
+                        extra={"error": f"{type(e).__name__}: {e}"[:300]})  # fmt: skip
+            return
+        if floor:
+            log.info("new spool: numbering records above the database's last batch", extra={"seq": floor})
+            self.spool.advance(floor)
 
     def reload(self, config: Config) -> None:
         """Serve new ingest tokens (SIGHUP); TLS material is swapped by its owner, ``tls``."""

@@ -357,6 +357,19 @@ class Spool:
     def committed_seq(self) -> int:
         return self._committed
 
+    @property
+    def last_seq(self) -> int:
+        """The highest sequence number used (0 for a spool that never held a record)."""
+        return self._seq
+
+    def advance(self, seq: int) -> None:
+        """Number the next record above ``seq``: a new spool beside a database that already holds
+        groups of an earlier one (the writer's ledger needs the numbers to keep growing; see
+        ``schema.SEQ_COLUMN``). Call before the first append (the records then carry the number across
+        restarts)."""
+        with self._lock:
+            self._seq = max(self._seq, seq)
+
     def _scan(self, path: Path, report: ScanReport) -> Iterator[tuple[int, int, int, bytes, int]]:
         """Yield (kind, offset, length, payload, format version) of every sound record. Damaged stretches
         are skipped (the scan resumes at the next sound record), copied to the quarantine and cut from the

@@ -15,7 +15,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from meterhouse.collector.deadletter import DeadLetters
@@ -54,8 +54,10 @@ def classify(exc: BaseException) -> str:
     return "retryable"
 
 
-def merge(batches: list[PointBatch], token: str) -> tuple[list[list[Any]] | None, list[list[Any]] | None]:
-    """The batches' columns per table, concatenated, each with its ``batch_id`` column."""
+def merge(
+    batches: list[PointBatch], token: str, seq: int = 0
+) -> tuple[list[list[Any]] | None, list[list[Any]] | None]:
+    """The batches' columns per table, concatenated, each with its ``batch_id`` and ``batch_seq``."""
 
     def one(attr: str, size_attr: str, names: tuple[str, ...], suffix: str) -> list[list[Any]] | None:
         parts = [b for b in batches if getattr(b, size_attr)]
@@ -65,7 +67,9 @@ def merge(batches: list[PointBatch], token: str) -> tuple[list[list[Any]] | None
             columns = [getattr(parts[0], attr)[name] for name in names]
         else:
             columns = [[v for b in parts for v in getattr(b, attr)[name]] for name in names]
-        columns.append([token + suffix] * sum(getattr(b, size_attr) for b in parts))
+        rows = sum(getattr(b, size_attr) for b in parts)
+        columns.append([token + suffix] * rows)
+        columns.append([seq] * rows)
         return columns
 
     return one("columns", "size", BATCH_COLUMNS, ":n"), one(
@@ -73,52 +77,74 @@ def merge(batches: list[PointBatch], token: str) -> tuple[list[list[Any]] | None
     )
 
 
-NUMBER_NAMES = (*BATCH_COLUMNS, "batch_id")
-DIST_NAMES = (*DIST_BATCH_COLUMNS, "batch_id")
+#: Starts the token of every group whose rows carry its ``batch_seq``: a group in doubt is checked
+#: against the ledger only then (the intent of a group an earlier version began has another token, and
+#: its rows no number; the token alone guards it, as then).
+LEDGER_TOKEN = "s-"
+
+NUMBER_NAMES = (*BATCH_COLUMNS, "batch_id", "batch_seq")
+DIST_NAMES = (*DIST_BATCH_COLUMNS, "batch_id", "batch_seq")
 
 
-def merge_blocks(blocks: list[Blocks], token: str) -> tuple[bytes, bytes]:
-    """The records' Native blocks per table, each with its ``batch_id`` column, one after another (an
-    INSERT reads any number of blocks; ClickHouse squashes them into parts)."""
-    numbers = b"".join(
-        native.with_constant(b.numbers, b.size, "batch_id", "String", token + ":n") for b in blocks if b.size
-    )
-    dists = b"".join(
-        native.with_constant(b.dists, b.dist_size, "batch_id", "String", token + ":d")
-        for b in blocks
-        if b.dist_size
-    )
+def stamp(block: bytes, rows: int, batch_id: str, seq: int) -> bytes:
+    """A record's block with the group's ``batch_id`` and ``batch_seq`` columns."""
+    block = native.with_constant(block, rows, "batch_id", "String", batch_id)
+    return native.with_constant(block, rows, "batch_seq", "UInt64", seq)
+
+
+def merge_blocks(blocks: list[Blocks], token: str, seq: int = 0) -> tuple[bytes, bytes]:
+    """The records' Native blocks per table, each with its ``batch_id`` and ``batch_seq`` columns, one
+    after another (an INSERT reads any number of blocks; ClickHouse squashes them into parts)."""
+    numbers = b"".join(stamp(b.numbers, b.size, token + ":n", seq) for b in blocks if b.size)
+    dists = b"".join(stamp(b.dists, b.dist_size, token + ":d", seq) for b in blocks if b.dist_size)
     return numbers, dists
 
 
+def _encoded(names: Sequence[str], types: Sequence[str], columns: list[list[Any]] | None) -> bytes:
+    return native.encode(names, types, columns) if columns else b""
+
+
 def insert_calls(
-    store: Any, token: str, *, blocks: list[Blocks] | None = None, batches: list[PointBatch] | None = None
-) -> list[tuple[str, Callable[[], None]]]:
-    """The inserts of one group per table ("n" numbers, "d" distributions), as calls to make.
+    store: Any,
+    token: str,
+    seq: int = 0,
+    *,
+    blocks: list[Blocks] | None = None,
+    batches: list[PointBatch] | None = None,
+) -> list[tuple[str, Callable[[bool], None]]]:
+    """The inserts of one group per table ("n" numbers, "d" distributions), as calls to make; a call
+    given ``True`` inserts a group that may have landed before (``Store.insert_in_doubt``).
 
     ClickHouse keys a token's deduplication by the blocks the insert holds (a repeat that holds its rows
     in other blocks is not dropped), so a repeat must send what the first try sent: ``blocks``, the
     records' Native blocks one after another (spool format 3), or ``batches``, their columns merged into
-    one block per table (what the writer of spool formats 1-2 sent, through ``Store.insert_points``)."""
+    one block per table (what the writer of spool formats 1-2 sent, through ``Store.insert_points``).
+    ``seq`` is the group's ``batch_seq`` (0 for a dead letter's redrive, which the token alone guards)."""
+    calls: list[tuple[str, Callable[[bool], None]]] = []
     if blocks is not None:
-        numbers, dists = merge_blocks(blocks, token)
+        numbers, dists = merge_blocks(blocks, token, seq)
+        shaped = [("n", NUMBER_NAMES, numbers), ("d", DIST_NAMES, dists)]
+    else:
+        n_cols, d_cols = merge(batches or [], token, seq)
+        shaped = [
+            ("n", schema.INGEST_COLUMN_NAMES,
+             _encoded(schema.INGEST_COLUMN_NAMES, schema.INGEST_COLUMN_TYPES, n_cols)),
+            ("d", schema.DIST_INGEST_COLUMN_NAMES,
+             _encoded(schema.DIST_INGEST_COLUMN_NAMES, schema.DIST_INGEST_COLUMN_TYPES, d_cols)),
+        ]  # fmt: skip
+    for kind, names, block in shaped:
+        if not block:
+            continue
 
-        def blocks_n() -> None:
-            store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
+        def call(doubt: bool, kind: str = kind, names: Sequence[str] = names, block: bytes = block) -> None:
+            suffix = f"{token}:{kind}"
+            if doubt and hasattr(store, "insert_in_doubt"):
+                store.insert_in_doubt(kind, names, block, suffix, seq)
+            else:
+                store.insert_native(schema.INGEST_OF[kind], names, block, suffix)
 
-        def blocks_d() -> None:
-            store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
-
-        return [("n", blocks_n)] * bool(numbers) + [("d", blocks_d)] * bool(dists)
-    n_cols, d_cols = merge(batches or [], token)
-
-    def merged_n() -> None:
-        store.insert_points(n_cols, token + ":n")
-
-    def merged_d() -> None:
-        store.insert_distributions(d_cols, token + ":d")
-
-    return [("n", merged_n)] * bool(n_cols) + [("d", merged_d)] * bool(d_cols)
+        calls.append((kind, call))
+    return calls
 
 
 def redrive_letter(store: Any, batches: list[PointBatch], token: str, per_batch_blocks: bool) -> None:
@@ -129,7 +155,7 @@ def redrive_letter(store: Any, batches: list[PointBatch], token: str, per_batch_
     else:
         calls = insert_calls(store, token, batches=batches)
     for _table, insert in calls:
-        insert()
+        insert(False)
 
 
 def _remaining(batches: list[PointBatch], done: set[str]) -> list[PointBatch]:
@@ -219,10 +245,13 @@ class Writer:
         in the spool once done, so a retry, a replay or a dead letter covers only what is left."""
         batches = [self.spool.blocks(r) for r in group.records]
         token = group.token
+        # In doubt: the group may have landed, in part, before (its intent is from before a restart, or
+        # a try failed). The ledger (``schema.SEQ_COLUMN``) answers for groups whose intent says so.
+        doubt = token is not None and token.startswith(LEDGER_TOKEN)
         if token is None:
-            token = content_digest(*(b.digest.encode() for b in batches))
+            token = LEDGER_TOKEN + content_digest(*(b.digest.encode() for b in batches))
             self.spool.intent(group, token)
-        if group.damaged:
+        elif group.damaged and not doubt:
             self._skip_landed(group, token)
         inserts = self._inserts(group, batches, token)
         attempt = 0
@@ -232,10 +261,11 @@ class Writer:
             try:
                 for table, insert in inserts:
                     if table not in group.done:
-                        insert()
+                        insert(doubt)
                         self.spool.part(group, table)
                 break
             except Exception as e:  # noqa: BLE001 - classified below
+                doubt = token.startswith(LEDGER_TOKEN)
                 self.metrics.insert_failures.inc()
                 error = f"{type(e).__name__}: {e}"[:1000]
                 kind = classify(e)
@@ -272,12 +302,14 @@ class Writer:
 
     def _inserts(
         self, group: Group, batches: list[Blocks], token: str
-    ) -> list[tuple[str, Callable[[], None]]]:
+    ) -> list[tuple[str, Callable[[bool], None]]]:
         """The group's inserts as the first try sent them (see :func:`insert_calls`): a group holding any
         record of spool formats 1-2 as merged columns, a format 3 group as the records' blocks."""
         if any(r.version < 3 for r in group.records):
-            return insert_calls(self.store, token, batches=[self.spool.load(r) for r in group.records])
-        return insert_calls(self.store, token, blocks=batches)
+            return insert_calls(
+                self.store, token, group.last, batches=[self.spool.load(r) for r in group.records]
+            )
+        return insert_calls(self.store, token, group.last, blocks=batches)
 
     def _committed(self, batches: list[Blocks]) -> None:
         now_ns = time.time_ns()

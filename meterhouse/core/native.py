@@ -11,6 +11,7 @@ column count, LEB128 row count, then per column LEB128-prefixed name and type an
 
 from __future__ import annotations
 
+import struct
 from array import array
 from collections.abc import Sequence
 from typing import Any, cast
@@ -170,16 +171,19 @@ def decode(data: bytes | memoryview) -> tuple[list[str], list[str], dict[str, li
     return names, types, columns, rows
 
 
-def with_constant(block: bytes, rows: int, name: str, column_type: str, value: str) -> bytes:
-    """The block with one more String column holding ``value`` in every row (the writer's batch_id)."""
-    if column_type != "String":
-        raise ValueError("only String constants are supported")
+def with_constant(block: bytes, rows: int, name: str, column_type: str, value: str | int) -> bytes:
+    """The block with one more column holding ``value`` in every row: a String (the writer's batch_id)
+    or a UInt64 (its batch_seq)."""
+    if column_type == "String":
+        cell = _string(str(value))
+    elif column_type == "UInt64" and isinstance(value, int):
+        cell = struct.pack("<Q", value)
+    else:
+        raise ValueError("only String and UInt64 constants are supported")
     r = _Reader(block)
     ncols = r.leb128()
     head = r.pos
-    return b"".join(
-        (_leb128(ncols + 1), block[head:], _string(name), _string(column_type), _string(value) * rows)
-    )
+    return b"".join((_leb128(ncols + 1), block[head:], _string(name), _string(column_type), cell * rows))
 
 
 def rows_of(block: bytes) -> int:

@@ -36,6 +36,18 @@ ATTRIBUTES_HASH = "cityHash64(mapFromArrays(attr_keys, attr_values))"
 #: Blocks remembered per table for insert deduplication (a retried or replayed batch counts once).
 DEDUP_WINDOW_BLOCKS = 10_000
 
+#: Every table whose rows a batch adds to (its totals would count a batch twice) carries the writer's
+#: ``batch_seq``: the spool sequence number of the group, increasing across groups and restarts. After a
+#: crash or a failed insert the writer asks each of these tables whether it holds the group (a row with
+#: ``batch_seq >= seq``: nothing newer was inserted) and pushes the group through the views of the
+#: tables that do not, alone. ClickHouse's own deduplication log is not enough on a non-replicated table:
+#: it is written before the part, so a kill between the two leaves a table that drops a replay it never
+#: stored. The row and its part are one, so this question has a true answer. (On a replicated table the
+#: block id and the part are committed together in Keeper, and the token suffices.)
+_SEQ_INDEX = "INDEX batch_seq_idx batch_seq TYPE minmax GRANULARITY 1"
+SEQ_COLUMN = f"batch_seq UInt64 CODEC(Delta, ZSTD),\n    {_SEQ_INDEX}"
+SEQ_MAX_COLUMN = f"batch_seq SimpleAggregateFunction(max, UInt64),\n    {_SEQ_INDEX}"
+
 #: Kinds of stored points. Only ``sum`` points are usage and reach the hourly rollup; ``gauge`` points sit
 #: beside them in ``usage_points``; histograms and summaries go to ``distribution_points``.
 KIND_SUM = "sum"
@@ -82,6 +94,7 @@ INGEST_COLUMNS: tuple[Column, ...] = (
     Column("cumulative_int", "Int64"),
     Column("cumulative_double", "Float64"),
     Column("batch_id", "String"),
+    Column("batch_seq", "UInt64"),
 )
 INGEST_COLUMN_NAMES = tuple(c.name for c in INGEST_COLUMNS)
 INGEST_COLUMN_TYPES = tuple(c.type for c in INGEST_COLUMNS)
@@ -118,6 +131,7 @@ DIST_INGEST_COLUMNS: tuple[Column, ...] = (
     Column("scope_version", "String"),
     Column("received_at", "DateTime64(9, 'UTC')"),
     Column("batch_id", "String"),
+    Column("batch_seq", "UInt64"),
 )
 DIST_INGEST_COLUMN_NAMES = tuple(c.name for c in DIST_INGEST_COLUMNS)
 DIST_INGEST_COLUMN_TYPES = tuple(c.type for c in DIST_INGEST_COLUMNS)
@@ -161,7 +175,8 @@ def ddl(database: str) -> list[str]:
     series_start DateTime64(9, 'UTC'),
     cumulative_int Int64,
     cumulative_double Float64,
-    batch_id String CODEC(ZSTD)
+    batch_id String CODEC(ZSTD),
+    {SEQ_COLUMN}
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(time)
 ORDER BY (org_id, metric, time)
@@ -171,7 +186,7 @@ SELECT org_id, metric, kind, unit, monotonic, start_time, time, is_int, value_in
     mapSort(mapFromArrays(attr_keys, attr_values)) AS attributes,
     mapSort(mapFromArrays(resource_keys, resource_values)) AS resource,
     scope_name, scope_version, received_at, temporality, series_id, series_start, cumulative_int,
-    cumulative_double, batch_id
+    cumulative_double, batch_id, batch_seq
 FROM {db}.{INGEST_TABLE}""",
         # The last committed point of each cumulative series: how cumulative→delta state survives restarts.
         f"""CREATE TABLE IF NOT EXISTS {db}.{SERIES_STATE_TABLE} (
@@ -220,7 +235,8 @@ WHERE temporality = {TEMPORALITY_CUMULATIVE} AND kind = '{KIND_SUM}'""",
     scope_version LowCardinality(String),
     received_at DateTime64(9, 'UTC') CODEC(Delta, ZSTD),
     committed_at DateTime64(3, 'UTC') DEFAULT now64(3) CODEC(Delta, ZSTD),
-    batch_id String CODEC(ZSTD)
+    batch_id String CODEC(ZSTD),
+    {SEQ_COLUMN}
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(time)
 ORDER BY (org_id, metric, time)
@@ -238,7 +254,8 @@ FROM {db}.{DIST_INGEST_TABLE}""",
     unit SimpleAggregateFunction(any, String),
     value_int SimpleAggregateFunction(sum, Int128),
     value_double SimpleAggregateFunction(sum, Float64),
-    points SimpleAggregateFunction(sum, UInt64)
+    points SimpleAggregateFunction(sum, UInt64),
+    {SEQ_MAX_COLUMN}
 ) ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (org_id, metric, hour, attributes_hash)
@@ -249,7 +266,8 @@ SETTINGS {dedup}""",
         # raw table's sorted Map, as it always was.
         f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.usage_hourly_mv TO {db}.{HOURLY_TABLE} AS
 SELECT org_id, metric, toStartOfHour(time) AS hour, {ATTRIBUTES_HASH} AS attributes_hash, any(unit) AS unit,
-    sum(toInt128(value_int)) AS value_int, sum(value_double) AS value_double, count() AS points
+    sum(toInt128(value_int)) AS value_int, sum(value_double) AS value_double, count() AS points,
+    max(batch_seq) AS batch_seq
 FROM {db}.{INGEST_TABLE}
 WHERE kind = '{KIND_SUM}'
 GROUP BY org_id, metric, hour, attributes_hash""",
@@ -261,7 +279,8 @@ GROUP BY org_id, metric, hour, attributes_hash""",
     value_int SimpleAggregateFunction(sum, Int128),
     value_double SimpleAggregateFunction(sum, Float64),
     points SimpleAggregateFunction(sum, UInt64),
-    series AggregateFunction(uniqExact, UInt64)
+    series AggregateFunction(uniqExact, UInt64),
+    {SEQ_MAX_COLUMN}
 ) ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, metric, org_id)
@@ -270,7 +289,8 @@ SETTINGS {dedup}""",
         f"""TO {db}.{METRIC_ORGS_TABLE} AS
 SELECT metric, toStartOfHour(time) AS hour, org_id,
     sum(toInt128(value_int)) AS value_int, sum(value_double) AS value_double, count() AS points,
-    uniqExactState(cityHash64(metric, mapFromArrays(attr_keys, attr_values))) AS series
+    uniqExactState(cityHash64(metric, mapFromArrays(attr_keys, attr_values))) AS series,
+    max(batch_seq) AS batch_seq
 FROM {db}.{INGEST_TABLE}
 WHERE kind = '{KIND_SUM}'
 GROUP BY metric, hour, org_id""",
@@ -297,13 +317,15 @@ GROUP BY metric, hour, key""",
     org_id String,
     first_seen SimpleAggregateFunction(min, DateTime64(9, 'UTC')),
     last_seen SimpleAggregateFunction(max, DateTime64(9, 'UTC')),
-    points SimpleAggregateFunction(sum, UInt64)
+    points SimpleAggregateFunction(sum, UInt64),
+    {SEQ_MAX_COLUMN}
 ) ENGINE = AggregatingMergeTree
 ORDER BY org_id
 SETTINGS {dedup}""",
         f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.org_last_seen_mv TO {db}.{ORGS_TABLE} AS
-SELECT org_id, min(time) AS first_seen, max(time) AS last_seen, count() AS points
-FROM {db}.{POINTS_TABLE}
+SELECT org_id, min(time) AS first_seen, max(time) AS last_seen, count() AS points,
+    max(batch_seq) AS batch_seq
+FROM {db}.{INGEST_TABLE}
 GROUP BY org_id""",
         # The metrics that exist, their units and kinds: for a UI, Grafana variables and the API.
         f"""CREATE TABLE IF NOT EXISTS {db}.{CATALOG_TABLE} (
@@ -311,17 +333,20 @@ GROUP BY org_id""",
     kind LowCardinality(String),
     unit SimpleAggregateFunction(anyLast, String),
     last_seen SimpleAggregateFunction(max, DateTime64(9, 'UTC')),
-    points SimpleAggregateFunction(sum, UInt64)
+    points SimpleAggregateFunction(sum, UInt64),
+    {SEQ_MAX_COLUMN}
 ) ENGINE = AggregatingMergeTree
 ORDER BY (metric, kind)
 SETTINGS {dedup}""",
         f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_catalog_points_mv TO {db}.{CATALOG_TABLE} AS
-SELECT metric, kind, anyLast(unit) AS unit, max(time) AS last_seen, count() AS points
-FROM {db}.{POINTS_TABLE}
+SELECT metric, kind, anyLast(unit) AS unit, max(time) AS last_seen, count() AS points,
+    max(batch_seq) AS batch_seq
+FROM {db}.{INGEST_TABLE}
 GROUP BY metric, kind""",
         f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_catalog_dist_mv TO {db}.{CATALOG_TABLE} AS
-SELECT metric, kind, anyLast(unit) AS unit, max(time) AS last_seen, count() AS points
-FROM {db}.{DIST_TABLE}
+SELECT metric, kind, anyLast(unit) AS unit, max(time) AS last_seen, count() AS points,
+    max(batch_seq) AS batch_seq
+FROM {db}.{DIST_INGEST_TABLE}
 GROUP BY metric, kind""",
         f"""CREATE TABLE IF NOT EXISTS {db}.{EVENTS_TABLE} (
     time DateTime64(3, 'UTC') CODEC(Delta, ZSTD),
@@ -347,6 +372,118 @@ SELECT DISTINCT org_id, metric, attr_keys, attr_values FROM {db}.{INGEST_TABLE}"
         f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attr_sets_dist_mv TO {db}.{ATTRIBUTE_SETS_TABLE} AS
 SELECT DISTINCT org_id, metric, attr_keys, attr_values FROM {db}.{DIST_INGEST_TABLE}""",
     ]
+
+
+#: Per insert ("n" into the ingest table, "d" into the distribution ingest table): the tables that carry
+#: ``batch_seq`` (see ``SEQ_COLUMN``), each with the view from the ingest table that feeds it.
+LEDGER_VIEWS: dict[str, tuple[tuple[str, str], ...]] = {
+    "n": (
+        (POINTS_TABLE, "usage_points_mv"),
+        (HOURLY_TABLE, "usage_hourly_mv"),
+        (METRIC_ORGS_TABLE, "usage_hourly_by_metric_mv"),
+        (ORGS_TABLE, "org_last_seen_mv"),
+        (CATALOG_TABLE, "metric_catalog_points_mv"),
+    ),
+    "d": ((DIST_TABLE, "distribution_points_mv"), (CATALOG_TABLE, "metric_catalog_dist_mv")),
+}
+#: The catalog holds both inserts' rows: which are whose, by kind.
+_NUMBER_KINDS = f"('{KIND_SUM}', '{KIND_GAUGE}')"
+LEDGER_FILTER = {
+    ("n", CATALOG_TABLE): f"kind IN {_NUMBER_KINDS}",
+    ("d", CATALOG_TABLE): f"kind NOT IN {_NUMBER_KINDS}",
+}
+#: The views whose tables a repeat leaves as they were (the newest state per series, distinct values,
+#: distinct sets): a group in doubt goes through them again whatever the ledger says.
+REPEATABLE_VIEWS: dict[str, tuple[str, ...]] = {
+    "n": ("series_state_mv", "attribute_cardinality_hourly_mv", "attr_sets_points_mv"),
+    "d": ("attr_sets_dist_mv",),
+}
+INGEST_OF = {"n": INGEST_TABLE, "d": DIST_INGEST_TABLE}
+#: The Null table a group in doubt is inserted into to reach one view alone.
+REDO_TABLE = "redo_ingest"
+
+
+def landed_sql(database: str, kind: str, table: str) -> str:
+    """Whether ``table`` holds a row of the group ``seq`` (bound) from its ``kind`` insert: none newer
+    exists (one writer, groups in order), so any row at or above it is the group's; the minmax index
+    skips every older granule."""
+    where = " AND ".join(
+        ["batch_seq >= {seq:UInt64}"]
+        + ([LEDGER_FILTER[(kind, table)]] if (kind, table) in LEDGER_FILTER else [])
+    )
+    return f"SELECT count() > 0 FROM {database}.{table} WHERE {where}"
+
+
+def max_seq_sql(database: str, table: str) -> str:
+    return f"SELECT max(batch_seq) FROM {database}.{table}"
+
+
+def redo_ddl(database: str, kind: str, views: Sequence[str]) -> list[str]:
+    """Statements that make ``REDO_TABLE`` (shaped as the ``kind`` ingest table) feed only ``views``,
+    each as its own view does: the same SELECT, reading the redo table. Dropped again afterwards."""
+    source = INGEST_OF[kind]
+    bodies = {}
+    for statement in ddl(database):
+        if m := _CREATE_MV.match(statement):
+            bodies[m.group(2)] = (m.group(4), m.group(5))
+    out = [
+        f"DROP TABLE IF EXISTS {database}.{REDO_TABLE}",
+        f"CREATE TABLE {database}.{REDO_TABLE} AS {database}.{source} ENGINE = Null",
+    ]
+    for view in views:
+        target, select = bodies[view]
+        select = re.sub(rf"\b{database}\.{source}\b", f"{database}.{REDO_TABLE}", select)
+        out.append(
+            f"CREATE MATERIALIZED VIEW {database}.{REDO_TABLE}_{view} TO {database}.{target} AS\n{select}"
+        )
+    return out
+
+
+def redo_cleanup_ddl(database: str, views: Sequence[str]) -> list[str]:
+    return [f"DROP VIEW IF EXISTS {database}.{REDO_TABLE}_{v}" for v in views] + [
+        f"DROP TABLE IF EXISTS {database}.{REDO_TABLE}"
+    ]
+
+
+def all_views() -> list[str]:
+    return [v for k in LEDGER_VIEWS for _, v in LEDGER_VIEWS[k]] + [
+        v for k in REPEATABLE_VIEWS for v in REPEATABLE_VIEWS[k]
+    ]
+
+
+def seq_columns_migration(database: str) -> list[str]:
+    """A database created before ``batch_seq``: the column on the ingest and ledger tables, with its
+    index (run at start, before the views; see ``seq_views_migration``)."""
+    out = [
+        f"ALTER TABLE {database}.{t} ADD COLUMN IF NOT EXISTS batch_seq UInt64"
+        for t in (INGEST_TABLE, DIST_INGEST_TABLE)
+    ]
+    for table in (POINTS_TABLE, DIST_TABLE):
+        out.append(
+            f"ALTER TABLE {database}.{table} ADD COLUMN IF NOT EXISTS batch_seq UInt64 CODEC(Delta, ZSTD)"
+        )
+    rollups = (HOURLY_TABLE, METRIC_ORGS_TABLE, ORGS_TABLE, CATALOG_TABLE)
+    for table in rollups:
+        out.append(
+            f"ALTER TABLE {database}.{table} ADD COLUMN IF NOT EXISTS "
+            "batch_seq SimpleAggregateFunction(max, UInt64)"
+        )
+    for table in (POINTS_TABLE, DIST_TABLE, *rollups):
+        out.append(
+            f"ALTER TABLE {database}.{table} ADD INDEX IF NOT EXISTS "
+            "batch_seq_idx batch_seq TYPE minmax GRANULARITY 1"
+        )
+    return out
+
+
+def seq_views_migration(database: str, views_missing_seq: Sequence[str]) -> list[str]:
+    """The ledger views an earlier version created, created again so that they fill ``batch_seq`` (run
+    while nothing inserts: at start)."""
+    out = []
+    creates = {m.group(2): s for s in ddl(database) if (m := _CREATE_MV.match(s))}
+    for view in views_missing_seq:
+        out += [f"DROP VIEW IF EXISTS {database}.{view}", creates[view]]
+    return out
 
 
 #: Step names the API accepts, with the ClickHouse interval each means.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -14,6 +15,8 @@ from clickhouse_connect.driver.client import Client
 
 from meterhouse.core import native, schema
 from meterhouse.core.config import Config, ConfigError
+
+log = logging.getLogger("meterhouse.store")
 
 # chdb opens one data directory per process, and only once: share the client per path.
 _embedded_lock = threading.Lock()
@@ -70,11 +73,49 @@ class Store:
         # would otherwise hold every statement for distributed_ddl_task_timeout); this endpoint is ready
         # once its own tables exist.
         settings = schema.CLUSTER_DDL_SETTINGS if self.cluster else {}
+        if not self.cluster:
+            self._migrate_columns()
         for statement in statements:
             self.client.command(statement, settings=settings)
         if self.cluster:
             self.wait_for_tables(schema.created_names(statements))
         self.check_rendering()
+        if not self.cluster:
+            self._migrate_views()
+
+    def _migrate_columns(self) -> None:
+        """A database of the version before the ledger (single node; nothing inserts yet): the
+        ``batch_seq`` columns first (a view that reads one is refused while it is missing, even when the
+        view exists)."""
+        found = {
+            str(name): int(n)
+            for name, n in self.client.query(
+                "SELECT table, countIf(name = 'batch_seq') FROM system.columns"
+                " WHERE database = {db:String} AND table = {t:String} GROUP BY table",
+                parameters={"db": self.database, "t": schema.POINTS_TABLE},
+            ).result_rows
+        }
+        if found.get(schema.POINTS_TABLE) == 0:
+            log.warning("schema: adding batch_seq to a database of an earlier version")
+            for statement in schema.seq_columns_migration(self.database):
+                self.client.command(statement)
+
+    def _migrate_views(self) -> None:
+        """The views that fill ``batch_seq``, created again where an earlier version made them; and a
+        redo table a kill left behind, dropped."""
+        for statement in schema.redo_cleanup_ddl(self.database, schema.all_views()):
+            self.client.command(statement)
+        views = [v for kind in schema.LEDGER_VIEWS.values() for _, v in kind]
+        rows = self.client.query(
+            "SELECT name, create_table_query FROM system.tables "
+            "WHERE database = {db:String} AND name IN {names:Array(String)}",
+            parameters={"db": self.database, "names": views},
+        ).result_rows
+        stale = [str(name) for name, query in rows if "batch_seq" not in str(query)]
+        if stale:
+            log.warning("schema: views of an earlier version created again", extra={"views": stale})
+            for statement in schema.seq_views_migration(self.database, stale):
+                self.client.command(statement)
 
     def check_rendering(self) -> None:
         """Refuse a database whose schema is the other rendering. ``CREATE … IF NOT EXISTS`` keeps whatever
@@ -158,6 +199,9 @@ class Store:
         columns: Sequence[Sequence[Any]],
         token: str,
     ) -> None:
+        if len(columns) == len(names) - 1 and names[-1] == "batch_seq":
+            # Rows inserted outside the writer (tools, tests) are outside its ledger: batch_seq 0.
+            columns = [*columns, [0] * (len(columns[0]) if columns else 0)]
         if all(native.supported(t) for t in types):
             self.insert_native(table, names, native.encode(names, types, columns), token)
             return
@@ -175,6 +219,43 @@ class Store:
         self.client.raw_insert(
             f"{self.database}.{table}", names, block, settings=self.insert_settings(token), fmt="Native"
         )
+
+    def insert_in_doubt(
+        self, kind: str, names: Sequence[str], block: bytes, token: str, seq: int
+    ) -> list[str]:
+        """Insert a group that may have landed already, in part (a replay after a crash, a retry after a
+        failed insert): ``kind`` "n" or "d", ``block`` as the first try sent it. Returns the ledger tables
+        it was inserted into.
+
+        On the embedded engine, one process is the only writer: each ledger table is asked whether it
+        holds the group (``schema.landed_sql``), and the group goes through the views of those that do
+        not, alone, without deduplication (the engine's deduplication log may hold the token of a part
+        the kill took, and would drop it). Elsewhere the token decides, as on the first try."""
+        if not is_embedded(self.name):
+            self.insert_native(schema.INGEST_OF[kind], names, block, token)
+            return [t for t, _ in schema.LEDGER_VIEWS[kind]]
+        missing = [
+            (table, view)
+            for table, view in schema.LEDGER_VIEWS[kind]
+            if not self.scalar(schema.landed_sql(self.database, kind, table), {"seq": seq})
+        ]
+        views = [view for _, view in missing] + list(schema.REPEATABLE_VIEWS[kind])
+        for statement in schema.redo_ddl(self.database, kind, views):
+            self.client.command(statement)
+        try:
+            self.client.raw_insert(
+                f"{self.database}.{schema.REDO_TABLE}", names, block, fmt="Native",
+                settings={**schema.INSERT_SETTINGS, "insert_deduplicate": 0},
+            )  # fmt: skip
+        finally:
+            for statement in schema.redo_cleanup_ddl(self.database, views):
+                self.client.command(statement)
+        return [table for table, _ in missing]
+
+    def max_batch_seq(self) -> int:
+        """The highest ``batch_seq`` any ledger table holds (0 if none)."""
+        tables = {t for views in schema.LEDGER_VIEWS.values() for t, _ in views}
+        return max(int(self.scalar(schema.max_seq_sql(self.database, t)) or 0) for t in tables)
 
     def insert_rows(
         self,

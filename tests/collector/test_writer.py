@@ -331,7 +331,7 @@ def mixed_request(i, t_ns):
 def stored(store):
     """Every stored row of both tables (without the insert's own columns), sorted; and the rollups."""
     db = store.database
-    skip = {"batch_id", "committed_at", "received_at"}
+    skip = {"batch_id", "batch_seq", "committed_at", "received_at"}
     out = {}
     for table in ("usage_points", "distribution_points"):
         names = [r[0] for r in store.rows(f"SELECT name FROM system.columns WHERE database = '{db}' "
@@ -380,6 +380,53 @@ def crash(spool):
     spool._file = None  # abandoned, as a killed process leaves it (no shutdown, no marks)
 
 
+def insert_then_crash(tmp_path, store, batches, max_points=50_000, cache_bytes=256 << 20, crash_after="both"):
+    """The writer's steps for the first group, up to a crash after the numbers' insert (or after both),
+    before any mark: its intent, token and ``batch_seq`` as the writer makes them. Returns the group."""
+    from meterhouse.collector.writer import DIST_NAMES, LEDGER_TOKEN, NUMBER_NAMES, merge_blocks
+
+    spool = Spool(tmp_path / "spool", max_cached_bytes=cache_bytes)
+    spool.open()
+    for b in batches:
+        spool.consume(b)
+    group = spool.next_group(max_points, 0.0, __import__("threading").Event())
+    blocks = [spool.blocks(r) for r in group.records]
+    token = LEDGER_TOKEN + content_digest(*(b.digest.encode() for b in blocks))
+    spool.intent(group, token)
+    numbers, dists = merge_blocks(blocks, token, group.last)
+    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
+    if crash_after == "both":
+        store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
+    crash(spool)
+    return group
+
+
+@pytest.mark.parametrize(
+    "lost", [schema.POINTS_TABLE, schema.HOURLY_TABLE, schema.METRIC_ORGS_TABLE, schema.DIST_TABLE]
+)
+def test_a_table_whose_part_the_kill_took_gets_the_group_again_though_its_dedup_log_has_the_token(
+    tmp_path, store, store_factory, lost
+):
+    """The embedded engine writes a part's token to its deduplication log before the part itself: a kill
+    between the two leaves a table that would drop the replay it never stored (seen in
+    ``tests/core/test_engine_dedup_soak.py``). Here the group landed everywhere and then one table's rows
+    are deleted (the token stays in its log); the replay finds the table short by its ``batch_seq`` and
+    puts the group there alone, and nowhere twice."""
+    t0 = time.time_ns() - 3 * 3600 * 10**9
+    batches = [mixed_request(i, t0 + (i % 4) * 1800 * 10**9) for i in range(6)]
+    want = expected_rows(tmp_path, store_factory, batches)
+    group = insert_then_crash(tmp_path, store, batches)
+    store.client.command(
+        f"ALTER TABLE {store.database}.{lost} DELETE WHERE batch_seq >= {group.last}",
+        settings={"mutations_sync": 2},
+    )
+    assert stored(store) != want
+    with Rig(tmp_path, store) as rig:
+        assert rig.report.replay_groups == 1
+        rig.drain(60)
+    assert stored(store) == want
+
+
 @pytest.mark.parametrize(
     ("records", "max_points", "cache_bytes", "crash_after"),
     [
@@ -395,25 +442,10 @@ def test_a_group_of_many_records_replayed_after_a_crash_counts_once(
 ):
     """The writer's steps up to a crash after the numbers' insert (or after both, before any mark), then a
     restart: the replay repeats the group's blocks (read back from disk when evicted) under its token."""
-    from meterhouse.collector.writer import DIST_NAMES, NUMBER_NAMES, merge_blocks
-
     t0 = time.time_ns() - 3 * 3600 * 10**9
     batches = [mixed_request(i, t0 + (i % 4) * 1800 * 10**9) for i in range(records)]
     want = expected_rows(tmp_path, store_factory, batches)
-
-    spool = Spool(tmp_path / "spool", max_cached_bytes=cache_bytes)
-    spool.open()
-    for b in batches:
-        spool.consume(b)
-    group = spool.next_group(max_points, 0.0, __import__("threading").Event())
-    blocks = [spool.blocks(r) for r in group.records]
-    token = content_digest(*(b.digest.encode() for b in blocks))
-    spool.intent(group, token)
-    numbers, dists = merge_blocks(blocks, token)
-    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
-    if crash_after == "both":
-        store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
-    crash(spool)
+    insert_then_crash(tmp_path, store, batches, max_points, cache_bytes, crash_after)
 
     with Rig(tmp_path, store, flush_max_points=max_points) as rig:  # the restart
         assert rig.report.replay_groups == 1
@@ -517,23 +549,10 @@ def test_a_redriven_dead_letter_that_did_land_counts_once(tmp_path, store, store
 def test_a_landed_group_with_a_record_damaged_on_disk_does_not_count_the_rest_twice(
     tmp_path, store, store_factory
 ):
-    from meterhouse.collector.writer import DIST_NAMES, NUMBER_NAMES, merge_blocks
-
     t0 = time.time_ns() - 3600 * 10**9
     batches = [mixed_request(i, t0 + i * 10**9) for i in range(4)]
-    spool = Spool(tmp_path / "spool", max_cached_bytes=0)
-    spool.open()
-    for b in batches:
-        spool.consume(b)
-    group = spool.next_group(50_000, 0.0, __import__("threading").Event())
-    blocks = [spool.blocks(r) for r in group.records]
-    token = content_digest(*(b.digest.encode() for b in blocks))
-    spool.intent(group, token)
-    numbers, dists = merge_blocks(blocks, token)
-    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
-    store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
+    group = insert_then_crash(tmp_path, store, batches, cache_bytes=0)
     damaged = group.records[1]
-    crash(spool)
     with open(damaged.segment, "r+b") as f:  # the disk damages a record that was safely written
         f.seek(damaged.offset + damaged.length - 3)
         f.write(b"\xff\xff\xff")

@@ -1,5 +1,6 @@
 """Child process of tests/core/test_engine_dedup_soak.py: insert batches into the embedded engine's ingest
-table, each under its own deduplication token, printing each batch number once its insert returned.
+table, each under its own deduplication token and with its ``batch_seq``, printing each batch number once
+its insert returned; ``once`` inserts one batch as the writer does a group in doubt (``insert_in_doubt``).
 
 ``python engine_insert_child.py DATA_DIR FIRST loop|once``; batch i holds ROWS points of org ``b{i}``.
 """
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 from meterhouse.collector.model import BATCH_COLUMNS
-from meterhouse.collector.writer import NUMBER_NAMES
+from meterhouse.collector.writer import NUMBER_NAMES, stamp
 from meterhouse.core import native, schema
 from meterhouse.core.store import connect
 
@@ -30,9 +31,7 @@ def block(i: int) -> bytes:
         [[str(j % 500)] for j in range(ROWS)] if n == "attr_values" else [row[n]] * ROWS
         for n in BATCH_COLUMNS
     ]
-    return native.with_constant(
-        native.encode(BATCH_COLUMNS, TYPES, cols), ROWS, "batch_id", "String", f"t{i}:n"
-    )
+    return stamp(native.encode(BATCH_COLUMNS, TYPES, cols), ROWS, f"t{i}:n", i + 1)
 
 
 def main() -> None:
@@ -40,11 +39,13 @@ def main() -> None:
     store = connect("embedded", data, "meterhouse")
     store.ensure_schema()
     i = first
+    if mode == "once":
+        store.insert_in_doubt("n", NUMBER_NAMES, block(i), f"t{i}:n", i + 1)
+        print(i, flush=True)
+        return
     while True:
         store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block(i), f"t{i}:n")
         print(i, flush=True)
-        if mode == "once":
-            return
         i += 1
 
 

@@ -1,15 +1,15 @@
-"""The embedded engine's insert deduplication under SIGKILL, without meterhouse around it.
+"""The embedded engine under SIGKILL, without meterhouse around it: a replayed insert lands everywhere once.
 
-A child inserts batch after batch (each under its own token) into the ingest table, whose materialized
-views feed the raw table and the rollups; it is killed at a random moment, and the batch that was in
-flight is inserted again under the same token, as the spool's replay does. Every batch must then be in
-every table exactly once.
+A child inserts batch after batch (each under its own token and ``batch_seq``) into the ingest table,
+whose materialized views feed the raw table and the rollups; it is killed at a random moment, and the
+batch that was in flight is inserted again as the writer inserts a group in doubt (``insert_in_doubt``).
+Every batch must then be in every table exactly once.
 
-This is the known gap in the README's "Delivery guarantees": ClickHouse's deduplication log for
-non-replicated MergeTree tables is not written atomically with the part, so a kill between the two can
-leave a table holding a batch's hash without its rows, and the replay is dropped by that table (seen:
-``usage_hourly_by_metric`` short of one batch that the raw table and ``usage_hourly`` hold). The test
-stays here, expected to fail, until that is fixed; it runs with the soak tests (``-m soak``).
+ClickHouse's deduplication log for non-replicated MergeTree tables is written before the part, so a kill
+between the two leaves a table holding a batch's token without its rows; a replay under the token alone
+was dropped by that table (seen: ``usage_hourly_by_metric`` short of one batch that the raw table and
+``usage_hourly`` held). This test found that; the ledger (``schema.SEQ_COLUMN``) fixed it. It runs with
+the soak tests (``-m soak``).
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ def run_child(data: Path, first: int, mode: str) -> subprocess.Popen:
 
 
 @pytest.mark.timeout(3600)
-@pytest.mark.xfail(
-    reason="known gap: the engine's deduplication log is not atomic with its parts", strict=False
-)
 def test_a_replayed_insert_lands_in_every_table_after_sigkill(tmp_path):
     data = tmp_path / "engine"
     rng = random.Random(7)
@@ -55,15 +52,18 @@ def test_a_replayed_insert_lands_in_every_table_after_sigkill(tmp_path):
         nxt = inflight + 1
     check = subprocess.run([sys.executable, "-c", f"""
 import json, sys
+from meterhouse.core.store import connect
 from pathlib import Path
 s = connect("embedded", Path({str(data)!r}), "meterhouse")
 q = lambda sql: {{o: int(n) for o, n in s.rows(sql)}}
 print(json.dumps([q("SELECT org_id, count() FROM meterhouse.usage_points GROUP BY org_id"),
                   q("SELECT org_id, sum(points) FROM meterhouse.usage_hourly GROUP BY org_id"),
-                  q("SELECT org_id, sum(points) FROM meterhouse.usage_hourly_by_metric GROUP BY org_id")]))
+                  q("SELECT org_id, sum(points) FROM meterhouse.usage_hourly_by_metric GROUP BY org_id"),
+                  q("SELECT org_id, sum(points) FROM meterhouse.org_last_seen GROUP BY org_id")]))
 """], capture_output=True, text=True, check=True)  # fmt: skip
-    raw, hourly, by_metric = json.loads(check.stdout)
+    raw, hourly, by_metric, last_seen = json.loads(check.stdout)
     expected = {f"b{i:05d}": 20_000 for i in range(nxt)}
     assert raw == expected
     assert hourly == expected
     assert by_metric == expected
+    assert last_seen == expected

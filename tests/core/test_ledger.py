@@ -1,0 +1,103 @@
+"""The writer's ledger (``schema.SEQ_COLUMN``): which tables hold a group, a group in doubt inserted only
+where it is missing, and a database of the version before it brought up to date at start."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from meterhouse.collector.model import BATCH_COLUMNS
+from meterhouse.collector.writer import NUMBER_NAMES, stamp
+from meterhouse.core import native, schema
+
+TYPES = [{c.name: c.type for c in schema.INGEST_COLUMNS}[n] for n in BATCH_COLUMNS]
+
+
+def block(org: str, seq: int, rows: int = 10) -> bytes:
+    now = time.time_ns()
+    row = dict(org_id=org, metric="m", kind=schema.KIND_SUM, unit="1", monotonic=1, start_time=now,
+               time=now, is_int=1, value_int=3, value_double=0.0, attr_keys=["k"], attr_values=["v"],
+               resource_keys=[], resource_values=[], scope_name="", scope_version="", received_at=now,
+               temporality=schema.TEMPORALITY_DELTA, series_id=0, series_start=0, cumulative_int=0,
+               cumulative_double=0.0)  # fmt: skip
+    cols = [[row[n]] * rows for n in BATCH_COLUMNS]
+    return stamp(native.encode(BATCH_COLUMNS, TYPES, cols), rows, f"tok-{seq}:n", seq)
+
+
+def totals(store) -> dict[str, dict[str, int]]:
+    db = store.database
+    out = {}
+    for table, expr in ((schema.POINTS_TABLE, "count()"), (schema.HOURLY_TABLE, "sum(points)"),
+                        (schema.METRIC_ORGS_TABLE, "sum(points)"), (schema.ORGS_TABLE, "sum(points)")):  # fmt: skip
+        out[table] = {
+            o: int(n) for o, n in store.rows(f"SELECT org_id, {expr} FROM {db}.{table} GROUP BY org_id")
+        }
+    out[schema.CATALOG_TABLE] = {
+        m: int(n)
+        for m, n in store.rows(f"SELECT metric, sum(points) FROM {db}.{schema.CATALOG_TABLE} GROUP BY metric")
+    }
+    return out
+
+
+def test_a_group_in_doubt_goes_only_where_it_is_missing(store):
+    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block("a", 5), "tok-5:n")
+    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block("b", 6), "tok-6:n")
+    before = totals(store)
+    # Group 6 lost its rows in two tables (the kill took those parts; their dedup logs keep the token).
+    for table in (schema.HOURLY_TABLE, schema.ORGS_TABLE):
+        store.client.command(
+            f"ALTER TABLE {store.database}.{table} DELETE WHERE batch_seq >= 6",
+            settings={"mutations_sync": 2},
+        )
+    redone = store.insert_in_doubt("n", NUMBER_NAMES, block("b", 6), "tok-6:n", 6)
+    assert sorted(redone) == sorted([schema.HOURLY_TABLE, schema.ORGS_TABLE])
+    assert totals(store) == before
+    # Everything in: nothing is inserted again, however often asked.
+    for _ in range(2):
+        assert store.insert_in_doubt("n", NUMBER_NAMES, block("b", 6), "tok-6:n", 6) == []
+    assert totals(store) == before
+    # Nothing in (the kill came first): everywhere, once; the redo table is gone afterwards.
+    assert len(store.insert_in_doubt("n", NUMBER_NAMES, block("c", 7), "tok-7:n", 7)) == 5
+    after = totals(store)
+    assert (
+        after[schema.POINTS_TABLE]["c"]
+        == after[schema.HOURLY_TABLE]["c"]
+        == after[schema.ORGS_TABLE]["c"]
+        == 10
+    )
+    assert after[schema.CATALOG_TABLE]["m"] == 30
+    tables = {r[0] for r in store.rows(f"SELECT name FROM system.tables WHERE database = '{store.database}'")}
+    assert not {t for t in tables if t.startswith(schema.REDO_TABLE)}
+
+
+def test_a_database_of_the_version_before_is_brought_up_to_date(store):
+    """Tables without ``batch_seq`` and views that do not fill it (the schema before the ledger): the
+    start adds the column and index and creates the views again; rows from before read 0."""
+    db = store.database
+    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block("old", 1), "tok-1:n")
+    views = [v for kind in schema.LEDGER_VIEWS.values() for _, v in kind]
+    creates = {m.group(2): s for s in schema.ddl(db) if (m := schema._CREATE_MV.match(s))}
+    for view in views:
+        store.client.command(f"DROP VIEW {db}.{view}")
+    for table in {t for kind in schema.LEDGER_VIEWS.values() for t, _ in kind}:
+        store.client.command(f"ALTER TABLE {db}.{table} DROP INDEX batch_seq_idx")
+        store.client.command(f"ALTER TABLE {db}.{table} DROP COLUMN batch_seq")
+    for table in (schema.INGEST_TABLE, schema.DIST_INGEST_TABLE):
+        store.client.command(f"ALTER TABLE {db}.{table} DROP COLUMN batch_seq")
+    for view in views:
+        old = re.sub(r",\s*max\(batch_seq\) AS batch_seq|, batch_seq(?=\n)", "", creates[view])
+        old = old.replace(", batch_id, batch_seq", ", batch_id")  # the distribution view lists its columns
+        assert "batch_seq" not in old, view
+        store.client.command(old)
+
+    store.ensure_schema()
+    for view in views:
+        query = store.scalar(
+            f"SELECT create_table_query FROM system.tables WHERE database = '{db}' AND name = '{view}'"
+        )
+        assert "batch_seq" in query, view
+    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block("new", 2), "tok-2:n")
+    assert store.max_batch_seq() == 2
+    assert store.insert_in_doubt("n", NUMBER_NAMES, block("new", 2), "tok-2:n", 2) == []
+    t = totals(store)
+    assert t[schema.POINTS_TABLE] == t[schema.HOURLY_TABLE] == t[schema.ORGS_TABLE] == {"old": 10, "new": 10}
