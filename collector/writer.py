@@ -80,7 +80,7 @@ def merge(
 #: Starts the token of every group whose rows carry its ``batch_seq``: a group in doubt is checked
 #: against the ledger only then (the intent of a group an earlier version began has another token, and
 #: its rows no number; the token alone guards it, as then).
-LEDGER_TOKEN = "s-"
+LEDGER_TOKEN = schema.LEDGER_TOKEN_PREFIX
 
 NUMBER_NAMES = (*BATCH_COLUMNS, "batch_id", "batch_seq")
 DIST_NAMES = (*DIST_BATCH_COLUMNS, "batch_id", "batch_seq")

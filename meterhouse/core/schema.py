@@ -403,24 +403,66 @@ INGEST_OF = {"n": INGEST_TABLE, "d": DIST_INGEST_TABLE}
 REDO_TABLE = "redo_ingest"
 
 
+#: Starts the deduplication token of every group whose rows carry its ``batch_seq`` (the writer's).
+LEDGER_TOKEN_PREFIX = "s-"
+
+#: Insert settings that make one insert one part per partition of every table it reaches: the input
+#: blocks and each view's output squashed into one block, however many rows or bytes. ClickHouse commits
+#: an insert's parts one after another; with several in one table (past ``min_insert_block_size_rows``,
+#: about a million rows, or 256 MiB) a kill between them leaves a table holding part of a group, which the
+#: ledger would take for all of it. The parts of one block differ by partition only, and the ledger asks
+#: per partition (``landed_sql``).
+ONE_PART_SETTINGS = {
+    "min_insert_block_size_rows": 0x7FFF_FFFF_FFFF_FFFF,
+    "min_insert_block_size_bytes": 0x7FFF_FFFF_FFFF_FFFF,
+    "min_insert_block_size_rows_for_materialized_views": 0x7FFF_FFFF_FFFF_FFFF,
+    "min_insert_block_size_bytes_for_materialized_views": 0x7FFF_FFFF_FFFF_FFFF,
+}
+
+_PARTITION_BY = re.compile(r"^PARTITION BY (.+)$", re.M)
+
+
+def quote(value: str) -> str:
+    """A ClickHouse string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def partition_key(database: str, table: str) -> str:
+    """The ``PARTITION BY`` expression of ``table`` (over its own columns), or ``''`` for none."""
+    for statement in ddl(database):
+        if (m := _CREATE_TABLE.match(statement)) and m.group(2) == table:
+            key = _PARTITION_BY.search(m.group(5))
+            return key.group(1).strip() if key else ""
+    raise ValueError(f"no table {table}")
+
+
 def landed_sql(database: str, kind: str, table: str) -> str:
-    """Whether ``table`` holds a row of the group ``seq`` (bound) from its ``kind`` insert: none newer
-    exists (one writer, groups in order), so any row at or above it is the group's; the minmax index
-    skips every older granule."""
+    """The partitions of ``table`` that hold rows of the group ``seq`` (bound) from its ``kind`` insert,
+    as strings (``''`` for a table without partitions): none newer exists (one writer, groups in order),
+    so any row at or above it is the group's; the minmax index skips every older granule.
+
+    Per partition, not per table: an insert writes one part per partition (``ONE_PART_SETTINGS``) and
+    commits them one by one, so a kill can leave the group's rows of one month in a table and not the
+    other's."""
     where = " AND ".join(
         ["batch_seq >= {seq:UInt64}"]
         + ([LEDGER_FILTER[(kind, table)]] if (kind, table) in LEDGER_FILTER else [])
     )
-    return f"SELECT count() > 0 FROM {database}.{table} WHERE {where}"
+    key = partition_key(database, table) or "''"
+    return f"SELECT DISTINCT toString({key}) FROM {database}.{table} WHERE {where}"
 
 
 def max_seq_sql(database: str, table: str) -> str:
     return f"SELECT max(batch_seq) FROM {database}.{table}"
 
 
-def redo_ddl(database: str, kind: str, views: Sequence[str]) -> list[str]:
+def redo_ddl(
+    database: str, kind: str, views: Sequence[str], landed: dict[str, Sequence[str]] | None = None
+) -> list[str]:
     """Statements that make ``REDO_TABLE`` (shaped as the ``kind`` ingest table) feed only ``views``,
-    each as its own view does: the same SELECT, reading the redo table. Dropped again afterwards."""
+    each as its own view does: the same SELECT, reading the redo table; a view in ``landed`` without the
+    rows of the partitions of its table named there (they hold the group already). Dropped again
+    afterwards."""
     source = INGEST_OF[kind]
     bodies = {}
     for statement in ddl(database):
@@ -433,6 +475,10 @@ def redo_ddl(database: str, kind: str, views: Sequence[str]) -> list[str]:
     for view in views:
         target, select = bodies[view]
         select = re.sub(rf"\b{database}\.{source}\b", f"{database}.{REDO_TABLE}", select)
+        if (landed or {}).get(view):
+            key = partition_key(database, target)
+            done = ", ".join(quote(p) for p in sorted((landed or {})[view]))
+            select = f"SELECT * FROM (\n{select}\n) WHERE toString({key}) NOT IN ({done})"
         out.append(
             f"CREATE MATERIALIZED VIEW {database}.{REDO_TABLE}_{view} TO {database}.{target} AS\n{select}"
         )

@@ -169,6 +169,9 @@ class Store:
     def insert_settings(self, token: str) -> dict[str, Any]:
         """The settings of every insert: what makes a retried or replayed batch count once."""
         settings = schema.CLUSTER_INSERT_SETTINGS if self.cluster else schema.INSERT_SETTINGS
+        if token.startswith(schema.LEDGER_TOKEN_PREFIX) and is_embedded(self.name):
+            # The ledger's groups: one part per partition of each table (``schema.ONE_PART_SETTINGS``).
+            settings = {**settings, **schema.ONE_PART_SETTINGS}
         return {"insert_deduplication_token": token, **settings}
 
     @property
@@ -227,30 +230,44 @@ class Store:
         failed insert): ``kind`` "n" or "d", ``block`` as the first try sent it. Returns the ledger tables
         it was inserted into.
 
-        On the embedded engine, one process is the only writer: each ledger table is asked whether it
-        holds the group (``schema.landed_sql``), and the group goes through the views of those that do
-        not, alone, without deduplication (the engine's deduplication log may hold the token of a part
-        the kill took, and would drop it). Elsewhere the token decides, as on the first try."""
+        On the embedded engine, one process is the only writer: each ledger table is asked which of its
+        partitions hold the group (``schema.landed_sql``), and the group's other rows go through the
+        table's view, alone, without deduplication (the engine's deduplication log may hold the token of
+        a part the kill took, and would drop it). Elsewhere the token decides, as on the first try."""
         if not is_embedded(self.name):
             self.insert_native(schema.INGEST_OF[kind], names, block, token)
             return [t for t, _ in schema.LEDGER_VIEWS[kind]]
-        missing = [
-            (table, view)
+
+        def landed() -> dict[str, set[str]]:
+            return {
+                table: {
+                    str(r[0]) for r in self.rows(schema.landed_sql(self.database, kind, table), {"seq": seq})
+                }
+                for table, _ in schema.LEDGER_VIEWS[kind]
+            }
+
+        before = landed()
+        # A table without partitions holds the group whole or not at all; one with partitions may hold
+        # some of the group's months (one part each): its view redoes the rest.
+        views = [
+            view
             for table, view in schema.LEDGER_VIEWS[kind]
-            if not self.scalar(schema.landed_sql(self.database, kind, table), {"seq": seq})
+            if schema.partition_key(self.database, table) or not before[table]
         ]
-        views = [view for _, view in missing] + list(schema.REPEATABLE_VIEWS[kind])
-        for statement in schema.redo_ddl(self.database, kind, views):
-            self.client.command(statement)
+        skip = {view: sorted(before[table]) for table, view in schema.LEDGER_VIEWS[kind] if view in views}
+        views += schema.REPEATABLE_VIEWS[kind]
         try:
+            for statement in schema.redo_ddl(self.database, kind, views, skip):
+                self.client.command(statement)
             self.client.raw_insert(
                 f"{self.database}.{schema.REDO_TABLE}", names, block, fmt="Native",
-                settings={**schema.INSERT_SETTINGS, "insert_deduplicate": 0},
+                settings={**schema.INSERT_SETTINGS, **schema.ONE_PART_SETTINGS, "insert_deduplicate": 0},
             )  # fmt: skip
         finally:
             for statement in schema.redo_cleanup_ddl(self.database, views):
                 self.client.command(statement)
-        return [table for table, _ in missing]
+        after = landed()
+        return [table for table, _ in schema.LEDGER_VIEWS[kind] if after[table] != before[table]]
 
     def max_batch_seq(self) -> int:
         """The highest ``batch_seq`` any ledger table holds (0 if none)."""

@@ -428,6 +428,38 @@ def test_a_table_whose_part_the_kill_took_gets_the_group_again_though_its_dedup_
 
 
 @pytest.mark.parametrize(
+    "lost", [schema.POINTS_TABLE, schema.HOURLY_TABLE, schema.METRIC_ORGS_TABLE, schema.DIST_TABLE]
+)
+def test_a_group_over_two_months_whose_part_of_one_month_the_kill_took_gets_that_month_again(
+    tmp_path, store, store_factory, lost
+):
+    """A table partitioned by month gets one part per month from a group whose points span two, each
+    committed on its own: a kill between the two leaves the group's rows of one month in the table and
+    not the other's. The replay must find the month missing (a row of the group in the table does not
+    mean all of its rows are there) and put only that month's rows in, nowhere twice."""
+    now = time.time_ns()
+    earlier = now - 40 * 86400 * 10**9  # another month
+    batches = [mixed_request(i, (now, earlier)[i % 2] - 3600 * 10**9) for i in range(6)]
+    want = expected_rows(tmp_path, store_factory, batches)
+    group = insert_then_crash(tmp_path, store, batches)
+    column = "hour" if lost in (schema.HOURLY_TABLE, schema.METRIC_ORGS_TABLE) else "time"
+    months = store.rows(
+        f"SELECT DISTINCT toYYYYMM({column}) FROM {store.database}.{lost} WHERE batch_seq >= {group.last}"
+    )
+    assert len(months) == 2
+    store.client.command(
+        f"ALTER TABLE {store.database}.{lost} DELETE WHERE batch_seq >= {group.last} "
+        f"AND toYYYYMM({column}) = {months[0][0]}",
+        settings={"mutations_sync": 2},
+    )
+    assert stored(store) != want
+    with Rig(tmp_path, store) as rig:
+        assert rig.report.replay_groups == 1
+        rig.drain(60)
+    assert stored(store) == want
+
+
+@pytest.mark.parametrize(
     ("records", "max_points", "cache_bytes", "crash_after"),
     [
         (1, 50_000, 256 << 20, "numbers"),

@@ -14,6 +14,11 @@ TYPES = [{c.name: c.type for c in schema.INGEST_COLUMNS}[n] for n in BATCH_COLUM
 
 
 def block(org: str, seq: int, rows: int = 10) -> bytes:
+    return stamp(unstamped(org, rows), rows, f"tok-{seq}:n", seq)
+
+
+def unstamped(org: str, rows: int) -> bytes:
+    """A record's block as the spool holds it (without the writer's columns)."""
     now = time.time_ns()
     row = dict(org_id=org, metric="m", kind=schema.KIND_SUM, unit="1", monotonic=1, start_time=now,
                time=now, is_int=1, value_int=3, value_double=0.0, attr_keys=["k"], attr_values=["v"],
@@ -21,7 +26,7 @@ def block(org: str, seq: int, rows: int = 10) -> bytes:
                temporality=schema.TEMPORALITY_DELTA, series_id=0, series_start=0, cumulative_int=0,
                cumulative_double=0.0)  # fmt: skip
     cols = [[row[n]] * rows for n in BATCH_COLUMNS]
-    return stamp(native.encode(BATCH_COLUMNS, TYPES, cols), rows, f"tok-{seq}:n", seq)
+    return native.encode(BATCH_COLUMNS, TYPES, cols)
 
 
 def totals(store) -> dict[str, dict[str, int]]:
@@ -101,3 +106,33 @@ def test_a_database_of_the_version_before_is_brought_up_to_date(store):
     assert store.insert_in_doubt("n", NUMBER_NAMES, block("new", 2), "tok-2:n", 2) == []
     t = totals(store)
     assert t[schema.POINTS_TABLE] == t[schema.HOURLY_TABLE] == t[schema.ORGS_TABLE] == {"old": 10, "new": 10}
+
+
+def test_a_group_of_over_a_million_points_is_one_part_per_table_so_a_kill_takes_all_of_it_or_none(store):
+    """ClickHouse squashes an insert's blocks into parts of about a million rows (and a view's output
+    likewise), committed one after another: a kill between two of them would leave a table holding part
+    of a group, which the ledger takes for all of it. The writer's insert of a ledger group is one part
+    per table (and month) however large."""
+    from meterhouse.collector.model import Blocks
+    from meterhouse.collector.writer import LEDGER_TOKEN, insert_calls
+
+    db = store.database
+    tables = sorted({t for t, _ in schema.LEDGER_VIEWS["n"]})
+    for table in tables:
+        store.client.command(f"SYSTEM STOP MERGES {db}.{table}")
+    rows, records = 275_000, 5  # five requests' blocks: over a million rows and some
+    record = unstamped("big", rows)
+    blocks = [Blocks(record, rows, b"", 0, f"d{i}", 0) for i in range(records)]
+    calls = insert_calls(store, LEDGER_TOKEN + "big", 9, blocks=blocks)
+    assert [kind for kind, _ in calls] == ["n"]
+    calls[0][1](False)  # the writer's first try
+    parts = dict(
+        store.rows(
+            f"SELECT table, count() FROM system.parts WHERE database = '{db}' AND active "
+            f"AND table IN {tuple(tables)} GROUP BY table"
+        )
+    )
+    assert parts == dict.fromkeys(tables, 1)
+    assert (
+        store.scalar(f"SELECT count() FROM {db}.{schema.POINTS_TABLE} WHERE batch_seq = 9") == rows * records
+    )
