@@ -86,16 +86,28 @@ class Store:
     def _migrate_columns(self) -> None:
         """A database of the version before the ledger (single node; nothing inserts yet): the
         ``batch_seq`` columns first (a view that reads one is refused while it is missing, even when the
-        view exists)."""
+        view exists). Every table is asked, not one: a start the kill cut short added it to some."""
+        tables = [schema.INGEST_TABLE, schema.DIST_INGEST_TABLE] + sorted(
+            {t for views in schema.LEDGER_VIEWS.values() for t, _ in views}
+        )
         found = {
             str(name): int(n)
             for name, n in self.client.query(
                 "SELECT table, countIf(name = 'batch_seq') FROM system.columns"
-                " WHERE database = {db:String} AND table = {t:String} GROUP BY table",
-                parameters={"db": self.database, "t": schema.POINTS_TABLE},
+                " WHERE database = {db:String} AND table IN {t:Array(String)} GROUP BY table",
+                parameters={"db": self.database, "t": tables},
             ).result_rows
         }
-        if found.get(schema.POINTS_TABLE) == 0:
+        indexed = {
+            str(r[0])
+            for r in self.client.query(
+                "SELECT table FROM system.data_skipping_indices"
+                " WHERE database = {db:String} AND name = 'batch_seq_idx'",
+                parameters={"db": self.database},
+            ).result_rows
+        }
+        ledger = {t for views in schema.LEDGER_VIEWS.values() for t, _ in views}
+        if any(n == 0 for n in found.values()) or (found and not ledger <= indexed):
             log.warning("schema: adding batch_seq to a database of an earlier version")
             for statement in schema.seq_columns_migration(self.database):
                 self.client.command(statement)

@@ -75,9 +75,9 @@ def test_a_group_in_doubt_goes_only_where_it_is_missing(store):
     assert not {t for t in tables if t.startswith(schema.REDO_TABLE)}
 
 
-def test_a_database_of_the_version_before_is_brought_up_to_date(store):
-    """Tables without ``batch_seq`` and views that do not fill it (the schema before the ledger): the
-    start adds the column and index and creates the views again; rows from before read 0."""
+def previous_version(store) -> list[str]:
+    """The database as the version before the ledger made it (no ``batch_seq`` anywhere), holding one
+    group; returns the ledger views."""
     db = store.database
     store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block("old", 1), "tok-1:n")
     views = [v for kind in schema.LEDGER_VIEWS.values() for _, v in kind]
@@ -95,6 +95,14 @@ def test_a_database_of_the_version_before_is_brought_up_to_date(store):
         assert "batch_seq" not in old, view
         store.client.command(old)
 
+    return views
+
+
+def test_a_database_of_the_version_before_is_brought_up_to_date(store):
+    """Tables without ``batch_seq`` and views that do not fill it (the schema before the ledger): the
+    start adds the column and index and creates the views again; rows from before read 0."""
+    db = store.database
+    views = previous_version(store)
     store.ensure_schema()
     for view in views:
         query = store.scalar(
@@ -136,3 +144,24 @@ def test_a_group_of_over_a_million_points_is_one_part_per_table_so_a_kill_takes_
     assert (
         store.scalar(f"SELECT count() FROM {db}.{schema.POINTS_TABLE} WHERE batch_seq = 9") == rows * records
     )
+
+
+def test_a_migration_a_kill_cut_short_is_finished_at_the_next_start(store):
+    """The start adds ``batch_seq`` table by table; a kill after the raw tables got it and before the
+    rollups did must not leave the rollups without it (the ledger could not ask them, and every group in
+    doubt would fail there for good)."""
+    db = store.database
+    previous_version(store)
+    statements = schema.seq_columns_migration(db)
+    for statement in statements[:4]:  # the ingest and raw tables; then the kill
+        store.client.command(statement)
+    store.ensure_schema()
+    for table in {t for kind in schema.LEDGER_VIEWS.values() for t, _ in kind}:
+        columns = store.rows(f"SELECT name FROM system.columns WHERE database = '{db}' AND table = '{table}'")
+        assert ("batch_seq",) in columns, table
+    indexed = store.rows(f"SELECT table FROM system.data_skipping_indices WHERE database = '{db}'")
+    assert {(t,) for kind in schema.LEDGER_VIEWS.values() for t, _ in kind} <= set(indexed)
+    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block("new", 2), "tok-2:n")
+    assert store.insert_in_doubt("n", NUMBER_NAMES, block("new", 2), "tok-2:n", 2) == []
+    t = totals(store)
+    assert t[schema.POINTS_TABLE] == t[schema.HOURLY_TABLE] == t[schema.ORGS_TABLE] == {"old": 10, "new": 10}
