@@ -204,15 +204,19 @@ class Collector:
 
     def _continue_numbering(self) -> None:
         """A new spool: number its records above every group the embedded database holds, so the
-        writer's ledger (``schema.SEQ_COLUMN``) never mistakes an old group's rows for a new one's."""
+        writer's ledger (``schema.SEQ_COLUMN``) never mistakes an old group's rows for a new one's.
+
+        A database that cannot be read now may still hold groups: then above the clock in nanoseconds,
+        which no number given so far can have reached (a spool numbers one by one from 0 or from such a
+        floor, far slower than the clock runs)."""
         if not is_embedded(self.config.endpoints[0]):
             return
         try:
             floor = self.endpoints.max_batch_seq()
-        except Exception as e:  # noqa: BLE001 - an empty or unreachable database has nothing to number above
-            log.warning("new spool: could not read the database's last batch number",
-                        extra={"error": f"{type(e).__name__}: {e}"[:300]})  # fmt: skip
-            return
+        except Exception as e:  # noqa: BLE001 - the clock stands in for the number not read
+            floor = time.time_ns()
+            log.warning("new spool: the database's last batch number unread; numbering above the clock",
+                        extra={"error": f"{type(e).__name__}: {e}"[:300], "seq": floor})  # fmt: skip
         if floor:
             log.info("new spool: numbering records above the database's last batch", extra={"seq": floor})
             self.spool.advance(floor)

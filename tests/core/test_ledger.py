@@ -165,3 +165,59 @@ def test_a_migration_a_kill_cut_short_is_finished_at_the_next_start(store):
     assert store.insert_in_doubt("n", NUMBER_NAMES, block("new", 2), "tok-2:n", 2) == []
     t = totals(store)
     assert t[schema.POINTS_TABLE] == t[schema.HOURLY_TABLE] == t[schema.ORGS_TABLE] == {"old": 10, "new": 10}
+
+
+def test_a_new_spool_beside_a_database_it_cannot_read_at_start_numbers_above_its_groups(engine_dir, tmp_path):
+    """The spool is gone and the database stays (its groups carry numbers up to N); the engine fails at
+    start, so the new spool cannot learn N. It must still number its records above N: a group of the new
+    spool in doubt (its first try failed) would otherwise find the old groups' rows at or above its number
+    in every table, be taken as landed, and be lost."""
+    import json
+    import shutil
+    import uuid
+
+    import requests
+    from conftest import drain, shared_engine
+    from faulty_store import faulty_connect
+    from otlp_builders import point, sum_request
+
+    from meterhouse.core.config import Config
+    from meterhouse.runtime import Stack
+
+    database = f"sp_{uuid.uuid4().hex[:12]}"
+    control = tmp_path / "faults.json"
+    control.write_text(json.dumps({"down": []}))
+    config = Config(data_dir=tmp_path / "stack", database=database, otlp_http_port=0, otlp_grpc_port=0,
+                    http_port=0, flush_interval_s=0.05)  # fmt: skip
+
+    def send(stack, value: int) -> None:
+        body = sum_request({"calls": [point(value, {"org.id": "a"})]}).SerializeToString()
+        r = requests.post(f"http://127.0.0.1:{stack.collector.http.port}/v1/metrics", data=body,
+                          headers={"Content-Type": "application/x-protobuf"}, timeout=10)  # fmt: skip
+        assert r.status_code == 200, r.text
+
+    stack = Stack(config, faulty_connect(shared_engine(engine_dir, database), control))
+    stack.start()
+    try:
+        for v in range(1, 6):
+            send(stack, v)
+            drain(stack)
+    finally:
+        stack.shutdown(5)
+    shutil.rmtree(config.data_dir / "spool")
+    control.write_text(json.dumps({"down": ["embedded"]}))  # the engine fails at start
+    stack = Stack(config, faulty_connect(shared_engine(engine_dir, database), control))
+    stack.start()
+    reader = shared_engine(engine_dir, database)("embedded")
+    try:
+        send(stack, 100)  # spooled; its first try fails
+        deadline = time.monotonic() + 10
+        while not stack.metrics.insert_failures._value.get() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        control.write_text(json.dumps({"down": []}))
+        drain(stack)
+    finally:
+        stack.shutdown(5)
+    total = reader.scalar(f"SELECT sum(value_int) FROM {database}.{schema.HOURLY_TABLE} WHERE org_id = 'a'")
+    assert int(total) == 115
+    assert int(reader.scalar(f"SELECT sum(value_int) FROM {database}.{schema.POINTS_TABLE}")) == 115
