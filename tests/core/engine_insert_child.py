@@ -2,7 +2,8 @@
 table, each under its own deduplication token and with its ``batch_seq``, printing each batch number once
 its insert returned; ``once`` inserts one batch as the writer does a group in doubt (``insert_in_doubt``).
 
-``python engine_insert_child.py DATA_DIR FIRST loop|once [MONTHS]``; batch i holds ROWS points of org ``b{i}``,
+``python engine_insert_child.py DATA_DIR FIRST loop|once|redo [MONTHS]`` (``redo``: ``once``, saying "ready"
+first); batch i holds ROWS points of org ``b{i}``,
 spread over MONTHS months (default 1: one part per partitioned table; more: one part per month each).
 """
 
@@ -48,7 +49,9 @@ def main() -> None:
     store = connect("embedded", data, "meterhouse")
     store.ensure_schema()
     i = first
-    if mode == "once":
+    if mode in ("once", "redo"):
+        if mode == "redo":  # the parent kills it at some moment of the redo
+            print("ready", flush=True)
         store.insert_in_doubt("n", NUMBER_NAMES, block(i, months), f"t{i}:n", i + 1)
         print(i, flush=True)
         return
