@@ -240,6 +240,9 @@ class EndpointSet:
         done: list[str] = self._call(lambda s: s.insert_in_doubt(kind, names, block, token, seq), write=True)
         return done
 
+    def insert_earlier(self, kind: str, names: Sequence[str], block: bytes, token: str) -> None:
+        self._call(lambda s: s.insert_earlier(kind, names, block, token), write=True)
+
     def max_batch_seq(self) -> int:
         seq: int = self._call(lambda s: s.max_batch_seq(), write=False)
         return seq

@@ -140,6 +140,8 @@ def insert_calls(
             suffix = f"{token}:{kind}"
             if doubt and hasattr(store, "insert_in_doubt"):
                 store.insert_in_doubt(kind, names, block, suffix, seq)
+            elif not token.startswith(LEDGER_TOKEN) and hasattr(store, "insert_earlier"):
+                store.insert_earlier(kind, names, block, suffix)  # a group an earlier version began
             else:
                 store.insert_native(schema.INGEST_OF[kind], names, block, suffix)
 

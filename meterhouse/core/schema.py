@@ -399,6 +399,15 @@ REPEATABLE_VIEWS: dict[str, tuple[str, ...]] = {
     "d": ("attr_sets_dist_mv",),
 }
 INGEST_OF = {"n": INGEST_TABLE, "d": DIST_INGEST_TABLE}
+#: The raw table of each insert (the one whose rows carry the group's ``batch_id``).
+RAW_OF = {"n": POINTS_TABLE, "d": DIST_TABLE}
+#: Views that read the raw tables before the ledger and the ingest tables since: ClickHouse does not
+#: recognise a repeat of an insert the version before made as one there (the views' blocks are other
+#: blocks now), so a group that version inserted is not repeated through them (``Store.insert_earlier``).
+READ_RAW_BEFORE_LEDGER: dict[str, tuple[str, ...]] = {
+    "n": ("org_last_seen_mv", "metric_catalog_points_mv"),
+    "d": ("metric_catalog_dist_mv",),
+}
 #: The Null table a group in doubt is inserted into to reach one view alone.
 REDO_TABLE = "redo_ingest"
 

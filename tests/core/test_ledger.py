@@ -3,8 +3,9 @@ where it is missing, and a database of the version before it brought up to date 
 
 from __future__ import annotations
 
-import re
 import time
+
+from previous_schema import previous_version
 
 from meterhouse.collector.model import BATCH_COLUMNS
 from meterhouse.collector.writer import NUMBER_NAMES, stamp
@@ -75,33 +76,11 @@ def test_a_group_in_doubt_goes_only_where_it_is_missing(store):
     assert not {t for t in tables if t.startswith(schema.REDO_TABLE)}
 
 
-def previous_version(store) -> list[str]:
-    """The database as the version before the ledger made it (no ``batch_seq`` anywhere), holding one
-    group; returns the ledger views."""
-    db = store.database
-    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block("old", 1), "tok-1:n")
-    views = [v for kind in schema.LEDGER_VIEWS.values() for _, v in kind]
-    creates = {m.group(2): s for s in schema.ddl(db) if (m := schema._CREATE_MV.match(s))}
-    for view in views:
-        store.client.command(f"DROP VIEW {db}.{view}")
-    for table in {t for kind in schema.LEDGER_VIEWS.values() for t, _ in kind}:
-        store.client.command(f"ALTER TABLE {db}.{table} DROP INDEX batch_seq_idx")
-        store.client.command(f"ALTER TABLE {db}.{table} DROP COLUMN batch_seq")
-    for table in (schema.INGEST_TABLE, schema.DIST_INGEST_TABLE):
-        store.client.command(f"ALTER TABLE {db}.{table} DROP COLUMN batch_seq")
-    for view in views:
-        old = re.sub(r",\s*max\(batch_seq\) AS batch_seq|, batch_seq(?=\n)", "", creates[view])
-        old = old.replace(", batch_id, batch_seq", ", batch_id")  # the distribution view lists its columns
-        assert "batch_seq" not in old, view
-        store.client.command(old)
-
-    return views
-
-
 def test_a_database_of_the_version_before_is_brought_up_to_date(store):
     """Tables without ``batch_seq`` and views that do not fill it (the schema before the ledger): the
     start adds the column and index and creates the views again; rows from before read 0."""
     db = store.database
+    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block("old", 1), "tok-1:n")
     views = previous_version(store)
     store.ensure_schema()
     for view in views:
@@ -151,6 +130,7 @@ def test_a_migration_a_kill_cut_short_is_finished_at_the_next_start(store):
     rollups did must not leave the rollups without it (the ledger could not ask them, and every group in
     doubt would fail there for good)."""
     db = store.database
+    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block("old", 1), "tok-1:n")
     previous_version(store)
     statements = schema.seq_columns_migration(db)
     for statement in statements[:4]:  # the ingest and raw tables; then the kill

@@ -1,0 +1,39 @@
+"""The database as the version before the writer's ledger made it: no ``batch_seq`` anywhere, and the
+organisations' and catalog's views reading the raw tables (they read the ingest tables since)."""
+
+from __future__ import annotations
+
+import re
+
+from meterhouse.core import schema
+
+#: The views whose source the ledger changed, with the table each read before.
+READ_BEFORE = {
+    "org_last_seen_mv": (schema.INGEST_TABLE, schema.POINTS_TABLE),
+    "metric_catalog_points_mv": (schema.INGEST_TABLE, schema.POINTS_TABLE),
+    "metric_catalog_dist_mv": (schema.DIST_INGEST_TABLE, schema.DIST_TABLE),
+}
+
+
+def previous_version(store) -> list[str]:
+    """Turn the store's database into the version before's; returns the ledger views."""
+    db = store.database
+    views = [v for kind in schema.LEDGER_VIEWS.values() for _, v in kind]
+    creates = {m.group(2): s for s in schema.ddl(db) if (m := schema._CREATE_MV.match(s))}
+    for view in views:
+        store.client.command(f"DROP VIEW {db}.{view}")
+    for table in {t for kind in schema.LEDGER_VIEWS.values() for t, _ in kind}:
+        store.client.command(f"ALTER TABLE {db}.{table} DROP INDEX batch_seq_idx")
+        store.client.command(f"ALTER TABLE {db}.{table} DROP COLUMN batch_seq")
+    for table in (schema.INGEST_TABLE, schema.DIST_INGEST_TABLE):
+        store.client.command(f"ALTER TABLE {db}.{table} DROP COLUMN batch_seq")
+    for view in views:
+        old = re.sub(r",\s*max\(batch_seq\) AS batch_seq|, batch_seq(?=\n)", "", creates[view])
+        old = old.replace(", batch_id, batch_seq", ", batch_id")  # the distribution view lists its columns
+        if view in READ_BEFORE:
+            now, before = READ_BEFORE[view]
+            old = old.replace(f"FROM {db}.{now}\n", f"FROM {db}.{before}\n")
+            assert f"FROM {db}.{before}\n" in old, view
+        assert "batch_seq" not in old, view
+        store.client.command(old)
+    return views
