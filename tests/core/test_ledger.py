@@ -3,6 +3,7 @@ where it is missing, and a database of the version before it brought up to date 
 
 from __future__ import annotations
 
+import re
 import time
 
 from previous_schema import previous_version
@@ -201,3 +202,16 @@ def test_a_new_spool_beside_a_database_it_cannot_read_at_start_numbers_above_its
     total = reader.scalar(f"SELECT sum(value_int) FROM {database}.{schema.HOURLY_TABLE} WHERE org_id = 'a'")
     assert int(total) == 115
     assert int(reader.scalar(f"SELECT sum(value_int) FROM {database}.{schema.POINTS_TABLE}")) == 115
+
+
+def test_every_view_of_an_ingest_table_is_in_the_ledger_or_repeatable():
+    """A group in doubt reaches only the views the ledger names (``LEDGER_VIEWS``, ``REPEATABLE_VIEWS``):
+    a view of an ingest table in neither would miss every redo."""
+    for statement in schema.render("db"):
+        if (m := schema._CREATE_MV.match(statement)) is None:
+            continue
+        view, select = m.group(2), m.group(5)
+        for kind, source in schema.INGEST_OF.items():
+            if re.search(rf"\bdb\.{source}\b", select):
+                named = [v for _, v in schema.LEDGER_VIEWS[kind]] + list(schema.REPEATABLE_VIEWS[kind])
+                assert view in named, (kind, view)
