@@ -1078,7 +1078,14 @@ REPLICATED_DEDUP_WINDOW_SECONDS = 7 * 86400
 #: setting, in every materialized view the insert feeds.
 #: ``optimize_on_insert = 0``: the aggregating and replacing tables are not merged within each inserted
 #: block (every query aggregates anyway, and background merges do it later): ~20% less insert CPU.
-INSERT_SETTINGS = {"deduplicate_blocks_in_dependent_materialized_views": 1, "optimize_on_insert": 0}
+#: ``max_partitions_per_insert_block = 0``: a group whose points span more than 100 months (a backfill
+#: with a long ``--max-past-s``) is written, one part per month; refused (TOO_MANY_PARTS, an overload code)
+#: it would be retried forever and hold up every group after it.
+INSERT_SETTINGS = {
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+    "optimize_on_insert": 0,
+    "max_partitions_per_insert_block": 0,
+}
 
 #: Added on a cluster: the Distributed insert returns only once every shard has the block on one replica
 #: (no background queue that re-batches blocks and loses the token's meaning), and deduplication is on.
@@ -1087,6 +1094,7 @@ CLUSTER_INSERT_SETTINGS = {
     "distributed_foreground_insert": 1,
     "deduplicate_blocks_in_dependent_materialized_views": 1,
     "optimize_on_insert": 0,
+    "max_partitions_per_insert_block": 0,
 }
 
 #: Added to reads on a cluster: a query with ``org_id = …`` touches only that org's shard.

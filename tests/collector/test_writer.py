@@ -174,6 +174,24 @@ def test_error_classification(error, kind):
     assert classify(error) == kind
 
 
+def test_a_group_over_more_than_a_hundred_months_is_written_not_retried_forever(tmp_path, store):
+    """A backfill (``--max-past-s`` of ten years): one request's points over nine. ClickHouse refuses an
+    insert block of more than 100 partitions by default (TOO_MANY_PARTS, an overload code, retried for as
+    long as it takes): the writer would retry it forever and every later group would wait behind it."""
+    month = 31 * 86400 * 10**9
+    now = time.time_ns()
+    req = sum_request({"api": [point(1, {"org.id": "a"}, t_ns=now - k * month) for k in range(110)]})
+    limits = Limits(max_past_ns=10 * 366 * 86400 * 10**9)
+    b = decode_request(req, limits, now_ns=now, digest=content_digest(req.SerializeToString())).batch
+    assert b.size == 110
+    with Rig(tmp_path, store) as rig:
+        rig.spool.consume(b)
+        rig.spool.consume(batch_of({"api": [point(5, {"org.id": "b"})]}))
+        rig.drain(30)
+    assert totals(store) == {"a": 110, "b": 5}
+    assert totals(store, "usage_hourly") == totals(store)
+
+
 def test_a_spool_replay_of_a_committed_batch_counts_once(tmp_path, store):
     """Crash after the insert and before the spool's COMMIT: the replay repeats the insert, same token."""
     rig = Rig(tmp_path, store)

@@ -116,12 +116,14 @@ def test_the_insert_path_carries_the_deduplication_settings():
         "distributed_foreground_insert": 1,
         "deduplicate_blocks_in_dependent_materialized_views": 1,
         "optimize_on_insert": 0,
+        "max_partitions_per_insert_block": 0,
     }
     assert Store(None, "db", "x", cluster=CLUSTER).query_settings == {"optimize_skip_unused_shards": 1}
     assert Store(None, "db", "x").insert_settings("tok") == {
         "insert_deduplication_token": "tok",
         "deduplicate_blocks_in_dependent_materialized_views": 1,
         "optimize_on_insert": 0,
+        "max_partitions_per_insert_block": 0,
     }
 
 
