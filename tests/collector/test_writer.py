@@ -703,3 +703,37 @@ def test_a_format_3_record_of_another_column_set_is_conformed_and_inserted(tmp_p
     with Rig(tmp_path, store) as rig:
         rig.drain(30)
     assert stored(store) == want
+
+
+class LandedThenFailedOnce:
+    """The first insert of each kind lands and then reports a retryable error (a timeout after the
+    server took it); the retry goes through the ledger of the real store."""
+
+    def __init__(self, real):
+        self.real, self.name, self.database = real, real.name, real.database
+        self.failed: set[str] = set()
+
+    def insert_native(self, table, names, block, token):
+        self.real.insert_native(table, names, block, token)
+        if table not in self.failed:
+            self.failed.add(table)
+            raise TimeoutError("the answer was lost")
+
+    def insert_in_doubt(self, kind, names, block, token, seq):
+        return self.real.insert_in_doubt(kind, names, block, token, seq)
+
+    def scalar(self, sql, parameters=None):
+        return self.real.scalar(sql, parameters)
+
+
+def test_an_insert_that_landed_and_then_failed_counts_once_when_retried(tmp_path, store, store_factory):
+    now = time.time_ns()
+    batches = [mixed_request(i, (now, now - 40 * 86400 * 10**9)[i % 2] - 3600 * 10**9) for i in range(4)]
+    want = expected_rows(tmp_path, store_factory, batches)
+    flaky = LandedThenFailedOnce(store)
+    with Rig(tmp_path, flaky) as rig:
+        for b in batches:
+            rig.spool.consume(b)
+        rig.drain(30)
+    assert flaky.failed == {schema.INGEST_TABLE, schema.DIST_INGEST_TABLE}
+    assert stored(store) == want
