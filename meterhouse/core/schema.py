@@ -477,8 +477,8 @@ def redo_ddl(
     for statement in ddl(database):
         if m := _CREATE_MV.match(statement):
             bodies[m.group(2)] = (m.group(4), m.group(5))
-    out = [
-        f"DROP TABLE IF EXISTS {database}.{REDO_TABLE}",
+    # Copies a failed cleanup left behind first: they would feed their tables from the new redo table too.
+    out = redo_cleanup_ddl(database, all_views()) + [
         f"CREATE TABLE {database}.{REDO_TABLE} AS {database}.{source} ENGINE = Null",
     ]
     for view in views:

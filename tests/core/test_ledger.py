@@ -215,3 +215,16 @@ def test_every_view_of_an_ingest_table_is_in_the_ledger_or_repeatable():
             if re.search(rf"\bdb\.{source}\b", select):
                 named = [v for _, v in schema.LEDGER_VIEWS[kind]] + list(schema.REPEATABLE_VIEWS[kind])
                 assert view in named, (kind, view)
+
+
+def test_a_redo_view_a_failed_cleanup_left_behind_does_not_feed_the_next_redo(store):
+    """A redo whose insert landed and whose cleanup then failed leaves a copy of a view on the redo table
+    (here: the organisations' one). The next redo (the group is retried) creates the redo table again;
+    the copy left behind must not feed its table a second time."""
+    db = store.database
+    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block("a", 5), "tok-5:n")
+    before = totals(store)
+    for statement in schema.redo_ddl(db, "n", ["org_last_seen_mv"]):
+        store.client.command(statement)  # what the failed cleanup left
+    assert store.insert_in_doubt("n", NUMBER_NAMES, block("a", 5), "tok-5:n", 5) == []
+    assert totals(store) == before
