@@ -94,6 +94,7 @@ def profile_xml() -> str:
     _el(default, "insert_deduplicate", 1)
     _el(default, "deduplicate_blocks_in_dependent_materialized_views", 1)
     _el(default, "optimize_on_insert", 0)
+    _el(default, "max_partitions_per_insert_block", 0)
     return _xml(root, "default profile: per-org queries touch one shard; inserts deduplicated")
 
 
