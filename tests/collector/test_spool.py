@@ -344,8 +344,10 @@ class SpoolMachine(RuleBasedStateMachine):
         assert len(present) == len(set(present)), "a record came back twice"
         assert self.acked <= set(present), f"acknowledged records lost: {self.acked - set(present)}"
         assert set(present) <= self.acked | self.maybe
-        # Committed records that came back are written again under their token; the rest is as before.
-        self.maybe = {v for v in self.maybe if v in present}
+        # Committed records that came back are written again under their token (the writer's ledger or
+        # ClickHouse drops what landed); a commit mark is durable only with the next fsync, so a committed
+        # record that did not come back now may still come back after a later power loss.
+        self.maybe = {v for v in self.maybe if v in present or v in self.committed}
 
     @invariant()
     def pending_matches(self):
