@@ -10,7 +10,7 @@ so a batch inserted again with the same ``insert_deduplication_token`` counts on
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 INGEST_TABLE = "usage_points_ingest"
@@ -466,7 +466,7 @@ def max_seq_sql(database: str, table: str) -> str:
 
 
 def redo_ddl(
-    database: str, kind: str, views: Sequence[str], landed: dict[str, Sequence[str]] | None = None
+    database: str, kind: str, views: Sequence[str], landed: Mapping[str, Sequence[str]] | None = None
 ) -> list[str]:
     """Statements that make ``REDO_TABLE`` (shaped as the ``kind`` ingest table) feed only ``views``,
     each as its own view does: the same SELECT, reading the redo table; a view in ``landed`` without the
