@@ -48,6 +48,13 @@ _SEQ_INDEX = "INDEX batch_seq_idx batch_seq TYPE minmax GRANULARITY 1"
 SEQ_COLUMN = f"batch_seq UInt64 CODEC(Delta, ZSTD),\n    {_SEQ_INDEX}"
 SEQ_MAX_COLUMN = f"batch_seq SimpleAggregateFunction(max, UInt64),\n    {_SEQ_INDEX}"
 
+#: What the engine writes is on disk before the writer commits the group in the spool (after which the
+#: spool may forget it): a part's files and directory are fsync'd on insert, and a merged part before its
+#: sources go (the embedded engine removes merged parts at once, ``old_parts_lifetime`` 0). Without these,
+#: a power loss within the kernel's writeback delay took committed groups with it, the spool holding
+#: nothing to replay. On every table a group or a close writes.
+DURABLE_SETTINGS = "fsync_after_insert = 1, fsync_part_directory = 1, min_rows_to_fsync_after_merge = 1"
+
 #: Kinds of stored points. Only ``sum`` points are usage and reach the hourly rollup; ``gauge`` points sit
 #: beside them in ``usage_points``; histograms and summaries go to ``distribution_points``.
 KIND_SUM = "sum"
@@ -140,7 +147,7 @@ DIST_INGEST_COLUMN_TYPES = tuple(c.type for c in DIST_INGEST_COLUMNS)
 def ddl(database: str) -> list[str]:
     """Statements that create the schema if it is missing (idempotent), in dependency order."""
     db = database
-    dedup = f"non_replicated_deduplication_window = {DEDUP_WINDOW_BLOCKS}"
+    dedup = f"non_replicated_deduplication_window = {DEDUP_WINDOW_BLOCKS}, {DURABLE_SETTINGS}"
     ingest_cols = ",\n    ".join(f"{c.name} {c.type}" for c in INGEST_COLUMNS)
     dist_cols = ",\n    ".join(f"{c.name} {c.type}" for c in DIST_INGEST_COLUMNS)
     dist_plain = ", ".join(
@@ -531,6 +538,37 @@ def seq_columns_migration(database: str) -> list[str]:
     return out
 
 
+def seq_columns_cluster_migration(database: str, cluster: str) -> list[str]:
+    """``seq_columns_migration`` for a cluster's database of an earlier version: on every node, the
+    ``_local`` tables and the Distributed ones (which take no index). The views stay as that version made
+    them (a cluster's token decides; the ledger is the embedded engine's), so the column of the tables
+    they fill is left at 0; what matters is that the ingest tables take the writer's ``batch_seq``."""
+    out = []
+    for statement in seq_columns_migration(database):
+        m = _ALTER.match(statement)
+        assert m is not None
+        _, table, action = m.groups()
+        out.append(f"ALTER TABLE {database}.{local_name(table)} ON CLUSTER {cluster} {action}")
+        if action.startswith("ADD COLUMN"):
+            column = re.sub(r" CODEC\(.*\)$", "", action)  # a Distributed table has no codecs
+            out.append(f"ALTER TABLE {database}.{table} ON CLUSTER {cluster} {column}")
+    return out
+
+
+def durable_tables(database: str) -> list[str]:
+    """The tables created with ``DURABLE_SETTINGS``."""
+    return [
+        m.group(2)
+        for s in ddl(database) + close_ddl(database)
+        if (m := _CREATE_TABLE.match(s)) and DURABLE_SETTINGS in s
+    ]
+
+
+def durable_migration(database: str, tables: Sequence[str]) -> list[str]:
+    """``DURABLE_SETTINGS`` on tables an earlier version created without them."""
+    return [f"ALTER TABLE {database}.{t} MODIFY SETTING {DURABLE_SETTINGS}" for t in tables]
+
+
 def seq_views_migration(database: str, views_missing_seq: Sequence[str]) -> list[str]:
     """The ledger views an earlier version created, created again so that they fill ``batch_seq`` (run
     while nothing inserts: at start)."""
@@ -797,7 +835,7 @@ def close_ddl(database: str) -> list[str]:
     """The monthly close's tables. Statement lines are deterministic for a close, so a line written twice
     (a close resumed after a crash) is the same row, collapsed by ``ReplacingMergeTree`` and ``FINAL``."""
     db = database
-    dedup = f"non_replicated_deduplication_window = {DEDUP_WINDOW_BLOCKS}"
+    dedup = f"non_replicated_deduplication_window = {DEDUP_WINDOW_BLOCKS}, {DURABLE_SETTINGS}"
     stmt_cols = ",\n    ".join(f"{c.name} {c.type}" for c in STATEMENT_COLUMNS)
     close_cols = ",\n    ".join(f"{c.name} {c.type}" for c in CLOSE_COLUMNS)
     return [

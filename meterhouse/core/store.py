@@ -73,7 +73,9 @@ class Store:
         # would otherwise hold every statement for distributed_ddl_task_timeout); this endpoint is ready
         # once its own tables exist.
         settings = schema.CLUSTER_DDL_SETTINGS if self.cluster else {}
-        if not self.cluster:
+        if self.cluster:
+            self._migrate_cluster_columns(settings)
+        else:
             self._migrate_columns()
         for statement in statements:
             self.client.command(statement, settings=settings)
@@ -82,6 +84,21 @@ class Store:
         self.check_rendering()
         if not self.cluster:
             self._migrate_views()
+
+    def _migrate_cluster_columns(self, settings: dict[str, Any]) -> None:
+        """A cluster's database of an earlier version: its ingest tables take no ``batch_seq``, so every
+        insert would be refused, and the views of this version's DDL would not be created. The columns
+        are added on every node first (``schema.seq_columns_cluster_migration``)."""
+        local = schema.local_name(schema.INGEST_TABLE)
+        ((exists, found),) = self.client.query(
+            "SELECT count() > 0, countIf(name = 'batch_seq') FROM system.columns"
+            " WHERE database = {db:String} AND table = {t:String}",
+            parameters={"db": self.database, "t": local},
+        ).result_rows
+        if exists and not found:
+            log.warning("schema: adding batch_seq to a cluster database of an earlier version")
+            for statement in schema.seq_columns_cluster_migration(self.database, self.cluster):
+                self.client.command(statement, settings=settings)
 
     def _migrate_columns(self) -> None:
         """A database of the version before the ledger (single node; nothing inserts yet): the
@@ -123,6 +140,20 @@ class Store:
             "WHERE database = {db:String} AND name IN {names:Array(String)}",
             parameters={"db": self.database, "names": views},
         ).result_rows
+        durable = schema.durable_tables(self.database)
+        lax = [
+            str(name)
+            for name, query in self.client.query(
+                "SELECT name, create_table_query FROM system.tables "
+                "WHERE database = {db:String} AND name IN {names:Array(String)}",
+                parameters={"db": self.database, "names": durable},
+            ).result_rows
+            if "fsync_after_insert" not in str(query)
+        ]
+        if lax:
+            log.warning("schema: parts fsync'd on insert and merge from now on", extra={"tables": lax})
+            for statement in schema.durable_migration(self.database, lax):
+                self.client.command(statement)
         stale = [str(name) for name, query in rows if "batch_seq" not in str(query)]
         if stale:
             log.warning("schema: views of an earlier version created again", extra={"views": stale})

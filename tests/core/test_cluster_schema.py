@@ -33,6 +33,32 @@ def test_every_cluster_statement_parses_in_the_real_engine(store):
         assert ast, statement
 
 
+def test_a_cluster_database_of_the_version_before_gets_batch_seq_on_every_node(store):
+    """The statements that bring an earlier version's cluster database up to date: every ingest and
+    ledger table, local and Distributed, parsed by the real engine; and on a one-node stand-in (plain
+    tables, no ON CLUSTER) they make the ingest table take the writer's blocks again."""
+    statements = schema.seq_columns_cluster_migration("meterhouse", CLUSTER)
+    for statement in statements:
+        assert store.client.query(f"EXPLAIN AST {statement}").result_rows, statement
+    ledger = {t for views in schema.LEDGER_VIEWS.values() for t, _ in views}
+    for table in ledger | {schema.INGEST_TABLE, schema.DIST_INGEST_TABLE}:
+        assert any(f".{table}_local ON CLUSTER {CLUSTER} ADD COLUMN" in s for s in statements), table
+        assert any(f".{table} ON CLUSTER {CLUSTER} ADD COLUMN" in s for s in statements), table
+    assert not any(re.search(r"\.\w+(?<!_local) ON CLUSTER \S+ ADD INDEX", s) for s in statements)
+    db = store.database
+    for table in (schema.INGEST_TABLE, schema.POINTS_TABLE):
+        store.client.command(f"CREATE TABLE {db}.{table}_old AS {db}.{table}")
+    store.client.command(f"ALTER TABLE {db}.{schema.INGEST_TABLE}_old DROP COLUMN batch_seq")
+    for statement in statements:
+        m = re.match(
+            rf"ALTER TABLE meterhouse\.({schema.INGEST_TABLE})_local ON CLUSTER {CLUSTER} (.*)$", statement
+        )
+        if m:
+            store.client.command(f"ALTER TABLE {db}.{m.group(1)}_old {m.group(2)}")
+    cols = {r[0] for r in store.rows(f"DESCRIBE TABLE {db}.{schema.INGEST_TABLE}_old")}
+    assert "batch_seq" in cols
+
+
 def test_schema_command_prints_the_rendering_up_applies():
     import subprocess
     import sys

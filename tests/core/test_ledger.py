@@ -228,3 +228,36 @@ def test_a_redo_view_a_failed_cleanup_left_behind_does_not_feed_the_next_redo(st
         store.client.command(statement)  # what the failed cleanup left
     assert store.insert_in_doubt("n", NUMBER_NAMES, block("a", 5), "tok-5:n", 5) == []
     assert totals(store) == before
+
+
+def test_every_table_a_group_or_a_close_writes_fsyncs_its_parts_also_in_a_database_of_the_version_before(
+    store,
+):
+    """A group is committed in the spool (which may then forget it) once its insert returned: its parts
+    must be on disk by then, and a merged part before its sources go, or a power loss within the
+    kernel's writeback delay loses committed usage with nothing left to replay."""
+    db = store.database
+    tables = schema.durable_tables(db)
+    assert {schema.POINTS_TABLE, schema.HOURLY_TABLE, schema.METRIC_ORGS_TABLE, schema.DIST_TABLE,
+            schema.ORGS_TABLE, schema.CATALOG_TABLE, schema.STATEMENTS_TABLE} <= set(tables)  # fmt: skip
+
+    def settings() -> dict[str, str]:
+        return {
+            str(t): str(q)
+            for t, q in store.rows(
+                f"SELECT name, create_table_query FROM system.tables WHERE database = '{db}' "
+                f"AND name IN ({', '.join(repr(t) for t in tables)})"
+            )
+        }
+
+    for table, query in settings().items():
+        assert schema.DURABLE_SETTINGS in query, table
+    for table in (schema.HOURLY_TABLE, schema.STATEMENTS_TABLE):  # as the version before created them
+        store.client.command(
+            f"ALTER TABLE {db}.{table} RESET SETTING fsync_after_insert, fsync_part_directory, "
+            "min_rows_to_fsync_after_merge"
+        )
+    assert "fsync_after_insert" not in settings()[schema.HOURLY_TABLE]
+    store.ensure_schema()
+    for table, query in settings().items():
+        assert "fsync_after_insert = 1" in query and "min_rows_to_fsync_after_merge = 1" in query, table
