@@ -18,11 +18,11 @@ READ_BEFORE = {
 def previous_version(store) -> list[str]:
     """Turn the store's database into the version before's; returns the ledger views."""
     db = store.database
-    views = [v for kind in schema.LEDGER_VIEWS.values() for _, v in kind]
+    views = list(schema.LEDGER_VIEW_NAMES)
     creates = {m.group(2): s for s in schema.ddl(db) if (m := schema._CREATE_MV.match(s))}
     for view in views:
         store.client.command(f"DROP VIEW {db}.{view}")
-    for table in {t for kind in schema.LEDGER_VIEWS.values() for t, _ in kind}:
+    for table in schema.LEDGER_TABLES:
         store.client.command(f"ALTER TABLE {db}.{table} DROP INDEX batch_seq_idx")
         store.client.command(f"ALTER TABLE {db}.{table} DROP COLUMN batch_seq")
     for table in (schema.INGEST_TABLE, schema.DIST_INGEST_TABLE):

@@ -44,9 +44,11 @@ DEDUP_WINDOW_BLOCKS = 10_000
 #: it is written before the part, so a kill between the two leaves a table that drops a replay it never
 #: stored. The row and its part are one, so this question has a true answer. (On a replicated table the
 #: block id and the part are committed together in Keeper, and the token suffices.)
-_SEQ_INDEX = "INDEX batch_seq_idx batch_seq TYPE minmax GRANULARITY 1"
-SEQ_COLUMN = f"batch_seq UInt64 CODEC(Delta, ZSTD),\n    {_SEQ_INDEX}"
-SEQ_MAX_COLUMN = f"batch_seq SimpleAggregateFunction(max, UInt64),\n    {_SEQ_INDEX}"
+_SEQ_RAW = "batch_seq UInt64 CODEC(Delta, ZSTD)"
+_SEQ_MAX = "batch_seq SimpleAggregateFunction(max, UInt64)"
+_SEQ_INDEX = "batch_seq_idx batch_seq TYPE minmax GRANULARITY 1"
+SEQ_COLUMN = f"{_SEQ_RAW},\n    INDEX {_SEQ_INDEX}"
+SEQ_MAX_COLUMN = f"{_SEQ_MAX},\n    INDEX {_SEQ_INDEX}"
 
 #: What the engine writes is on disk before the writer commits the group in the spool (after which the
 #: spool may forget it): a part's files and directory are fsync'd on insert, and a merged part before its
@@ -393,6 +395,9 @@ LEDGER_VIEWS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "d": ((DIST_TABLE, "distribution_points_mv"), (CATALOG_TABLE, "metric_catalog_dist_mv")),
 }
+#: The ledger's tables and their views, each once, in order.
+LEDGER_TABLES = tuple(dict.fromkeys(t for views in LEDGER_VIEWS.values() for t, _ in views))
+LEDGER_VIEW_NAMES = tuple(v for views in LEDGER_VIEWS.values() for _, v in views)
 #: The catalog holds both inserts' rows: which are whose, by kind.
 _NUMBER_KINDS = f"('{KIND_SUM}', '{KIND_GAUGE}')"
 LEDGER_FILTER = {
@@ -408,6 +413,13 @@ REPEATABLE_VIEWS: dict[str, tuple[str, ...]] = {
 INGEST_OF = {"n": INGEST_TABLE, "d": DIST_INGEST_TABLE}
 #: The raw table of each insert (the one whose rows carry the group's ``batch_id``).
 RAW_OF = {"n": POINTS_TABLE, "d": DIST_TABLE}
+
+
+def batch_landed_sql(database: str, kind: str) -> str:
+    """Whether the ``kind`` insert's raw table holds rows of the bound ``batch_id`` (its token)."""
+    return f"SELECT count() > 0 FROM {database}.{RAW_OF[kind]} WHERE batch_id = {{b:String}}"
+
+
 #: Views that read the raw tables before the ledger and the ingest tables since: ClickHouse does not
 #: recognise a repeat of an insert the version before made as one there (the views' blocks are other
 #: blocks now), so a group that version inserted is not repeated through them (``Store.insert_earlier``).
@@ -508,9 +520,7 @@ def redo_cleanup_ddl(database: str, views: Sequence[str]) -> list[str]:
 
 
 def all_views() -> list[str]:
-    return [v for k in LEDGER_VIEWS for _, v in LEDGER_VIEWS[k]] + [
-        v for k in REPEATABLE_VIEWS for v in REPEATABLE_VIEWS[k]
-    ]
+    return [*LEDGER_VIEW_NAMES, *(v for views in REPEATABLE_VIEWS.values() for v in views)]
 
 
 def seq_columns_migration(database: str) -> list[str]:
@@ -520,21 +530,10 @@ def seq_columns_migration(database: str) -> list[str]:
         f"ALTER TABLE {database}.{t} ADD COLUMN IF NOT EXISTS batch_seq UInt64"
         for t in (INGEST_TABLE, DIST_INGEST_TABLE)
     ]
-    for table in (POINTS_TABLE, DIST_TABLE):
-        out.append(
-            f"ALTER TABLE {database}.{table} ADD COLUMN IF NOT EXISTS batch_seq UInt64 CODEC(Delta, ZSTD)"
-        )
-    rollups = (HOURLY_TABLE, METRIC_ORGS_TABLE, ORGS_TABLE, CATALOG_TABLE)
-    for table in rollups:
-        out.append(
-            f"ALTER TABLE {database}.{table} ADD COLUMN IF NOT EXISTS "
-            "batch_seq SimpleAggregateFunction(max, UInt64)"
-        )
-    for table in (POINTS_TABLE, DIST_TABLE, *rollups):
-        out.append(
-            f"ALTER TABLE {database}.{table} ADD INDEX IF NOT EXISTS "
-            "batch_seq_idx batch_seq TYPE minmax GRANULARITY 1"
-        )
+    for table in LEDGER_TABLES:
+        column = _SEQ_RAW if table in RAW_OF.values() else _SEQ_MAX
+        out.append(f"ALTER TABLE {database}.{table} ADD COLUMN IF NOT EXISTS {column}")
+    out += [f"ALTER TABLE {database}.{t} ADD INDEX IF NOT EXISTS {_SEQ_INDEX}" for t in LEDGER_TABLES]
     return out
 
 

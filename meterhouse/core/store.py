@@ -104,9 +104,7 @@ class Store:
         """A database of the version before the ledger (single node; nothing inserts yet): the
         ``batch_seq`` columns first (a view that reads one is refused while it is missing, even when the
         view exists). Every table is asked, not one: a start the kill cut short added it to some."""
-        tables = [schema.INGEST_TABLE, schema.DIST_INGEST_TABLE] + sorted(
-            {t for views in schema.LEDGER_VIEWS.values() for t, _ in views}
-        )
+        tables = [schema.INGEST_TABLE, schema.DIST_INGEST_TABLE, *schema.LEDGER_TABLES]
         found = {
             str(name): int(n)
             for name, n in self.client.query(
@@ -123,8 +121,7 @@ class Store:
                 parameters={"db": self.database},
             ).result_rows
         }
-        ledger = {t for views in schema.LEDGER_VIEWS.values() for t, _ in views}
-        if any(n == 0 for n in found.values()) or (found and not ledger <= indexed):
+        if any(n == 0 for n in found.values()) or (found and not set(schema.LEDGER_TABLES) <= indexed):
             log.warning("schema: adding batch_seq to a database of an earlier version")
             for statement in schema.seq_columns_migration(self.database):
                 self.client.command(statement)
@@ -134,27 +131,21 @@ class Store:
         redo table a kill left behind, dropped."""
         for statement in schema.redo_cleanup_ddl(self.database, schema.all_views()):
             self.client.command(statement)
-        views = [v for kind in schema.LEDGER_VIEWS.values() for _, v in kind]
-        rows = self.client.query(
-            "SELECT name, create_table_query FROM system.tables "
-            "WHERE database = {db:String} AND name IN {names:Array(String)}",
-            parameters={"db": self.database, "names": views},
-        ).result_rows
         durable = schema.durable_tables(self.database)
-        lax = [
-            str(name)
+        created = {
+            str(name): str(query)
             for name, query in self.client.query(
                 "SELECT name, create_table_query FROM system.tables "
                 "WHERE database = {db:String} AND name IN {names:Array(String)}",
-                parameters={"db": self.database, "names": durable},
+                parameters={"db": self.database, "names": [*schema.LEDGER_VIEW_NAMES, *durable]},
             ).result_rows
-            if "fsync_after_insert" not in str(query)
-        ]
+        }
+        lax = [t for t in durable if t in created and "fsync_after_insert" not in created[t]]
         if lax:
             log.warning("schema: parts fsync'd on insert and merge from now on", extra={"tables": lax})
             for statement in schema.durable_migration(self.database, lax):
                 self.client.command(statement)
-        stale = [str(name) for name, query in rows if "batch_seq" not in str(query)]
+        stale = [v for v in schema.LEDGER_VIEW_NAMES if v in created and "batch_seq" not in created[v]]
         if stale:
             log.warning("schema: views of an earlier version created again", extra={"views": stale})
             for statement in schema.seq_views_migration(self.database, stale):
@@ -321,9 +312,8 @@ class Store:
         after; a kill in between leaves them to the next start's ``ensure_schema``)."""
         table = schema.INGEST_OF[kind]
         views = schema.READ_RAW_BEFORE_LEDGER[kind]
-        raw = f"{self.database}.{schema.RAW_OF[kind]}"
         landed = is_embedded(self.name) and bool(
-            self.scalar(f"SELECT count() > 0 FROM {raw} WHERE batch_id = {{b:String}}", {"b": token})
+            self.scalar(schema.batch_landed_sql(self.database, kind), {"b": token})
         )
         if not landed:
             self.insert_native(table, names, block, token)
@@ -341,8 +331,7 @@ class Store:
 
     def max_batch_seq(self) -> int:
         """The highest ``batch_seq`` any ledger table holds (0 if none)."""
-        tables = {t for views in schema.LEDGER_VIEWS.values() for t, _ in views}
-        return max(int(self.scalar(schema.max_seq_sql(self.database, t)) or 0) for t in tables)
+        return max(int(self.scalar(schema.max_seq_sql(self.database, t)) or 0) for t in schema.LEDGER_TABLES)
 
     def insert_rows(
         self,

@@ -40,8 +40,7 @@ def test_a_cluster_database_of_the_version_before_gets_batch_seq_on_every_node(s
     statements = schema.seq_columns_cluster_migration("meterhouse", CLUSTER)
     for statement in statements:
         assert store.client.query(f"EXPLAIN AST {statement}").result_rows, statement
-    ledger = {t for views in schema.LEDGER_VIEWS.values() for t, _ in views}
-    for table in ledger | {schema.INGEST_TABLE, schema.DIST_INGEST_TABLE}:
+    for table in (*schema.LEDGER_TABLES, schema.INGEST_TABLE, schema.DIST_INGEST_TABLE):
         assert any(f".{table}_local ON CLUSTER {CLUSTER} ADD COLUMN" in s for s in statements), table
         assert any(f".{table} ON CLUSTER {CLUSTER} ADD COLUMN" in s for s in statements), table
     assert not any(re.search(r"\.\w+(?<!_local) ON CLUSTER \S+ ADD INDEX", s) for s in statements)
