@@ -77,11 +77,6 @@ def merge(
     )
 
 
-#: Starts the token of every group whose rows carry its ``batch_seq``: a group in doubt is checked
-#: against the ledger only then (the intent of a group an earlier version began has another token, and
-#: its rows no number; the token alone guards it, as then).
-LEDGER_TOKEN = schema.LEDGER_TOKEN_PREFIX
-
 NUMBER_NAMES = (*BATCH_COLUMNS, "batch_id", "batch_seq")
 DIST_NAMES = (*DIST_BATCH_COLUMNS, "batch_id", "batch_seq")
 
@@ -140,7 +135,7 @@ def insert_calls(
             suffix = f"{token}:{kind}"
             if doubt and hasattr(store, "insert_in_doubt"):
                 store.insert_in_doubt(kind, names, block, suffix, seq)
-            elif not token.startswith(LEDGER_TOKEN) and hasattr(store, "insert_earlier"):
+            elif not token.startswith(schema.LEDGER_TOKEN_PREFIX) and hasattr(store, "insert_earlier"):
                 store.insert_earlier(kind, names, block, suffix)  # a group an earlier version began
             else:
                 store.insert_native(schema.INGEST_OF[kind], names, block, suffix)
@@ -249,9 +244,9 @@ class Writer:
         token = group.token
         # In doubt: the group may have landed, in part, before (its intent is from before a restart, or
         # a try failed). The ledger (``schema.SEQ_COLUMN``) answers for groups whose intent says so.
-        doubt = token is not None and token.startswith(LEDGER_TOKEN)
+        doubt = token is not None and token.startswith(schema.LEDGER_TOKEN_PREFIX)
         if token is None:
-            token = LEDGER_TOKEN + content_digest(*(b.digest.encode() for b in batches))
+            token = schema.LEDGER_TOKEN_PREFIX + content_digest(*(b.digest.encode() for b in batches))
             self.spool.intent(group, token)
         elif group.damaged and not doubt:
             self._skip_landed(group, token)
@@ -267,7 +262,7 @@ class Writer:
                         self.spool.part(group, table)
                 break
             except Exception as e:  # noqa: BLE001 - classified below
-                doubt = token.startswith(LEDGER_TOKEN)
+                doubt = token.startswith(schema.LEDGER_TOKEN_PREFIX)
                 self.metrics.insert_failures.inc()
                 error = f"{type(e).__name__}: {e}"[:1000]
                 kind = classify(e)
@@ -293,11 +288,12 @@ class Writer:
     def _skip_landed(self, group: Group, token: str) -> None:
         """A replay group that lost records to damage: a table whose raw points already hold the batch
         is done (its insert landed before the crash); only the rest is inserted."""
-        for table, raw in (("n", schema.POINTS_TABLE), ("d", schema.DIST_TABLE)):
+        for table, raw in schema.RAW_OF.items():
             if table in group.done:
                 continue
-            sql = f"SELECT count() FROM {self.store.database}.{raw} WHERE batch_id = {{b:String}}"
-            if int(self.store.scalar(sql, {"b": f"{token}:{table}"}) or 0) > 0:
+            if self.store.scalar(
+                schema.batch_landed_sql(self.store.database, table), {"b": f"{token}:{table}"}
+            ):
                 log.warning("replay: a damaged group's insert had landed; not inserted again",
                             extra={"table": raw, "records": len(group.records)})  # fmt: skip
                 self.spool.part(group, table)

@@ -431,7 +431,9 @@ READ_RAW_BEFORE_LEDGER: dict[str, tuple[str, ...]] = {
 REDO_TABLE = "redo_ingest"
 
 
-#: Starts the deduplication token of every group whose rows carry its ``batch_seq`` (the writer's).
+#: Starts the deduplication token of every group whose rows carry its ``batch_seq`` (the writer's): a
+#: group in doubt is checked against the ledger only then (the intent of a group an earlier version began
+#: has another token, and its rows no number; the token alone guards it, as then).
 LEDGER_TOKEN_PREFIX = "s-"
 
 #: Insert settings that make one insert one part per partition of every table it reaches: the input

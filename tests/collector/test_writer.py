@@ -404,7 +404,7 @@ def crash(spool):
 def insert_then_crash(tmp_path, store, batches, max_points=50_000, cache_bytes=256 << 20, crash_after="both"):
     """The writer's steps for the first group, up to a crash after the numbers' insert (or after both),
     before any mark: its intent, token and ``batch_seq`` as the writer makes them. Returns the group."""
-    from meterhouse.collector.writer import DIST_NAMES, LEDGER_TOKEN, NUMBER_NAMES, merge_blocks
+    from meterhouse.collector.writer import DIST_NAMES, NUMBER_NAMES, merge_blocks
 
     spool = Spool(tmp_path / "spool", max_cached_bytes=cache_bytes)
     spool.open()
@@ -412,7 +412,7 @@ def insert_then_crash(tmp_path, store, batches, max_points=50_000, cache_bytes=2
         spool.consume(b)
     group = spool.next_group(max_points, 0.0, __import__("threading").Event())
     blocks = [spool.blocks(r) for r in group.records]
-    token = LEDGER_TOKEN + content_digest(*(b.digest.encode() for b in blocks))
+    token = schema.LEDGER_TOKEN_PREFIX + content_digest(*(b.digest.encode() for b in blocks))
     spool.intent(group, token)
     numbers, dists = merge_blocks(blocks, token, group.last)
     store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")

@@ -102,7 +102,7 @@ def test_a_group_of_over_a_million_points_is_one_part_per_table_so_a_kill_takes_
     of a group, which the ledger takes for all of it. The writer's insert of a ledger group is one part
     per table (and month) however large."""
     from meterhouse.collector.model import Blocks
-    from meterhouse.collector.writer import LEDGER_TOKEN, insert_calls
+    from meterhouse.collector.writer import insert_calls
 
     db = store.database
     tables = sorted({t for t, _ in schema.LEDGER_VIEWS["n"]})
@@ -111,7 +111,7 @@ def test_a_group_of_over_a_million_points_is_one_part_per_table_so_a_kill_takes_
     rows, records = 275_000, 5  # five requests' blocks: over a million rows and some
     record = unstamped("big", rows)
     blocks = [Blocks(record, rows, b"", 0, f"d{i}", 0) for i in range(records)]
-    calls = insert_calls(store, LEDGER_TOKEN + "big", 9, blocks=blocks)
+    calls = insert_calls(store, schema.LEDGER_TOKEN_PREFIX + "big", 9, blocks=blocks)
     assert [kind for kind, _ in calls] == ["n"]
     calls[0][1](False)  # the writer's first try
     parts = dict(
