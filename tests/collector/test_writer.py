@@ -422,6 +422,19 @@ def insert_then_crash(tmp_path, store, batches, max_points=50_000, cache_bytes=2
     return group
 
 
+def lose_then_replay(tmp_path, store, table, where, want):
+    """Delete ``table``'s rows matching ``where`` (what a kill took; the token stays in the table's
+    deduplication log), then restart: the replay must bring back exactly ``want``."""
+    store.client.command(
+        f"ALTER TABLE {store.database}.{table} DELETE WHERE {where}", settings={"mutations_sync": 2}
+    )
+    assert stored(store) != want
+    with Rig(tmp_path, store) as rig:
+        assert rig.report.replay_groups == 1
+        rig.drain(60)
+    assert stored(store) == want
+
+
 @pytest.mark.parametrize(
     "lost", [schema.POINTS_TABLE, schema.HOURLY_TABLE, schema.METRIC_ORGS_TABLE, schema.DIST_TABLE]
 )
@@ -437,15 +450,7 @@ def test_a_table_whose_part_the_kill_took_gets_the_group_again_though_its_dedup_
     batches = [mixed_request(i, t0 + (i % 4) * 1800 * 10**9) for i in range(6)]
     want = expected_rows(tmp_path, store_factory, batches)
     group = insert_then_crash(tmp_path, store, batches)
-    store.client.command(
-        f"ALTER TABLE {store.database}.{lost} DELETE WHERE batch_seq >= {group.last}",
-        settings={"mutations_sync": 2},
-    )
-    assert stored(store) != want
-    with Rig(tmp_path, store) as rig:
-        assert rig.report.replay_groups == 1
-        rig.drain(60)
-    assert stored(store) == want
+    lose_then_replay(tmp_path, store, lost, f"batch_seq >= {group.last}", want)
 
 
 @pytest.mark.parametrize(
@@ -468,16 +473,9 @@ def test_a_group_over_two_months_whose_part_of_one_month_the_kill_took_gets_that
         f"SELECT DISTINCT toYYYYMM({column}) FROM {store.database}.{lost} WHERE batch_seq >= {group.last}"
     )
     assert len(months) == 2
-    store.client.command(
-        f"ALTER TABLE {store.database}.{lost} DELETE WHERE batch_seq >= {group.last} "
-        f"AND toYYYYMM({column}) = {months[0][0]}",
-        settings={"mutations_sync": 2},
+    lose_then_replay(
+        tmp_path, store, lost, f"batch_seq >= {group.last} AND toYYYYMM({column}) = {months[0][0]}", want
     )
-    assert stored(store) != want
-    with Rig(tmp_path, store) as rig:
-        assert rig.report.replay_groups == 1
-        rig.drain(60)
-    assert stored(store) == want
 
 
 @pytest.mark.parametrize("landed", ["numbers", "both"])
