@@ -14,6 +14,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -160,26 +161,46 @@ static inline uint64_t hash_bytes(const uint8_t *p, Py_ssize_t n)
     return h ? h : 1;
 }
 
-static int tab_grow(Tab *t)
+/* Double an open-addressing table (linear probing, a power of two) of entries of `size` bytes whose
+ * first member is their nonzero hash (0: empty); `first` is the capacity of an empty table's first grow.
+ * Both tables of this file (strings, attribute sets) grow through it. */
+static int open_grow(void **entries, size_t *capacity, size_t size, size_t first)
 {
-    size_t cap = t->cap ? t->cap * 2 : 1024;
-    Ent *e = PyMem_Calloc(cap, sizeof(Ent));
-    if (!e) {
+    size_t old = *capacity, cap = old ? old * 2 : first;
+    char *from = *entries, *to = PyMem_Calloc(cap, size);
+    if (!to) {
         PyErr_NoMemory();
         return ERR;
     }
-    for (size_t i = 0; i < t->cap; i++) {
-        if (!t->e[i].h)
+    for (size_t i = 0; i < old; i++) {
+        uint64_t h;
+        memcpy(&h, from + i * size, sizeof h);
+        if (!h)
             continue;
-        size_t j = t->e[i].h & (cap - 1);
-        while (e[j].h)
+        size_t j = h & (cap - 1);
+        for (;;) {
+            uint64_t taken;
+            memcpy(&taken, to + j * size, sizeof taken);
+            if (!taken)
+                break;
             j = (j + 1) & (cap - 1);
-        e[j] = t->e[i];
+        }
+        memcpy(to + j * size, from + i * size, size);
     }
-    PyMem_Free(t->e);
-    t->e = e;
-    t->cap = cap;
+    PyMem_Free(from);
+    *entries = to;
+    *capacity = cap;
     return OK;
+}
+
+_Static_assert(offsetof(Ent, h) == 0, "open_grow reads the hash first");
+
+static int tab_grow(Tab *t)
+{
+    void *e = t->e;
+    int r = open_grow(&e, &t->cap, sizeof(Ent), 1024);
+    t->e = e;
+    return r;
 }
 
 static void tab_free(Tab *t)
@@ -436,26 +457,14 @@ typedef struct SetTab {
     size_t cap, used;
 } SetTab;
 
+_Static_assert(offsetof(SetEnt, h) == 0, "open_grow reads the hash first");
+
 static int set_grow(SetTab *t)
 {
-    size_t cap = t->cap ? t->cap * 2 : 256;
-    SetEnt *e = PyMem_Calloc(cap, sizeof(SetEnt));
-    if (!e) {
-        PyErr_NoMemory();
-        return ERR;
-    }
-    for (size_t i = 0; i < t->cap; i++) {
-        if (!t->e[i].h)
-            continue;
-        size_t j = t->e[i].h & (cap - 1);
-        while (e[j].h)
-            j = (j + 1) & (cap - 1);
-        e[j] = t->e[i];
-    }
-    PyMem_Free(t->e);
+    void *e = t->e;
+    int r = open_grow(&e, &t->cap, sizeof(SetEnt), 256);
     t->e = e;
-    t->cap = cap;
-    return OK;
+    return r;
 }
 
 static void set_free(SetTab *t)
