@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 from meterhouse.collector.model import BATCH_COLUMNS
 from meterhouse.core import schema
@@ -31,3 +32,35 @@ def put(store, rows: list[dict]) -> None:
             cols[n].append(row.get(n, _DEFAULTS[n]))
     token = f"test-{next(_tokens)}-{id(rows)}"
     store.insert_points([cols[n] for n in BATCH_COLUMNS] + [[token] * len(rows)], token)
+
+
+class Crash(Exception):
+    """What a close's progress callback raises to stand for a kill half-way."""
+
+
+def crash_when_done(chunks: int):
+    """A close ``progress`` callback that raises :class:`Crash` once ``chunks`` orgs are done."""
+
+    def progress(p) -> None:
+        if p.done >= chunks:
+            raise Crash
+
+    return progress
+
+
+def concurrently(fn, n: int, timeout_s: float = 120) -> tuple[list, list]:
+    """Run ``fn`` in ``n`` threads at once; its results and the exceptions it raised."""
+    results, errors = [], []
+
+    def run() -> None:
+        try:
+            results.append(fn())
+        except Exception as e:  # noqa: BLE001 - returned to the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    return results, errors

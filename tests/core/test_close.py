@@ -7,7 +7,7 @@ import pytest
 import requests
 from otlp_builders import CUMULATIVE, point, sum_request
 from prometheus_client import CollectorRegistry
-from usage_rows import put
+from usage_rows import Crash, concurrently, crash_when_done, put
 
 from meterhouse.core import close, schema
 from meterhouse.core.close import CloseRefused, Month
@@ -199,15 +199,8 @@ def test_an_interrupted_close_resumes_with_the_same_lines(store):
     put(store, [{"org_id": f"o{i:03d}", "metric": m, "time": M.start_ns + i, "value_int": i}
                 for i in range(100) for m in ("x", "y")])  # fmt: skip
 
-    class Crash(Exception):
-        pass
-
-    def crash_after_two_chunks(p):
-        if p.done >= 20:
-            raise Crash
-
-    with pytest.raises(Crash):
-        do_close(store, batch_orgs=10, progress=crash_after_two_chunks)
+    with pytest.raises(Crash):  # after two chunks
+        do_close(store, batch_orgs=10, progress=crash_when_done(20))
     running = close.get_close(store, M)
     assert running.status == "running" and len(lines(store, M)) == 40
     seen = []
@@ -272,19 +265,7 @@ def test_two_collectors_closing_the_same_month_make_one_close(store, monkeypatch
                 both_looked.wait()  # both have found no close before either records one
             return result
 
-    results, errors = [], []
-
-    def run():
-        try:
-            results.append(do_close(Collector(store.client, store.database, "collector")))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results, errors = concurrently(lambda: do_close(Collector(store.client, store.database, "collector")), 2)
     assert not errors and len(results) == 2
     assert results[0].close_id == results[1].close_id and results[0].cutoff_ms == results[1].cutoff_ms
     db = store.database

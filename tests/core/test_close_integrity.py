@@ -2,12 +2,11 @@
 lines edited or deleted after the close, points that slip between statement and adjustments, boundary
 months (leap day, December to January, a month without data), extreme values and concurrent closes."""
 
-import threading
 import time
 
 import pytest
 from prometheus_client import CollectorRegistry
-from usage_rows import put
+from usage_rows import Crash, concurrently, crash_when_done, put
 
 from meterhouse.core import close, schema
 from meterhouse.core.close import Month
@@ -173,19 +172,7 @@ def test_extreme_negative_and_zero_values_sum_exactly(store):
 
 def test_concurrent_closes_of_a_month_give_one_close(store):
     put(store, [{"org_id": f"o{i:03d}", "time": M.start_ns + i, "value_int": i} for i in range(200)])
-    results, errors = [], []
-
-    def run():
-        try:
-            results.append(do_close(store, batch_orgs=7))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results, errors = concurrently(lambda: do_close(store, batch_orgs=7), 4)
     assert not errors and len(results) == 4
     assert len({r.close_id for r in results}) == 1 and all(r == results[0] for r in results)
     assert results[0].lines == 200 and results[0].total_int == sum(range(200))
@@ -217,15 +204,8 @@ def test_a_resumed_close_completes_an_org_whose_lines_were_written_in_part(store
     put(store, [{"org_id": f"o{i}", "metric": m, "time": M.start_ns + i, "value_int": i + 1}
                 for i in range(6) for m in ("m1", "m2", "m3")])  # fmt: skip
 
-    class Crash(Exception):
-        pass
-
-    def crash(p):
-        if p.done >= 4:
-            raise Crash
-
     with pytest.raises(Crash):
-        do_close(store, batch_orgs=2, progress=crash)
+        do_close(store, batch_orgs=2, progress=crash_when_done(4))
     # What a kill between the parts of the second chunk leaves: o3's last metric was not committed.
     store.client.command(f"ALTER TABLE {store.database}.{schema.STATEMENTS_TABLE} DELETE "
                          "WHERE org_id = 'o3' AND metric = 'm3'", settings={"mutations_sync": 2})  # fmt: skip

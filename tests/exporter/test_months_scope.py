@@ -5,7 +5,7 @@ import time
 
 import pytest
 from prometheus_client import CollectorRegistry
-from usage_rows import put
+from usage_rows import Crash, crash_when_done, put
 
 from meterhouse.core.close import Month
 from meterhouse.core.config import Token
@@ -126,15 +126,10 @@ def test_an_orgs_statements_list_finished_closes_only(client, store):
     put(store, [{"org_id": f"org-{i}", "metric": "calls", "time": month.start_ns + i, "value_int": 50 + i}
                 for i in range(6)])  # fmt: skip
 
-    class Crash(Exception):
-        pass
-
-    def crash(p):
-        if p.done >= 2:
-            raise Crash
-
     with pytest.raises(Crash):  # a close killed half-way: lines written, the month not closed
-        close.close_month(store, month, late_window_days=35, settle_s=0, batch_orgs=2, progress=crash)
+        close.close_month(
+            store, month, late_window_days=35, settle_s=0, batch_orgs=2, progress=crash_when_done(2)
+        )
     assert call(client, "GET", f"/api/v1/months/{month}/statements").status_code == 404
     body = call(client, "GET", "/api/v1/orgs/org-1/statements", SCOPED).get_json()
     assert [x["month"] for x in body["statements"]] == [str(M), str(M)]  # not the unfinished month
