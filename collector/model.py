@@ -59,6 +59,9 @@ class Blocks:
     dist_size: int
     digest: str
     received_ns: int
+    #: The blocks carry the edge's verify flags (``identity.VERIFY_COLUMN``): the writer must check
+    #: the flagged points' identity against what is stored before inserting them.
+    verify: bool = False
 
     @property
     def total(self) -> int:

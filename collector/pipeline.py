@@ -18,6 +18,7 @@ from meterhouse.collector.decode import Limits
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.failover import EndpointSet
 from meterhouse.collector.files import Files
+from meterhouse.collector.identity import EdgeIdentity
 from meterhouse.collector.ingest import (
     Ingestor,
     attribute_sets_loader,
@@ -30,6 +31,7 @@ from meterhouse.collector.receivers.http import OtlpHttpReceiver
 from meterhouse.collector.series import SeriesLimiter
 from meterhouse.collector.spool import Spool
 from meterhouse.collector.writer import Writer
+from meterhouse.core import schema
 from meterhouse.core.config import Config
 from meterhouse.core.httpserver import limits_from as http_limits_from
 from meterhouse.core.metrics import PipelineMetrics
@@ -79,6 +81,8 @@ class Collector:
             failback_hold_s=config.failback_hold_s,
             health_check_interval_s=config.health_check_interval_s,
         )
+        # Until start() reads the floor, every point is to verify (see collector/identity.py).
+        self.identity = EdgeIdentity(floor_ns=2**63 - 1, max_streams=config.identity_max_streams)
         self.spool = Spool(
             config.data_dir / "spool",
             max_bytes=config.spool_max_bytes,
@@ -86,6 +90,7 @@ class Collector:
             fsync=config.spool_fsync,
             max_cached_bytes=config.spool_cache_bytes,
             files=files,
+            mark=self.identity.mark,
         )
         self.recent = (
             RecentRequests(config.data_dir / "spool" / "recent-requests.log", config.dedup_window_s)
@@ -191,16 +196,31 @@ class Collector:
         if self.recent is not None:
             self.recent.load(report.digests)
         restore_cumulative(self.cumulative, self.spool)  # before the writer commits and receivers run
-        if self.series is not None and report.pending_records:
-            # Sets of points accepted but not yet in ClickHouse are admitted already.
+        spooled_max = 0
+        if report.pending_records:
             for batch in self.spool.uncommitted_batches():
-                self.series.observe(batch.columns)
-                if batch.dist_columns:
-                    self.series.observe(batch.dist_columns)
+                spooled_max = max(spooled_max, *batch.columns["time"], *batch.dist_columns.get("time", []))
+                if self.series is not None:
+                    # Sets of points accepted but not yet in ClickHouse are admitted already.
+                    self.series.observe(batch.columns)
+                    if batch.dist_columns:
+                        self.series.observe(batch.dist_columns)
+        self.identity.floor_ns = max(self._stored_max_time(), spooled_max)
         self.writer.start()
         self.http.start()
         self.grpc.start()
         self._started = True
+
+    def _stored_max_time(self) -> int:
+        """The greatest time of any stored point: no point acknowledged before this start is later than
+        it (with the spool's). Unread, the latest time any point could have been accepted with."""
+        try:
+            return int(self.endpoints.scalar(schema.max_point_time_sql(self.endpoints.database)) or 0)
+        except Exception as e:  # noqa: BLE001 - the bound stands in for the time not read
+            bound = time.time_ns() + int(self.config.max_future_s * 1e9)
+            log.warning("the stored points' latest time unread; points up to the accepted future verified",
+                        extra={"error": f"{type(e).__name__}: {e}"[:300]})  # fmt: skip
+            return bound
 
     def _continue_numbering(self) -> None:
         """A new spool: number its records above every group the embedded database holds, so the

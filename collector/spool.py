@@ -64,6 +64,12 @@ NUMBER_TYPES = tuple(_TYPES[n] for n in BATCH_COLUMNS)
 DIST_TYPES = tuple(_DIST_TYPES[n] for n in DIST_BATCH_COLUMNS)
 #: Records whose blocks carry exactly today's columns go to ClickHouse as they are; others are conformed.
 COLUMN_SET = zlib.crc32(repr((BATCH_COLUMNS, NUMBER_TYPES, DIST_BATCH_COLUMNS, DIST_TYPES)).encode())
+#: Today's columns and the edge's verify flags (``identity.VERIFY_COLUMN``) after them: the writer
+#: checks the flagged points' identity and inserts the rest without the flags.
+VERIFY_COLUMN = "verify"
+COLUMN_SET_VERIFY = zlib.crc32(repr((COLUMN_SET, VERIFY_COLUMN)).encode())
+#: Marks a batch's points new or to verify, in spool order (``identity.EdgeIdentity.mark``).
+Marker = Callable[[PointBatch], tuple[list[int] | None, list[int] | None]]
 
 
 def encode_blocks(batch: PointBatch) -> Blocks:
@@ -79,6 +85,25 @@ def encode_blocks(batch: PointBatch) -> Blocks:
         else b""
     )
     return Blocks(numbers, batch.size, dists, batch.dist_size, batch.digest, batch.received_ns)
+
+
+def _with_verify(blocks: Blocks, numbers: list[int] | None, dists: list[int] | None) -> Blocks:
+    """The blocks with the verify flags as a last column of each, when any point is to verify."""
+    if numbers is None and dists is None:
+        return blocks
+    return Blocks(
+        native.with_flags(blocks.numbers, VERIFY_COLUMN, numbers or [0] * blocks.size)
+        if blocks.size
+        else b"",
+        blocks.size,
+        native.with_flags(blocks.dists, VERIFY_COLUMN, dists or [0] * blocks.dist_size)
+        if blocks.dist_size
+        else b"",
+        blocks.dist_size,
+        blocks.digest,
+        blocks.received_ns,
+        verify=True,
+    )
 
 
 class SpoolError(Exception):
@@ -248,8 +273,11 @@ class Spool:
         fsync: bool = True,
         max_cached_bytes: int = 256 << 20,
         files: Files | None = None,
+        mark: Marker | None = None,
     ) -> None:
+        """``mark`` flags each batch's points new or to verify, under the append lock (point identity)."""
         self.dir = Path(directory)
+        self.mark = mark
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.fsync = fsync
@@ -433,15 +461,20 @@ class Spool:
         if batch.total == 0:
             return 0
         blocks = encode_blocks(batch)
-        body = _BLOCKS_HEAD.pack(COLUMN_SET, len(blocks.numbers)) + blocks.numbers + blocks.dists
         digest = _digest_bytes(batch.digest)
         with self._lock:
             if self._closed:
                 raise Backpressure("shutting down")
-            if self._uncommitted_bytes + len(body) > self.max_bytes and self._uncommitted_bytes > 0:
+            need = _BLOCKS_HEAD.size + len(blocks.numbers) + len(blocks.dists)
+            if self._uncommitted_bytes + need > self.max_bytes and self._uncommitted_bytes > 0:
                 raise Backpressure(
                     f"spool full: {self._uncommitted_bytes} of {self.max_bytes} bytes await ClickHouse", 5
                 )
+            if self.mark is not None:
+                # Under the lock: points are marked in the order of their records (see identity.py).
+                blocks = _with_verify(blocks, *self.mark(batch))
+            column_set = COLUMN_SET_VERIFY if blocks.verify else COLUMN_SET
+            body = _BLOCKS_HEAD.pack(column_set, len(blocks.numbers)) + blocks.numbers + blocks.dists
             seq = self._seq + 1
             record = _encode(DATA, _DATA_HEAD.pack(seq, batch.received_ns, batch.total, digest) + body)
             if len(record) > MAX_RECORD:
@@ -657,7 +690,8 @@ class Spool:
             dist_size = native.rows_of(dists) if dists else 0
         except (ValueError, IndexError) as e:
             raise SpoolFormatError(f"spool record {record.seq} cannot be decoded: {e}") from e
-        return Blocks(numbers, size, dists, dist_size, digest.hex(), received), column_set
+        verify = column_set == COLUMN_SET_VERIFY
+        return Blocks(numbers, size, dists, dist_size, digest.hex(), received, verify), column_set
 
     def blocks(self, record: Record) -> Blocks:
         """The record as the writer inserts it: from memory, or read back from its segment."""
@@ -666,7 +700,7 @@ class Spool:
         if record.version < 3:
             return encode_blocks(self.load(record))  # pickled columns, conformed first
         blocks, column_set = self._read_blocks(record)
-        if column_set == COLUMN_SET:
+        if column_set in (COLUMN_SET, COLUMN_SET_VERIFY):
             return blocks
         return encode_blocks(self._decoded(record, blocks))  # another column set: conformed first
 
@@ -682,6 +716,16 @@ class Spool:
         except Exception as e:  # noqa: BLE001 - any undecodable payload
             raise SpoolFormatError(f"spool record {record.seq} cannot be decoded: {e}") from e
         return _conformed(record.seq, cols, size, raw_digest.hex(), received, dist, dist_size)
+
+    def load_flagged(self, record: Record, b: Blocks) -> tuple[PointBatch, list[int], list[int]]:
+        """A record whose blocks carry verify flags: its points and the flags of each table."""
+        try:
+            cols, size = _columns(b.numbers) if b.numbers else (PointBatch.empty(), 0)
+            dist, dist_size = _columns(b.dists) if b.dists else ({}, 0)
+        except (ValueError, IndexError, UnicodeDecodeError) as e:
+            raise SpoolFormatError(f"spool record {record.seq} cannot be decoded: {e}") from e
+        numbers, dists = cols.pop(VERIFY_COLUMN, []), dist.pop(VERIFY_COLUMN, [])
+        return _conformed(record.seq, cols, size, b.digest, b.received_ns, dist, dist_size), numbers, dists
 
     def _decoded(self, record: Record, b: Blocks) -> PointBatch:
         """A version 3 record's blocks as Python columns, conformed to today's column set."""

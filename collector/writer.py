@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from meterhouse.collector.deadletter import DeadLetters
+from meterhouse.collector.identity import Verifier
 from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, Blocks, PointBatch, content_digest
 from meterhouse.collector.spool import Group, Spool, encode_blocks
 from meterhouse.core import native, schema
@@ -196,6 +197,7 @@ class Writer:
         self.poison_after_attempts = poison_after_attempts
         # Called after an insert and before the spool forgets its records (the dedup digests sync).
         self.before_commit = before_commit
+        self.verifier = Verifier(store)
         self._stop = threading.Event()
         self._deadline = float("inf")
         self._thread: threading.Thread | None = None
@@ -241,6 +243,10 @@ class Writer:
         """Insert one group; True once it is committed or dead-lettered. Each table's insert is marked
         in the spool once done, so a retry, a replay or a dead letter covers only what is left."""
         batches = [self.spool.blocks(r) for r in group.records]
+        verified: list[PointBatch] | None = None
+        if any(b.verify for b in batches):
+            verified = self._verify(group, batches)
+            batches = [encode_blocks(b) for b in verified]
         token = group.token
         # In doubt: the group may have landed, in part, before (its intent is from before a restart, or
         # a try failed). The ledger (``schema.SEQ_COLUMN``) answers for groups whose intent says so.
@@ -269,7 +275,7 @@ class Writer:
                 healthy = self.store.active_healthy() if hasattr(self.store, "active_healthy") else True
                 poisoned = kind == "retryable" and healthy and attempt >= self.poison_after_attempts
                 if kind == "permanent" or poisoned:
-                    loaded = [self.spool.load(r) for r in group.records]
+                    loaded = verified or [self.spool.load(r) for r in group.records]
                     per_batch = all(r.version >= 3 for r in group.records)  # as _inserts sent it
                     self._dead_letter(group, _remaining(loaded, group.done), token, error, per_batch)
                     return True
@@ -284,6 +290,24 @@ class Writer:
         self.spool.commit(group)
         self._committed(batches)
         return True
+
+    def _verify(self, group: Group, batches: list[Blocks]) -> list[PointBatch]:
+        """The group's records without the points the edge flagged whose identity is already stored
+        (``collector/identity.py``). Only rows of earlier groups count as stored, so a replay of this
+        group after a crash drops the same points and inserts the same blocks."""
+        decoded = [
+            self.spool.load_flagged(r, b) if b.verify else (self.spool.load(r), [], [])
+            for r, b in zip(group.records, batches, strict=True)
+        ]
+        kept, dropped = self.verifier.filter(decoded, group.last)
+        checked = sum(sum(n) + sum(d) for _b, n, d in decoded)
+        m = self.metrics.points_identity_checked
+        m.labels(outcome="repeat").inc(dropped)
+        m.labels(outcome="new").inc(checked - dropped)
+        if dropped:
+            extra = {"points": dropped, "checked": checked, "records": len(group.records)}
+            log.info("points already stored dropped by identity", extra=extra)
+        return kept
 
     def _skip_landed(self, group: Group, token: str) -> None:
         """A replay group that lost records to damage: a table whose raw points already hold the batch

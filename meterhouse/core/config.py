@@ -185,6 +185,12 @@ class Config:
         default=900.0,
         help="An identical request re-sent within this many seconds counts once (0 = off).",
     )
+    identity_max_streams: int = _opt(
+        _positive,
+        default=1_000_000,
+        help="Streams whose latest point time the edge keeps for point identity (about 100 bytes each); "
+        "past it the oldest are forgotten and their points verified against ClickHouse.",
+    )
     retry_max_backoff_s: float = _opt(
         _positive, default=5.0, help="Longest wait between two attempts of a failed insert."
     )

@@ -25,6 +25,11 @@ REJECT_REASONS = (
 #: Why a data point was stored changed. Each repair keeps the usage exactly; it is counted and logged.
 REPAIR_REASONS = ("start_after_time",)  # start time a few ms after the time (an SDK race): start := time
 
+#: What the writer found for a point the edge marked to verify by its identity (``collector/identity.py``):
+#: ``repeat``, the same point (stream and interval) was already stored, so it counts zero; ``new``, it
+#: was not (an older or overlapping interval of its stream, or its first point since a restart) and counts.
+IDENTITY_OUTCOMES = ("repeat", "new")
+
 #: Why a whole request was refused by a limit (retryable: the client sends it again).
 LIMIT_REASONS = ("ingest_rate",)
 
@@ -181,6 +186,13 @@ class PipelineMetrics:
             "Requests identical to one accepted within the dedup window, answered without storing again.",
             registry=registry,
         )
+        self.points_identity_checked = Counter(
+            f"{p}_points_identity_checked",
+            "Points checked by identity (stream and interval) against the stored ones before insert, "
+            "by outcome: repeat (already stored, counted zero) or new (counted).",
+            ["outcome"],
+            registry=registry,
+        )
         self.dead_letter_batches = Counter(
             f"{p}_dead_letter_batches",
             "Batches ClickHouse refused for good, kept as dead letters.",
@@ -242,6 +254,8 @@ class PipelineMetrics:
             self.limited_requests.labels(reason=reason)
         for reason in REPAIR_REASONS:
             self.points_repaired.labels(reason=reason)
+        for outcome in IDENTITY_OUTCOMES:
+            self.points_identity_checked.labels(outcome=outcome)
         for transport in TRANSPORTS:
             for outcome in REQUEST_OUTCOMES:
                 self.requests.labels(transport=transport, outcome=outcome)

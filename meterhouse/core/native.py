@@ -186,6 +186,14 @@ def with_constant(block: bytes, rows: int, name: str, column_type: str, value: s
     return b"".join((_leb128(ncols + 1), block[head:], _string(name), _string(column_type), cell * rows))
 
 
+def with_flags(block: bytes, name: str, flags: Sequence[int]) -> bytes:
+    """The block with one more UInt8 column holding ``flags`` (one per row, each 0 or 1)."""
+    r = _Reader(block)
+    ncols = r.leb128()
+    head = r.pos
+    return b"".join((_leb128(ncols + 1), block[head:], _string(name), _string("UInt8"), bytes(flags)))
+
+
 def rows_of(block: bytes) -> int:
     r = _Reader(block)
     r.leb128()

@@ -618,6 +618,14 @@ WHERE org_id = {{org:String}} AND metric = {{metric:String}} AND kind = '{KIND_S
 GROUP BY start ORDER BY start"""
 
 
+def max_point_time_sql(database: str) -> str:
+    """The greatest time of any stored point, number or distribution, in integer nanoseconds (0 if none);
+    read from the parts' min-max indexes (``time`` is in the partition key)."""
+    return f"""SELECT greatest(
+    (SELECT toUnixTimestamp64Nano(max(time)) FROM {database}.{POINTS_TABLE}),
+    (SELECT toUnixTimestamp64Nano(max(time)) FROM {database}.{DIST_TABLE}))"""
+
+
 def series_state_sql(database: str, cluster: str = "") -> str:
     """The last committed point of each listed cumulative series (bound ``ids``: Array(UInt64)).
 

@@ -1,0 +1,224 @@
+"""Point identity: a point counts once, whatever request, encoding, transport, token or retry brings it.
+
+OpenTelemetry's data model has one writer per stream. A point's identity is its stream (every field
+that makes a series: metric name, kind, unit, temporality, monotonicity, org, scope name and version,
+resource and point attributes) plus its interval: ``(start, time)`` for a delta sum, histogram,
+exponential histogram or summary, ``time`` alone for a gauge. Cumulative sums are not checked here:
+their conversion to deltas (``cumulative.py``) already counts a point seen again as 0.
+
+The check is split in two, so that its cost is per stream, not per point:
+
+- **At the edge** (:class:`EdgeIdentity`, called by the spool under its append lock, so the order in
+  which points are marked is the order of their spool records) every point is marked *new* or *to
+  verify*. A point is new when its time is after every time its stream has shown: after the greatest
+  time this process has seen for the stream, and after ``floor``, the greatest time of any point
+  acknowledged before this process started (read from ClickHouse and the spool at start). No point
+  acknowledged before can then have its identity. Anything else (a point re-sent, an older interval
+  re-batched by a forwarder, a stream not seen since the start and older than the floor) is marked to
+  verify. The state is one integer per stream; it only ever over-estimates, so losing an entry
+  (eviction) or a request that is not stored afterwards only makes more points "to verify", never lets
+  a repeat through. Entries over ``max_streams`` are evicted oldest first, raising the floor to the
+  greatest time they held.
+- **At the writer** (:class:`Verifier`), which alone knows what is committed: a point to verify is
+  dropped when a row of the same identity is in the raw table from an earlier group (``batch_seq`` below
+  the group's, so a replay of the group does not see itself) or earlier in the same group. Groups go in
+  spool order and points are marked in spool order, so a point marked new is never a repeat of one
+  stored after it.
+
+Folded points (the series limit's overflow series) have lost their attributes: two streams folded into
+one share a stored identity, so they are never verified (they count, as they did before).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from meterhouse.collector.model import PointBatch
+from meterhouse.collector.series import OVERFLOW_KEY
+from meterhouse.core import schema
+
+#: The fields of a number point's stream, in the order :func:`number_identities` reads them.
+_NUMBER_STREAM = (
+    "org_id", "metric", "kind", "unit", "temporality", "monotonic", "scope_name", "scope_version",
+    "resource_keys", "resource_values", "attr_keys", "attr_values",
+)  # fmt: skip
+_DIST_STREAM = (
+    "org_id", "metric", "kind", "unit", "temporality", "scope_name", "scope_version",
+    "resource_keys", "resource_values", "attr_keys", "attr_values",
+)  # fmt: skip
+
+Identity = tuple[Any, ...]
+#: A spooled record's points with the edge's verify flags for its number and distribution points.
+Flagged = tuple[PointBatch, list[int], list[int]]
+
+
+def _identities(cols: dict[str, list[Any]], stream: Sequence[str]) -> list[Identity | None]:
+    """Each row's identity (None for rows never verified: cumulative sums, folded points). The stream's
+    fields are compared as a structure (a tuple of strings, numbers and tuples), never joined."""
+    fields = [cols[f] for f in stream]
+    kinds, temps, keys = cols["kind"], cols["temporality"], cols["attr_keys"]
+    starts, times = cols["start_time"], cols["time"]
+    out: list[Identity | None] = []
+    for i, row in enumerate(zip(*fields, strict=True)):
+        if (temps[i] == schema.TEMPORALITY_CUMULATIVE and kinds[i] == schema.KIND_SUM) or (
+            keys[i] and keys[i][0] == OVERFLOW_KEY
+        ):
+            out.append(None)
+            continue
+        start = 0 if kinds[i] == schema.KIND_GAUGE else int(starts[i])
+        out.append((*(tuple(v) if isinstance(v, list) else v for v in row), start, int(times[i])))
+    return out
+
+
+def number_identities(cols: dict[str, list[Any]]) -> list[Identity | None]:
+    return _identities(cols, _NUMBER_STREAM)
+
+
+def dist_identities(cols: dict[str, list[Any]]) -> list[Identity | None]:
+    return _identities(cols, _DIST_STREAM)
+
+
+class EdgeIdentity:
+    """The edge's half: marks each point new (0) or to verify (1). See the module's doc."""
+
+    def __init__(self, floor_ns: int, max_streams: int = 1_000_000) -> None:
+        self.floor_ns = floor_ns
+        self.max_streams = max_streams
+        self._last: dict[int, int] = {}  # stream key (this process's hash) -> greatest time seen
+        self._lock = threading.Lock()
+        self.marked_new = 0
+        self.marked_verify = 0
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def mark(self, batch: PointBatch) -> tuple[list[int] | None, list[int] | None]:
+        """The batch's verify flags per table, or None for a table with none to verify."""
+        with self._lock:
+            numbers = self._mark(batch.columns, batch.size, _NUMBER_STREAM) if batch.size else None
+            dists = self._mark(batch.dist_columns, batch.dist_size, _DIST_STREAM) if batch.dist_size else None
+            if len(self._last) > self.max_streams:
+                self._evict()
+        return numbers, dists
+
+    def _mark(self, cols: dict[str, list[Any]], size: int, stream: Sequence[str]) -> list[int] | None:
+        last, floor = self._last, self.floor_ns
+        kinds, temps, keys, times = cols["kind"], cols["temporality"], cols["attr_keys"], cols["time"]
+        fields = [cols[f] for f in stream]
+        flags = [0] * size
+        verify = 0
+        for i, row in enumerate(zip(*fields, strict=True)):
+            if (temps[i] == schema.TEMPORALITY_CUMULATIVE and kinds[i] == schema.KIND_SUM) or (
+                keys[i] and keys[i][0] == OVERFLOW_KEY
+            ):
+                continue
+            # A hash of the structure: a collision only merges two entries' times (more to verify).
+            key = hash(tuple(tuple(v) if isinstance(v, list) else v for v in row))
+            t = times[i]
+            seen = last.get(key)
+            if t > floor and (seen is None or t > seen):
+                last[key] = t
+            else:
+                flags[i] = 1
+                verify += 1
+        self.marked_new += size - verify
+        self.marked_verify += verify
+        return flags if verify else None
+
+    def _evict(self) -> None:
+        """Forget the oldest tenth of the entries; the floor rises to the greatest time they held."""
+        n = len(self._last) - int(self.max_streams * 0.9)
+        gone = [k for k, _ in zip(self._last, range(n), strict=False)]
+        self.floor_ns = max(self.floor_ns, max(self._last[k] for k in gone))
+        for k in gone:
+            del self._last[k]
+
+
+def _existing_sql(database: str, table: str, stream: Sequence[str]) -> str:
+    cols = ", ".join(
+        {
+            "resource_keys": "mapKeys(resource)",
+            "resource_values": "mapValues(resource)",
+            "attr_keys": "mapKeys(attributes)",
+            "attr_values": "mapValues(attributes)",
+        }.get(c, c)
+        for c in stream
+    )
+    return f"""SELECT {cols}, toUnixTimestamp64Nano(start_time), toUnixTimestamp64Nano(time)
+FROM {database}.{table}
+WHERE org_id IN {{orgs:Array(String)}} AND metric IN {{metrics:Array(String)}}
+    AND time IN (SELECT fromUnixTimestamp64Nano(arrayJoin({{times:Array(Int64)}}), 'UTC'))
+    AND batch_seq < {{seq:UInt64}}"""
+
+
+class Verifier:
+    """The writer's half: drops the points of a group whose identity is already stored (see the doc)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def existing(
+        self, table: str, stream: Sequence[str], wanted: Iterable[Identity], seq: int
+    ) -> set[Identity]:
+        """Which of ``wanted`` the raw ``table`` holds from groups before ``seq``."""
+        wanted = set(wanted)
+        if not wanted:
+            return set()
+        nf = len(stream)
+        org_i, metric_i, kind_i = stream.index("org_id"), stream.index("metric"), stream.index("kind")
+        rows = self.store.rows(
+            _existing_sql(self.store.database, table, stream),
+            {
+                "orgs": sorted({w[org_i] for w in wanted}),
+                "metrics": sorted({w[metric_i] for w in wanted}),
+                "times": sorted({w[nf + 1] for w in wanted}),
+                "seq": seq,
+            },
+        )
+        found = set()
+        for row in rows:
+            values = [tuple(v) if isinstance(v, list | tuple) else v for v in row[:nf]]
+            start = 0 if values[kind_i] == schema.KIND_GAUGE else int(row[nf])
+            found.add((*values, start, int(row[nf + 1])))
+        return found & wanted
+
+    def filter(self, records: list[Flagged], seq: int) -> tuple[list[PointBatch], int]:
+        """The group ``seq``'s records without the flagged points already stored, and how many went."""
+        kept = [(b.columns, b.size, b.dist_columns, b.dist_size) for b, _n, _d in records]
+        dropped = 0
+        for t, (table, stream) in enumerate(
+            ((schema.POINTS_TABLE, _NUMBER_STREAM), (schema.DIST_TABLE, _DIST_STREAM))
+        ):
+            cols_of = [
+                (r[0].columns, r[0].size) if t == 0 else (r[0].dist_columns, r[0].dist_size) for r in records
+            ]
+            idents = [_identities(c, stream) if n else [] for c, n in cols_of]
+            flags = [r[1] if t == 0 else r[2] for r in records]
+            wanted = {
+                i
+                for ids, fl in zip(idents, flags, strict=True)
+                for i, f in zip(ids, fl, strict=False)
+                if f and i
+            }
+            stored = self.existing(table, stream, wanted, seq) if wanted else set()
+            seen: set[Identity] = set()  # the group's rows so far: a repeat within the group goes too
+            for j, ((cols, size), ids, fl) in enumerate(zip(cols_of, idents, flags, strict=True)):
+                keep = []
+                for i, ident in enumerate(ids):
+                    if ident is not None and i < len(fl) and fl[i] and (ident in stored or ident in seen):
+                        continue
+                    keep.append(i)
+                    if ident is not None:
+                        seen.add(ident)
+                if len(keep) < size:
+                    dropped += size - len(keep)
+                    cols = {name: [col[i] for i in keep] for name, col in cols.items()}
+                    c, n, dc, dn = kept[j]
+                    kept[j] = (cols, len(keep), dc, dn) if t == 0 else (c, n, cols, len(keep))
+        out = [
+            PointBatch(c, n, b.digest, b.received_ns, dc, dn)
+            for (b, _n, _d), (c, n, dc, dn) in zip(records, kept, strict=True)
+        ]
+        return out, dropped
