@@ -39,6 +39,11 @@ from meterhouse.collector.model import PointBatch
 from meterhouse.collector.series import OVERFLOW_KEY
 from meterhouse.core import schema
 
+try:
+    from meterhouse.core._native import stream_marks as _c_marks
+except ImportError:  # pragma: no cover - built by `pip install`; the suite requires it
+    _c_marks = None
+
 #: The fields of a number point's stream, in the order :func:`number_identities` reads them.
 _NUMBER_STREAM = (
     "org_id", "metric", "kind", "unit", "temporality", "monotonic", "scope_name", "scope_version",
@@ -52,6 +57,22 @@ _DIST_STREAM = (
 Identity = tuple[Any, ...]
 #: A spooled record's points with the edge's verify flags for its number and distribution points.
 Flagged = tuple[PointBatch, list[int], list[int]]
+
+
+def _never_verified(cols: dict[str, list[Any]]) -> list[int]:
+    """Rows whose identity is not checked here: cumulative sums (their conversion counts a point seen
+    again as 0) and folded points (two streams folded into one share a stored identity)."""
+    temps, kinds, keys = cols["temporality"], cols["kind"], cols["attr_keys"]
+    rows: list[int] = []
+    if schema.TEMPORALITY_CUMULATIVE in temps:
+        rows += [
+            i
+            for i, (t, k) in enumerate(zip(temps, kinds, strict=True))
+            if t == schema.TEMPORALITY_CUMULATIVE and k == schema.KIND_SUM
+        ]
+    if [OVERFLOW_KEY] in keys:
+        rows += [i for i, k in enumerate(keys) if k and k[0] == OVERFLOW_KEY]
+    return rows
 
 
 def _identities(cols: dict[str, list[Any]], stream: Sequence[str]) -> list[Identity | None]:
@@ -104,28 +125,35 @@ class EdgeIdentity:
         return numbers, dists
 
     def _mark(self, cols: dict[str, list[Any]], size: int, stream: Sequence[str]) -> list[int] | None:
+        columns = [cols[f] for f in stream]
+        if _c_marks is not None:
+            raw, verify = _c_marks(columns, cols["time"], self._last, self.floor_ns)
+            flags = list(raw)
+        else:
+            flags, verify = self._marks_python(columns, cols["time"])
+        for i in _never_verified(cols):
+            verify -= flags[i]
+            flags[i] = 0
+        self.marked_new += size - verify
+        self.marked_verify += verify
+        return flags if verify else None
+
+    def _marks_python(self, columns: list[list[Any]], times: list[int]) -> tuple[list[int], int]:
+        """What ``_native.stream_marks`` does, for an install without the C extension: a hash of each
+        row's structure (a collision only merges two streams' entries: more to verify, never fewer)."""
         last, floor = self._last, self.floor_ns
-        kinds, temps, keys, times = cols["kind"], cols["temporality"], cols["attr_keys"], cols["time"]
-        fields = [cols[f] for f in stream]
-        flags = [0] * size
+        parts = [list(map(hash, map(tuple, c))) if c and isinstance(c[0], list) else c for c in columns]
+        flags = [0] * len(times)
         verify = 0
-        for i, row in enumerate(zip(*fields, strict=True)):
-            if (temps[i] == schema.TEMPORALITY_CUMULATIVE and kinds[i] == schema.KIND_SUM) or (
-                keys[i] and keys[i][0] == OVERFLOW_KEY
-            ):
-                continue
-            # A hash of the structure: a collision only merges two entries' times (more to verify).
-            key = hash(tuple(tuple(v) if isinstance(v, list) else v for v in row))
-            t = times[i]
-            seen = last.get(key)
+        get = last.get
+        for i, (key, t) in enumerate(zip(map(hash, zip(*parts, strict=True)), times, strict=True)):
+            seen = get(key)
             if t > floor and (seen is None or t > seen):
                 last[key] = t
             else:
                 flags[i] = 1
                 verify += 1
-        self.marked_new += size - verify
-        self.marked_verify += verify
-        return flags if verify else None
+        return flags, verify
 
     def _evict(self) -> None:
         """Forget the oldest tenth of the entries; the floor rises to the greatest time they held."""

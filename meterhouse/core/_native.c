@@ -329,7 +329,93 @@ done:
     return result;
 }
 
+/* Point identity at the edge (collector/identity.py, EdgeIdentity): one hash per row over the stream's
+ * columns (a list cell hashes its items in order, with its length), then the row is new when its time is
+ * after the floor and after the time its stream's entry in `last` holds (the entry is raised), and to
+ * verify otherwise. Collisions only merge two streams' entries: more rows to verify, never fewer.
+ * Returns (flags as bytes, one 0/1 a row; the number of 1s). */
+static Py_uhash_t mix(Py_uhash_t h, Py_uhash_t v) {
+    h ^= v + (Py_uhash_t)0x9E3779B97F4A7C15ULL + (h << 6) + (h >> 2);
+    return h * (Py_uhash_t)0xff51afd7ed558ccdULL;
+}
+
+static PyObject *stream_marks(PyObject *self, PyObject *args) {
+    PyObject *columns, *times, *last, *floor_obj;
+    if (!PyArg_ParseTuple(args, "OOO!O", &columns, &times, &PyDict_Type, &last, &floor_obj)) return NULL;
+    PyObject *cols = PySequence_Fast(columns, "columns must be a sequence of lists");
+    if (!cols) return NULL;
+    Py_ssize_t ncols = PySequence_Fast_GET_SIZE(cols);
+    PyObject **colv = PySequence_Fast_ITEMS(cols);
+    PyObject *result = NULL, *flags = NULL;
+    if (!PyList_Check(times)) {
+        PyErr_SetString(PyExc_TypeError, "times must be a list");
+        goto done;
+    }
+    Py_ssize_t rows = PyList_GET_SIZE(times);
+    for (Py_ssize_t c = 0; c < ncols; c++) {
+        if (!PyList_Check(colv[c]) || PyList_GET_SIZE(colv[c]) != rows) {
+            PyErr_SetString(PyExc_ValueError, "every column must be a list as long as times");
+            goto done;
+        }
+    }
+    flags = PyBytes_FromStringAndSize(NULL, rows);
+    if (!flags) goto done;
+    char *fv = PyBytes_AS_STRING(flags);
+    Py_ssize_t verify = 0;
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        Py_uhash_t h = 0x27d4eb2f165667c5ULL;
+        for (Py_ssize_t c = 0; c < ncols; c++) {
+            PyObject *cell = PyList_GET_ITEM(colv[c], i);
+            if (PyList_Check(cell)) {
+                Py_ssize_t n = PyList_GET_SIZE(cell);
+                h = mix(h, (Py_uhash_t)n + 0x51ULL);
+                for (Py_ssize_t k = 0; k < n; k++) {
+                    Py_hash_t v = PyObject_Hash(PyList_GET_ITEM(cell, k));
+                    if (v == -1) goto done;
+                    h = mix(h, (Py_uhash_t)v);
+                }
+            } else {
+                Py_hash_t v = PyObject_Hash(cell);
+                if (v == -1) goto done;
+                h = mix(h, (Py_uhash_t)v);
+            }
+        }
+        PyObject *key = PyLong_FromUnsignedLongLong((unsigned long long)h);
+        if (!key) goto done;
+        PyObject *t = PyList_GET_ITEM(times, i);
+        PyObject *seen = PyDict_GetItemWithError(last, key); /* borrowed */
+        if (!seen && PyErr_Occurred()) {
+            Py_DECREF(key);
+            goto done;
+        }
+        int after_floor = PyObject_RichCompareBool(t, floor_obj, Py_GT);
+        int after_seen = after_floor == 1 && seen ? PyObject_RichCompareBool(t, seen, Py_GT) : 1;
+        if (after_floor < 0 || after_seen < 0) {
+            Py_DECREF(key);
+            goto done;
+        }
+        if (after_floor && after_seen) {
+            fv[i] = 0;
+            if (PyDict_SetItem(last, key, t) < 0) {
+                Py_DECREF(key);
+                goto done;
+            }
+        } else {
+            fv[i] = 1;
+            verify++;
+        }
+        Py_DECREF(key);
+    }
+    result = Py_BuildValue("(On)", flags, verify);
+done:
+    Py_XDECREF(flags);
+    Py_DECREF(cols);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"stream_marks", stream_marks, METH_VARARGS,
+     "stream_marks(columns, times, last, floor) -> (bytes, int): the edge's point-identity flags."},
     {"native_block", native_block, METH_VARARGS,
      "native_block(names, types, columns) -> bytes: one ClickHouse Native-format block."},
     {NULL, NULL, 0, NULL},

@@ -242,3 +242,21 @@ def test_a_request_holding_the_same_point_twice_counts_it_once(stack, as_json):
     p = points(metric, 1, time.time_ns() - 10 * SEC)[0]
     post(stack, request(metric, [p, p]), as_json=as_json)
     assert raw_and_rollup(stack, metric) == ({ORG: 10}, {ORG: 10})
+
+
+def test_the_c_and_python_marks_agree(monkeypatch):
+    """The native marking and the pure-Python one flag the same rows, on the same sequence of batches."""
+    import random
+
+    from meterhouse.collector import identity
+
+    rng = random.Random(7)
+    batches = [
+        _batch([(f"o{rng.randrange(5)}", 0, 1000 + rng.randrange(30)) for _ in range(40)]) for _ in range(20)
+    ]
+    native, python = EdgeIdentity(floor_ns=1005), EdgeIdentity(floor_ns=1005)
+    got_native = [native.mark(b) for b in batches]
+    monkeypatch.setattr(identity, "_c_marks", None)
+    got_python = [python.mark(b) for b in batches]
+    assert got_native == got_python
+    assert any(f[0] for f in got_native) and any(f[0] is None or 0 in f[0] for f in got_native)
