@@ -12,7 +12,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import breakdown, cardinality, close, ingest, query, scale, vm_exactness, vm_ingest, vm_query
+from bench import (
+    breakdown,
+    cardinality,
+    close,
+    identity,
+    ingest,
+    query,
+    scale,
+    vm_exactness,
+    vm_ingest,
+    vm_query,
+)
 from bench.common import table
 
 SCENARIOS = {
@@ -31,6 +42,10 @@ SCENARIOS = {
         "9. Exactness beside VictoriaMetrics: big integers, a re-sent request, a late sample",
     ),
     "breakdown": (breakdown, "10. Where a point's CPU goes: parse, decode, encode, insert with each view"),
+    "identity": (
+        identity,
+        "11. Point identity: the edge's marking, its memory per stream, the writer's check",
+    ),
 }
 
 

@@ -174,7 +174,10 @@ def test_demo_command_sends_and_verifies(up):
         assert "all totals match" in r.stdout
         assert "measurements recorded" in r.stdout  # progress while it runs
         # Beside the verdict, what meterhouse rejected or repaired, by reason, so a mismatch explains itself.
-        assert re.search(r"rejected or repaired while the demo ran: rejected 0; repaired [0-9,]+", r.stdout)
+        assert re.search(
+            r"checked by identity \(a repeat counts zero\) while the demo ran: rejected 0; repaired [0-9,]+.*; identity [0-9,]+",
+            r.stdout,
+        )
 
 
 def test_demo_fails_loudly_when_nothing_listens(tmp_path):
