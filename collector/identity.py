@@ -17,8 +17,8 @@ The check is split in two, so that its cost is per stream, not per point:
   re-batched by a forwarder, a stream not seen since the start and older than the floor) is marked to
   verify. The state is one integer per stream; it only ever over-estimates, so losing an entry
   (eviction) or a request that is not stored afterwards only makes more points "to verify", never lets
-  a repeat through. Entries over ``max_streams`` are evicted oldest first, raising the floor to the
-  greatest time they held.
+  a repeat through. Entries over ``max_streams`` are evicted, the streams silent the longest first,
+  raising the floor to the greatest time they held.
 - **At the writer** (:class:`Verifier`), which alone knows what is committed: a point to verify is
   dropped when a row of the same identity is in the raw table from an earlier group (``batch_seq`` below
   the group's, so a replay of the group does not see itself) or earlier in the same group. Groups go in
@@ -31,8 +31,10 @@ one share a stored identity, so they are never verified (they count, as they did
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from meterhouse.collector.model import PointBatch
@@ -156,12 +158,13 @@ class EdgeIdentity:
         return flags, verify
 
     def _evict(self) -> None:
-        """Forget the oldest tenth of the entries; the floor rises to the greatest time they held."""
+        """Forget the tenth of the streams silent the longest (the oldest latest times); the floor rises
+        to the latest time they held, so none of their points can pass for new."""
         n = len(self._last) - int(self.max_streams * 0.9)
-        gone = [k for k, _ in zip(self._last, range(n), strict=False)]
-        self.floor_ns = max(self.floor_ns, max(self._last[k] for k in gone))
-        for k in gone:
-            del self._last[k]
+        gone = heapq.nsmallest(n, self._last.items(), key=itemgetter(1))
+        self.floor_ns = max(self.floor_ns, gone[-1][1])
+        for key, _t in gone:
+            del self._last[key]
 
 
 def _existing_sql(database: str, table: str, stream: Sequence[str]) -> str:
