@@ -5,8 +5,12 @@ purpose, and after a restart sends again what was not done and a sample of what 
 `meterhouse up` are each SIGKILLed and restarted while the SDKs send. At the end, per org, what the
 exporters saw acknowledged equals what meterhouse stores, in the raw table and in the hourly rollup.
 
-The same run with ``--passthrough`` (each request forwarded byte for byte, re-sends included) is the
-control: there, deduplicating identical requests is enough, so it checks the harness itself.
+First the raw table is read by point identity (stream and interval): its distinct points must add up
+to what was exported and every copy of a point carry the same value, so the forwarder lost and altered
+nothing, and a surplus in the totals after that is points counted twice. The same run with
+``--passthrough`` (each request forwarded byte for byte, re-sends included) is the control: there,
+deduplicating identical requests is enough. Values, kill moments and the forwarder's choices are
+seeded; the processes' timing is not, so the numbers of copies vary from run to run.
 """
 
 from __future__ import annotations
@@ -172,17 +176,21 @@ def rebatch_run(up_factory, tmp_path, seed: int, send_s: float, kills: int, *pro
                 proxy.kill()
                 time.sleep(rng.uniform(0.05, 0.5))
                 proxy.start()
-            else:
-                up.stop(signal.SIGKILL)  # the proxy's forwards fail, or are stored but unanswered
-                up = up_factory(data_dir=tmp_path / "d", ports_of=up)
+            else:  # the proxy's forwards fail, or are stored but unanswered, until it is back
+                up.wait_ready()
+                up.stop(signal.SIGKILL)
+                up = up_factory(data_dir=tmp_path / "d", ports_of=up, wait=False)
+            print(f"{time.monotonic() - t0:.1f}s: {'proxy' if k % 2 == 0 else 'meterhouse'} killed")
         for s in senders:
             s.join(120)
         js_results = []
         for p in js:
             out, _ = p.communicate(timeout=120)
             js_results.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"{time.monotonic() - t0:.1f}s: the SDKs are done")
         proxy.kill()  # once more with everything queued: what was done is partly sent again
         proxy.start()
+        up.wait_ready()
         proxy.wait_drained(120)
         up.drain(60)
         proxy.kill()
@@ -231,14 +239,20 @@ def rebatch_run(up_factory, tmp_path, seed: int, send_s: float, kills: int, *pro
     assert got["rollup"] == expected, f"hourly rollup ≠ exported:\n{report}"
 
 
-@pytest.mark.parametrize("mode", ["rebatch", "passthrough"])
+MODES = {  # the forwarder's flags: re-batching with re-sends, and the control (byte for byte)
+    "rebatch": ("--resend-done", "0.2", "--lose-answers", "0.1"),
+    "passthrough": ("--resend-done", "0.2", "--lose-answers", "0.1", "--passthrough"),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 def test_rebatched_and_resent_points_count_once(up_factory, tmp_path, node_packages, mode):  # noqa: F811
-    flags = ["--passthrough"] if mode == "passthrough" else []
-    rebatch_run(up_factory, tmp_path, 20260, 10, 3, "--resend-done", "0.2", "--lose-answers", "0.1", *flags)
+    rebatch_run(up_factory, tmp_path, 20260, 10, 3, *MODES[mode])
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_rebatch_soak(up_factory, tmp_path, node_packages, seed):  # noqa: F811
-    rebatch_run(up_factory, tmp_path, seed, 60, 12, "--resend-done", "0.2", "--lose-answers", "0.1")
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_rebatch_soak(up_factory, tmp_path, node_packages, mode, seed):  # noqa: F811
+    rebatch_run(up_factory, tmp_path, seed, 60, 12, *MODES[mode])
