@@ -214,3 +214,31 @@ def test_the_lock_is_taken_once_per_process_and_released_with_it(tmp_path):
         [sys.executable, "-c", TRY, str(tmp_path)], capture_output=True, text=True, timeout=60
     )
     assert free.returncode == 0, free.stderr
+
+
+def test_a_lock_file_another_user_made_is_locked_read_only_and_its_stale_pid_not_named(tmp_path, monkeypatch):
+    """Root ran a dead-letter list first: the service's user cannot write the lock file, only lock it,
+    and the pid left in it (root's, gone) must not be named as the holder."""
+    from meterhouse.core import datadir
+
+    (tmp_path / "meterhouse.lock").write_text("999999999\nmeterhouse dead-letter\n")  # above any pid_max
+    real_open = os.open
+
+    def open_as_another_user(path, flags, *args):
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(datadir.os, "open", open_as_another_user)
+    held = datadir.lock(tmp_path)
+    monkeypatch.undo()
+    try:
+        busy = subprocess.run(
+            [sys.executable, "-c", TRY, str(tmp_path)], capture_output=True, text=True, timeout=60
+        )
+        assert busy.returncode == 3, busy.stderr
+        assert json.loads(busy.stdout)["message"] == (
+            f"the data directory {tmp_path.resolve()} is in use by another process; one process per data directory"
+        )
+    finally:
+        held.release()

@@ -90,7 +90,10 @@ def lock(directory: Path) -> DataDirLock:
             return held
         path = directory / LOCK_FILE
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except PermissionError:  # made by another user (root listing dead letters, say): a lock
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # needs no write access, the pid does
         except OSError as e:
             raise DataDirError(f"cannot open the lock file {path}: {e}") from e
         try:
@@ -107,25 +110,38 @@ def lock(directory: Path) -> DataDirLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n{_command()}\n".encode(), 0)
         except OSError:
-            pass  # only the message of a second process needs it
+            pass  # only the message of a second process needs it (and checks the pid it finds lives)
         held = _held[directory] = DataDirLock(directory, fd)
         return held
 
 
 def _holder(fd: int, wait_s: float = 1.0) -> tuple[int | None, str]:
     """The pid and command the holder wrote; it writes them just after locking, so wait a moment for
-    them. (None, "") when they do not come."""
+    them. (None, "") when they do not come, or name a process that is gone (a holder that could not
+    write the file leaves an earlier one's there)."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
             lines = os.pread(fd, 4096, 0).decode(errors="replace").splitlines()
         except OSError:
             lines = []
-        if len(lines) >= 2 and lines[0].strip().isdigit():
+        if len(lines) >= 2 and lines[0].strip().isdigit() and _alive(int(lines[0])):
             return int(lines[0]), lines[1].strip()
         if time.monotonic() >= deadline:
             return None, ""
         time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it exists, as another user
+        return True
+    return True
 
 
 def _command() -> str:
