@@ -49,10 +49,11 @@ def load(store, month, orgs: int, per_series: int) -> int:
 
 
 def measure(orgs: int, data_dir: Path, per_series: int) -> dict:
-    from meterhouse.core import close
+    from meterhouse.core import close, datadir
     from meterhouse.core.config import Config
     from meterhouse.core.store import open_store
 
+    datadir.lock(data_dir)  # one process per data directory, as the meterhouse commands
     store = open_store(Config(data_dir=data_dir))
     month = close.Month.of_ns(time.time_ns()).previous().previous().previous()
     t = time.perf_counter()

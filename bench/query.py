@@ -57,10 +57,11 @@ def load(store, orgs: int, per_org_month: int, per_org_year: int) -> int:
 
 
 def measure(orgs: int, data_dir: Path, per_org_month: int, per_org_year: int) -> dict:
-    from meterhouse.core import schema
+    from meterhouse.core import datadir, schema
     from meterhouse.core.config import Config
     from meterhouse.core.store import open_store
 
+    datadir.lock(data_dir)  # one process per data directory, as the meterhouse commands
     store = open_store(Config(data_dir=data_dir))
     t = time.perf_counter()
     points = load(store, orgs, per_org_month, per_org_year)

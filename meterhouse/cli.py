@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import fields
 
 from meterhouse import __version__
+from meterhouse.core import datadir
 from meterhouse.core.config import Config, ConfigError, load_config, redact_urls
 from meterhouse.core.log import setup_logging
 from meterhouse.core.tls import load_material
@@ -114,6 +115,7 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
     from meterhouse.core.store import open_store
 
     config = _config_from(args)
+    datadir.lock(config.data_dir)  # list too: one process per data directory (a redrive removes letters)
     letters = DeadLetters(config.data_dir / "dead-letter")
     if args.action == "list":
         found = letters.list()
@@ -202,7 +204,7 @@ def cmd_close(args: argparse.Namespace) -> int:
     import json
 
     from meterhouse.core import close
-    from meterhouse.core.store import open_store
+    from meterhouse.core.store import is_embedded, open_store
     from meterhouse.exporter.months import close_json
 
     config = _config_from(args)
@@ -215,6 +217,8 @@ def cmd_close(args: argparse.Namespace) -> int:
         code = _close_remote(_server_url(config), args)
         if code is not None:
             return code
+    if is_embedded(config.endpoints[0]):  # a ClickHouse server is not in the data directory
+        datadir.lock(config.data_dir)
     try:
         store = open_store(config)
     except Exception as e:  # noqa: BLE001 - a clear message instead of a trace
@@ -389,5 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"meterhouse: configuration error: {e}", file=sys.stderr)
         return 2
+    except datadir.DataDirError as e:  # another process holds the data directory, or it cannot be made
+        print(f"meterhouse: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from meterhouse import __version__
 from meterhouse.collector import Collector
+from meterhouse.core import datadir
 from meterhouse.core.config import Config, ConfigError
 from meterhouse.core.httpserver import App, HttpServer, InFlightLimit, limits_from
 from meterhouse.core.metrics import PipelineMetrics
@@ -110,7 +111,11 @@ class Stack:
 
 
 def run_up(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
-    """Run until SIGTERM/SIGINT; on SIGHUP read ``reload_config()`` and serve its tokens and TLS files."""
+    """Run until SIGTERM/SIGINT; on SIGHUP read ``reload_config()`` and serve its tokens and TLS files.
+
+    The data directory is locked first, for the process's life: a second process on it gets
+    ``datadir.DataDirInUse`` before anything in it is read or written."""
+    datadir.lock(config.data_dir)
     wake = threading.Event()  # set by every signal; what to do is in the two flags below
     stop = threading.Event()
     hup = threading.Event()
