@@ -13,9 +13,12 @@ from bench.payloads import make_requests
 from bench.procstat import cpu_seconds, memory
 
 
-def prepare(work: Path, orgs: int, points_per_request: int, requests: int) -> tuple[Path, int]:
+def prepare(work: Path, orgs: int, points_per_request: int, requests: int, tag: str = "") -> tuple[Path, int]:
+    """Payloads whose points are all new: their times follow the clock, so points prepared later (for
+    the paced runs) are later intervals of the same streams, never repeats (which point identity would
+    rightly count zero, and the benchmark would wait for forever)."""
     payloads, total = make_requests(orgs, points_per_request, requests)
-    path = work / f"payloads-{orgs}-{points_per_request}-{requests}.pkl"
+    path = work / f"payloads-{orgs}-{points_per_request}-{requests}{tag}.pkl"
     with open(path, "wb") as f:
         pickle.dump((payloads, total // requests), f)
     return path, total
@@ -42,7 +45,7 @@ def wait_written(api: str, expected: float, timeout_s: float = 600) -> float:
 
 
 def meterhouse(
-    work: Path, transport: str, payloads: Path, total: int, rate_seconds: float, per_request: int
+    work: Path, transport: str, payloads: Path, total: int, rate_seconds: float, per_request: int, orgs: int
 ) -> dict:
     proc, ports = start_up(work, f"up-{transport}-{per_request}")
     api = f"http://127.0.0.1:{ports['api']}"
@@ -64,8 +67,10 @@ def meterhouse(
         }
         written = load["points"]
         for share in (0.5, 0.9):
+            sends = int(max_rate * share * rate_seconds / per_request) + 2
+            paced, _ = prepare(work, orgs, per_request, sends, f"-{transport}-{int(share * 100)}")
             before = lag_buckets(scrape(f"{api}/metrics"))
-            run = run_load(payloads, target, transport, rate=max_rate * share, seconds=rate_seconds)
+            run = run_load(paced, target, transport, rate=max_rate * share, seconds=rate_seconds)
             written += run["points"]
             wait_written(api, written)
             after = lag_buckets(scrape(f"{api}/metrics"))
@@ -118,7 +123,7 @@ def run(work: Path, quick: bool, orgs: int = 15_000) -> dict:
         (50, 200 if quick else 4_000, ("http",)),
     ):
         payloads, total = prepare(work, orgs, per_request, requests)
-        mine = [meterhouse(work, t, payloads, total, rate_seconds, per_request) for t in transports]
+        mine = [meterhouse(work, t, payloads, total, rate_seconds, per_request, orgs) for t in transports]
         base = naive(work, payloads, total, per_request)
         rows += [*mine, base]
         for r in mine:
