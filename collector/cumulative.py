@@ -48,6 +48,9 @@ class CumulativePoint:
     time_ns: int
     value: int | float
     monotonic: bool
+    #: The series' id in versions before the structural key (0: none): read when ``series_id`` has no
+    #: state, never written (see :meth:`CumulativeState.convert`).
+    legacy_id: int = 0
 
 
 #: (delta, start of the interval it covers) or None for out_of_order.
@@ -108,20 +111,46 @@ class CumulativeState:
                     self._entries[series_id] = replace(new, seq=seq)
 
     def convert(self, points: list[CumulativePoint]) -> tuple[list[Resolution], list[Change]]:
+        """Each point's delta, and the state changes made (to undo with :meth:`rollback`).
+
+        The upgrade from the legacy series id: a series without state under its id continues from the
+        state under its ``legacy_id`` (in memory, restored from spool records of an older version, or
+        else in ClickHouse), copied to its id. Legacy ids are only ever read: no state is written under
+        one again, so after the upgrade nobody can change what a legacy id holds. The legacy key was
+        ambiguous (another org's crafted names could give the same one), but a collision now only
+        decides the first delta of the colliding sender's own series, stored under its own org: the
+        state it reads is copied, never changed, and each series continues from its own copy.
+        """
         while True:
             with self._lock:
-                missing = list({p.series_id for p in points if p.series_id not in self._entries})
+                missing = {p.series_id for p in points if p.series_id not in self._entries}
+                legacy = {
+                    p.legacy_id
+                    for p in points
+                    if p.legacy_id and p.series_id in missing and p.legacy_id not in self._entries
+                }
                 evictions = self._evictions
             # ClickHouse is read outside the lock: ingest of known series never waits for it.
             try:
-                loaded = self._load(missing) if missing else {}
+                loaded = self._load(sorted(missing | legacy)) if missing else {}
             except Exception as err:  # whatever the store raises; the request is not at fault
                 raise StateUnavailable(str(err)) from err
             with self._lock:
                 if self._evictions != evictions:
                     continue  # an entry went meanwhile: what was read may be older than it; read again
-                for sid, e in loaded.items():
-                    self._entries.setdefault(sid, replace(e, seq=0))  # committed: may be evicted
+                for p in points:
+                    sid = p.series_id
+                    if sid in self._entries:
+                        continue
+                    e = loaded.get(sid)
+                    if e is not None:
+                        self._entries[sid] = replace(e, seq=0)  # committed: may be evicted
+                    elif p.legacy_id:
+                        e = self._entries.get(p.legacy_id)  # restored from an older version's spool
+                        if e is not None:
+                            self._entries[sid] = e  # as its record: kept until that is committed
+                        elif (e := loaded.get(p.legacy_id)) is not None:
+                            self._entries[sid] = replace(e, seq=0)
                 return self._apply(points)
 
     def _apply(self, points: list[CumulativePoint]) -> tuple[list[Resolution], list[Change]]:

@@ -225,10 +225,49 @@ def resource_columns(attrs: Sequence[KeyValue], limits: Limits) -> tuple[list[st
     return [k for k, _ in pairs], [v for _, v in pairs], org
 
 
+#: The first bytes hashed for every series id: another layout of the key is another version.
+_SERIES_KEY = b"meterhouse.series.v2\0"
+
+
+def _framed(h: Any, texts: Iterable[str]) -> None:
+    """Feed ``h`` each text with its UTF-8 length before it: a text ends where its length says, so no
+    text's content can be read as a boundary (what the legacy key's separators allowed)."""
+    for text in texts:
+        b = text.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+
 def series_id(
+    metric: str,
+    kind: str,
+    unit: str,
+    temporality: int,
+    monotonic: int,
+    org: str,
+    scope: tuple[str, str],
+    resource: tuple[Sequence[str], Sequence[str]],
+    keys: Sequence[str],
+    values: Sequence[str],
+) -> int:
+    """A stable 64-bit id of a series: the hash of everything that makes a stream of points one stream
+    (metric name, kind, unit, temporality, monotonicity, org, scope name and version, resource and
+    point attributes), each text length-prefixed and each list by its length, in a fixed order. The
+    encoding is one-to-one: two different streams hash different bytes, whatever their names contain."""
+    h = hashlib.blake2b(_SERIES_KEY, digest_size=8)
+    _framed(h, (metric, kind, unit, str(temporality), str(monotonic), org, scope[0], scope[1]))
+    for ks, vs in (resource, (keys, values)):
+        h.update(len(ks).to_bytes(8, "little"))
+        _framed(h, ks)
+        _framed(h, vs)
+    return int.from_bytes(h.digest(), "little")
+
+
+def legacy_series_id(
     metric: str, org: str, scope: str, resource: list[str], keys: list[str], values: list[str]
 ) -> int:
-    """A stable 64-bit id of a series: metric, org, scope, resource and point attributes."""
+    """The series id of versions before the structural key (texts joined by unescaped separators, so
+    ambiguous): read only, as a fallback for the state of series those versions wrote (cumulative.py)."""
     h = hashlib.blake2b(digest_size=8)
     h.update("\x1f".join((metric, org, scope, *resource, "\x1e", *keys, "\x1e", *values)).encode())
     return int.from_bytes(h.digest(), "little")
@@ -358,7 +397,7 @@ class _Decoder:
                         self.result.reject("attribute_limit", m.name, n, org)
 
     def numbers(self, m: Any, which: str, data: Any, res: Any, res_org: str, scope: Any) -> None:
-        name, r = m.name, self.result
+        name, unit, r = m.name, m.unit, self.result
         if which == "sum":
             temporality = _TEMPORALITY.get(data.aggregation_temporality)
             if temporality is None:
@@ -439,9 +478,12 @@ class _Decoder:
             if not org:
                 unattributed += 1
             if cumulative:
-                sid = series_id(name, org, scope[0], res_keys + res_values, keys, values)
+                sid = series_id(name, kind, unit, temporality, mono, org, scope, res, keys, values)
+                legacy = legacy_series_id(name, org, scope[0], res_keys + res_values, keys, values)
                 self.cum_rows.append(len(c_org))
-                self.cum_points.append(CumulativePoint(sid, start, t, vi if is_int else vd, bool(mono)))
+                self.cum_points.append(
+                    CumulativePoint(sid, start, t, vi if is_int else vd, bool(mono), legacy)
+                )
                 c_sid.append(sid)
                 c_sstart.append(start)
                 c_ci.append(vi)
@@ -465,7 +507,7 @@ class _Decoder:
                 col.extend([0] * n)
             c_cd.extend([0.0] * n)
         shared: tuple[tuple[str, Any], ...] = (
-            ("metric", name), ("kind", kind), ("unit", m.unit), ("monotonic", mono),
+            ("metric", name), ("kind", kind), ("unit", unit), ("monotonic", mono),
             ("resource_keys", res_keys), ("resource_values", res_values), ("scope_name", scope[0]),
             ("scope_version", scope[1]), ("received_at", self.now_ns), ("temporality", temporality),
         )  # fmt: skip
