@@ -12,6 +12,11 @@ Rules, for a point (start s, time t, value v) and the series' previous point e:
 - same start, v < e.value on a monotonic sum: a reset (delta v); a non-monotonic sum goes down;
 - t ≤ e.time: the same point again (delta 0) or, with another value, ``out_of_order``.
 
+A series whose value type switches is a double stream from the switch on: when the point or e is a
+double, the delta is a double (float) and so is the state it leaves, so an int point after a double one
+keeps the fraction of its delta (5, 7.5, 10, 12 counts 12) and a restart, which reads the state back
+from the committed row (a double row), continues the same way.
+
 State changes are applied at decode time and rolled back when the batch is not committed, so a client
 that retries after a 503 gets the same deltas again.
 
@@ -163,7 +168,8 @@ class CumulativeState:
             results.append(res)
             if res is None or (e is not None and p.time_ns <= e.time_ns):
                 continue
-            new = Entry(p.start_ns, p.time_ns, p.value, now)
+            value = float(p.value) if isinstance(res[0], float) else p.value  # a double stream stays one
+            new = Entry(p.start_ns, p.time_ns, value, now)
             self._entries[p.series_id] = new
             changes.append((p.series_id, e, new))
         self._evict(now)
@@ -192,6 +198,13 @@ class CumulativeState:
 
 
 def _resolve(e: Entry | None, p: CumulativePoint) -> Resolution:
+    res = _resolve_value(e, p)
+    if res is not None and (isinstance(p.value, float) or (e is not None and isinstance(e.value, float))):
+        return float(res[0]), res[1]  # a double stream: the delta is a double, whatever the point's type
+    return res
+
+
+def _resolve_value(e: Entry | None, p: CumulativePoint) -> Resolution:
     if e is None:
         return p.value, p.start_ns
     if p.time_ns <= e.time_ns:

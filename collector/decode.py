@@ -534,12 +534,19 @@ class _Decoder:
                 start = t
                 self.result.repaired["start_after_time"] += 1
             c["start_time"][row] = start
-            # The column follows the point's own type, not the delta's: "the same point again" resolves
-            # to a plain 0, which on a double point must clear the double (it held the cumulative value).
-            if c["is_int"][row]:
-                c["value_int"][row] = int(delta)
+            # The row follows the delta's type (cumulative.py: a series is a double stream from the point
+            # where it or its previous point is a double on): an int delta is an int row; a double delta
+            # is a double row, also for an int point, whose sender's value then becomes the row's
+            # cumulative double, so the state read back after a restart continues as a double.
+            if isinstance(delta, float):
+                if c["is_int"][row]:
+                    c["is_int"][row] = 0
+                    c["value_int"][row] = 0
+                    c["cumulative_double"][row] = float(c["cumulative_int"][row])
+                    c["cumulative_int"][row] = 0
+                c["value_double"][row] = delta
             else:
-                c["value_double"][row] = float(delta)
+                c["value_int"][row] = delta
         if drop:
             keep = sorted(set(range(len(c["org_id"]))) - set(drop))
             for name, col in c.items():

@@ -462,3 +462,44 @@ def test_the_legacy_fallback_is_read_only_so_a_collision_changes_only_the_collid
     assert convert(1, 400, 60) == (10, 200)
     assert loads == [[1, legacy], [2, legacy]]  # the legacy id is read only beside a new id with no state
     assert len(state) == 2  # entries of series 1 and 2; none under the legacy id
+
+
+# -- a series whose value type switches between int and double ------------------------------------------
+
+
+def test_a_series_switching_between_int_and_double_keeps_its_fractions():
+    """Was stored as 11.5: the switch back to int truncated the delta 10 - 7.5 to 2."""
+    state = CumulativeState(lambda ids: {})
+    start = time.time_ns() - 60 * 10**9
+    rows = []
+    for i, v in enumerate([5, 7.5, 10, 12]):
+        req = cumulative_request(v, start + (i + 1) * 10**9, start)
+        cols = decode_request(
+            req, Limits(), now_ns=time.time_ns(), digest=str(i), cumulative=state
+        ).batch.columns
+        rows.append({k: col[0] for k, col in cols.items()})
+    assert sum(r["value_int"] + r["value_double"] for r in rows) == 12
+    # A double stream from the switch on: the rows after it are doubles, with the sender's value.
+    assert [(r["is_int"], r["value_int"], r["value_double"]) for r in rows] == [
+        (1, 5, 0.0), (0, 0, 2.5), (0, 0, 2.5), (0, 0, 2.0)]  # fmt: skip
+    assert [(r["cumulative_int"], r["cumulative_double"]) for r in rows] == [
+        (5, 0.0), (0, 7.5), (0, 10.0), (0, 12.0)]  # fmt: skip
+
+
+def test_a_series_switching_between_int_and_double_keeps_its_fractions_across_restarts(tmp_path, store):
+    start = time.time_ns() - 60 * 10**9
+    for i, v in enumerate([5, 7.5, 10, 12]):
+        p = Pipeline(tmp_path / str(i), store)  # a fresh process each time: state read back from ClickHouse
+        try:
+            out = p.export(cumulative_request(v, start + (i + 1) * 10**9, start), f"r{i}")
+            assert out.kind == "ok", out.message
+            p.drain()
+        finally:
+            p.close()
+    assert org_totals(store) == {"org-c": 12}
+    rows = store.rows(f"SELECT is_int, value_double FROM {store.database}.usage_points ORDER BY time")
+    assert [tuple(r) for r in rows] == [(1, 0.0), (0, 2.5), (0, 2.5), (0, 2.0)]
+    hourly = store.rows(
+        f"SELECT toString(sum(value_int)), sum(value_double) FROM {store.database}.usage_hourly"
+    )
+    assert int(hourly[0][0]) + hourly[0][1] == 12
