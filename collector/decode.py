@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,36 @@ class Limits:
     max_attribute_length: int = 4096
     max_past_ns: int = 2 * 366 * 86400 * 10**9
     max_future_ns: int = 86400 * 10**9
+    #: Longest metric name, unit, scope name or version, and metric description, in characters.
+    max_metric_name_length: int = 1024
+    max_unit_length: int = 255
+    max_scope_length: int = 1024
+    max_description_length: int = 4096
+
+
+#: What no name, unit or scope name or version may contain: the C0 control characters and DEL.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+#: A rejected name is cut to this length where it is shown (the answer's message, the rejection log).
+_NAME_HINT_LENGTH = 128
+
+
+def _bad_name(text: str, max_len: int) -> bool:
+    """A name, unit or scope name or version over its limit or with a control character."""
+    return len(text) > max_len or _CONTROL.search(text) is not None
+
+
+def _bad_scope(scope: tuple[str, str], limits: Limits) -> bool:
+    return _bad_name(scope[0], limits.max_scope_length) or _bad_name(scope[1], limits.max_scope_length)
+
+
+def _bad_metric(m: Any, limits: Limits) -> bool:
+    """A metric whose name or unit breaks the rules, or whose description is over its limit (a
+    description is prose: it may hold line breaks, and it is not stored)."""
+    return (
+        _bad_name(m.name, limits.max_metric_name_length)
+        or _bad_name(m.unit, limits.max_unit_length)
+        or len(m.description) > limits.max_description_length
+    )
 
 
 @dataclass
@@ -326,7 +357,9 @@ class _Decoder:
         # a window (or limit) past them is clamped without changing what it accepts.
         found = _fast.decode_numbers(
             body, lim.org_attribute, _clamp(self.min_t), _clamp(self.max_t),
-            _clamp(lim.max_attributes), _clamp(lim.max_attribute_length), self.now_ns,
+            _clamp(lim.max_attributes), _clamp(lim.max_attribute_length),
+            _clamp(lim.max_metric_name_length), _clamp(lim.max_unit_length), _clamp(lim.max_scope_length),
+            _clamp(lim.max_description_length), self.now_ns,
         )  # fmt: skip
         if found is None:
             return False
@@ -356,12 +389,19 @@ class _Decoder:
             res = (res_keys, res_values)
             for sm in rm.scope_metrics:
                 scope = (sm.scope.name, sm.scope.version)
+                bad_scope = _bad_scope(scope, self.limits)
                 for m in sm.metrics:
                     which = m.WhichOneof("data")
                     if which is None:
                         continue  # a metric without data has no points to store or reject
                     data = getattr(m, which)
-                    self.result.received += len(data.data_points)
+                    n = len(data.data_points)
+                    self.result.received += n
+                    if bad_scope or _bad_metric(m, self.limits):
+                        if n:
+                            org = _org_hint(data.data_points[0].attributes, res_org, org_key)
+                            self.result.reject("invalid_name", m.name[:_NAME_HINT_LENGTH], n, org)
+                        continue
                     if which in ("sum", "gauge"):
                         self.numbers(m, which, data, res, res_org, scope)
                     else:
