@@ -260,13 +260,43 @@ def resource_columns(attrs: Sequence[KeyValue], limits: Limits) -> tuple[list[st
 _SERIES_KEY = b"meterhouse.series.v2\0"
 
 
-def _framed(h: Any, texts: Iterable[str]) -> None:
-    """Feed ``h`` each text with its UTF-8 length before it: a text ends where its length says, so no
-    text's content can be read as a boundary (what the legacy key's separators allowed)."""
-    for text in texts:
-        b = text.encode("utf-8", "surrogatepass")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
+def _frame(texts: Sequence[str]) -> bytes:
+    """Texts as one self-delimiting record: their number, each one's length (in code points), then the
+    texts themselves (``3:2,0,1;abc`` is ``ab``, ``""``, ``c``), in UTF-8. A text ends where its length
+    says, so no text's content can be read as a boundary (what the legacy key's separators allowed), and
+    records one after another are unambiguous too."""
+    head = ",".join([str(len(t)) for t in texts])
+    return f"{len(texts)}:{head};{''.join(texts)}".encode("utf-8", "surrogatepass")
+
+
+def series_prefix(
+    metric: str,
+    kind: str,
+    unit: str,
+    temporality: int,
+    monotonic: int,
+    scope: tuple[str, str],
+    resource: tuple[Sequence[str], Sequence[str]],
+) -> Any:
+    """The hash state of what every point of one metric in one scope and resource shares: hashed once per
+    metric, continued per point by :func:`series_id_in`."""
+    keys, values = resource
+    if len(keys) != len(values):
+        raise ValueError("resource keys and values differ in number")
+    h = hashlib.blake2b(_SERIES_KEY, digest_size=8)
+    h.update(_frame((metric, kind, unit, str(temporality), str(monotonic), scope[0], scope[1])))
+    h.update(_frame((*keys, *values)))  # as many keys as values: the number of texts says where they part
+    return h
+
+
+def series_id_in(prefix: Any, org: str, keys: Sequence[str], values: Sequence[str]) -> int:
+    """The id of the series of one point: its org and attributes hashed after the metric's prefix (one
+    record: the org, then as many keys as values)."""
+    if len(keys) != len(values):
+        raise ValueError("attribute keys and values differ in number")
+    h = prefix.copy()
+    h.update(_frame((org, *keys, *values)))
+    return int.from_bytes(h.digest(), "little")
 
 
 def series_id(
@@ -283,15 +313,10 @@ def series_id(
 ) -> int:
     """A stable 64-bit id of a series: the hash of everything that makes a stream of points one stream
     (metric name, kind, unit, temporality, monotonicity, org, scope name and version, resource and
-    point attributes), each text length-prefixed and each list by its length, in a fixed order. The
-    encoding is one-to-one: two different streams hash different bytes, whatever their names contain."""
-    h = hashlib.blake2b(_SERIES_KEY, digest_size=8)
-    _framed(h, (metric, kind, unit, str(temporality), str(monotonic), org, scope[0], scope[1]))
-    for ks, vs in (resource, (keys, values)):
-        h.update(len(ks).to_bytes(8, "little"))
-        _framed(h, ks)
-        _framed(h, vs)
-    return int.from_bytes(h.digest(), "little")
+    point attributes), as self-delimiting records in a fixed order. The encoding is one-to-one: two
+    different streams hash different bytes, whatever their names and attributes contain."""
+    prefix = series_prefix(metric, kind, unit, temporality, monotonic, scope, resource)
+    return series_id_in(prefix, org, keys, values)
 
 
 def legacy_series_id(
@@ -451,6 +476,8 @@ class _Decoder:
         if cumulative and self.cumulative is None:
             r.reject("unsupported_metric", name, len(data.data_points), res_org)
             return
+        if cumulative:
+            prefix = series_prefix(name, kind, unit, temporality, mono, scope, res)
         c = self.cols
         res_keys, res_values = res
         min_t, max_t = self.min_t, self.max_t
@@ -518,7 +545,7 @@ class _Decoder:
             if not org:
                 unattributed += 1
             if cumulative:
-                sid = series_id(name, kind, unit, temporality, mono, org, scope, res, keys, values)
+                sid = series_id_in(prefix, org, keys, values)
                 legacy = legacy_series_id(name, org, scope[0], res_keys + res_values, keys, values)
                 self.cum_rows.append(len(c_org))
                 self.cum_points.append(
