@@ -198,10 +198,12 @@ class CumulativeState:
 
 
 def _resolve(e: Entry | None, p: CumulativePoint) -> Resolution:
-    res = _resolve_value(e, p)
-    if res is not None and (isinstance(p.value, float) or (e is not None and isinstance(e.value, float))):
-        return float(res[0]), res[1]  # a double stream: the delta is a double, whatever the point's type
-    return res
+    if not isinstance(p.value, float) and (e is None or not isinstance(e.value, float)):
+        return _resolve_value(e, p)
+    # A double stream: the point is taken as a double (so an int point sent again equals the double
+    # state it left) and the delta is a double, whatever the point's own type.
+    res = _resolve_value(e, replace(p, value=float(p.value)))
+    return None if res is None else (float(res[0]), res[1])
 
 
 def _resolve_value(e: Entry | None, p: CumulativePoint) -> Resolution:

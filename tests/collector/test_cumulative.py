@@ -506,3 +506,12 @@ def test_a_series_switching_between_int_and_double_keeps_its_fractions_across_re
         f"SELECT toString(sum(value_int)), sum(value_double) FROM {store.database}.usage_hourly"
     )
     assert int(hourly[0][0]) + hourly[0][1] == 12
+
+
+def test_in_a_double_stream_an_int_point_sent_again_counts_zero():
+    s = CumulativeState(lambda ids: {})
+    run(s, cp(7.5, 200))
+    big = 2**63 - 1  # not a double: equal to the state it leaves only when taken as one
+    assert run(s, cp(big, 300)) == [(float(big) - 7.5, 200)]
+    assert run(s, cp(big, 300)) == [(0.0, 100)]  # the same point again, not out_of_order
+    assert run(s, cp(10, 400, start=350)) == [(10.0, 350)]  # a reset stays a double stream
