@@ -601,10 +601,10 @@ class _Decoder:
                 start = t
                 self.result.repaired["start_after_time"] += 1
             c["start_time"][row] = start
-            # The row follows the delta's type (cumulative.py: a series is a double stream from the point
-            # where it or its previous point is a double on): an int delta is an int row; a double delta
-            # is a double row, also for an int point, whose sender's value then becomes the row's
-            # cumulative double, so the state read back after a restart continues as a double.
+            # The row follows the delta's type (cumulative.py: from its first double point on, a series
+            # is a double stream): an int delta is an int row; a double delta is a double row, also for
+            # an int point, whose sender's value then becomes the row's cumulative double, so the state
+            # read back after a restart continues as a double.
             if isinstance(delta, float):
                 if c["is_int"][row]:
                     c["is_int"][row] = 0
