@@ -48,8 +48,10 @@ def run(points: int = 200_000) -> list[dict]:
 
     def bare(body: bytes) -> None:
         found = decode._fast.decode_numbers(
-            body, limits.org_attribute, lo, hi, limits.max_attributes, limits.max_attribute_length, now
-        )
+            body, limits.org_attribute, lo, hi, limits.max_attributes, limits.max_attribute_length,
+            limits.max_metric_name_length, limits.max_unit_length, limits.max_scope_length,
+            limits.max_description_length, now,
+        )  # fmt: skip
         assert found is not None
 
     if decode._fast is None:

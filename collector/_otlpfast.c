@@ -5,8 +5,9 @@
  * decode_numbers() returns exactly what the Python decoder builds for such a request, or None whenever
  * the request is outside the fast path or the Python decoder would do anything but accept every point
  * (a rejected point, a cumulative sum, a distribution, an attribute value of another type, exemplars,
- * malformed wire format, invalid UTF-8, a singular message or a oneof given twice, ...). The caller then
- * runs the Python decoder, which handles everything. Correctness first: when in doubt, None.
+ * malformed wire format, invalid UTF-8, a singular message or a oneof given twice, a metric name, unit,
+ * description or scope over its limit or with a control character, ...). The caller then runs the
+ * Python decoder, which handles everything. Correctness first: when in doubt, None.
  *
  * Field numbers: opentelemetry-proto, metrics v1 (collector/metrics/v1, metrics/v1, common/v1,
  * resource/v1).
@@ -269,6 +270,7 @@ typedef struct {
     Py_ssize_t org_key_len;
     long long min_t, max_t;
     Py_ssize_t max_attrs, max_len;
+    Py_ssize_t max_name, max_unit, max_scope, max_desc; /* decode.Limits' name limits */
     PyObject *received_at;
     PyObject *cols[NCOLS];
     Attr *attrs; /* max_attrs entries */
@@ -397,6 +399,28 @@ static inline int is_org(Ctx *c, const Attr *a)
 static inline int too_long(Ctx *c, const Attr *a)
 {
     return PyUnicode_GET_LENGTH(a->k) > c->max_len || PyUnicode_GET_LENGTH(a->v) > c->max_len;
+}
+
+/* A string field's text: its object (interned) and its UTF-8 bytes, the last occurrence in the message
+ * (protobuf's rule for a repeated singular field). */
+typedef struct {
+    PyObject *s;
+    const uint8_t *p;
+    Py_ssize_t n;
+} Text;
+
+#define EMPTY_TEXT(t) ((t).s = S_EMPTY, (t).p = (const uint8_t *)"", (t).n = 0)
+
+/* decode._bad_name: longer than max_len characters, or a control character (U+0000-U+001F, U+007F). In
+ * UTF-8 these are exactly the bytes below 0x20 and 0x7F: every byte of a multi-byte sequence is >= 0x80. */
+static int bad_name(const Text *t, Py_ssize_t max_len)
+{
+    if (PyUnicode_GET_LENGTH(t->s) > max_len)
+        return 1;
+    for (Py_ssize_t i = 0; i < t->n; i++)
+        if (t->p[i] < 0x20 || t->p[i] == 0x7F)
+            return 1;
+    return 0;
 }
 
 /* Stable insertion sort of idx[0..n) by key (and by value too when by_value). */
@@ -538,6 +562,7 @@ typedef struct {
 
 typedef struct {
     PyObject *name, *version;
+    int bad; /* the name or version breaks a rule: every point of the scope would be rejected */
 } Scope;
 
 static int parse_point(Ctx *c, Rd r, int check_finite, int mono, PyObject *res_org)
@@ -663,7 +688,10 @@ static int fill(PyObject *list, PyObject *value, Py_ssize_t n)
 
 static int parse_metric(Ctx *c, Rd r, const Res *res, const Scope *scope)
 {
-    PyObject *name = S_EMPTY, *unit = S_EMPTY, *ignored;
+    Text name, desc, unit;
+    EMPTY_TEXT(name);
+    EMPTY_TEXT(desc);
+    EMPTY_TEXT(unit);
     int which = 0;
     Rd data = {NULL, NULL};
     while (r.p < r.end) {
@@ -672,13 +700,13 @@ static int parse_metric(Ctx *c, Rd r, const Res *res, const Scope *scope)
         TRY(rd_tag(&r, &f, &wt));
         switch (f) {
         case 1:
-            TRY(rd_string(c, &r, wt, &name, NULL, NULL));
+            TRY(rd_string(c, &r, wt, &name.s, &name.p, &name.n));
             break;
         case 2:
-            TRY(rd_string(c, &r, wt, &ignored, NULL, NULL));
+            TRY(rd_string(c, &r, wt, &desc.s, &desc.p, &desc.n));
             break;
         case 3:
-            TRY(rd_string(c, &r, wt, &unit, NULL, NULL));
+            TRY(rd_string(c, &r, wt, &unit.s, &unit.p, &unit.n));
             break;
         case 5: case 7:
             if (wt != 2 || which)
@@ -742,14 +770,19 @@ static int parse_metric(Ctx *c, Rd r, const Res *res, const Scope *scope)
     Py_ssize_t n = c->points - before;
     if (!n)
         return OK;
+    /* The Python decoder rejects every point of such a metric (invalid_name); one without points it
+     * accepts, as above. */
+    if (scope->bad || bad_name(&name, c->max_name) || bad_name(&unit, c->max_unit) ||
+        PyUnicode_GET_LENGTH(desc.s) > c->max_desc)
+        return OUT;
     PyObject **cols = c->cols;
     TRY(fill(cols[C_SID], I_ZERO, n));
     TRY(fill(cols[C_SSTART], I_ZERO, n));
     TRY(fill(cols[C_CI], I_ZERO, n));
     TRY(fill(cols[C_CD], F_ZERO, n));
-    TRY(fill(cols[C_METRIC], name, n));
+    TRY(fill(cols[C_METRIC], name.s, n));
     TRY(fill(cols[C_KIND], kind, n));
-    TRY(fill(cols[C_UNIT], unit, n));
+    TRY(fill(cols[C_UNIT], unit.s, n));
     TRY(fill(cols[C_MONO], mono ? I_ONE : I_ZERO, n));
     TRY(fill(cols[C_RK], res->keys, n));
     TRY(fill(cols[C_RV], res->values, n));
@@ -762,14 +795,17 @@ static int parse_metric(Ctx *c, Rd r, const Res *res, const Scope *scope)
 
 static int parse_scope(Ctx *c, Rd r, Scope *scope)
 {
+    Text name, version;
+    EMPTY_TEXT(name);
+    EMPTY_TEXT(version);
     while (r.p < r.end) {
         uint32_t f;
         int wt;
         TRY(rd_tag(&r, &f, &wt));
         if (f == 1) {
-            TRY(rd_string(c, &r, wt, &scope->name, NULL, NULL));
+            TRY(rd_string(c, &r, wt, &name.s, &name.p, &name.n));
         } else if (f == 2) {
-            TRY(rd_string(c, &r, wt, &scope->version, NULL, NULL));
+            TRY(rd_string(c, &r, wt, &version.s, &version.p, &version.n));
         } else if (f == 3) { /* scope attributes */
             return OUT;
         } else if (f == 4 && wt != 0) {
@@ -778,12 +814,15 @@ static int parse_scope(Ctx *c, Rd r, Scope *scope)
             TRY(skip_field(&r, wt));
         }
     }
+    scope->name = name.s;
+    scope->version = version.s;
+    scope->bad = bad_name(&name, c->max_scope) || bad_name(&version, c->max_scope);
     return OK;
 }
 
 static int parse_scope_metrics(Ctx *c, Rd r, const Res *res)
 {
-    Scope scope = {S_EMPTY, S_EMPTY};
+    Scope scope = {S_EMPTY, S_EMPTY, 0};
     PyObject *ignored;
     int have_scope = 0;
     Rd first = r;
@@ -929,7 +968,8 @@ static int parse_request(Ctx *c, Rd r)
 }
 
 PyDoc_STRVAR(decode_numbers_doc,
-"decode_numbers(body, org_key, min_t, max_t, max_attrs, max_len, received_at)\n"
+"decode_numbers(body, org_key, min_t, max_t, max_attrs, max_len, max_name, max_unit, max_scope,\n"
+"               max_desc, received_at)\n"
 "--\n\n"
 "A serialized ExportMetricsServiceRequest -> (columns, points, unattributed, late_starts), exactly as\n"
 "the Python decoder builds them, or None when the request is outside the fast path or any point would\n"
@@ -941,10 +981,11 @@ static PyObject *decode_numbers(PyObject *self, PyObject *args)
     const char *org_key;
     Py_ssize_t org_key_len;
     long long min_t, max_t;
-    Py_ssize_t max_attrs, max_len;
+    Py_ssize_t max_attrs, max_len, max_name, max_unit, max_scope, max_desc;
     PyObject *received_at;
-    if (!PyArg_ParseTuple(args, "y*s#LLnnO:decode_numbers", &body, &org_key, &org_key_len, &min_t,
-                          &max_t, &max_attrs, &max_len, &received_at))
+    if (!PyArg_ParseTuple(args, "y*s#LLnnnnnnO:decode_numbers", &body, &org_key, &org_key_len, &min_t,
+                          &max_t, &max_attrs, &max_len, &max_name, &max_unit, &max_scope, &max_desc,
+                          &received_at))
         return NULL;
     Ctx c;
     SetTab sets;
@@ -957,6 +998,10 @@ static PyObject *decode_numbers(PyObject *self, PyObject *args)
     c.max_t = max_t;
     c.max_attrs = max_attrs < 0 ? 0 : (max_attrs > 1 << 20 ? 1 << 20 : max_attrs);
     c.max_len = max_len;
+    c.max_name = max_name;
+    c.max_unit = max_unit;
+    c.max_scope = max_scope;
+    c.max_desc = max_desc;
     c.received_at = received_at;
     PyObject *result = NULL, *dict = NULL;
     int rc = ERR;

@@ -12,6 +12,11 @@ Rules, for a point (start s, time t, value v) and the series' previous point e:
 - same start, v < e.value on a monotonic sum: a reset (delta v); a non-monotonic sum goes down;
 - t ≤ e.time: the same point again (delta 0) or, with another value, ``out_of_order``.
 
+A series whose value type switches is a double stream from the switch on: when the point or e is a
+double, the delta is a double (float) and so is the state it leaves, so an int point after a double one
+keeps the fraction of its delta (5, 7.5, 10, 12 counts 12) and a restart, which reads the state back
+from the committed row (a double row), continues the same way.
+
 State changes are applied at decode time and rolled back when the batch is not committed, so a client
 that retries after a 503 gets the same deltas again.
 
@@ -48,6 +53,9 @@ class CumulativePoint:
     time_ns: int
     value: int | float
     monotonic: bool
+    #: The series' id in versions before the structural key (0: none): read when ``series_id`` has no
+    #: state, never written (see :meth:`CumulativeState.convert`).
+    legacy_id: int = 0
 
 
 #: (delta, start of the interval it covers) or None for out_of_order.
@@ -108,20 +116,46 @@ class CumulativeState:
                     self._entries[series_id] = replace(new, seq=seq)
 
     def convert(self, points: list[CumulativePoint]) -> tuple[list[Resolution], list[Change]]:
+        """Each point's delta, and the state changes made (to undo with :meth:`rollback`).
+
+        The upgrade from the legacy series id: a series without state under its id continues from the
+        state under its ``legacy_id`` (in memory, restored from spool records of an older version, or
+        else in ClickHouse), copied to its id. Legacy ids are only ever read: no state is written under
+        one again, so after the upgrade nobody can change what a legacy id holds. The legacy key was
+        ambiguous (another org's crafted names could give the same one), but a collision now only
+        decides the first delta of the colliding sender's own series, stored under its own org: the
+        state it reads is copied, never changed, and each series continues from its own copy.
+        """
         while True:
             with self._lock:
-                missing = list({p.series_id for p in points if p.series_id not in self._entries})
+                missing = {p.series_id for p in points if p.series_id not in self._entries}
+                legacy = {
+                    p.legacy_id
+                    for p in points
+                    if p.legacy_id and p.series_id in missing and p.legacy_id not in self._entries
+                }
                 evictions = self._evictions
             # ClickHouse is read outside the lock: ingest of known series never waits for it.
             try:
-                loaded = self._load(missing) if missing else {}
+                loaded = self._load(sorted(missing | legacy)) if missing else {}
             except Exception as err:  # whatever the store raises; the request is not at fault
                 raise StateUnavailable(str(err)) from err
             with self._lock:
                 if self._evictions != evictions:
                     continue  # an entry went meanwhile: what was read may be older than it; read again
-                for sid, e in loaded.items():
-                    self._entries.setdefault(sid, replace(e, seq=0))  # committed: may be evicted
+                for p in points:
+                    sid = p.series_id
+                    if sid in self._entries:
+                        continue
+                    e = loaded.get(sid)
+                    if e is not None:
+                        self._entries[sid] = replace(e, seq=0)  # committed: may be evicted
+                    elif p.legacy_id:
+                        e = self._entries.get(p.legacy_id)  # restored from an older version's spool
+                        if e is not None:
+                            self._entries[sid] = e  # as its record: kept until that is committed
+                        elif (e := loaded.get(p.legacy_id)) is not None:
+                            self._entries[sid] = replace(e, seq=0)
                 return self._apply(points)
 
     def _apply(self, points: list[CumulativePoint]) -> tuple[list[Resolution], list[Change]]:
@@ -134,7 +168,8 @@ class CumulativeState:
             results.append(res)
             if res is None or (e is not None and p.time_ns <= e.time_ns):
                 continue
-            new = Entry(p.start_ns, p.time_ns, p.value, now)
+            value = float(p.value) if isinstance(res[0], float) else p.value  # a double stream stays one
+            new = Entry(p.start_ns, p.time_ns, value, now)
             self._entries[p.series_id] = new
             changes.append((p.series_id, e, new))
         self._evict(now)
@@ -163,6 +198,15 @@ class CumulativeState:
 
 
 def _resolve(e: Entry | None, p: CumulativePoint) -> Resolution:
+    if not isinstance(p.value, float) and (e is None or not isinstance(e.value, float)):
+        return _resolve_value(e, p)
+    # A double stream: the point is taken as a double (so an int point sent again equals the double
+    # state it left) and the delta is a double, whatever the point's own type.
+    res = _resolve_value(e, replace(p, value=float(p.value)))
+    return None if res is None else (float(res[0]), res[1])
+
+
+def _resolve_value(e: Entry | None, p: CumulativePoint) -> Resolution:
     if e is None:
         return p.value, p.start_ns
     if p.time_ns <= e.time_ns:

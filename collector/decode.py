@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,36 @@ class Limits:
     max_attribute_length: int = 4096
     max_past_ns: int = 2 * 366 * 86400 * 10**9
     max_future_ns: int = 86400 * 10**9
+    #: Longest metric name, unit, scope name or version, and metric description, in characters.
+    max_metric_name_length: int = 1024
+    max_unit_length: int = 255
+    max_scope_length: int = 1024
+    max_description_length: int = 4096
+
+
+#: What no name, unit or scope name or version may contain: the C0 control characters and DEL.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+#: A rejected name is cut to this length where it is shown (the answer's message, the rejection log).
+_NAME_HINT_LENGTH = 128
+
+
+def _bad_name(text: str, max_len: int) -> bool:
+    """A name, unit or scope name or version over its limit or with a control character."""
+    return len(text) > max_len or _CONTROL.search(text) is not None
+
+
+def _bad_scope(scope: tuple[str, str], limits: Limits) -> bool:
+    return _bad_name(scope[0], limits.max_scope_length) or _bad_name(scope[1], limits.max_scope_length)
+
+
+def _bad_metric(m: Any, limits: Limits) -> bool:
+    """A metric whose name or unit breaks the rules, or whose description is over its limit (a
+    description is prose: it may hold line breaks, and it is not stored)."""
+    return (
+        _bad_name(m.name, limits.max_metric_name_length)
+        or _bad_name(m.unit, limits.max_unit_length)
+        or len(m.description) > limits.max_description_length
+    )
 
 
 @dataclass
@@ -225,10 +256,74 @@ def resource_columns(attrs: Sequence[KeyValue], limits: Limits) -> tuple[list[st
     return [k for k, _ in pairs], [v for _, v in pairs], org
 
 
+#: The first bytes hashed for every series id: another layout of the key is another version.
+_SERIES_KEY = b"meterhouse.series.v2\0"
+
+
+def _frame(texts: Sequence[str]) -> bytes:
+    """Texts as one self-delimiting record: their number, each one's length (in code points), then the
+    texts themselves (``3:2,0,1;abc`` is ``ab``, ``""``, ``c``), in UTF-8. A text ends where its length
+    says, so no text's content can be read as a boundary (what the legacy key's separators allowed), and
+    records one after another are unambiguous too."""
+    head = ",".join([str(len(t)) for t in texts])
+    return f"{len(texts)}:{head};{''.join(texts)}".encode("utf-8", "surrogatepass")
+
+
+def series_prefix(
+    metric: str,
+    kind: str,
+    unit: str,
+    temporality: int,
+    monotonic: int,
+    scope: tuple[str, str],
+    resource: tuple[Sequence[str], Sequence[str]],
+) -> Any:
+    """The hash state of what every point of one metric in one scope and resource shares: hashed once per
+    metric, continued per point by :func:`series_id_in`."""
+    keys, values = resource
+    if len(keys) != len(values):
+        raise ValueError("resource keys and values differ in number")
+    h = hashlib.blake2b(_SERIES_KEY, digest_size=8)
+    h.update(_frame((metric, kind, unit, str(temporality), str(monotonic), scope[0], scope[1])))
+    h.update(_frame((*keys, *values)))  # as many keys as values: the number of texts says where they part
+    return h
+
+
+def series_id_in(prefix: Any, org: str, keys: Sequence[str], values: Sequence[str]) -> int:
+    """The id of the series of one point: its org and attributes hashed after the metric's prefix (one
+    record: the org, then as many keys as values)."""
+    if len(keys) != len(values):
+        raise ValueError("attribute keys and values differ in number")
+    h = prefix.copy()
+    h.update(_frame((org, *keys, *values)))
+    return int.from_bytes(h.digest(), "little")
+
+
 def series_id(
+    metric: str,
+    kind: str,
+    unit: str,
+    temporality: int,
+    monotonic: int,
+    org: str,
+    scope: tuple[str, str],
+    resource: tuple[Sequence[str], Sequence[str]],
+    keys: Sequence[str],
+    values: Sequence[str],
+) -> int:
+    """A stable 64-bit id of a series: the hash of everything that makes a stream of points one stream
+    (metric name, kind, unit, temporality, monotonicity, org, scope name and version, resource and
+    point attributes), as self-delimiting records in a fixed order. The encoding is one-to-one: two
+    different streams hash different bytes, whatever their names and attributes contain."""
+    prefix = series_prefix(metric, kind, unit, temporality, monotonic, scope, resource)
+    return series_id_in(prefix, org, keys, values)
+
+
+def legacy_series_id(
     metric: str, org: str, scope: str, resource: list[str], keys: list[str], values: list[str]
 ) -> int:
-    """A stable 64-bit id of a series: metric, org, scope, resource and point attributes."""
+    """The series id of versions before the structural key (texts joined by unescaped separators, so
+    ambiguous): read only, as a fallback for the state of series those versions wrote (cumulative.py)."""
     h = hashlib.blake2b(digest_size=8)
     h.update("\x1f".join((metric, org, scope, *resource, "\x1e", *keys, "\x1e", *values)).encode())
     return int.from_bytes(h.digest(), "little")
@@ -287,7 +382,9 @@ class _Decoder:
         # a window (or limit) past them is clamped without changing what it accepts.
         found = _fast.decode_numbers(
             body, lim.org_attribute, _clamp(self.min_t), _clamp(self.max_t),
-            _clamp(lim.max_attributes), _clamp(lim.max_attribute_length), self.now_ns,
+            _clamp(lim.max_attributes), _clamp(lim.max_attribute_length),
+            _clamp(lim.max_metric_name_length), _clamp(lim.max_unit_length), _clamp(lim.max_scope_length),
+            _clamp(lim.max_description_length), self.now_ns,
         )  # fmt: skip
         if found is None:
             return False
@@ -317,12 +414,19 @@ class _Decoder:
             res = (res_keys, res_values)
             for sm in rm.scope_metrics:
                 scope = (sm.scope.name, sm.scope.version)
+                bad_scope = _bad_scope(scope, self.limits)
                 for m in sm.metrics:
                     which = m.WhichOneof("data")
                     if which is None:
                         continue  # a metric without data has no points to store or reject
                     data = getattr(m, which)
-                    self.result.received += len(data.data_points)
+                    n = len(data.data_points)
+                    self.result.received += n
+                    if bad_scope or _bad_metric(m, self.limits):
+                        if n:
+                            org = _org_hint(data.data_points[0].attributes, res_org, org_key)
+                            self.result.reject("invalid_name", m.name[:_NAME_HINT_LENGTH], n, org)
+                        continue
                     if which in ("sum", "gauge"):
                         self.numbers(m, which, data, res, res_org, scope)
                     else:
@@ -358,7 +462,7 @@ class _Decoder:
                         self.result.reject("attribute_limit", m.name, n, org)
 
     def numbers(self, m: Any, which: str, data: Any, res: Any, res_org: str, scope: Any) -> None:
-        name, r = m.name, self.result
+        name, unit, r = m.name, m.unit, self.result
         if which == "sum":
             temporality = _TEMPORALITY.get(data.aggregation_temporality)
             if temporality is None:
@@ -372,6 +476,8 @@ class _Decoder:
         if cumulative and self.cumulative is None:
             r.reject("unsupported_metric", name, len(data.data_points), res_org)
             return
+        if cumulative:
+            prefix = series_prefix(name, kind, unit, temporality, mono, scope, res)
         c = self.cols
         res_keys, res_values = res
         min_t, max_t = self.min_t, self.max_t
@@ -439,9 +545,12 @@ class _Decoder:
             if not org:
                 unattributed += 1
             if cumulative:
-                sid = series_id(name, org, scope[0], res_keys + res_values, keys, values)
+                sid = series_id_in(prefix, org, keys, values)
+                legacy = legacy_series_id(name, org, scope[0], res_keys + res_values, keys, values)
                 self.cum_rows.append(len(c_org))
-                self.cum_points.append(CumulativePoint(sid, start, t, vi if is_int else vd, bool(mono)))
+                self.cum_points.append(
+                    CumulativePoint(sid, start, t, vi if is_int else vd, bool(mono), legacy)
+                )
                 c_sid.append(sid)
                 c_sstart.append(start)
                 c_ci.append(vi)
@@ -465,7 +574,7 @@ class _Decoder:
                 col.extend([0] * n)
             c_cd.extend([0.0] * n)
         shared: tuple[tuple[str, Any], ...] = (
-            ("metric", name), ("kind", kind), ("unit", m.unit), ("monotonic", mono),
+            ("metric", name), ("kind", kind), ("unit", unit), ("monotonic", mono),
             ("resource_keys", res_keys), ("resource_values", res_values), ("scope_name", scope[0]),
             ("scope_version", scope[1]), ("received_at", self.now_ns), ("temporality", temporality),
         )  # fmt: skip
@@ -492,12 +601,19 @@ class _Decoder:
                 start = t
                 self.result.repaired["start_after_time"] += 1
             c["start_time"][row] = start
-            # The column follows the point's own type, not the delta's: "the same point again" resolves
-            # to a plain 0, which on a double point must clear the double (it held the cumulative value).
-            if c["is_int"][row]:
-                c["value_int"][row] = int(delta)
+            # The row follows the delta's type (cumulative.py: from its first double point on, a series
+            # is a double stream): an int delta is an int row; a double delta is a double row, also for
+            # an int point, whose sender's value then becomes the row's cumulative double, so the state
+            # read back after a restart continues as a double.
+            if isinstance(delta, float):
+                if c["is_int"][row]:
+                    c["is_int"][row] = 0
+                    c["value_int"][row] = 0
+                    c["cumulative_double"][row] = float(c["cumulative_int"][row])
+                    c["cumulative_int"][row] = 0
+                c["value_double"][row] = delta
             else:
-                c["value_double"][row] = float(delta)
+                c["value_int"][row] = delta
         if drop:
             keep = sorted(set(range(len(c["org_id"]))) - set(drop))
             for name, col in c.items():

@@ -46,6 +46,10 @@ def limits_from(config: Config) -> Limits:
         org_attribute=config.org_attribute,
         max_attributes=config.max_attributes,
         max_attribute_length=config.max_attribute_length,
+        max_metric_name_length=config.max_metric_name_length,
+        max_unit_length=config.max_unit_length,
+        max_scope_length=config.max_scope_length,
+        max_description_length=config.max_description_length,
         max_past_ns=int(config.max_past_s * 1e9),
         max_future_ns=int(config.max_future_s * 1e9),
     )

@@ -226,6 +226,20 @@ class Config:
     max_attribute_length: int = _opt(
         _positive, default=4096, help="Longest attribute key or value, in characters."
     )
+    max_metric_name_length: int = _opt(
+        _positive, default=1024, help="Longest metric name, in characters (control characters are refused)."
+    )
+    max_unit_length: int = _opt(
+        _positive, default=255, help="Longest metric unit, in characters (control characters are refused)."
+    )
+    max_scope_length: int = _opt(
+        _positive,
+        default=1024,
+        help="Longest instrumentation scope name or version, in characters (control characters are refused).",
+    )
+    max_description_length: int = _opt(
+        _positive, default=4096, help="Longest metric description, in characters."
+    )
     shutdown_timeout_s: float = _opt(
         _non_negative, default=10.0, help="Deadline for flushing on SIGTERM/SIGINT."
     )

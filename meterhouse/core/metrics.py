@@ -20,6 +20,7 @@ REJECT_REASONS = (
     "attribute_limit",  # too many attributes, or a key or value over the length limit
     "unsupported_metric",  # no data, or a sum without temporality
     "org_not_allowed",  # the sender's ingest token may not send for the point's org
+    "invalid_name",  # a metric name, unit, description or scope over its length limit, or a control character
 )
 
 #: Why a data point was stored changed. Each repair keeps the usage exactly; it is counted and logged.

@@ -1,14 +1,19 @@
 """Cumulative → delta conversion rules, rollback, and recovery of state from committed points."""
 
+import hashlib
 import time
 
-from otlp_builders import CUMULATIVE, point, sum_request
+import pytest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from otlp_builders import CUMULATIVE, kv, point, sum_request
 from prometheus_client import CollectorRegistry
 
+from meterhouse.collector.auth import IngestTokens
 from meterhouse.collector.cumulative import CumulativePoint, CumulativeState, Entry
-from meterhouse.collector.decode import Limits
+from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.ingest import Ingestor, committed_state_loader, restore_cumulative
 from meterhouse.collector.writer import Writer
+from meterhouse.core.config import Token
 from meterhouse.core.metrics import PipelineMetrics
 
 
@@ -151,8 +156,14 @@ class Pipeline:
         self.writer.start()
         self.ingestor = Ingestor(self.spool, metrics, Limits(), self.state)
 
-    def export(self, req, digest):
-        return self.ingestor.export(req, digest)
+    def export(self, req, digest, sender=None):
+        return self.ingestor.export(req, digest, sender)
+
+    def drain(self):
+        deadline = time.time() + 10
+        while self.spool.pending_points and time.time() < deadline:
+            time.sleep(0.01)
+        assert not self.spool.pending_points, "the writer did not commit the spool in time"
 
     def close(self):
         self.writer.shutdown(5)
@@ -241,3 +252,266 @@ def test_a_double_point_sent_again_in_another_request_counts_zero():
     assert stored(same, same) == 10.0  # twice within one request
     # Integers were right before and stay so.
     assert stored(point(5, {"org.id": "p"}, t1, t0), point(5, {"org.id": "p"}, t1, t0)) == 5
+
+
+# -- the series key: structural, so no choice of names makes two streams one ----------------------------
+
+
+def series_request(metric, value, t_ns, start_ns, *, org, scope=("tests", "1.0"), resource=None, attrs=None,
+                   unit="1", monotonic=True):  # fmt: skip
+    """One cumulative point; unlike sum_request, any metric name, scope and (possibly empty) resource."""
+    req = ExportMetricsServiceRequest()
+    rm = req.resource_metrics.add()
+    rm.resource.attributes.extend(kv(k, v) for k, v in (resource or {}).items())
+    sm = rm.scope_metrics.add()
+    sm.scope.name, sm.scope.version = scope
+    m = sm.metrics.add(name=metric, unit=unit)
+    m.sum.aggregation_temporality = CUMULATIVE
+    m.sum.is_monotonic = monotonic
+    m.sum.data_points.append(point(value, {"org.id": org, **(attrs or {})}, t_ns=t_ns, start_ns=start_ns))
+    return req
+
+
+def legacy_series_id(metric, org, scope, resource_keys, resource_values, keys, values):
+    """The series id of the previous versions, written out here as they computed it: the ids under which
+    existing databases hold their cumulative state (``series_state``)."""
+    h = hashlib.blake2b(digest_size=8)
+    parts = (metric, org, scope, *resource_keys, *resource_values, "\x1e", *keys, "\x1e", *values)
+    h.update("\x1f".join(parts).encode())
+    return int.from_bytes(h.digest(), "little")
+
+
+def org_totals(store):
+    rows = store.rows(
+        f"SELECT org_id, toString(sum(toInt128(value_int))), sum(value_double) "
+        f"FROM {store.database}.usage_points GROUP BY org_id"
+    )
+    return {org: int(ints) + doubles for org, ints, doubles in rows}
+
+
+VICTIM = Token("ingest-token-of-org-42-00001", ("42",))
+ATTACKER = Token("ingest-token-of-org-4242-001", ("4242",))
+#: The attacker's metric name: the victim's metric, org, scope and resource keys joined by the old key's
+#: separator, so that (with the victim's resource values as the attacker's org and scope) the old
+#: unescaped key of the attacker's series was the victim's.
+CRAFTED = "api.requests\x1f42\x1fbilling\x1fprocess.pid\x1fservice.name"
+
+
+def test_a_crafted_metric_name_cannot_reset_another_orgs_cumulative_series(tmp_path, store):
+    """Was: the attacker's cumulative 0 reset org 42's series, whose next point then counted its whole
+    value again: org 42 billed 2,100 where 1,100 is right, the attacker's org 0."""
+    victim_series = {
+        "scope": ("billing", "1.0"),
+        "resource": {"process.pid": 4242, "service.name": "checkout"},
+    }
+    # The collision this test is about, in the old key (computed independently of the decoder).
+    assert legacy_series_id("api.requests", "42", "billing", ["process.pid", "service.name"],
+                            ["4242", "checkout"], [], []) == legacy_series_id(
+        CRAFTED, "4242", "checkout", [], [], [], [])  # fmt: skip
+    p = Pipeline(tmp_path, store)
+    p.ingestor.tokens = IngestTokens((VICTIM, ATTACKER))
+    victim = p.ingestor.authenticate(f"Bearer {VICTIM.token}")
+    attacker = p.ingestor.authenticate(f"Bearer {ATTACKER.token}")
+    start = time.time_ns() - 60 * 10**9
+    try:
+        first = p.export(series_request("api.requests", 1000, start + 10**9, start, org="42", **victim_series),
+                         "v1", victim)  # fmt: skip
+        attack = p.export(series_request(CRAFTED, 0, start + 15 * 10**8, start, org="4242",
+                                         scope=("checkout", "")), "a1", attacker)  # fmt: skip
+        second = p.export(series_request("api.requests", 1100, start + 2 * 10**9, start, org="42",
+                                         **victim_series), "v2", victim)  # fmt: skip
+        p.drain()
+    finally:
+        p.close()
+    assert org_totals(store).get("42") == 1100, org_totals(store)
+    assert org_totals(store).get("4242", 0) == 0
+    assert first.kind == second.kind == "ok"
+    assert attack.kind == "partial" and "invalid_name" in attack.message  # its name is refused too
+
+
+@pytest.mark.parametrize(
+    ("base", "other"),
+    [
+        ({"scope": ("lib", "1.0")}, {"scope": ("lib", "2.0")}),
+        ({"unit": "By"}, {"unit": "KiBy"}),
+        ({"monotonic": True}, {"monotonic": False}),
+        # The old separators inside attribute values (allowed there): a resource attribute and a point
+        # attribute that joined into the same text.
+        ({"resource": {"\x1e": "v"}}, {"attrs": {"v": "\x1e"}}),
+        ({"resource": {"a": "1\x1fb"}}, {"resource": {"a\x1f1": "b"}}),
+    ],
+    ids=["scope_version", "unit", "monotonic", "resource_vs_point", "key_vs_value"],
+)
+def test_series_that_differ_only_in_what_the_old_key_left_out_or_blurred_are_separate(base, other):
+    state = CumulativeState(lambda ids: {})
+    start = time.time_ns() - 60 * 10**9
+    ids, total = [], 0
+    for i, (series, value) in enumerate(((base, 100), (other, 30), (base, 150))):
+        req = series_request("credits", value, start + (i + 1) * 10**9, start, org="o", **series)
+        r = decode_request(req, Limits(), now_ns=time.time_ns(), digest=str(i), cumulative=state)
+        assert r.rejected_count == 0 and r.batch.size == 1
+        ids.append(r.batch.columns["series_id"][0])
+        total += r.batch.columns["value_int"][0]
+    assert ids[0] == ids[2] != ids[1]
+    assert total == 150 + 30  # each series its own value
+
+
+def test_every_component_of_the_series_key_tells_series_apart():
+    from meterhouse.collector.decode import series_id
+
+    base = dict(metric="m", kind="sum", unit="1", temporality=2, monotonic=1, org="o", scope=("s", "1"),
+                resource=(["r"], ["x"]), keys=["k"], values=["v"])  # fmt: skip
+    variants = [
+        {"metric": "m2"}, {"kind": "gauge"}, {"unit": "By"}, {"temporality": 1}, {"monotonic": 0},
+        {"org": "o2"}, {"scope": ("s", "2")}, {"scope": ("s2", "1")}, {"scope": ("s1", "")},
+        {"resource": (["r"], ["y"])}, {"resource": (["r2"], ["x"])}, {"resource": ([], [])},
+        {"keys": ["k2"]}, {"values": ["v2"]}, {"keys": [], "values": []},
+        # Texts moved across component boundaries (what the legacy key could not tell apart).
+        {"metric": "m\x1fo", "org": ""}, {"metric": "", "org": "m"},
+        {"resource": (["r", "k"], ["x", "v"]), "keys": [], "values": []},
+        {"resource": (["r"], ["x\x1fk"]), "keys": [""], "values": ["v"]},
+        {"keys": ["k", "v"], "values": ["", ""]},
+    ]  # fmt: skip
+    ids = [series_id(**{**base, **v}) for v in [{}, *variants]]
+    assert len(set(ids)) == len(ids)
+    with pytest.raises(ValueError):  # the encoding relies on as many keys as values
+        series_id(**{**base, "keys": ["k", "v"], "values": ["x"]})
+    # Pinned: the ids are stored (series_state), so a change of the encoding would make every running
+    # series start over (count its whole value again) unless it came with a fallback like the legacy one.
+    assert series_id(**base) == 3230373070235245390
+
+
+class LegacyIds:
+    """The stage between an ingestor and the spool that makes its batches what the previous version spooled
+    and stored: cumulative rows under the legacy series id."""
+
+    def __init__(self, spool):
+        self.spool = spool
+
+    def consume(self, batch):
+        c = batch.columns
+        for i, sid in enumerate(c["series_id"]):
+            if sid:
+                c["series_id"][i] = legacy_series_id(
+                    c["metric"][i], c["org_id"][i], c["scope_name"][i], c["resource_keys"][i],
+                    c["resource_values"][i], c["attr_keys"][i], c["attr_values"][i],
+                )  # fmt: skip
+        return self.spool.consume(batch)
+
+
+def upgrade_request(value, t_ns, start_ns):
+    return series_request("credits", value, t_ns, start_ns, org="org-u", resource={"service.name": "api"},
+                          attrs={"region": "eu"})  # fmt: skip
+
+
+def test_an_upgrade_continues_series_whose_state_is_under_the_legacy_id(tmp_path, store):
+    """A running cumulative series of a database written by the previous version: its next point counts
+    the increase only, not its whole value again."""
+    start = time.time_ns() - 60 * 10**9
+    old = Pipeline(tmp_path / "old", store)
+    old.ingestor.next = LegacyIds(old.spool)
+    try:
+        assert old.export(upgrade_request(1000, start + 10**9, start), "r1").kind == "ok"
+        old.drain()
+    finally:
+        old.close()
+    new = Pipeline(tmp_path / "new", store)  # the upgrade: state read back from ClickHouse
+    try:
+        assert new.export(upgrade_request(1250, start + 2 * 10**9, start), "r2").kind == "ok"
+        new.drain()
+    finally:
+        new.close()
+    assert org_totals(store) == {"org-u": 1250}
+    ids = store.rows(f"SELECT series_id FROM {store.database}.usage_points ORDER BY time")
+    assert ids[0] != ids[1]  # the new point is stored under the new id; the legacy one is not written
+
+
+def test_an_upgrade_with_legacy_points_in_the_spool_continues_from_them(tmp_path, store):
+    """The previous version left points in the spool (ClickHouse was down): the new version converts the
+    series' next point against the newest of them, not against the older state ClickHouse holds."""
+    start = time.time_ns() - 60 * 10**9
+    old = Pipeline(tmp_path, store)
+    old.ingestor.next = LegacyIds(old.spool)
+    try:
+        assert old.export(upgrade_request(100, start + 10**9, start), "r1").kind == "ok"
+        old.drain()
+        old.writer.shutdown(0)  # ClickHouse goes away: the next point waits in the spool
+        assert old.export(upgrade_request(150, start + 2 * 10**9, start), "r2").kind == "ok"
+    finally:
+        old.spool.shutdown(1)
+    new = Pipeline(tmp_path, store)  # the upgrade: the spool is restored, then replayed
+    try:
+        assert new.export(upgrade_request(200, start + 3 * 10**9, start), "r3").kind == "ok"
+        new.drain()
+    finally:
+        new.close()
+    assert org_totals(store) == {"org-u": 200}
+
+
+def test_the_legacy_fallback_is_read_only_so_a_collision_changes_only_the_colliders_first_delta():
+    legacy = 77
+    loads = []
+    state = CumulativeState(lambda ids: loads.append(sorted(ids)) or {legacy: Entry(100, 150, 40)})
+
+    def convert(sid, t, value):
+        (res,), changes = state.convert([CumulativePoint(sid, 100, t, value, True, legacy_id=legacy)])
+        assert [c[0] for c in changes] == [sid]  # only the new id's state changes
+        return res
+
+    assert convert(1, 200, 50) == (10, 150)  # continues the legacy state
+    # Another stream whose old key was the same (the ambiguity): its own first point converts against
+    # that state too (a reset here, 0 < 40), and nothing it does reaches series 1.
+    assert convert(2, 300, 0) == (0, 100)
+    assert convert(1, 400, 60) == (10, 200)
+    assert loads == [[1, legacy], [2, legacy]]  # the legacy id is read only beside a new id with no state
+    assert len(state) == 2  # entries of series 1 and 2; none under the legacy id
+
+
+# -- a series whose value type switches between int and double ------------------------------------------
+
+
+def test_a_series_switching_between_int_and_double_keeps_its_fractions():
+    """Was stored as 11.5: the switch back to int truncated the delta 10 - 7.5 to 2."""
+    state = CumulativeState(lambda ids: {})
+    start = time.time_ns() - 60 * 10**9
+    rows = []
+    for i, v in enumerate([5, 7.5, 10, 12]):
+        req = cumulative_request(v, start + (i + 1) * 10**9, start)
+        cols = decode_request(
+            req, Limits(), now_ns=time.time_ns(), digest=str(i), cumulative=state
+        ).batch.columns
+        rows.append({k: col[0] for k, col in cols.items()})
+    assert sum(r["value_int"] + r["value_double"] for r in rows) == 12
+    # A double stream from the switch on: the rows after it are doubles, with the sender's value.
+    assert [(r["is_int"], r["value_int"], r["value_double"]) for r in rows] == [
+        (1, 5, 0.0), (0, 0, 2.5), (0, 0, 2.5), (0, 0, 2.0)]  # fmt: skip
+    assert [(r["cumulative_int"], r["cumulative_double"]) for r in rows] == [
+        (5, 0.0), (0, 7.5), (0, 10.0), (0, 12.0)]  # fmt: skip
+
+
+def test_a_series_switching_between_int_and_double_keeps_its_fractions_across_restarts(tmp_path, store):
+    start = time.time_ns() - 60 * 10**9
+    for i, v in enumerate([5, 7.5, 10, 12]):
+        p = Pipeline(tmp_path / str(i), store)  # a fresh process each time: state read back from ClickHouse
+        try:
+            out = p.export(cumulative_request(v, start + (i + 1) * 10**9, start), f"r{i}")
+            assert out.kind == "ok", out.message
+            p.drain()
+        finally:
+            p.close()
+    assert org_totals(store) == {"org-c": 12}
+    rows = store.rows(f"SELECT is_int, value_double FROM {store.database}.usage_points ORDER BY time")
+    assert [tuple(r) for r in rows] == [(1, 0.0), (0, 2.5), (0, 2.5), (0, 2.0)]
+    hourly = store.rows(
+        f"SELECT toString(sum(value_int)), sum(value_double) FROM {store.database}.usage_hourly"
+    )
+    assert int(hourly[0][0]) + hourly[0][1] == 12
+
+
+def test_in_a_double_stream_an_int_point_sent_again_counts_zero():
+    s = CumulativeState(lambda ids: {})
+    run(s, cp(7.5, 200))
+    big = 2**63 - 1  # not a double: equal to the state it leaves only when taken as one
+    assert run(s, cp(big, 300)) == [(float(big) - 7.5, 200)]
+    assert run(s, cp(big, 300)) == [(0.0, 100)]  # the same point again, not out_of_order
+    assert run(s, cp(10, 400, start=350)) == [(10.0, 350)]  # a reset stays a double stream

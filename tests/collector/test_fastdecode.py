@@ -56,7 +56,8 @@ def fast(body, limits=None, now=NOW):
     lim = limits or Limits()
     return decode._fast.decode_numbers(
         body, lim.org_attribute, now - lim.max_past_ns, now + lim.max_future_ns, lim.max_attributes,
-        lim.max_attribute_length, now,
+        lim.max_attribute_length, lim.max_metric_name_length, lim.max_unit_length, lim.max_scope_length,
+        lim.max_description_length, now,
     )  # fmt: skip
 
 
@@ -312,6 +313,58 @@ def one_point(attrs=(), resource=(), value=1, t=None, start=None, kind="sum", te
     return req
 
 
+def named(req, name=None, unit=None, scope=None, version=None, description=None, extra=True):
+    """``req`` (one_point's) with its metric's name, unit or description or its scope changed, and a good
+    metric beside it in another scope (``extra``), so that a rejection leaves something to keep."""
+    sm = req.resource_metrics[0].scope_metrics[0]
+    m = sm.metrics[0]
+    for attr, value in (("name", name), ("unit", unit), ("description", description)):
+        if value is not None:
+            setattr(m, attr, value)
+    for attr, value in (("name", scope), ("version", version)):
+        if value is not None:
+            setattr(sm.scope, attr, value)
+    if extra:
+        good = req.resource_metrics[0].scope_metrics.add()
+        good.scope.name = "good"
+        g = good.metrics.add(name="kept", unit="1")
+        g.gauge.data_points.add(time_unix_nano=NOW - 10**9, as_int=3)
+    return req
+
+
+def bad_metric_without_points():
+    req = one_point()
+    req.resource_metrics[0].scope_metrics[0].metrics.add(name="no\x00points", unit="\x01").gauge.SetInParent()
+    return req
+
+
+#: Names, units, scopes and descriptions at the default limits, and what is not a control character.
+NAMES_ACCEPTED = [
+    named(one_point(), name="n" * 1024, unit="u" * 255, description="d" * 4096),
+    named(one_point(), scope="s" * 1024, version="v" * 1024),
+    named(one_point(), description="prose\nwith\tcontrols\x00"),  # a description: its length only
+    named(one_point(), name="é.ｚ😀\x80\u2028", unit="°C", scope="😀"),
+    named(one_point(), name="", unit="", scope="", version=""),
+    bad_metric_without_points(),  # no point to reject: nothing rejected, as in Python
+]
+
+#: Each breaks one rule (the Python decoder rejects the first metric's point as invalid_name).
+NAMES_DECLINED = [
+    named(one_point(), name="n" * 1025),
+    named(one_point(), unit="u" * 256),
+    named(one_point(), description="d" * 4097),
+    named(one_point(), scope="s" * 1025),
+    named(one_point(), version="v" * 1025),
+    named(one_point(), name="api.requests\x1f42"),
+    named(one_point(), name="\x00"),
+    named(one_point(), name="m\x7f"),
+    named(one_point(), name="m\n"),
+    named(one_point(), unit="\x1e"),
+    named(one_point(), scope="s\x1f"),
+    named(one_point(), version="1\x00"),
+    named(one_point(), name="😀" * 1025),  # code points, not bytes, are counted
+]
+
 EDGE_ACCEPTED = [
     one_point([("org.id", "a"), ("z", "1"), ("b", "2"), ("z", "3"), ("b", "4")]),  # repeated keys: last wins
     one_point([("org.id", "a"), ("org.id", "b")]),  # the last org
@@ -362,6 +415,34 @@ EDGE_DECLINED = [
 @pytest.mark.parametrize("req", EDGE_ACCEPTED, ids=range(len(EDGE_ACCEPTED)))
 def test_edge_cases_inside_the_fast_path_match_the_python_decoder(req):
     assert check(req.SerializeToString(), in_path=True) is not None
+
+
+@pytest.mark.parametrize("req", NAMES_ACCEPTED, ids=range(len(NAMES_ACCEPTED)))
+def test_names_within_the_limits_take_the_fast_path(req):
+    assert check(req.SerializeToString(), in_path=True) is not None
+
+
+@pytest.mark.parametrize("req", NAMES_DECLINED, ids=range(len(NAMES_DECLINED)))
+def test_invalid_names_are_declined_and_both_paths_reject_them_alike(req):
+    body = req.SerializeToString()
+    assert fast(body) is None
+    a = decode_request(None, Limits(), now_ns=NOW, digest="d", body=body)
+    b = decode_request(req, Limits(), now_ns=NOW, digest="d")
+    assert a.rejected == b.rejected == {"invalid_name": 1}
+    assert a.batch.columns["metric"] == ["kept"] and same_columns(a.batch.columns, b.batch.columns)
+
+
+def test_name_limits_are_the_configured_ones_on_both_paths():
+    small = Limits(max_metric_name_length=4, max_unit_length=1, max_scope_length=4, max_description_length=5)
+    at = {"name": "abcd", "unit": "1", "scope": "abcd", "version": "wxyz", "description": "abcde"}
+    assert check(named(one_point(), **at).SerializeToString(), small, in_path=True) is not None
+    for over in ({"name": "abcde"}, {"unit": "12"}, {"scope": "abcde"}, {"version": "vwxyz"},
+                 {"description": "abcdef"}):  # fmt: skip
+        req = named(one_point(), **{**at, **over})
+        body = req.SerializeToString()
+        assert fast(body, small) is None, over
+        a = decode_request(None, small, now_ns=NOW, digest="d", body=body)
+        assert a.rejected == {"invalid_name": 1} and a.batch.columns["metric"] == ["kept"], over
 
 
 @pytest.mark.parametrize("req", EDGE_DECLINED, ids=range(len(EDGE_DECLINED)))
@@ -438,15 +519,20 @@ def test_wire_level_cases():
 
 # -- generated requests ----------------------------------------------------------------------------
 
-LIMITS = Limits(max_attributes=5, max_attribute_length=6)
+LIMITS = Limits(max_attributes=5, max_attribute_length=6, max_metric_name_length=4, max_unit_length=3,
+                max_scope_length=4, max_description_length=5)  # fmt: skip
 chars = st.sampled_from("ab\x00é𝄞ｚ")
 short = st.text(alphabet=chars, max_size=4)
+#: Names, units and scopes: within LIMITS and without control characters, or anything.
+good_names = st.text(alphabet=st.sampled_from("abé𝄞ｚ"), max_size=3)
+any_names = st.one_of(good_names, st.text(alphabet=st.sampled_from("ab\x00\x1f\x7f\né𝄞ｚ"), max_size=6))
 
 
 def request_st(valid):
     """Requests the Python decoder accepts whole and inside the fast path (``valid``), or anything: every
     reject reason, cumulative sums, histograms, double attributes, values over the limits."""
     text = short if valid else st.one_of(short, st.text(alphabet=chars, max_size=8))
+    names = good_names if valid else any_names
     keys = st.one_of(st.sampled_from(["org.id", "a", "b", "é", "ab"]), short)
     values = st.one_of(
         short, short, st.integers(-99999, 999999), st.booleans(), st.none(), st.just(AnyValue()),
@@ -470,12 +556,13 @@ def request_st(valid):
         }  # fmt: skip
     )
     metric = st.fixed_dictionaries(
-        {"name": text, "unit": text, "kind": st.sampled_from(kinds), "points": st.lists(point, max_size=4)}
-    )
+        {"name": names, "unit": names, "description": names, "kind": st.sampled_from(kinds),
+         "points": st.lists(point, max_size=4)}
+    )  # fmt: skip
     resource = st.fixed_dictionaries(
         {
             "attrs": attrs,
-            "scope": st.one_of(st.none(), st.tuples(text, text)),
+            "scope": st.one_of(st.none(), st.tuples(names, names)),
             "metrics": st.lists(metric, max_size=3),
         }
     )
@@ -491,7 +578,7 @@ def build(resources):
         if r["scope"] is not None:
             sm.scope.name, sm.scope.version = r["scope"]
         for md in r["metrics"]:
-            m = sm.metrics.add(name=md["name"], unit=md["unit"])
+            m = sm.metrics.add(name=md["name"], unit=md["unit"], description=md["description"])
             kind = md["kind"]
             if kind == "none":
                 continue

@@ -4,6 +4,7 @@ that a request's content decides being 4xx-class (partial success), never a retr
 import logging
 import time
 
+import pytest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValueList
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from otlp_builders import CUMULATIVE, kv, point, sum_request
@@ -187,3 +188,125 @@ def test_rejections_are_logged_once_per_interval_per_reason_and_metric_with_an_o
         lines = [r for r in caplog.records if r.name == "meterhouse.rejected"]
         assert len(lines) == 4
         assert sorted(r.points for r in lines[2:]) == [5, 5]  # the 4 held back and this one
+
+
+# -- names, units, scopes and descriptions: length limits, no control characters ---------------------------
+def name_limits():
+    return Limits(max_metric_name_length=8, max_unit_length=4, max_scope_length=6, max_description_length=10)
+
+
+def names_request(name="m", unit="1", scope=("s", "1"), description="", temporality=None):
+    """The metric under test (points 1 and 2) beside a good metric (4) in its scope, and a good metric (8)
+    in another scope of the same resource."""
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    delta = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
+
+    def add(sm, name, unit, description, values, temporality=delta):
+        m = sm.metrics.add(name=name, unit=unit, description=description)
+        m.sum.aggregation_temporality = temporality
+        m.sum.is_monotonic = True
+        m.sum.data_points.extend(point(v, {"org.id": "o"}) for v in values)
+
+    req = ExportMetricsServiceRequest()
+    rm = req.resource_metrics.add()
+    rm.resource.attributes.append(kv("service.name", "svc"))
+    sm = rm.scope_metrics.add()
+    sm.scope.name, sm.scope.version = scope
+    add(sm, name, unit, description, [1, 2], temporality or delta)
+    add(sm, "good", "1", "", [4])
+    other = rm.scope_metrics.add()
+    other.scope.name, other.scope.version = "other", "1"
+    add(other, "kept", "1", "", [8])
+    return req
+
+
+#: (request fields, points rejected as invalid_name): the metric's two, or its scope's three.
+NAME_CASES = {
+    "name_too_long": ({"name": "m" * 9}, 2),
+    "unit_too_long": ({"unit": "By/s!"}, 2),
+    "description_too_long": ({"description": "d" * 11}, 2),
+    "scope_name_too_long": ({"scope": ("s" * 7, "1")}, 3),
+    "scope_version_too_long": ({"scope": ("s", "1.2.3.4")}, 3),
+    "name_unit_separator": ({"name": "a\x1fb"}, 2),
+    "name_newline": ({"name": "a\nb"}, 2),
+    "name_nul": ({"name": "\x00"}, 2),
+    "name_del": ({"name": "a\x7f"}, 2),
+    "unit_tab": ({"unit": "\t"}, 2),
+    "scope_name_control": ({"scope": ("s\x1e", "1")}, 3),
+    "scope_version_control": ({"scope": ("s", "1\x00")}, 3),
+}
+NAME_ACCEPTED = {
+    "at_the_limits": {"name": "m" * 8, "unit": "By/s", "description": "d" * 10, "scope": ("s" * 6, "v" * 6)},
+    "description_with_newlines": {"description": "a\nb\tc"},  # descriptions are prose: length only
+    "unicode": {"name": "é.ｚ😀\x80", "unit": "°C", "scope": ("😀", "")},  # U+0080 is not U+0000-U+001F
+    "empty_scope": {"scope": ("", "")},
+}
+
+
+def kept_values(result):
+    return sorted(result.batch.columns["value_int"])
+
+
+@pytest.mark.parametrize("case", NAME_CASES, ids=list(NAME_CASES))
+def test_a_name_unit_scope_or_description_over_its_limit_or_with_control_characters_is_rejected(case):
+    fields, n = NAME_CASES[case]
+    r = decode(names_request(**fields), name_limits())
+    assert r.rejected == {"invalid_name": n}
+    assert r.received == 4 and r.batch.size == 4 - n
+    assert kept_values(r) == ([8] if n == 3 else [4, 8])
+    assert "invalid_name" in r.error_message()
+    if "too_long" not in case:  # control characters are refused whatever the limits
+        assert decode(names_request(**fields)).rejected == {"invalid_name": n}
+
+
+@pytest.mark.parametrize("case", NAME_ACCEPTED, ids=list(NAME_ACCEPTED))
+def test_names_within_the_limits_are_kept(case):
+    r = decode(names_request(**NAME_ACCEPTED[case]), name_limits())
+    assert r.rejected_count == 0 and kept_values(r) == [1, 2, 4, 8]
+
+
+def test_the_default_limits_take_what_real_senders_send():
+    long_ok = {
+        "name": "n" * 1024,
+        "unit": "u" * 255,
+        "scope": ("s" * 1024, "v" * 1024),
+        "description": "d" * 4096,
+    }
+    assert decode(names_request(**long_ok)).rejected_count == 0
+    for field, value in (("name", "n" * 1025), ("unit", "u" * 256), ("scope", ("s" * 1025, "")),
+                         ("scope", ("", "v" * 1025)), ("description", "d" * 4097)):  # fmt: skip
+        assert decode(names_request(**{field: value})).rejected == {
+            "invalid_name": 3 if field == "scope" else 2
+        }
+
+
+def test_an_invalid_name_is_rejected_before_cumulative_conversion_and_for_distributions():
+    state = CumulativeState(lambda ids: {})
+    r = decode(names_request(name="c\x1fx", temporality=CUMULATIVE), cumulative=state)
+    assert r.rejected == {"invalid_name": 2} and not r.changes and len(state) == 0
+    req = names_request()
+    h = req.resource_metrics[0].scope_metrics[0].metrics.add(name="latency\x00", unit="ms")
+    h.histogram.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
+    h.histogram.data_points.add(time_unix_nano=time.time_ns(), count=1)
+    r = decode(req)
+    assert r.rejected == {"invalid_name": 1} and r.batch.dist_size == 0 and r.batch.size == 4
+
+
+def test_an_invalid_name_is_answered_with_partial_success_counted_and_logged_cut_short(caplog):
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    assert registry.get_sample_value("meterhouse_points_rejected_total", {"reason": "invalid_name"}) == 0
+    keep = Keep()
+    ing = Ingestor(keep, metrics, Limits(), CumulativeState(lambda ids: {}))
+    huge = "x\x1f" * 100_000
+    with caplog.at_level(logging.WARNING, logger="meterhouse.rejected"):
+        outcome = ing.export(names_request(name=huge), "d")
+    assert outcome.kind == "partial"
+    assert outcome.response.partial_success.rejected_data_points == 2
+    assert "invalid_name" in outcome.response.partial_success.error_message
+    assert len(outcome.response.partial_success.error_message) < 2000  # the sender's name is not echoed whole
+    assert sorted(keep.batches[0].columns["value_int"]) == [4, 8]
+    assert registry.get_sample_value("meterhouse_points_rejected_total", {"reason": "invalid_name"}) == 2
+    (line,) = [r for r in caplog.records if r.name == "meterhouse.rejected"]
+    assert line.reason == "invalid_name" and line.points == 2 and len(line.metric) <= 200

@@ -223,3 +223,20 @@ def test_tokens_come_from_a_file_named_by_the_environment(tmp_path):
 
     assert "--auth-tokens" not in build_parser().format_help()
     assert not any("token" in o for o in option_names())
+
+
+def test_name_limits_come_from_every_source_and_reach_the_decoder(tmp_path):
+    from meterhouse.collector.pipeline import limits_from
+
+    f = tmp_path / "mh.yml"
+    f.write_text("max_unit_length: 16\nmax-scope-length: 100\n")
+    c = load_config({"max_metric_name_length": 300}, env={"MH_MAX_DESCRIPTION_LENGTH": "500"}, config_file=f)
+    limits = limits_from(c)
+    assert (limits.max_metric_name_length, limits.max_unit_length, limits.max_scope_length,
+            limits.max_description_length) == (300, 16, 100, 500)  # fmt: skip
+    defaults = limits_from(load_config(env={}))
+    assert (defaults.max_metric_name_length, defaults.max_unit_length, defaults.max_scope_length,
+            defaults.max_description_length) == (1024, 255, 1024, 4096)  # fmt: skip
+    for name in ("max_metric_name_length", "max_unit_length", "max_scope_length", "max_description_length"):
+        with pytest.raises(ConfigError, match=f"{name}: must be greater than 0"):
+            load_config(env={f"MH_{name.upper()}": "0"})

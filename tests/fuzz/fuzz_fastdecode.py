@@ -44,8 +44,9 @@ def check(body: bytes) -> None:
     lim = LIMITS
     min_t, max_t = NOW - lim.max_past_ns, NOW + lim.max_future_ns
     found = fast.decode_numbers(
-        body, lim.org_attribute, min_t, max_t, lim.max_attributes, lim.max_attribute_length, NOW
-    )
+        body, lim.org_attribute, min_t, max_t, lim.max_attributes, lim.max_attribute_length,
+        lim.max_metric_name_length, lim.max_unit_length, lim.max_scope_length, lim.max_description_length, NOW,
+    )  # fmt: skip
     try:
         request = ExportMetricsServiceRequest.FromString(body)
     except (DecodeError, RecursionError) as e:
