@@ -67,7 +67,7 @@ def meterhouse(
         }
         written = load["points"]
         for share in (0.5, 0.9):
-            sends = int(max_rate * share * rate_seconds / per_request) + 2
+            sends = int(max_rate * share * rate_seconds / per_request * 1.5) + 2
             paced, _ = prepare(work, orgs, per_request, sends, f"-{transport}-{int(share * 100)}")
             before = lag_buckets(scrape(f"{api}/metrics"))
             run = run_load(paced, target, transport, rate=max_rate * share, seconds=rate_seconds)

@@ -50,7 +50,7 @@ def main() -> None:
     def take() -> int | None:
         with lock:
             i = state["next"]
-            if deadline is None and i >= len(payloads):
+            if i >= len(payloads):  # never a payload twice: its points would be repeats (counted zero)
                 return None
             if deadline is not None and time.monotonic() >= deadline:
                 return None

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any
 
 from meterhouse.collector.model import PointBatch
-from meterhouse.collector.series import OVERFLOW_KEY
+from meterhouse.collector.series import FOLDED_KEYS
 from meterhouse.core import schema
 
 try:
@@ -46,61 +46,64 @@ try:
 except ImportError:  # pragma: no cover - built by `pip install`; the suite requires it
     _c_marks = None
 
-#: The fields of a number point's stream, in the order :func:`number_identities` reads them.
+#: The fields of a number point's stream, and the value fields a repeat has the same as its original.
 _NUMBER_STREAM = (
     "org_id", "metric", "kind", "unit", "temporality", "monotonic", "scope_name", "scope_version",
     "resource_keys", "resource_values", "attr_keys", "attr_values",
 )  # fmt: skip
+_NUMBER_VALUE = ("value_int", "value_double")
 _DIST_STREAM = (
     "org_id", "metric", "kind", "unit", "temporality", "scope_name", "scope_version",
     "resource_keys", "resource_values", "attr_keys", "attr_values",
 )  # fmt: skip
+_DIST_VALUE = ("count", "sum")
+
+#: The edge's flag per point: new; to verify by the writer; never checked (folded by the series limit).
+NEW, VERIFY, UNCHECKED = 0, 1, 2
 
 Identity = tuple[Any, ...]
-#: A spooled record's points with the edge's verify flags for its number and distribution points.
+#: A spooled record's points with the edge's flags for its number and distribution points.
 Flagged = tuple[PointBatch, list[int], list[int]]
 
 
-def _never_verified(cols: dict[str, list[Any]]) -> list[int]:
+def _never_verified(cols: dict[str, list[Any]]) -> tuple[list[int], list[int]]:
     """Rows whose identity is not checked here: cumulative sums (their conversion counts a point seen
-    again as 0) and folded points (two streams folded into one share a stored identity)."""
+    again as 0), and the points the series limit folded (two streams folded into one share a stored
+    identity; they are the rows holding the limit's own attribute list, not any point an SDK sent with
+    the same attributes)."""
     temps, kinds, keys = cols["temporality"], cols["kind"], cols["attr_keys"]
-    rows: list[int] = []
+    cumulative: list[int] = []
     if schema.TEMPORALITY_CUMULATIVE in temps:
-        rows += [
+        cumulative = [
             i
             for i, (t, k) in enumerate(zip(temps, kinds, strict=True))
             if t == schema.TEMPORALITY_CUMULATIVE and k == schema.KIND_SUM
         ]
-    if [OVERFLOW_KEY] in keys:
-        rows += [i for i, k in enumerate(keys) if k and k[0] == OVERFLOW_KEY]
-    return rows
+    folded = [i for i, k in enumerate(keys) if k is FOLDED_KEYS] if FOLDED_KEYS in keys else []
+    return cumulative, folded
 
 
-def _identities(cols: dict[str, list[Any]], stream: Sequence[str]) -> list[Identity | None]:
-    """Each row's identity (None for rows never verified: cumulative sums, folded points). The stream's
-    fields are compared as a structure (a tuple of strings, numbers and tuples), never joined."""
+def _identities(
+    cols: dict[str, list[Any]], stream: Sequence[str], values: Sequence[str], flags: Sequence[int]
+) -> list[Identity | None]:
+    """Each row's identity: stream, interval and value (None for rows never checked: cumulative sums,
+    folded points). The stream's fields are compared as a structure (a tuple of strings, numbers and
+    tuples), never joined. A repeat has its original's value; a point of the same stream and interval
+    with another value is not a repeat (a second writer, or two starts the SDK-race repair made equal)."""
     fields = [cols[f] for f in stream]
-    kinds, temps, keys = cols["kind"], cols["temporality"], cols["attr_keys"]
+    vals = [cols[f] for f in values]
+    kinds, temps = cols["kind"], cols["temporality"]
     starts, times = cols["start_time"], cols["time"]
     out: list[Identity | None] = []
-    for i, row in enumerate(zip(*fields, strict=True)):
+    for i, (row, value) in enumerate(zip(zip(*fields, strict=True), zip(*vals, strict=True), strict=True)):
         if (temps[i] == schema.TEMPORALITY_CUMULATIVE and kinds[i] == schema.KIND_SUM) or (
-            keys[i] and keys[i][0] == OVERFLOW_KEY
+            i < len(flags) and flags[i] == UNCHECKED
         ):
             out.append(None)
             continue
         start = 0 if kinds[i] == schema.KIND_GAUGE else int(starts[i])
-        out.append((*(tuple(v) if isinstance(v, list) else v for v in row), start, int(times[i])))
+        out.append((*(tuple(v) if isinstance(v, list) else v for v in row), start, int(times[i]), *value))
     return out
-
-
-def number_identities(cols: dict[str, list[Any]]) -> list[Identity | None]:
-    return _identities(cols, _NUMBER_STREAM)
-
-
-def dist_identities(cols: dict[str, list[Any]]) -> list[Identity | None]:
-    return _identities(cols, _DIST_STREAM)
 
 
 class EdgeIdentity:
@@ -133,12 +136,16 @@ class EdgeIdentity:
             flags = list(raw)
         else:
             flags, verify = self._marks_python(columns, cols["time"])
-        for i in _never_verified(cols):
+        cumulative, folded = _never_verified(cols)
+        for i in cumulative:
             verify -= flags[i]
-            flags[i] = 0
+            flags[i] = NEW
+        for i in folded:
+            verify -= flags[i]
+            flags[i] = UNCHECKED
         self.marked_new += size - verify
         self.marked_verify += verify
-        return flags if verify else None
+        return flags if verify or folded else None
 
     def _marks_python(self, columns: list[list[Any]], times: list[int]) -> tuple[list[int], int]:
         """What ``_native.stream_marks`` does, for an install without the C extension: a hash of each
@@ -167,7 +174,9 @@ class EdgeIdentity:
             del self._last[key]
 
 
-def _existing_sql(database: str, table: str, stream: Sequence[str]) -> str:
+def _existing_sql(database: str, table: str, stream: Sequence[str], values: Sequence[str]) -> str:
+    """The stored rows that may share an identity with the wanted ones: the same org, metric, time and
+    attribute values (the primary key and one set test narrow it to about the candidates themselves)."""
     cols = ", ".join(
         {
             "resource_keys": "mapKeys(resource)",
@@ -177,10 +186,12 @@ def _existing_sql(database: str, table: str, stream: Sequence[str]) -> str:
         }.get(c, c)
         for c in stream
     )
-    return f"""SELECT {cols}, toUnixTimestamp64Nano(start_time), toUnixTimestamp64Nano(time)
+    interval = "toUnixTimestamp64Nano(start_time), toUnixTimestamp64Nano(time)"
+    return f"""SELECT {cols}, {interval}, {", ".join(values)}
 FROM {database}.{table}
 WHERE org_id IN {{orgs:Array(String)}} AND metric IN {{metrics:Array(String)}}
     AND time IN (SELECT fromUnixTimestamp64Nano(arrayJoin({{times:Array(Int64)}}), 'UTC'))
+    AND mapValues(attributes) IN (SELECT arrayJoin({{attr_values:Array(Array(String))}}))
     AND batch_seq < {{seq:UInt64}}"""
 
 
@@ -191,54 +202,61 @@ class Verifier:
         self.store = store
 
     def existing(
-        self, table: str, stream: Sequence[str], wanted: Iterable[Identity], seq: int
+        self, table: str, stream: Sequence[str], values: Sequence[str], wanted: set[Identity], seq: int
     ) -> set[Identity]:
         """Which of ``wanted`` the raw ``table`` holds from groups before ``seq``."""
-        wanted = set(wanted)
         if not wanted:
             return set()
         nf = len(stream)
-        org_i, metric_i, kind_i = stream.index("org_id"), stream.index("metric"), stream.index("kind")
+        at = {f: stream.index(f) for f in ("org_id", "metric", "kind", "attr_values")}
         rows = self.store.rows(
-            _existing_sql(self.store.database, table, stream),
+            _existing_sql(self.store.database, table, stream, values),
             {
-                "orgs": sorted({w[org_i] for w in wanted}),
-                "metrics": sorted({w[metric_i] for w in wanted}),
+                "orgs": sorted({w[at["org_id"]] for w in wanted}),
+                "metrics": sorted({w[at["metric"]] for w in wanted}),
                 "times": sorted({w[nf + 1] for w in wanted}),
+                "attr_values": [list(v) for v in sorted({w[at["attr_values"]] for w in wanted})],
                 "seq": seq,
             },
         )
         found = set()
         for row in rows:
-            values = [tuple(v) if isinstance(v, list | tuple) else v for v in row[:nf]]
-            start = 0 if values[kind_i] == schema.KIND_GAUGE else int(row[nf])
-            found.add((*values, start, int(row[nf + 1])))
+            fields = [tuple(v) if isinstance(v, list | tuple) else v for v in row[:nf]]
+            start = 0 if fields[at["kind"]] == schema.KIND_GAUGE else int(row[nf])
+            found.add((*fields, start, int(row[nf + 1]), *row[nf + 2 :]))
         return found & wanted
 
     def filter(self, records: list[Flagged], seq: int) -> tuple[list[PointBatch], int]:
         """The group ``seq``'s records without the flagged points already stored, and how many went."""
         kept = [(b.columns, b.size, b.dist_columns, b.dist_size) for b, _n, _d in records]
         dropped = 0
-        for t, (table, stream) in enumerate(
-            ((schema.POINTS_TABLE, _NUMBER_STREAM), (schema.DIST_TABLE, _DIST_STREAM))
+        for t, (table, stream, values) in enumerate(
+            (
+                (schema.POINTS_TABLE, _NUMBER_STREAM, _NUMBER_VALUE),
+                (schema.DIST_TABLE, _DIST_STREAM, _DIST_VALUE),
+            )
         ):
             cols_of = [
                 (r[0].columns, r[0].size) if t == 0 else (r[0].dist_columns, r[0].dist_size) for r in records
             ]
-            idents = [_identities(c, stream) if n else [] for c, n in cols_of]
             flags = [r[1] if t == 0 else r[2] for r in records]
+            idents = [
+                _identities(c, stream, values, fl) if n else []
+                for (c, n), fl in zip(cols_of, flags, strict=True)
+            ]
             wanted = {
                 i
                 for ids, fl in zip(idents, flags, strict=True)
                 for i, f in zip(ids, fl, strict=False)
-                if f and i
+                if f == VERIFY and i
             }
-            stored = self.existing(table, stream, wanted, seq) if wanted else set()
+            stored = self.existing(table, stream, values, wanted, seq)
             seen: set[Identity] = set()  # the group's rows so far: a repeat within the group goes too
             for j, ((cols, size), ids, fl) in enumerate(zip(cols_of, idents, flags, strict=True)):
                 keep = []
                 for i, ident in enumerate(ids):
-                    if ident is not None and i < len(fl) and fl[i] and (ident in stored or ident in seen):
+                    verify = i < len(fl) and fl[i] == VERIFY
+                    if ident is not None and verify and (ident in stored or ident in seen):
                         continue
                     keep.append(i)
                     if ident is not None:

@@ -21,6 +21,10 @@ from meterhouse.collector.cumulative import StateUnavailable
 OVERFLOW_KEY = "otel.metric.overflow"
 OVERFLOW_VALUE = "true"
 _OVERFLOW = hash(((OVERFLOW_KEY,), (OVERFLOW_VALUE,)))
+#: The attribute lists of every point this limit folded: these very objects, so that point identity
+#: (``identity.py``) tells a point folded here from one an SDK sent with the same attributes. Never mutated.
+FOLDED_KEYS: list[str] = [OVERFLOW_KEY]
+FOLDED_VALUES: list[str] = [OVERFLOW_VALUE]
 
 Pair = tuple[str, str]
 #: (org, metric) → the attribute sets stored for it, as (sorted keys, values).
@@ -88,8 +92,8 @@ class SeriesLimiter:
                     held.add((pair, h))
                     admitted.append((pair, h))
                     continue
-                keys_col[i] = [OVERFLOW_KEY]
-                values_col[i] = [OVERFLOW_VALUE]
+                keys_col[i] = FOLDED_KEYS
+                values_col[i] = FOLDED_VALUES
                 folded += 1
         return folded, admitted
 
