@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from meterhouse.collector.deadletter import DeadLetters
-from meterhouse.collector.identity import Verifier
+from meterhouse.collector.identity import VERIFY, Verifier
 from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, Blocks, PointBatch, content_digest
 from meterhouse.collector.spool import Group, Spool, encode_blocks
 from meterhouse.core import native, schema
@@ -300,7 +300,7 @@ class Writer:
             for r, b in zip(group.records, batches, strict=True)
         ]
         kept, dropped = self.verifier.filter(decoded, group.last)
-        checked = sum(sum(n) + sum(d) for _b, n, d in decoded)
+        checked = sum(n.count(VERIFY) + d.count(VERIFY) for _b, n, d in decoded)
         m = self.metrics.points_identity_checked
         m.labels(outcome="repeat").inc(dropped)
         m.labels(outcome="new").inc(checked - dropped)
