@@ -35,7 +35,7 @@ from meterhouse.core import schema
 from meterhouse.core.config import Config
 from meterhouse.core.httpserver import limits_from as http_limits_from
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.core.store import Store, connect, is_embedded
+from meterhouse.core.store import Store, connect
 from meterhouse.core.tls import ServerTls
 
 log = logging.getLogger("meterhouse.collector")
@@ -227,14 +227,14 @@ class Collector:
             return bound
 
     def _continue_numbering(self) -> None:
-        """A new spool: number its records above every group the embedded database holds, so the
-        writer's ledger (``schema.SEQ_COLUMN``) never mistakes an old group's rows for a new one's.
+        """A new spool: number its records above every group the database holds, so neither the
+        writer's ledger (``schema.SEQ_COLUMN``, embedded) nor point identity's check (rows of groups
+        before this one, ``collector/identity.py``; any endpoint) mistakes an old group's rows for a new
+        one's.
 
         A database that cannot be read now may still hold groups: then above the clock in nanoseconds,
         which no number given so far can have reached (a spool numbers one by one from 0 or from such a
         floor, far slower than the clock runs)."""
-        if not is_embedded(self.config.endpoints[0]):
-            return
         try:
             floor = self.endpoints.max_batch_seq()
         except Exception as e:  # noqa: BLE001 - the clock stands in for the number not read
