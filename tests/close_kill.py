@@ -66,7 +66,8 @@ for m in json.loads(sys.argv[2]):
         "raw": {o: [int(t), int(n)] for o, t, n in raw},
         "adjustments": [[o, int(a)] for o, _m, _u, a, *_ in adjustments],
         "statements_status": answer.status_code,
-        "close_ids": sorted({r[0] for r in store.rows(f"SELECT close_id FROM {db}.month_closes")}),
+        "close_ids": sorted({r[0] for r in store.rows(
+            f"SELECT close_id FROM {db}.month_closes WHERE month = {{m:UInt32}}", {"m": month.key})}),
     }
 print(json.dumps(out))
 """
@@ -83,6 +84,13 @@ def prepare(data: Path, rows: list[dict]) -> dict[str, str]:
     return json.loads(run_py(PREPARE, str(data), json.dumps(rows)))
 
 
+def insert_part(paths: dict[str, str], table: str, partition: str, n: int) -> str:
+    """The temporary directory of the ``n``-th part a process inserts into ``table`` (from 1; a part's
+    temporary name is numbered by the process, its final name by the table), e.g. the close's start
+    record is ``insert_part(paths, "month_closes", "all", 1)``."""
+    return f"{paths[table]}tmp_insert_{partition}_{n}_{n}_0/"
+
+
 def state(data: Path, months: list[str]) -> dict:
     return json.loads(run_py(STATE, str(data), json.dumps(months)))
 
@@ -96,7 +104,7 @@ def killed_at_rename(
     path: str, cmd: list[str], when: int = 1, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     """Run ``cmd`` under strace, SIGKILLed at its ``when``-th rename of ``path`` (a part's temporary
-    directory, e.g. ``<table path>tmp_insert_all_1_1_0/``)."""
+    directory: ``insert_part``)."""
     assert STRACE is not None
     return subprocess.run(
         [STRACE, "-f", "-qq", "-o", "/dev/null", "-P", path, "-e", f"trace={RENAMES}",

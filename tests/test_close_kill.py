@@ -14,7 +14,7 @@ import subprocess
 import time
 
 import pytest
-from close_kill import STRACE, close_cmd, killed_at_rename, prepare, state, was_killed
+from close_kill import STRACE, close_cmd, insert_part, killed_at_rename, prepare, state, was_killed
 
 from meterhouse.core.close import Month
 
@@ -49,7 +49,7 @@ def check_closed(data) -> None:
 def test_a_close_killed_at_the_rename_of_its_fifth_chunk_has_every_org_s_line_when_run_again(tmp_path):
     data = tmp_path / "data"
     paths = prepare(data, rows())
-    part = f"{paths['usage_statements']}tmp_insert_{M.year}_5_5_0/"  # the fifth chunk of one org each
+    part = insert_part(paths, "usage_statements", str(M.year), 5)  # the fifth chunk of one org each
     killed = killed_at_rename(part, close_cmd(data, str(M), "--batch-orgs", "1"))
     assert was_killed(killed), killed.stderr[-2000:]
     assert len(state(data, [str(M)])[str(M)]["lines"]) == 4  # four chunks stored, the fifth's part gone
@@ -62,7 +62,7 @@ def test_a_close_killed_at_the_rename_of_its_fifth_chunk_has_every_org_s_line_wh
 def test_a_close_killed_at_the_rename_of_its_start_record_closes_when_run_again(tmp_path):
     data = tmp_path / "data"
     paths = prepare(data, rows())
-    killed = killed_at_rename(f"{paths['month_closes']}tmp_insert_all_1_1_0/", close_cmd(data, str(M)))
+    killed = killed_at_rename(insert_part(paths, "month_closes", "all", 1), close_cmd(data, str(M)))
     assert was_killed(killed), killed.stderr[-2000:]
     assert state(data, [str(M)])[str(M)]["record"] is None  # nothing recorded: the month is open
     record = run_close(data)
@@ -74,7 +74,7 @@ def test_a_close_killed_at_the_rename_of_its_start_record_closes_when_run_again(
 def test_a_close_killed_at_the_rename_of_its_final_record_is_done_when_run_again(tmp_path):
     data = tmp_path / "data"
     paths = prepare(data, rows())
-    killed = killed_at_rename(f"{paths['month_closes']}tmp_insert_all_2_2_0/", close_cmd(data, str(M)))
+    killed = killed_at_rename(insert_part(paths, "month_closes", "all", 2), close_cmd(data, str(M)))
     assert was_killed(killed), killed.stderr[-2000:]
     before = state(data, [str(M)])[str(M)]
     assert before["record"]["status"] == "running" and len(before["lines"]) == ORGS

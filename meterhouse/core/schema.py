@@ -858,6 +858,26 @@ COLLECTOR_COMMITS_COLUMN_NAMES = tuple(c.name for c in COLLECTOR_COMMITS_COLUMNS
 COLLECTOR_COMMITS_COLUMN_TYPES = tuple(c.type for c in COLLECTOR_COMMITS_COLUMNS)
 
 
+#: Columns of the close's tables added since they were first created: (table, column, type).
+CLOSE_ADDED_COLUMNS = ((CLOSES_TABLE, "unconfirmed", "Array(String)"),)
+
+
+def close_columns_migration(
+    database: str, cluster: str, missing: Sequence[tuple[str, str, str]]
+) -> list[str]:
+    """The ``CLOSE_ADDED_COLUMNS`` a database of an earlier version lacks: on a cluster, on every node's
+    shard-local and Distributed table."""
+    out = []
+    for table, column, type_ in missing:
+        if cluster:
+            for t in (local_name(table), table):
+                add = f"ADD COLUMN IF NOT EXISTS {column} {type_}"
+                out.append(f"ALTER TABLE {database}.{t} ON CLUSTER {cluster} {add}")
+        else:
+            out.append(f"ALTER TABLE {database}.{table} ADD COLUMN IF NOT EXISTS {column} {type_}")
+    return out
+
+
 def close_ddl(database: str) -> list[str]:
     """The monthly close's tables. Statement lines are deterministic for a close, so a line written twice
     (a close resumed after a crash) is the same row, collapsed by ``ReplacingMergeTree`` and ``FINAL``."""
@@ -878,8 +898,6 @@ SETTINGS {dedup}""",
 ) ENGINE = ReplacingMergeTree(version)
 ORDER BY month
 SETTINGS {dedup}""",
-        # A database of the version before: its close records lack the column.
-        f"ALTER TABLE {db}.{CLOSES_TABLE} ADD COLUMN IF NOT EXISTS unconfirmed Array(String)",
         f"""CREATE TABLE IF NOT EXISTS {db}.{COLLECTOR_COMMITS_TABLE} (
     {commit_cols}
 ) ENGINE = ReplacingMergeTree(published_at)
@@ -1274,9 +1292,6 @@ def cluster_ddl(database: str, cluster: str, statements: list[str] | None = None
         elif m := _ALTER.match(statement):
             _, table, action = m.groups()
             out.append(f"ALTER TABLE {db}.{local_name(table)} {on} {action}")
-            if action.startswith("ADD COLUMN") and table in tables:  # the Distributed table's too
-                column = re.sub(r" CODEC\(.*\)$", "", action)  # a Distributed table has no codecs
-                out.append(f"ALTER TABLE {db}.{table} {on} {column}")
         else:
             raise ValueError(f"no cluster rendering for: {statement[:80]}")
     return out
