@@ -60,13 +60,11 @@ def measure(orgs: int, data_dir: Path, per_series: int) -> dict:
     points = load(store, month, orgs, per_series)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    # The load is over, so nothing is in flight: no settle interval before the cutoff.
-    record = close.close_month(
-        store, month, late_window_days=35, settle_s=0, progress=close.terminal_progress()
-    )
+    # The load is over, so nothing is in flight: nothing to wait for before the cutoff.
+    record = close.close_month(store, month, late_window_days=35, progress=close.terminal_progress())
     close_s = time.perf_counter() - t
     t = time.perf_counter()
-    again = close.close_month(store, month, late_window_days=35, settle_s=0)
+    again = close.close_month(store, month, late_window_days=35)
     again_s = time.perf_counter() - t
     assert again == record and record.reconciled and record.lines == orgs * len(METRICS)
     return {"orgs": orgs, "metrics": len(METRICS), "points": points, "lines": record.lines, "load_s": load_s,

@@ -14,7 +14,7 @@ from clickhouse_connect.driver.exceptions import OperationalError
 from flask import Blueprint, current_app, g, jsonify, request
 
 from meterhouse.core import schema
-from meterhouse.core.close import SETTLE_S
+from meterhouse.core.close import WaitCommitted
 from meterhouse.core.timefmt import format_rfc3339, parse_rfc3339
 from meterhouse.exporter.auth import Auth, Unauthorized
 from meterhouse.exporter.months import register_months
@@ -231,7 +231,7 @@ def create_api(
     auth: Auth | None = None,
     raw_retention_days: int = 0,
     late_window_days: int = 35,
-    close_settle_s: float = SETTLE_S,
+    close_wait: WaitCommitted | None = None,
 ) -> Blueprint:
     auth = auth or Auth(())
     api = Blueprint("api_v1", __name__, url_prefix="/api/v1")
@@ -239,7 +239,7 @@ def create_api(
         api,
         store,
         late_window_days,
-        close_settle_s,
+        close_wait,
         SimpleNamespace(ApiError=ApiError, query=_guarded, bad=_bad, org_id=_org_id),
     )
 

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.openmetrics import exposition as openmetrics
 from werkzeug.exceptions import HTTPException
 
-from meterhouse.core.close import SETTLE_S
+from meterhouse.core.close import WaitCommitted
 from meterhouse.core.config import Token
 from meterhouse.exporter.api import create_api
 from meterhouse.exporter.auth import Auth
@@ -23,12 +23,13 @@ def create_app(
     tokens: tuple[Token, ...] = (),
     raw_retention_days: int = 0,
     late_window_days: int = 35,
-    close_settle_s: float = SETTLE_S,
+    close_wait: WaitCommitted | None = None,
     alive: Callable[[], bool] = lambda: True,
 ) -> Flask:
     """``store`` answers queries (a Store or the failover set); ``ready`` tells whether receivers and
     writer run; ``health`` is the OrgHealth behind ``/api/v1/orgs?status=``. /metrics, /healthz and
-    /readyz stay open; the API needs a token once ``tokens`` are configured."""
+    /readyz stay open; the API needs a token once ``tokens`` are configured. ``close_wait`` waits until
+    every point acknowledged so far is committed (see ``meterhouse.core.close``), before a close's cutoff."""
     app = Flask("meterhouse")
     app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider's documented knob
 
@@ -62,7 +63,5 @@ def create_app(
 
     auth = Auth(tokens)
     app.extensions["meterhouse.auth"] = auth  # its tokens are replaced on reload (SIGHUP)
-    app.register_blueprint(
-        create_api(store, health, auth, raw_retention_days, late_window_days, close_settle_s)
-    )
+    app.register_blueprint(create_api(store, health, auth, raw_retention_days, late_window_days, close_wait))
     return app

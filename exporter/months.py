@@ -41,6 +41,17 @@ def close_json(r: close.CloseRecord) -> dict[str, Any]:
         "orgs": r.orgs, "lines": r.lines, "points": r.points, "total": _number(r.total_int, r.total_double),
         "rollup": {"total": _number(r.rollup_int, r.rollup_double), "points": r.rollup_points},
         "mismatched_lines": r.mismatched_lines, "reconciled": r.reconciled,
+        "unconfirmed_collectors": list(r.unconfirmed),
+    }  # fmt: skip
+
+
+def preview_json(p: close.Preview) -> dict[str, Any]:
+    """A dry run: what the close writes (``status``: ``new``, ``running`` or ``done``); nothing written."""
+    return {
+        "dry_run": True, "month": _month_text(p.month), "status": p.status, "forced": bool(p.forced),
+        "cutoff": format_rfc3339_ns(p.cutoff_ms * 10**6), "orgs": p.orgs, "lines": p.lines,
+        "lines_written": p.lines_written, "points": p.points, "total": _number(p.total_int, p.total_double),
+        "unconfirmed_collectors": list(p.unconfirmed),
     }  # fmt: skip
 
 
@@ -62,8 +73,11 @@ def statement_json(row: tuple) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def register_months(api: Blueprint, store, late_window_days: int, settle_s: float, errors) -> None:
-    """Add the month routes to the ``/api/v1`` blueprint; ``errors`` holds the API's error helpers."""
+def register_months(
+    api: Blueprint, store, late_window_days: int, wait_committed: close.WaitCommitted | None, errors
+) -> None:
+    """Add the month routes to the ``/api/v1`` blueprint; ``errors`` holds the API's error helpers;
+    ``wait_committed`` is what a close waits for before its cutoff (None: nothing to wait for)."""
     ApiError, query, bad = errors.ApiError, errors.query, errors.bad
 
     def month_of(text: str) -> close.Month:
@@ -135,12 +149,19 @@ def register_months(api: Blueprint, store, late_window_days: int, settle_s: floa
         scope = g.get("scope")
         if scope is not None and not scope.admin:
             raise ApiError(403, "forbidden", "closing a month needs an admin token")
-        force = request.args.get("force", "false")
-        if force not in ("true", "false"):
-            raise bad("force: must be true or false")
+        force, dry = request.args.get("force", "false"), request.args.get("dry_run", "false")
+        for name, value in (("force", force), ("dry_run", dry)):
+            if value not in ("true", "false"):
+                raise bad(f"{name}: must be true or false")
+        kw: dict[str, Any] = dict(
+            late_window_days=late_window_days, force=force == "true", wait_committed=wait_committed
+        )
         try:
-            record = query(lambda: close.close_month(store, m, late_window_days=late_window_days,
-                                                     force=force == "true", settle_s=settle_s))  # fmt: skip
+            if dry == "true":
+                if scope_params()[0]:  # the month's totals over every org are not an org token's to read
+                    raise ApiError(403, "forbidden", "a dry run needs a token for every org")
+                return jsonify(preview_json(query(lambda: close.dry_run(store, m, **kw))))
+            record = query(lambda: close.close_month(store, m, **kw))
         except close.CloseRefused as e:
             raise ApiError(409, e.code, str(e)) from None
         return jsonify(close_json(visible(m, record)))

@@ -18,7 +18,7 @@ def _param(name: str, description: str, schema: dict, required: bool = False, wh
 def _errors(*codes: int) -> dict:
     text = {400: "Invalid parameter", 401: "Missing or invalid bearer token (when tokens are configured)",
             403: "The token may not read this org (or may not close months)", 404: "No such path, or the month is not closed",
-            409: "The month has not ended, or is inside the late window (pass force=true)",
+            409: "The month has not ended, or is inside the late window (force=true closes it)",
             503: "ClickHouse is not reachable"}  # fmt: skip
     return {
         str(c): {"description": text[c], "content": {"application/json": {"schema": _ERROR}}} for c in codes
@@ -52,6 +52,24 @@ _PAGE = [
 ]
 _EXACT = {"type": "string", "pattern": "^-?[0-9]+$"}  # an integer of any size, as text
 _NS_TIME = {"type": "string", "format": "date-time"}
+_CLOSE_PREVIEW = {
+    "type": "object",
+    "required": ["dry_run", "month", "status", "forced", "cutoff", "orgs", "lines", "lines_written", "points",
+                 "total", "unconfirmed_collectors"],
+    "properties": {
+        "dry_run": {"type": "boolean", "enum": [True]},
+        "month": {"type": "string"},
+        "status": {"type": "string", "enum": ["new", "running", "done"]},
+        "forced": {"type": "boolean"},
+        "cutoff": _NS_TIME,
+        "orgs": {"type": "integer"},
+        "lines": {"type": "integer"},
+        "lines_written": {"type": "integer"},
+        "points": {"type": "integer"},
+        "total": _NUMBER,
+        "unconfirmed_collectors": {"type": "array", "items": {"type": "string"}},
+    },
+}  # fmt: skip
 _CLOSE = {
     "type": "object",
     "required": [
@@ -85,6 +103,12 @@ _CLOSE = {
         },
         "mismatched_lines": {"type": "integer"},
         "reconciled": {"type": "boolean"},
+        "unconfirmed_collectors": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Collectors that had not confirmed, when the cutoff was taken, that every point "
+            "they acknowledged before the close was asked for was committed (such points are adjustments).",
+        },
         "verification": {
             "type": "object",
             "required": ["verified", "mismatches"],
@@ -305,6 +329,7 @@ def spec() -> dict:
                     },
                 },
                 "Close": _CLOSE,
+                "ClosePreview": _CLOSE_PREVIEW,
                 "Statements": _page_of("statements", _STATEMENT, {"month": {"type": "string"}, "org_id": {"type": "string"}, "close": _CLOSE}),
                 "Adjustments": _page_of("adjustments", _ADJUSTMENT, {"month": {"type": "string"}, "close": _CLOSE}),
                 "Catalog": {
@@ -369,9 +394,10 @@ def spec() -> dict:
                 "post": {
                     "operationId": "closeMonth",
                     "summary": "Close a month: one immutable statement line per org and metric from raw points, checked against the hourly rollup. Idempotent: a closed month answers its close. Needs an admin token when tokens are configured.",
-                    "parameters": [_MONTH, _param("force", "Close inside the late window (recorded on the statement).", {"type": "string", "enum": ["true", "false"]})],
+                    "parameters": [_MONTH, _param("force", "Close inside the late window (recorded on the statement).", {"type": "string", "enum": ["true", "false"]}),
+                                   _param("dry_run", "Write nothing: answer what the close writes (orgs, lines, totals as of the cutoff it would take, after the same wait for acknowledged points).", {"type": "string", "enum": ["true", "false"]})],
                     "responses": {
-                        "200": {"description": "The close", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Close"}}}},
+                        "200": {"description": "The close (with dry_run=true: a ClosePreview)", "content": {"application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/Close"}, {"$ref": "#/components/schemas/ClosePreview"}]}}}},
                         **_errors(400, 401, 403, 404, 409, 503),
                     },
                 },

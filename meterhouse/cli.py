@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Mapping
 from dataclasses import fields
+from typing import Any
 
 from meterhouse import __version__
 from meterhouse.core import datadir
@@ -153,11 +154,28 @@ def _close_remote(base: str, args: argparse.Namespace) -> int | None:
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     url = f"{base}/api/v1/months/{args.month}/close"
     result: dict = {}
+    params = {"force": str(args.force).lower()}
+    if args.dry_run or args.force:
+        # What the close writes, before it writes it (a dry run takes the cutoff a close would take now;
+        # the close takes its own, a moment later).
+        try:
+            dry = requests.post(url, params={**params, "dry_run": "true"}, headers=headers, timeout=3600)
+        except requests.RequestException as e:
+            print(f"meterhouse: dry run failed: {e}", file=sys.stderr)
+            return 1
+        body = dry.json() if dry.headers.get("Content-Type", "").startswith("application/json") else {}
+        if dry.status_code != 200:
+            message = body.get("error", {}).get("message", dry.text[:300])
+            print(f"meterhouse: close refused ({dry.status_code}): {message}", file=sys.stderr)
+            return 3 if dry.status_code == 409 else 1
+        if args.dry_run:
+            print(json.dumps(body, indent=2))
+            return 0
+        print(f"would write: {_preview_text(body)}", file=sys.stderr)
 
     def post() -> None:
         try:
-            result["response"] = requests.post(url, params={"force": str(args.force).lower()},
-                                               headers=headers, timeout=24 * 3600)  # fmt: skip
+            result["response"] = requests.post(url, params=params, headers=headers, timeout=24 * 3600)
         except requests.RequestException as e:
             result["error"] = e
 
@@ -188,6 +206,32 @@ def _close_remote(base: str, args: argparse.Namespace) -> int | None:
     return 0
 
 
+def _preview_text(p: dict) -> str:
+    """A dry run's answer (``exporter.months.preview_json``) on one line."""
+    forced = "forced " if p["forced"] else ""
+    out = (f"{forced}close of {p['month']}, cutoff {p['cutoff']}: orgs {p['orgs']}, lines {p['lines']} "
+           f"({p['lines_written']} written), points {p['points']}, total {p['total']}")  # fmt: skip
+    if p["unconfirmed_collectors"]:
+        out += f"; not confirmed committed: {', '.join(p['unconfirmed_collectors'])}"
+    return out
+
+
+def _spool_pending(config: Config) -> int:
+    """Points the data directory's spool acknowledged and has not committed (0 without a spool)."""
+    from meterhouse.collector.spool import Spool
+
+    directory = config.data_dir / "spool"
+    if not directory.is_dir():
+        return 0
+    spool = Spool(directory, max_bytes=config.spool_max_bytes, segment_bytes=config.spool_segment_bytes,
+                  fsync=config.spool_fsync)  # fmt: skip
+    try:
+        spool.open()
+        return sum(r.points for r in spool.uncommitted_records())
+    finally:
+        spool.shutdown(1.0)
+
+
 def _positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1."""
     try:
@@ -203,9 +247,9 @@ def cmd_close(args: argparse.Namespace) -> int:
     """Close a month: through the running server when one answers, else on the data directory."""
     import json
 
-    from meterhouse.core import close
+    from meterhouse.core import close, commits
     from meterhouse.core.store import is_embedded, open_store
-    from meterhouse.exporter.months import close_json
+    from meterhouse.exporter.months import close_json, preview_json
 
     config = _config_from(args)
     try:
@@ -225,18 +269,37 @@ def cmd_close(args: argparse.Namespace) -> int:
         print(f"meterhouse: cannot open ClickHouse ({e}); is `meterhouse up` running on another "
               "--http-port?", file=sys.stderr)  # fmt: skip
         return 1
+    # A stopped data directory has nothing in flight; what its spool acknowledged and did not commit would
+    # be left out of the statement (adjustments once `meterhouse up` commits it): refused, not guessed.
+    pending = _spool_pending(config)
+    if pending:
+        print(f"meterhouse: close refused: the spool under {config.data_dir} holds {pending} acknowledged "
+              "point(s) not yet committed; start `meterhouse up` on it and close through it (the close "
+              "waits for them), or let it commit them and stop it first", file=sys.stderr)  # fmt: skip
+        return 3
+    wait = None
+    if not is_embedded(config.endpoints[0]):  # collectors may run elsewhere against this ClickHouse
+
+        def wait() -> list[str]:
+            since_ms = int(store.scalar(commits.NOW_MS_SQL))
+            return commits.wait_for_collectors(store, since_ms, commits.CLOSE_WAIT_S)
+
+    kw: dict[str, Any] = dict(late_window_days=config.late_window_days, force=args.force, wait_committed=wait)
     try:
+        if args.dry_run:
+            print(json.dumps(preview_json(close.dry_run(store, month, **kw)), indent=2))
+            return 0
+        shown = (lambda p: print(f"writing: {p.text()}", file=sys.stderr)) if args.force else None
         record = close.close_month(
-            store,
-            month,
-            late_window_days=config.late_window_days,
-            force=args.force,
-            batch_orgs=args.batch_orgs,
-            progress=close.terminal_progress(),
-        )
+            store, month, batch_orgs=args.batch_orgs, progress=close.terminal_progress(),
+            before_writing=shown, **kw,
+        )  # fmt: skip
     except close.CloseRefused as e:
         print(f"meterhouse: close refused: {e}", file=sys.stderr)
         return 3
+    if record.unconfirmed:
+        print(f"meterhouse: warning: collectors that did not confirm their commits before the cutoff: "
+              f"{', '.join(record.unconfirmed)}", file=sys.stderr)  # fmt: skip
     print(json.dumps(close_json(record), indent=2))
     return 0
 
@@ -334,7 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="Close a month: immutable per-org statements from raw points, checked against the rollup.",
     )
     cl.add_argument("--month", required=True, metavar="YYYY-MM", help="The month to close (UTC).")
-    cl.add_argument("--force", action="store_true", help="Close even inside the late window (recorded).")
+    cl.add_argument(
+        "--force",
+        action="store_true",
+        help="Close even inside the late window (recorded); prints what it writes before writing it.",
+    )
+    cl.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Write nothing: print what the close would write (orgs, lines, totals as of its cutoff).",
+    )
     cl.add_argument("--token", help="API token (admin) when the running server has tokens configured.")
     cl.add_argument(
         "--direct",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -14,14 +16,23 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from meterhouse import __version__
 from meterhouse.collector import Collector
-from meterhouse.core import datadir
+from meterhouse.collector.commits import CommitPublisher, wait_committed
+from meterhouse.core import commits, datadir
 from meterhouse.core.config import Config, ConfigError
 from meterhouse.core.httpserver import App, HttpServer, InFlightLimit, limits_from
 from meterhouse.core.metrics import PipelineMetrics
+from meterhouse.core.store import is_embedded
 from meterhouse.core.tls import ServerTls, load_material
 from meterhouse.exporter import OrgHealth, Reconciler, create_app
 
 log = logging.getLogger("meterhouse")
+
+
+def collector_name(config: Config) -> str:
+    """This collector's name in ``collector_commits``: the host, and its data directory (hashed), so that
+    a restart keeps it and two collectors on one host differ."""
+    digest = hashlib.sha256(str(config.data_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}/{digest}"
 
 
 class Stack:
@@ -40,6 +51,15 @@ class Stack:
         self.collector = Collector(config, self.metrics, connect_endpoint, files, tls=self.tls)
         # Reads go to whichever endpoint is active, with health of their own (reads never fail writes over).
         self.store = self.collector.endpoints.reads()
+        self.name = collector_name(config)
+        self.close_wait_s = commits.CLOSE_WAIT_S
+        # The embedded engine has one collector, this one; a server or cluster may have others, which
+        # publish how far they have committed, as this one does.
+        self.publisher = (
+            None
+            if is_embedded(config.endpoints[0])
+            else CommitPublisher(self.collector.spool, self.collector.endpoints, self.name)
+        )
         self.health = OrgHealth(
             self.store,
             self.registry,
@@ -61,6 +81,7 @@ class Stack:
             config.auth_tokens,
             config.raw_retention_days,
             config.late_window_days,
+            close_wait=self.wait_committed,
             alive=lambda: self.collector.alive,
         )
         # The Flask app runs on a2wsgi's bounded thread pool; the server holds connections, not threads.
@@ -73,8 +94,22 @@ class Stack:
     def http_port(self) -> int:
         return self._http.port
 
+    def wait_committed(self) -> list[str]:
+        """What a close waits for before its cutoff: every point acknowledged before now committed, by
+        this collector (its spool) and by every other collector that published lately; the names of
+        those that did not confirm it within ``close_wait_s``."""
+        since_ms = int(self.store.scalar(commits.NOW_MS_SQL)) if self.publisher is not None else 0
+        deadline = time.monotonic() + self.close_wait_s
+        missing = [] if wait_committed(self.collector.spool, self.close_wait_s) else [self.name]
+        if self.publisher is not None:
+            left = max(0.0, deadline - time.monotonic())
+            missing += commits.wait_for_collectors(self.store, since_ms, left, exclude={self.name})
+        return missing
+
     def start(self) -> None:
         self.collector.start()
+        if self.publisher is not None:
+            self.publisher.start()
         self.health.start()
         self.reconciler.start()
         self._http.start()
@@ -104,6 +139,8 @@ class Stack:
         self.config = config
 
     def shutdown(self, timeout_s: float) -> None:
+        if self.publisher is not None:
+            self.publisher.shutdown(1.0)
         self.health.shutdown(1.0)
         self.reconciler.shutdown(1.0)
         self.collector.shutdown(timeout_s)

@@ -11,6 +11,10 @@ if ! command -v amtool >/dev/null || ! command -v prometheus-alertmanager >/dev/
   echo "==> installing Debian's prometheus-alertmanager package (amtool and Alertmanager for the routing tests)"
   apt_install --no-install-recommends prometheus-alertmanager
 fi
+if ! command -v strace >/dev/null; then
+  echo "==> installing Debian's strace package (the close's tests SIGKILL it at one part's rename)"
+  apt_install --no-install-recommends strace
+fi
 if [ ! -x "$VENV/npm/node_modules/.bin/dclint" ]; then
   echo "==> installing dclint from npm (the Compose file's security linter)"
   command -v npm >/dev/null || apt_install --no-install-recommends npm

@@ -60,7 +60,6 @@ def test_sigkill_during_close_and_a_rerun_give_the_same_statements(tmp_path):
     data, reference = tmp_path / "data", tmp_path / "reference"
     run_py(PREPARE, str(data))
     run_py(PREPARE, str(reference))  # the same points in a second data dir (chdb's cannot be copied)
-    time.sleep(5.5)  # the close's cutoff lies a few seconds back (inserts in flight must have finished)
     # The uninterrupted close, on a copy of the same data.
     done = subprocess.run(close_cmd(reference, "--direct"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -107,7 +106,6 @@ def test_the_close_command_uses_the_running_server(up_factory, tmp_path):
                       headers={"Content-Type": "application/x-protobuf"}, timeout=10)  # fmt: skip
     assert r.status_code == 200
     up.drain()
-    time.sleep(5.5)  # the close's cutoff lies a few seconds back (inserts in flight must have finished)
     out = subprocess.run(close_cmd(tmp_path / "srv", "--http-port", str(up.http_port)), capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -1,6 +1,8 @@
 """The close while usage for the month is still on its way: points acknowledged (spooled) but not yet
-committed when the month is closed, delta and cumulative, are kept out of the statement and listed as
-adjustments once they land; statement + adjustments = every unit sent, and the statement still verifies."""
+committed because the writer cannot reach ClickHouse. The close waits for them (``Stack.wait_committed``)
+only so long: then it goes on and names the collector in its record; the points, delta and cumulative, are
+kept out of the statement and listed as adjustments once they land; statement + adjustments = every unit
+sent, and the statement still verifies."""
 
 import json
 import time
@@ -58,7 +60,9 @@ def test_points_in_the_spool_at_close_become_adjustments(engine_dir, tmp_path):
         send(stack, sum_request({"credits": [point(25, {"org.id": "c"}, t_ns=M.end_ns - 1, start_ns=start)]},
                                 temporality=CUMULATIVE))  # fmt: skip
         assert stack.collector.spool.pending_points == 3
-        record = close.close_month(reader, M, late_window_days=35, settle_s=0)
+        stack.close_wait_s = 1.0
+        record = close.close_month(reader, M, late_window_days=35, wait_committed=stack.wait_committed)
+        assert record.unconfirmed == [stack.name]  # it had not committed what it acknowledged
         statement = {(o, m): (int(ti), int(n)) for _k, o, m, _u, ti, _td, n, *_ in reader.rows(
             schema.statements_sql(database, False), {"month": M.key, "limit": 100, "offset": 0})}  # fmt: skip
         assert statement == {("a", "calls"): (5, 1), ("c", "credits"): (10, 1)}
@@ -75,7 +79,7 @@ def test_points_in_the_spool_at_close_become_adjustments(engine_dir, tmp_path):
         assert adj == {("a", "calls"): (7, 1), ("b", "calls"): (2**62, 1), ("c", "credits"): (15, 1)}
         # Nothing changed the signed month, nothing was lost or counted twice.
         assert close.get_close(reader, M) == record and close.verify_statements(reader, M) == []
-        following = close.close_month(reader, NXT, late_window_days=35, settle_s=0)
+        following = close.close_month(reader, NXT, late_window_days=35)
         nxt = reader.rows(
             schema.statements_sql(database, False), {"month": NXT.key, "limit": 100, "offset": 0}
         )

@@ -817,6 +817,8 @@ STATEMENT_COLUMN_NAMES = tuple(c.name for c in STATEMENT_COLUMNS)
 STATEMENT_COLUMN_TYPES = tuple(c.type for c in STATEMENT_COLUMNS)
 
 #: One row per state of a close (``running``, then ``done``); the highest ``version`` is the current one.
+#: The close never trusts a deduplication token for these rows: each is written until it is read back
+#: (see ``meterhouse.core.close``).
 CLOSE_COLUMNS: tuple[Column, ...] = (
     Column("month", "UInt32"),
     Column("close_id", "String"),
@@ -834,10 +836,46 @@ CLOSE_COLUMNS: tuple[Column, ...] = (
     Column("rollup_double", "Float64"),
     Column("mismatched_lines", "UInt64"),
     Column("version", "UInt64"),
+    # The collectors that had not confirmed, when the cutoff was taken, that they had committed every
+    # point acknowledged before the close was asked for (their points may be adjustments).
+    Column("unconfirmed", "Array(String)"),
 )
 CLOSE_COLUMN_NAMES = tuple(c.name for c in CLOSE_COLUMNS)
 CLOSE_COLUMN_TYPES = tuple(c.type for c in CLOSE_COLUMNS)
 CLOSE_RUNNING, CLOSE_DONE = "running", "done"
+
+#: How far each collector has committed: one row per publication (every second or so), the newest per
+#: collector being its state. ``committed_through``: every point the collector acknowledged before it is
+#: committed (in the clock of the ClickHouse endpoint it writes to). A close waits for every collector
+#: that published lately to pass the time it was asked (see ``meterhouse.core.close``).
+COLLECTOR_COMMITS_TABLE = "collector_commits"
+COLLECTOR_COMMITS_COLUMNS: tuple[Column, ...] = (
+    Column("collector", "String"),
+    Column("committed_through", "DateTime64(3, 'UTC')"),
+    Column("published_at", "DateTime64(3, 'UTC')"),
+)
+COLLECTOR_COMMITS_COLUMN_NAMES = tuple(c.name for c in COLLECTOR_COMMITS_COLUMNS)
+COLLECTOR_COMMITS_COLUMN_TYPES = tuple(c.type for c in COLLECTOR_COMMITS_COLUMNS)
+
+
+#: Columns of the close's tables added since they were first created: (table, column, type).
+CLOSE_ADDED_COLUMNS = ((CLOSES_TABLE, "unconfirmed", "Array(String)"),)
+
+
+def close_columns_migration(
+    database: str, cluster: str, missing: Sequence[tuple[str, str, str]]
+) -> list[str]:
+    """The ``CLOSE_ADDED_COLUMNS`` a database of an earlier version lacks: on a cluster, on every node's
+    shard-local and Distributed table."""
+    out = []
+    for table, column, type_ in missing:
+        if cluster:
+            for t in (local_name(table), table):
+                add = f"ADD COLUMN IF NOT EXISTS {column} {type_}"
+                out.append(f"ALTER TABLE {database}.{t} ON CLUSTER {cluster} {add}")
+        else:
+            out.append(f"ALTER TABLE {database}.{table} ADD COLUMN IF NOT EXISTS {column} {type_}")
+    return out
 
 
 def close_ddl(database: str) -> list[str]:
@@ -847,6 +885,7 @@ def close_ddl(database: str) -> list[str]:
     dedup = f"non_replicated_deduplication_window = {DEDUP_WINDOW_BLOCKS}, {DURABLE_SETTINGS}"
     stmt_cols = ",\n    ".join(f"{c.name} {c.type}" for c in STATEMENT_COLUMNS)
     close_cols = ",\n    ".join(f"{c.name} {c.type}" for c in CLOSE_COLUMNS)
+    commit_cols = ",\n    ".join(f"{c.name} {c.type}" for c in COLLECTOR_COMMITS_COLUMNS)
     return [
         f"""CREATE TABLE IF NOT EXISTS {db}.{STATEMENTS_TABLE} (
     {stmt_cols}
@@ -859,6 +898,11 @@ SETTINGS {dedup}""",
 ) ENGINE = ReplacingMergeTree(version)
 ORDER BY month
 SETTINGS {dedup}""",
+        f"""CREATE TABLE IF NOT EXISTS {db}.{COLLECTOR_COMMITS_TABLE} (
+    {commit_cols}
+) ENGINE = ReplacingMergeTree(published_at)
+ORDER BY collector
+TTL toDateTime(published_at) + INTERVAL 7 DAY""",
         # Points of a closed month committed at or after its cutoff: stored, outside the statement.
         f"""CREATE VIEW IF NOT EXISTS {db}.{ADJUSTMENTS_VIEW} AS
 SELECT c.month AS month, p.org_id AS org_id, p.metric AS metric, any(p.unit) AS unit,
@@ -877,11 +921,23 @@ _MONTH_RANGE = """time >= fromUnixTimestamp64Nano({from_ns:Int64}, 'UTC')
 
 
 def close_orgs_sql(database: str) -> str:
-    """The orgs with usage in month ``[from_ns, to_ns)`` committed before ``cutoff_ms``, in order."""
-    return f"""SELECT DISTINCT org_id FROM {database}.{POINTS_TABLE}
+    """The orgs with usage in month ``[from_ns, to_ns)`` committed before ``cutoff_ms``, in order, each
+    with how many statement lines it gets (its metrics)."""
+    return f"""SELECT org_id, uniqExact(metric) FROM {database}.{POINTS_TABLE}
 WHERE kind = '{KIND_SUM}' AND org_id != '' AND {_MONTH_RANGE}
     AND committed_at < fromUnixTimestamp64Milli({{cutoff_ms:Int64}}, 'UTC')
-ORDER BY org_id"""
+GROUP BY org_id ORDER BY org_id"""
+
+
+def close_preview_sql(database: str) -> str:
+    """What a close with cutoff ``cutoff_ms`` writes for the month: orgs, lines, points and totals."""
+    return f"""SELECT uniqExact(org_id), count(), sum(n), sum(ti), sum(td) FROM (
+    SELECT org_id, metric, count() AS n, sum(toInt128(value_int)) AS ti,
+        arraySum(arraySort(groupArrayIf(value_double, value_double != 0))) AS td
+    FROM {database}.{POINTS_TABLE}
+    WHERE kind = '{KIND_SUM}' AND org_id != '' AND {_MONTH_RANGE}
+        AND committed_at < fromUnixTimestamp64Milli({{cutoff_ms:Int64}}, 'UTC')
+    GROUP BY org_id, metric)"""
 
 
 def close_lines_sql(database: str) -> str:
@@ -948,16 +1004,22 @@ def closes_sql(database: str) -> str:
 WHERE status = '{CLOSE_DONE}' ORDER BY month"""
 
 
-def close_progress_sql(database: str) -> str:
-    """The last org written by close ``close_id`` of ``month`` (orgs are written in order)."""
-    return f"""SELECT max(org_id), uniqExact(org_id) FROM {database}.{STATEMENTS_TABLE}
-WHERE month = {{month:UInt32}} AND close_id = {{close_id:String}}"""
+def close_written_sql(database: str) -> str:
+    """The orgs close ``close_id`` of ``month`` holds lines for, each with how many: what a close (or its
+    resumption) reads before it writes, and again before it signs the month."""
+    return f"""SELECT org_id, count() FROM {database}.{STATEMENTS_TABLE} FINAL
+WHERE month = {{month:UInt32}} AND close_id = {{close_id:String}}
+GROUP BY org_id"""
 
 
-def close_org_lines_sql(database: str) -> str:
-    """How many lines close ``close_id`` of ``month`` has written for ``org``."""
-    return f"""SELECT count() FROM {database}.{STATEMENTS_TABLE} FINAL
-WHERE month = {{month:UInt32}} AND close_id = {{close_id:String}} AND org_id = {{org:String}}"""
+def collector_commits_sql(database: str) -> str:
+    """Per collector that published since ``since_ms``: how far it has committed and when it said so
+    (ms). Read by aggregation, not FINAL: on a cluster the rows of one collector may lie on any shard."""
+    return f"""SELECT collector, toUnixTimestamp64Milli(max(committed_through)),
+    toUnixTimestamp64Milli(max(published_at))
+FROM {database}.{COLLECTOR_COMMITS_TABLE}
+WHERE published_at >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC')
+GROUP BY collector ORDER BY collector"""
 
 
 def close_summary_sql(database: str, scoped: bool = False) -> str:

@@ -82,8 +82,33 @@ class Store:
         if self.cluster:
             self.wait_for_tables(schema.created_names(statements))
         self.check_rendering()
+        self._migrate_close_columns(settings)
         if not self.cluster:
             self._migrate_views()
+
+    def _migrate_close_columns(self, settings: dict[str, Any]) -> None:
+        """The close's tables of an earlier version: the columns added since (``CLOSE_ADDED_COLUMNS``),
+        asked for first, so that a start finds nothing to alter (an ALTER, even one that changes nothing,
+        rewrites the table's metadata, and on a cluster queues a task for every node)."""
+        tables = [schema.local_name(t) if self.cluster else t for t, _, _ in schema.CLOSE_ADDED_COLUMNS]
+        present = {
+            (str(t), str(c))
+            for t, c in self.client.query(
+                "SELECT table, name FROM system.columns"
+                " WHERE database = {db:String} AND table IN {t:Array(String)}",
+                parameters={"db": self.database, "t": tables},
+            ).result_rows
+        }
+        missing = [
+            (t, c, ty)
+            for (t, c, ty), local in zip(schema.CLOSE_ADDED_COLUMNS, tables, strict=True)
+            if (local, c) not in present
+        ]
+        if missing:
+            log.warning("schema: adding the close's columns to a database of an earlier version",
+                        extra={"columns": [f"{t}.{c}" for t, c, _ in missing]})  # fmt: skip
+            for statement in schema.close_columns_migration(self.database, self.cluster, missing):
+                self.client.command(statement, settings=settings)
 
     def _migrate_cluster_columns(self, settings: dict[str, Any]) -> None:
         """A cluster's database of an earlier version: its ingest tables take no ``batch_seq``, so every

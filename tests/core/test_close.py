@@ -52,7 +52,6 @@ def rollup_total(store, org: str, metric: str, month: Month) -> tuple[int, int]:
 
 def do_close(store, month=M, **kw):
     kw.setdefault("late_window_days", 35)
-    kw.setdefault("settle_s", 0)
     return close.close_month(store, month, **kw)
 
 

@@ -18,7 +18,6 @@ M = Month.of_ns(time.time_ns()).previous().previous().previous()
 
 def do_close(store, month=M, **kw):
     kw.setdefault("late_window_days", 35)
-    kw.setdefault("settle_s", 0)
     return close.close_month(store, month, **kw)
 
 
@@ -184,14 +183,24 @@ def test_late_point_counters_never_go_down_when_a_month_is_closed(store):
     # Committed after its month ended, so counted open_month; then a close whose cutoff lies before its
     # commit makes it an adjustment. A counter that went down would read as a reset: increase() would
     # count every late point again.
-    put(store, [{"org_id": "a", "time": M.start_ns + 1, "value_int": 1}])
     registry = CollectorRegistry()
     reconciler = Reconciler(store, registry, months=6)
-    assert reconciler.refresh()
     late = "meterhouse_late_points_total"
-    before = {d: registry.get_sample_value(late, {"disposition": d}) for d in ("open_month", "adjustment")}
+    before = {}
+    calls = []
+
+    def wait_committed():  # called before the close's cutoff and after it: the point lands in between
+        calls.append(1)
+        if len(calls) == 2:
+            put(store, [{"org_id": "a", "time": M.start_ns + 1, "value_int": 1}])
+            assert reconciler.refresh()
+            before.update(
+                {d: registry.get_sample_value(late, {"disposition": d}) for d in ("open_month", "adjustment")}
+            )
+        return []
+
+    do_close(store, wait_committed=wait_committed)
     assert before == {"open_month": 1, "adjustment": 0}
-    do_close(store, settle_s=3600)  # the point was committed within the settle time: after the cutoff
     assert reconciler.refresh()
     after = {d: registry.get_sample_value(late, {"disposition": d}) for d in ("open_month", "adjustment")}
     assert after["adjustment"] == 1
@@ -251,7 +260,7 @@ put(store, [{"org_id": "a", "time": jan.start_ns - 1, "value_int": 1}, {"org_id"
             {"org_id": "a", "time": jan.start_ns + 1800 * 10**9, "value_int": 100}])
 out = {}
 for m in (dec, jan):
-    r = close.close_month(store, m, late_window_days=35, settle_s=0)
+    r = close.close_month(store, m, late_window_days=35)
     rows = store.rows(schema.statements_sql(store.database, False), {"month": m.key, "limit": 10, "offset": 0})
     out[str(m)] = [[int(x[4]), int(x[6]), int(x[7]), int(x[8]), int(x[13]), int(x[15])] for x in rows] + [r.reconciled]
 print(json.dumps(out))

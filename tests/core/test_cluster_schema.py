@@ -374,7 +374,7 @@ def test_a_close_on_a_cluster_syncs_the_replicas_before_it_reads(cluster_store):
     put(cluster_store, [{"org_id": "org-a", "time": month.start_ns + H, "value_int": 5},
                         {"org_id": "org-b", "time": month.start_ns + 2 * H, "value_int": 7}])  # fmt: skip
     node = RecordingClusterStore(cluster_store)
-    record = close.close_month(node, month, late_window_days=35, settle_s=0)
+    record = close.close_month(node, month, late_window_days=35)
     assert (record.orgs, record.points, record.total_int) == (2, 2, 12)
 
     log = node.log
@@ -449,7 +449,7 @@ def test_the_close_and_its_api_run_on_the_cluster_names(cluster_store):
         month = month.previous()
     put(cluster_store, [{"org_id": "org-a", "time": month.start_ns + H, "value_int": 5}])
     node = RecordingClusterStore(cluster_store)
-    close.close_month(node, month, late_window_days=35, settle_s=0)
+    close.close_month(node, month, late_window_days=35)
     time.sleep(0.01)
     put(cluster_store, [{"org_id": "org-a", "time": month.start_ns + 2 * H, "value_int": 2}])  # late
     app = create_app(node, CollectorRegistry(), lambda: True, None).test_client()

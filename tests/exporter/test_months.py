@@ -41,7 +41,7 @@ def client(store):
         ],
     )
     tokens = (Token(ADMIN, ("*",), admin=True), Token(READER, ("*",)), Token(SCOPED, ("org-1", "org-2")))
-    app = create_app(store, CollectorRegistry(), lambda: True, tokens=tokens, close_settle_s=0)
+    app = create_app(store, CollectorRegistry(), lambda: True, tokens=tokens)
     return app.test_client()
 
 

@@ -21,7 +21,7 @@ def client(store):
     put(store, [{"org_id": f"org-{i}", "metric": metric, "time": M.start_ns + i, "value_int": 1000 * i + 1}
                 for i in range(5) for metric in ("calls", "rows")])  # fmt: skip
     tokens = (Token(ADMIN, ("*",), admin=True), Token(SCOPED, ("org-1", "org-9")))
-    app = create_app(store, CollectorRegistry(), lambda: True, tokens=tokens, close_settle_s=0)
+    app = create_app(store, CollectorRegistry(), lambda: True, tokens=tokens)
     c = app.test_client()
     assert call(c, "POST", f"/api/v1/months/{M}/close").status_code == 200
     return c
@@ -102,7 +102,7 @@ def test_a_running_close_shows_its_progress_to_unscoped_tokens_only(client, stor
             started.set()
             release.wait(30)
 
-    worker = threading.Thread(target=lambda: close.close_month(store, month, late_window_days=35, settle_s=0,
+    worker = threading.Thread(target=lambda: close.close_month(store, month, late_window_days=35,
                                                                batch_orgs=5, progress=hold))  # fmt: skip
     worker.start()
     try:
@@ -127,13 +127,11 @@ def test_an_orgs_statements_list_finished_closes_only(client, store):
                 for i in range(6)])  # fmt: skip
 
     with pytest.raises(Crash):  # a close killed half-way: lines written, the month not closed
-        close.close_month(
-            store, month, late_window_days=35, settle_s=0, batch_orgs=2, progress=crash_when_done(2)
-        )
+        close.close_month(store, month, late_window_days=35, batch_orgs=2, progress=crash_when_done(2))
     assert call(client, "GET", f"/api/v1/months/{month}/statements").status_code == 404
     body = call(client, "GET", "/api/v1/orgs/org-1/statements", SCOPED).get_json()
     assert [x["month"] for x in body["statements"]] == [str(M), str(M)]  # not the unfinished month
-    close.close_month(store, month, late_window_days=35, settle_s=0, batch_orgs=2)
+    close.close_month(store, month, late_window_days=35, batch_orgs=2)
     body = call(client, "GET", "/api/v1/orgs/org-1/statements", SCOPED).get_json()
     assert [(x["month"], x["metric"], x["total"]) for x in body["statements"]] == [
         (str(M), "calls", 1001),

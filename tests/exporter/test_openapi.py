@@ -24,12 +24,12 @@ def api_app(engine_dir):
     # A closed month with statements and an adjustment, so that the month routes answer with data.
     month = Month.of_ns(now).previous().previous().previous()
     put(store, [{"org_id": f"org-{i}", "time": month.start_ns + i, "value_int": 2**62} for i in range(5)])
-    close_month(store, month, late_window_days=35, settle_s=0)
+    close_month(store, month, late_window_days=35)
     put(store, [{"org_id": "org-1", "time": month.start_ns, "value_int": 1}])
     registry = CollectorRegistry()
     health = OrgHealth(store, registry)
     health.refresh()
-    yield create_app(store, registry, lambda: True, health, close_settle_s=0)
+    yield create_app(store, registry, lambda: True, health)
     store.client.command(f"DROP DATABASE IF EXISTS {store.database} SYNC")
 
 
