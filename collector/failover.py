@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,10 +235,22 @@ class EndpointSet:
         self._call(lambda s: s.insert_native(table, names, block, token), write=True)
 
     def insert_in_doubt(
-        self, kind: str, names: Sequence[str], block: bytes, token: str, seq: int
+        self,
+        kind: str,
+        names: Sequence[str],
+        block: bytes,
+        token: str,
+        seq: int,
+        landed: Mapping[str, Iterable[str]] | None = None,
     ) -> list[str]:
-        done: list[str] = self._call(lambda s: s.insert_in_doubt(kind, names, block, token, seq), write=True)
+        done: list[str] = self._call(
+            lambda s: s.insert_in_doubt(kind, names, block, token, seq, landed), write=True
+        )
         return done
+
+    def landed(self, kind: str, seq: int) -> dict[str, set[str]] | None:
+        found: dict[str, set[str]] | None = self._call(lambda s: s.landed(kind, seq), write=False)
+        return found
 
     def insert_earlier(self, kind: str, names: Sequence[str], block: bytes, token: str) -> None:
         self._call(lambda s: s.insert_earlier(kind, names, block, token), write=True)

@@ -50,6 +50,23 @@ def committed_state_loader(store: Queries, cluster: str = "") -> Callable[[list[
     return load
 
 
+def with_dead_letters(
+    load: Callable[[list[int]], dict[int, Entry]], letters: Callable[[list[int]], dict[int, Entry]]
+) -> Callable[[list[int]], dict[int, Entry]]:
+    """The conversion state of series as committed (``load``) or dead-lettered (``letters``: what
+    ``DeadLetters.cumulative`` holds), the newest point of each: a point the server refused is still
+    acknowledged, and the series' next delta starts where it ended."""
+
+    def merged(ids: list[int]) -> dict[int, Entry]:
+        found = load(ids)
+        for sid, e in letters(ids).items():
+            if sid not in found or e.time_ns > found[sid].time_ns:
+                found[sid] = e
+        return found
+
+    return merged
+
+
 def attribute_sets_loader(store: Queries, limit: int) -> Loader:
     """Read the attribute sets already stored for (org, metric) pairs (see series.py)."""
     sql = schema.attribute_sets_sql(store.database)

@@ -24,18 +24,19 @@ from meterhouse.collector.ingest import (
     attribute_sets_loader,
     committed_state_loader,
     restore_cumulative,
+    with_dead_letters,
 )
 from meterhouse.collector.ratelimit import RateLimiter
 from meterhouse.collector.receivers.grpc import GrpcKeepalive, OtlpGrpcReceiver
 from meterhouse.collector.receivers.http import OtlpHttpReceiver
 from meterhouse.collector.series import SeriesLimiter
 from meterhouse.collector.spool import Spool
-from meterhouse.collector.writer import Writer
+from meterhouse.collector.writer import Writer, settle_redrives
 from meterhouse.core import schema
 from meterhouse.core.config import Config
 from meterhouse.core.httpserver import limits_from as http_limits_from
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.core.store import Store, connect
+from meterhouse.core.store import Store, connect, is_embedded
 from meterhouse.core.tls import ServerTls
 
 log = logging.getLogger("meterhouse.collector")
@@ -101,11 +102,12 @@ class Collector:
             if config.dedup_window_s > 0
             else None
         )
+        self.dead_letters = DeadLetters(config.data_dir / "dead-letter", files)
         self.writer = Writer(
             self.spool,
             self.endpoints,
             metrics,
-            DeadLetters(config.data_dir / "dead-letter", files),
+            self.dead_letters,
             flush_interval_s=config.flush_interval_s,
             flush_max_points=config.flush_max_points,
             backoff_max_s=config.retry_max_backoff_s,
@@ -115,7 +117,10 @@ class Collector:
             before_commit=self.recent.committed if self.recent is not None else None,
         )
         self.cumulative = CumulativeState(
-            committed_state_loader(self.endpoints, config.cluster),
+            # Committed (ClickHouse), spooled (``restore_cumulative`` at start) and dead-lettered points.
+            with_dead_letters(
+                committed_state_loader(self.endpoints, config.cluster), self.dead_letters.cumulative
+            ),
             committed_seq=lambda: self.spool.committed_seq,
         )
         self.tokens = IngestTokens(config.ingest_tokens)
@@ -195,8 +200,18 @@ class Collector:
             self.endpoints.record_event("spool_replay", "spool", self.endpoints.name,
                                         f"{report.pending_records} record(s) not yet committed at start",
                                         f"points={self.spool.pending_points}")  # fmt: skip
-        if self.spool.last_seq == 0:
+        if self.spool.last_seq == 0 or not report.pending_records:
+            # A new spool, or one with nothing to replay (its numbers may jump without splitting a group):
+            # above every number the database holds (a dead letter's redrive numbers its rows above the
+            # spool's and reserves them in it; this holds without that reservation too).
             self._continue_numbering()
+        if is_embedded(self.config.endpoints[0]):
+            # A dead-letter redrive cut short: what its rows put in is read from the tables while its
+            # number is still the newest, before the writer numbers anything above it.
+            settled = settle_redrives(self.dead_letters, self.endpoints)
+            if settled:
+                log.warning("dead letters: redrives cut short settled", extra={"letters": settled})
+        self.dead_letters.load()  # tokens and cumulative points, before the writer and receivers
         if self.recent is not None:
             self.recent.load(report.digests)
         restore_cumulative(self.cumulative, self.spool)  # before the writer commits and receivers run
@@ -227,10 +242,10 @@ class Collector:
             return bound
 
     def _continue_numbering(self) -> None:
-        """A new spool: number its records above every group the database holds, so neither the
-        writer's ledger (``schema.SEQ_COLUMN``, embedded) nor point identity's check (rows of groups
-        before this one, ``collector/identity.py``; any endpoint) mistakes an old group's rows for a new
-        one's.
+        """A new spool (or one with nothing uncommitted): number its records above every group the
+        database holds, so neither the writer's ledger (``schema.SEQ_COLUMN``, embedded) nor point
+        identity's check (rows of groups before this one, ``collector/identity.py``; any endpoint)
+        mistakes an old group's rows (or a dead letter's redrive's) for a new one's.
 
         A database that cannot be read now may still hold groups: then above the clock in nanoseconds,
         which no number given so far can have reached (a spool numbers one by one from 0 or from such a
@@ -239,10 +254,11 @@ class Collector:
             floor = self.endpoints.max_batch_seq()
         except Exception as e:  # noqa: BLE001 - the clock stands in for the number not read
             floor = time.time_ns()
-            log.warning("new spool: the database's last batch number unread; numbering above the clock",
+            log.warning("spool: the database's last batch number unread; numbering above the clock",
                         extra={"error": f"{type(e).__name__}: {e}"[:300], "seq": floor})  # fmt: skip
-        if floor:
-            log.info("new spool: numbering records above the database's last batch", extra={"seq": floor})
+        if floor > self.spool.last_seq:
+            log.info("spool: numbering records above the database's last batch",
+                     extra={"seq": floor, "spool_seq": self.spool.last_seq})  # fmt: skip
             self.spool.advance(floor)
 
     def reload(self, config: Config) -> None:

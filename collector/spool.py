@@ -398,6 +398,23 @@ class Spool:
         with self._lock:
             self._seq = max(self._seq, seq)
 
+    def reserve(self, seq: int) -> None:
+        """Number every later record above ``seq``, durably (a COMMIT mark at ``seq``, fsync'd): the
+        numbers a dead letter's redrive gives its rows (``collector/writer.py``: ``redrive``). Only while
+        nothing is uncommitted: the mark covers every record below it."""
+        with self._lock:
+            if self._pending or self._replay or self._inflight or self._unsynced:
+                raise SpoolError(
+                    "the spool holds records not yet written: nothing can be numbered above them"
+                )
+            if seq <= self._seq:
+                return
+            self._seq = seq
+            self._committed = max(self._committed, seq)
+            self._append(_encode(COMMIT, _SEQ.pack(seq)))
+            self._segments[self._active] = seq
+            self._wait_durable(self._epoch)
+
     def _scan(self, path: Path, report: ScanReport) -> Iterator[tuple[int, int, int, bytes, int]]:
         """Yield (kind, offset, length, payload, format version) of every sound record. Damaged stretches
         are skipped (the scan resumes at the next sound record), copied to the quarantine and cut from the

@@ -3,9 +3,11 @@
 Records are grouped into one column-oriented insert per table (when ``flush_max_points`` wait or the
 oldest has waited ``flush_interval_s``). Before the insert the group and its deduplication token (a
 digest of the requests' contents) are written to the spool, so a replay after a crash repeats the same
-insert and ClickHouse counts it once. Retryable errors are retried with exponential backoff and full
-jitter for as long as it takes (the points are safe in the spool); a batch ClickHouse refuses for good
-goes to the dead letters with the reason.
+insert and ClickHouse counts it once. Every failure is classified by what ClickHouse's error means
+(:func:`failure_cause`): a full or broken disk, memory, too many parts, a timeout or an outage is retried
+with exponential backoff and full jitter for as long as it takes (the points are safe in the spool);
+only content the server refuses for good goes to the dead letters, named by its error code, with what
+of it the ledger tables already held, so that :func:`redrive` adds exactly the rest.
 """
 
 from __future__ import annotations
@@ -18,41 +20,129 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from meterhouse.collector.deadletter import DeadLetters
+from meterhouse.collector.deadletter import DeadLetter, DeadLetters, Landed
 from meterhouse.collector.identity import VERIFY, Verifier
 from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, Blocks, PointBatch, content_digest
 from meterhouse.collector.spool import Group, Spool, encode_blocks
 from meterhouse.core import native, schema
 from meterhouse.core.metrics import PipelineMetrics
+from meterhouse.core.store import is_embedded
 
 log = logging.getLogger("meterhouse.writer")
 
-#: ClickHouse error codes that no retry can fix: the data itself is refused.
+#: ClickHouse error codes that no retry can fix: the data itself is refused (CANNOT_PARSE_TEXT,
+#: CANNOT_PARSE_INPUT_ASSERTION_FAILED, CANNOT_PARSE_DATE, CANNOT_PARSE_DATETIME, ILLEGAL_TYPE_OF_ARGUMENT,
+#: TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE, CANNOT_PARSE_NUMBER, INCORRECT_DATA,
+#: TOO_LARGE_STRING_SIZE, SIZES_OF_ARRAYS_DOESNT_MATCH).
 PERMANENT_CODES = frozenset({6, 27, 38, 41, 43, 53, 69, 70, 72, 117, 131, 190})
-#: Overload and availability: the server refuses now and will take the same batch later, however often it
-#: failed (TIMEOUT_EXCEEDED, SOCKET_TIMEOUT, NETWORK_ERROR, TOO_MANY_SIMULTANEOUS_QUERIES,
-#: NO_FREE_CONNECTION, MEMORY_LIMIT_EXCEEDED, TABLE_IS_READ_ONLY, TOO_MANY_PARTS, CANNOT_SCHEDULE_TASK,
-#: ALL_CONNECTION_TRIES_FAILED, KEEPER_EXCEPTION).
-TRANSIENT_CODES = frozenset({159, 209, 210, 202, 203, 241, 242, 252, 439, 279, 999})
+#: The server's trouble, by cause: it refuses now and will take the same batch once the cause is gone,
+#: however often it failed. Each is retried for as long as it takes, never dead-lettered.
+CAUSE_OF_CODE: dict[int, str] = {
+    243: "disk_full",  # NOT_ENOUGH_SPACE
+    241: "memory",  # MEMORY_LIMIT_EXCEEDED
+    173: "memory",  # CANNOT_ALLOCATE_MEMORY
+    252: "too_many_parts",  # TOO_MANY_PARTS
+    242: "read_only",  # TABLE_IS_READ_ONLY
+    164: "read_only",  # READONLY (the user's setting)
+    74: "read_only",  # CANNOT_READ_FROM_FILE_DESCRIPTOR
+    75: "read_only",  # CANNOT_WRITE_TO_FILE_DESCRIPTOR
+    76: "read_only",  # CANNOT_OPEN_FILE
+    77: "read_only",  # CANNOT_CLOSE_FILE
+    88: "read_only",  # CANNOT_TRUNCATE_FILE
+    172: "read_only",  # CANNOT_CREATE_DIRECTORY
+    204: "read_only",  # CANNOT_FSYNC
+    274: "read_only",  # AIO_READ_ERROR
+    275: "read_only",  # AIO_WRITE_ERROR
+    159: "timeout",  # TIMEOUT_EXCEEDED
+    209: "timeout",  # SOCKET_TIMEOUT
+    210: "unavailable",  # NETWORK_ERROR
+    192: "unavailable",  # UNKNOWN_USER: credentials or grants, not the content
+    193: "unavailable",  # WRONG_PASSWORD
+    194: "unavailable",  # REQUIRED_PASSWORD
+    497: "unavailable",  # ACCESS_DENIED
+    516: "unavailable",  # AUTHENTICATION_FAILED
+    202: "unavailable",  # TOO_MANY_SIMULTANEOUS_QUERIES
+    203: "unavailable",  # NO_FREE_CONNECTION
+    225: "unavailable",  # NO_ZOOKEEPER
+    254: "unavailable",  # NO_ACTIVE_REPLICAS
+    279: "unavailable",  # ALL_CONNECTION_TRIES_FAILED
+    285: "unavailable",  # TOO_FEW_LIVE_REPLICAS
+    319: "unavailable",  # UNKNOWN_STATUS_OF_INSERT
+    439: "unavailable",  # CANNOT_SCHEDULE_TASK
+    999: "unavailable",  # KEEPER_EXCEPTION
+}
+TRANSIENT_CODES = frozenset(CAUSE_OF_CODE)
+#: Codes of a file operation that failed: the errno in the message says why (ENOSPC is a full disk).
+_FILE_CODES = frozenset({74, 75, 76, 77, 88, 172, 204, 274, 275})
+#: What the server says of a disk or memory in the text of errors whose code is generic (POCO_EXCEPTION
+#: 1000, STD_EXCEPTION 1001, ...): errno names and strerror texts, first match wins.
+_CAUSE_IN_MESSAGE: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"No space left|ENOSPC|errno: 28\b|NOT_ENOUGH_SPACE|not enough space|Disk quota", re.I),
+     "disk_full"),
+    (re.compile(r"Read-only file system|EROFS|errno: 30\b|Input/output error|\bEIO\b|errno: 5\b|"
+                r"Cannot write|Cannot fsync|Access to file denied|Permission denied|readonly mode", re.I),
+     "read_only"),
+    (re.compile(r"Memory limit|bad_alloc|Cannot allocate memory|ENOMEM", re.I), "memory"),
+    (re.compile(r"Too many parts", re.I), "too_many_parts"),
+    (re.compile(r"timed? ?out|Timeout", re.I), "timeout"),
+)  # fmt: skip
 _CODE = re.compile(r"Code:\s*(\d+)")
+_CODE_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)\s*(?:\(version [^)]*\))?\s*$")
 
 
 class PermanentError(Exception):
     """An insert that can never succeed as it is."""
 
 
-def classify(exc: BaseException) -> str:
-    """``permanent`` (dead-letter at once), ``transient`` (retry for as long as it takes: overload or
-    outage) or ``retryable`` (unknown: retried, and dead-lettered only after repeated failures on an
-    endpoint that is otherwise healthy)."""
-    if isinstance(exc, PermanentError | TypeError | OverflowError):
-        return "permanent"
+def error_code(exc: BaseException) -> int | None:
+    """The ClickHouse error code an error carries (``Code: N.``), or None."""
     m = _CODE.search(str(exc))
-    if m and int(m.group(1)) in PERMANENT_CODES:
+    return int(m.group(1)) if m else None
+
+
+def failure_cause(exc: BaseException) -> str:
+    """Why an insert failed, one of ``core.metrics.INSERT_FAILURE_CAUSES``. The code decides when the
+    server names one of its trouble or refuses the content; a generic code (or none) is read for what
+    it says of the disk, memory or time; a connection error is ``unavailable``."""
+    if isinstance(exc, PermanentError | TypeError | OverflowError):
+        return "refused"
+    code = error_code(exc)
+    if code in PERMANENT_CODES:
+        return "refused"  # the message may quote the refused data: it is not read
+    if code in CAUSE_OF_CODE and code not in _FILE_CODES:
+        return CAUSE_OF_CODE[code]
+    text = str(exc)
+    for pattern, cause in _CAUSE_IN_MESSAGE:
+        if pattern.search(text):
+            return cause
+    if code in CAUSE_OF_CODE:
+        return CAUSE_OF_CODE[code]  # a file that cannot be read or written, for no reason it names
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionError):
+        return "unavailable"
+    return "other"
+
+
+def classify(exc: BaseException) -> str:
+    """``permanent`` (a dead letter at once: content the server refuses for good), ``transient`` (retried
+    for as long as it takes: a full or broken disk, memory, too many parts, a timeout, an outage) or
+    ``retryable`` (unknown: retried; with a server error code, dead-lettered after repeated failures on
+    an endpoint that is otherwise healthy)."""
+    cause = failure_cause(exc)
+    if cause == "refused":
         return "permanent"
-    if (m and int(m.group(1)) in TRANSIENT_CODES) or isinstance(exc, ConnectionError | TimeoutError):
-        return "transient"
-    return "retryable"
+    return "retryable" if cause == "other" else "transient"
+
+
+def refusal(exc: BaseException) -> tuple[int | None, str]:
+    """The code a dead letter is named by and its reason: ``Code: 53 TYPE_MISMATCH: …``."""
+    code = error_code(exc)
+    text = f"{type(exc).__name__}: {exc}"
+    if code is None:
+        return None, text[:1000]
+    m = _CODE_NAME.search(str(exc).strip())
+    return code, f"Code: {code}{' ' + m.group(1) if m else ''}: {text}"[:1000]
 
 
 def merge(
@@ -107,15 +197,18 @@ def insert_calls(
     *,
     blocks: list[Blocks] | None = None,
     batches: list[PointBatch] | None = None,
+    landed: Landed | None = None,
 ) -> list[tuple[str, Callable[[bool], None]]]:
     """The inserts of one group per table ("n" numbers, "d" distributions), as calls to make; a call
-    given ``True`` inserts a group that may have landed before (``Store.insert_in_doubt``).
+    given ``True`` inserts a group that may have landed before (``Store.insert_in_doubt``; ``landed``:
+    per insert, the partitions of each ledger table known to hold it under another number).
 
     ClickHouse keys a token's deduplication by the blocks the insert holds (a repeat that holds its rows
     in other blocks is not dropped), so a repeat must send what the first try sent: ``blocks``, the
     records' Native blocks one after another (spool format 3), or ``batches``, their columns merged into
     one block per table (what the writer of spool formats 1-2 sent, through ``Store.insert_points``).
-    ``seq`` is the group's ``batch_seq`` (0 for a dead letter's redrive, which the token alone guards)."""
+    ``seq`` is the group's ``batch_seq`` (0 for a dead letter of an earlier version's redrive, which the
+    token alone guards)."""
     calls: list[tuple[str, Callable[[bool], None]]] = []
     if blocks is not None:
         numbers, dists = merge_blocks(blocks, token, seq)
@@ -135,7 +228,10 @@ def insert_calls(
         def call(doubt: bool, kind: str = kind, names: Sequence[str] = names, block: bytes = block) -> None:
             suffix = f"{token}:{kind}"
             if doubt and hasattr(store, "insert_in_doubt"):
-                store.insert_in_doubt(kind, names, block, suffix, seq)
+                if landed and landed.get(kind):
+                    store.insert_in_doubt(kind, names, block, suffix, seq, landed[kind])
+                else:
+                    store.insert_in_doubt(kind, names, block, suffix, seq)
             elif not token.startswith(schema.LEDGER_TOKEN_PREFIX) and hasattr(store, "insert_earlier"):
                 store.insert_earlier(kind, names, block, suffix)  # a group an earlier version began
             else:
@@ -146,14 +242,115 @@ def insert_calls(
 
 
 def redrive_letter(store: Any, batches: list[PointBatch], token: str, per_batch_blocks: bool) -> None:
-    """Insert a dead letter's batches again under its token, in the blocks the writer sent them in
-    (one per batch, or merged into one): what ClickHouse needs to drop an insert that did land."""
+    """Insert a dead letter's batches again under its token alone, in the blocks the writer sent them in
+    (one per batch, or merged into one): what ClickHouse needs to drop an insert that did land. For a
+    letter whose ledger is not known (made by an earlier version, or on a ClickHouse server, where the
+    token decides); see :func:`redrive` for the others."""
     if per_batch_blocks:
         calls = insert_calls(store, token, blocks=[encode_blocks(b) for b in batches])
     else:
         calls = insert_calls(store, token, batches=batches)
     for _table, insert in calls:
         insert(False)
+
+
+class RedriveError(Exception):
+    """A redrive that cannot go on without counting something twice or losing it (said with the fix)."""
+
+
+def _kinds(batches: list[PointBatch]) -> list[str]:
+    """The inserts ("n", "d") that ``batches`` hold rows for."""
+    return [
+        k for k, n in (("n", sum(b.size for b in batches)), ("d", sum(b.dist_size for b in batches))) if n
+    ]
+
+
+def _ledger_letter(store: Any, letter: DeadLetter) -> bool:
+    """Whether the ledger redrives ``letter``: the writer recorded what of it had landed (the embedded
+    engine), and the store is embedded (one writer: its numbers decide)."""
+    return letter.landed is not None and is_embedded(str(store.name))
+
+
+def settle_redrive(letters: DeadLetters, store: Any, letter: DeadLetter) -> None:
+    """A redrive of ``letter`` was cut short (a kill, an error): ask the tables which partitions hold its
+    rows (numbered ``redrive_seq``, still the newest number: nothing writes between a redrive and its
+    settling, which the next redrive or `meterhouse up`'s start does first), add them to what the letter
+    says had landed, and clear the number. The next redrive then adds only the rest."""
+    seq = letter.redrive_seq
+    if seq is None:
+        return
+    top = int(store.max_batch_seq())
+    if top > seq:
+        raise RedriveError(
+            f"{letter.path.name}: a redrive of this letter (number {seq}) was cut short and rows numbered "
+            f"up to {top} were written since, so what it put in can no longer be told from the tables; "
+            "compare the letter with usage_points (batch_id) before removing or re-driving it"
+        )
+    landed = {k: {t: set(p) for t, p in tables.items()} for k, tables in (letter.landed or {}).items()}
+    for kind in _kinds(letter.batches or []):
+        for table, parts in (store.landed(kind, seq) or {}).items():
+            if parts:
+                landed.setdefault(kind, {}).setdefault(table, set()).update(parts)
+    settled = {k: {t: sorted(p) for t, p in tables.items()} for k, tables in landed.items()}
+    letters.update(letter, landed=settled, redrive_seq=None)
+    log.warning("dead letter: a redrive cut short settled from the tables",
+                extra={"file": letter.path.name, "seq": seq, "landed": settled})  # fmt: skip
+
+
+def settle_redrives(letters: DeadLetters, store: Any) -> int:
+    """Settle every redrive cut short (:func:`settle_redrive`); before anything else writes."""
+    cut = [letter for letter in letters.list(with_batches=True) if letter.redrive_seq is not None]
+    for letter in cut:
+        settle_redrive(letters, store, letter)
+    return len(cut)
+
+
+def redrive(
+    letters: DeadLetters,
+    store: Any,
+    first_seq: int | None = None,
+    report: Callable[[DeadLetter, BaseException | None], None] | None = None,
+) -> tuple[int, int]:
+    """Insert every dead letter again; (re-driven, still failing). Each letter is deleted once in.
+
+    On the embedded engine a letter the writer made is re-driven as a group of the ledger: its rows get a
+    number above every other (``first_seq`` on, numbers the spool has reserved; else above the highest
+    the tables hold), written in the letter before the insert, and it goes through
+    ``Store.insert_in_doubt`` leaving out the partitions that held it when it was refused. A kill at any
+    moment leaves a letter whose number says where to look: the next redrive (or `meterhouse up`'s start)
+    settles it from the tables (:func:`settle_redrive`) and the rest goes in. Nothing else may write
+    between (the spool must be empty: ``meterhouse dead-letter redrive`` checks). Other letters (an
+    earlier version's, a ClickHouse server's) are inserted under their token alone (``redrive_letter``).
+    """
+    settle_redrives(letters, store)
+    ok = failed = 0
+    seq = first_seq
+    for letter in letters.list(with_batches=True):
+        try:
+            if _ledger_letter(store, letter):
+                if seq is None or seq <= int(store.max_batch_seq()):
+                    seq = int(store.max_batch_seq()) + 1
+                letters.update(letter, redrive_seq=seq)
+                for _kind, insert in insert_calls(store, letter.token, seq, batches=letter.batches or [],
+                                                  landed=letter.landed):  # fmt: skip
+                    insert(True)
+                seq += 1
+            else:
+                redrive_letter(store, letter.batches or [], letter.token, letter.per_batch_blocks)
+        except Exception as e:  # noqa: BLE001 - reported; the letter stays, settled
+            failed += 1
+            if report is not None:
+                report(letter, e)
+            cut = letter.redrive_seq
+            if cut is not None:
+                settle_redrive(letters, store, letter)  # before the next letter's rows are above its own
+                seq = cut + 1
+            continue
+        letters.remove(letter)
+        ok += 1
+        if report is not None:
+            report(letter, None)
+    return ok, failed
 
 
 def _remaining(batches: list[PointBatch], done: set[str]) -> list[PointBatch]:
@@ -242,6 +439,13 @@ class Writer:
     def write(self, group: Group) -> bool:
         """Insert one group; True once it is committed or dead-lettered. Each table's insert is marked
         in the spool once done, so a retry, a replay or a dead letter covers only what is left."""
+        if group.replay and group.token is not None and self.dead_letters.holds(group.token):
+            # The process died after the group's dead letter was durable and before the commit mark:
+            # the letter holds what was not inserted, so the group is done.
+            log.warning("replay: the group is in a dead letter already; not written again",
+                        extra={"records": len(group.records)})  # fmt: skip
+            self.spool.commit(group)
+            return True
         batches = [self.spool.blocks(r) for r in group.records]
         verified: list[PointBatch] | None = None
         if any(b.verify for b in batches):
@@ -269,17 +473,31 @@ class Writer:
                 break
             except Exception as e:  # noqa: BLE001 - classified below
                 doubt = token.startswith(schema.LEDGER_TOKEN_PREFIX)
-                self.metrics.insert_failures.inc()
+                cause = failure_cause(e)
+                self.metrics.insert_failures.labels(cause=cause).inc()
                 error = f"{type(e).__name__}: {e}"[:1000]
                 kind = classify(e)
+                # An unknown error the server names by a code, on an endpoint that otherwise answers, is
+                # taken as a refusal of this content after repeated tries; trouble of the server (a full
+                # or broken disk, memory, parts, time, an outage) and errors without a code never are.
                 healthy = self.store.active_healthy() if hasattr(self.store, "active_healthy") else True
-                poisoned = kind == "retryable" and healthy and attempt >= self.poison_after_attempts
+                poisoned = (
+                    kind == "retryable"
+                    and error_code(e) is not None
+                    and healthy
+                    and attempt >= self.poison_after_attempts
+                )
                 if kind == "permanent" or poisoned:
                     loaded = verified or [self.spool.load(r) for r in group.records]
                     per_batch = all(r.version >= 3 for r in group.records)  # as _inserts sent it
-                    self._dead_letter(group, _remaining(loaded, group.done), token, error, per_batch)
+                    self._dead_letter(group, _remaining(loaded, group.done), token, e, per_batch)
                     return True
-                extra = {"attempt": attempt, "error": error[:300], "endpoint": self.store.name}
+                extra = {
+                    "attempt": attempt,
+                    "cause": cause,
+                    "error": error[:300],
+                    "endpoint": self.store.name,
+                }
                 log.warning("insert failed, will retry", extra=extra)
                 if not self._backoff(attempt):
                     return False
@@ -341,18 +559,41 @@ class Writer:
             self.metrics.ingest_lag.observe(max(0.0, (now_ns - b.received_ns) / 1e9))
 
     def _dead_letter(
-        self, group: Group, batches: list[PointBatch], token: str, error: str, per_batch_blocks: bool
+        self, group: Group, batches: list[PointBatch], token: str, exc: BaseException, per_batch_blocks: bool
     ) -> None:
-        path = self.dead_letters.put(token, error, batches, per_batch_blocks)
+        """Keep what ClickHouse refused on disk, named by the server's error code, with what of it the
+        ledger tables already hold (asked now, while the group is the newest: ``Store.landed``), so that
+        the redrive adds only what each table lacks. Raises when that cannot be asked: the group stays
+        in flight and is tried again."""
+        code, reason = refusal(exc)
+        landed = self._landed(group, batches) if token.startswith(schema.LEDGER_TOKEN_PREFIX) else None
+        path = self.dead_letters.put(token, reason, batches, per_batch_blocks, code=code, seq=group.last,
+                                     landed=landed)  # fmt: skip
         points = sum(b.total for b in batches)
         self.metrics.dead_letter_batches.inc()
         self.metrics.dead_letter_points.inc(points)
         log.error("batch refused by ClickHouse, kept as a dead letter",
-                  extra={"file": path.name, "points": points, "error": error[:300]})  # fmt: skip
+                  extra={"file": path.name, "points": points, "code": code,
+                         "error": reason[:300]})  # fmt: skip
         record = getattr(self.store, "record_event", None)
         if record is not None:
-            record("dead_letter", self.store.name, path.name, error[:500], f"points={points}")
+            record("dead_letter", self.store.name, path.name, reason[:500], f"points={points}")
         self.spool.commit(group)
+
+    def _landed(self, group: Group, batches: list[PointBatch]) -> Landed | None:
+        """Per insert the letter holds, the partitions of each ledger table that hold the group (None
+        where the ledger does not decide: a ClickHouse server, or a group an earlier version began,
+        whose rows carry no number; its redrive goes under the token alone, as that group's replay)."""
+        ask = getattr(self.store, "landed", None)
+        if ask is None:
+            return None
+        out: Landed = {}
+        for kind in _kinds(batches):
+            found = ask(kind, group.last)
+            if found is None:
+                return None  # the token decides there (a server): the redrive repeats it
+            out[kind] = {table: sorted(parts) for table, parts in found.items() if parts}
+        return out
 
     def _backoff(self, attempt: int) -> bool:
         """Wait with full jitter; False once shutting down past the deadline."""

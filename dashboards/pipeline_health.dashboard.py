@@ -155,12 +155,12 @@ dashboard = Dashboard(
             SECONDS,
         ),  # fmt: skip
         series(
-            "Insert retries and failures",
+            "Insert retries, and failures by cause",
             [
                 prom("sum(rate(meterhouse_insert_retries_total" + S + "[" + RATE + "]))", "retries", "A"),
                 prom(
-                    "sum(rate(meterhouse_insert_failures_total" + S + "[" + RATE + "]))",
-                    "failed attempts",
+                    "sum by (cause) (rate(meterhouse_insert_failures_total" + S + "[" + RATE + "]))",
+                    "failed: {{cause}}",
                     "B",
                 ),
             ],

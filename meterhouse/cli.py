@@ -93,27 +93,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
-def redrive(dead_letters, store) -> tuple[int, int]:
-    """Insert every dead letter again with its original token; (re-driven, still failing)."""
-    from meterhouse.collector.writer import redrive_letter
+def redrive(dead_letters, store, first_seq: int | None = None) -> tuple[int, int]:
+    """Insert every dead letter again (``collector/writer.py``: ``redrive``); (re-driven, still failing)."""
+    from meterhouse.collector.writer import redrive as redrive_letters
 
-    ok = failed = 0
-    for letter in dead_letters.list(with_batches=True):
-        try:
-            redrive_letter(store, letter.batches or [], letter.token, letter.per_batch_blocks)
-        except Exception as e:  # noqa: BLE001 - reported, the file stays
-            failed += 1
-            print(f"{letter.path.name}: still refused: {str(e)[:300]}", file=sys.stderr)
-            continue
-        dead_letters.remove(letter)
-        ok += 1
-        print(f"{letter.path.name}: re-driven ({letter.points} points)")
-    return ok, failed
+    def report(letter, error) -> None:
+        if error is None:
+            print(f"{letter.path.name}: re-driven ({letter.points} points)")
+        else:
+            print(f"{letter.path.name}: still refused: {str(error)[:300]}", file=sys.stderr)
+
+    return redrive_letters(dead_letters, store, first_seq, report)
+
+
+def _reserve_numbers(config: Config, store, letters: int) -> int | None:
+    """On the embedded engine: the first of ``letters`` numbers above every group, reserved in the spool
+    (so that `meterhouse up` numbers its records above them), or None when the spool holds points not yet
+    written (they go in first: a redrive's rows above their group's number would be taken for theirs)."""
+    from meterhouse.collector.spool import Spool
+
+    spool = Spool(config.data_dir / "spool")
+    try:
+        report = spool.open()
+        if report.pending_records:
+            print(f"meterhouse: the spool holds {spool.pending_points} point(s) acknowledged and not yet "
+                  "written; they go in before any dead letter: run `meterhouse up` until "
+                  "meterhouse_pending_points is 0, stop it, then redrive", file=sys.stderr)  # fmt: skip
+            return None
+        first = max(int(store.max_batch_seq()), spool.last_seq) + 1
+        spool.reserve(first + max(letters, 1) - 1)
+        return first
+    finally:
+        spool.shutdown(1.0)
 
 
 def cmd_dead_letter(args: argparse.Namespace) -> int:
     from meterhouse.collector.deadletter import DeadLetters
-    from meterhouse.core.store import open_store
+    from meterhouse.collector.writer import RedriveError
+    from meterhouse.core.store import is_embedded, open_store
 
     config = _config_from(args)
     datadir.lock(config.data_dir)  # list too: one process per data directory (a redrive removes letters)
@@ -121,7 +138,8 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
     if args.action == "list":
         found = letters.list()
         for letter in found:
-            print(f"{letter.path.name}  points={letter.points}  reason={letter.reason[:200]}")
+            code = f"  code={letter.code}" if letter.code is not None else ""
+            print(f"{letter.path.name}  points={letter.points}{code}  reason={letter.reason[:200]}")
         print(f"{len(found)} dead letter(s) in {letters.dir}")
         return 0
     try:
@@ -130,7 +148,20 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
         print(f"meterhouse: cannot open ClickHouse ({e}); with the embedded engine, stop "
               "`meterhouse up` on this data dir first", file=sys.stderr)  # fmt: skip
         return 1
-    ok, failed = redrive(letters, store)
+    first = None
+    if is_embedded(config.endpoints[0]):
+        first = _reserve_numbers(config, store, letters.count())
+        if first is None:
+            return 1
+    try:
+        ok, failed = redrive(letters, store, first)
+    except RedriveError as e:
+        print(f"meterhouse: redrive stopped: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - settling a redrive cut short needs ClickHouse: said clearly
+        print(f"meterhouse: redrive stopped, every letter kept: {type(e).__name__}: {str(e)[:300]}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     print(f"re-driven {ok}, still failing {failed}")
     return 0 if failed == 0 else 1
 

@@ -197,7 +197,9 @@ class Config:
     poison_after_attempts: int = _opt(
         _positive,
         default=10,
-        help="Failed attempts on a healthy endpoint after which a batch goes to the dead letters.",
+        help="Failed attempts with a ClickHouse error code meterhouse does not know, on an otherwise "
+        "healthy endpoint, after which a batch goes to the dead letters (a full or broken disk, memory, too "
+        "many parts, timeouts and outages are retried for as long as it takes).",
     )
     health_check_interval_s: float = _opt(
         _positive, default=2.0, help="How often every ClickHouse endpoint is checked."

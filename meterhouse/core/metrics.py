@@ -31,6 +31,19 @@ REPAIR_REASONS = ("start_after_time",)  # start time a few ms after the time (an
 #: was not (an older or overlapping interval of its stream, or its first point since a restart) and counts.
 IDENTITY_OUTCOMES = ("repeat", "new")
 
+#: Why an insert into ClickHouse failed (``collector/writer.py``: ``failure_cause``). Every cause but
+#: ``refused`` and ``other`` is retried for as long as it takes and never makes a dead letter.
+INSERT_FAILURE_CAUSES = (
+    "disk_full",  # NOT_ENOUGH_SPACE, ENOSPC: the server's disk is full
+    "memory",  # MEMORY_LIMIT_EXCEEDED and allocation failures
+    "too_many_parts",  # TOO_MANY_PARTS: merges are behind
+    "read_only",  # a read-only table or file system, a failing disk (EIO), a file that cannot be written
+    "timeout",  # TIMEOUT_EXCEEDED, SOCKET_TIMEOUT, a client-side timeout
+    "unavailable",  # no connection, the network, too many queries, Keeper
+    "refused",  # content the server refuses for good (a type mismatch, unparsable values): a dead letter
+    "other",  # anything else: retried; with a server error code, a dead letter after repeated failures
+)
+
 #: Why a whole request was refused by a limit (retryable: the client sends it again).
 LIMIT_REASONS = ("ingest_rate",)
 
@@ -150,7 +163,10 @@ class PipelineMetrics:
         )
         self.insert_failures = Counter(
             f"{p}_insert_failures",
-            "Failed batch insert attempts (retried, or dead-lettered).",
+            "Failed batch insert attempts (retried, or dead-lettered), by cause: disk_full, memory, "
+            "too_many_parts, read_only, timeout, unavailable (all retried for as long as it takes), "
+            "refused (a dead letter) or other.",
+            ["cause"],
             registry=registry,
         )
         # -- spool (backlog) ------------------------------------------------------------------------
@@ -255,6 +271,8 @@ class PipelineMetrics:
             self.limited_requests.labels(reason=reason)
         for reason in REPAIR_REASONS:
             self.points_repaired.labels(reason=reason)
+        for cause in INSERT_FAILURE_CAUSES:
+            self.insert_failures.labels(cause=cause)
         for outcome in IDENTITY_OUTCOMES:
             self.points_identity_checked.labels(outcome=outcome)
         for transport in TRANSPORTS:

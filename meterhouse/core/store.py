@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
@@ -282,30 +282,45 @@ class Store:
             f"{self.database}.{table}", names, block, settings=self.insert_settings(token), fmt="Native"
         )
 
+    def landed(self, kind: str, seq: int) -> dict[str, set[str]] | None:
+        """Per ledger table of the ``kind`` insert, the partitions holding rows of the group ``seq``
+        (``schema.landed_sql``: rows at or above it, so asked while it is the newest group). None where
+        the ledger does not decide (a ClickHouse server or cluster: the token does)."""
+        if not is_embedded(self.name):
+            return None
+        return {
+            table: {str(r[0]) for r in self.rows(schema.landed_sql(self.database, kind, table), {"seq": seq})}
+            for table, _ in schema.LEDGER_VIEWS[kind]
+        }
+
     def insert_in_doubt(
-        self, kind: str, names: Sequence[str], block: bytes, token: str, seq: int
+        self,
+        kind: str,
+        names: Sequence[str],
+        block: bytes,
+        token: str,
+        seq: int,
+        landed: Mapping[str, Iterable[str]] | None = None,
     ) -> list[str]:
         """Insert a group that may have landed already, in part (a replay after a crash, a retry after a
-        failed insert): ``kind`` "n" or "d", ``block`` as the first try sent it. Returns the ledger tables
-        it was inserted into.
+        failed insert, a dead letter's redrive): ``kind`` "n" or "d", ``block`` as the first try sent it.
+        Returns the ledger tables it was inserted into.
 
         On the embedded engine, one process is the only writer: each ledger table is asked which of its
         partitions hold the group (``schema.landed_sql``), and the group's other rows go through the
         table's view, alone, without deduplication (the engine's deduplication log may hold the token of
-        a part the kill took, and would drop it). Elsewhere the token decides, as on the first try."""
+        a part the kill took, and would drop it). ``landed`` names partitions known to hold the rows under
+        another number (what a dead letter's group put in before it was refused). Elsewhere the token
+        decides, as on the first try."""
         if not is_embedded(self.name):
             self.insert_native(schema.INGEST_OF[kind], names, block, token)
             return [t for t, _ in schema.LEDGER_VIEWS[kind]]
 
-        def landed() -> dict[str, set[str]]:
-            return {
-                table: {
-                    str(r[0]) for r in self.rows(schema.landed_sql(self.database, kind, table), {"seq": seq})
-                }
-                for table, _ in schema.LEDGER_VIEWS[kind]
-            }
+        def asked() -> dict[str, set[str]]:
+            return self.landed(kind, seq) or {}
 
-        before = landed()
+        found = asked()
+        before = {table: found[table] | set((landed or {}).get(table, ())) for table in found}
         # A table without partitions holds the group whole or not at all; one with partitions may hold
         # some of the group's months (one part each): its view redoes the rest.
         views = [
@@ -325,8 +340,8 @@ class Store:
         finally:
             for statement in schema.redo_cleanup_ddl(self.database, views):
                 self.client.command(statement)
-        after = landed()
-        return [table for table, _ in schema.LEDGER_VIEWS[kind] if after[table] != before[table]]
+        after = asked()
+        return [table for table, _ in schema.LEDGER_VIEWS[kind] if after[table] != found[table]]
 
     def insert_earlier(self, kind: str, names: Sequence[str], block: bytes, token: str) -> None:
         """Insert again a group an earlier version began (its token lacks the ledger's prefix; a replay or

@@ -137,6 +137,7 @@ def test_permanent_errors_go_to_the_dead_letters_and_can_be_redriven(tmp_path, s
     assert totals(store) in ({}, {"b": 3})  # the refused batch (maybe grouped with b) is not in
     (letter,) = rig.dead.list(with_batches=True)
     assert "Type mismatch" in letter.reason and letter.points in (1, 2)
+    assert letter.code == 53  # named by the server's error code
 
     from meterhouse.cli import redrive
 
@@ -155,7 +156,26 @@ def test_a_batch_failing_on_a_healthy_endpoint_is_poison_after_n_attempts(tmp_pa
         rig.spool.consume(batch_of({"api": [point(2, {"org.id": "a"})]}))
         rig.drain()
     assert rig.value("meterhouse_dead_letter_batches_total") == 1
-    assert rig.value("meterhouse_insert_failures_total") == 3
+    assert rig.value("meterhouse_insert_failures_total", {"cause": "other"}) == 3
+    (letter,) = rig.dead.list()
+    assert letter.code == 1001 and "Code: 1001" in letter.reason  # named by the server's code
+
+
+def test_an_unknown_error_without_a_server_code_is_never_a_dead_letter(tmp_path, store):
+    """Only the server refuses content for good: an error that carries no ClickHouse code (the client's,
+    the network's) is retried, however long the endpoint otherwise looks healthy."""
+
+    class Odd(FailingStore):
+        def active_healthy(self):
+            return True
+
+    odd = Odd(store, 8, RuntimeError("the client library tripped over something"))
+    with Rig(tmp_path, odd, poison_after_attempts=3, backoff_max_s=0.02) as rig:
+        rig.spool.consume(batch_of({"api": [point(2, {"org.id": "a"})]}))
+        rig.drain()
+    assert rig.dead.list() == []
+    assert totals(store) == {"a": 2}
+    assert rig.value("meterhouse_insert_failures_total", {"cause": "other"}) == 8
 
 
 @pytest.mark.parametrize(
@@ -172,6 +192,70 @@ def test_a_batch_failing_on_a_healthy_endpoint_is_poison_after_n_attempts(tmp_pa
 )
 def test_error_classification(error, kind):
     assert classify(error) == kind
+
+
+#: What ClickHouse says when its disk is full, read-only or failing, out of memory, overloaded or slow: the
+#: messages as the embedded engine and a server give them (243 measured on a full tmpfs).
+SERVER_TROUBLE = [
+    ("Code: 243. DB::Exception: Cannot reserve 1.00 MiB, not enough space: while pushing to view "
+     "meterhouse.metric_catalog_points_mv. (NOT_ENOUGH_SPACE)", "disk_full"),
+    ("Code: 75. DB::ErrnoException: Cannot write to file /data/clickhouse/store/74b/tmp_insert_202612_2_2_0/"
+     "data.bin, errno: 28, strerror: No space left on device. (CANNOT_WRITE_TO_FILE_DESCRIPTOR)", "disk_full"),
+    ("Code: 1001. DB::Exception: std::__1::__fs::filesystem::filesystem_error: filesystem error: in "
+     "create_directory: No space left on device [/data/clickhouse/store/abc]. (STD_EXCEPTION)", "disk_full"),
+    ("Code: 241. DB::Exception: Memory limit (total) exceeded: would use 3.51 GiB. (MEMORY_LIMIT_EXCEEDED)",
+     "memory"),
+    ("Code: 252. DB::Exception: Too many parts (3001) in all partitions in total. (TOO_MANY_PARTS)",
+     "too_many_parts"),
+    ("Code: 242. DB::Exception: Table is in readonly mode: replica_path=/clickhouse/tables/01/usage_points. "
+     "(TABLE_IS_READ_ONLY)", "read_only"),
+    ("Code: 1000. DB::Exception: File access error: read-only file system: /data/clickhouse/store/74b. "
+     "(POCO_EXCEPTION)", "read_only"),
+    ("Code: 1000. DB::Exception: Cannot write to file /data/clickhouse/format_version.txt. (POCO_EXCEPTION)",
+     "read_only"),
+    ("Code: 74. DB::ErrnoException: Cannot read from file /data/clickhouse/store/74b/all_1_1_0/data.bin, "
+     "errno: 5, strerror: Input/output error. (CANNOT_READ_FROM_FILE_DESCRIPTOR)", "read_only"),
+    ("Code: 204. DB::ErrnoException: Cannot fsync /data/clickhouse/store/74b/all_1_1_0/checksums.txt, "
+     "errno: 5, strerror: Input/output error. (CANNOT_FSYNC)", "read_only"),
+    ("Code: 159. DB::Exception: Timeout exceeded: elapsed 30.1 seconds. (TIMEOUT_EXCEEDED)", "timeout"),
+    ("Code: 209. DB::NetException: Timeout exceeded while reading from socket. (SOCKET_TIMEOUT)", "timeout"),
+    ("Code: 202. DB::Exception: Too many simultaneous queries. Maximum: 100. (TOO_MANY_SIMULTANEOUS_QUERIES)",
+     "unavailable"),
+    ("Code: 210. DB::NetException: Connection refused (localhost:9000). (NETWORK_ERROR)", "unavailable"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("message", "cause"), SERVER_TROUBLE)
+def test_server_trouble_is_transient_and_named_by_its_cause(message, cause):
+    from meterhouse.collector.writer import failure_cause
+
+    assert classify(RuntimeError(message)) == "transient"
+    assert failure_cause(RuntimeError(message)) == cause
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (ConnectionError("refused"), "unavailable"),
+        (TimeoutError(), "timeout"),
+        (RuntimeError("Code: 53. DB::Exception: Type mismatch (TYPE_MISMATCH)"), "refused"),
+        # Content the server refuses for good, whatever the data it quotes says.
+        (
+            RuntimeError("Code: 27. DB::Exception: Cannot parse input: expected 'No space left on device'"),
+            "refused",
+        ),  # fmt: skip
+        (TypeError("bad column"), "refused"),
+        (RuntimeError("Code: 1001. DB::Exception: an error never seen before"), "other"),
+        (RuntimeError("something without a code"), "other"),
+    ],
+)
+def test_every_failure_has_one_cause_of_a_fixed_set(error, cause):
+    from meterhouse.collector.writer import failure_cause
+    from meterhouse.core.metrics import INSERT_FAILURE_CAUSES
+
+    assert failure_cause(error) == cause
+    assert cause in INSERT_FAILURE_CAUSES
+    assert classify(error) == {"refused": "permanent", "other": "retryable"}.get(cause, "transient")
 
 
 def test_a_group_over_more_than_a_hundred_months_is_written_not_retried_forever(tmp_path, store):
@@ -232,17 +316,19 @@ class OverloadedStore(FailingStore):
         return True  # SELECT 1 works; inserts are refused for overload
 
 
-@pytest.mark.parametrize(
-    "error",
-    ["Code: 252. DB::Exception: Too many parts (300)", "Code: 241. DB::Exception: Memory limit exceeded"],
-)
-def test_overload_is_retried_for_as_long_as_it_takes_never_dead_lettered(tmp_path, store, error):
+@pytest.mark.parametrize(("error", "cause"), SERVER_TROUBLE, ids=[c for _m, c in SERVER_TROUBLE])
+def test_overload_is_retried_for_as_long_as_it_takes_never_dead_lettered(tmp_path, store, error, cause):
+    """``SELECT 1`` passes while the disk is full, read-only or failing (the endpoint is healthy): the
+    group is retried until the server takes it, never a dead letter, and every failure names its cause."""
     overloaded = OverloadedStore(store, 12, RuntimeError(error))
     with Rig(tmp_path, overloaded, poison_after_attempts=3, backoff_max_s=0.05) as rig:
         rig.spool.consume(batch_of({"api": [point(2, {"org.id": "a"})]}))
         rig.drain()
     assert rig.value("meterhouse_dead_letter_batches_total") == 0
+    assert rig.dead.list() == []
     assert totals(store) == {"a": 2}
+    assert rig.value("meterhouse_insert_failures_total", {"cause": cause}) == 12
+    assert rig.value("meterhouse_insert_failures_total", {"cause": "other"}) == 0
 
 
 class DistributionsRefused:
@@ -734,4 +820,132 @@ def test_an_insert_that_landed_and_then_failed_counts_once_when_retried(tmp_path
             rig.spool.consume(b)
         rig.drain(30)
     assert flaky.failed == {schema.INGEST_TABLE, schema.DIST_INGEST_TABLE}
+    assert stored(store) == want
+
+
+class PartlyLandedThenRefused:
+    """The first try of each insert fails before the server took it (a timeout); the retry, a group in
+    doubt, goes through the ledger's redo (no deduplication token) and lands everywhere but in
+    ``usage_hourly_by_metric`` (its part is lost, as a full disk or a kill takes it) before the answer is
+    lost; the next retry is refused for good. What the redo put in carries the group's ``batch_seq`` and
+    no token a later insert could be dropped by."""
+
+    def __init__(self, real):
+        self.real, self.name, self.database = real, real.name, real.database
+        self.tries: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def insert_native(self, table, names, block, token):
+        raise TimeoutError("the connection was reset before the server read the insert")
+
+    def insert_in_doubt(self, kind, names, block, token, seq, *args, **kwargs):
+        self.tries[kind] = self.tries.get(kind, 0) + 1
+        if self.tries[kind] > 1:
+            raise PermanentError("Code: 53. DB::Exception: Type mismatch in a view. (TYPE_MISMATCH)")
+        self.real.insert_in_doubt(kind, names, block, token, seq, *args, **kwargs)
+        self.real.client.command(
+            f"ALTER TABLE {self.database}.{schema.METRIC_ORGS_TABLE} DELETE WHERE batch_seq >= {seq}",
+            settings={"mutations_sync": 2},
+        )
+        raise TimeoutError("the answer was lost")
+
+
+def test_a_redriven_dead_letter_whose_group_had_partly_landed_counts_once(tmp_path, store, store_factory):
+    """A group that partly landed through the redo before it was dead-lettered: its redrive must add only
+    what each table lacks. Under the token alone it landed again wherever the redo had put it (no token
+    there to drop it by): the raw table and the rollups counted it twice."""
+    from meterhouse.cli import redrive
+
+    t0 = time.time_ns() - 3600 * 10**9
+    batches = [mixed_request(i, t0 + i * 10**9) for i in range(4)]
+    want = expected_rows(tmp_path, store_factory, batches)
+    rig = Rig(tmp_path, PartlyLandedThenRefused(store))
+    for b in batches:
+        rig.spool.consume(b)  # one group
+    with rig:
+        rig.drain(30)
+    (letter,) = rig.dead.list()
+    assert letter.code == 53
+    assert redrive(rig.dead, store) == (1, 0)
+    assert rig.dead.list() == []
+    assert stored(store) == want
+
+
+def test_a_dead_lettered_group_replayed_after_a_crash_is_not_written_again(tmp_path, store, store_factory):
+    """The process dies after the dead letter is durable and before the spool's commit mark: the replay
+    must not write the group (the letter holds it), or the redrive counts it a second time."""
+    import threading
+
+    from meterhouse.cli import redrive
+
+    t0 = time.time_ns() - 3600 * 10**9
+    batches = [mixed_request(i, t0 + i * 10**9) for i in range(3)]
+    want = expected_rows(tmp_path, store_factory, batches)
+    rig = Rig(tmp_path, FailingStore(store, 1, PermanentError("Code: 53. DB::Exception: Type mismatch")))
+    for b in batches:
+        rig.spool.consume(b)
+    group = rig.spool.next_group(50_000, 0.0, threading.Event())
+    rig.spool.commit = lambda group: None  # the kill comes before the commit mark
+    assert rig.writer.write(group)
+    assert len(rig.dead.list()) == 1
+    crash(rig.spool)
+    with Rig(tmp_path, store) as again:  # the restart: the same spool and dead letters
+        assert again.report.replay_groups == 1
+        again.drain(30)
+        assert len(again.dead.list()) == 1
+    assert redrive(again.dead, store) == (1, 0)
+    assert stored(store) == want
+
+
+class Refused:
+    """Every insert is refused for good while ``left`` > 0; the rest is the real store's."""
+
+    def __init__(self, real, left):
+        self.real, self.left = real, left
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def insert_native(self, *args):
+        if self.left > 0:
+            self.left -= 1
+            raise PermanentError("Code: 53. DB::Exception: Type mismatch in a view. (TYPE_MISMATCH)")
+        return self.real.insert_native(*args)
+
+
+class DistributionsRefusedOnce(Refused):
+    def insert_in_doubt(self, kind, *args):
+        if kind == "d" and self.left > 0:
+            self.left -= 1
+            raise PermanentError("Code: 53. DB::Exception: Type mismatch in a view. (TYPE_MISMATCH)")
+        return self.real.insert_in_doubt(kind, *args)
+
+
+def test_a_redrive_that_fails_half_way_keeps_what_it_put_in_and_the_next_one_adds_the_rest(
+    tmp_path, store, store_factory
+):
+    """The redrive of the first of two letters puts its numbers in, then its distributions are refused:
+    the letter stays, with what went in recorded (read from the tables while its number is the newest),
+    the second letter goes in above it, and the next redrive adds only the distributions."""
+    from meterhouse.cli import redrive
+
+    t0 = time.time_ns() - 3600 * 10**9
+    batches = [mixed_request(i, t0 + i * 10**9) for i in range(2)]
+    want = expected_rows(tmp_path, store_factory, batches)
+    rig = Rig(tmp_path, Refused(store, 2))
+    with rig:
+        for b in batches:
+            rig.spool.consume(b)
+            rig.drain(30)  # each its own group, each refused: two letters
+    first, second = rig.dead.list()
+    assert first.landed == {"n": {}, "d": {}} and first.seq < second.seq
+    assert redrive(rig.dead, DistributionsRefusedOnce(store, 1)) == (1, 1)
+    (left,) = rig.dead.list()
+    assert left.path == first.path and left.redrive_seq is None
+    assert set(left.landed["n"]) == {t for t, _v in schema.LEDGER_VIEWS["n"]}  # in, recorded
+    assert not left.landed.get("d")
+    assert redrive(rig.dead, store) == (1, 0)
+    assert rig.dead.list() == []
     assert stored(store) == want

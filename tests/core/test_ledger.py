@@ -193,7 +193,10 @@ def test_a_new_spool_beside_a_database_it_cannot_read_at_start_numbers_above_its
     try:
         send(stack, 100)  # spooled; its first try fails
         deadline = time.monotonic() + 10
-        while not stack.metrics.insert_failures._value.get() and time.monotonic() < deadline:
+        while (
+            not stack.metrics.insert_failures.labels(cause="unavailable")._value.get()
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
         control.write_text(json.dumps({"down": []}))
         drain(stack)
