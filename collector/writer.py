@@ -74,6 +74,9 @@ CAUSE_OF_CODE: dict[int, str] = {
 TRANSIENT_CODES = frozenset(CAUSE_OF_CODE)
 #: Codes of a file operation that failed: the errno in the message says why (ENOSPC is a full disk).
 _FILE_CODES = frozenset({74, 75, 76, 77, 88, 172, 204, 274, 275})
+#: Codes that say nothing of the cause (POCO_EXCEPTION, STD_EXCEPTION, UNKNOWN_EXCEPTION): their text is
+#: read, as a file operation's is; any other code decides by itself.
+_GENERIC_CODES = frozenset({1000, 1001, 1002})
 #: What the server says of a disk or memory in the text of errors whose code is generic (POCO_EXCEPTION
 #: 1000, STD_EXCEPTION 1001, ...): errno names and strerror texts, first match wins.
 _CAUSE_IN_MESSAGE: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -111,6 +114,8 @@ def failure_cause(exc: BaseException) -> str:
         return "refused"  # the message may quote the refused data: it is not read
     if code in CAUSE_OF_CODE and code not in _FILE_CODES:
         return CAUSE_OF_CODE[code]
+    if code is not None and code not in _FILE_CODES and code not in _GENERIC_CODES:
+        return "other"  # a specific code meterhouse does not list: its message may quote the data
     text = str(exc)
     for pattern, cause in _CAUSE_IN_MESSAGE:
         if pattern.search(text):
