@@ -137,9 +137,9 @@ def test_a_full_disk_shared_by_the_spool_and_clickhouse_loses_nothing_and_dead_l
 
 @pytest.mark.soak
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("shared", [False, True], ids=["spool-elsewhere", "one-file-system"])
-def test_a_disk_filled_and_freed_again_and_again(up_factory, tmp_path, shared):
-    if shared:
+@pytest.mark.parametrize("one_fs", [False, True], ids=["spool-elsewhere", "one-file-system"])
+def test_a_disk_filled_and_freed_again_and_again(up_factory, tmp_path, one_fs):
+    if one_fs:
         with tmpfs(tmp_path / "data", "48m") as mount:
             full_disk_rounds(up_factory, mount, mount, 6, 7, 15.0, 32 << 10)
     else:
