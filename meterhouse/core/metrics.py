@@ -1,7 +1,8 @@
 """Names and construction of every metric meterhouse exports to Prometheus.
 
 Nothing registers at import time: :class:`PipelineMetrics` takes the registry it fills. No metric carries
-an org id or any other unbounded label (README, "Prometheus metrics"); label values come from the fixed sets here.
+an org id or any other unbounded label (README, "Prometheus metrics"); label values come from the fixed
+sets here.
 """
 
 from __future__ import annotations
