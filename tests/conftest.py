@@ -90,14 +90,15 @@ class UpProcess:
     def api(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    def launcher(self) -> list[str]:
+        """What runs `meterhouse up` after the interpreter: the package, or a wrapper that injects faults."""
+        if self.faults is None:
+            return ["-m", "meterhouse"]
+        return [str(ROOT / "tests" / "fault_up.py"), str(self.faults)]
+
     def start(self, wait: bool = True, ready_path: str = "/readyz") -> UpProcess:
-        launcher = (
-            ["-m", "meterhouse"]
-            if self.faults is None
-            else [str(ROOT / "tests" / "fault_up.py"), str(self.faults)]
-        )
         cmd = [
-            sys.executable, *launcher, "up",
+            sys.executable, *self.launcher(), "up",
             "--data-dir", str(self.data_dir),
             "--otlp-http-port", str(self.otlp_http_port),
             "--otlp-grpc-port", str(self.otlp_grpc_port),

@@ -26,6 +26,17 @@ ROUNDS = 20
 ORGS = 40
 
 
+def statement_and_raw(s: dict) -> tuple[Counter, Counter]:
+    """Per org, a month's statement lines (all of its one close) plus adjustments, and its raw points."""
+    total: Counter = Counter()
+    for org, _metric, t, _n, close_id in s["lines"]:
+        assert close_id == s["record"]["close_id"]
+        total[org] += t
+    for org, amount in s["adjustments"]:
+        total[org] += amount
+    return total, Counter({org: t for org, (t, _n) in s["raw"].items()})
+
+
 def months() -> list[Month]:
     m, out = Month.of_ns(time.time_ns()), []
     for _ in range(3):  # the late window (35 days) is over for every month closed
@@ -91,12 +102,6 @@ def test_closes_killed_at_random_instants_among_ingest_end_exact(tmp_path):
         s = got[str(m)]
         assert s["record"]["status"] == "done", (m, log)
         assert len(s["close_ids"]) == 1, (m, s["close_ids"], log)
-        total: Counter = Counter()
-        for org, _metric, t, _n, close_id in s["lines"]:
-            assert close_id == s["record"]["close_id"]
-            total[org] += t
-        for org, amount in s["adjustments"]:
-            total[org] += amount
-        raw = Counter({org: t for org, (t, _n) in s["raw"].items()})
+        total, raw = statement_and_raw(s)
         assert dict(total) == dict(raw) == dict(put[str(m)]), (m, log)
         assert s["record"]["mismatched_lines"] == 0 and s["statements_status"] == 200, (m, log)

@@ -18,7 +18,6 @@ import json
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ import requests
 from close_kill import STRACE, close_cmd, run_py, state
 from conftest import ROOT, UpProcess
 from otlp_builders import point, sum_request
-from test_close_soak import killed_close
+from test_close_soak import killed_close, statement_and_raw
 from test_redrive_kill import killed_at, needs_strace, redrive_cmd, table_dir
 
 from meterhouse.core.close import Month
@@ -93,22 +92,8 @@ print(json.dumps(out))
 class RefusingUp(UpProcess):
     """A `meterhouse up` subprocess (tests/conftest.py) started through REFUSING_UP."""
 
-    def start(self, wait: bool = True, ready_path: str = "/readyz") -> RefusingUp:
-        cmd = [
-            sys.executable, "-c", REFUSING_UP, "up",
-            "--data-dir", str(self.data_dir),
-            "--otlp-http-port", str(self.otlp_http_port),
-            "--otlp-grpc-port", str(self.otlp_grpc_port),
-            "--http-port", str(self.http_port),
-            "--log-format", "json", *self.extra,
-        ]  # fmt: skip
-        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-        )
-        if wait:
-            self.wait_ready(path=ready_path)
-        return self
+    def launcher(self) -> list[str]:
+        return ["-c", REFUSING_UP]
 
 
 class Usage:
@@ -293,13 +278,7 @@ def test_ingest_closes_and_redrives_killed_at_random_instants_end_exact(tmp_path
         s = got[str(mm)]
         assert s["record"]["status"] == "done", (mm, log)
         assert len(s["close_ids"]) == 1, (mm, s["close_ids"], log)
-        total: Counter = Counter()
-        for org, _metric, t, _n, close_id in s["lines"]:
-            assert close_id == s["record"]["close_id"]
-            total[org] += t
-        for org, amount in s["adjustments"]:
-            total[org] += amount
-        raw = Counter({org: t for org, (t, _n) in s["raw"].items()})
+        total, raw = statement_and_raw(s)
         want = Counter({o: v for (k, o), v in put.items() if k == mm.key})
         assert dict(total) == dict(raw) == dict(want), (str(mm), dict(total), dict(raw), dict(want), log)
         assert s["statements_status"] == 200, (mm, log)
