@@ -12,7 +12,7 @@ if ! command -v amtool >/dev/null || ! command -v prometheus-alertmanager >/dev/
   apt_install --no-install-recommends prometheus-alertmanager
 fi
 if ! command -v strace >/dev/null; then
-  echo "==> installing Debian's strace package (the close's tests SIGKILL it at one part's rename)"
+  echo "==> installing Debian's strace package (its fault injection SIGKILLs a close or a dead-letter redrive at one part's rename)"
   apt_install --no-install-recommends strace
 fi
 if [ ! -x "$VENV/npm/node_modules/.bin/dclint" ]; then
@@ -26,10 +26,6 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
 fi
 echo "==> npm ci (tests/js: the OpenTelemetry JS SDK, pinned by its package-lock.json)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
-if ! command -v strace >/dev/null; then
-  echo "==> installing Debian's strace package (its fault injection SIGKILLs a dead-letter redrive at a part's rename)"
-  apt_install --no-install-recommends strace
-fi
 if ! command -v victoria-metrics >/dev/null; then
   echo "==> installing Debian's victoria-metrics package (the peer in the benchmark's VictoriaMetrics scenarios)"
   apt_install --no-install-recommends victoria-metrics

@@ -211,38 +211,29 @@ class OtlpHttpReceiver:
                 answer_type,
                 close=True,
             )
-        if self._admitted >= self.limits.max_requests_in_flight:
-            answer = _Answer(
-                Outcome("backpressure", "too many requests in flight, retry later", retry_after_s=1), True
+        try:
+            with self.in_flight:
+                auth = [v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]
+                handled = await self._handle(headers, auth, ctype, receive)
+                if handled is not None:
+                    await self._answer(send, handled, answer_type)
+        except Exception:
+            # A bug must not cost the client its answer: 500 is not retryable, and it is logged.
+            log.exception("unexpected error while handling an OTLP/HTTP request")
+            self.metrics.requests.labels(transport="http", outcome="error").inc()
+            await self._status(
+                send, HTTPStatus.INTERNAL_SERVER_ERROR, code_pb2.INTERNAL, "internal error", JSON, close=True
             )
-        else:
-            self._admitted += 1
-            try:
-                with self.in_flight:
-                    auth = [v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]
-                    handled = await self._handle(headers, auth, ctype, receive)
-                    if handled is not None:
-                        await self._answer(send, handled, answer_type)
-                return
-            except Exception:
-                # A bug must not cost the client its answer: 500 is not retryable, and it is logged.
-                log.exception("unexpected error while handling an OTLP/HTTP request")
-                self.metrics.requests.labels(transport="http", outcome="error").inc()
-                return await self._status(
-                    send,
-                    HTTPStatus.INTERNAL_SERVER_ERROR,
-                    code_pb2.INTERNAL,
-                    "internal error",
-                    JSON,
-                    close=True,
-                )
-            finally:
-                self._admitted -= 1
-        await self._answer(send, answer, answer_type)
 
     async def _handle(
         self, headers: dict[bytes, bytes], auth: list[str], ctype: str, receive: Receive
     ) -> _Answer | None:
+        """The request's answer, or None when its client went away.
+
+        Its headers are checked first and its body read (bounded by ``max_bytes_in_flight``) without a
+        slot: a request holds one of ``max_requests_in_flight`` only once its body is complete, so clients
+        that trickle their bodies cost a socket each, not a slot.
+        """
         try:
             sender = self.ingestor.authenticate(auth)  # every Authorization header: two are refused
         except Unauthenticated as e:
@@ -295,10 +286,19 @@ class OtlpHttpReceiver:
                 body += chunk
                 if not message.get("more_body", False):
                     break
-            loop = asyncio.get_running_loop()
-            outcome = await loop.run_in_executor(
-                self._pool, self._decode_export, ctype, encoding, bytes(body), sender
-            )
+            if self._admitted >= self.limits.max_requests_in_flight:
+                # The body was read whole: the connection stays open for the client's retry.
+                return _Answer(
+                    Outcome("backpressure", "too many requests in flight, retry later", retry_after_s=1)
+                )
+            self._admitted += 1
+            try:
+                loop = asyncio.get_running_loop()
+                outcome = await loop.run_in_executor(
+                    self._pool, self._decode_export, ctype, encoding, bytes(body), sender
+                )
+            finally:
+                self._admitted -= 1
             return _Answer(outcome)
         finally:
             self._bytes -= len(body)

@@ -135,6 +135,22 @@ class Config:
     http_max_connections: int = _opt(
         _positive, default=10_000, help="Open connections on each HTTP port; more are answered 503 and closed"
     )
+    http_max_connections_per_address: int = _opt(
+        _positive,
+        default=256,
+        help="Open connections from one client address on each HTTP port; more are answered 503 and closed.",
+    )
+    http_min_body_rate_bytes_s: float = _opt(
+        _non_negative,
+        default=1024.0,
+        help="Both HTTP ports: a body arriving slower than this (bytes/s, averaged from its headers on) "
+        "after the grace period is answered 408 and closed (0 = off).",
+    )
+    http_min_body_rate_grace_s: float = _opt(
+        _non_negative,
+        default=5.0,
+        help="Seconds a body may arrive at any rate before the minimum body rate applies.",
+    )
     grpc_max_concurrent_rpcs: int = _opt(
         _positive,
         default=64,

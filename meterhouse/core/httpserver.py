@@ -5,9 +5,17 @@ of ambiguous framing (two Content-Length headers, Content-Length with Transfer-E
 connection closed). What it lacks is added here, on its protocol class, after the OpenTelemetry
 Collector's confighttp: a header timeout (request line and headers must arrive within
 ``read_header_timeout_s``), a request timeout (the body too, within ``read_timeout_s``), an idle timeout
-(a connection that sends nothing, before or between requests) and a bound on header bytes (431).
+(a connection that sends nothing, before or between requests), a bound on header bytes (431), a
+minimum body rate after a grace period (Kestrel's ``MinRequestBodyDataRate``: 408 below it), and bounds on
+connections per port and per client address (503).
 Connections cost a socket and a few kilobytes, not a thread: thousands of idle or trickling clients
 neither starve the others nor pile up threads, and each is closed when its timer runs out.
+
+A connection closed while its client may still be sending (an answer given before the body was read: 401,
+413, 415, 503; a timeout mid-request) is closed the way RFC 9112 section 9.6 asks: the answer is sent, the
+write side shut (FIN), and what the client still sends is read and dropped until it closes its side or
+``LINGER_S`` passes. Closing at once with unread bytes makes the kernel send a reset, which can destroy the
+answer before the client reads it.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,10 +59,17 @@ class HttpLimits:
     max_header_bytes: int = 64 * 1024
     max_requests_in_flight: int = 64
     max_connections: int = 10_000
+    max_connections_per_address: int = 256
+    min_body_rate_bytes_s: float = 1024.0
+    min_body_rate_grace_s: float = 5.0
     backlog: int = 2048
 
 
-def _close_with(transport: asyncio.Transport, status: bytes, message: bytes) -> None:
+#: Longest a connection is kept, reading and dropping what its client still sends, after its answer.
+LINGER_S = 2.0
+
+
+def _close_with(transport: asyncio.Transport | LingeringTransport, status: bytes, message: bytes) -> None:
     if transport.is_closing():
         return
     transport.write(
@@ -72,26 +88,97 @@ def limits_from(config: Config) -> HttpLimits:
         max_header_bytes=config.http_max_header_bytes,
         max_requests_in_flight=config.http_max_requests_in_flight,
         max_connections=config.http_max_connections,
+        max_connections_per_address=config.http_max_connections_per_address,
+        min_body_rate_bytes_s=config.http_min_body_rate_bytes_s,
+        min_body_rate_grace_s=config.http_min_body_rate_grace_s,
     )
 
 
+class LingeringTransport:
+    """The connection's transport as uvicorn sees it: ``close()`` mid-request lingers (see the module doc).
+
+    Everything else is the transport's own. While lingering the connection counts as closing, so nothing
+    more is written to it.
+    """
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedProtocol) -> None:
+        self._transport, self._protocol = transport, protocol
+        self.lingering = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        if self.is_closing():
+            return
+        if not self._protocol.mid_request:
+            self._transport.close()
+            return
+        self.lingering = True
+        self._transport.resume_reading()
+        if self._transport.can_write_eof():
+            self._transport.write_eof()  # after what is buffered: the answer goes first
+        self._timer = self._protocol.loop.call_later(LINGER_S, self.abort_linger)
+
+    def abort_linger(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._transport.is_closing():
+            self._transport.close()
+
+
 class GuardedProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with header/request/idle deadlines and a header-size bound."""
+    """uvicorn's httptools protocol with deadlines, a minimum body rate, header and connection bounds."""
 
     limits: HttpLimits = HttpLimits()
+    #: Open connections per client address, of the server this class was made for (one event loop).
+    per_address: Counter[str] = Counter()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.lingering = LingeringTransport(transport, self)
+        self.transport = self.lingering  # type: ignore[assignment]
         self._timer: asyncio.TimerHandle | None = None
         self._header_bytes = 0
         self._in_head = True  # between requests and while a request line and headers arrive
+        self.mid_request = True  # a refusal now is read by a client that is about to send a request
+        self._body_started = 0.0
+        self._body_bytes = 0
+        self._rate_timer: asyncio.TimerHandle | None = None
+        peer = transport.get_extra_info("peername")
+        self._address: str | None = peer[0] if isinstance(peer, tuple) else None
+        if self._address is not None:
+            self.per_address[self._address] += 1
         if len(self.connections) > self.limits.max_connections:
-            _close_with(transport, b"503 Service Unavailable", b"too many connections")
+            _close_with(self.transport, b"503 Service Unavailable", b"too many connections")
             return
+        crowded = (
+            self._address is not None
+            and self.per_address[self._address] > self.limits.max_connections_per_address
+        )
+        if crowded:
+            _close_with(self.transport, b"503 Service Unavailable", b"too many connections from this address")
+            return
+        self.mid_request = False
         self._arm(self.limits.idle_timeout_s, b"")  # a connection that never sends is idle
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self.lingering.abort_linger()
+        if self._address is not None:
+            self.per_address[self._address] -= 1
+            if self.per_address[self._address] <= 0:
+                del self.per_address[self._address]
+            self._address = None
         super().connection_lost(exc)
 
     def _arm(self, seconds: float, status: bytes) -> None:
@@ -103,6 +190,9 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._rate_timer is not None:
+            self._rate_timer.cancel()
+            self._rate_timer = None
 
     def _expire(self, status: bytes) -> None:
         self._timer = None
@@ -111,7 +201,27 @@ class GuardedProtocol(HttpToolsProtocol):
         elif not self.transport.is_closing():
             self.transport.close()
 
+    def _check_body_rate(self) -> None:
+        """Every second while a body arrives: below the minimum rate after the grace period, 408."""
+        self._rate_timer = None
+        if self.transport.is_closing() or not self.mid_request or self._in_head:
+            return
+        now = self.loop.time()
+        if self.flow.read_paused:  # the server is not reading: the client is not to blame
+            self._body_started += 1.0
+        elapsed = now - self._body_started
+        if (
+            elapsed >= self.limits.min_body_rate_grace_s
+            and self._body_bytes < self.limits.min_body_rate_bytes_s * elapsed
+            and (self.cycle is None or not self.cycle.response_started)
+        ):
+            _close_with(self.transport, b"408 Request Timeout", b"request body arrives too slowly")
+            return
+        self._rate_timer = self.loop.call_later(1.0, self._check_body_rate)
+
     def data_received(self, data: bytes) -> None:
+        if self.lingering.lingering:
+            return  # read and dropped: the answer has been given
         if self._in_head:
             # Count the head's bytes before the parser sees them: a head that ends within this read
             # would otherwise be complete (and the count reset) before the bound is checked.
@@ -130,17 +240,26 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
+        self.mid_request = True
         self._arm(self.limits.read_header_timeout_s, b"408 Request Timeout")
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._header_bytes = 0
+        self._body_started, self._body_bytes = self.loop.time(), 0
         self._arm(self.limits.read_timeout_s, b"408 Request Timeout")
+        if self.limits.min_body_rate_bytes_s > 0:
+            self._rate_timer = self.loop.call_later(1.0, self._check_body_rate)
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._disarm()  # the application has the request; uvicorn arms keep-alive after the answer
         self._in_head = True
+        self.mid_request = False
         super().on_message_complete()
 
 
@@ -209,7 +328,7 @@ class HttpServer:
             sock.close()
             raise
         self.port = sock.getsockname()[1]
-        protocol = type("Protocol", (GuardedProtocol,), {"limits": self.limits})
+        protocol = type("Protocol", (GuardedProtocol,), {"limits": self.limits, "per_address": Counter()})
         config = uvicorn.Config(
             self.app,
             http=protocol,

@@ -13,6 +13,7 @@ from conftest import drain
 from otlp_builders import point, sum_request
 
 from meterhouse.collector.receivers.http import _TooLarge, gunzip_limited
+from meterhouse.core.config import Token
 from meterhouse.demo import fetch_usage
 
 HOUR = 3600
@@ -233,7 +234,8 @@ def test_idle_silent_and_slow_connections_are_closed_after_their_timeouts(stack_
     assert time.monotonic() - t < 15  # generous; each timeout is half a second
 
 
-def test_thousands_of_idle_connections_neither_starve_clients_nor_cost_threads(stack):
+def test_thousands_of_idle_connections_neither_starve_clients_nor_cost_threads(stack_factory):
+    stack = stack_factory(http_max_connections_per_address=5000)
     port = stack.collector.http.port
     threads_before = threading.active_count()
     idle = []
@@ -256,17 +258,134 @@ def test_thousands_of_idle_connections_neither_starve_clients_nor_cost_threads(s
     assert total(stack, "org-among-idle") == 5
 
 
-def test_requests_in_flight_beyond_the_bound_get_503_with_retry_after(stack_factory):
+def connect_from(address: str, port: int, timeout: float = 30) -> socket.socket:
+    """A connection from another loopback address (all of 127.0.0.0/8 is this host)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(address, 0))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def test_requests_with_incomplete_bodies_hold_no_slot(stack_factory):
+    """Reported: 64 connections sending headers and two bytes of body locked every other sender out."""
+    stack = stack_factory(http_max_requests_in_flight=4)
+    port = stack.collector.http.port
+    trickling = []
+    for _ in range(40):
+        s = connect(port)
+        s.sendall(head(100_000) + b"\n\x05")
+        trickling.append(s)
+    time.sleep(0.3)
+    try:
+        honest = connect_from("127.0.0.2", port)
+        honest.sendall(head(len(body("org-honest", 7))) + body("org-honest", 7))
+        assert Reader(honest).response()[0] == 200
+    finally:
+        for s in trickling:
+            s.close()
+    assert total(stack, "org-honest") == 7
+
+
+def test_requests_in_flight_beyond_the_bound_get_503_with_retry_after_and_keep_the_connection(stack_factory):
+    """A request whose body is complete takes a slot; with none free it is 503, and its connection,
+    whose body was read whole, stays open for the retry."""
     stack = stack_factory(http_max_requests_in_flight=1)
     port = stack.collector.http.port
-    holder = connect(port)
-    holder.sendall(head(1000) + b"\n")  # admitted, waiting for the rest of its body
-    time.sleep(0.3)
-    s = connect(port)
-    s.sendall(head(len(body("org-busy", 1))) + body("org-busy", 1))
-    status, headers, _ = Reader(s).response()
-    assert status == 503 and int(headers["retry-after"]) >= 1
-    holder.close()
+    spool = stack.collector.spool
+    spool._lock.acquire()  # the spool's own lock, held here: the first request waits in its append
+    try:
+        holder = connect(port)
+        holder.sendall(head(len(body("org-held", 2))) + body("org-held", 2))
+        time.sleep(0.5)
+        s = connect(port)
+        r = Reader(s)
+        s.sendall(head(len(body("org-busy", 1))) + body("org-busy", 1))
+        status, headers, _ = r.response()
+        assert status == 503 and int(headers["retry-after"]) >= 1 and headers.get("connection") != "close"
+    finally:
+        spool._lock.release()
+    assert Reader(holder).response()[0] == 200
+    s.sendall(head(len(body("org-busy", 1))) + body("org-busy", 1))  # the same connection, retried
+    assert r.response()[0] == 200
+    assert total(stack, "org-busy") == 1
+    time.sleep(0.3)  # the API port has the same bound of one request, released just after its answer
+    assert total(stack, "org-held") == 2
+
+
+def test_connections_per_address_are_bounded_and_other_addresses_are_served(stack_factory):
+    stack = stack_factory(http_max_connections_per_address=20)
+    port = stack.collector.http.port
+    held = [connect(port) for _ in range(20)]
+    time.sleep(0.2)
+    try:
+        extra = connect(port)
+        extra.sendall(head(len(body("org-flood", 1))) + body("org-flood", 1))
+        status, _, content = Reader(extra).response()
+        assert status == 503 and b"address" in content
+        other = connect_from("127.0.0.3", port)
+        other.sendall(head(len(body("org-other", 3))) + body("org-other", 3))
+        assert Reader(other).response()[0] == 200
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.3)  # closed connections no longer count
+    again = connect(port)
+    again.sendall(head(len(body("org-flood", 1))) + body("org-flood", 1))
+    assert Reader(again).response()[0] == 200
+    assert total(stack, "org-other") == 3 and total(stack, "org-flood") == 1
+
+
+def test_a_body_below_the_minimum_rate_is_408_after_the_grace_period(stack_factory):
+    stack = stack_factory(
+        http_min_body_rate_bytes_s=100, http_min_body_rate_grace_s=1, http_read_timeout_s=60
+    )
+    port = stack.collector.http.port
+    slow = connect(port, timeout=20)
+    slow.sendall(head(100_000) + b"\n\x05")
+    t = time.monotonic()
+    status, _, content = Reader(slow).response()
+    assert status == 408 and b"slowly" in content
+    assert time.monotonic() - t < 10  # far below the 60 s read timeout
+    fast_enough = connect(port, timeout=20)  # about 600 bytes/s for 3 s: above 100 bytes/s
+    data = sum_request({"edge.calls": [point(1, {"org.id": "org-rate", "i": str(i)}) for i in range(60)]})
+    payload = data.SerializeToString()
+    fast_enough.sendall(head(len(payload)))
+    for i in range(0, len(payload), 60):
+        fast_enough.sendall(payload[i : i + 60])
+        time.sleep(0.1)
+    assert Reader(fast_enough).response()[0] == 200
+    assert total(stack, "org-rate") == 60
+
+
+@pytest.mark.parametrize("refusal", ["too_large", "unauthenticated", "not_found"])
+def test_an_answer_given_before_the_body_is_read_reaches_the_client(stack_factory, refusal):
+    """Seen in CI: a 401 answered before its body was read arrived as a connection reset. Closing a socket
+    with unread bytes makes the kernel send RST and drop what it has not sent yet. The server now
+    lingers (RFC 9112 section 9.6): the answer, then FIN, then it reads and drops the rest of the body,
+    so the client sends its whole body without error and reads the answer and a clean end."""
+    token = Token("ingest-token-000000000001", ("org-a",))
+    options = {"ingest_tokens": (token,)} if refusal == "unauthenticated" else {}
+    stack = stack_factory(max_request_bytes=1 << 20, **options)
+    size = (2 << 20) if refusal == "too_large" else 512 << 10
+    path = "/nowhere" if refusal == "not_found" else "/v1/metrics"
+    s = connect(stack.collector.http.port)
+    s.sendall(head(size, path=path))
+    errors: list[OSError] = []
+    sender = threading.Thread(target=_send, args=(s, b"\0" * size, errors))
+    sender.start()
+    r = Reader(s)
+    status, _, _ = r.response()
+    assert status == {"too_large": 413, "unauthenticated": 401, "not_found": 404}[refusal]
+    assert r.closed(), "the server reset the connection instead of closing it"
+    sender.join(10)
+    assert not errors
+    s.close()
+
+
+def _send(s: socket.socket, data: bytes, errors: list[OSError]) -> None:
+    try:
+        s.sendall(data)
+    except OSError as e:
+        errors.append(e)
 
 
 def test_bytes_in_flight_beyond_the_bound_get_503(stack_factory):
