@@ -71,6 +71,8 @@ class Limits:
     max_unit_length: int = 255
     max_scope_length: int = 1024
     max_description_length: int = 4096
+    #: Most data points in one request: the writer cannot split a request, so this bounds one insert.
+    max_points_per_request: int = 100_000
 
 
 #: What no name, unit or scope name or version may contain: the C0 control characters and DEL.

@@ -15,7 +15,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from meterhouse.collector.auth import IngestTokens, Principal
 from meterhouse.collector.cumulative import Change, CumulativeState, Entry, StateUnavailable
-from meterhouse.collector.decode import Limits, decode_request
+from meterhouse.collector.decode import DecodeResult, Limits, decode_request
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.model import Backpressure, Consumer, content_digest
 from meterhouse.collector.ratelimit import RateLimiter
@@ -240,15 +240,20 @@ class Ingestor:
             return Outcome(
                 "unavailable", f"cannot read ingest state, retry later: {e}"[:500], retry_after_s=1
             )
+        limit = self.limits.max_points_per_request
+        if result.received > limit:
+            self._forget(result, digest)
+            return Outcome(
+                "too_large",
+                f"request of {result.received} data points exceeds the limit of {limit}; send smaller "
+                "batches (an OpenTelemetry Collector: the batch processor's send_batch_max_size)",
+            )
         m.points_received.inc(result.received)
         try:
             seq = self.next.consume(result.batch)
         except (Backpressure, SpoolError) as e:
             # Nothing of this request is kept; the client retries all of it, so count no rejections.
-            self._undo(result.changes)
-            if self.series is not None:
-                self.series.rollback(result.admitted)
-            self._release(digest)
+            self._forget(result, digest)
             if isinstance(e, Backpressure):
                 m.spool_full.inc()
                 return Outcome("backpressure", f"pipeline is full: {e}", retry_after_s=e.retry_after_s)
@@ -281,6 +286,13 @@ class Ingestor:
             response.partial_success.error_message = result.error_message()
             return Outcome("partial", result.error_message(), response)
         return Outcome("ok", "", response)
+
+    def _forget(self, result: DecodeResult, digest: str) -> None:
+        """Nothing of a decoded request is kept: its conversion state, admitted sets and claim go back."""
+        self._undo(result.changes)
+        if self.series is not None:
+            self.series.rollback(result.admitted)
+        self._release(digest)
 
     def _release(self, digest: str) -> None:
         if self.recent is not None:

@@ -32,7 +32,7 @@ from meterhouse.collector.receivers.http import OtlpHttpReceiver
 from meterhouse.collector.series import SeriesLimiter
 from meterhouse.collector.spool import Spool
 from meterhouse.collector.writer import Writer, settle_redrives
-from meterhouse.core import schema
+from meterhouse.core import memory, schema
 from meterhouse.core.config import Config
 from meterhouse.core.httpserver import limits_from as http_limits_from
 from meterhouse.core.metrics import PipelineMetrics
@@ -51,6 +51,7 @@ def limits_from(config: Config) -> Limits:
         max_unit_length=config.max_unit_length,
         max_scope_length=config.max_scope_length,
         max_description_length=config.max_description_length,
+        max_points_per_request=config.max_points_per_request,
         max_past_ns=int(config.max_past_s * 1e9),
         max_future_ns=int(config.max_future_s * 1e9),
     )
@@ -70,6 +71,7 @@ class Collector:
         """``connect_endpoint`` opens a ClickHouse endpoint and ``files`` is the file layer of the spool
         and dead letters: the seams through which tests inject outages and disk errors."""
         self.config = config
+        self.memory = memory.plan(config)
         self.tls = tls
         self.metrics = metrics
         self.endpoints = EndpointSet(
@@ -77,7 +79,12 @@ class Collector:
             connect_endpoint
             or (
                 lambda url: connect(
-                    url, config.data_dir, config.database, config.raw_retention_days, config.cluster
+                    url,
+                    config.data_dir,
+                    config.database,
+                    config.raw_retention_days,
+                    config.cluster,
+                    memory=self.memory,
                 )
             ),
             metrics,
@@ -87,13 +94,13 @@ class Collector:
             health_check_interval_s=config.health_check_interval_s,
         )
         # Until start() reads the floor, every point is to verify (see collector/identity.py).
-        self.identity = EdgeIdentity(floor_ns=2**63 - 1, max_streams=config.identity_max_streams)
+        self.identity = EdgeIdentity(floor_ns=2**63 - 1, max_streams=self.memory.identity_max_streams)
         self.spool = Spool(
             config.data_dir / "spool",
             max_bytes=config.spool_max_bytes,
             segment_bytes=config.spool_segment_bytes,
             fsync=config.spool_fsync,
-            max_cached_bytes=config.spool_cache_bytes,
+            max_cached_bytes=self.memory.spool_cache_bytes,
             files=files,
             mark=self.identity.mark,
         )
@@ -148,7 +155,7 @@ class Collector:
             metrics,
             config.max_request_bytes,
             limits=http_limits_from(config),
-            max_bytes_in_flight=config.http_max_bytes_in_flight,
+            max_bytes_in_flight=self.memory.http_bytes_in_flight,
             tls=tls,
         )
         self.grpc = OtlpGrpcReceiver(
@@ -159,7 +166,7 @@ class Collector:
             config.max_request_bytes,
             keepalive=GrpcKeepalive.from_config(config),
             max_concurrent_rpcs=config.grpc_max_concurrent_rpcs,
-            max_bytes_in_flight=config.grpc_max_bytes_in_flight,
+            max_bytes_in_flight=self.memory.grpc_bytes_in_flight,
             tls=tls,
         )
         m = metrics
@@ -183,6 +190,7 @@ class Collector:
         return not self._started or self.writer.running
 
     def start(self) -> None:
+        log.info("memory budget", extra=self.memory.describe())
         self.endpoints.start()
         report = self.spool.open()
         m = self.metrics

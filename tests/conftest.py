@@ -64,8 +64,10 @@ class UpProcess:
         env: dict[str, str] | None = None,
         ports_of: UpProcess | None = None,
         faults: Path | None = None,
+        cgroup: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.cgroup = cgroup  # a memory cgroup's directory: the process starts inside it
         self.faults = faults  # a control file: started through tests/fault_up.py (see there)
         if ports_of is not None:  # a restart that clients must find on the same ports
             self.otlp_http_port, self.otlp_grpc_port = ports_of.otlp_http_port, ports_of.otlp_grpc_port
@@ -106,8 +108,19 @@ class UpProcess:
             "--log-format", "json", *self.extra,
         ]  # fmt: skip
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        procs = None if self.cgroup is None else self.cgroup / "cgroup.procs"
+
+        def join_cgroup() -> None:  # in the child, before exec
+            if procs is not None:
+                procs.write_text(str(os.getpid()))
+
         self.proc = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+            preexec_fn=join_cgroup if procs is not None else None,
         )
         if wait:
             self.wait_ready(path=ready_path)

@@ -104,6 +104,12 @@ class Config:
     max_request_bytes: int = _opt(
         _positive, default=20 * 1024 * 1024, help="Largest OTLP request body, measured after decompression."
     )
+    max_points_per_request: int = _opt(
+        _positive,
+        default=100_000,
+        help="Most data points in one OTLP request (413 / RESOURCE_EXHAUSTED beyond): a request is inserted "
+        "whole, so this bounds one insert's memory.",
+    )
     http_read_header_timeout_s: float = _opt(
         _non_negative,
         default=60.0,
@@ -128,9 +134,10 @@ class Config:
         help="Requests handled at once on each HTTP port; more are answered 503 with Retry-After.",
     )
     http_max_bytes_in_flight: int = _opt(
-        _positive,
-        default=80 * 1024 * 1024,
-        help="OTLP/HTTP body bytes held at once (before decompression); beyond, 503 with Retry-After.",
+        _non_negative,
+        default=0,
+        help="OTLP/HTTP body bytes held at once (before decompression); beyond, 503 with Retry-After "
+        "(0 = 3% of --memory-budget-bytes).",
     )
     http_max_connections: int = _opt(
         _positive, default=10_000, help="Open connections on each HTTP port; more are answered 503 and closed"
@@ -157,9 +164,10 @@ class Config:
         help="OTLP/gRPC calls handled or queued at once; more are answered RESOURCE_EXHAUSTED.",
     )
     grpc_max_bytes_in_flight: int = _opt(
-        _positive,
-        default=80 * 1024 * 1024,
-        help="OTLP/gRPC request bytes held by calls at once; beyond, UNAVAILABLE with RetryInfo.",
+        _non_negative,
+        default=0,
+        help="OTLP/gRPC request bytes held by calls at once; beyond, UNAVAILABLE with RetryInfo "
+        "(0 = 3% of --memory-budget-bytes).",
     )
     grpc_keepalive_min_time_s: float = _opt(
         _positive,
@@ -192,9 +200,9 @@ class Config:
     )
     spool_cache_bytes: int = _opt(
         _non_negative,
-        default=256 << 20,
+        default=0,
         help="Bytes of spooled requests also kept in memory for the writer; a larger backlog is read back "
-        "from disk.",
+        "from disk (0 = 8% of --memory-budget-bytes).",
     )
     dedup_window_s: float = _opt(
         _non_negative,
@@ -202,10 +210,17 @@ class Config:
         help="An identical request re-sent within this many seconds counts once (0 = off).",
     )
     identity_max_streams: int = _opt(
-        _positive,
-        default=1_000_000,
+        _non_negative,
+        default=0,
         help="Streams whose latest point time the edge keeps for point identity (about 100 bytes each); "
-        "past it the oldest are forgotten and their points verified against ClickHouse.",
+        "past it the oldest are forgotten and their points verified against ClickHouse (0 = as many as "
+        "6% of --memory-budget-bytes holds).",
+    )
+    memory_budget_bytes: int = _opt(
+        _positive,
+        default=1 << 30,
+        help="Memory the collector process may use: the embedded engine's limits and caches, request bytes "
+        "in flight, the spool's cache and point identity are shares of it (README, Memory).",
     )
     retry_max_backoff_s: float = _opt(
         _positive, default=5.0, help="Longest wait between two attempts of a failed insert."

@@ -15,6 +15,7 @@ from clickhouse_connect.driver.client import Client
 
 from meterhouse.core import native, schema
 from meterhouse.core.config import Config, ConfigError
+from meterhouse.core.memory import MemoryPlan, plan
 
 log = logging.getLogger("meterhouse.store")
 
@@ -23,7 +24,9 @@ _embedded_lock = threading.Lock()
 _embedded: dict[Path, Client] = {}
 
 
-def _embedded_client(path: Path) -> Client:
+def _embedded_client(path: Path, memory: MemoryPlan | None = None) -> Client:
+    """The process's one embedded engine, opened on ``path`` with the limits of ``memory`` at first use
+    (its server settings cannot change once it is open)."""
     path = path.resolve()
     with _embedded_lock:
         if path in _embedded:
@@ -35,7 +38,14 @@ def _embedded_client(path: Path) -> Client:
                 "embedded data directory"
             )
         path.mkdir(parents=True, exist_ok=True)
-        client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
+        if memory is None:
+            client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
+        else:
+            client = clickhouse_connect.get_client(
+                dsn=f"chdb://{path}",
+                chdb_options=memory.engine_options(),
+                settings=memory.engine_settings(),
+            )
         _embedded[path] = client
         return client
 
@@ -419,11 +429,19 @@ def endpoint_label(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{parts.port or (8443 if parts.scheme == 'https' else 8123)}"
 
 
-def connect(url: str, data_dir: Path, database: str, raw_retention_days: int = 0, cluster: str = "") -> Store:
+def connect(
+    url: str,
+    data_dir: Path,
+    database: str,
+    raw_retention_days: int = 0,
+    cluster: str = "",
+    memory: MemoryPlan | None = None,
+) -> Store:
     """A store on one endpoint: ``embedded[#name]`` or ``http(s)://[user:password@]host:port``; with
-    ``cluster``, a node of that ClickHouse cluster holding the replicated schema."""
+    ``cluster``, a node of that ClickHouse cluster holding the replicated schema. ``memory`` bounds the
+    embedded engine when this call opens it."""
     if is_embedded(url):
-        return Store(_embedded_client(data_dir / "clickhouse"), database, url, raw_retention_days)
+        return Store(_embedded_client(data_dir / "clickhouse", memory), database, url, raw_retention_days)
     client = clickhouse_connect.get_client(dsn=url, connect_timeout=5, send_receive_timeout=30)
     return Store(client, database, endpoint_label(url), raw_retention_days, cluster)
 
@@ -431,7 +449,12 @@ def connect(url: str, data_dir: Path, database: str, raw_retention_days: int = 0
 def open_store(config: Config, *, create_schema: bool = True) -> Store:
     """Open the first configured endpoint (the embedded engine under ``config.data_dir`` by default)."""
     store = connect(
-        config.endpoints[0], config.data_dir, config.database, config.raw_retention_days, config.cluster
+        config.endpoints[0],
+        config.data_dir,
+        config.database,
+        config.raw_retention_days,
+        config.cluster,
+        memory=plan(config),
     )
     if create_schema:
         store.ensure_schema()

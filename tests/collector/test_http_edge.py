@@ -410,3 +410,28 @@ def test_grpc_bytes_in_flight_bound_answers_unavailable(stack_factory):
         export(body("org-grpc", 1), timeout=10)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     channel.close()
+
+
+def test_a_request_over_the_points_bound_is_refused_whole_on_both_transports(stack_factory):
+    """A request is inserted whole (the writer cannot split one), so its points are bounded at the edge:
+    one sender's 300,000-point request can no longer make an insert that needs more memory than the
+    engine's share of the budget and is retried forever, holding up everyone's usage behind it."""
+    stack = stack_factory(max_points_per_request=100)
+
+    def request(n: int) -> bytes:
+        return sum_request(
+            {"edge.calls": [point(1, {"org.id": "org-bound", "i": str(i)}) for i in range(n)]}
+        ).SerializeToString()
+
+    s = connect(stack.collector.http.port)
+    s.sendall(head(len(request(101))) + request(101))
+    status, _, content = Reader(s).response()
+    assert status == 413 and b"101 data points" in content
+    channel = grpc.insecure_channel(f"127.0.0.1:{stack.collector.grpc.port}")
+    export = channel.unary_unary("/opentelemetry.proto.collector.metrics.v1.MetricsService/Export")
+    with pytest.raises(grpc.RpcError) as e:
+        export(request(150), timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    export(request(100), timeout=10)  # at the bound: taken
+    channel.close()
+    assert total(stack, "org-bound") == 100

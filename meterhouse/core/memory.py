@@ -1,0 +1,103 @@
+"""One memory budget, ``--memory-budget-bytes``, and every memory bound derived from it.
+
+A collector's memory is spent in five places: the process itself (Python, the engine's code), the
+embedded engine (inserts, merges, queries and its caches), request bodies being received and decoded,
+the spool's in-memory copy of spooled records, and the edge's point-identity table. Each gets a share of
+the budget; an option set explicitly (not 0) overrides its share. The engine enforces its share itself
+(``max_server_memory_usage``: an allocation past it fails the query with MEMORY_LIMIT_EXCEEDED, which the
+writer retries, see README "Delivery guarantees"); meterhouse's shares are bounds on what it holds.
+
+| share | of the budget | at the 1 GiB default |
+|---|---|---|
+| the process: interpreter, libraries, the engine's code pages, threads | 30% (not allocated) | 307 MiB |
+| the engine, everything it allocates (``max_server_memory_usage``) | 30% | 307 MiB |
+| of which one query or insert (``max_memory_usage``) | 20% | 205 MiB |
+| of which its mark and index caches | 4% | 41 MiB |
+| OTLP/HTTP bodies held, before decompression (x ~7 once decoded) | 3% | 31 MiB |
+| OTLP/gRPC messages held (x ~7 once decoded) | 3% | 31 MiB |
+| the spool's memory copy of spooled records | 8% | 82 MiB |
+| point identity: streams kept at about 100 bytes each | 6% | 644,245 streams |
+
+The remaining 20% is headroom for the decoded forms of requests and for the writer's groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from meterhouse.core.config import ConfigError
+
+if TYPE_CHECKING:
+    from meterhouse.core.config import Config
+
+#: Bytes the edge's point-identity table holds per stream (collector/identity.py; BENCHMARKS.md section 11).
+IDENTITY_BYTES_PER_STREAM = 100
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What each part of a collector may hold, in bytes (streams for identity)."""
+
+    budget_bytes: int
+    engine_bytes: int
+    engine_query_bytes: int
+    engine_mark_cache_bytes: int
+    engine_index_cache_bytes: int
+    http_bytes_in_flight: int
+    grpc_bytes_in_flight: int
+    spool_cache_bytes: int
+    identity_max_streams: int
+
+    def engine_options(self) -> dict[str, str]:
+        """The embedded engine's server settings (given when it is opened, once per process)."""
+        return {
+            "max_server_memory_usage": str(self.engine_bytes),
+            "mark_cache_size": str(self.engine_mark_cache_bytes),
+            "primary_index_cache_size": str(self.engine_index_cache_bytes),
+            "index_mark_cache_size": str(self.engine_index_cache_bytes),
+            "uncompressed_cache_size": "0",
+            "query_condition_cache_size": str(self.engine_index_cache_bytes),
+        }
+
+    def engine_settings(self) -> dict[str, int]:
+        """Settings of every query the embedded engine runs."""
+        return {"max_memory_usage": self.engine_query_bytes}
+
+    def describe(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def plan(config: Config) -> MemoryPlan:
+    """The plan of ``config``: shares of its budget, or the options it sets explicitly.
+
+    Raises ConfigError when the budget cannot hold one request of ``--max-request-bytes``.
+    """
+    b = config.memory_budget_bytes
+
+    def share(explicit: int, fraction: float) -> int:
+        return explicit if explicit > 0 else int(b * fraction)
+
+    p = MemoryPlan(
+        budget_bytes=b,
+        engine_bytes=int(b * 0.30),
+        engine_query_bytes=int(b * 0.20),
+        engine_mark_cache_bytes=int(b * 0.02),
+        engine_index_cache_bytes=int(b * 0.005),
+        http_bytes_in_flight=share(config.http_max_bytes_in_flight, 0.03),
+        grpc_bytes_in_flight=share(config.grpc_max_bytes_in_flight, 0.03),
+        spool_cache_bytes=share(config.spool_cache_bytes, 0.08),
+        identity_max_streams=config.identity_max_streams
+        or max(1000, int(b * 0.06) // IDENTITY_BYTES_PER_STREAM),
+    )
+    for name, held, explicit in (
+        ("http", p.http_bytes_in_flight, config.http_max_bytes_in_flight),
+        ("grpc", p.grpc_bytes_in_flight, config.grpc_max_bytes_in_flight),
+    ):
+        if not explicit and held < config.max_request_bytes:
+            raise ConfigError(
+                f"memory_budget_bytes: {b} leaves {held} bytes for OTLP/{name.upper()} requests in flight, "
+                f"fewer than one request of max_request_bytes ({config.max_request_bytes}); raise the "
+                f"budget or set {name}_max_bytes_in_flight"
+            )
+    return p

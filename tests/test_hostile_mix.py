@@ -1,0 +1,58 @@
+"""Issue: one sender cannot stop the others. A real `meterhouse up` in a real memory cgroup, at its memory
+budget, under the hostile mix of tests/hostile_mix.py beside honest senders: it is never OOM-killed, its
+peak memory stays inside the budget, and every point the honest senders had acknowledged is stored."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from hostile_mix import HostileMix, MemoryCgroup, anon_peak_bytes, cgroup_unavailable, summary
+
+from meterhouse.demo import fetch_usage
+
+BUDGET = 1 << 30  # the default --memory-budget-bytes
+
+
+def run_mix(up_factory, seconds: float, budget: int = BUDGET) -> None:
+    why = cgroup_unavailable()
+    if why:
+        pytest.skip(why)
+    cgroup = MemoryCgroup(budget)
+    up = None
+    try:
+        up = up_factory("--memory-budget-bytes", str(budget), cgroup=cgroup.path)
+        mix = HostileMix(up.otlp_http, up.otlp_grpc, 20 << 20)
+        mix.start_hostile()
+        mix.start_honest()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert up.proc.poll() is None, (
+                f"meterhouse up died ({cgroup.oom_kills()} OOM kills): {summary(mix)}"
+            )
+            time.sleep(1)
+        mix.stop()
+        assert up.proc.poll() is None and cgroup.oom_kills() == 0, summary(mix)
+        up.drain(timeout_s=600)
+        peak = anon_peak_bytes(up.proc.pid)
+        now = int(time.time())
+        window = (now // 3600 * 3600 - 7200, (now // 3600 + 2) * 3600)
+        for org, acknowledged in mix.tally.acknowledged.items():
+            stored = fetch_usage(up.api, org, "honest.calls", *window, "1h")["total"]
+            assert stored == acknowledged, (org, stored, acknowledged, summary(mix))
+        assert len(mix.tally.acknowledged) == 2, summary(mix)
+        assert not mix.answers.server_errors(), summary(mix)
+        print(f"peak RSS {peak >> 20} MiB, cgroup peak {cgroup.peak_bytes() >> 20} MiB: {summary(mix)}")
+        assert peak <= budget
+        assert up.stop() == 0
+    finally:
+        if up is not None and up.proc is not None:
+            up.stop(signal.SIGKILL)
+        cgroup.remove()
+
+
+@pytest.mark.e2e
+def test_hostile_mix_in_a_memory_cgroup_keeps_honest_usage(up_factory):
+    run_mix(up_factory, seconds=float(os.environ.get("MH_HOSTILE_S", "40")))
