@@ -40,6 +40,7 @@ class Endpoint:
     failures: int = 0
     up_since: float | None = None
     schema_ready: bool = False
+    error: str = ""  # why the last check failed (the label, not the URL, names the endpoint)
 
 
 class EndpointSet:
@@ -122,10 +123,12 @@ class EndpointSet:
                 raise ConnectionError("ping failed")
             return True
         except SchemaMismatch as e:  # a configuration error: said loudly, and the endpoint stays down
-            log.error("endpoint refused", extra={"endpoint": ep.label, "error": str(e)[:500]})
+            ep.error = str(e)[:500]
+            log.error("endpoint refused", extra={"endpoint": ep.label, "error": ep.error})
             return False
         except Exception as e:  # noqa: BLE001 - any failure means down
-            log.debug("health check failed", extra={"endpoint": ep.label, "error": str(e)[:200]})
+            ep.error = f"{type(e).__name__}: {e}"[:300]
+            log.debug("health check failed", extra={"endpoint": ep.label, "error": ep.error})
             return False
 
     def check_all(self) -> None:

@@ -35,6 +35,7 @@ from meterhouse.collector.writer import Writer, settle_redrives
 from meterhouse.core import memory, schema
 from meterhouse.core.config import Config
 from meterhouse.core.httpserver import limits_from as http_limits_from
+from meterhouse.core.listen import OTLP_GRPC, OTLP_HTTP, ListenError, listening
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Store, connect, is_embedded
 from meterhouse.core.tls import ServerTls
@@ -189,9 +190,29 @@ class Collector:
         """False once the writer has stopped while the collector runs (nothing in-process restarts it)."""
         return not self._started or self.writer.running
 
+    def bind(self) -> None:
+        """Take both OTLP ports before anything starts (see ``meterhouse/core/listen.py``); a port that
+        cannot be taken raises ListenError naming it, and neither is then held."""
+        host = self.config.host
+        try:
+            with listening(OTLP_HTTP, host, self.config.otlp_http_port):
+                self.http.bind()
+            with listening(OTLP_GRPC, host, self.config.otlp_grpc_port):
+                self.grpc.bind()
+        except ListenError:
+            self.http.shutdown(0)
+            raise
+
     def start(self) -> None:
         log.info("memory budget", extra=self.memory.describe())
+        self.bind()
         self.endpoints.start()
+        if not self.endpoints.active_healthy():  # none answered: the check switches to any that does
+            log.warning(
+                "store unreachable at start; the spool takes usage meanwhile, written once the store answers",
+                extra={"store": ",".join(ep.label for ep in self.endpoints.endpoints),
+                       "error": self.endpoints.endpoints[self.endpoints.active].error},
+            )  # fmt: skip
         report = self.spool.open()
         m = self.metrics
         m.spool_quarantined_records.inc(report.quarantined_records)

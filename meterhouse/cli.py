@@ -10,7 +10,8 @@ from typing import Any
 
 from meterhouse import __version__
 from meterhouse.core import datadir
-from meterhouse.core.config import Config, ConfigError, load_config, redact_urls
+from meterhouse.core.config import Config, ConfigError, env_of, flag_of, load_config, redact_urls
+from meterhouse.core.listen import ListenError
 from meterhouse.core.log import setup_logging
 from meterhouse.core.tls import load_material
 
@@ -26,8 +27,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(Config):
         if not f.metadata.get("flag", True):
             continue
-        flag = "--" + f.name.replace("_", "-")
-        env_help = f"env MH_{f.name.upper()}"
+        flag = flag_of(f.name)
+        env_help = f"env {env_of(f.name)}"
         if str(f.type) == "bool":  # a switch: --spool-fsync / --no-spool-fsync
             parser.add_argument(
                 flag,
@@ -343,10 +344,10 @@ def options_table() -> str:
     for f in fields(Config):
         if not f.metadata.get("flag", True):
             continue
-        flag = f"--{f.name.replace('_', '-')}"
+        flag = flag_of(f.name)
         if str(f.type) == "bool":
-            flag += f"` / `--no-{f.name.replace('_', '-')}"
-        rows.append(f"| `{flag}` | `MH_{f.name.upper()}` | "
+            flag += f"` / `--no-{flag[2:]}"
+        rows.append(f"| `{flag}` | `{env_of(f.name)}` | "
                     f"`{getattr(defaults, f.name)}` | {f.metadata['help']} |")  # fmt: skip
     return "\n".join(rows) + "\n"
 
@@ -496,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"meterhouse: configuration error: {e}", file=sys.stderr)
         return 2
-    except datadir.DataDirError as e:  # another process holds the data directory, or it cannot be made
+    except (datadir.DataDirError, ListenError) as e:
+        # Another process holds the data directory (or it cannot be made), or a port (or it is privileged,
+        # or the address not this host's): one line, nothing started.
         print(f"meterhouse: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

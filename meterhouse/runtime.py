@@ -20,6 +20,7 @@ from meterhouse.collector.commits import CommitPublisher, wait_committed
 from meterhouse.core import commits, datadir
 from meterhouse.core.config import Config, ConfigError
 from meterhouse.core.httpserver import App, HttpServer, InFlightLimit, limits_from
+from meterhouse.core.listen import API, ListenError, listening
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import is_embedded
 from meterhouse.core.tls import ServerTls, load_material
@@ -106,7 +107,25 @@ class Stack:
             missing += commits.wait_for_collectors(self.store, since_ms, left, exclude={self.name})
         return missing
 
+    def bind(self) -> None:
+        """Take every listening port before anything starts: the API's, then the collector's (gRPC's last,
+        see ``meterhouse/core/listen.py``). ListenError names the one that cannot be taken; none is then
+        held."""
+        with listening(API, self.config.host, self.config.http_port):
+            self._http.bind()
+        try:
+            self.collector.bind()
+        except ListenError:
+            self._http.shutdown(0)
+            raise
+
+    def ready(self) -> bool:
+        """What /readyz answers 200 for: the pipeline runs and the active ClickHouse endpoint answered
+        its last health check (a query)."""
+        return self.collector.ready and self.store.ping()
+
     def start(self) -> None:
+        self.bind()
         self.collector.start()
         if self.publisher is not None:
             self.publisher.start()
@@ -151,7 +170,10 @@ def run_up(config: Config, reload_config: Callable[[], Config] | None = None) ->
     """Run until SIGTERM/SIGINT; on SIGHUP read ``reload_config()`` and serve its tokens and TLS files.
 
     The data directory is locked first, for the process's life: a second process on it gets
-    ``datadir.DataDirInUse`` before anything in it is read or written."""
+    ``datadir.DataDirInUse`` before anything in it is read or written. Then every port is taken: one that
+    cannot be raises ``ListenError`` before the store or spool is opened. ``meterhouse ready`` is logged
+    once /readyz would answer 200, which waits for the store to answer a query (usage is spooled
+    meanwhile)."""
     datadir.lock(config.data_dir)
     wake = threading.Event()  # set by every signal; what to do is in the two flags below
     stop = threading.Event()
@@ -174,24 +196,16 @@ def run_up(config: Config, reload_config: Callable[[], Config] | None = None) ->
     started = time.monotonic()
     try:
         stack = Stack(config)
+        stack.bind()  # a port that cannot be taken: ListenError, before anything is started or written
         stack.start()
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1
-    store = ",".join(ep.label for ep in stack.collector.endpoints.endpoints)
-    log.info(
-        "meterhouse ready",
-        extra={
-            "version": __version__,
-            "otlp_grpc": f"{config.host}:{stack.collector.grpc.port}",
-            "otlp_http": f"http://{config.host}:{stack.collector.http.port}/v1/metrics",
-            "http": f"http://{config.host}:{stack.http_port}",
-            "store": store,
-            "data_dir": str(config.data_dir),
-            "startup_s": round(time.monotonic() - started, 3),
-        },
-    )
+    announced = False
     while not stop.is_set():
+        if not announced and stack.ready():  # as /readyz: not before the store answers
+            announced = True
+            _announce_ready(stack, time.monotonic() - started)
         # Python runs signal handlers in the main thread only, and a signal the kernel hands to another
         # thread does not interrupt a wait without timeout: its handler would run only at the next
         # signal. Waking up now and then runs it.
@@ -205,6 +219,23 @@ def run_up(config: Config, reload_config: Callable[[], Config] | None = None) ->
     stack.shutdown(config.shutdown_timeout_s)
     log.info("stopped")
     return 0
+
+
+def _announce_ready(stack: Stack, startup_s: float) -> None:
+    """The one `meterhouse ready` line: where it listens and which store answered."""
+    config = stack.config
+    log.info(
+        "meterhouse ready",
+        extra={
+            "version": __version__,
+            "otlp_grpc": f"{config.host}:{stack.collector.grpc.port}",
+            "otlp_http": f"http://{config.host}:{stack.collector.http.port}/v1/metrics",
+            "http": f"http://{config.host}:{stack.http_port}",
+            "store": stack.collector.endpoints.name,
+            "data_dir": str(config.data_dir),
+            "startup_s": round(startup_s, 3),
+        },
+    )
 
 
 def _reload(stack: Stack, reload_config: Callable[[], Config] | None) -> None:

@@ -28,6 +28,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from meterhouse.collector.auth import Principal, Unauthenticated
 from meterhouse.collector.ingest import Ingestor
 from meterhouse.collector.model import content_digest
+from meterhouse.core import listen
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.tls import ServerTls, TlsMaterial
 
@@ -137,11 +138,17 @@ class OtlpGrpcReceiver:
         self.keepalive = keepalive or GrpcKeepalive()
         self.max_concurrent_rpcs = max_concurrent_rpcs
         self.bytes_in_flight = _Budget(max_bytes_in_flight or 4 * max_request_bytes)
-        self._server: grpc.Server | None = None
+        self._server: grpc.Server | None = None  # bound (and serving once started)
+        self._serving = False
 
-    def start(self) -> None:
+    def bind(self) -> None:
+        """Take the port, serving nothing before :meth:`start`; OSError naming why it cannot be. Idempotent.
+
+        gRPC says no more than "Failed to bind" (after logging a line of its own), so a plain socket is
+        bound there first to learn why (taken, privileged, not this host's address)."""
         if self._server is not None:
             return
+        listen.bind(self.host, self.port, 1).close()
         server = grpc.server(
             ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="otlp-grpc"),
             options=[
@@ -155,15 +162,26 @@ class OtlpGrpcReceiver:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Export": handler}),))
         host = f"[{self.host}]" if ":" in self.host else self.host
         address = f"{host}:{self.port}"
-        if self.tls is not None:
-            bound = server.add_secure_port(address, server_credentials(self.tls))
-        else:
-            bound = server.add_insecure_port(address)
+        try:
+            if self.tls is not None:
+                bound = server.add_secure_port(address, server_credentials(self.tls))
+            else:
+                bound = server.add_insecure_port(address)
+        except RuntimeError:  # taken by another process since the plain socket let it go
+            bound = 0
         if bound == 0:
-            raise OSError(f"cannot bind OTLP/gRPC on {self.host}:{self.port}")
+            raise OSError(f"gRPC could not bind {address}")
         self.port = bound
-        server.start()
         self._server = server
+
+    def start(self) -> None:
+        """Bind if not yet bound (see :meth:`bind`) and serve."""
+        if self._serving:
+            return
+        self.bind()
+        assert self._server is not None
+        self._server.start()
+        self._serving = True
 
     def stop_accepting(self, grace_s: float) -> threading.Event:
         """Refuse new calls; calls in flight get ``grace_s`` to finish. The event is set once done."""
@@ -172,7 +190,11 @@ class OtlpGrpcReceiver:
             done = threading.Event()
             done.set()
             return done
-        stopped: threading.Event = server.stop(grace=grace_s)
+        if not self._serving:  # bound only: gRPC gives the port back only by stopping a started server
+            server.start()
+        grace = grace_s if self._serving else None  # None: nothing in flight to wait for
+        self._serving = False
+        stopped: threading.Event = server.stop(grace=grace)
         return stopped
 
     def shutdown(self, timeout_s: float) -> None:

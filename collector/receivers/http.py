@@ -163,18 +163,25 @@ class OtlpHttpReceiver:
         self._server: HttpServer | None = None
         self._pool: ThreadPoolExecutor | None = None
 
+    def bind(self) -> None:
+        """Take the port (OSError when it cannot be), serving nothing before :meth:`start`. Idempotent."""
+        if self._server is None:
+            self._server = HttpServer(self._asgi, self.host, self.port, self.limits, "otlp-http", self.tls)
+        self._server.bind()
+        self.port = self._server.port
+
     def start(self) -> None:
-        if self._server is not None:
+        if self._pool is not None and self._server is not None:
             return
+        self.bind()
+        assert self._server is not None
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="otlp-http")
-        server = HttpServer(self._asgi, self.host, self.port, self.limits, "otlp-http", self.tls)
         try:
-            server.start()
+            self._server.start()
         except OSError:
             self._pool.shutdown(wait=False)
+            self._pool = None
             raise
-        self.port = server.port
-        self._server = server
 
     def shutdown(self, timeout_s: float) -> None:
         """Stop accepting; requests in flight finish against the still-running writer."""

@@ -579,6 +579,21 @@ def _flatten_sections(loaded: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
+def flag_of(option: str) -> str:
+    """The command-line flag of an option: ``--otlp-grpc-port``."""
+    return "--" + option.replace("_", "-")
+
+
+def env_of(option: str) -> str:
+    """The environment variable of an option: ``MH_OTLP_GRPC_PORT``."""
+    return ENV_PREFIX + option.upper()
+
+
+def option_names_of(option: str) -> str:
+    """Where an operator sets an option, for messages: ``--otlp-grpc-port / MH_OTLP_GRPC_PORT``."""
+    return f"{flag_of(option)} / {env_of(option)}"
+
+
 def option_names() -> list[str]:
     """Options that are flags and environment variables (tokens come from files only)."""
     return [f.name for f in fields(Config) if f.metadata.get("flag", True)]

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from meterhouse.core import listen
 from meterhouse.core.tls import ServerTls
 
 if TYPE_CHECKING:
@@ -313,21 +314,22 @@ class HttpServer:
         self.tls = tls  # TLS on every connection (plain HTTP fails its handshake); reloadable
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None  # bound, not yet served
+
+    def bind(self) -> None:
+        """Take the port (OSError when it cannot be: taken, privileged, not this host's address); nothing
+        is served before :meth:`start`, connections wait in the backlog. Idempotent."""
+        if self._socket is None and self._server is None:
+            self._socket = listen.bind(self.host, self.port, self.limits.backlog)
+            self.port = self._socket.getsockname()[1]
 
     def start(self) -> None:
-        """Bind (raising OSError when the port is taken) and serve; returns once the server is up."""
+        """Bind if not yet bound (see :meth:`bind`) and serve; returns once the server is up."""
         if self._server is not None:
             return
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, self.port))
-            sock.listen(self.limits.backlog)
-        except OSError:
-            sock.close()
-            raise
-        self.port = sock.getsockname()[1]
+        self.bind()
+        sock, self._socket = self._socket, None
+        assert sock is not None
         protocol = type("Protocol", (GuardedProtocol,), {"limits": self.limits, "per_address": Counter()})
         config = uvicorn.Config(
             self.app,
@@ -364,7 +366,11 @@ class HttpServer:
         return self.tls.front_context()
 
     def shutdown(self, timeout_s: float) -> None:
-        """Stop accepting; requests in flight get ``timeout_s`` to be answered. Idempotent."""
+        """Stop accepting; requests in flight get ``timeout_s`` to be answered. Idempotent, and gives a
+        port bound and not served back."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
         server, self._server = self._server, None
         if server is None:
             return
