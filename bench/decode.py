@@ -17,6 +17,7 @@ from bench.common import table
 from bench.payloads import make_requests
 from meterhouse.collector import decode
 from meterhouse.collector.decode import Limits, decode_request
+from meterhouse.core import schema
 
 
 def cpu_per_million(fn, bodies: list[bytes], points: int, rounds: int = 3) -> float:
@@ -50,7 +51,7 @@ def run(points: int = 200_000) -> list[dict]:
         found = decode._fast.decode_numbers(
             body, limits.org_attribute, lo, hi, limits.max_attributes, limits.max_attribute_length,
             limits.max_metric_name_length, limits.max_unit_length, limits.max_scope_length,
-            limits.max_description_length, now,
+            limits.max_description_length, schema.MAX_SUM_DOUBLE, now,
         )  # fmt: skip
         assert found is not None
 

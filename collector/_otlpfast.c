@@ -271,6 +271,7 @@ typedef struct {
     long long min_t, max_t;
     Py_ssize_t max_attrs, max_len;
     Py_ssize_t max_name, max_unit, max_scope, max_desc; /* decode.Limits' name limits */
+    double max_double; /* schema.MAX_SUM_DOUBLE: the largest magnitude of a double sum point */
     PyObject *received_at;
     PyObject *cols[NCOLS];
     Attr *attrs; /* max_attrs entries */
@@ -621,7 +622,7 @@ static int parse_point(Ctx *c, Rd r, int check_finite, int mono, PyObject *res_o
             return OUT;
     } else if (vkind == 4) {
         memcpy(&vd, &raw, 8);
-        if (check_finite && !isfinite(vd))
+        if (check_finite && !(fabs(vd) <= c->max_double)) /* NaN, ±Inf or beyond the bound */
             return OUT;
         if (mono && vd < 0)
             return OUT;
@@ -969,7 +970,7 @@ static int parse_request(Ctx *c, Rd r)
 
 PyDoc_STRVAR(decode_numbers_doc,
 "decode_numbers(body, org_key, min_t, max_t, max_attrs, max_len, max_name, max_unit, max_scope,\n"
-"               max_desc, received_at)\n"
+"               max_desc, max_double, received_at)\n"
 "--\n\n"
 "A serialized ExportMetricsServiceRequest -> (columns, points, unattributed, late_starts), exactly as\n"
 "the Python decoder builds them, or None when the request is outside the fast path or any point would\n"
@@ -982,10 +983,11 @@ static PyObject *decode_numbers(PyObject *self, PyObject *args)
     Py_ssize_t org_key_len;
     long long min_t, max_t;
     Py_ssize_t max_attrs, max_len, max_name, max_unit, max_scope, max_desc;
+    double max_double;
     PyObject *received_at;
-    if (!PyArg_ParseTuple(args, "y*s#LLnnnnnnO:decode_numbers", &body, &org_key, &org_key_len, &min_t,
+    if (!PyArg_ParseTuple(args, "y*s#LLnnnnnndO:decode_numbers", &body, &org_key, &org_key_len, &min_t,
                           &max_t, &max_attrs, &max_len, &max_name, &max_unit, &max_scope, &max_desc,
-                          &received_at))
+                          &max_double, &received_at))
         return NULL;
     Ctx c;
     SetTab sets;
@@ -1002,6 +1004,7 @@ static PyObject *decode_numbers(PyObject *self, PyObject *args)
     c.max_unit = max_unit;
     c.max_scope = max_scope;
     c.max_desc = max_desc;
+    c.max_double = max_double;
     c.received_at = received_at;
     PyObject *result = NULL, *dict = NULL;
     int rc = ERR;

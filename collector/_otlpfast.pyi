@@ -12,6 +12,11 @@ def decode_numbers(
     max_t: int,
     max_attrs: int,
     max_len: int,
+    max_name: int,
+    max_unit: int,
+    max_scope: int,
+    max_desc: int,
+    max_double: float,
     received_at: int,
     /,
 ) -> tuple[dict[str, list[Any]], int, int, int] | None: ...

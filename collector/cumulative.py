@@ -10,7 +10,11 @@ Rules, for a point (start s, time t, value v) and the series' previous point e:
 - a new start time after e's start: the counter restarted (delta v);
 - same start, v ≥ e.value: delta v − e.value, covering (e.time, t];
 - same start, v < e.value on a monotonic sum: a reset (delta v); a non-monotonic sum goes down;
-- t ≤ e.time: the same point again (delta 0) or, with another value, ``out_of_order``.
+- t ≤ e.time: the same point again (delta 0) or, with another value, ``out_of_order``;
+- a delta that does not fit what is stored (an int beyond Int64: a non-monotonic sum may move by up to
+  2^64 - 1; a double beyond ``schema.MAX_SUM_DOUBLE``) is ``out_of_range``.
+A rejected point leaves the series' state as it was (nothing of it is stored, so a restart reads the same
+state back): the next point is measured from the last stored one.
 
 A series whose value type switches is a double stream from the switch on: when the point or e is a
 double, the delta is a double (float) and so is the state it leaves, so an int point after a double one
@@ -32,8 +36,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from meterhouse.collector.model import PointBatch
+from meterhouse.core.schema import MAX_SUM_DOUBLE, VALUE_INT_MAX, VALUE_INT_MIN
 from meterhouse.core.schema import TEMPORALITY_CUMULATIVE as _CUMULATIVE
 
 
@@ -58,8 +64,15 @@ class CumulativePoint:
     legacy_id: int = 0
 
 
-#: (delta, start of the interval it covers) or None for out_of_order.
-Resolution = tuple[int | float, int] | None
+class Rejected(StrEnum):
+    """Why a cumulative point has no delta (its reject reason, one of ``core.metrics.REJECT_REASONS``)."""
+
+    OUT_OF_ORDER = "out_of_order"
+    OUT_OF_RANGE = "out_of_range"
+
+
+#: (delta, start of the interval it covers), or why the point is rejected.
+Resolution = tuple[int | float, int] | Rejected
 Change = tuple[int, Entry | None, Entry]
 
 Loader = Callable[[list[int]], dict[int, Entry]]
@@ -166,7 +179,7 @@ class CumulativeState:
             e = self._entries.get(p.series_id)
             res = _resolve(e, p)
             results.append(res)
-            if res is None or (e is not None and p.time_ns <= e.time_ns):
+            if isinstance(res, Rejected) or (e is not None and p.time_ns <= e.time_ns):
                 continue
             value = float(p.value) if isinstance(res[0], float) else p.value  # a double stream stays one
             new = Entry(p.start_ns, p.time_ns, value, now)
@@ -199,11 +212,17 @@ class CumulativeState:
 
 def _resolve(e: Entry | None, p: CumulativePoint) -> Resolution:
     if not isinstance(p.value, float) and (e is None or not isinstance(e.value, float)):
-        return _resolve_value(e, p)
+        res = _resolve_value(e, p)
+        if isinstance(res, Rejected) or VALUE_INT_MIN <= res[0] <= VALUE_INT_MAX:
+            return res
+        return Rejected.OUT_OF_RANGE
     # A double stream: the point is taken as a double (so an int point sent again equals the double
     # state it left) and the delta is a double, whatever the point's own type.
     res = _resolve_value(e, replace(p, value=float(p.value)))
-    return None if res is None else (float(res[0]), res[1])
+    if isinstance(res, Rejected):
+        return res
+    delta = float(res[0])
+    return (delta, res[1]) if abs(delta) <= MAX_SUM_DOUBLE else Rejected.OUT_OF_RANGE
 
 
 def _resolve_value(e: Entry | None, p: CumulativePoint) -> Resolution:
@@ -211,9 +230,9 @@ def _resolve_value(e: Entry | None, p: CumulativePoint) -> Resolution:
         return p.value, p.start_ns
     if p.time_ns <= e.time_ns:
         same = p.start_ns == e.start_ns and p.value == e.value and p.time_ns == e.time_ns
-        return (0, p.start_ns) if same else None
+        return (0, p.start_ns) if same else Rejected.OUT_OF_ORDER
     if p.start_ns != e.start_ns:
-        return (p.value, p.start_ns) if p.start_ns > e.start_ns else None
+        return (p.value, p.start_ns) if p.start_ns > e.start_ns else Rejected.OUT_OF_ORDER
     if p.monotonic and p.value < e.value:
         return p.value, p.start_ns
     return p.value - e.value, e.time_ns

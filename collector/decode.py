@@ -23,7 +23,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, ResourceMetrics
 
-from meterhouse.collector.cumulative import Change, CumulativePoint, CumulativeState
+from meterhouse.collector.cumulative import Change, CumulativePoint, CumulativeState, Rejected
 from meterhouse.collector.model import BATCH_COLUMNS, PointBatch
 from meterhouse.collector.series import Admission, SeriesLimiter
 from meterhouse.core import schema
@@ -347,7 +347,8 @@ class _Decoder:
         self.allowed_org = allowed_org
         self.series = series
         self.min_t = now_ns - limits.max_past_ns
-        self.max_t = now_ns + limits.max_future_ns
+        # However wide the window, a time is stored as a DateTime64(9): none past 2262 is kept.
+        self.max_t = min(now_ns + limits.max_future_ns, _MAX_TIME_NS)
         self.now_ns = now_ns
         self.cumulative = cumulative
         self.result = DecodeResult(PointBatch(PointBatch.empty(), 0, digest, now_ns))
@@ -386,7 +387,7 @@ class _Decoder:
             body, lim.org_attribute, _clamp(self.min_t), _clamp(self.max_t),
             _clamp(lim.max_attributes), _clamp(lim.max_attribute_length),
             _clamp(lim.max_metric_name_length), _clamp(lim.max_unit_length), _clamp(lim.max_scope_length),
-            _clamp(lim.max_description_length), self.now_ns,
+            _clamp(lim.max_description_length), schema.MAX_SUM_DOUBLE, self.now_ns,
         )  # fmt: skip
         if found is None:
             return False
@@ -486,6 +487,7 @@ class _Decoder:
         org_key = self.limits.org_attribute
         max_attrs, max_len = self.limits.max_attributes, self.limits.max_attribute_length
         check_finite = kind == schema.KIND_SUM
+        bound_double = check_finite and not cumulative
         # The hot loop: per point only what varies per point is appended; the columns that are the
         # same for the whole metric are extended once after it.
         c_org, c_start, c_time = c["org_id"], c["start_time"], c["time"]
@@ -517,6 +519,11 @@ class _Decoder:
                 vi, vd, is_int = 0, dp.as_double, 0
                 if check_finite and not math.isfinite(vd):
                     r.reject("invalid_value", name, 1, _org_hint(dp.attributes, res_org, org_key))
+                    continue
+                if bound_double and not abs(vd) <= schema.MAX_SUM_DOUBLE:
+                    # Usage whose sums could reach ±Inf (schema.MAX_SUM_DOUBLE); a cumulative point's
+                    # delta is bounded instead (cumulative.py), its running total is not summed.
+                    r.reject("out_of_range", name, 1, _org_hint(dp.attributes, res_org, org_key))
                     continue
                 negative = vd < 0
             else:
@@ -591,9 +598,9 @@ class _Decoder:
         c = self.cols
         drop = []
         for row, res in zip(self.cum_rows, results, strict=True):
-            if res is None:
+            if isinstance(res, Rejected):
                 drop.append(row)
-                self.result.reject("out_of_order", c["metric"][row], 1, c["org_id"][row])
+                self.result.reject(res.value, c["metric"][row], 1, c["org_id"][row])
                 continue
             delta, start = res
             t = c["time"][row]

@@ -18,6 +18,7 @@ REJECT_REASONS = (
     "invalid_value",  # NaN or Inf where usage must be a number
     "negative_delta",  # a monotonic delta sum that decreases
     "out_of_order",  # a cumulative point older than its series' last one, with another value
+    "out_of_range",  # a sum's value or cumulative delta beyond Int64, or beyond ±1e288 for a double
     "attribute_limit",  # too many attributes, or a key or value over the length limit
     "unsupported_metric",  # no data, or a sum without temporality
     "org_not_allowed",  # the sender's ingest token may not send for the point's org

@@ -75,6 +75,14 @@ class Column:
     type: str
 
 
+#: The range of a sum point's value as stored, which the edge checks every point against (a point outside
+#: is rejected ``out_of_range``). ``value_int`` is an Int64 and every sum of it an Int128, which holds
+#: 2^64 points (the rollups count points in a UInt64) at either limit. A double is summed in Float64,
+#: which has no wider type: at most ``MAX_SUM_DOUBLE`` a point, 2^64 points sum to 1.8e307, about a tenth
+#: of the largest double, so no rollup, statement, total or difference of two of them reaches ±Inf.
+VALUE_INT_MIN, VALUE_INT_MAX = -(2**63), 2**63 - 1
+MAX_SUM_DOUBLE = 1e288
+
 #: Columns the collector inserts, in order; the writer sends exactly these.
 INGEST_COLUMNS: tuple[Column, ...] = (
     Column("org_id", "String"),

@@ -1,6 +1,8 @@
 """Cumulative → delta conversion rules, rollback, and recovery of state from committed points."""
 
 import hashlib
+import math
+import sys
 import time
 
 import pytest
@@ -13,6 +15,7 @@ from meterhouse.collector.cumulative import CumulativePoint, CumulativeState, En
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.ingest import Ingestor, committed_state_loader, restore_cumulative
 from meterhouse.collector.writer import Writer
+from meterhouse.core import schema
 from meterhouse.core.config import Token
 from meterhouse.core.metrics import PipelineMetrics
 
@@ -50,14 +53,76 @@ def test_repeats_count_zero_and_older_points_are_out_of_order():
     s = CumulativeState(lambda ids: {})
     run(s, cp(50, 200))
     assert run(s, cp(50, 200)) == [(0, 100)]  # the same point again
-    assert run(s, cp(40, 150)) == [None]  # older, another value
-    assert run(s, cp(60, 250, start=50)) == [None]  # an older start time
+    assert run(s, cp(40, 150)) == ["out_of_order"]  # older, another value
+    assert run(s, cp(60, 250, start=50)) == ["out_of_order"]  # an older start time
 
 
 def test_doubles():
     s = CumulativeState(lambda ids: {})
     run(s, cp(0.5, 200))
     assert run(s, cp(1.75, 300)) == [(1.25, 200)]
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+@pytest.mark.parametrize(("first", "then"), [(INT64_MIN, INT64_MAX), (INT64_MAX, INT64_MIN), (-1, INT64_MAX)])
+def test_an_int_delta_beyond_int64_is_out_of_range_and_leaves_the_series_where_it_was(first, then):
+    """A non-monotonic sum may move by up to 2^64 - 1 between two points: no Int64 column holds that.
+    Was returned as a delta, which failed the whole batch's encoding (500) on every re-send."""
+    s = CumulativeState(lambda ids: {})
+    assert run(s, cp(first, 200, monotonic=False)) == [(first, 100)]
+    (res,), changes = s.convert([cp(then, 300, monotonic=False)])
+    assert res == "out_of_range" and changes == []
+    # The series stays at its last stored point: the next point is measured from there.
+    back = first + (1 if first < 0 else -1)
+    assert run(s, cp(back, 400, monotonic=False)) == [(back - first, 200)]
+
+
+def test_int_deltas_at_the_int64_limits_are_kept():
+    s = CumulativeState(lambda ids: {})
+    assert run(s, cp(INT64_MIN, 200, monotonic=False), cp(-1, 300, monotonic=False)) == [
+        (INT64_MIN, 100), (INT64_MAX, 200)]  # fmt: skip
+    assert run(s, cp(INT64_MIN, 400, monotonic=False)) == [(INT64_MIN + 1, 300)]
+    # A monotonic sum (never below zero) resets rather than going down: its deltas always fit.
+    assert run(s, cp(INT64_MAX, 500, sid=2), cp(0, 600, sid=2), cp(INT64_MAX, 700, sid=2)) == [
+        (INT64_MAX, 100), (0, 100), (INT64_MAX, 600)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "bad"),
+    [
+        (-1e288, 1e288, 2e288),  # the delta of two values within the bound is beyond it
+        (-1e308, None, -1e308),  # a first point counts its whole value
+        (7.5, 2e288, 2e288),  # a double stream
+    ],
+)
+def test_a_double_delta_beyond_the_bound_is_out_of_range(first, then, bad):
+    """A double delta is usage that is summed: beyond ±MAX_SUM_DOUBLE, sums of such points could reach ±Inf."""
+    s = CumulativeState(lambda ids: {})
+    if then is None:
+        assert run(s, cp(first, 200, monotonic=False)) == ["out_of_range"]
+        return
+    assert run(s, cp(first, 200, monotonic=False)) == [(first, 100)]
+    assert run(s, cp(then, 300, monotonic=False)) == ["out_of_range"], bad
+    assert run(s, cp(first, 400, monotonic=False)) == [(0.0, 200)]  # still measured from the first
+
+
+def test_a_double_delta_that_overflows_to_infinity_is_out_of_range():
+    """A state an earlier version stored beyond the bound: 1.7e308 after -1.7e308 was a delta of +Inf."""
+    s = CumulativeState(lambda ids: {1: Entry(100, 200, -1.7e308)})
+    assert run(s, cp(1.7e308, 300, monotonic=False)) == ["out_of_range"]
+    assert run(s, cp(-1.7e308 + 1e300, 400, monotonic=False)) == ["out_of_range"]  # 1e300 is beyond too
+    assert run(s, cp(-1.7e308, 500, monotonic=False)) == [(0.0, 200)]
+
+
+def test_double_deltas_at_the_bound_are_kept():
+    bound = schema.MAX_SUM_DOUBLE
+    assert bound == 1e288 and bound * 2**64 < sys.float_info.max / 2
+    s = CumulativeState(lambda ids: {})
+    assert run(s, cp(-bound, 200, monotonic=False), cp(0.0, 300, monotonic=False)) == [
+        (-bound, 100), (bound, 200)]  # fmt: skip
+    assert run(s, cp(math.nextafter(bound, math.inf), 400, monotonic=False)) == ["out_of_range"]
 
 
 def test_state_is_loaded_once_per_request_for_all_missing_series():

@@ -40,6 +40,7 @@ from bench.payloads import make_requests
 from meterhouse.collector import decode
 from meterhouse.collector.decode import Limits, decode_request, resource_columns
 from meterhouse.collector.series import SeriesLimiter
+from meterhouse.core import schema
 
 NOW = time.time_ns()
 DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
@@ -57,7 +58,7 @@ def fast(body, limits=None, now=NOW):
     return decode._fast.decode_numbers(
         body, lim.org_attribute, now - lim.max_past_ns, now + lim.max_future_ns, lim.max_attributes,
         lim.max_attribute_length, lim.max_metric_name_length, lim.max_unit_length, lim.max_scope_length,
-        lim.max_description_length, now,
+        lim.max_description_length, schema.MAX_SUM_DOUBLE, now,
     )  # fmt: skip
 
 
@@ -384,6 +385,10 @@ EDGE_ACCEPTED = [
     one_point(value=math.inf, kind="gauge"),
     one_point(value=0.0),
     one_point(value=2**63 - 1),
+    one_point(value=-(2**63), mono=False),
+    one_point(value=1e288),  # the bound of a double sum point (schema.MAX_SUM_DOUBLE)
+    one_point(value=-1e288, mono=False),
+    one_point(value=1e308, kind="gauge"),  # gauges are not summed: not bounded
     one_point([("k" * 4096, "v" * 4096)]),  # at the length limit
     one_point([(f"k{i:03d}", "v") for i in range(128)]),  # at the count limit
 ]
@@ -397,6 +402,9 @@ EDGE_DECLINED = [
     one_point(value=-0.5),
     one_point(value=math.nan),  # non-finite sum
     one_point(value=math.inf, mono=False),
+    one_point(value=1e308),  # beyond the bound: out_of_range
+    one_point(value=math.nextafter(1e288, math.inf)),
+    one_point(value=-math.nextafter(1e288, math.inf), mono=False),
     one_point(temporality=CUMULATIVE),
     one_point(temporality=0),
     one_point([("k" * 4097, "v")]),
@@ -540,11 +548,14 @@ def request_st(valid):
     )  # fmt: skip
     attrs = st.lists(st.tuples(keys, values), max_size=5 if valid else 7)
     times = st.integers(NOW - 10**12, NOW)
-    numbers = st.one_of(st.integers(0, 2**63 - 1), st.integers(0, 100), st.floats(0, 1e300))
+    numbers = st.one_of(st.integers(0, 2**63 - 1), st.integers(0, 100), st.floats(0, 1e288))
     kinds = ["delta", "delta_nonmono", "gauge", "none"]
     if not valid:
         times = st.one_of(times, st.sampled_from([0, 1, NOW + 10**15, 2**64 - 1]))
-        numbers = st.one_of(numbers, st.integers(-(2**63), 2**63 - 1), st.floats(), st.none())
+        bound = st.sampled_from([1e288, math.nextafter(1e288, math.inf)]).flatmap(
+            lambda b: st.sampled_from([b, -b])
+        )
+        numbers = st.one_of(numbers, st.integers(-(2**63), 2**63 - 1), st.floats(), bound, st.none())
         kinds += ["cumulative", "unspecified", "histogram"]
     point = st.fixed_dictionaries(
         {

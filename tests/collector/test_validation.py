@@ -2,6 +2,7 @@
 that a request's content decides being 4xx-class (partial success), never a retryable 5xx."""
 
 import logging
+import math
 import time
 
 import pytest
@@ -14,6 +15,7 @@ from meterhouse.collector.cumulative import CumulativeState
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.ingest import Ingestor
 from meterhouse.collector.rejectlog import RejectLog
+from meterhouse.collector.spool import encode_blocks
 from meterhouse.core.metrics import PipelineMetrics
 
 
@@ -293,12 +295,18 @@ def test_an_invalid_name_is_rejected_before_cumulative_conversion_and_for_distri
     assert r.rejected == {"invalid_name": 1} and r.batch.dist_size == 0 and r.batch.size == 4
 
 
-def test_an_invalid_name_is_answered_with_partial_success_counted_and_logged_cut_short(caplog):
+def kept_and_counted(reason):
+    """An ingestor whose last stage keeps what it is given, its registry, and that stage; ``reason`` is
+    counted from 0 before any rejection."""
     registry = CollectorRegistry()
-    metrics = PipelineMetrics(registry)
-    assert registry.get_sample_value("meterhouse_points_rejected_total", {"reason": "invalid_name"}) == 0
     keep = Keep()
-    ing = Ingestor(keep, metrics, Limits(), CumulativeState(lambda ids: {}))
+    ing = Ingestor(keep, PipelineMetrics(registry), Limits(), CumulativeState(lambda ids: {}))
+    assert registry.get_sample_value("meterhouse_points_rejected_total", {"reason": reason}) == 0
+    return ing, registry, keep
+
+
+def test_an_invalid_name_is_answered_with_partial_success_counted_and_logged_cut_short(caplog):
+    ing, registry, keep = kept_and_counted("invalid_name")
     huge = "x\x1f" * 100_000
     with caplog.at_level(logging.WARNING, logger="meterhouse.rejected"):
         outcome = ing.export(names_request(name=huge), "d")
@@ -310,3 +318,114 @@ def test_an_invalid_name_is_answered_with_partial_success_counted_and_logged_cut
     assert registry.get_sample_value("meterhouse_points_rejected_total", {"reason": "invalid_name"}) == 2
     (line,) = [r for r in caplog.records if r.name == "meterhouse.rejected"]
     assert line.reason == "invalid_name" and line.points == 2 and len(line.metric) <= 200
+
+
+# -- numbers that do not fit: rejected out_of_range, the request's other points kept ----------------------
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def level(org, value, t_ns, start_ns, monotonic=False):
+    return sum_request({"level": [point(value, {"org.id": org}, t_ns=t_ns, start_ns=start_ns)]},
+                       temporality=CUMULATIVE, monotonic=monotonic)  # fmt: skip
+
+
+def test_a_cumulative_int_delta_beyond_int64_is_rejected_and_the_other_points_are_kept():
+    """Was a delta of 2^64 - 1 in an Int64 column: the spool could not encode the batch (500), on every
+    re-send, and the other orgs' points of the request went with it."""
+    state = CumulativeState(lambda ids: {})
+    now = time.time_ns()
+    start = now - 60 * 10**9
+    assert decode(level("bad", INT64_MIN, now - 2 * 10**9, start), cumulative=state).rejected_count == 0
+    req = level("bad", INT64_MAX, now - 10**9, start)
+    req.resource_metrics.extend(level("c", 40, now - 10**9, start).resource_metrics)
+    req.resource_metrics.extend(sum_request({"calls": [point(INT64_MAX, {"org.id": "a"}),
+                                                       point(INT64_MIN, {"org.id": "b"})]},
+                                            monotonic=False).resource_metrics)  # fmt: skip
+    r = decode(req, cumulative=state)
+    assert r.rejected == {"out_of_range": 1} and r.examples == {"out_of_range": "level"}
+    assert r.by_metric[("out_of_range", "level")].org == "bad"
+    assert sorted((p["org_id"], p["value_int"]) for p in rows(r)) == [("a", INT64_MAX), ("b", INT64_MIN),
+                                                                      ("c", 40)]  # fmt: skip
+    encode_blocks(r.batch)  # as the spool stores it: every value fits its column (was OverflowError)
+    assert len(r.changes) == 1  # only the kept series moved: "bad" stays at -2^63
+
+
+@pytest.mark.parametrize("value", [1e308, -1e308, math.nextafter(1e288, math.inf), -1.5e288])
+def test_a_double_sum_beyond_the_bound_is_rejected(value):
+    """Two accepted points of 1e308 made the hourly sum +Inf."""
+    req = sum_request(
+        {"cost": [point(value, {"org.id": "big"}), point(2.5, {"org.id": "ok"})]}, monotonic=False
+    )
+    r = decode(req)
+    assert r.rejected == {"out_of_range": 1}
+    assert [(p["org_id"], p["value_double"]) for p in rows(r)] == [("ok", 2.5)]
+
+
+def test_numbers_at_the_limits_are_kept_and_gauges_are_not_bounded():
+    """At the bound (and Int64's limits) a point is usage; a gauge is never summed, so any double goes."""
+    req = sum_request({"cost": [point(1e288, {"org.id": "o"}), point(-1e288, {"org.id": "o"}),
+                                point(INT64_MIN, {"org.id": "o"}), point(INT64_MAX, {"org.id": "o"})]},
+                      monotonic=False)  # fmt: skip
+    g = req.resource_metrics[0].scope_metrics[0].metrics.add(name="temp")
+    g.gauge.data_points.append(point(1e308, {"org.id": "o"}))
+    r = decode(req)
+    assert r.rejected_count == 0 and r.batch.size == 5
+    encode_blocks(r.batch)
+
+
+def test_an_out_of_range_point_is_answered_as_a_rejection_counted_and_logged(caplog):
+    ing, registry, keep = kept_and_counted("out_of_range")
+    req = sum_request({"cost": [point(1e300, {"org.id": "org-9"}), point(3.0, {"org.id": "org-1"})]})
+    with caplog.at_level(logging.WARNING, logger="meterhouse.rejected"):
+        outcome = ing.export(req, "d")
+    assert outcome.kind == "partial" and outcome.response.partial_success.rejected_data_points == 1
+    assert "out_of_range" in outcome.response.partial_success.error_message
+    assert keep.batches[0].columns["value_double"] == [3.0]
+    assert registry.get_sample_value("meterhouse_points_rejected_total", {"reason": "out_of_range"}) == 1
+    (line,) = [r for r in caplog.records if r.name == "meterhouse.rejected"]
+    assert (line.reason, line.metric, line.example_org, line.points) == ("out_of_range", "cost", "org-9", 1)
+
+
+def histogram(counts, count, bounds=None, **fields):
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    req = ExportMetricsServiceRequest()
+    m = req.resource_metrics.add().scope_metrics.add().metrics.add(name="h")
+    m.histogram.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
+    dp = m.histogram.data_points.add(time_unix_nano=time.time_ns(), count=count, **fields)
+    dp.bucket_counts.extend(counts)
+    dp.explicit_bounds.extend(bounds if bounds is not None else [float(i) for i in range(len(counts) - 1)])
+    return req
+
+
+def test_distribution_counts_are_compared_exactly_and_their_sums_stored_as_sent():
+    """Bucket counts that add up past 2^64 differ from the count (a UInt64 sum would wrap onto it); a
+    negative sum is what an SDK records for negative measurements, and distributions are not summed."""
+    assert decode(histogram([2**64 - 1, 1], 0)).rejected == {"invalid_value": 1}
+    assert decode(histogram([2**64 - 1, 2], 1)).rejected == {"invalid_value": 1}
+    top = decode(histogram([2**64 - 2, 1], 2**64 - 1, sum=-1e308))
+    assert top.rejected_count == 0 and top.batch.dist_columns["sum"] == [-1e308]
+    encode_blocks(top.batch)
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    req = ExportMetricsServiceRequest()
+    m = req.resource_metrics.add().scope_metrics.add().metrics.add(name="e")
+    dp = m.exponential_histogram.data_points.add(time_unix_nano=time.time_ns(), count=0, zero_count=1)
+    dp.positive.bucket_counts.extend([2**64 - 1])
+    assert decode(req).rejected == {"invalid_value": 1}
+
+
+def test_a_time_past_2262_is_invalid_whatever_the_window():
+    """A DateTime64(9) ends at 2^63 - 1 ns (2262): a window widened past it (``--max-future-s``) took such
+    a point, and the spool could not encode the batch (500)."""
+    wide = Limits(max_future_ns=10**30)
+    late = [
+        point(1, {"org.id": "o"}, t_ns=2**64 - 1, start_ns=0),
+        point(2, {"org.id": "o"}, t_ns=2**63, start_ns=0),
+    ]
+    r = decode(sum_request({"m": [*late, point(3, {"org.id": "o"})]}), wide)
+    assert r.rejected == {"invalid_timestamp": 2} and [p["value_int"] for p in rows(r)] == [3]
+    encode_blocks(r.batch)
+    h = histogram([1], 1)
+    h.resource_metrics[0].scope_metrics[0].metrics[0].histogram.data_points[0].time_unix_nano = 2**63
+    assert decode(h, wide).rejected == {"invalid_timestamp": 1}

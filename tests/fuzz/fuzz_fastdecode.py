@@ -28,6 +28,7 @@ with atheris.instrument_imports():
     from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
     from meterhouse.collector import decode
+    from meterhouse.core import schema
 
 LIMITS = decode.Limits(max_attributes=8, max_attribute_length=64)
 NOW = time.time_ns()
@@ -45,7 +46,8 @@ def check(body: bytes) -> None:
     min_t, max_t = NOW - lim.max_past_ns, NOW + lim.max_future_ns
     found = fast.decode_numbers(
         body, lim.org_attribute, min_t, max_t, lim.max_attributes, lim.max_attribute_length,
-        lim.max_metric_name_length, lim.max_unit_length, lim.max_scope_length, lim.max_description_length, NOW,
+        lim.max_metric_name_length, lim.max_unit_length, lim.max_scope_length, lim.max_description_length,
+        schema.MAX_SUM_DOUBLE, NOW,
     )  # fmt: skip
     try:
         request = ExportMetricsServiceRequest.FromString(body)
