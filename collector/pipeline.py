@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from meterhouse.collector.auth import IngestTokens
+from meterhouse.collector.budget import DecodeBudget
 from meterhouse.collector.cumulative import CumulativeState
 from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.decode import Limits
@@ -145,6 +146,7 @@ class Collector:
             if config.series_per_org_metric > 0
             else None
         )
+        self.decode_budget = DecodeBudget(self.memory.decode_bytes)
         self.ingestor = Ingestor(
             self.spool, metrics, limits_from(config), self.cumulative, self.recent,
             tokens=self.tokens, rate=self.rate, series=self.series,
@@ -158,6 +160,7 @@ class Collector:
             limits=http_limits_from(config),
             max_bytes_in_flight=self.memory.http_bytes_in_flight,
             tls=tls,
+            decode_budget=self.decode_budget,
         )
         self.grpc = OtlpGrpcReceiver(
             config.host,

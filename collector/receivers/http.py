@@ -25,6 +25,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 
 from meterhouse.collector.auth import Principal, Unauthenticated
+from meterhouse.collector.budget import Busy, DecodeBudget, Hold
 from meterhouse.collector.ingest import Ingestor, Outcome
 from meterhouse.collector.model import content_digest
 from meterhouse.core.httpserver import HttpLimits, HttpServer, Receive, Scope, Send
@@ -148,6 +149,7 @@ class OtlpHttpReceiver:
         max_bytes_in_flight: int = 0,
         workers: int = 8,
         tls: ServerTls | None = None,
+        decode_budget: DecodeBudget | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.tls = tls
@@ -157,6 +159,7 @@ class OtlpHttpReceiver:
         self.limits = limits or HttpLimits()
         self.max_bytes_in_flight = max_bytes_in_flight or 4 * max_request_bytes
         self.workers = workers
+        self.decode_budget = decode_budget or DecodeBudget(self.max_bytes_in_flight)
         self.in_flight = InFlight()
         self._admitted = 0  # touched on the event loop thread only
         self._bytes = 0
@@ -302,7 +305,7 @@ class OtlpHttpReceiver:
             try:
                 loop = asyncio.get_running_loop()
                 outcome = await loop.run_in_executor(
-                    self._pool, self._decode_export, ctype, encoding, bytes(body), sender
+                    self._pool, self._decode_in_budget, ctype, encoding, bytes(body), sender
                 )
             finally:
                 self._admitted -= 1
@@ -310,7 +313,16 @@ class OtlpHttpReceiver:
         finally:
             self._bytes -= len(body)
 
-    def _decode_export(self, ctype: str, encoding: str, body: bytes, sender: Principal | None) -> Outcome:
+    def _decode_in_budget(self, ctype: str, encoding: str, body: bytes, sender: Principal | None) -> Outcome:
+        try:
+            with self.decode_budget.hold(len(body)) as hold:
+                return self._decode_export(ctype, encoding, body, sender, hold)
+        except Busy as e:
+            return Outcome("backpressure", str(e), retry_after_s=1)
+
+    def _decode_export(
+        self, ctype: str, encoding: str, body: bytes, sender: Principal | None, hold: Hold
+    ) -> Outcome:
         limit = self.max_request_bytes
         if encoding == "gzip":
             try:
@@ -319,6 +331,7 @@ class OtlpHttpReceiver:
                 return Outcome("too_large", f"decompressed request exceeds the limit of {limit} bytes")
             except (zlib.error, EOFError) as e:
                 return Outcome("invalid", f"invalid gzip body: {e}")
+            hold.grow(len(body))
         if ctype == PROTOBUF:  # parsed (or decoded natively) by the ingestor
             return self.ingestor.export(None, content_digest(body), sender, body=body)
         request = ExportMetricsServiceRequest()

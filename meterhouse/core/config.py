@@ -202,7 +202,7 @@ class Config:
         _non_negative,
         default=0,
         help="Bytes of spooled requests also kept in memory for the writer; a larger backlog is read back "
-        "from disk (0 = 8% of --memory-budget-bytes).",
+        "from disk (0 = 6% of --memory-budget-bytes).",
     )
     dedup_window_s: float = _opt(
         _non_negative,
@@ -214,7 +214,7 @@ class Config:
         default=0,
         help="Streams whose latest point time the edge keeps for point identity (about 100 bytes each); "
         "past it the oldest are forgotten and their points verified against ClickHouse (0 = as many as "
-        "6% of --memory-budget-bytes holds).",
+        "4% of --memory-budget-bytes holds).",
     )
     memory_budget_bytes: int = _opt(
         _positive,

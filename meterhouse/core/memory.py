@@ -7,18 +7,19 @@ the budget; an option set explicitly (not 0) overrides its share. The engine enf
 (``max_server_memory_usage``: an allocation past it fails the query with MEMORY_LIMIT_EXCEEDED, which the
 writer retries, see README "Delivery guarantees"); meterhouse's shares are bounds on what it holds.
 
-| share | of the budget | at the 1 GiB default |
-|---|---|---|
-| the process: interpreter, libraries, the engine's code pages, threads | 30% (not allocated) | 307 MiB |
-| the engine, everything it allocates (``max_server_memory_usage``) | 30% | 307 MiB |
-| of which one query or insert (``max_memory_usage``) | 20% | 205 MiB |
-| of which its mark and index caches | 4% | 41 MiB |
-| OTLP/HTTP bodies held, before decompression (x ~7 once decoded) | 3% | 31 MiB |
-| OTLP/gRPC messages held (x ~7 once decoded) | 3% | 31 MiB |
-| the spool's memory copy of spooled records | 8% | 82 MiB |
-| point identity: streams kept at about 100 bytes each | 6% | 644,245 streams |
+Shares (README, "Memory", has the table with the figures they come from):
 
-The remaining 20% is headroom for the decoded forms of requests and for the writer's groups.
+- the engine, everything it allocates (``max_server_memory_usage``): 25%; of which one insert or query
+  (``max_memory_usage``): 15%; its mark cache 2% and each of three index caches 0.5%;
+- request bytes decoded at once, both transports (collector/budget.py): 2%, at least one request of
+  ``--max-request-bytes``;
+- OTLP/HTTP bodies and OTLP/gRPC messages being received: 3% each;
+- the spool's memory copy of spooled records: 6%;
+- point identity, about 100 bytes a stream: 4%.
+
+The rest is the process itself (140 MiB idle: interpreter, libraries, threads), the decoded forms of the
+requests being decoded (about 15 times their bytes) and the engine's code pages (file-backed: the kernel
+may drop and re-read them under pressure).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class MemoryPlan:
     engine_index_cache_bytes: int
     http_bytes_in_flight: int
     grpc_bytes_in_flight: int
+    decode_bytes: int
     spool_cache_bytes: int
     identity_max_streams: int
 
@@ -80,15 +82,16 @@ def plan(config: Config) -> MemoryPlan:
 
     p = MemoryPlan(
         budget_bytes=b,
-        engine_bytes=int(b * 0.30),
-        engine_query_bytes=int(b * 0.20),
+        engine_bytes=int(b * 0.25),
+        engine_query_bytes=int(b * 0.15),
         engine_mark_cache_bytes=int(b * 0.02),
         engine_index_cache_bytes=int(b * 0.005),
         http_bytes_in_flight=share(config.http_max_bytes_in_flight, 0.03),
         grpc_bytes_in_flight=share(config.grpc_max_bytes_in_flight, 0.03),
-        spool_cache_bytes=share(config.spool_cache_bytes, 0.08),
+        decode_bytes=max(int(b * 0.02), config.max_request_bytes),
+        spool_cache_bytes=share(config.spool_cache_bytes, 0.06),
         identity_max_streams=config.identity_max_streams
-        or max(1000, int(b * 0.06) // IDENTITY_BYTES_PER_STREAM),
+        or max(1000, int(b * 0.04) // IDENTITY_BYTES_PER_STREAM),
     )
     for name, held, explicit in (
         ("http", p.http_bytes_in_flight, config.http_max_bytes_in_flight),

@@ -1,0 +1,81 @@
+"""The decode budget: bytes of requests being decompressed, parsed and decoded at once, both transports.
+
+A request's decoded form costs many times its bytes (about 15 times for OTLP protobuf of small points, in
+Python objects and columns; README, "Memory"), so what bounds a collector's memory under load is not the
+bytes it holds but the bytes it decodes at once. Each worker takes its request's size from this budget
+before it decodes, waiting (holding no budget) while others decode; a request larger than the whole budget
+waits for all of it. A compressed body takes its compressed size, then grows to its decompressed size.
+A wait longer than ``wait_s`` is answered retryable (503 / UNAVAILABLE): nothing was kept.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Busy(Exception):
+    """The budget stayed taken for longer than the wait: answer retryable, nothing kept."""
+
+
+class DecodeBudget:
+    """Bytes decoded at once; :meth:`hold` takes a share for the length of a ``with`` block."""
+
+    def __init__(self, capacity: int, wait_s: float = 10.0) -> None:
+        self.capacity = capacity
+        self.wait_s = wait_s
+        self.used = 0
+        self.waits = 0  # takes that had to wait, for the metric
+        self._cond = threading.Condition()
+
+    def _take(self, n: int, deadline: float) -> int:
+        n = min(n, self.capacity)
+        with self._cond:
+            if self.used + n > self.capacity:
+                self.waits += 1
+                while self.used + n > self.capacity:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise Busy(f"requests of {self.used} bytes are being decoded; retry later")
+                    self._cond.wait(left)
+            self.used += n
+            return n
+
+    def _give(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+    @contextmanager
+    def hold(self, n: int) -> Iterator[Hold]:
+        """Hold ``n`` bytes (at most the capacity) while the block runs; raises :class:`Busy`."""
+        hold = Hold(self, self._take(n, time.monotonic() + self.wait_s))
+        try:
+            yield hold
+        finally:
+            self._give(hold.held)
+
+
+class Hold:
+    """One worker's share of the budget."""
+
+    def __init__(self, budget: DecodeBudget, held: int) -> None:
+        self.budget, self.held = budget, held
+
+    def grow(self, n: int) -> None:
+        """Hold ``n`` bytes instead (a body once decompressed). Never waits while holding: when the
+        rest is not free at once, the share is given back and ``n`` waited for whole."""
+        b = self.budget
+        n = min(n, b.capacity)
+        if n <= self.held:
+            return
+        with b._cond:
+            if b.used + n - self.held <= b.capacity:
+                b.used += n - self.held
+                self.held = n
+                return
+        b._give(self.held)
+        self.held = 0
+        self.held = b._take(n, time.monotonic() + b.wait_s)
