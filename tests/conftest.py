@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,14 @@ def up_factory(tmp_path):
 @pytest.fixture
 def up(up_factory) -> UpProcess:
     return up_factory()
+
+
+def module_up(tmp_path_factory, name: str, *extra: str) -> Iterator[UpProcess]:
+    """Body of a module-scoped fixture: one `meterhouse up` for the module's tests, killed after them."""
+    p = UpProcess(tmp_path_factory.mktemp(name) / "data", *extra)
+    p.start()
+    yield p
+    p.stop(signal.SIGKILL)
 
 
 def shared_engine(engine_dir: Path, database: str):

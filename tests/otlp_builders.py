@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import time
+import zlib
 
+import requests
+import zstandard
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, NumberDataPoint
@@ -62,3 +66,23 @@ def sum_request(
         m.sum.is_monotonic = monotonic
         m.sum.data_points.extend(points)
     return req
+
+
+def zstd_compress(data: bytes) -> bytes:
+    """One zstd frame without its content size, as a streaming writer (the Collector's exporters) sends it."""
+    return zstandard.ZstdCompressor(write_content_size=False).compress(data)
+
+
+#: Each OTLP/HTTP Content-Encoding as its senders make it: gzip and deflate as the OpenTelemetry Python
+#: SDK does (gzip.GzipFile, zlib.compress: the zlib format of RFC 1950), zstd as the Collector does.
+ENCODERS = {"gzip": gzip.compress, "deflate": zlib.compress, "zstd": zstd_compress}
+
+
+class ZstdSession(requests.Session):
+    """A session that sends every body zstd-compressed: the SDK's HTTP exporter (which offers gzip and
+    deflate only) given this session sends what a Collector exporter with `compression: zstd` sends."""
+
+    def request(self, method, url, *args, data=None, headers=None, **kwargs):
+        if data:
+            data, headers = zstd_compress(data), {**(headers or {}), "Content-Encoding": "zstd"}
+        return super().request(method, url, *args, data=data, headers=headers, **kwargs)

@@ -7,16 +7,17 @@ right after each one is stored.
 import gzip
 import json
 import math
-import signal
 import time
+import zlib
 
 import grpc
 import pytest
 import requests
-from conftest import UpProcess
+import zstandard
+from conftest import module_up
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
-from otlp_builders import kv, point, sum_request
+from otlp_builders import kv, point, sum_request, zstd_compress
 
 from meterhouse.demo import fetch_usage
 
@@ -28,10 +29,7 @@ JS = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
-    p = UpProcess(tmp_path_factory.mktemp("bad") / "data", "--max-request-bytes", str(LIMIT))
-    p.start()
-    yield p
-    p.stop(signal.SIGKILL)
+    yield from module_up(tmp_path_factory, "bad", "--max-request-bytes", str(LIMIT))
 
 
 def valid_bytes(org="org-ok", **attrs) -> bytes:
@@ -103,6 +101,18 @@ def invalid_utf8_protobuf() -> bytes:
     return good.replace("ÄÄÄ".encode(), b"\xc3\x28\xff\xfe\xc3\x28")
 
 
+def raw_deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return c.compress(data) + c.flush()
+
+
+def damaged(data: bytes, at: int) -> bytes:
+    """``data`` with one byte flipped (at the end: the stream's checksum)."""
+    out = bytearray(data)
+    out[at] ^= 0xFF
+    return bytes(out)
+
+
 VALID = valid_bytes()
 # (name, body, headers, status, words the message must contain; for 200: rejected points and reason)
 CORPUS = [
@@ -127,6 +137,20 @@ CORPUS = [
     ("not gzip", b"plain bytes", {**PB, "Content-Encoding": "gzip"}, 400, "gzip"),
     ("truncated gzip", gzip.compress(VALID)[:-12], {**PB, "Content-Encoding": "gzip"}, 400, "gzip"),
     ("unknown content encoding", VALID, {**PB, "Content-Encoding": "br"}, 415, "Content-Encoding"),
+    ("two content encodings", gzip.compress(VALID), {**PB, "Content-Encoding": "gzip, zstd"}, 415, "Content-Encoding"),
+    ("deflate bomb", zlib.compress(b"\x00" * 50_000_000), {**PB, "Content-Encoding": "deflate"}, 413, "limit"),
+    ("not deflate", b"plain bytes", {**PB, "Content-Encoding": "deflate"}, 400, "deflate"),
+    ("raw deflate without the zlib wrapper", raw_deflate(VALID), {**PB, "Content-Encoding": "deflate"}, 400, "RFC 1950"),
+    ("truncated deflate", zlib.compress(VALID)[:-6], {**PB, "Content-Encoding": "deflate"}, 400, "deflate"),
+    ("deflate with a bad checksum", damaged(zlib.compress(VALID), -1), {**PB, "Content-Encoding": "deflate"}, 400, "deflate"),
+    ("trailing data after deflate", zlib.compress(VALID) + b"garbage!", {**PB, "Content-Encoding": "deflate"}, 400, "trailing"),
+    ("zstd bomb", zstd_compress(b"\x00" * 50_000_000), {**PB, "Content-Encoding": "zstd"}, 413, "limit"),
+    ("zstd bomb declaring its size", zstandard.compress(b"\x00" * 50_000_000), {**PB, "Content-Encoding": "zstd"}, 413, "limit"),
+    ("not zstd", b"plain bytes", {**PB, "Content-Encoding": "zstd"}, 400, "zstd"),
+    ("truncated zstd", zstd_compress(VALID)[:-3], {**PB, "Content-Encoding": "zstd"}, 400, "zstd"),
+    ("zstd with a bad checksum", damaged(zstandard.ZstdCompressor(write_checksum=True).compress(VALID), -1), {**PB, "Content-Encoding": "zstd"}, 400, "zstd"),
+    ("trailing data after zstd", zstd_compress(VALID) + b"garbage!", {**PB, "Content-Encoding": "zstd"}, 400, "trailing"),
+    ("empty zstd body", b"", {**PB, "Content-Encoding": "zstd"}, 400, "zstd"),
     ("kvlist nested past the parser's limit", raw_nested_request(5000), PB, 400, "cannot parse"),
     ("deeply nested kvlist", raw_nested_request(20), PB, 200, (1, "attribute_limit")),
     ("10,000 attributes", many_attrs(10_000), PB, 200, (1, "attribute_limit")),

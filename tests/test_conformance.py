@@ -1,5 +1,6 @@
-"""Conformance with a real client: the OpenTelemetry Python SDK, over HTTP and gRPC, delta and cumulative,
-exporting periodically while the application keeps creating new series.
+"""Conformance with a real client: the OpenTelemetry Python SDK, over HTTP (plain, gzip, deflate, and zstd
+as a Collector sends it) and gRPC, delta and cumulative, exporting periodically while the application
+keeps creating new series.
 
 The real exporter is wrapped to tally every point it exported successfully; what meterhouse stores must
 equal that tally exactly, per org and metric, and every exported point must be written (none rejected).
@@ -20,6 +21,7 @@ import pytest
 import requests
 from conftest import UpProcess
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 from opentelemetry.sdk.metrics import Counter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -30,6 +32,7 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
+from otlp_builders import ZstdSession
 from prometheus_client.parser import text_string_to_metric_families
 
 from meterhouse.demo import fetch_usage
@@ -91,16 +94,27 @@ class TallyExporter(MetricExporter):
         self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
-def exporter(up: UpProcess, transport: str, temporality: str) -> MetricExporter:
+def exporter(up: UpProcess, transport: str, temporality: str, encoding: str = "identity") -> MetricExporter:
     t = AggregationTemporality.DELTA if temporality == "delta" else AggregationTemporality.CUMULATIVE
     if transport == "grpc":
         return GrpcExporter(endpoint=up.otlp_grpc, insecure=True, preferred_temporality={Counter: t})
-    return HttpExporter(endpoint=f"{up.otlp_http}/v1/metrics", preferred_temporality={Counter: t})
+    if encoding == "zstd":  # the SDK offers gzip and deflate; zstd is what a Collector's exporter adds
+        return HttpExporter(endpoint=f"{up.otlp_http}/v1/metrics", preferred_temporality={Counter: t},
+                            session=ZstdSession())  # fmt: skip
+    compression = {
+        "identity": Compression.NoCompression,
+        "gzip": Compression.Gzip,
+        "deflate": Compression.Deflate,
+    }
+    return HttpExporter(endpoint=f"{up.otlp_http}/v1/metrics", preferred_temporality={Counter: t},
+                        compression=compression[encoding])  # fmt: skip
 
 
-def run_application(up, transport, temporality, prefix: str, seed: int) -> tuple[TallyExporter, dict]:
+def run_application(
+    up, transport, temporality, prefix: str, seed: int, encoding: str = "identity"
+) -> tuple[TallyExporter, dict]:
     """One application: a provider that exports every INTERVAL_MS while a thread records new series."""
-    tally = TallyExporter(exporter(up, transport, temporality), temporality)
+    tally = TallyExporter(exporter(up, transport, temporality, encoding), temporality)
     reader = PeriodicExportingMetricReader(
         tally, export_interval_millis=INTERVAL_MS, cardinality_limits={Counter: 1_000_000}
     )
@@ -165,17 +179,22 @@ def up(tmp_path_factory):
     p.stop()
 
 
-@pytest.mark.parametrize("temporality", ["delta", "cumulative"])
-@pytest.mark.parametrize("transport", ["http", "grpc"])
-def test_every_exported_point_is_stored_exactly(up, transport, temporality):
-    prefix = f"conf.{transport}.{temporality}"
+# Each transport with each temporality; each HTTP Content-Encoding once more (the encoding is the body's
+# bytes, whatever they hold; tests/test_otlp_sdk.py sends both temporalities with gzip and deflate).
+CASES = [(t, "identity", temporality) for t in ("http", "grpc") for temporality in ("delta", "cumulative")]
+CASES += [("http", encoding, "delta") for encoding in ("gzip", "deflate", "zstd")]
+
+
+@pytest.mark.parametrize(("transport", "encoding", "temporality"), CASES, ids=["-".join(c) for c in CASES])
+def test_every_exported_point_is_stored_exactly(up, transport, encoding, temporality):
+    prefix = f"conf.{transport}.{encoding}.{temporality}"
     up.drain()
     before = meterhouse_counts(up)
     exported: dict[tuple[str, str], int] = defaultdict(int)
     recorded: dict[tuple[str, str], int] = defaultdict(int)
     points = late = 0
     for seed in range(ROUNDS):
-        tally, rec = run_application(up, transport, temporality, prefix, seed)
+        tally, rec = run_application(up, transport, temporality, prefix, seed, encoding)
         assert tally.failures == 0
         for key, value in tally.totals().items():
             exported[key] += value

@@ -8,14 +8,13 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import signal
 import time
 import uuid
 
 import grpc
 import pytest
 import requests
-from conftest import UpProcess
+from conftest import module_up
 from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -62,10 +61,7 @@ class Checks:
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
-    p = UpProcess(tmp_path_factory.mktemp("fuzz") / "data", "--max-request-bytes", str(LIMIT))
-    p.start()
-    yield p
-    p.stop(signal.SIGKILL)
+    yield from module_up(tmp_path_factory, "fuzz", "--max-request-bytes", str(LIMIT))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The real OpenTelemetry SDK exporters, gRPC and HTTP/protobuf, delta and cumulative, against a real
 `meterhouse up`: every combination gives the same exact per-org totals through the API.
-(Cumulative senders also compress with gzip, so both transports' gzip paths are exercised.)"""
+(Cumulative senders also compress with gzip, so both transports' gzip paths are exercised; the HTTP
+exporter's Deflate and Gzip are also tested on their own.)"""
 
 import time
 
@@ -21,10 +22,12 @@ HOUR = 3600
 ORGS = ["org-a", "org-b", "org-c"]
 
 
-def provider(up, transport: str, temporality: str, resource: dict | None = None) -> MeterProvider:
+def provider(
+    up, transport: str, temporality: str, resource: dict | None = None, compression: Compression | None = None
+) -> MeterProvider:
     t = AggregationTemporality.DELTA if temporality == "delta" else AggregationTemporality.CUMULATIVE
     prefs = {Counter: t, UpDownCounter: t}
-    gz = Compression.Gzip if temporality == "cumulative" else Compression.NoCompression
+    gz = compression or (Compression.Gzip if temporality == "cumulative" else Compression.NoCompression)
     if transport == "grpc":
         exporter = GrpcExporter(endpoint=up.otlp_grpc, insecure=True, preferred_temporality=prefs,
                                 compression=GrpcCompression.Gzip if gz == Compression.Gzip else None)  # fmt: skip
@@ -54,8 +57,10 @@ def script(i: int, org_index: int) -> int:
     return (org_index + 1) * 10**12 + i * 7 + (2**55 if org_index == 2 else 0)
 
 
-def run_script(up, transport: str, temporality: str, metric: str, rounds: int = 4) -> dict[str, int]:
-    p = provider(up, transport, temporality)
+def run_script(
+    up, transport: str, temporality: str, metric: str, rounds: int = 4, compression: Compression | None = None
+) -> dict[str, int]:
+    p = provider(up, transport, temporality, compression=compression)
     counter = p.get_meter("t").create_counter(metric, unit="{unit}")
     expected = dict.fromkeys(ORGS, 0)
     for i in range(rounds):
@@ -78,6 +83,15 @@ def test_grpc_and_http_with_delta_and_cumulative_give_identical_exact_totals(up)
             assert results[(transport, temporality)] == expected, (transport, temporality)
             assert {org: total(up, org, metric, "1m") for org in ORGS} == expected  # raw agrees
     assert len({tuple(sorted(r.items())) for r in results.values()}) == 1
+
+
+@pytest.mark.parametrize("compression", [Compression.Deflate, Compression.Gzip], ids=["deflate", "gzip"])
+def test_http_exporter_compressing_gives_exact_totals(up, compression):
+    """The SDK's Deflate is zlib.compress (RFC 1950), its Gzip a GzipFile: both stored exactly."""
+    for temporality in ("delta", "cumulative"):
+        metric = f"usage.{compression.value}.{temporality}"
+        expected = run_script(up, "http", temporality, metric, compression=compression)
+        assert {org: total(up, org, metric) for org in ORGS} == expected, temporality
 
 
 def test_cumulative_counter_reset_mid_stream(up):

@@ -1,4 +1,5 @@
-"""OTLP/HTTP receiver: ``POST /v1/metrics`` with protobuf or JSON bodies, optionally gzip-compressed.
+"""OTLP/HTTP receiver: ``POST /v1/metrics`` with protobuf or JSON bodies, optionally compressed (gzip,
+deflate or zstd; see receivers.compression).
 
 Answers follow the OTLP specification: the response uses the request's content type, errors carry a
 ``google.rpc.Status``, and only 429/502/503/504 are retryable. With ingest tokens a request needs
@@ -12,7 +13,6 @@ import asyncio
 import json
 import logging
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
@@ -28,6 +28,7 @@ from meterhouse.collector.auth import Principal, Unauthenticated
 from meterhouse.collector.budget import Busy, DecodeBudget, Hold
 from meterhouse.collector.ingest import Ingestor, Outcome
 from meterhouse.collector.model import content_digest
+from meterhouse.collector.receivers import compression
 from meterhouse.core.httpserver import HttpLimits, HttpServer, Receive, Scope, Send
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.tls import ServerTls
@@ -52,10 +53,8 @@ _STATUS = {
 
 #: Header of a 401, so clients know which scheme to use.
 WWW_AUTHENTICATE = (b"www-authenticate", b'Bearer realm="meterhouse"')
-
-
-class _TooLarge(Exception):
-    pass
+#: Header of a 415: the Content-Encodings a request may use (RFC 7694).
+ACCEPT_ENCODING = (b"accept-encoding", compression.ACCEPTED.encode())
 
 
 def check_json_shape(value: object, descriptor: Descriptor, path: str = "") -> None:
@@ -78,28 +77,6 @@ def check_json_shape(value: object, descriptor: Descriptor, path: str = "") -> N
                 check_json_shape(element, field.message_type, f"{where}[{i}]")
         else:
             check_json_shape(item, field.message_type, where)
-
-
-def gunzip_limited(data: bytes, limit: int) -> bytes:
-    """Inflate every gzip member of ``data`` (RFC 1952 allows several), never past ``limit`` bytes in
-    total, so a gzip bomb is refused cheaply. Anything after the last member but another member is
-    refused: a 200 for part of a body would lose acknowledged usage."""
-    out: list[bytes] = []
-    total, rest = 0, data
-    while True:
-        d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        part = d.decompress(rest, limit - total + 1)
-        total += len(part)
-        if total > limit or d.unconsumed_tail:
-            raise _TooLarge
-        if not d.eof:
-            raise zlib.error("truncated gzip stream")
-        out.append(part)
-        rest = d.unused_data
-        if not rest:
-            return b"".join(out)
-        if not rest.startswith(b"\x1f\x8b"):
-            raise zlib.error(f"{len(rest)} bytes of trailing data after a gzip member")
 
 
 class InFlight:
@@ -224,7 +201,8 @@ class OtlpHttpReceiver:
         try:
             with self.in_flight:
                 auth = [v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]
-                handled = await self._handle(headers, auth, ctype, receive)
+                codings = [v for k, v in scope["headers"] if k == b"content-encoding"]
+                handled = await self._handle(headers, auth, codings, ctype, receive)
                 if handled is not None:
                     await self._answer(send, handled, answer_type)
         except Exception:
@@ -236,7 +214,7 @@ class OtlpHttpReceiver:
             )
 
     async def _handle(
-        self, headers: dict[bytes, bytes], auth: list[str], ctype: str, receive: Receive
+        self, headers: dict[bytes, bytes], auth: list[str], codings: list[bytes], ctype: str, receive: Receive
     ) -> _Answer | None:
         """The request's answer, or None when its client went away.
 
@@ -249,7 +227,6 @@ class OtlpHttpReceiver:
         except Unauthenticated as e:
             return _Answer(Outcome("unauthenticated", str(e)), True)  # the body is not read, nor kept
         limit = self.max_request_bytes
-        encoding = headers.get(b"content-encoding", b"identity").strip().lower().decode("latin-1")
         length = headers.get(b"content-length")
         if length is not None and int(length) > limit:  # llhttp has already checked it is digits
             return _Answer(
@@ -266,14 +243,10 @@ class OtlpHttpReceiver:
                 ),
                 True,
             )
-        if encoding not in ("gzip", "identity"):
-            return _Answer(
-                Outcome(
-                    "unsupported_media_type",
-                    f"unsupported Content-Encoding {encoding!r}; use gzip or identity",
-                ),
-                True,
-            )
+        try:
+            encoding = compression.content_encoding(codings)  # every Content-Encoding header
+        except compression.UnsupportedEncoding as e:
+            return _Answer(Outcome("unsupported_media_type", str(e)), True)
         body = bytearray()
         try:
             while True:
@@ -313,7 +286,9 @@ class OtlpHttpReceiver:
         finally:
             self._bytes -= len(body)
 
-    def _decode_in_budget(self, ctype: str, encoding: str, body: bytes, sender: Principal | None) -> Outcome:
+    def _decode_in_budget(
+        self, ctype: str, encoding: compression.Encoding, body: bytes, sender: Principal | None
+    ) -> Outcome:
         try:
             with self.decode_budget.hold(len(body)) as hold:
                 return self._decode_export(ctype, encoding, body, sender, hold)
@@ -321,17 +296,17 @@ class OtlpHttpReceiver:
             return Outcome("backpressure", str(e), retry_after_s=1)
 
     def _decode_export(
-        self, ctype: str, encoding: str, body: bytes, sender: Principal | None, hold: Hold
+        self, ctype: str, encoding: compression.Encoding, body: bytes, sender: Principal | None, hold: Hold
     ) -> Outcome:
         limit = self.max_request_bytes
-        if encoding == "gzip":
-            try:
-                body = gunzip_limited(body, limit)
-            except _TooLarge:
-                return Outcome("too_large", f"decompressed request exceeds the limit of {limit} bytes")
-            except (zlib.error, EOFError) as e:
-                return Outcome("invalid", f"invalid gzip body: {e}")
-            hold.grow(len(body))
+        try:
+            body = compression.inflate(encoding, body, limit)
+        except compression.TooLarge as e:
+            why = f" ({e})" if str(e) else ""
+            return Outcome("too_large", f"decompressed request exceeds the limit of {limit} bytes{why}")
+        except compression.CorruptBody as e:
+            return Outcome("invalid", str(e))
+        hold.grow(len(body))
         if ctype == PROTOBUF:  # parsed (or decoded natively) by the ingestor
             return self.ingestor.export(None, content_digest(body), sender, body=body)
         request = ExportMetricsServiceRequest()
@@ -386,5 +361,7 @@ class OtlpHttpReceiver:
             headers.append((b"connection", b"close"))
         if status == HTTPStatus.UNAUTHORIZED:
             headers.append(WWW_AUTHENTICATE)
+        if status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE:
+            headers.append(ACCEPT_ENCODING)
         await send({"type": "http.response.start", "status": int(status), "headers": headers})
         await send({"type": "http.response.body", "body": body})
