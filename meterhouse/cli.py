@@ -29,13 +29,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             continue
         flag = flag_of(f.name)
         env_help = f"env {env_of(f.name)}"
+        text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
         if str(f.type) == "bool":  # a switch: --spool-fsync / --no-spool-fsync
             parser.add_argument(
                 flag,
                 dest=f.name,
                 default=None,
                 action=argparse.BooleanOptionalAction,
-                help=f"{f.metadata['help']} [default: {'on' if getattr(defaults, f.name) else 'off'}; "
+                help=f"{text} [default: {'on' if getattr(defaults, f.name) else 'off'}; "
                 f"{env_help}=true|false]",
             )
             continue
@@ -46,7 +47,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             default=None,
             type=typ,
             metavar=f.name.split("_")[-1].upper(),
-            help=f"{f.metadata['help']} [default: {getattr(defaults, f.name)}; {env_help}]",
+            help=f"{text} [default: {getattr(defaults, f.name)}; {env_help}]",
         )
 
 
