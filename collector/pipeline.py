@@ -28,7 +28,7 @@ from meterhouse.collector.ingest import (
     with_dead_letters,
 )
 from meterhouse.collector.ratelimit import RateLimiter
-from meterhouse.collector.receivers.grpc import GrpcKeepalive, OtlpGrpcReceiver
+from meterhouse.collector.receivers.grpc import GrpcLimits, OtlpGrpcReceiver
 from meterhouse.collector.receivers.http import OtlpHttpReceiver
 from meterhouse.collector.series import SeriesLimiter
 from meterhouse.collector.spool import Spool
@@ -168,10 +168,10 @@ class Collector:
             self.ingestor,
             metrics,
             config.max_request_bytes,
-            keepalive=GrpcKeepalive.from_config(config),
             max_concurrent_rpcs=config.grpc_max_concurrent_rpcs,
             max_bytes_in_flight=self.memory.grpc_bytes_in_flight,
             tls=tls,
+            limits=GrpcLimits.from_config(config),
         )
         m = metrics
         m.spool_limit_bytes.set(config.spool_max_bytes)

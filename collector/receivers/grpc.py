@@ -3,22 +3,36 @@
 The request is taken as raw bytes and parsed here, so a malformed message is answered
 INVALID_ARGUMENT (gRPC's own deserializer would answer INTERNAL). gzip is handled by gRPC; messages
 above ``max_request_bytes`` (after decompression) are refused by gRPC with RESOURCE_EXHAUSTED.
-Retryable answers are UNAVAILABLE (or RESOURCE_EXHAUSTED for the ingest rate) with a ``RetryInfo``
-detail. With ingest tokens, a call needs ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED
-otherwise, nothing kept). With TLS, credentials are re-read on the first handshake after a reload, so
-open channels are kept.
+Retryable answers are UNAVAILABLE (or RESOURCE_EXHAUSTED for the ingest rate and the call bounds)
+with a ``RetryInfo`` detail. With ingest tokens, a call needs ``authorization: Bearer <token>``
+metadata (UNAUTHENTICATED otherwise, before its message is read, nothing kept). With TLS, credentials
+are re-read on the first handshake after a reload, so open channels are kept.
 
-Bounds: at most ``max_concurrent_rpcs`` calls are running or queued for a worker (gRPC answers the
-next RESOURCE_EXHAUSTED), at most ``max_bytes_in_flight`` request bytes are held by them (UNAVAILABLE
-with RetryInfo beyond), and clients' keepalive pings are held to the enforcement policy.
+The server is grpc's asyncio server on its own event loop thread: a call costs a coroutine, not a
+thread, while its message arrives, so senders that open streams and trickle (or never finish) their
+messages cannot hold the workers. Decoding and the spool append run on ``workers`` threads once the
+whole message is in. (grpc's thread-pool server gave each call a worker from its start, which then
+waited for the message: 16 slow streams stopped every other sender.)
+
+Bounds (:class:`GrpcLimits`): the message must arrive within ``read_timeout_s`` of the call's start
+(DEADLINE_EXCEEDED otherwise); at most ``max_calls_per_address`` calls are open from one client
+address; at most ``max_concurrent_rpcs`` calls whose message has arrived are handled or queued for a
+worker, and they hold at most ``max_bytes_in_flight`` request bytes (RESOURCE_EXHAUSTED / UNAVAILABLE,
+both with RetryInfo, beyond); gRPC itself allows ``max_streams_per_connection`` streams on a
+connection and ``max_connections`` connections, and holds clients' keepalive pings to the enforcement
+policy. grpc has no hook on an accepted connection, so connections cannot be bounded per address:
+one without a call open (one that never sent a byte included) is closed after ``max_connection_idle_s``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, NoReturn
 
 import grpc
@@ -26,7 +40,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from meterhouse.collector.auth import Principal, Unauthenticated
-from meterhouse.collector.ingest import Ingestor
+from meterhouse.collector.ingest import Ingestor, Outcome
 from meterhouse.collector.model import content_digest
 from meterhouse.core import listen
 from meterhouse.core.metrics import PipelineMetrics
@@ -44,7 +58,9 @@ _CODES = {
     "backpressure": grpc.StatusCode.UNAVAILABLE,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "error": grpc.StatusCode.INTERNAL,
 }
+_RETRYABLE = ("backpressure", "unavailable", "rate_limited")
 
 
 def _certificate_config(m: TlsMaterial) -> grpc.ServerCertificateConfiguration:
@@ -71,28 +87,32 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
 
 
 @dataclass(frozen=True)
-class GrpcKeepalive:
-    """Keepalive enforcement and connection lifetimes (the Collector's configgrpc ``keepalive``)."""
+class GrpcLimits:
+    """What a sender may hold on the OTLP/gRPC port, and keepalive enforcement after the Collector's
+    configgrpc ``keepalive``. Each field is the option ``grpc_<field>`` (0 turns a time off)."""
 
-    min_time_s: float = 300.0
-    permit_without_calls: bool = False
-    max_connection_idle_s: float = 0.0
+    read_timeout_s: float = 30.0
+    max_calls_per_address: int = 64
+    max_streams_per_connection: int = 100
+    max_connections: int = 10_000
+    keepalive_min_time_s: float = 300.0
+    keepalive_permit_without_calls: bool = False
+    max_connection_idle_s: float = 300.0
     max_connection_age_s: float = 0.0
 
     @classmethod
-    def from_config(cls, config: Config) -> GrpcKeepalive:
-        return cls(
-            config.grpc_keepalive_min_time_s,
-            config.grpc_keepalive_permit_without_calls,
-            config.grpc_max_connection_idle_s,
-            config.grpc_max_connection_age_s,
-        )
+    def from_config(cls, config: Config) -> GrpcLimits:
+        return cls(**{f.name: getattr(config, f"grpc_{f.name}") for f in fields(cls)})
 
     def options(self) -> list[tuple[str, int]]:
+        """gRPC's channel arguments for the bounds it enforces itself."""
+        ping_ms = int(self.keepalive_min_time_s * 1000)
         opts = [
-            ("grpc.http2.min_ping_interval_without_data_ms", int(self.min_time_s * 1000)),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", int(self.min_time_s * 1000)),
-            ("grpc.keepalive_permit_without_calls", int(self.permit_without_calls)),
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.http2.min_ping_interval_without_data_ms", ping_ms),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", ping_ms),
+            ("grpc.keepalive_permit_without_calls", int(self.keepalive_permit_without_calls)),
             ("grpc.http2.max_ping_strikes", 2),
         ]
         if self.max_connection_idle_s:
@@ -104,7 +124,7 @@ class GrpcKeepalive:
 
 
 class _Budget:
-    """Request bytes held by calls at once."""
+    """Units (request bytes, calls) held at once, from any thread."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.used = limit, 0
@@ -122,24 +142,55 @@ class _Budget:
             self.used -= n
 
 
+class _RefusalLog:
+    """A warning line per reason at most every ``interval_s``, counting the calls refused since the last."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self.interval_s = interval_s
+        self._since: dict[str, tuple[float, int]] = {}
+
+    def record(self, reason: str, address: str) -> None:
+        now = time.monotonic()
+        logged_at, calls = self._since.get(reason, (now - self.interval_s, 0))
+        calls += 1
+        if now - logged_at >= self.interval_s:
+            log.warning("OTLP/gRPC calls refused", extra={"reason": reason, "calls": calls,
+                                                           "example_address": address})  # fmt: skip
+            logged_at, calls = now, 0
+        self._since[reason] = (logged_at, calls)
+
+
+def _address(peer: str) -> str:
+    """The client's address in a gRPC peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``), port dropped."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rpartition(":")[0].strip("[]")
+    return peer
+
+
 class OtlpGrpcReceiver:
     """A source stage serving OTLP/gRPC into an :class:`Ingestor`."""
 
     def __init__(self, host: str, port: int, ingestor: Ingestor, metrics: PipelineMetrics,
-                 max_request_bytes: int, workers: int = 16, keepalive: GrpcKeepalive | None = None,
+                 max_request_bytes: int, workers: int = 16,
                  max_concurrent_rpcs: int = 64, max_bytes_in_flight: int = 0,
-                 tls: ServerTls | None = None) -> None:  # fmt: skip
+                 tls: ServerTls | None = None, limits: GrpcLimits | None = None) -> None:  # fmt: skip
         self.host, self.port = host, port
         self.tls = tls
         self.ingestor = ingestor
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
         self.workers = workers
-        self.keepalive = keepalive or GrpcKeepalive()
-        self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.limits = limits or GrpcLimits()
+        self.calls_handled = _Budget(max_concurrent_rpcs)
         self.bytes_in_flight = _Budget(max_bytes_in_flight or 4 * max_request_bytes)
-        self._server: grpc.Server | None = None  # bound (and serving once started)
+        self.calls_by_address: dict[str, int] = {}  # touched on the event loop thread only
+        self._refusals = _RefusalLog()
+        self._server: grpc.aio.Server | None = None  # bound (and serving once started)
         self._serving = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def bind(self) -> None:
         """Take the port, serving nothing before :meth:`start`; OSError naming why it cannot be. Idempotent.
@@ -149,16 +200,26 @@ class OtlpGrpcReceiver:
         if self._server is not None:
             return
         listen.bind(self.host, self.port, 1).close()
-        server = grpc.server(
-            ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="otlp-grpc"),
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=_run_loop, args=(loop,), name="otlp-grpc", daemon=True)
+        thread.start()
+        try:
+            self._server = asyncio.run_coroutine_threadsafe(self._bind(), loop).result(30)
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+            raise
+        self._loop, self._thread = loop, thread
+
+    async def _bind(self) -> grpc.aio.Server:
+        server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", self.max_request_bytes),
                 ("grpc.so_reuseport", 0),
-                *self.keepalive.options(),
+                *self.limits.options(),
             ],
-            maximum_concurrent_rpcs=self.max_concurrent_rpcs,
         )
-        handler = grpc.unary_unary_rpc_method_handler(self._export)  # raw bytes in and out
+        handler = grpc.stream_unary_rpc_method_handler(self._export)  # raw bytes in and out
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Export": handler}),))
         host = f"[{self.host}]" if ":" in self.host else self.host
         address = f"{host}:{self.port}"
@@ -172,53 +233,133 @@ class OtlpGrpcReceiver:
         if bound == 0:
             raise OSError(f"gRPC could not bind {address}")
         self.port = bound
-        self._server = server
+        return server
 
     def start(self) -> None:
         """Bind if not yet bound (see :meth:`bind`) and serve."""
         if self._serving:
             return
         self.bind()
-        assert self._server is not None
-        self._server.start()
+        assert self._server is not None and self._loop is not None
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="otlp-grpc")
+        asyncio.run_coroutine_threadsafe(self._server.start(), self._loop).result(30)
         self._serving = True
 
-    def stop_accepting(self, grace_s: float) -> threading.Event:
-        """Refuse new calls; calls in flight get ``grace_s`` to finish. The event is set once done."""
-        server, self._server = self._server, None
-        if server is None:
-            done = threading.Event()
-            done.set()
-            return done
-        if not self._serving:  # bound only: gRPC gives the port back only by stopping a started server
-            server.start()
-        grace = grace_s if self._serving else None  # None: nothing in flight to wait for
-        self._serving = False
-        stopped: threading.Event = server.stop(grace=grace)
-        return stopped
-
     def shutdown(self, timeout_s: float) -> None:
-        """Idempotent and safe without start."""
-        self.stop_accepting(timeout_s).wait(timeout_s + 1)
+        """Refuse new calls; calls in flight get ``timeout_s`` to finish. Idempotent, safe without start."""
+        server, self._server = self._server, None
+        loop, thread, serving = self._loop, self._thread, self._serving
+        if server is None or loop is None or thread is None:
+            return
+        self._serving = False
 
-    def _export(self, body: bytes, context: grpc.ServicerContext) -> bytes:
-        headers = [v for k, v in context.invocation_metadata() if k == "authorization" and isinstance(v, str)]
+        async def stop() -> None:
+            if not serving:  # bound only: gRPC gives the port back only by stopping a started server
+                await server.start()
+            await server.stop(timeout_s if serving else None)  # None: nothing in flight to wait for
+
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), loop).result(timeout_s + 1)
+        except TimeoutError:
+            log.warning("OTLP/gRPC calls still open after the shutdown grace")
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout_s + 1)
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+
+    async def _export(self, _messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        # A stream-unary handler, so that the message is read here, within the read timeout; a unary
+        # client's stream carries one message.
+        address = _address(context.peer())
+        open_calls = self.calls_by_address.get(address, 0)
+        if open_calls >= self.limits.max_calls_per_address:
+            await self._refuse(context, "address_limit", address, "too many calls open from this address",
+                               grpc.StatusCode.RESOURCE_EXHAUSTED)  # fmt: skip
+        self.calls_by_address[address] = open_calls + 1
+        try:
+            return await self._export_open(context, address)
+        finally:
+            left = self.calls_by_address.pop(address) - 1
+            if left:
+                self.calls_by_address[address] = left
+
+    async def _export_open(self, context: grpc.aio.ServicerContext, address: str) -> bytes:
+        metadata = context.invocation_metadata() or ()
+        headers = [v for k, v in metadata if k == "authorization" and isinstance(v, str)]
         try:
             sender = self.ingestor.authenticate(headers)
         except Unauthenticated as e:
             self.metrics.requests.labels(transport="grpc", outcome="unauthenticated").inc()
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
-        if not self.bytes_in_flight.take(len(body)):
-            self.metrics.requests.labels(transport="grpc", outcome="backpressure").inc()
-            self._abort_retryable(context, "too many request bytes in flight, retry later", 1)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        timeout = self.limits.read_timeout_s or None
         try:
-            return self._export_held(body, context, sender)
-        finally:
-            self.bytes_in_flight.give(len(body))
+            body = await asyncio.wait_for(context.read(), timeout)
+        except TimeoutError:
+            self.metrics.requests.labels(transport="grpc", outcome="read_timeout").inc()
+            self._refusals.record("read_timeout", address)
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"request not received within {timeout:g} s"
+            )
+        if not isinstance(body, bytes):
+            # EOF: the client closed its side without a message, or went away (then gRPC cancels this
+            # call, and nothing is answered or counted): counted once the answer is sent.
+            try:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
+            except grpc.aio.AbortError:
+                self.metrics.requests.labels(transport="grpc", outcome="invalid").inc()
+                raise
+        if not self.calls_handled.take(1):
+            await self._refuse(context, "backpressure", address, "too many calls in flight",
+                               grpc.StatusCode.RESOURCE_EXHAUSTED)  # fmt: skip
+        if not self.bytes_in_flight.take(len(body)):
+            self.calls_handled.give(1)
+            await self._refuse(context, "backpressure", address, "too many request bytes in flight")
+        assert self._pool is not None
+        job = self._pool.submit(self._ingest, body, sender)
 
-    def _abort_retryable(
+        def release(_: object) -> None:  # when the worker is done, even if the client cancelled before
+            self.bytes_in_flight.give(len(body))
+            self.calls_handled.give(1)
+
+        job.add_done_callback(release)
+        outcome = await asyncio.wrap_future(job)
+        self.metrics.requests.labels(transport="grpc", outcome=outcome.kind).inc()
+        if outcome.response is not None:
+            answer: bytes = outcome.response.SerializeToString()
+            return answer
+        code = _CODES[outcome.kind]
+        if outcome.kind in _RETRYABLE:
+            await self._abort_retryable(context, outcome.message, outcome.retry_after_s, code)
+        await context.abort(code, outcome.message)
+        raise AssertionError("context.abort raises")  # for type checkers: abort never returns
+
+    def _ingest(self, body: bytes, sender: Principal | None) -> Outcome:
+        """On a worker: the ingestor parses (or decodes natively) the request; bytes that protobuf refuses
+        are answered INVALID_ARGUMENT."""
+        try:
+            return self.ingestor.export(None, content_digest(body), sender, body=body)
+        except Exception:
+            # A bug: INTERNAL (not retried by senders), logged and counted as the server's fault.
+            log.exception("unexpected error while handling an OTLP/gRPC request")
+            return Outcome("error", "internal error")
+
+    async def _refuse(
         self,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
+        outcome: str,
+        address: str,
+        message: str,
+        code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+    ) -> NoReturn:
+        """A call refused by a bound of the edge: counted, logged (at most a line a minute) and retryable."""
+        self.metrics.requests.labels(transport="grpc", outcome=outcome).inc()
+        self._refusals.record(outcome, address)
+        await self._abort_retryable(context, f"{message}, retry later", 1, code)
+
+    async def _abort_retryable(
+        self,
+        context: grpc.aio.ServicerContext,
         message: str,
         retry_after_s: int,
         code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
@@ -232,30 +373,20 @@ class OtlpGrpcReceiver:
         detail = status_pb2.Status(code=rpc_code, message=message)
         detail.details.add().Pack(retry)
         # The status details (the gRPC convention) and RetryInfo alone, which the Python SDK reads.
-        context.set_trailing_metadata(
+        await context.abort(
+            code,
+            message,
             (
                 ("grpc-status-details-bin", detail.SerializeToString()),
                 ("google.rpc.retryinfo-bin", retry.SerializeToString()),
-            )
+            ),
         )
-        context.abort(code, message)
         raise AssertionError("context.abort raises")  # for type checkers: abort never returns
 
-    def _export_held(self, body: bytes, context: grpc.ServicerContext, sender: Principal | None) -> bytes:
-        # Parsed (or decoded natively) by the ingestor; bytes protobuf refuses answer INVALID_ARGUMENT.
-        try:
-            outcome = self.ingestor.export(None, content_digest(body), sender, body=body)
-        except Exception:
-            # A bug: INTERNAL (not retried by senders), logged and counted as the server's fault.
-            log.exception("unexpected error while handling an OTLP/gRPC request")
-            self.metrics.requests.labels(transport="grpc", outcome="error").inc()
-            context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        self.metrics.requests.labels(transport="grpc", outcome=outcome.kind).inc()
-        if outcome.response is not None:
-            answer: bytes = outcome.response.SerializeToString()
-            return answer
-        code = _CODES[outcome.kind]
-        if outcome.kind in ("backpressure", "unavailable", "rate_limited"):
-            self._abort_retryable(context, outcome.message, outcome.retry_after_s, code)
-        context.abort(code, outcome.message)
-        raise AssertionError("context.abort raises")
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()

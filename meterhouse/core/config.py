@@ -161,13 +161,34 @@ class Config:
     grpc_max_concurrent_rpcs: int = _opt(
         _positive,
         default=64,
-        help="OTLP/gRPC calls handled or queued at once; more are answered RESOURCE_EXHAUSTED.",
+        help="OTLP/gRPC calls whose request has arrived, handled or queued for a worker at once; more are "
+        "answered RESOURCE_EXHAUSTED with RetryInfo.",
     )
     grpc_max_bytes_in_flight: int = _opt(
         _non_negative,
         default=0,
         help="OTLP/gRPC request bytes held by calls at once; beyond, UNAVAILABLE with RetryInfo "
         "(0 = 3% of --memory-budget-bytes).",
+    )
+    grpc_read_timeout_s: float = _opt(
+        _non_negative,
+        default=30.0,
+        help="Seconds for an OTLP/gRPC call's request message to arrive after the call starts "
+        "(DEADLINE_EXCEEDED; 0 = off).",
+    )
+    grpc_max_calls_per_address: int = _opt(
+        _positive,
+        default=64,
+        help="OTLP/gRPC calls open at once from one client address, their messages arriving or handled; "
+        "more are answered RESOURCE_EXHAUSTED with RetryInfo.",
+    )
+    grpc_max_streams_per_connection: int = _opt(
+        _positive,
+        default=100,
+        help="Calls (HTTP/2 streams) open at once on one gRPC connection; gRPC refuses more.",
+    )
+    grpc_max_connections: int = _opt(
+        _positive, default=10_000, help="Open connections on the OTLP/gRPC port; more are closed at once."
     )
     grpc_keepalive_min_time_s: float = _opt(
         _positive,
@@ -179,13 +200,14 @@ class Config:
     )
     grpc_max_connection_idle_s: float = _opt(
         _non_negative,
-        default=0.0,
-        help="Close a gRPC connection with no call open for this long (GOAWAY; 0 = never).",
+        default=300.0,
+        help="Close a gRPC connection with no call open for this long, one that never sent anything "
+        "included (GOAWAY; 0 = never).",
     )
     grpc_max_connection_age_s: float = _opt(
         _non_negative,
         default=0.0,
-        help="Close a gRPC connection after this long, letting calls finish (0 = never).",
+        help="Close a gRPC connection after this long, letting its calls finish for 30 s (0 = never).",
     )
     spool_max_bytes: int = _opt(
         _positive,

@@ -62,6 +62,8 @@ REQUEST_OUTCOMES = (
     "rate_limited",
     "error",  # meterhouse failed by its own fault (HTTP 500, gRPC INTERNAL): a bug, never the sender's
     "not_found",  # OTLP/HTTP to another path than /v1/metrics (404) or not a POST (405): the sender's
+    "read_timeout",  # OTLP/gRPC: the request message did not arrive in time (DEADLINE_EXCEEDED)
+    "address_limit",  # OTLP/gRPC: too many calls open from the client's address (RESOURCE_EXHAUSTED)
 )
 TRANSPORTS = ("http", "grpc")
 
