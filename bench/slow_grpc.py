@@ -121,7 +121,13 @@ class SlowSender:
                     continue
                 if not data:
                     return  # closed by the server
-                for event in c.receive_data(data):
+                try:
+                    events = c.receive_data(data)
+                except h2.exceptions.ProtocolError:
+                    return  # frames after the server's GOAWAY: the connection is over
+                for event in events:
+                    if isinstance(event, h2.events.ConnectionTerminated):
+                        return
                     # A refusal before any message is one HEADERS frame ("trailers-only"), else trailers.
                     headers = getattr(event, "headers", None) or ()
                     status = dict(headers).get("grpc-status")
