@@ -172,6 +172,7 @@ class Collector:
             max_bytes_in_flight=self.memory.grpc_bytes_in_flight,
             tls=tls,
             limits=GrpcLimits.from_config(config),
+            decode_budget=self.decode_budget,
         )
         m = metrics
         m.spool_limit_bytes.set(config.spool_max_bytes)

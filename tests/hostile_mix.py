@@ -318,6 +318,58 @@ class HostileMix:
         assert not any(t.is_alive() for t in self.threads), "a sender did not stop"
 
 
+class SdkSenders:
+    """The real OpenTelemetry SDK as honest senders: one MeterProvider per transport, cumulative (what an
+    export that failed did not deliver, the next one does), exporting every second from another loopback
+    address's view of the world: the test process. Its tally is what the application counted."""
+
+    def __init__(self, http_url: str, grpc_target: str) -> None:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+        from opentelemetry.sdk.metrics import Counter, MeterProvider
+        from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
+
+        cumulative = {Counter: AggregationTemporality.CUMULATIVE}
+        exporters = {
+            "org-sdk-http": HttpExporter(endpoint=f"{http_url}/v1/metrics", preferred_temporality=cumulative),
+            "org-sdk-grpc": GrpcExporter(
+                endpoint=grpc_target, insecure=True, preferred_temporality=cumulative
+            ),
+        }
+        self.providers = {
+            org: MeterProvider(metric_readers=[PeriodicExportingMetricReader(e, export_interval_millis=1000)])
+            for org, e in exporters.items()
+        }
+        self.counters = {
+            org: p.get_meter("hostile").create_counter("honest.sdk") for org, p in self.providers.items()
+        }
+        self.counted = dict.fromkeys(self.providers, 0)
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._count, name="sdk-counter", daemon=True)
+        self.thread.start()
+
+    def _count(self) -> None:
+        i = 0
+        while not self.stop_event.is_set():
+            i += 1
+            for org, counter in self.counters.items():
+                counter.add(i, {"org.id": org})
+                self.counted[org] += i
+            time.sleep(0.01)
+
+    def stop(self, timeout_s: float = 120) -> dict[str, int]:
+        """Stop counting; flush until each provider's last export is acknowledged; the tally."""
+        self.stop_event.set()
+        self.thread.join(10)
+        deadline = time.monotonic() + timeout_s
+        for org, provider in self.providers.items():
+            while not provider.force_flush(30_000):
+                assert time.monotonic() < deadline, f"the SDK could not deliver {org}'s last export"
+                time.sleep(1)
+            provider.shutdown()
+        return dict(self.counted)
+
+
 class _SourceAdapter(requests.adapters.HTTPAdapter):
     """Connections from a given local address (another loopback address than the hostile senders')."""
 

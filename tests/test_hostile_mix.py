@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from hostile_mix import HostileMix, MemoryCgroup, anon_peak_bytes, cgroup_unavailable, summary
+from hostile_mix import HostileMix, MemoryCgroup, SdkSenders, anon_peak_bytes, cgroup_unavailable, summary
 
 from meterhouse.demo import fetch_usage
 
@@ -27,6 +27,7 @@ def run_mix(up_factory, seconds: float, budget: int = BUDGET) -> None:
         mix = HostileMix(up.otlp_http, up.otlp_grpc, 20 << 20)
         mix.start_hostile()
         mix.start_honest()
+        sdk = SdkSenders(up.otlp_http, up.otlp_grpc)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             assert up.proc.poll() is None, (
@@ -34,6 +35,7 @@ def run_mix(up_factory, seconds: float, budget: int = BUDGET) -> None:
             )
             time.sleep(1)
         mix.stop()
+        counted = sdk.stop()
         assert up.proc.poll() is None and cgroup.oom_kills() == 0, summary(mix)
         up.drain(timeout_s=600)
         peak = anon_peak_bytes(up.proc.pid)
@@ -43,6 +45,8 @@ def run_mix(up_factory, seconds: float, budget: int = BUDGET) -> None:
             stored = fetch_usage(up.api, org, "honest.calls", *window, "1h")["total"]
             assert stored == acknowledged, (org, stored, acknowledged, summary(mix))
         assert len(mix.tally.acknowledged) == 2, summary(mix)
+        for org, n in counted.items():  # what the SDK's application counted, all delivered
+            assert fetch_usage(up.api, org, "honest.sdk", *window, "1h")["total"] == n, (org, n, summary(mix))
         assert not mix.answers.server_errors(), summary(mix)
         print(f"peak RSS {peak >> 20} MiB, cgroup peak {cgroup.peak_bytes() >> 20} MiB: {summary(mix)}")
         assert peak <= budget
@@ -55,4 +59,10 @@ def run_mix(up_factory, seconds: float, budget: int = BUDGET) -> None:
 
 @pytest.mark.e2e
 def test_hostile_mix_in_a_memory_cgroup_keeps_honest_usage(up_factory):
-    run_mix(up_factory, seconds=float(os.environ.get("MH_HOSTILE_S", "40")))
+    run_mix(up_factory, seconds=float(os.environ.get("MH_HOSTILE_S", "30")))
+
+
+@pytest.mark.soak
+def test_hostile_mix_soak(up_factory):
+    """The same for ten minutes (MH_HOSTILE_SOAK_S): `bash scripts/test.sh -m soak tests/test_hostile_mix.py`."""
+    run_mix(up_factory, seconds=float(os.environ.get("MH_HOSTILE_SOAK_S", "600")))

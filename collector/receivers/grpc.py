@@ -40,6 +40,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from meterhouse.collector.auth import Principal, Unauthenticated
+from meterhouse.collector.budget import Busy, DecodeBudget
 from meterhouse.collector.ingest import Ingestor, Outcome
 from meterhouse.collector.model import content_digest
 from meterhouse.core import listen
@@ -174,7 +175,8 @@ class OtlpGrpcReceiver:
     def __init__(self, host: str, port: int, ingestor: Ingestor, metrics: PipelineMetrics,
                  max_request_bytes: int, workers: int = 16,
                  max_concurrent_rpcs: int = 64, max_bytes_in_flight: int = 0,
-                 tls: ServerTls | None = None, limits: GrpcLimits | None = None) -> None:  # fmt: skip
+                 tls: ServerTls | None = None, limits: GrpcLimits | None = None,
+                 decode_budget: DecodeBudget | None = None) -> None:  # fmt: skip
         self.host, self.port = host, port
         self.tls = tls
         self.ingestor = ingestor
@@ -184,6 +186,7 @@ class OtlpGrpcReceiver:
         self.limits = limits or GrpcLimits()
         self.calls_handled = _Budget(max_concurrent_rpcs)
         self.bytes_in_flight = _Budget(max_bytes_in_flight or 4 * max_request_bytes)
+        self.decode_budget = decode_budget or DecodeBudget(self.bytes_in_flight.limit)
         self.calls_by_address: dict[str, int] = {}  # touched on the event loop thread only
         self._refusals = _RefusalLog()
         self._server: grpc.aio.Server | None = None  # bound (and serving once started)
@@ -338,7 +341,10 @@ class OtlpGrpcReceiver:
         """On a worker: the ingestor parses (or decodes natively) the request; bytes that protobuf refuses
         are answered INVALID_ARGUMENT."""
         try:
-            return self.ingestor.export(None, content_digest(body), sender, body=body)
+            with self.decode_budget.hold(len(body)):
+                return self.ingestor.export(None, content_digest(body), sender, body=body)
+        except Busy as e:
+            return Outcome("backpressure", str(e), retry_after_s=1)
         except Exception:
             # A bug: INTERNAL (not retried by senders), logged and counted as the server's fault.
             log.exception("unexpected error while handling an OTLP/gRPC request")
