@@ -20,3 +20,5 @@ def decode_numbers(
     received_at: int,
     /,
 ) -> tuple[dict[str, list[Any]], int, int, int] | None: ...
+def count_points(body: bytes, /) -> int:
+    """Data points in a protobuf request, from its wire format; -1 when it is not one."""

@@ -52,6 +52,29 @@ else:
         _fast = None
 
 
+#: What one data point costs once decoded, in bytes (columns and Python objects; README, "Memory").
+DECODED_POINT_BYTES = 1200
+#: What one byte of OTLP/JSON costs while it is parsed (Python objects, then the protobuf message).
+DECODED_JSON_FACTOR = 15
+
+
+def count_wire_points(body: bytes) -> int | None:
+    """Data points in a protobuf request, read off its wire format without decoding them (microseconds
+    for thousands); None without the native decoder or when the bytes are not a request."""
+    if _fast is None:
+        return None
+    n: int = _fast.count_points(body)
+    return n if n >= 0 else None
+
+
+def decoded_cost(body: bytes, protobuf: bool = True) -> int:
+    """Bytes a request is expected to take while it is decoded: the decode budget's unit."""
+    if not protobuf:
+        return len(body) * DECODED_JSON_FACTOR
+    n = count_wire_points(body)
+    return len(body) + (n * DECODED_POINT_BYTES if n is not None else len(body) * DECODED_JSON_FACTOR)
+
+
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 

@@ -15,7 +15,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from meterhouse.collector.auth import IngestTokens, Principal
 from meterhouse.collector.cumulative import Change, CumulativeState, Entry, StateUnavailable
-from meterhouse.collector.decode import DecodeResult, Limits, decode_request
+from meterhouse.collector.decode import DecodeResult, Limits, count_wire_points, decode_request
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.model import Backpressure, Consumer, content_digest
 from meterhouse.collector.ratelimit import RateLimiter
@@ -96,6 +96,14 @@ def count_points(request: ExportMetricsServiceRequest) -> int:
                 if which is not None:
                     n += len(getattr(m, which).data_points)
     return n
+
+
+def _too_many_points(n: int, limit: int) -> Outcome:
+    return Outcome(
+        "too_large",
+        f"request of {n} data points exceeds the limit of {limit}; send smaller batches (an "
+        "OpenTelemetry Collector: the batch processor's send_batch_max_size)",
+    )
 
 
 def _invalid(e: BaseException) -> Outcome:
@@ -208,6 +216,10 @@ class Ingestor:
         body: bytes | None,
     ) -> Outcome:
         m = self.metrics
+        limit = self.limits.max_points_per_request
+        counted = count_wire_points(body) if body is not None else None
+        if counted is not None and counted > limit:  # refused before anything is decoded
+            return _too_many_points(counted, limit)
         if self.recent is not None:
             state = self.recent.claim(digest, self.resend_wait_s)
             if state == "settled":
@@ -240,14 +252,9 @@ class Ingestor:
             return Outcome(
                 "unavailable", f"cannot read ingest state, retry later: {e}"[:500], retry_after_s=1
             )
-        limit = self.limits.max_points_per_request
-        if result.received > limit:
+        if result.received > limit:  # parsed requests (OTLP/JSON), or no native decoder
             self._forget(result, digest)
-            return Outcome(
-                "too_large",
-                f"request of {result.received} data points exceeds the limit of {limit}; send smaller "
-                "batches (an OpenTelemetry Collector: the batch processor's send_batch_max_size)",
-            )
+            return _too_many_points(result.received, limit)
         m.points_received.inc(result.received)
         try:
             seq = self.next.consume(result.batch)

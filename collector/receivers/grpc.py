@@ -41,6 +41,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from meterhouse.collector.auth import Principal, Unauthenticated
 from meterhouse.collector.budget import Busy, DecodeBudget
+from meterhouse.collector.decode import decoded_cost
 from meterhouse.collector.ingest import Ingestor, Outcome
 from meterhouse.collector.model import content_digest
 from meterhouse.core import listen
@@ -312,17 +313,24 @@ class OtlpGrpcReceiver:
             except grpc.aio.AbortError:
                 self.metrics.requests.labels(transport="grpc", outcome="invalid").inc()
                 raise
+        # Every answer but OK raises out of this frame, and the exception's traceback keeps the frame and
+        # so the message alive until the cyclic garbage collector runs: seconds, or hundreds of MiB
+        # under a flood of large refused messages. The message is held by the worker's job only.
+        size, message = len(body), [body]
+        del body
         if not self.calls_handled.take(1):
+            message.clear()
             await self._refuse(context, "backpressure", address, "too many calls in flight",
                                grpc.StatusCode.RESOURCE_EXHAUSTED)  # fmt: skip
-        if not self.bytes_in_flight.take(len(body)):
+        if not self.bytes_in_flight.take(size):
+            message.clear()
             self.calls_handled.give(1)
             await self._refuse(context, "backpressure", address, "too many request bytes in flight")
         assert self._pool is not None
-        job = self._pool.submit(self._ingest, body, sender)
+        job = self._pool.submit(self._ingest, message.pop(), sender)
 
         def release(_: object) -> None:  # when the worker is done, even if the client cancelled before
-            self.bytes_in_flight.give(len(body))
+            self.bytes_in_flight.give(size)
             self.calls_handled.give(1)
 
         job.add_done_callback(release)
@@ -341,7 +349,7 @@ class OtlpGrpcReceiver:
         """On a worker: the ingestor parses (or decodes natively) the request; bytes that protobuf refuses
         are answered INVALID_ARGUMENT."""
         try:
-            with self.decode_budget.hold(len(body)):
+            with self.decode_budget.hold(decoded_cost(body)):
                 return self.ingestor.export(None, content_digest(body), sender, body=body)
         except Busy as e:
             return Outcome("backpressure", str(e), retry_after_s=1)

@@ -26,6 +26,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from meterhouse.collector.auth import Principal, Unauthenticated
 from meterhouse.collector.budget import Busy, DecodeBudget, Hold
+from meterhouse.collector.decode import decoded_cost
 from meterhouse.collector.ingest import Ingestor, Outcome
 from meterhouse.collector.model import content_digest
 from meterhouse.collector.receivers import compression
@@ -289,8 +290,10 @@ class OtlpHttpReceiver:
     def _decode_in_budget(
         self, ctype: str, encoding: compression.Encoding, body: bytes, sender: Principal | None
     ) -> Outcome:
+        compressed = encoding is not compression.Encoding.IDENTITY
+        first = len(body) if compressed else decoded_cost(body, ctype == PROTOBUF)
         try:
-            with self.decode_budget.hold(len(body)) as hold:
+            with self.decode_budget.hold(first) as hold:
                 return self._decode_export(ctype, encoding, body, sender, hold)
         except Busy as e:
             return Outcome("backpressure", str(e), retry_after_s=1)
@@ -306,7 +309,7 @@ class OtlpHttpReceiver:
             return Outcome("too_large", f"decompressed request exceeds the limit of {limit} bytes{why}")
         except compression.CorruptBody as e:
             return Outcome("invalid", str(e))
-        hold.grow(len(body))
+        hold.grow(decoded_cost(body, ctype == PROTOBUF))
         if ctype == PROTOBUF:  # parsed (or decoded natively) by the ingestor
             return self.ingestor.export(None, content_digest(body), sender, body=body)
         request = ExportMetricsServiceRequest()
