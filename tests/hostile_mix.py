@@ -150,6 +150,12 @@ class HostileMix:
             {"n" * (12 << 20): [point(1, {"org.id": "org-names"})]}
         ).SerializeToString()
 
+    def _at_bound(self) -> None:
+        """One distinct request at the points bound every 3 s: stored, so the writer inserts groups of
+        the largest records, at a rate it can keep up with beside everything else."""
+        self._post("at-bound", self._unique_at_bound(), PROTOBUF)
+        self.stop_event.wait(3)
+
     def _unique_at_bound(self) -> bytes:
         self.at_bound.resource_metrics[0].resource.attributes[0].value.string_value = uuid.uuid4().hex
         return self.at_bound.SerializeToString()
@@ -181,7 +187,7 @@ class HostileMix:
             "flood-json",
             lambda: self._post("flood-json", self.big_json, {"Content-Type": "application/json"}),
         )
-        self._loop("at-bound", lambda: self._post("at-bound", self._unique_at_bound(), PROTOBUF))
+        self._loop("at-bound", self._at_bound)
         channel = grpc.insecure_channel(
             self.grpc_target, options=[("grpc.max_send_message_length", 64 << 20)]
         )

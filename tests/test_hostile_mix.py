@@ -58,11 +58,13 @@ def run_mix(up_factory, seconds: float, budget: int = BUDGET) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(900)
 def test_hostile_mix_in_a_memory_cgroup_keeps_honest_usage(up_factory):
     run_mix(up_factory, seconds=float(os.environ.get("MH_HOSTILE_S", "30")))
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(3600)
 def test_hostile_mix_soak(up_factory):
     """The same for ten minutes (MH_HOSTILE_SOAK_S): `bash scripts/test.sh -m soak tests/test_hostile_mix.py`."""
     run_mix(up_factory, seconds=float(os.environ.get("MH_HOSTILE_SOAK_S", "600")))

@@ -137,7 +137,7 @@ class Config:
         _non_negative,
         default=0,
         help="OTLP/HTTP body bytes held at once (before decompression); beyond, 503 with Retry-After "
-        "(0 = 3% of --memory-budget-bytes).",
+        "(0 = 2% of --memory-budget-bytes).",
     )
     http_max_connections: int = _opt(
         _positive, default=10_000, help="Open connections on each HTTP port; more are answered 503 and closed"
@@ -168,7 +168,7 @@ class Config:
         _non_negative,
         default=0,
         help="OTLP/gRPC request bytes held by calls at once; beyond, UNAVAILABLE with RetryInfo "
-        "(0 = 3% of --memory-budget-bytes).",
+        "(0 = 2% of --memory-budget-bytes).",
     )
     grpc_read_timeout_s: float = _opt(
         _non_negative,
@@ -224,7 +224,7 @@ class Config:
         _non_negative,
         default=0,
         help="Bytes of spooled requests also kept in memory for the writer; a larger backlog is read back "
-        "from disk (0 = 6% of --memory-budget-bytes).",
+        "from disk (0 = 4% of --memory-budget-bytes).",
     )
     dedup_window_s: float = _opt(
         _non_negative,
@@ -236,7 +236,7 @@ class Config:
         default=0,
         help="Streams whose latest point time the edge keeps for point identity (about 100 bytes each); "
         "past it the oldest are forgotten and their points verified against ClickHouse (0 = as many as "
-        "4% of --memory-budget-bytes holds).",
+        "3% of --memory-budget-bytes holds).",
     )
     memory_budget_bytes: int = _opt(
         _positive,

@@ -12,12 +12,12 @@ Shares (README, "Memory", has the table with the figures they come from):
 - the engine, everything it allocates (``max_server_memory_usage``): 20%; of which one insert or query
   (``max_memory_usage``): 15%; its mark cache 2% and each of three index caches 0.5%;
 - requests being decompressed, parsed and decoded at once, both transports, counted in what they cost
-  decoded (collector/budget.py: about 1.2 kB a data point, 15 bytes a byte of OTLP/JSON): 25%;
-- OTLP/HTTP bodies and OTLP/gRPC messages being received: 3% each;
-- the spool's memory copy of spooled records: 6%;
-- point identity, about 100 bytes a stream: 4%.
+  decoded (collector/budget.py: about 1.2 kB a data point, 15 bytes a byte of OTLP/JSON): 15%;
+- OTLP/HTTP bodies and OTLP/gRPC messages being received: 2% each (at least one request each);
+- the spool's memory copy of spooled records: 4%;
+- point identity, about 100 bytes a stream: 3%.
 
-The rest (about 40%) is the process itself (140 MiB idle: interpreter, libraries, threads), what gRPC
+The rest (about half) is the process itself (140 MiB idle: interpreter, libraries, threads), what gRPC
 holds of messages still arriving, the writer's groups outside the engine, and the engine's code pages
 (file-backed: the kernel may drop and re-read them under pressure).
 """
@@ -86,12 +86,12 @@ def plan(config: Config) -> MemoryPlan:
         engine_query_bytes=int(b * 0.15),
         engine_mark_cache_bytes=int(b * 0.02),
         engine_index_cache_bytes=int(b * 0.005),
-        http_bytes_in_flight=share(config.http_max_bytes_in_flight, 0.03),
-        grpc_bytes_in_flight=share(config.grpc_max_bytes_in_flight, 0.03),
-        decode_bytes=int(b * 0.25),
-        spool_cache_bytes=share(config.spool_cache_bytes, 0.06),
+        http_bytes_in_flight=share(config.http_max_bytes_in_flight, 0.02),
+        grpc_bytes_in_flight=share(config.grpc_max_bytes_in_flight, 0.02),
+        decode_bytes=int(b * 0.15),
+        spool_cache_bytes=share(config.spool_cache_bytes, 0.04),
         identity_max_streams=config.identity_max_streams
-        or max(1000, int(b * 0.04) // IDENTITY_BYTES_PER_STREAM),
+        or max(1000, int(b * 0.03) // IDENTITY_BYTES_PER_STREAM),
     )
     for name, held, explicit in (
         ("http", p.http_bytes_in_flight, config.http_max_bytes_in_flight),
