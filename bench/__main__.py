@@ -16,6 +16,7 @@ from bench import (
     breakdown,
     cardinality,
     close,
+    groupmem,
     identity,
     ingest,
     query,
@@ -46,6 +47,7 @@ SCENARIOS = {
         identity,
         "11. Point identity: the edge's marking, its memory per stream, the writer's check",
     ),
+    "groupmem": (groupmem, "12. A group's memory in the writer: peak RSS against the group's bytes"),
 }
 
 

@@ -19,7 +19,7 @@ import json
 import pickle
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,18 +114,27 @@ class DeadLetters:
             return 0
 
     def list(self, with_batches: bool = False) -> list[DeadLetter]:
-        out = []
+        """Every letter on disk (their batches all in memory: :meth:`each` reads one at a time)."""
+        return list(self.each(with_batches))
+
+    def each(self, with_batches: bool = False) -> Iterator[DeadLetter]:
+        """The letters on disk in the order they were made, read one at a time (with their batches: one
+        group each, so memory holds one group's points, not every letter's); a letter removed meanwhile
+        is passed over."""
         for path in sorted(self.dir.glob("*.dlq")):
-            meta, payload = pickle.loads(path.read_bytes())
+            try:
+                meta, payload = pickle.loads(path.read_bytes())
+            except FileNotFoundError:
+                continue
             batches = None
             if with_batches:
                 batches = [PointBatch(c, s, d, r, dc, ds) for d, r, c, s, dc, ds in payload]
-            out.append(DeadLetter(
+            del payload
+            yield DeadLetter(
                 path, meta["token"], meta["reason"], meta["points"], meta["time"], batches,
                 bool(meta.get("per_batch_blocks", False)), meta.get("code"), int(meta.get("seq") or 0),
                 meta.get("landed"), meta.get("redrive_seq"), meta,
-            ))  # fmt: skip
-        return out
+            )  # fmt: skip
 
     def remove(self, letter: DeadLetter) -> None:
         letter.path.unlink(missing_ok=True)
@@ -144,7 +153,7 @@ class DeadLetters:
         self._tokens, self._series = set(), {}
         if not self.dir.exists():
             return
-        for letter in self.list(with_batches=True):
+        for letter in self.each(with_batches=True):
             self._tokens.add(letter.token)
             self._index(letter.batches or [])
 

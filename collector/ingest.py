@@ -15,13 +15,13 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from meterhouse.collector.auth import IngestTokens, Principal
 from meterhouse.collector.cumulative import Change, CumulativeState, Entry, StateUnavailable
-from meterhouse.collector.decode import DecodeResult, Limits, count_wire_points, decode_request
+from meterhouse.collector.decode import DecodeResult, Limits, RejectSample, count_wire_points, decode_request
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.model import Backpressure, Consumer, content_digest
 from meterhouse.collector.ratelimit import RateLimiter
 from meterhouse.collector.rejectlog import RejectLog
 from meterhouse.collector.series import Loader, Pair, SeriesLimiter
-from meterhouse.collector.spool import Spool, SpoolError
+from meterhouse.collector.spool import RecordTooLarge, Spool, SpoolError
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import Queries
@@ -258,12 +258,21 @@ class Ingestor:
         m.points_received.inc(result.received)
         try:
             seq = self.next.consume(result.batch)
-        except (Backpressure, SpoolError) as e:
-            # Nothing of this request is kept; the client retries all of it, so count no rejections.
+        except (Backpressure, SpoolError, RecordTooLarge) as e:
+            # Nothing of this request is kept: the client retries all of it (no rejections counted), or,
+            # too large, is told it never will be stored (its points counted as rejected below).
             self._forget(result, digest)
             if isinstance(e, Backpressure):
                 m.spool_full.inc()
                 return Outcome("backpressure", f"pipeline is full: {e}", retry_after_s=e.retry_after_s)
+            if isinstance(e, RecordTooLarge):
+                # Refused for good: its points are never stored (counted and logged as rejected).
+                m.points_rejected.labels(reason="request_too_large").inc(result.received)
+                b = result.batch
+                cols = b.columns if b.size else b.dist_columns
+                org, metric = (cols["org_id"][0], cols["metric"][0]) if cols.get("metric") else ("", "")
+                self.reject_log.record({("request_too_large", metric): RejectSample(result.received, org)})
+                return Outcome("too_large", str(e))
             return Outcome("unavailable", str(e), retry_after_s=1)
         except Exception:
             # A bug: nothing was kept, so the conversion state and admitted sets go back as they were.

@@ -105,6 +105,7 @@ class Collector:
             max_cached_bytes=self.memory.spool_cache_bytes,
             files=files,
             mark=self.identity.mark,
+            max_record_bytes=config.max_request_spooled_bytes,
         )
         self.recent = (
             RecentRequests(config.data_dir / "spool" / "recent-requests.log", config.dedup_window_s)
@@ -119,6 +120,7 @@ class Collector:
             self.dead_letters,
             flush_interval_s=config.flush_interval_s,
             flush_max_points=config.flush_max_points,
+            flush_max_bytes=config.flush_max_bytes,
             backoff_max_s=config.retry_max_backoff_s,
             poison_after_attempts=config.poison_after_attempts,
             # ``is not None``: an empty RecentRequests is falsy (it has a length), and the hook must be

@@ -5,7 +5,10 @@ records in order, and before each insert appends an INTENT naming the records it
 deduplication token it uses; after each table's insert a PART mark, and after the last a COMMIT. On start
 the log is scanned: committed records are skipped, uncommitted intents are replayed with the same
 grouping and token (so ClickHouse deduplicates a batch that did commit before the crash), and the rest is
-queued afresh.
+queued afresh. Groups are bounded by points and bytes (``next_group``; a record larger than the byte
+bound is a group alone, and ``max_record_bytes`` bounds a record). A replayed group larger than the
+bounds that the writer found had not landed anywhere is given back (``release``) and its records grouped
+afresh: the first new intent over some of its records supersedes its intent on disk.
 
 Record layout (little-endian): ``b"MH"``, type (u8), payload length (u32), CRC-32 of type, length and
 payload (u32), payload. Every segment starts with a FORMAT record (the format version) and a COMMIT (what
@@ -72,18 +75,30 @@ COLUMN_SET_VERIFY = zlib.crc32(repr((COLUMN_SET, VERIFY_COLUMN)).encode())
 Marker = Callable[[PointBatch], tuple[list[int] | None, list[int] | None]]
 
 
-def encode_blocks(batch: PointBatch) -> Blocks:
-    """The batch as the spool stores it and the writer inserts it."""
-    numbers = (
-        native.encode(BATCH_COLUMNS, NUMBER_TYPES, [batch.columns[n] for n in BATCH_COLUMNS])
-        if batch.size
-        else b""
-    )
-    dists = (
-        native.encode(DIST_BATCH_COLUMNS, DIST_TYPES, [batch.dist_columns[n] for n in DIST_BATCH_COLUMNS])
-        if batch.dist_size
-        else b""
-    )
+def encode_blocks(batch: PointBatch, max_bytes: int = -1) -> Blocks:
+    """The batch as the spool stores it and the writer inserts it. With ``max_bytes`` (-1: none), raises
+    :class:`RecordTooLarge` as soon as its blocks would take more, before they are built whole: a
+    request's resource, scope and metric are copied onto each of its points, so a small request can
+    make a block thousands of times its size."""
+    try:
+        numbers = (
+            native.encode(BATCH_COLUMNS, NUMBER_TYPES, [batch.columns[n] for n in BATCH_COLUMNS], max_bytes)
+            if batch.size
+            else b""
+        )
+        left = max_bytes - len(numbers) if max_bytes >= 0 else -1
+        dists = (
+            native.encode(
+                DIST_BATCH_COLUMNS, DIST_TYPES, [batch.dist_columns[n] for n in DIST_BATCH_COLUMNS], left
+            )
+            if batch.dist_size
+            else b""
+        )
+    except native.BlockTooLarge:
+        raise RecordTooLarge(
+            f"the request's {batch.total} points take more than {max_bytes} bytes as stored (resource, "
+            "scope and metric are stored with every point); send fewer points a request"
+        ) from None
     return Blocks(numbers, batch.size, dists, batch.dist_size, batch.digest, batch.received_ns)
 
 
@@ -108,6 +123,11 @@ def _with_verify(blocks: Blocks, numbers: list[int] | None, dists: list[int] | N
 
 class SpoolError(Exception):
     """The spool cannot take the request (a disk error): answer retryable."""
+
+
+class RecordTooLarge(Exception):
+    """The request's points take more than one record may hold (``max_record_bytes``): refused for good,
+    nothing of it kept (413 / RESOURCE_EXHAUSTED)."""
 
 
 class SpoolFormatError(Exception):
@@ -261,6 +281,21 @@ def _next_sound(raw: bytes, pos: int) -> int:
             return pos
 
 
+def _live_intents(intents: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """The intents a replay follows, in order. An intent written again for the same records (after a
+    failed write) is the same group; an intent over some of an earlier one's records supersedes it: the
+    writer writes one only after it found that nothing of the earlier group had landed and gave its
+    records back to be grouped afresh (:meth:`Spool.release`), so the earlier one's other records are
+    pending again."""
+    live: list[tuple[int, int, str]] = []
+    for first, last, token in intents:
+        if any((a, z) == (first, last) for a, z, _t in live):
+            continue
+        live = [(a, z, t) for a, z, t in live if z < first or a > last]
+        live.append((first, last, token))
+    return sorted(live)
+
+
 class Spool:
     """Durable queue between receivers (``consume``) and the writer (``next_group``/``commit``)."""
 
@@ -274,10 +309,13 @@ class Spool:
         max_cached_bytes: int = 256 << 20,
         files: Files | None = None,
         mark: Marker | None = None,
+        max_record_bytes: int = -1,
     ) -> None:
-        """``mark`` flags each batch's points new or to verify, under the append lock (point identity)."""
+        """``mark`` flags each batch's points new or to verify, under the append lock (point identity).
+        ``max_record_bytes`` bounds one request's blocks (-1: no bound; beyond, :class:`RecordTooLarge`)."""
         self.dir = Path(directory)
         self.mark = mark
+        self.max_record_bytes = max_record_bytes
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.fsync = fsync
@@ -351,11 +389,9 @@ class Spool:
         report.digests = [digests[seq] for seq in sorted(data)]
         report.committed_through = self._committed
         grouped: set[int] = set()
-        seen_ranges: set[tuple[int, int]] = set()
-        for first, last, token in intents:
-            if last <= self._committed or (first, last) in seen_ranges:
-                continue  # committed, or an intent written again after a failed write
-            seen_ranges.add((first, last))
+        for first, last, token in _live_intents(intents):
+            if last <= self._committed:
+                continue
             records = [data[s] for s in range(first, last + 1) if s in data]
             if records:
                 done = parts.get((first, last), set())
@@ -477,7 +513,7 @@ class Spool:
         """Append the batch durably; return its seq only once it is on disk (fsync'd when configured)."""
         if batch.total == 0:
             return 0
-        blocks = encode_blocks(batch)
+        blocks = encode_blocks(batch, self.max_record_bytes)
         digest = _digest_bytes(batch.digest)
         with self._lock:
             if self._closed:
@@ -495,7 +531,9 @@ class Spool:
             seq = self._seq + 1
             record = _encode(DATA, _DATA_HEAD.pack(seq, batch.received_ns, batch.total, digest) + body)
             if len(record) > MAX_RECORD:
-                raise SpoolError("request too large for one spool record")
+                raise RecordTooLarge(
+                    f"the request's points take {len(record)} bytes, above a record's {MAX_RECORD}"
+                )
             self._seq = seq
             try:
                 offset = self._append(record)
@@ -661,34 +699,56 @@ class Spool:
             pass
 
     # -- the writer's side ----------------------------------------------------------------------
-    def next_group(self, max_points: int, max_wait_s: float, stop: threading.Event) -> Group | None:
-        """The next records to insert: a replayed group first, else up to ``max_points`` once that
-        many wait or the oldest has waited ``max_wait_s``. None when nothing is due before ``stop``."""
+    def next_group(
+        self, max_points: int, max_wait_s: float, stop: threading.Event, max_bytes: int | None = None
+    ) -> Group | None:
+        """The next records to insert, in order: a replayed group, or the pending records up to
+        ``max_points`` points and ``max_bytes`` bytes (a record larger than either is a group alone) once
+        that many wait or the oldest has waited ``max_wait_s``. None when nothing is due before ``stop``."""
+        byte_bound = max_bytes if max_bytes is not None else float("inf")
         with self._cond:
             if self._inflight is not None:
                 return self._inflight
-            if self._replay:
-                self._inflight = self._replay.popleft()
-                return self._inflight
             while True:
+                if self._replay and (not self._pending or self._replay[0].first < self._pending[0].seq):
+                    self._inflight = self._replay.popleft()
+                    return self._inflight
                 if self._pending:
                     age = time.time() - self._pending[0].received_ns / 1e9
-                    if self._pending_points >= max_points or age >= max_wait_s or stop.is_set():
+                    full = self._pending_points >= max_points or self._uncommitted_bytes >= byte_bound
+                    if full or age >= max_wait_s or stop.is_set():
                         break
                     self._cond.wait(min(max_wait_s - age, 0.5))
                 elif stop.is_set():
                     return None
                 else:
                     self._cond.wait(0.5)
+            # Records given back by release() come before a later replayed group: groups go in order.
+            before = self._replay[0].first if self._replay else None
             records: list[Record] = []
-            n = 0
+            n = size = 0
             for rec in self._pending:
-                if records and n + rec.points > max_points:
+                if before is not None and rec.seq > before:
+                    break
+                if records and (n + rec.points > max_points or size + rec.length > byte_bound):
                     break
                 records.append(rec)
                 n += rec.points
+                size += rec.length
             self._inflight = Group(records)
             return self._inflight
+
+    def release(self, group: Group) -> None:
+        """Give the records of a replayed group back to be grouped afresh, under today's bounds: the
+        writer found that nothing of it landed (``collector/writer.py``). Its intent stays on disk until
+        the first new group's intent, over some of the same records, supersedes it (``_live_intents``); a
+        restart before that replays it, and it is released again."""
+        with self._lock:
+            if self._inflight is not group or not group.replay:
+                raise ValueError("only the replayed group in flight can be released")
+            self._inflight = None
+            self._pending.extendleft(reversed(group.records))
+            self._cond.notify_all()
 
     def _payload(self, record: Record) -> bytes:
         with open(record.segment, "rb") as f:

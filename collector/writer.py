@@ -1,7 +1,9 @@
 """The sink: takes spooled records in order and writes them to ClickHouse, exactly once.
 
-Records are grouped into one column-oriented insert per table (when ``flush_max_points`` wait or the
-oldest has waited ``flush_interval_s``). Before the insert the group and its deduplication token (a
+Records are grouped into one column-oriented insert per table (when ``flush_max_points`` points or
+``flush_max_bytes`` bytes wait, or the oldest has waited ``flush_interval_s``; a group is never larger
+than either bound unless one request is: ClickHouse squashes a group into one block, at several times
+its size in memory, docs/capacity.md). Before the insert the group and its deduplication token (a
 digest of the requests' contents) are written to the spool, so a replay after a crash repeats the same
 insert and ClickHouse counts it once. Every failure is classified by what ClickHouse's error means
 (:func:`failure_cause`): a full or broken disk, memory, too many parts, a timeout or an outage is retried
@@ -304,10 +306,12 @@ def settle_redrive(letters: DeadLetters, store: Any, letter: DeadLetter) -> None
 
 def settle_redrives(letters: DeadLetters, store: Any) -> int:
     """Settle every redrive cut short (:func:`settle_redrive`); before anything else writes."""
-    cut = [letter for letter in letters.list(with_batches=True) if letter.redrive_seq is not None]
-    for letter in cut:
-        settle_redrive(letters, store, letter)
-    return len(cut)
+    cut = 0
+    for letter in letters.each(with_batches=True):
+        if letter.redrive_seq is not None:
+            settle_redrive(letters, store, letter)
+            cut += 1
+    return cut
 
 
 def redrive(
@@ -330,7 +334,7 @@ def redrive(
     settle_redrives(letters, store)
     ok = failed = 0
     seq = first_seq
-    for letter in letters.list(with_batches=True):
+    for letter in letters.each(with_batches=True):  # one letter (one group) in memory at a time
         try:
             if _ledger_letter(store, letter):
                 if seq is None or seq <= int(store.max_batch_seq()):
@@ -383,6 +387,7 @@ class Writer:
         *,
         flush_interval_s: float = 1.0,
         flush_max_points: int = 50_000,
+        flush_max_bytes: int = 16 << 20,
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 5.0,
         poison_after_attempts: int = 10,
@@ -394,6 +399,7 @@ class Writer:
         self.dead_letters = dead_letters
         self.flush_interval_s = flush_interval_s
         self.flush_max_points = flush_max_points
+        self.flush_max_bytes = flush_max_bytes
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.poison_after_attempts = poison_after_attempts
@@ -427,7 +433,9 @@ class Writer:
         errors = 0
         while not (self._stop.is_set() and time.monotonic() >= self._deadline):
             try:
-                group = self.spool.next_group(self.flush_max_points, self.flush_interval_s, self._stop)
+                group = self.spool.next_group(
+                    self.flush_max_points, self.flush_interval_s, self._stop, self.flush_max_bytes
+                )
                 if group is None:
                     return
                 if not self.write(group):
@@ -450,6 +458,8 @@ class Writer:
             log.warning("replay: the group is in a dead letter already; not written again",
                         extra={"records": len(group.records)})  # fmt: skip
             self.spool.commit(group)
+            return True
+        if self._split(group):
             return True
         batches = [self.spool.blocks(r) for r in group.records]
         verified: list[PointBatch] | None = None
@@ -512,6 +522,38 @@ class Writer:
             self.before_commit(batches)
         self.spool.commit(group)
         self._committed(batches)
+        return True
+
+    def _split(self, group: Group) -> bool:
+        """A replayed group larger than the bounds (an earlier version's, or made under larger ones) that
+        nothing of has landed is given back to the spool, whose records are then grouped afresh under
+        today's bounds, each group with its own intent and number: True when so. Asked of the ledger
+        (rows at or above the group's number, in every table of both inserts: none newer exists), so
+        only on the embedded engine and for a group of the ledger; elsewhere the token decides, and only
+        the same insert repeated is dropped, so the group is replayed whole."""
+        if not group.replay or group.done or len(group.records) < 2:
+            return False
+        points = sum(r.points for r in group.records)
+        size = sum(r.length for r in group.records)
+        if points <= self.flush_max_points and size <= self.flush_max_bytes:
+            return False
+        ask = getattr(self.store, "landed", None)
+        if ask is None or group.token is None or not group.token.startswith(schema.LEDGER_TOKEN_PREFIX):
+            return False
+        landed = [ask(kind, group.last) for kind in schema.INGEST_OF]
+        extra = {"records": len(group.records), "points": points, "bytes": size}
+        if any(found is None for found in landed):
+            log.warning("replay: a group larger than the bounds is replayed whole (its token decides here)",
+                        extra=extra)  # fmt: skip
+            return False
+        if any(any(found.values()) for found in landed if found is not None):
+            log.warning(
+                "replay: a group larger than the bounds had landed in part; replayed whole", extra=extra
+            )
+            return False
+        log.warning("replay: a group larger than the bounds, of which nothing landed, is grouped afresh",
+                    extra=extra)  # fmt: skip
+        self.spool.release(group)
         return True
 
     def _verify(self, group: Group, batches: list[Blocks]) -> list[PointBatch]:

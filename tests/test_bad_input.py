@@ -72,6 +72,14 @@ def with_resource(resource: dict) -> bytes:
     ).SerializeToString()
 
 
+def copied_onto_every_point() -> bytes:
+    """260 KB of resource attributes and 200 points: the resource is stored with every point, so its
+    points take 52 MB stored, past --max-request-spooled-bytes (32 MiB), from a body far under the limit."""
+    resource = {"org.id": "org-bad", **{f"r{i:02d}": f"{i:02d}" + "x" * 4000 for i in range(64)}}
+    points = [point(i + 1, {"k": str(i)}) for i in range(200)]
+    return sum_request({"bad.calls": points}, resource=resource).SerializeToString()
+
+
 def nested_value(depth: int):
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValueList
 
@@ -134,6 +142,7 @@ CORPUS = [
     ("form content type", b"a=b", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "Content-Type"),
     ("gzip bomb", gzip.compress(b"\x00" * 50_000_000), {**PB, "Content-Encoding": "gzip"}, 413, "limit"),
     ("oversized body", b"\x00" * (LIMIT + 1), PB, 413, "limit"),
+    ("points far larger stored than sent", copied_onto_every_point(), PB, 413, "as stored"),
     ("not gzip", b"plain bytes", {**PB, "Content-Encoding": "gzip"}, 400, "gzip"),
     ("truncated gzip", gzip.compress(VALID)[:-12], {**PB, "Content-Encoding": "gzip"}, 400, "gzip"),
     ("unknown content encoding", VALID, {**PB, "Content-Encoding": "br"}, 415, "Content-Encoding"),
@@ -242,6 +251,37 @@ def test_rejections_are_counted_by_reason(up):
             expected[expect[1]] = expected.get(expect[1], 0) + expect[0]
     for reason, n in expected.items():
         assert counts[reason] >= n, (reason, counts)
+
+
+def test_a_request_whose_points_take_too_much_stored_is_refused_counted_and_logged(up):
+    """A body of 260 KB whose resource is copied onto its 200 points would be a 52 MB spool record and a
+    group several times that in the writer's memory (before: answered 200, and the record built whole).
+    Refused for good before the record is built, its points counted as rejected and logged."""
+    before = metric_value(up, "meterhouse_points_rejected_total", reason="request_too_large")
+    body = copied_onto_every_point()
+    assert len(body) < LIMIT
+    r = requests.post(f"{up.otlp_http}/v1/metrics", data=body, headers=PB, timeout=60)
+    assert r.status_code == 413
+    assert "as stored" in status_pb2.Status.FromString(r.content).message
+    channel = grpc.insecure_channel(up.otlp_grpc)
+    export = channel.unary_unary("/opentelemetry.proto.collector.metrics.v1.MetricsService/Export")
+    with pytest.raises(grpc.RpcError) as e:
+        export(body, timeout=30)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "as stored" in e.value.details()
+    channel.close()
+    assert metric_value(up, "meterhouse_points_rejected_total", reason="request_too_large") == before + 400
+    lines = [json.loads(line) for line in up.output().splitlines() if '"data points rejected"' in line]
+    assert any(e["reason"] == "request_too_large" and e["metric"] == "bad.calls" for e in lines), lines
+
+
+def metric_value(up, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(requests.get(f"{up.api}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
 
 
 def test_rejections_are_logged_once_per_reason_and_metric(up):

@@ -53,3 +53,5 @@ def test_quick_benchmarks_run_every_scenario(tmp_path):
     stages = {row["stage"]: row["cpu_s_per_million"] for row in res["breakdown"]["rows"]}
     assert stages["insert, the whole schema"] > stages["insert, no view (the engine's floor)"] > 0
     assert stages["decode, native fast path (from the bytes)"] > 0
+    (group,) = res["groupmem"]["rows"]
+    assert group["group_mib"] > 1 and group["group_peak_mib"] > 0

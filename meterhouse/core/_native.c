@@ -27,12 +27,21 @@ enum { T_STRING, T_UINT8, T_INT32, T_INT64, T_UINT64, T_FLOAT64, T_NULLABLE_FLOA
 typedef struct {
     char *data;
     Py_ssize_t len, cap;
+    Py_ssize_t limit; /* the largest block wanted (-1: none): beyond it nothing more is allocated */
 } Buf;
 
+/* Raised when a block would pass its limit (native.py's BlockTooLarge). */
+static PyObject *BlockTooLarge;
+
 static int buf_reserve(Buf *b, Py_ssize_t more) {
+    if (b->limit >= 0 && b->len + more > b->limit) {
+        PyErr_Format(BlockTooLarge, "the block passes its limit of %zd bytes", b->limit);
+        return -1;
+    }
     if (b->len + more <= b->cap) return 0;
     Py_ssize_t cap = b->cap ? b->cap : 1 << 16;
     while (cap < b->len + more) cap *= 2;
+    if (b->limit >= 0 && cap > b->limit) cap = b->limit; /* never more than the block may take */
     char *p = PyMem_Realloc(b->data, (size_t)cap);
     if (!p) {
         PyErr_NoMemory();
@@ -51,7 +60,9 @@ static int put(Buf *b, const void *src, Py_ssize_t n) {
 }
 
 static int put_leb128(Buf *b, uint64_t v) {
-    if (buf_reserve(b, 10) < 0) return -1;
+    Py_ssize_t n = 1; /* exactly what it takes, so that a block at its limit is not refused */
+    for (uint64_t rest = v >> 7; rest; rest >>= 7) n++;
+    if (buf_reserve(b, n) < 0) return -1;
     do {
         uint8_t byte = v & 0x7f;
         v >>= 7;
@@ -257,10 +268,11 @@ static int write_column(Buf *b, int code, PyObject *seq, Py_ssize_t rows) {
     return -1;
 }
 
-/* native_block(names, types, columns) -> bytes */
+/* native_block(names, types, columns[, max_bytes]) -> bytes; BlockTooLarge past max_bytes (-1: none) */
 static PyObject *native_block(PyObject *self, PyObject *args) {
     PyObject *names, *types, *columns;
-    if (!PyArg_ParseTuple(args, "OOO", &names, &types, &columns)) return NULL;
+    Py_ssize_t max_bytes = -1;
+    if (!PyArg_ParseTuple(args, "OOO|n", &names, &types, &columns, &max_bytes)) return NULL;
     /* Tuples (copies): converting a value can run Python code, which must not change these. */
     PyObject *fn = PySequence_Tuple(names);
     PyObject *ft = fn ? PySequence_Tuple(types) : NULL;
@@ -268,7 +280,7 @@ static PyObject *native_block(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     PyObject **cols = NULL;
     Py_ssize_t ncols = 0, made = 0, rows = 0;
-    Buf b = {NULL, 0, 0};
+    Buf b = {NULL, 0, 0, max_bytes};
     if (!fc) goto done;
     ncols = PySequence_Fast_GET_SIZE(fc);
     if (PySequence_Fast_GET_SIZE(fn) != ncols || PySequence_Fast_GET_SIZE(ft) != ncols) {
@@ -417,10 +429,20 @@ static PyMethodDef methods[] = {
     {"stream_marks", stream_marks, METH_VARARGS,
      "stream_marks(columns, times, last, floor) -> (bytes, int): the edge's point-identity flags."},
     {"native_block", native_block, METH_VARARGS,
-     "native_block(names, types, columns) -> bytes: one ClickHouse Native-format block."},
+     "native_block(names, types, columns[, max_bytes]) -> bytes: one ClickHouse Native-format block; "
+     "BlockTooLarge, before allocating more, when it would pass max_bytes."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    BlockTooLarge = PyErr_NewException("meterhouse.core._native.BlockTooLarge", PyExc_ValueError, NULL);
+    if (!BlockTooLarge || PyModule_AddObjectRef(m, "BlockTooLarge", BlockTooLarge) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -101,6 +101,12 @@ class Config:
         _positive, default=1.0, help="Longest time a spooled point waits before its insert."
     )
     flush_max_points: int = _opt(_positive, default=50_000, help="Insert as soon as this many points wait.")
+    flush_max_bytes: int = _opt(
+        _positive,
+        default=16 << 20,
+        help="Insert as soon as this many bytes of spooled points wait (one group's size; a request "
+        "larger than it is a group alone). Bounds the writer's memory: docs/capacity.md.",
+    )
     max_request_bytes: int = _opt(
         _positive, default=20 * 1024 * 1024, help="Largest OTLP request body, measured after decompression."
     )
@@ -109,6 +115,12 @@ class Config:
         default=100_000,
         help="Most data points in one OTLP request (413 / RESOURCE_EXHAUSTED beyond): a request is inserted "
         "whole, so this bounds one insert's memory.",
+    )
+    max_request_spooled_bytes: int = _opt(
+        _positive,
+        default=32 << 20,
+        help="Largest a request's points may take as spooled and inserted (resource, scope and metric "
+        "are stored with every point, so a small body can take far more); beyond, 413 / RESOURCE_EXHAUSTED.",
     )
     http_read_header_timeout_s: float = _opt(
         _non_negative,

@@ -23,6 +23,7 @@ REJECT_REASONS = (
     "unsupported_metric",  # no data, or a sum without temporality
     "org_not_allowed",  # the sender's ingest token may not send for the point's org
     "invalid_name",  # a metric name, unit, description or scope over its length limit, or a control character
+    "request_too_large",  # every point of a request that takes more than max_request_spooled_bytes stored
 )
 
 #: Why a data point was stored changed. Each repair keeps the usage exactly; it is counted and logged.

@@ -17,9 +17,16 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 try:
+    from meterhouse.core._native import BlockTooLarge as _CBlockTooLarge
     from meterhouse.core._native import native_block as _c_encode
 except ImportError:  # pragma: no cover - built by `pip install`; the suite requires it
     _c_encode = None
+    _CBlockTooLarge = None
+
+
+class BlockTooLarge(ValueError):
+    """The block would be larger than the bound it was encoded under (nothing beyond it is allocated)."""
+
 
 #: Types both encoders support (DateTime64(...) columns are written as Int64 nanoseconds).
 SCALAR_SIZES = {"UInt8": 1, "Int32": 4, "Int64": 8, "UInt64": 8, "Float64": 8}
@@ -55,13 +62,19 @@ def _string(s: str) -> bytes:
     return _leb128(len(raw)) + raw
 
 
-def _values(column_type: str, values: Sequence[Any]) -> bytes:
+def _values(column_type: str, values: Sequence[Any], budget: float = float("inf")) -> bytes:
+    """The column's values; :class:`BlockTooLarge` when they would take more than ``budget`` bytes."""
     t = _base(column_type)
     if t == "String":
+        out, size = [], 0
         for v in values:
             if not isinstance(v, str):
                 raise TypeError(f"expected str, got {type(v).__name__}")
-        return b"".join(_string(v) for v in values)
+            out.append(_string(v))
+            size += len(out[-1])
+            if size > budget:
+                raise BlockTooLarge(f"the block passes its limit ({size} bytes of strings so far)")
+        return b"".join(out)
     if t in _ARRAY_CODES:
         return array(_ARRAY_CODES[t], values).tobytes()  # raises OverflowError/TypeError like the C one
     if t == "Nullable(Float64)":
@@ -77,32 +90,49 @@ def _values(column_type: str, values: Sequence[Any]) -> bytes:
             end += len(row)
             ends.append(end)
             flat.extend(row)
-        return array("Q", ends).tobytes() + _values(t[len("Array(") : -1], flat)
+        offsets = array("Q", ends).tobytes()
+        return offsets + _values(t[len("Array(") : -1], flat, budget - len(offsets))
     raise ValueError(f"unsupported column type {column_type}")
 
 
-def encode_python(names: Sequence[str], types: Sequence[str], columns: Sequence[Sequence[Any]]) -> bytes:
+def encode_python(
+    names: Sequence[str], types: Sequence[str], columns: Sequence[Sequence[Any]], max_bytes: int = -1
+) -> bytes:
     """The pure-Python encoder (the reference the C one is tested against)."""
     rows = len(columns[0]) if columns else 0
     if len(names) != len(types) or len(names) != len(columns):
         raise ValueError("names, types and columns differ in length")
     out = [_leb128(len(names)), _leb128(rows)]
+    size = len(out[0]) + len(out[1])
     for name, column_type, values in zip(names, types, columns, strict=True):
         if len(values) != rows:
             raise ValueError("columns differ in length")
+        head = [_string(name), _string(column_type)]
+        size += len(head[0]) + len(head[1])
         try:
-            data = _values(column_type, values)
+            data = _values(column_type, values, max_bytes - size if max_bytes >= 0 else float("inf"))
         except (TypeError, OverflowError, ValueError) as e:
             raise type(e)(f"column {name} ({column_type}): {e}") from e
-        out += [_string(name), _string(column_type), data]
+        size += len(data)
+        if 0 <= max_bytes < size:
+            raise BlockTooLarge(
+                f"column {name} ({column_type}): the block passes its limit of {max_bytes} bytes"
+            )
+        out += [*head, data]
     return b"".join(out)
 
 
-def encode(names: Sequence[str], types: Sequence[str], columns: Sequence[Sequence[Any]]) -> bytes:
-    """One Native block of the columns (C encoder when built)."""
+def encode(
+    names: Sequence[str], types: Sequence[str], columns: Sequence[Sequence[Any]], max_bytes: int = -1
+) -> bytes:
+    """One Native block of the columns (C encoder when built); :class:`BlockTooLarge`, before more is
+    allocated, when it would take more than ``max_bytes`` (-1: no bound)."""
     if _c_encode is not None:
-        return cast("bytes", _c_encode(names, types, columns))
-    return encode_python(names, types, columns)
+        try:
+            return cast("bytes", _c_encode(names, types, columns, max_bytes))
+        except _CBlockTooLarge as e:
+            raise BlockTooLarge(str(e)) from None
+    return encode_python(names, types, columns, max_bytes)
 
 
 class _Reader:

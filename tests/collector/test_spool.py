@@ -63,6 +63,39 @@ def test_committed_records_are_not_replayed(tmp_path):
     assert s2.load(rec).columns["value_int"] == [2]
 
 
+def test_a_request_whose_record_would_pass_the_bound_is_refused_before_it_is_built(tmp_path):
+    """Its resource is stored with each of its points: 200 points under 64 KB of resource attributes are a
+    13 MB record. Refused (nothing appended, no number burned), the next request is stored as usual."""
+    from meterhouse.collector.spool import RecordTooLarge
+
+    req = sum_request({"api": [point(1, {"i": str(i)}) for i in range(200)]},
+                      resource={f"r{i}": "x" * 4000 for i in range(16)})  # fmt: skip
+    wide = decode_request(req, Limits(), now_ns=time.time_ns(), digest="w" * 32).batch
+    s, _ = opened(tmp_path, max_record_bytes=1 << 20)
+    with pytest.raises(RecordTooLarge, match="as stored"):
+        s.consume(wide)
+    assert s.consume(batch(value=7)) == 1 and s.uncommitted_bytes < 10_000
+    (rec,) = take(s).records
+    assert s.load(rec).columns["value_int"] == [7]
+
+
+def test_a_group_takes_records_up_to_the_byte_bound_and_a_larger_record_alone(tmp_path):
+    s, _ = opened(tmp_path)
+    for n in (10, 10, 10, 100, 10):
+        s.consume(batch(n=n))
+    lengths = [r.length for r in s.uncommitted_records()]
+    bound = lengths[0] * 2 + 10
+    groups = []
+    while s.pending_points:
+        stop = threading.Event()
+        stop.set()
+        g = s.next_group(10**9, 60, stop, bound)
+        groups.append([r.seq for r in g.records])
+        s.intent(g, f"t{len(groups)}")
+        s.commit(g)
+    assert lengths[3] > bound and groups == [[1, 2], [3], [4], [5]]
+
+
 def test_an_uncommitted_intent_is_replayed_with_its_grouping_and_token(tmp_path):
     s, _ = opened(tmp_path)
     for v in (1, 2, 3):

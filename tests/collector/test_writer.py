@@ -488,8 +488,9 @@ def crash(spool):
 
 
 def insert_then_crash(tmp_path, store, batches, max_points=50_000, cache_bytes=256 << 20, crash_after="both"):
-    """The writer's steps for the first group, up to a crash after the numbers' insert (or after both),
-    before any mark: its intent, token and ``batch_seq`` as the writer makes them. Returns the group."""
+    """The writer's steps for the first group, up to a crash after the numbers' insert (or after both, or
+    after its intent alone), before any mark: its intent, token and ``batch_seq`` as the writer makes
+    them. Returns the group."""
     from meterhouse.collector.writer import DIST_NAMES, NUMBER_NAMES, merge_blocks
 
     spool = Spool(tmp_path / "spool", max_cached_bytes=cache_bytes)
@@ -501,7 +502,8 @@ def insert_then_crash(tmp_path, store, batches, max_points=50_000, cache_bytes=2
     token = schema.LEDGER_TOKEN_PREFIX + content_digest(*(b.digest.encode() for b in blocks))
     spool.intent(group, token)
     numbers, dists = merge_blocks(blocks, token, group.last)
-    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
+    if crash_after != "intent":
+        store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
     if crash_after == "both":
         store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
     crash(spool)
@@ -949,3 +951,120 @@ def test_a_redrive_that_fails_half_way_keeps_what_it_put_in_and_the_next_one_add
     assert redrive(rig.dead, store) == (1, 0)
     assert rig.dead.list() == []
     assert stored(store) == want
+
+
+# -- groups bounded by bytes as well as points ------------------------------------------------------
+
+
+def groups_of(store):
+    """The groups the raw table holds: batch_seq → rows, in order."""
+    return dict(
+        store.rows(f"SELECT batch_seq, count() FROM {store.database}.usage_points GROUP BY 1 ORDER BY 1")
+    )
+
+
+def wide_batch(i, points=10, width=4000):
+    """A request of ``points`` points, each with an attribute of ``width`` characters: about
+    ``points * width`` bytes in the spool, few points."""
+    return batch_of({"api": [point(1, {"org.id": f"o{i % 3}", "blob": f"{i}.{k}." + "x" * width})
+                             for k in range(points)]})  # fmt: skip
+
+
+def test_waiting_records_whose_bytes_pass_the_bound_are_inserted_as_several_groups(tmp_path, store):
+    """12 records of about 40 KB (10 points each) wait when the writer starts; with a byte bound of 100 KB
+    they go as groups of two records, each under the bound, in order (before: one group of all 12, since
+    the point bound is far away; a group's memory in the writer is several times its bytes)."""
+    rig = Rig(tmp_path, store, flush_max_bytes=100_000)
+    for i in range(12):
+        rig.spool.consume(wide_batch(i))
+    lengths = [r.length for r in rig.spool.uncommitted_records()]
+    assert all(40_000 < n < 50_000 for n in lengths), lengths
+    with rig:
+        rig.drain()
+    assert groups_of(store) == {seq: 20 for seq in range(2, 13, 2)}  # numbered by their last record
+    assert sum(totals(store).values()) == 120 and totals(store, "usage_hourly") == totals(store)
+    assert rig.value("meterhouse_insert_duration_seconds_count") == 6
+
+
+def test_a_record_larger_than_the_byte_bound_is_a_group_alone(tmp_path, store):
+    rig = Rig(tmp_path, store, flush_max_bytes=30_000)
+    for i in range(3):
+        rig.spool.consume(wide_batch(i))  # about 40 KB each
+    with rig:
+        rig.drain()
+    assert groups_of(store) == {1: 10, 2: 10, 3: 10}
+
+
+def oversized_replay(tmp_path, store, store_factory, crash_after):
+    """Twelve records that an earlier writer (no byte bound) took as one group, crashed ``crash_after``;
+    the restart's bound takes about three records a group. Returns (what must be stored, the bound)."""
+    t0 = time.time_ns() - 3 * 3600 * 10**9
+    batches = [mixed_request(i, t0 + (i % 4) * 1800 * 10**9) for i in range(12)]
+    want = expected_rows(tmp_path, store_factory, batches)
+    group = insert_then_crash(tmp_path, store, batches, crash_after=crash_after)
+    assert len(group.records) == 12
+    return want, 3 * max(r.length for r in group.records)
+
+
+def test_a_replayed_group_larger_than_the_bounds_of_which_nothing_landed_is_grouped_afresh(
+    tmp_path, store, store_factory
+):
+    """An earlier version took every waiting record into one group, wrote its intent and was killed in the
+    insert (the OOM loop: each restart replayed the same group and was killed again). Nothing of it is in
+    any table, so the replay groups its records afresh under today's bounds, each group with its own
+    intent and number; every point once, everywhere."""
+    want, bound = oversized_replay(tmp_path, store, store_factory, "intent")
+    with Rig(tmp_path, store, flush_max_bytes=bound) as rig:
+        assert rig.report.replay_groups == 1
+        rig.drain(60)
+    assert stored(store) == want
+    assert len(groups_of(store)) == 4
+
+
+@pytest.mark.parametrize("killed", ["released", "first group's insert", "first group committed"])
+def test_a_kill_between_the_groups_of_a_split_replay_loses_and_doubles_nothing(
+    tmp_path, store, store_factory, killed
+):
+    """The split replay killed again: right after the oversized group was given back, after the first new
+    group's insert (its intent over some of the old group's records supersedes the old intent), or after
+    that group's commit. The next start replays what is left, in order, and every point counts once."""
+    from meterhouse.collector.writer import DIST_NAMES, NUMBER_NAMES, merge_blocks
+
+    want, bound = oversized_replay(tmp_path, store, store_factory, "intent")
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    writer = Writer(spool, store, PipelineMetrics(CollectorRegistry()), DeadLetters(tmp_path / "dead"),
+                    flush_max_bytes=bound)  # fmt: skip
+    stop = __import__("threading").Event()
+    old = spool.next_group(50_000, 0.0, stop, bound)
+    assert old.replay and len(old.records) == 12
+    assert writer.write(old)  # given back: nothing of it landed
+    first = spool.next_group(50_000, 0.0, stop, bound)
+    assert not first.replay and len(first.records) == 3
+    if killed == "first group's insert":
+        blocks = [spool.blocks(r) for r in first.records]
+        token = schema.LEDGER_TOKEN_PREFIX + content_digest(*(b.digest.encode() for b in blocks))
+        spool.intent(first, token)
+        numbers, dists = merge_blocks(blocks, token, first.last)
+        store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")
+        store.insert_native(schema.DIST_INGEST_TABLE, DIST_NAMES, dists, token + ":d")
+    elif killed == "first group committed":
+        assert writer.write(first)
+    crash(spool)
+    with Rig(tmp_path, store, flush_max_bytes=bound) as rig:
+        assert rig.report.replay_groups == (0 if killed == "first group committed" else 1)
+        rig.drain(60)
+    assert stored(store) == want
+    assert len(groups_of(store)) == 4
+
+
+def test_a_replayed_group_larger_than_the_bounds_that_landed_in_part_is_replayed_whole(
+    tmp_path, store, store_factory
+):
+    """Its numbers' insert landed before the kill: its rows there carry its number, and a group of some of
+    its records could not be told from it, so it is replayed whole, as the ledger requires."""
+    want, bound = oversized_replay(tmp_path, store, store_factory, "numbers")
+    with Rig(tmp_path, store, flush_max_bytes=bound) as rig:
+        rig.drain(60)
+    assert stored(store) == want
+    assert len(groups_of(store)) == 1

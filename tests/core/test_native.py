@@ -4,6 +4,7 @@ the same columns inserted both ways must read back identical from the real engin
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -84,6 +85,30 @@ def test_the_c_and_python_encoders_agree_and_decode_reads_either_back():
     got_names, got_types, got, rows = native.decode(block)
     assert (got_names, got_types, rows) == (names, types, 6)
     assert [got[n] for n in names] == [[list(v) if isinstance(v, list) else v for v in c] for c in cols]
+
+
+def test_a_block_past_its_bound_is_refused_by_both_encoders_before_it_is_built():
+    """A bound at the block's exact size passes; one byte less raises BlockTooLarge in both encoders, and
+    the C one allocates nothing beyond the bound (a column of 100,000 copies of one 4,000-character
+    string, 400 MB whole, is refused at 1 MB without taking the memory)."""
+    names, types = ["s", "a"], ["String", "Array(String)"]
+    cols = [["x" * 100, "ü"], [["k" * 50, ""], ["v"]]]
+    size = len(native.encode(names, types, cols))
+    assert native.encode(names, types, cols, size) == native.encode_python(names, types, cols, size)
+    for encode in (native.encode, native.encode_python):
+        with pytest.raises(native.BlockTooLarge):
+            encode(names, types, cols, size - 1)
+    column = [["w" * 4000]] * 100_000  # one list, shared: 800 KB of references
+    status = Path("/proc/self/status")
+
+    def kib(key: str) -> int:
+        return int(status.read_text().split(key + ":")[1].split()[0])
+
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = kib("VmRSS")
+    with pytest.raises(native.BlockTooLarge, match="column a"):
+        native.encode(["a"], ["Array(String)"], [column], 1 << 20)
+    assert kib("VmHWM") - before < 50_000  # KiB: not the 400 MB of the whole block
 
 
 def test_with_constant_adds_a_column_the_engine_reads(store):
