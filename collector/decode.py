@@ -95,7 +95,7 @@ class Limits:
     max_scope_length: int = 1024
     max_description_length: int = 4096
     #: Most data points in one request: the writer cannot split a request, so this bounds one insert.
-    max_points_per_request: int = 100_000
+    max_points_per_request: int = 50_000
 
 
 #: What no name, unit or scope name or version may contain: the C0 control characters and DEL.

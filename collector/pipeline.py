@@ -74,6 +74,7 @@ class Collector:
         and dead letters: the seams through which tests inject outages and disk errors."""
         self.config = config
         self.memory = memory.plan(config)
+        self.trimmer = memory.Trimmer()
         self.tls = tls
         self.metrics = metrics
         self.endpoints = EndpointSet(
@@ -211,6 +212,7 @@ class Collector:
 
     def start(self) -> None:
         log.info("memory budget", extra=self.memory.describe())
+        self.trimmer.start()
         self.bind()
         self.endpoints.start()
         if not self.endpoints.active_healthy():  # none answered: the check switches to any that does
@@ -318,6 +320,7 @@ class Collector:
         if self.recent is not None:
             self.recent.close()
         self.endpoints.shutdown(min(left(), 1.0) + 0.5)
+        self.trimmer.stop()
 
 
 def _disk_usage(path: str | os.PathLike[str]) -> tuple[float, float]:

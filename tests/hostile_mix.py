@@ -138,7 +138,7 @@ class HostileMix:
     """Runs hostile and honest senders against one collector until :meth:`stop`."""
 
     def __init__(
-        self, http_url: str, grpc_target: str, max_request_bytes: int, max_points: int = 100_000
+        self, http_url: str, grpc_target: str, max_request_bytes: int, max_points: int = 50_000
     ) -> None:
         self.http_url, self.grpc_target = http_url, grpc_target
         self.stop_event = threading.Event()

@@ -112,7 +112,7 @@ class Config:
     )
     max_points_per_request: int = _opt(
         _positive,
-        default=100_000,
+        default=50_000,
         help="Most data points in one OTLP request (413 / RESOURCE_EXHAUSTED beyond): a request is inserted "
         "whole, so this bounds one insert's memory.",
     )
