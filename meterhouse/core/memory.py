@@ -19,7 +19,7 @@ Shares (README, "Memory", has the table with the figures they come from):
 - the spool's memory copy of spooled records: 4%;
 - point identity, about 100 bytes a stream: 3%.
 
-The rest (about half) is the process itself (140 MiB idle: interpreter, libraries, threads), what gRPC
+The rest (more than half) is the process itself (140 MiB idle: interpreter, libraries, threads), what gRPC
 holds of messages still arriving, the writer's groups outside the engine, and the engine's code pages
 (file-backed: the kernel may drop and re-read them under pressure).
 """
