@@ -15,7 +15,7 @@ from clickhouse_connect.driver.client import Client
 
 from meterhouse.core import native, schema
 from meterhouse.core.config import Config, ConfigError
-from meterhouse.core.memory import MemoryPlan, plan
+from meterhouse.core.memory import MemoryPlan
 
 log = logging.getLogger("meterhouse.store")
 
@@ -447,14 +447,12 @@ def connect(
 
 
 def open_store(config: Config, *, create_schema: bool = True) -> Store:
-    """Open the first configured endpoint (the embedded engine under ``config.data_dir`` by default)."""
+    """Open the first configured endpoint (the embedded engine under ``config.data_dir`` by default).
+
+    For the one-off commands (a direct close, a schema check): the engine is not held to the collector's
+    memory budget here; `meterhouse up` opens it through the collector, which applies the budget."""
     store = connect(
-        config.endpoints[0],
-        config.data_dir,
-        config.database,
-        config.raw_retention_days,
-        config.cluster,
-        memory=plan(config),
+        config.endpoints[0], config.data_dir, config.database, config.raw_retention_days, config.cluster
     )
     if create_schema:
         store.ensure_schema()
