@@ -47,7 +47,6 @@ class MemoryPlan:
 
     budget_bytes: int
     engine_bytes: int
-    engine_query_bytes: int
     engine_mark_cache_bytes: int
     engine_index_cache_bytes: int
     http_bytes_in_flight: int
@@ -69,7 +68,7 @@ class MemoryPlan:
 
     def engine_settings(self) -> dict[str, int]:
         """Settings of every query the embedded engine runs."""
-        return {"max_memory_usage": self.engine_query_bytes}
+        return {"max_memory_usage": self.engine_bytes}  # one insert may use the engine's whole share
 
     def describe(self) -> dict[str, int]:
         return asdict(self)
@@ -88,7 +87,6 @@ def plan(config: Config) -> MemoryPlan:
     p = MemoryPlan(
         budget_bytes=b,
         engine_bytes=int(b * 0.25),
-        engine_query_bytes=int(b * 0.25),
         engine_mark_cache_bytes=int(b * 0.02),
         engine_index_cache_bytes=int(b * 0.005),
         http_bytes_in_flight=share(config.http_max_bytes_in_flight, 0.02),
