@@ -1045,26 +1045,62 @@ done:
     return result;
 }
 
-/* ---- counting data points without decoding them --------------------------------------------- */
+/* ---- what a request costs once decoded, counted without decoding it ------------------------- */
 
-/* Data points of one Metric: the repeated field 1 of whichever data message it holds (gauge 5, sum 7,
- * histogram 9, exponential histogram 10, summary 11). */
-static int count_metric(Rd r, uint64_t *n)
+/* A request's decoded size is about its points, its packed numbers (histogram buckets and bounds) and
+ * its repeated messages (attributes, array and kvlist elements, exemplars, quantiles, metrics): every one of them can be a byte or two on the wire and tens of bytes in memory
+ * once parsed. collector/decode.py weighs the three counts (decoded_cost). */
+typedef struct {
+    uint64_t points, numbers, values;
+} Cost;
+
+/* Deeper values than protobuf parses: the bytes are not a request it would take. */
+#define MAX_COST_DEPTH 100
+
+static int cost_any(Rd r, Cost *c, int depth);
+
+/* A KeyValue: the elements nested in its value (field 2). */
+static int cost_kv(Rd r, Cost *c, int depth)
 {
     uint32_t f;
     int wt;
     while (r.p < r.end) {
         TRY(rd_tag(&r, &f, &wt));
-        if (wt == 2 && (f == 5 || f == 7 || f == 9 || f == 10 || f == 11)) {
-            Rd data;
-            TRY(rd_len(&r, &data));
-            while (data.p < data.end) {
+        if (f == 2 && wt == 2) {
+            Rd v;
+            TRY(rd_len(&r, &v));
+            TRY(cost_any(v, c, depth));
+        } else {
+            TRY(skip_field(&r, wt));
+        }
+    }
+    return OK;
+}
+
+/* An AnyValue: every element of its array (field 5) or kvlist (field 6), at every depth. */
+static int cost_any(Rd r, Cost *c, int depth)
+{
+    uint32_t f;
+    int wt;
+    if (depth > MAX_COST_DEPTH)
+        return OUT;
+    while (r.p < r.end) {
+        TRY(rd_tag(&r, &f, &wt));
+        if ((f == 5 || f == 6) && wt == 2) {
+            Rd list;
+            TRY(rd_len(&r, &list));
+            while (list.p < list.end) {
                 uint32_t g;
                 int gwt;
-                TRY(rd_tag(&data, &g, &gwt));
-                if (g == 1 && gwt == 2)
-                    (*n)++;
-                TRY(skip_field(&data, gwt));
+                TRY(rd_tag(&list, &g, &gwt));
+                if (g == 1 && gwt == 2) {
+                    Rd e;
+                    TRY(rd_len(&list, &e));
+                    c->values++;
+                    TRY(f == 5 ? cost_any(e, c, depth + 1) : cost_kv(e, c, depth + 1));
+                } else {
+                    TRY(skip_field(&list, gwt));
+                }
             }
         } else {
             TRY(skip_field(&r, wt));
@@ -1073,17 +1109,18 @@ static int count_metric(Rd r, uint64_t *n)
     return OK;
 }
 
-/* Walks `outer` and calls `inner` on every field `field` of it (a length-delimited message). */
-static int each(Rd r, uint32_t field, int (*inner)(Rd, uint64_t *), uint64_t *n)
+/* Attributes (repeated KeyValue `field` of a message): each a value, and what their values nest. */
+static int cost_attributes(Rd r, uint32_t field, Cost *c)
 {
     uint32_t f;
     int wt;
     while (r.p < r.end) {
         TRY(rd_tag(&r, &f, &wt));
         if (f == field && wt == 2) {
-            Rd sub;
-            TRY(rd_len(&r, &sub));
-            TRY(inner(sub, n));
+            Rd kv;
+            TRY(rd_len(&r, &kv));
+            c->values++;
+            TRY(cost_kv(kv, c, 1));
         } else {
             TRY(skip_field(&r, wt));
         }
@@ -1091,28 +1128,171 @@ static int each(Rd r, uint32_t field, int (*inner)(Rd, uint64_t *), uint64_t *n)
     return OK;
 }
 
-static int count_scope_metrics(Rd r, uint64_t *n) { return each(r, 2, count_metric, n); }
-static int count_resource_metrics(Rd r, uint64_t *n) { return each(r, 2, count_scope_metrics, n); }
+/* Elements of a repeated scalar field whose tag was just read: packed (wire type 2) or one. */
+static int cost_scalars(Rd *r, int wt, int fixed, Cost *c)
+{
+    if (wt != 2) {
+        c->numbers++;
+        return skip_field(r, wt);
+    }
+    Rd s;
+    TRY(rd_len(r, &s));
+    if (fixed) {
+        c->numbers += (uint64_t)(s.end - s.p) / 8;
+    } else {
+        for (const uint8_t *p = s.p; p < s.end; p++)
+            c->numbers += !(*p & 0x80); /* a varint ends at a byte without the continuation bit */
+    }
+    return OK;
+}
 
-PyDoc_STRVAR(count_points_doc,
-             "count_points(body) -> int\n\nData points in a protobuf ExportMetricsServiceRequest, read from its "
-             "wire format without decoding them; -1 when the bytes are not such a request.");
+/* An exponential histogram's Buckets: the counts (field 2, varints). */
+static int cost_buckets(Rd r, Cost *c)
+{
+    uint32_t f;
+    int wt;
+    while (r.p < r.end) {
+        TRY(rd_tag(&r, &f, &wt));
+        if (f == 2)
+            TRY(cost_scalars(&r, wt, 0, c));
+        else
+            TRY(skip_field(&r, wt));
+    }
+    return OK;
+}
 
-static PyObject *count_points(PyObject *self, PyObject *args)
+/* One data point of the data message in Metric field `kind` (5 gauge, 7 sum, 9 histogram,
+ * 10 exponential histogram, 11 summary). */
+static int cost_point(Rd r, uint32_t kind, Cost *c)
+{
+    uint32_t attrs = kind == 10 ? 1 : kind == 9 ? 9 : 7;
+    uint32_t exemplars = kind == 9 ? 8 : kind == 10 ? 11 : kind == 11 ? 0 : 5;
+    uint32_t f;
+    int wt;
+    c->points++;
+    while (r.p < r.end) {
+        TRY(rd_tag(&r, &f, &wt));
+        Rd sub;
+        if (f == attrs && wt == 2) {
+            TRY(rd_len(&r, &sub));
+            c->values++;
+            TRY(cost_kv(sub, c, 1));
+        } else if (exemplars && f == exemplars && wt == 2) {
+            TRY(rd_len(&r, &sub));
+            c->values++;
+            TRY(cost_attributes(sub, 7, c)); /* its filtered attributes */
+        } else if (kind == 9 && (f == 6 || f == 7)) {
+            TRY(cost_scalars(&r, wt, 1, c)); /* bucket counts and explicit bounds */
+        } else if (kind == 10 && (f == 8 || f == 9) && wt == 2) {
+            TRY(rd_len(&r, &sub));
+            TRY(cost_buckets(sub, c));
+        } else if (kind == 11 && f == 6 && wt == 2) {
+            c->values += 2; /* a quantile: a message, then a tuple and two floats in the decoder */
+            TRY(skip_field(&r, wt));
+        } else {
+            TRY(skip_field(&r, wt));
+        }
+    }
+    return OK;
+}
+
+/* One Metric: its data points (the repeated field 1 of its data message) and metadata (field 12). */
+static int cost_metric(Rd r, Cost *c)
+{
+    uint32_t f;
+    int wt;
+    c->values++;
+    while (r.p < r.end) {
+        TRY(rd_tag(&r, &f, &wt));
+        Rd data;
+        if (wt == 2 && (f == 5 || f == 7 || f == 9 || f == 10 || f == 11)) {
+            TRY(rd_len(&r, &data));
+            while (data.p < data.end) {
+                uint32_t g;
+                int gwt;
+                TRY(rd_tag(&data, &g, &gwt));
+                if (g == 1 && gwt == 2) {
+                    Rd dp;
+                    TRY(rd_len(&data, &dp));
+                    TRY(cost_point(dp, f, c));
+                } else {
+                    TRY(skip_field(&data, gwt));
+                }
+            }
+        } else if (f == 12 && wt == 2) {
+            TRY(rd_len(&r, &data));
+            c->values++;
+            TRY(cost_kv(data, c, 1));
+        } else {
+            TRY(skip_field(&r, wt));
+        }
+    }
+    return OK;
+}
+
+/* ScopeMetrics or ResourceMetrics: the attributes (field `attrs`) of its scope or resource (field 1),
+ * and `child` on each of its metrics or scopes (field 2). */
+static int cost_level(Rd r, Cost *c, uint32_t attrs, int (*child)(Rd, Cost *))
+{
+    uint32_t f;
+    int wt;
+    c->values++;
+    while (r.p < r.end) {
+        TRY(rd_tag(&r, &f, &wt));
+        Rd sub;
+        if ((f == 1 || f == 2) && wt == 2) {
+            TRY(rd_len(&r, &sub));
+            TRY(f == 1 ? cost_attributes(sub, attrs, c) : child(sub, c));
+        } else {
+            TRY(skip_field(&r, wt));
+        }
+    }
+    return OK;
+}
+
+static int cost_scope_metrics(Rd r, Cost *c) { return cost_level(r, c, 3, cost_metric); }
+static int cost_resource_metrics(Rd r, Cost *c) { return cost_level(r, c, 1, cost_scope_metrics); }
+
+PyDoc_STRVAR(wire_cost_doc,
+             "wire_cost(body) -> (points, numbers, values) | None\n\nWhat a protobuf "
+             "ExportMetricsServiceRequest holds, read from its wire format without decoding it: data points, "
+             "packed numbers (histogram bucket counts and bounds) and repeated messages (attributes, array "
+             "and kvlist elements, exemplars, quantiles counted twice, metrics, scopes, resources); None "
+             "when the bytes are not such a request.");
+
+static PyObject *wire_cost(PyObject *self, PyObject *args)
 {
     Py_buffer body;
     if (!PyArg_ParseTuple(args, "y*", &body))
         return NULL;
     Rd r = {(const uint8_t *)body.buf, (const uint8_t *)body.buf + body.len};
-    uint64_t n = 0;
-    int status = each(r, 1, count_resource_metrics, &n);
+    Cost c = {0, 0, 0};
+    int status = OK;
+    uint32_t f;
+    int wt;
+    while (status == OK && r.p < r.end) {
+        status = rd_tag(&r, &f, &wt);
+        if (status != OK)
+            break;
+        if (f == 1 && wt == 2) {
+            Rd sub;
+            status = rd_len(&r, &sub);
+            if (status == OK)
+                status = cost_resource_metrics(sub, &c);
+        } else {
+            status = skip_field(&r, wt);
+        }
+    }
     PyBuffer_Release(&body);
-    return PyLong_FromLongLong(status == OK ? (long long)n : -1);
+    if (status != OK)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(KKK)", (unsigned long long)c.points, (unsigned long long)c.numbers,
+                         (unsigned long long)c.values);
 }
 
 static PyMethodDef methods[] = {
     {"decode_numbers", decode_numbers, METH_VARARGS, decode_numbers_doc},
-    {"count_points", count_points, METH_VARARGS, count_points_doc},
+    {"wire_cost", wire_cost, METH_VARARGS, wire_cost_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,13 +1,15 @@
 """The decode budget: what requests being decompressed, parsed and decoded at once cost, both transports.
 
-A request's decoded form costs many times its bytes (about 1.2 kB a data point in columns and Python
-objects, against some 60 bytes on the wire; 15 times its bytes for OTLP/JSON; README, "Memory"), so what
-bounds a collector's memory under load is not the bytes it holds but what it decodes at once. Each worker
-takes its request's cost (collector/decode.py, ``decoded_cost``: the points are counted off the wire
-format) from this budget before it decodes, waiting (holding nothing) while others decode; a request
-costing more than the whole budget waits for all of it. A compressed body takes its compressed size,
-then grows to its decompressed cost. A wait longer than ``wait_s`` is answered retryable (503 /
-UNAVAILABLE): nothing was kept."""
+A request's decoded form costs many times its bytes (a data point is some 60 bytes on the wire and up
+to a few kilobytes in columns and Python objects; an empty bucket or array element is a byte or two and
+tens of bytes parsed; README, "Memory"), so what bounds a collector's memory under load is not the bytes
+it holds but what it decodes at once. Each worker takes its request's cost (collector/decode.py,
+``decoded_cost``: points, numbers and repeated messages counted off the wire format, objects off the
+JSON text) from this budget before it decodes, waiting (holding nothing) while others decode. A
+compressed body takes its compressed size, then grows to its decompressed cost; a protobuf request that
+leaves the native fast path grows to its Python walk's cost. A wait longer than ``wait_s`` is answered
+retryable (503 / UNAVAILABLE), and a request costing more than the whole budget is refused (413 /
+RESOURCE_EXHAUSTED, :class:`TooCostly`), never decoded: nothing was kept either way."""
 
 from __future__ import annotations
 
@@ -21,6 +23,22 @@ class Busy(Exception):
     """The budget stayed taken for longer than the wait: answer retryable, nothing kept."""
 
 
+class TooCostly(Exception):
+    """The request costs more than the whole budget: it can never be decoded within it."""
+
+    def __init__(self, cost: int, capacity: int) -> None:
+        super().__init__(
+            f"decoding this request would take about {_mib(cost)}, more than the decode budget of "
+            f"{_mib(capacity)} (a share of --memory-budget-bytes); send fewer data points, attributes or "
+            "buckets per request"
+        )
+        self.cost, self.capacity = cost, capacity
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
 class DecodeBudget:
     """Bytes decoded at once; :meth:`hold` takes a share for the length of a ``with`` block."""
 
@@ -32,7 +50,8 @@ class DecodeBudget:
         self._cond = threading.Condition()
 
     def _take(self, n: int, deadline: float) -> int:
-        n = min(n, self.capacity)
+        if n > self.capacity:
+            raise TooCostly(n, self.capacity)
         with self._cond:
             if self.used + n > self.capacity:
                 self.waits += 1
@@ -51,7 +70,7 @@ class DecodeBudget:
 
     @contextmanager
     def hold(self, n: int) -> Iterator[Hold]:
-        """Hold ``n`` bytes (at most the capacity) while the block runs; raises :class:`Busy`."""
+        """Hold ``n`` bytes while the block runs; raises :class:`Busy` or :class:`TooCostly`."""
         hold = Hold(self, self._take(n, time.monotonic() + self.wait_s))
         try:
             yield hold
@@ -67,9 +86,11 @@ class Hold:
 
     def grow(self, n: int) -> None:
         """Hold ``n`` bytes instead (a body once decompressed). Never waits while holding: when the
-        rest is not free at once, the share is given back and ``n`` waited for whole."""
+        rest is not free at once, the share is given back and ``n`` waited for whole. Raises as
+        :meth:`DecodeBudget.hold`, the share kept until the block ends."""
         b = self.budget
-        n = min(n, b.capacity)
+        if n > b.capacity:
+            raise TooCostly(n, b.capacity)
         if n <= self.held:
             return
         with b._cond:

@@ -52,27 +52,76 @@ else:
         _fast = None
 
 
-#: What one data point costs once decoded, in bytes (columns and Python objects; README, "Memory").
-DECODED_POINT_BYTES = 1200
-#: What one byte of OTLP/JSON costs while it is parsed (Python objects, then the protobuf message).
-DECODED_JSON_FACTOR = 15
+#: What a protobuf request costs while the native fast path decodes it (delta sums and gauges straight
+#: into columns), in bytes: its own bytes, and per data point and per repeated message (attribute, array
+#: element, ...). Measured with ``bench/decode_cost.py`` (README, "Memory"); each weight is above the most
+#: any shape measured.
+FAST_POINT_BYTES = 800
+FAST_VALUE_BYTES = 150
+#: What it costs once it takes the Python walk (any other point, or a point the fast path would not take
+#: as it is; a sender can always make it): four times its bytes (the parsed message, strings, columns),
+#: and per data point, per packed number (a histogram's bucket count or bound) and per repeated message.
+PYTHON_BYTE_FACTOR = 4
+PYTHON_POINT_BYTES = 1000
+PYTHON_NUMBER_BYTES = 40
+PYTHON_VALUE_BYTES = 250
+#: What OTLP/JSON costs while it is parsed and decoded: per byte, and per object (``{}`` is a dict, then
+#: a message: 141 bytes measured for 3 bytes of text).
+JSON_BYTE_FACTOR = 4
+JSON_OBJECT_BYTES = 300
+
+
+@dataclass(frozen=True)
+class WireCount:
+    """What a protobuf request holds, counted off its wire format (collector/_otlpfast.c, ``wire_cost``):
+    data points, packed numbers and repeated messages (quantiles count twice)."""
+
+    points: int
+    numbers: int
+    values: int
+
+
+def count_wire(body: bytes) -> WireCount | None:
+    """What a protobuf request holds, read without decoding it (microseconds for thousands of points);
+    None without the native decoder or when the bytes are not a request."""
+    if _fast is None:
+        return None
+    counted = _fast.wire_cost(body)
+    return None if counted is None else WireCount(*counted)
 
 
 def count_wire_points(body: bytes) -> int | None:
-    """Data points in a protobuf request, read off its wire format without decoding them (microseconds
-    for thousands); None without the native decoder or when the bytes are not a request."""
-    if _fast is None:
-        return None
-    n: int = _fast.count_points(body)
-    return n if n >= 0 else None
+    """Data points in a protobuf request, read off its wire format; None as :func:`count_wire`."""
+    counted = count_wire(body)
+    return None if counted is None else counted.points
+
+
+def python_cost(body: bytes, counted: WireCount | None = None) -> int:
+    """Bytes a protobuf request takes through the Python walk. Without its count (no native decoder,
+    or bytes that are not a request, which protobuf refuses): as if every byte were a repeated message."""
+    counted = counted or count_wire(body)
+    if counted is None:
+        return len(body) * PYTHON_VALUE_BYTES // 2
+    return (
+        len(body) * PYTHON_BYTE_FACTOR
+        + counted.points * PYTHON_POINT_BYTES
+        + counted.numbers * PYTHON_NUMBER_BYTES
+        + counted.values * PYTHON_VALUE_BYTES
+    )
 
 
 def decoded_cost(body: bytes, protobuf: bool = True) -> int:
-    """Bytes a request is expected to take while it is decoded: the decode budget's unit."""
+    """Bytes a request is expected to take while it is decoded, counted before anything is parsed: the
+    decode budget's unit. A protobuf request is counted for the native fast path it usually takes; the
+    receiver grows its share to :func:`python_cost` before the Python walk (``decode_request``'s
+    ``before_python``). No shape of request (millions of empty buckets, array elements or JSON objects)
+    costs more than it is counted for."""
     if not protobuf:
-        return len(body) * DECODED_JSON_FACTOR
-    n = count_wire_points(body)
-    return len(body) + (n * DECODED_POINT_BYTES if n is not None else len(body) * DECODED_JSON_FACTOR)
+        return len(body) * JSON_BYTE_FACTOR + body.count(b"{") * JSON_OBJECT_BYTES
+    counted = count_wire(body)
+    if counted is None:
+        return python_cost(body, None)
+    return len(body) + counted.points * FAST_POINT_BYTES + counted.values * FAST_VALUE_BYTES
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -757,6 +806,7 @@ def decode_request(
     allowed_org: Callable[[str], bool] | None = None,
     series: SeriesLimiter | None = None,
     body: bytes | None = None,
+    before_python: Callable[[], None] | None = None,
 ) -> DecodeResult:
     """Walk the request once into columns, counting every rejected point by reason.
 
@@ -767,10 +817,14 @@ def decode_request(
     ``body``, the serialized request, lets the native fast path decode it when every point is a delta
     sum or gauge point accepted as it is (the common case); anything else takes the Python walk, for
     which ``request`` is parsed from ``body`` when it is None (raising protobuf's DecodeError).
+    ``before_python`` runs before the Python walk parses anything (the receiver grows its share of the
+    decode budget there; what it raises goes to the caller).
     """
     decoder = _Decoder(limits, now_ns, digest, cumulative, allowed_org, series)
     if body is not None and decoder.run_fast(body):
         return decoder.result
+    if before_python is not None:
+        before_python()
     if request is None:
         if body is None:
             raise ValueError("decode_request needs the request or its bytes")

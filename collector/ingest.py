@@ -14,8 +14,16 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 
 from meterhouse.collector.auth import IngestTokens, Principal
+from meterhouse.collector.budget import Busy, Hold, TooCostly
 from meterhouse.collector.cumulative import Change, CumulativeState, Entry, StateUnavailable
-from meterhouse.collector.decode import DecodeResult, Limits, RejectSample, count_wire_points, decode_request
+from meterhouse.collector.decode import (
+    DecodeResult,
+    Limits,
+    RejectSample,
+    count_wire_points,
+    decode_request,
+    python_cost,
+)
 from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.model import Backpressure, Consumer, content_digest
 from meterhouse.collector.ratelimit import RateLimiter
@@ -173,19 +181,26 @@ class Ingestor:
         digest: str,
         sender: Principal | None = None,
         body: bytes | None = None,
+        before_python: Callable[[], None] | None = None,
     ) -> Outcome:
         """Handle one export: ``request`` parsed, or None with ``body`` its protobuf bytes (decoded by the
-        native fast path when it can, parsed otherwise; bytes protobuf refuses answer ``invalid``)."""
+        native fast path when it can, parsed otherwise; bytes protobuf refuses answer ``invalid``).
+        ``before_python`` runs before a request is parsed for the Python walk (``decode_request``): the
+        receiver's decode budget grows there, and its refusals are answered here."""
         m = self.metrics
         key = sender.id if sender is not None else ""
         points = 0
         if self.rate is not None:
-            if request is None:
-                parsed = _parse(body)
-                if isinstance(parsed, Outcome):
-                    return parsed
-                request = parsed
-            points = count_points(request)
+            counted = count_wire_points(body) if request is None and body is not None else None
+            if counted is not None:
+                points = counted
+            else:
+                if request is None:
+                    parsed = _parse(body)
+                    if isinstance(parsed, Outcome):
+                        return parsed
+                    request = parsed
+                points = count_points(request)
             wait_s = self.rate.take(key, points)
             if wait_s:
                 m.limited_requests.labels(reason="ingest_rate").inc()
@@ -198,7 +213,7 @@ class Ingestor:
             # The same bytes from another sender are another request: its org scope may differ.
             digest = content_digest(digest.encode(), sender.id.encode())
         try:
-            outcome = self._export(request, digest, sender, body)
+            outcome = self._export(request, digest, sender, body, before_python)
         except BaseException:
             # A bug (answered 500 by the receiver): the claim must not outlive it, or every identical
             # re-send would be answered "being stored" for as long as the process runs.
@@ -208,12 +223,20 @@ class Ingestor:
             self.rate.refund(key, points)  # nothing kept: the client sends it all again
         return outcome
 
+    def export_body(self, body: bytes, sender: Principal | None, hold: Hold) -> Outcome:
+        """:meth:`export` of protobuf bytes whose decode holds ``hold`` of the decode budget: the share
+        grows to the Python walk's cost before the request takes it."""
+        return self.export(
+            None, content_digest(body), sender, body=body, before_python=lambda: hold.grow(python_cost(body))
+        )
+
     def _export(
         self,
         request: ExportMetricsServiceRequest | None,
         digest: str,
         sender: Principal | None,
         body: bytes | None,
+        before_python: Callable[[], None] | None = None,
     ) -> Outcome:
         m = self.metrics
         limit = self.limits.max_points_per_request
@@ -242,10 +265,17 @@ class Ingestor:
                 allowed_org=None if sender is None or sender.all_orgs else sender.allows,
                 series=self.series,
                 body=body if request is None else None,
+                before_python=before_python,
             )
         except (DecodeError, RecursionError) as e:  # bytes protobuf refuses: nothing kept
             self._release(digest)
             return _invalid(e)
+        except TooCostly as e:  # its Python walk costs more than the whole decode budget
+            self._release(digest)
+            return Outcome("too_large", str(e))
+        except Busy as e:  # the decode budget stayed taken: nothing kept, the sender retries
+            self._release(digest)
+            return Outcome("backpressure", str(e), retry_after_s=1)
         except StateUnavailable as e:  # the cumulative state or attribute sets could not be read
             self._release(digest)
             log.warning("cannot decode request", extra={"error": str(e)[:300]})

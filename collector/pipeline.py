@@ -106,7 +106,7 @@ class Collector:
             max_cached_bytes=self.memory.spool_cache_bytes,
             files=files,
             mark=self.identity.mark,
-            max_record_bytes=config.max_request_spooled_bytes,
+            max_record_bytes=self.memory.request_spooled_bytes,
         )
         self.recent = (
             RecentRequests(config.data_dir / "spool" / "recent-requests.log", config.dedup_window_s)

@@ -193,3 +193,26 @@ def test_an_unreachable_clickhouse_server_is_named_without_its_credentials(up_fa
     assert logged(up, "meterhouse ready") == []
     assert up.stop() == 0
     assert "s3cret-pw" not in up.output()
+
+
+def environ(pid: int) -> dict[str, str]:
+    raw = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest.mark.parametrize("operator", [None, "pymalloc"])
+def test_up_runs_python_objects_on_the_c_malloc_unless_the_operator_chose(up_factory, operator, monkeypatch):
+    """Python's own allocator keeps freed objects' memory in arenas it cannot give back; `up` re-executes
+    itself once with PYTHONMALLOC=malloc (same process, same command line), keeping an operator's value."""
+    env = {} if operator is None else {"PYTHONMALLOC": operator}
+    monkeypatch.delenv("PYTHONMALLOC", raising=False)
+    up = up_factory(env=env)
+    assert environ(up.proc.pid).get("PYTHONMALLOC") == (operator or "malloc")
+    r = requests.post(
+        f"{up.otlp_http}/v1/metrics",
+        data=sum_request({"m": [point(1, {"org.id": "org-a"})]}).SerializeToString(),
+        headers=PB,
+        timeout=30,
+    )
+    assert r.status_code == 200
+    assert up.stop() == 0

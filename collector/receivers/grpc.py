@@ -40,10 +40,9 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from meterhouse.collector.auth import Principal, Unauthenticated
-from meterhouse.collector.budget import Busy, DecodeBudget
+from meterhouse.collector.budget import Busy, DecodeBudget, TooCostly
 from meterhouse.collector.decode import decoded_cost
 from meterhouse.collector.ingest import Ingestor, Outcome
-from meterhouse.collector.model import content_digest
 from meterhouse.core import listen
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.tls import ServerTls, TlsMaterial
@@ -349,10 +348,12 @@ class OtlpGrpcReceiver:
         """On a worker: the ingestor parses (or decodes natively) the request; bytes that protobuf refuses
         are answered INVALID_ARGUMENT."""
         try:
-            with self.decode_budget.hold(decoded_cost(body)):
-                return self.ingestor.export(None, content_digest(body), sender, body=body)
+            with self.decode_budget.hold(decoded_cost(body)) as hold:
+                return self.ingestor.export_body(body, sender, hold)
         except Busy as e:
             return Outcome("backpressure", str(e), retry_after_s=1)
+        except TooCostly as e:
+            return Outcome("too_large", str(e))
         except Exception:
             # A bug: INTERNAL (not retried by senders), logged and counted as the server's fault.
             log.exception("unexpected error while handling an OTLP/gRPC request")

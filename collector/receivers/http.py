@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 
 from meterhouse.collector.auth import Principal, Unauthenticated
-from meterhouse.collector.budget import Busy, DecodeBudget, Hold
+from meterhouse.collector.budget import Busy, DecodeBudget, Hold, TooCostly
 from meterhouse.collector.decode import decoded_cost
 from meterhouse.collector.ingest import Ingestor, Outcome
 from meterhouse.collector.model import content_digest
@@ -297,6 +297,8 @@ class OtlpHttpReceiver:
                 return self._decode_export(ctype, encoding, body, sender, hold)
         except Busy as e:
             return Outcome("backpressure", str(e), retry_after_s=1)
+        except TooCostly as e:
+            return Outcome("too_large", str(e))
 
     def _decode_export(
         self, ctype: str, encoding: compression.Encoding, body: bytes, sender: Principal | None, hold: Hold
@@ -310,8 +312,8 @@ class OtlpHttpReceiver:
         except compression.CorruptBody as e:
             return Outcome("invalid", str(e))
         hold.grow(decoded_cost(body, ctype == PROTOBUF))
-        if ctype == PROTOBUF:  # parsed (or decoded natively) by the ingestor
-            return self.ingestor.export(None, content_digest(body), sender, body=body)
+        if ctype == PROTOBUF:  # decoded natively, or parsed after its share grows, by the ingestor
+            return self.ingestor.export_body(body, sender, hold)
         request = ExportMetricsServiceRequest()
         try:
             parsed = json.loads(body)

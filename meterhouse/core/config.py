@@ -117,10 +117,12 @@ class Config:
         "whole, so this bounds one insert's memory.",
     )
     max_request_spooled_bytes: int = _opt(
-        _positive,
-        default=32 << 20,
+        _non_negative,
+        default=0,
         help="Largest a request's points may take as spooled and inserted (resource, scope and metric "
-        "are stored with every point, so a small body can take far more); beyond, 413 / RESOURCE_EXHAUSTED.",
+        "are stored with every point, so a small body can take far more); beyond, 413 / RESOURCE_EXHAUSTED "
+        "(0 = a twelfth of the engine's share of --memory-budget-bytes, 21 MiB at the default: an insert "
+        "takes up to 40 MiB and 8 times its bytes).",
     )
     http_read_header_timeout_s: float = _opt(
         _non_negative,

@@ -14,10 +14,16 @@ Shares (README, "Memory", has the table with the figures they come from):
   smaller per-query share left such a group failing MEMORY_LIMIT_EXCEEDED on every retry, holding up
   everyone's usage behind it); its mark cache 2% and each of three index caches 0.5%;
 - requests being decompressed, parsed and decoded at once, both transports, counted in what they cost
-  decoded (collector/budget.py: about 1.2 kB a data point, 15 bytes a byte of OTLP/JSON): 10%;
+  decoded (collector/decode.py, ``decoded_cost``: per point, packed number and repeated message counted
+  off the wire, per byte and object of OTLP/JSON): 15%, which is also the most one request may cost (a
+  request of 30,000 cumulative points with 10 attributes each; more is refused 413);
 - OTLP/HTTP bodies and OTLP/gRPC messages being received: 2% each (at least one request each);
 - the spool's memory copy of spooled records: 4%;
 - point identity, about 100 bytes a stream: 3%.
+
+One request's points as stored are at most a twelfth of the engine's share (``request_spooled_bytes``):
+a request is one insert at least, which takes up to 40 MiB and 8 times its bytes, beside the engine's
+caches and merges.
 
 The rest (more than half) is the process itself (140 MiB idle: interpreter, libraries, threads), what gRPC
 holds of messages still arriving, the writer's groups outside the engine, and the engine's code pages
@@ -54,6 +60,9 @@ class MemoryPlan:
     decode_bytes: int
     spool_cache_bytes: int
     identity_max_streams: int
+    #: The most one request's points may take as stored: its insert (a group of one) must fit in the
+    #: engine's share, and an insert takes up to 40 MiB and 8 times its bytes (docs/capacity.md).
+    request_spooled_bytes: int
 
     def engine_options(self) -> dict[str, str]:
         """The embedded engine's server settings (given when it is opened, once per process)."""
@@ -84,17 +93,19 @@ def plan(config: Config) -> MemoryPlan:
     def share(explicit: int, fraction: float) -> int:
         return explicit if explicit > 0 else int(b * fraction)
 
+    engine = int(b * 0.25)
     p = MemoryPlan(
         budget_bytes=b,
-        engine_bytes=int(b * 0.25),
+        engine_bytes=engine,
         engine_mark_cache_bytes=int(b * 0.02),
         engine_index_cache_bytes=int(b * 0.005),
         http_bytes_in_flight=share(config.http_max_bytes_in_flight, 0.02),
         grpc_bytes_in_flight=share(config.grpc_max_bytes_in_flight, 0.02),
-        decode_bytes=int(b * 0.10),
+        decode_bytes=int(b * 0.15),
         spool_cache_bytes=share(config.spool_cache_bytes, 0.04),
         identity_max_streams=config.identity_max_streams
         or max(1000, int(b * 0.03) // IDENTITY_BYTES_PER_STREAM),
+        request_spooled_bytes=config.max_request_spooled_bytes or engine // 12,
     )
     for name, held, explicit in (
         ("http", p.http_bytes_in_flight, config.http_max_bytes_in_flight),

@@ -322,12 +322,24 @@ GROUP BY metric, hour, org_id""",
 PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, metric, key)
 SETTINGS {dedup}""",
+        # Two views fill it, distinct values and distinct orgs, so that no row of the ARRAY JOIN carries
+        # the org: copied onto each of a point's attributes, a 4,096-character org made 3,000 points of
+        # 127 attributes need more than the engine's whole share, a request inside every bound whose
+        # insert failed on every retry. The orgs view joins each org's distinct keys per hour instead.
         f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attribute_cardinality_hourly_mv "
         f"""TO {db}.{ATTRIBUTE_CARDINALITY_TABLE} AS
 SELECT metric, toStartOfHour(time) AS hour, key,
-    uniqExactState(value) AS distinct_values, uniqExactState(org_id) AS orgs
-FROM {db}.{INGEST_TABLE} ARRAY JOIN attr_keys AS key, attr_values AS value
-WHERE kind = '{KIND_SUM}'
+    uniqExactState(value) AS distinct_values, uniqExactStateIf(org_id, 0) AS orgs
+FROM (SELECT metric, time, '' AS org_id, attr_keys, attr_values FROM {db}.{INGEST_TABLE}
+    WHERE kind = '{KIND_SUM}')
+ARRAY JOIN attr_keys AS key, attr_values AS value
+GROUP BY metric, hour, key""",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attribute_cardinality_orgs_mv "
+        f"""TO {db}.{ATTRIBUTE_CARDINALITY_TABLE} AS
+SELECT metric, hour, key, uniqExactStateIf('', 0) AS distinct_values, uniqExactState(org_id) AS orgs
+FROM (SELECT metric, toStartOfHour(time) AS hour, org_id, groupUniqArrayArray(attr_keys) AS keys
+    FROM {db}.{INGEST_TABLE} WHERE kind = '{KIND_SUM}' GROUP BY metric, hour, org_id)
+ARRAY JOIN keys AS key
 GROUP BY metric, hour, key""",
         # One row per org (after merges): when it last reported. Feeds the silent-org signal cheaply.
         f"""CREATE TABLE IF NOT EXISTS {db}.{ORGS_TABLE} (
@@ -415,7 +427,12 @@ LEDGER_FILTER = {
 #: The views whose tables a repeat leaves as they were (the newest state per series, distinct values,
 #: distinct sets): a group in doubt goes through them again whatever the ledger says.
 REPEATABLE_VIEWS: dict[str, tuple[str, ...]] = {
-    "n": ("series_state_mv", "attribute_cardinality_hourly_mv", "attr_sets_points_mv"),
+    "n": (
+        "series_state_mv",
+        "attribute_cardinality_hourly_mv",
+        "attribute_cardinality_orgs_mv",
+        "attr_sets_points_mv",
+    ),
     "d": ("attr_sets_dist_mv",),
 }
 INGEST_OF = {"n": INGEST_TABLE, "d": DIST_INGEST_TABLE}
@@ -529,6 +546,11 @@ def redo_cleanup_ddl(database: str, views: Sequence[str]) -> list[str]:
     ]
 
 
+#: Views whose definition changed since a version that created them, each with a part of the new
+#: definition the stored one lacks: created again at start (``revised_views_migration``).
+REVISED_VIEWS = {"attribute_cardinality_hourly_mv": "uniqExactStateIf(org_id, 0)"}
+
+
 def all_views() -> list[str]:
     return [*LEDGER_VIEW_NAMES, *(v for views in REPEATABLE_VIEWS.values() for v in views)]
 
@@ -578,12 +600,12 @@ def durable_migration(database: str, tables: Sequence[str]) -> list[str]:
     return [f"ALTER TABLE {database}.{t} MODIFY SETTING {DURABLE_SETTINGS}" for t in tables]
 
 
-def seq_views_migration(database: str, views_missing_seq: Sequence[str]) -> list[str]:
-    """The ledger views an earlier version created, created again so that they fill ``batch_seq`` (run
-    while nothing inserts: at start)."""
+def seq_views_migration(database: str, stale_views: Sequence[str]) -> list[str]:
+    """Views an earlier version created (ledger views that do not fill ``batch_seq``, ``REVISED_VIEWS``),
+    created again (run while nothing inserts: at start)."""
     out = []
     creates = {m.group(2): s for s in ddl(database) if (m := _CREATE_MV.match(s))}
-    for view in views_missing_seq:
+    for view in stale_views:
         out += [f"DROP VIEW IF EXISTS {database}.{view}", creates[view]]
     return out
 

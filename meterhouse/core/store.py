@@ -172,7 +172,10 @@ class Store:
             for name, query in self.client.query(
                 "SELECT name, create_table_query FROM system.tables "
                 "WHERE database = {db:String} AND name IN {names:Array(String)}",
-                parameters={"db": self.database, "names": [*schema.LEDGER_VIEW_NAMES, *durable]},
+                parameters={
+                    "db": self.database,
+                    "names": [*schema.LEDGER_VIEW_NAMES, *schema.REVISED_VIEWS, *durable],
+                },
             ).result_rows
         }
         lax = [t for t in durable if t in created and "fsync_after_insert" not in created[t]]
@@ -181,6 +184,7 @@ class Store:
             for statement in schema.durable_migration(self.database, lax):
                 self.client.command(statement)
         stale = [v for v in schema.LEDGER_VIEW_NAMES if v in created and "batch_seq" not in created[v]]
+        stale += [v for v, part in schema.REVISED_VIEWS.items() if v in created and part not in created[v]]
         if stale:
             log.warning("schema: views of an earlier version created again", extra={"views": stale})
             for statement in schema.seq_views_migration(self.database, stale):
