@@ -31,6 +31,7 @@ one share a stored identity, so they are never verified (they count, as they did
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import threading
 from collections.abc import Sequence
@@ -62,6 +63,18 @@ _DIST_VALUE = ("count", "sum")
 NEW, VERIFY, UNCHECKED = 0, 1, 2
 
 Identity = tuple[Any, ...]
+#: The identities of a group's points so far, one set per table (numbers, distributions), each as a
+#: 16-byte digest of its structure: a group's repeats are found without holding its points' strings.
+GroupSeen = tuple[set[bytes], set[bytes]]
+#: Identities asked of the store in one query: the query and its answer are as large as this.
+EXISTING_CHUNK = 5_000
+
+
+def _digest(ident: Identity) -> bytes:
+    """A strong digest of an identity's structure (its repr is exact for strings, ints and floats)."""
+    return hashlib.blake2b(repr(ident).encode(), digest_size=16).digest()
+
+
 #: A spooled record's points with the edge's flags for its number and distribution points.
 Flagged = tuple[PointBatch, list[int], list[int]]
 
@@ -205,8 +218,15 @@ class Verifier:
         self, table: str, stream: Sequence[str], values: Sequence[str], wanted: set[Identity], seq: int
     ) -> set[Identity]:
         """Which of ``wanted`` the raw ``table`` holds from groups before ``seq``."""
-        if not wanted:
-            return set()
+        found: set[Identity] = set()
+        ordered = sorted(wanted, key=repr)  # neighbours share orgs, metrics and times: narrower queries
+        for at in range(0, len(ordered), EXISTING_CHUNK):
+            found |= self._existing(table, stream, values, set(ordered[at : at + EXISTING_CHUNK]), seq)
+        return found
+
+    def _existing(
+        self, table: str, stream: Sequence[str], values: Sequence[str], wanted: set[Identity], seq: int
+    ) -> set[Identity]:
         nf = len(stream)
         at = {f: stream.index(f) for f in ("org_id", "metric", "kind", "attr_values")}
         rows = self.store.rows(
@@ -223,12 +243,18 @@ class Verifier:
         for row in rows:
             fields = [tuple(v) if isinstance(v, list | tuple) else v for v in row[:nf]]
             start = 0 if fields[at["kind"]] == schema.KIND_GAUGE else int(row[nf])
-            found.add((*fields, start, int(row[nf + 1]), *row[nf + 2 :]))
-        return found & wanted
+            ident = (*fields, start, int(row[nf + 1]), *row[nf + 2 :])
+            if ident in wanted:
+                found.add(ident)
+        return found
 
-    def filter(self, records: list[Flagged], seq: int) -> tuple[list[PointBatch], int]:
-        """The group ``seq``'s records without the flagged points already stored, and how many went."""
-        kept = [(b.columns, b.size, b.dist_columns, b.dist_size) for b, _n, _d in records]
+    def filter(self, record: Flagged, seq: int, seen: GroupSeen) -> tuple[PointBatch, int]:
+        """One record of the group ``seq`` without its flagged points already stored or already earlier
+        in the group (``seen``, which this record's points join), and how many went. The writer takes a
+        group's records one at a time, so that one record's points are in memory as Python objects, not
+        a group's (a group of 50,000-point records held 1.8 million lists at once)."""
+        batch, number_flags, dist_flags = record
+        cols, size, dcols, dsize = batch.columns, batch.size, batch.dist_columns, batch.dist_size
         dropped = 0
         for t, (table, stream, values) in enumerate(
             (
@@ -236,38 +262,28 @@ class Verifier:
                 (schema.DIST_TABLE, _DIST_STREAM, _DIST_VALUE),
             )
         ):
-            cols_of = [
-                (r[0].columns, r[0].size) if t == 0 else (r[0].dist_columns, r[0].dist_size) for r in records
-            ]
-            flags = [r[1] if t == 0 else r[2] for r in records]
-            idents = [
-                _identities(c, stream, values, fl) if n else []
-                for (c, n), fl in zip(cols_of, flags, strict=True)
-            ]
-            wanted = {
-                i
-                for ids, fl in zip(idents, flags, strict=True)
-                for i, f in zip(ids, fl, strict=False)
-                if f == VERIFY and i
-            }
+            c, n, fl = (cols, size, number_flags) if t == 0 else (dcols, dsize, dist_flags)
+            if not n:
+                continue
+            ids = _identities(c, stream, values, fl)
+            wanted = {i for i, f in zip(ids, fl, strict=False) if f == VERIFY and i}
             stored = self.existing(table, stream, values, wanted, seq)
-            seen: set[Identity] = set()  # the group's rows so far: a repeat within the group goes too
-            for j, ((cols, size), ids, fl) in enumerate(zip(cols_of, idents, flags, strict=True)):
-                keep = []
-                for i, ident in enumerate(ids):
-                    verify = i < len(fl) and fl[i] == VERIFY
-                    if ident is not None and verify and (ident in stored or ident in seen):
-                        continue
+            keep = []
+            for i, ident in enumerate(ids):
+                if ident is None:
                     keep.append(i)
-                    if ident is not None:
-                        seen.add(ident)
-                if len(keep) < size:
-                    dropped += size - len(keep)
-                    cols = {name: [col[i] for i in keep] for name, col in cols.items()}
-                    c, n, dc, dn = kept[j]
-                    kept[j] = (cols, len(keep), dc, dn) if t == 0 else (c, n, cols, len(keep))
-        out = [
-            PointBatch(c, n, b.digest, b.received_ns, dc, dn)
-            for (b, _n, _d), (c, n, dc, dn) in zip(records, kept, strict=True)
-        ]
-        return out, dropped
+                    continue
+                key = _digest(ident)
+                verify = i < len(fl) and fl[i] == VERIFY
+                if verify and (ident in stored or key in seen[t]):
+                    continue
+                keep.append(i)
+                seen[t].add(key)
+            if len(keep) < n:
+                dropped += n - len(keep)
+                kept = {name: [col[i] for i in keep] for name, col in c.items()}
+                if t == 0:
+                    cols, size = kept, len(keep)
+                else:
+                    dcols, dsize = kept, len(keep)
+        return PointBatch(cols, size, batch.digest, batch.received_ns, dcols, dsize), dropped

@@ -779,13 +779,13 @@ class Spool:
         blocks, column_set = self._read_blocks(record)
         if column_set in (COLUMN_SET, COLUMN_SET_VERIFY):
             return blocks
-        return encode_blocks(self._decoded(record, blocks))  # another column set: conformed first
+        return encode_blocks(self.decoded(record, blocks))  # another column set: conformed first
 
     def load(self, record: Record) -> PointBatch:
         """The record's points as Python columns (for the state rebuilt at start and dead letters)."""
         if record.version >= 3:
             b = record.blocks if record.blocks is not None else self._read_blocks(record)[0]
-            return self._decoded(record, b)
+            return self.decoded(record, b)
         payload = self._payload(record)
         _seq, received, _points, raw_digest = _DATA_HEAD.unpack_from(payload)
         try:
@@ -804,8 +804,9 @@ class Spool:
         numbers, dists = cols.pop(VERIFY_COLUMN, []), dist.pop(VERIFY_COLUMN, [])
         return _conformed(record.seq, cols, size, b.digest, b.received_ns, dist, dist_size), numbers, dists
 
-    def _decoded(self, record: Record, b: Blocks) -> PointBatch:
-        """A version 3 record's blocks as Python columns, conformed to today's column set."""
+    def decoded(self, record: Record, b: Blocks) -> PointBatch:
+        """A version 3 record's blocks (its own, or the writer's after identity dropped points) as Python
+        columns, conformed to today's column set."""
         try:
             cols, size = _columns(b.numbers) if b.numbers else (PointBatch.empty(), 0)
             dist, dist_size = _columns(b.dists) if b.dists else ({}, 0)

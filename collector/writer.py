@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from meterhouse.collector.deadletter import DeadLetter, DeadLetters, Landed
-from meterhouse.collector.identity import VERIFY, Verifier
+from meterhouse.collector.identity import VERIFY, GroupSeen, Verifier
 from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS, Blocks, PointBatch, content_digest
 from meterhouse.collector.spool import Group, Spool, encode_blocks
 from meterhouse.core import native, schema
@@ -462,10 +462,9 @@ class Writer:
         if self._split(group):
             return True
         batches = [self.spool.blocks(r) for r in group.records]
-        verified: list[PointBatch] | None = None
-        if any(b.verify for b in batches):
-            verified = self._verify(group, batches)
-            batches = [encode_blocks(b) for b in verified]
+        verified = any(b.verify for b in batches)
+        if verified:
+            batches = self._verify(group, batches)
         token = group.token
         # In doubt: the group may have landed, in part, before (its intent is from before a restart, or
         # a try failed). The ledger (``schema.SEQ_COLUMN``) answers for groups whose intent says so.
@@ -503,7 +502,10 @@ class Writer:
                     and attempt >= self.poison_after_attempts
                 )
                 if kind == "permanent" or poisoned:
-                    loaded = verified or [self.spool.load(r) for r in group.records]
+                    loaded = [
+                        self.spool.decoded(r, b) if verified else self.spool.load(r)
+                        for r, b in zip(group.records, batches, strict=True)
+                    ]
                     per_batch = all(r.version >= 3 for r in group.records)  # as _inserts sent it
                     self._dead_letter(group, _remaining(loaded, group.done), token, e, per_batch)
                     return True
@@ -556,23 +558,28 @@ class Writer:
         self.spool.release(group)
         return True
 
-    def _verify(self, group: Group, batches: list[Blocks]) -> list[PointBatch]:
+    def _verify(self, group: Group, batches: list[Blocks]) -> list[Blocks]:
         """The group's records without the points the edge flagged whose identity is already stored
         (``collector/identity.py``). Only rows of earlier groups count as stored, so a replay of this
-        group after a crash drops the same points and inserts the same blocks."""
-        decoded = [
-            self.spool.load_flagged(r, b) if b.verify else (self.spool.load(r), [], [])
-            for r, b in zip(group.records, batches, strict=True)
-        ]
-        kept, dropped = self.verifier.filter(decoded, group.last)
-        checked = sum(n.count(VERIFY) + d.count(VERIFY) for _b, n, d in decoded)
+        group after a crash drops the same points and inserts the same blocks. One record's points are
+        decoded at a time; a record with nothing dropped keeps its blocks."""
+        seen: GroupSeen = (set(), set())
+        out: list[Blocks] = []
+        checked = dropped = 0
+        for r, b in zip(group.records, batches, strict=True):
+            flagged = self.spool.load_flagged(r, b) if b.verify else (self.spool.load(r), [], [])
+            checked += flagged[1].count(VERIFY) + flagged[2].count(VERIFY)
+            kept, gone = self.verifier.filter(flagged, group.last, seen)
+            del flagged
+            dropped += gone
+            out.append(encode_blocks(kept) if gone or b.verify else b)
         m = self.metrics.points_identity_checked
         m.labels(outcome="repeat").inc(dropped)
         m.labels(outcome="new").inc(checked - dropped)
         if dropped:
             extra = {"points": dropped, "checked": checked, "records": len(group.records)}
             log.info("points already stored dropped by identity", extra=extra)
-        return kept
+        return out
 
     def _skip_landed(self, group: Group, token: str) -> None:
         """A replay group that lost records to damage: a table whose raw points already hold the batch
