@@ -6,7 +6,8 @@ tens of bytes parsed; README, "Memory"), so what bounds a collector's memory und
 it holds but what it decodes at once. Each worker takes its request's cost (collector/decode.py,
 ``decoded_cost``: points, numbers and repeated messages counted off the wire format, objects off the
 JSON text) from this budget before it decodes, waiting (holding nothing) while others decode. A
-compressed body takes its compressed size, then grows to its decompressed cost; a protobuf request that
+compressed body takes the most its inflating may hold (twice what it may inflate to: the pieces, then
+them joined), then its decompressed cost; a protobuf request that
 leaves the native fast path grows to its Python walk's cost. A wait longer than ``wait_s`` is answered
 retryable (503 / UNAVAILABLE), and a request costing more than the whole budget is refused (413 /
 RESOURCE_EXHAUSTED, :class:`TooCostly`), never decoded: nothing was kept either way."""
@@ -83,6 +84,15 @@ class Hold:
 
     def __init__(self, budget: DecodeBudget, held: int) -> None:
         self.budget, self.held = budget, held
+
+    def resize(self, n: int) -> None:
+        """Hold ``n`` bytes instead, giving back what is over it (a body once inflated, whose share was
+        its most before) or growing as :meth:`grow`."""
+        if n >= self.held:
+            self.grow(n)
+            return
+        self.budget._give(self.held - n)
+        self.held = n
 
     def grow(self, n: int) -> None:
         """Hold ``n`` bytes instead (a body once decompressed). Never waits while holding: when the

@@ -73,15 +73,21 @@ def check_bind(config: Config) -> None:
         )
 
 
+#: The allocators' settings ``up`` runs with. Python's objects on the C library's malloc: Python's own
+#: allocator keeps freed objects' memory in 1 MiB arenas that go back to the system only when wholly
+#: empty (under a mix of large and hostile requests the collector held 355 MiB of empty pools beside 109
+#: MB of live objects, and grew past its budget in minutes), while the C library's is what the trimmer
+#: (core/memory.py) hands back each second. (The engine's jemalloc returning freed pages after 0.5 s
+#: rather than 5, ``JE_MALLOC_CONF=dirty_decay_ms:500``, made no difference to the hostile mix's peak.)
+ALLOCATOR_ENVIRONMENT = {"PYTHONMALLOC": "malloc"}
+
+
 def system_malloc() -> None:
-    """Run ``up`` with Python's objects on the C library's malloc (``PYTHONMALLOC=malloc``), re-executing
-    the same command line once when it is not set. Python's own allocator keeps freed objects' memory in
-    1 MiB arenas that go back to the system only when wholly empty: under a mix of large and hostile
-    requests the collector held 355 MiB of empty pools beside 109 MB of live objects, and grew past its
-    budget in minutes. The C library's memory is what the trimmer (core/memory.py) hands back each
-    second. A value set by the operator is kept (README, "Memory")."""
-    if "PYTHONMALLOC" not in os.environ and sys.orig_argv:
-        os.execve(sys.executable, sys.orig_argv, {**os.environ, "PYTHONMALLOC": "malloc"})
+    """Run ``up`` with :data:`ALLOCATOR_ENVIRONMENT`, re-executing the same command line once (the
+    same process) when any is not set; a value set by the operator is kept (README, "Memory")."""
+    wanted = {k: v for k, v in ALLOCATOR_ENVIRONMENT.items() if k not in os.environ}
+    if wanted and sys.orig_argv and os.environ.get("MH_ALLOCATOR_SET") is None:
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, **wanted, "MH_ALLOCATOR_SET": "1"})
 
 
 def cmd_up(args: argparse.Namespace) -> int:

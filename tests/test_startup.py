@@ -205,9 +205,11 @@ def test_up_runs_python_objects_on_the_c_malloc_unless_the_operator_chose(up_fac
     """Python's own allocator keeps freed objects' memory in arenas it cannot give back; `up` re-executes
     itself once with PYTHONMALLOC=malloc (same process, same command line), keeping an operator's value."""
     env = {} if operator is None else {"PYTHONMALLOC": operator}
-    monkeypatch.delenv("PYTHONMALLOC", raising=False)
+    for name in ("PYTHONMALLOC", "JE_MALLOC_CONF", "MH_ALLOCATOR_SET"):
+        monkeypatch.delenv(name, raising=False)
     up = up_factory(env=env)
-    assert environ(up.proc.pid).get("PYTHONMALLOC") == (operator or "malloc")
+    seen = environ(up.proc.pid)
+    assert seen.get("PYTHONMALLOC") == (operator or "malloc")
     r = requests.post(
         f"{up.otlp_http}/v1/metrics",
         data=sum_request({"m": [point(1, {"org.id": "org-a"})]}).SerializeToString(),

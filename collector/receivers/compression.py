@@ -89,6 +89,20 @@ def content_encoding(values: Iterable[bytes]) -> Encoding:
         raise UnsupportedEncoding(f"unsupported Content-Encoding {coding[:100]!r}; {accepted}") from None
 
 
+#: The most deflate inflates one byte to (RFC 1951's longest match in its shortest code).
+DEFLATE_MAX_RATIO = 1032
+
+
+def inflating_cost(encoding: Encoding, size: int, limit: int) -> int:
+    """The most inflating a body of ``size`` bytes may hold: what it inflates to, at most ``limit``
+    bytes (the deflate ratio bounds gzip and deflate; zstd's frames have no such bound), twice: the
+    pieces, then them joined."""
+    if encoding is Encoding.IDENTITY:
+        return size
+    most = limit if encoding is Encoding.ZSTD else min(limit, size * DEFLATE_MAX_RATIO)
+    return size + 2 * most
+
+
 def inflate(encoding: Encoding, body: bytes, limit: int) -> bytes:
     """``body`` decoded: :class:`TooLarge` once the output passes ``limit`` bytes, :class:`CorruptBody`
     for anything but whole members (or frames) of ``encoding`` back to back."""

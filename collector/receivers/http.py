@@ -291,7 +291,11 @@ class OtlpHttpReceiver:
         self, ctype: str, encoding: compression.Encoding, body: bytes, sender: Principal | None
     ) -> Outcome:
         compressed = encoding is not compression.Encoding.IDENTITY
-        first = len(body) if compressed else decoded_cost(body, ctype == PROTOBUF)
+        if compressed:  # a budget smaller than one inflating lets it inflate alone
+            cost = compression.inflating_cost(encoding, len(body), self.max_request_bytes)
+            first = min(cost, self.decode_budget.capacity)
+        else:
+            first = decoded_cost(body, ctype == PROTOBUF)
         try:
             with self.decode_budget.hold(first) as hold:
                 return self._decode_export(ctype, encoding, body, sender, hold)
@@ -311,7 +315,7 @@ class OtlpHttpReceiver:
             return Outcome("too_large", f"decompressed request exceeds the limit of {limit} bytes{why}")
         except compression.CorruptBody as e:
             return Outcome("invalid", str(e))
-        hold.grow(decoded_cost(body, ctype == PROTOBUF))
+        hold.resize(decoded_cost(body, ctype == PROTOBUF))
         if ctype == PROTOBUF:  # decoded natively, or parsed after its share grows, by the ingestor
             return self.ingestor.export_body(body, sender, hold)
         request = ExportMetricsServiceRequest()

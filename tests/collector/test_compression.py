@@ -167,3 +167,23 @@ CORRUPT = [
 def test_anything_but_whole_streams_is_corrupt(name, body, words):
     with pytest.raises(CorruptBody, match=words):
         inflate(Encoding(name), body, MIB)
+
+
+def test_inflating_is_held_at_the_most_it_may_take_then_at_what_it_took():
+    """A compressed body's share of the decode budget while it inflates is what inflating it may hold
+    (it held its compressed size before: a few hundred bombs inflating at once were uncounted), and
+    afterwards what it inflated to costs decoded."""
+    from meterhouse.collector.budget import DecodeBudget
+    from meterhouse.collector.receivers.compression import Encoding, inflating_cost
+
+    limit = 20 << 20
+    assert inflating_cost(Encoding.GZIP, 1 << 20, limit) == (1 << 20) + 2 * limit  # a 1 MB bomb
+    assert inflating_cost(Encoding.DEFLATE, 1000, limit) == 1000 + 2 * 1000 * 1032
+    assert inflating_cost(Encoding.ZSTD, 1000, limit) == 1000 + 2 * limit  # zstd: no ratio bounds it
+    budget = DecodeBudget(capacity=100 << 20, wait_s=0.01)
+    with budget.hold(inflating_cost(Encoding.GZIP, 1 << 20, limit)) as hold:
+        with budget.hold(inflating_cost(Encoding.GZIP, 1 << 20, limit)):
+            assert budget.used > 80 << 20  # a third would wait
+        hold.resize(5 << 20)
+        assert budget.used == 5 << 20
+    assert budget.used == 0
