@@ -1,0 +1,76 @@
+"""Requests inside every bound whose insert still needs more than the engine's memory share: the writer
+retries MEMORY_LIMIT_EXCEEDED forever, and every later group (honest usage) waits behind it."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from otlp_builders import point, sum_request
+
+from meterhouse.demo import fetch_usage
+
+PROTOBUF = {"Content-Type": "application/x-protobuf"}
+
+
+def honest_usage_is_written(up, seconds: float = 60) -> tuple[int, list[str]]:
+    honest = sum_request({"honest.calls": [point(5, {"org.id": "org-honest"})]}).SerializeToString()
+    r = requests.post(f"{up.otlp_http}/v1/metrics", data=honest, headers=PROTOBUF, timeout=60)
+    assert r.status_code == 200, (r.status_code, r.content[:300])
+    now = int(time.time())
+    window = (now // 3600 * 3600 - 7200, (now // 3600 + 2) * 3600)
+    deadline = time.monotonic() + seconds
+    stored = 0
+    while time.monotonic() < deadline and stored != 5:
+        stored = fetch_usage(up.api, "org-honest", "honest.calls", *window, "1h")["total"]
+        time.sleep(0.5)
+    failures = [line[:300] for line in up.output().splitlines() if "insert failed" in line]
+    return stored, failures
+
+
+def distinct_keys_request(points: int, attributes: int, first: int = 0) -> bytes:
+    """Points whose attribute keys are all distinct (``<point>.<j>``, points numbered from ``first``) and
+    whose values are empty."""
+    pts = [
+        point(1, {"org.id": "org-attack", **{f"{i}.{j}": "" for j in range(attributes)}})
+        for i in range(first, first + points)
+    ]
+    return sum_request({"attack.keys": pts}).SerializeToString()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_distinct_attribute_keys_do_not_stall_honest_usage(up):
+    """The attribute-cardinality rollup groups by (metric, hour, key) and keeps two uniqExact states per
+    group (distinct values, and distinct orgs in the orgs view): 2,000 points of 126 distinct keys with
+    empty values are 252,000 groups. A 3.8 MB body, 2 MiB as stored (the bound is 21 MiB), counted 40 MiB
+    by the decode budget: inside every bound, acknowledged 200, and its insert fails MEMORY_LIMIT_EXCEEDED
+    ("would use 260.79 MiB ... maximum: 256.00 MiB ... while pushing to view
+    attribute_cardinality_hourly_mv") on every retry, so honest usage sent after it is never written."""
+    attack = distinct_keys_request(2000, 126)
+    r = requests.post(f"{up.otlp_http}/v1/metrics", data=attack, headers=PROTOBUF, timeout=60)
+    assert r.status_code in (200, 413), (r.status_code, r.content[:300])
+    stored, failures = honest_usage_is_written(up)
+    assert stored == 5, f"honest usage not written in 60 s; {len(failures)} insert failures: {failures[:2]}"
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_a_group_of_small_requests_does_not_stall_honest_usage(up):
+    """The same through the writer's grouping: 16 requests of 250 such points (440 kB each, an eighth of
+    the request that fails alone, each insertable alone) sent at once are grouped into one insert,
+    which fails MEMORY_LIMIT_EXCEEDED on every retry (~275 MiB of 256); the writer never splits a group
+    that fails for memory, so honest usage behind it is never written."""
+    attacks = [distinct_keys_request(250, 126, first=k * 250) for k in range(16)]
+
+    def send(body: bytes) -> int:
+        return requests.post(
+            f"{up.otlp_http}/v1/metrics", data=body, headers=PROTOBUF, timeout=60
+        ).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        assert set(pool.map(send, attacks)) == {200}
+    stored, failures = honest_usage_is_written(up)
+    assert stored == 5, f"honest usage not written in 60 s; {len(failures)} insert failures: {failures[:2]}"
