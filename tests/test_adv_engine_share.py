@@ -74,3 +74,18 @@ def test_a_group_of_small_requests_does_not_stall_honest_usage(up):
         assert set(pool.map(send, attacks)) == {200}
     stored, failures = honest_usage_is_written(up)
     assert stored == 5, f"honest usage not written in 60 s; {len(failures)} insert failures: {failures[:2]}"
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_many_long_orgs_do_not_stall_honest_usage(up):
+    """3,000 points each of its own 4,096-character org (the attribute bound allows it), no other
+    attribute: a 12.4 MB body, 12 MiB as stored (the bound is 21 MiB), acknowledged 200. Its insert
+    fails MEMORY_LIMIT_EXCEEDED ("would use 258.53 MiB ... while pushing to view usage_points_mv") on
+    every retry: every view groups or sorts by the org, and the views' blocks are held together."""
+    pts = [point(1, {"org.id": str(i).rjust(4096, "o")}) for i in range(3000)]
+    attack = sum_request({"attack.orgs": pts}).SerializeToString()
+    r = requests.post(f"{up.otlp_http}/v1/metrics", data=attack, headers=PROTOBUF, timeout=60)
+    assert r.status_code in (200, 413), (r.status_code, r.content[:300])
+    stored, failures = honest_usage_is_written(up)
+    assert stored == 5, f"honest usage not written in 60 s; {len(failures)} insert failures: {failures[:2]}"
