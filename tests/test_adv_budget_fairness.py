@@ -15,8 +15,6 @@ import requests
 from hostile_mix import PROTOBUF
 from otlp_builders import point, sum_request
 
-DECODE_BUDGET = int((1 << 30) * 0.15)  # the decode budget's share of the default --memory-budget-bytes
-
 
 def json_points_request(points: int) -> bytes:
     """OTLP/JSON of one gauge with ``points`` one-value points: 33 bytes and one object each (432 bytes
