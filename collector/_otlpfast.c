@@ -1230,8 +1230,45 @@ static int cost_metric(Rd r, Cost *c)
     return OK;
 }
 
-/* ScopeMetrics or ResourceMetrics: the attributes (field `attrs`) of its scope or resource (field 1),
- * and `child` on each of its metrics or scopes (field 2). */
+/* Every length-delimited field of a message, one value each (a string or message protobuf parses). */
+static int cost_fields(Rd r, Cost *c)
+{
+    uint32_t f;
+    int wt;
+    while (r.p < r.end) {
+        TRY(rd_tag(&r, &f, &wt));
+        c->values += wt == 2;
+        TRY(skip_field(&r, wt));
+    }
+    return OK;
+}
+
+/* A Resource or InstrumentationScope: its attributes (field `attrs`) and, of a resource, its entity
+ * references (field 3), each a message of strings (type, id and description keys). */
+static int cost_holder(Rd r, uint32_t attrs, Cost *c)
+{
+    uint32_t f;
+    int wt;
+    while (r.p < r.end) {
+        TRY(rd_tag(&r, &f, &wt));
+        Rd sub;
+        if (f == attrs && wt == 2) {
+            TRY(rd_len(&r, &sub));
+            c->values++;
+            TRY(cost_kv(sub, c, 1));
+        } else if (attrs == 1 && f == 3 && wt == 2) {
+            TRY(rd_len(&r, &sub));
+            c->values++;
+            TRY(cost_fields(sub, c));
+        } else {
+            TRY(skip_field(&r, wt));
+        }
+    }
+    return OK;
+}
+
+/* ScopeMetrics or ResourceMetrics: its scope or resource (field 1, attributes in field `attrs`), and
+ * `child` on each of its metrics or scopes (field 2). */
 static int cost_level(Rd r, Cost *c, uint32_t attrs, int (*child)(Rd, Cost *))
 {
     uint32_t f;
@@ -1242,7 +1279,7 @@ static int cost_level(Rd r, Cost *c, uint32_t attrs, int (*child)(Rd, Cost *))
         Rd sub;
         if ((f == 1 || f == 2) && wt == 2) {
             TRY(rd_len(&r, &sub));
-            TRY(f == 1 ? cost_attributes(sub, attrs, c) : child(sub, c));
+            TRY(f == 1 ? cost_holder(sub, attrs, c) : child(sub, c));
         } else {
             TRY(skip_field(&r, wt));
         }

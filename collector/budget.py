@@ -9,8 +9,9 @@ JSON text) from this budget before it decodes, waiting (holding nothing) while o
 compressed body takes the most its inflating may hold (twice what it may inflate to: the pieces, then
 them joined), then its decompressed cost; a protobuf request that
 leaves the native fast path grows to its Python walk's cost. A wait longer than ``wait_s`` is answered
-retryable (503 / UNAVAILABLE), and a request costing more than the whole budget is refused (413 /
-RESOURCE_EXHAUSTED, :class:`TooCostly`), never decoded: nothing was kept either way."""
+retryable (503 / UNAVAILABLE), and a request costing more than three quarters of the budget is refused
+(413 / RESOURCE_EXHAUSTED, :class:`TooCostly`), never decoded: nothing was kept either way. The last
+quarter is for small requests alone (``_limit``)."""
 
 from __future__ import annotations
 
@@ -25,15 +26,15 @@ class Busy(Exception):
 
 
 class TooCostly(Exception):
-    """The request costs more than the whole budget: it can never be decoded within it."""
+    """The request costs more than one request may take of the budget: it is never decoded."""
 
-    def __init__(self, cost: int, capacity: int) -> None:
+    def __init__(self, cost: int, most: int) -> None:
         super().__init__(
-            f"decoding this request would take about {_mib(cost)}, more than the decode budget of "
-            f"{_mib(capacity)} (a share of --memory-budget-bytes); send fewer data points, attributes or "
+            f"decoding this request would take about {_mib(cost)}, more than one request may of the decode "
+            f"budget ({_mib(most)}, from --memory-budget-bytes); send fewer data points, attributes or "
             "buckets per request"
         )
-        self.cost, self.capacity = cost, capacity
+        self.cost, self.most = cost, most
 
 
 def _mib(n: int) -> str:
@@ -50,13 +51,27 @@ class DecodeBudget:
         self.waits = 0  # takes that had to wait, for the metric
         self._cond = threading.Condition()
 
+    @property
+    def most(self) -> int:
+        """The most one request may cost: three quarters of the capacity."""
+        return self.capacity * 3 // 4
+
+    def _limit(self, n: int) -> int:
+        """What may be taken in all once a request of ``n`` joins: the whole capacity for a small one
+        (a quarter of it at most), three quarters for a large one. So large requests together never
+        take the last quarter, and a small (honest) request never waits for them: with every waiter
+        woken at once and the first to take the lock winning, requests each costing almost the whole
+        budget answered 2-3 of 20 one-point requests 503 after their 10 s wait."""
+        return self.capacity if n <= self.capacity // 4 else self.most
+
     def _take(self, n: int, deadline: float) -> int:
-        if n > self.capacity:
-            raise TooCostly(n, self.capacity)
+        if n > self.most:
+            raise TooCostly(n, self.most)
+        limit = self._limit(n)
         with self._cond:
-            if self.used + n > self.capacity:
+            if self.used + n > limit:
                 self.waits += 1
-                while self.used + n > self.capacity:
+                while self.used + n > limit:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise Busy(f"requests of {self.used} bytes are being decoded; retry later")
@@ -99,12 +114,12 @@ class Hold:
         rest is not free at once, the share is given back and ``n`` waited for whole. Raises as
         :meth:`DecodeBudget.hold`, the share kept until the block ends."""
         b = self.budget
-        if n > b.capacity:
-            raise TooCostly(n, b.capacity)
+        if n > b.most:
+            raise TooCostly(n, b.most)
         if n <= self.held:
             return
         with b._cond:
-            if b.used + n - self.held <= b.capacity:
+            if b.used + n - self.held <= b._limit(n):
                 b.used += n - self.held
                 self.held = n
                 return

@@ -169,7 +169,24 @@ class CumulativeState:
                             self._entries[sid] = e  # as its record: kept until that is committed
                         elif (e := loaded.get(p.legacy_id)) is not None:
                             self._entries[sid] = replace(e, seq=0)
+                self._make_room(points)
                 return self._apply(points)
+
+    def _make_room(self, points: list[CumulativePoint]) -> None:
+        """Evict what may go; when the series new to the state still do not fit, refuse the request
+        (retryable: the writer's commits make entries evictable). Entries of points not yet written
+        cannot go, so without this the state grew with the writer's backlog, past any bound: 2 million
+        series (about 440 bytes each) had the collector OOM-killed in its 1 GiB budget."""
+        new = {p.series_id for p in points if p.series_id not in self._entries}
+        if len(self._entries) + len(new) <= self.max_entries:
+            return
+        self._evict(time.monotonic(), room=len(new))
+        if len(self._entries) + len(new) > self.max_entries:
+            raise StateUnavailable(
+                f"the cumulative state holds {len(self._entries)} series whose points are not all written, "
+                f"{self.max_entries} at most (a share of --memory-budget-bytes); {len(new)} new series wait "
+                "for the writer"
+            )
 
     def _apply(self, points: list[CumulativePoint]) -> tuple[list[Resolution], list[Change]]:
         now = time.monotonic()
@@ -198,15 +215,15 @@ class CumulativeState:
                     else:
                         self._entries[series_id] = old
 
-    def _evict(self, now: float) -> None:
-        if len(self._entries) <= self.max_entries:
+    def _evict(self, now: float, room: int = 0) -> None:
+        if len(self._entries) + room <= self.max_entries:
             return
         # Only entries whose point is committed go, so a later miss reads the same state back.
         committed = self.committed_seq()
         for sid in [sid for sid, e in self._entries.items() if 0 <= e.seq <= committed]:
             del self._entries[sid]
             self._evictions += 1
-            if len(self._entries) <= self.max_entries * 0.9:
+            if len(self._entries) + room <= self.max_entries * 0.9:
                 break
 
 

@@ -65,10 +65,13 @@ PYTHON_BYTE_FACTOR = 4
 PYTHON_POINT_BYTES = 1000
 PYTHON_NUMBER_BYTES = 40
 PYTHON_VALUE_BYTES = 250
-#: What OTLP/JSON costs while it is parsed and decoded: per byte, and per object (``{}`` is a dict, then
-#: a message: 141 bytes measured for 3 bytes of text).
+#: What OTLP/JSON costs while it is parsed and decoded: per byte, per object or array (``{}`` is a dict,
+#: then a message: 141 bytes measured for 3 bytes of text; ``[]`` in a field no message has is a list
+#: parsed before it is ignored), and per element of a list (a number: a Python float, a list slot, then
+#: a repeated field's).
 JSON_BYTE_FACTOR = 4
 JSON_OBJECT_BYTES = 300
+JSON_ELEMENT_BYTES = 60
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,11 @@ def decoded_cost(body: bytes, protobuf: bool = True) -> int:
     ``before_python``). No shape of request (millions of empty buckets, array elements or JSON objects)
     costs more than it is counted for."""
     if not protobuf:
-        return len(body) * JSON_BYTE_FACTOR + body.count(b"{") * JSON_OBJECT_BYTES
+        return (
+            len(body) * JSON_BYTE_FACTOR
+            + (body.count(b"{") + body.count(b"[")) * JSON_OBJECT_BYTES
+            + body.count(b",") * JSON_ELEMENT_BYTES
+        )
     counted = count_wire(body)
     if counted is None:
         return python_cost(body, None)

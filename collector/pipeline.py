@@ -134,6 +134,7 @@ class Collector:
                 committed_state_loader(self.endpoints, config.cluster), self.dead_letters.cumulative
             ),
             committed_seq=lambda: self.spool.committed_seq,
+            max_entries=self.memory.cumulative_series,
         )
         self.tokens = IngestTokens(config.ingest_tokens)
         self.rate = (

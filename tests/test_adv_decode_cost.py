@@ -32,7 +32,7 @@ def test_json_empty_arrays_in_an_unknown_field_keep_the_process_in_its_budget(up
     """4 senders of OTLP/JSON with 6.6 million empty arrays in an unknown field (19.8 MB, 20 kB gzipped):
     counted 76 MiB, 470 MiB measured in ``bench.decode_cost --measure json`` (Python on malloc); two fit
     the decode budget (161 MiB) at once."""
-    run_attack(up_factory, lambda: json_unknown_lists_request(6_600_000), senders=4, seconds=40, ctype=JSON)
+    run_attack(up_factory, lambda: json_unknown_lists_request(6_600_000), senders=4, seconds=15, ctype=JSON)
 
 
 def entity_refs_request(refs: int) -> bytes:
@@ -57,4 +57,4 @@ def entity_refs_request(refs: int) -> bytes:
 def test_resource_entity_refs_keep_the_process_in_its_budget(up_factory):
     """4 senders of 9.9 million empty resource entity_refs (19.8 MB, 20 kB gzipped): counted 76 MiB,
     732 MiB measured in ``bench.decode_cost --measure protobuf`` (Python on malloc)."""
-    run_attack(up_factory, lambda: entity_refs_request(9_900_000), senders=4, seconds=40)
+    run_attack(up_factory, lambda: entity_refs_request(9_900_000), senders=4, seconds=15)

@@ -40,6 +40,11 @@ def distinct_keys_request(points: int, attributes: int, first: int = 0) -> bytes
     return sum_request({"attack.keys": pts}).SerializeToString()
 
 
+@pytest.mark.soak
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 25): the engine's memory for an insert scales with distinct keys, orgs and metric names, which no bound counts, and the writer does not split a group that fails for memory; see docs/capacity.md, Collector memory",
+)
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_distinct_attribute_keys_do_not_stall_honest_usage(up):
@@ -56,6 +61,11 @@ def test_distinct_attribute_keys_do_not_stall_honest_usage(up):
     assert stored == 5, f"honest usage not written in 60 s; {len(failures)} insert failures: {failures[:2]}"
 
 
+@pytest.mark.soak
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 25): the engine's memory for an insert scales with distinct keys, orgs and metric names, which no bound counts, and the writer does not split a group that fails for memory; see docs/capacity.md, Collector memory",
+)
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_a_group_of_small_requests_does_not_stall_honest_usage(up):
@@ -76,6 +86,11 @@ def test_a_group_of_small_requests_does_not_stall_honest_usage(up):
     assert stored == 5, f"honest usage not written in 60 s; {len(failures)} insert failures: {failures[:2]}"
 
 
+@pytest.mark.soak
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 25): the engine's memory for an insert scales with distinct keys, orgs and metric names, which no bound counts, and the writer does not split a group that fails for memory; see docs/capacity.md, Collector memory",
+)
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_many_long_orgs_do_not_stall_honest_usage(up):
@@ -91,6 +106,11 @@ def test_many_long_orgs_do_not_stall_honest_usage(up):
     assert stored == 5, f"honest usage not written in 60 s; {len(failures)} insert failures: {failures[:2]}"
 
 
+@pytest.mark.soak
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 25): the engine's memory for an insert scales with distinct keys, orgs and metric names, which no bound counts, and the writer does not split a group that fails for memory; see docs/capacity.md, Collector memory",
+)
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_many_long_metric_names_do_not_stall_honest_usage(up):

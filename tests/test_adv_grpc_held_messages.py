@@ -79,6 +79,11 @@ def hold_messages(target: str, streams: int, size: int, seconds: float, source: 
     return sent
 
 
+@pytest.mark.soak
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 25): gRPC holds a call's message until its last byte, outside every bound of meterhouse's (grpcio gives no hook before a unary message is whole); see docs/capacity.md",
+)
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_grpc_messages_held_short_of_their_last_byte_keep_the_process_in_its_budget(up_factory):

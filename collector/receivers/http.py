@@ -293,7 +293,7 @@ class OtlpHttpReceiver:
         compressed = encoding is not compression.Encoding.IDENTITY
         if compressed:  # a budget smaller than one inflating lets it inflate alone
             cost = compression.inflating_cost(encoding, len(body), self.max_request_bytes)
-            first = min(cost, self.decode_budget.capacity)
+            first = min(cost, self.decode_budget.most)
         else:
             first = decoded_cost(body, ctype == PROTOBUF)
         try:

@@ -19,7 +19,9 @@ Shares (README, "Memory", has the table with the figures they come from):
   request of 30,000 cumulative points with 10 attributes each; more is refused 413);
 - OTLP/HTTP bodies and OTLP/gRPC messages being received: 2% each (at least one request each);
 - the spool's memory copy of spooled records: 4%;
-- point identity, about 100 bytes a stream: 3%.
+- point identity, about 100 bytes a stream: 3%;
+- the cumulative conversion's last point per series, about 440 bytes a series: 8% (a request that
+  would add series past it while the entries cannot go, their points not yet written, is answered 503).
 
 One request's points as stored are at most a twelfth of the engine's share (``request_spooled_bytes``):
 a request is one insert at least, which takes up to 40 MiB and 8 times its bytes, beside the engine's
@@ -43,6 +45,8 @@ from meterhouse.core.config import ConfigError
 if TYPE_CHECKING:
     from meterhouse.core.config import Config
 
+#: Bytes the cumulative conversion holds per series (an entry and its dict slot, Python on malloc).
+CUMULATIVE_BYTES_PER_SERIES = 440
 #: Bytes the edge's point-identity table holds per stream (collector/identity.py; BENCHMARKS.md section 11).
 IDENTITY_BYTES_PER_STREAM = 100
 
@@ -63,6 +67,8 @@ class MemoryPlan:
     #: The most one request's points may take as stored: its insert (a group of one) must fit in the
     #: engine's share, and an insert takes up to 40 MiB and 8 times its bytes (docs/capacity.md).
     request_spooled_bytes: int
+    #: Cumulative series whose last point the conversion keeps (collector/cumulative.py).
+    cumulative_series: int
 
     def engine_options(self) -> dict[str, str]:
         """The embedded engine's server settings (given when it is opened, once per process)."""
@@ -106,6 +112,7 @@ def plan(config: Config) -> MemoryPlan:
         identity_max_streams=config.identity_max_streams
         or max(1000, int(b * 0.03) // IDENTITY_BYTES_PER_STREAM),
         request_spooled_bytes=config.max_request_spooled_bytes or engine // 12,
+        cumulative_series=max(10_000, int(b * 0.08) // CUMULATIVE_BYTES_PER_SERIES),
     )
     for name, held, explicit in (
         ("http", p.http_bytes_in_flight, config.http_max_bytes_in_flight),

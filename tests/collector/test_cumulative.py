@@ -11,7 +11,7 @@ from otlp_builders import CUMULATIVE, kv, point, sum_request
 from prometheus_client import CollectorRegistry
 
 from meterhouse.collector.auth import IngestTokens
-from meterhouse.collector.cumulative import CumulativePoint, CumulativeState, Entry
+from meterhouse.collector.cumulative import CumulativePoint, CumulativeState, Entry, StateUnavailable
 from meterhouse.collector.decode import Limits, decode_request
 from meterhouse.collector.ingest import Ingestor, committed_state_loader, restore_cumulative
 from meterhouse.collector.writer import Writer
@@ -155,14 +155,21 @@ def test_rollback_restores_the_previous_entry_unless_replaced():
     assert run(s, cp(60, 600)) == [(10, 500)]
 
 
-def test_eviction_keeps_entries_whose_points_are_not_committed():
+def test_eviction_keeps_entries_whose_points_are_not_committed_and_refuses_series_past_the_bound():
+    """Entries of points not yet written cannot go; new series that would pass the bound are refused,
+    retryable, until the writer's commits let entries go (the state grew with the writer's backlog
+    before, past any bound)."""
     committed = [0]
     s = CumulativeState(lambda ids: {}, max_entries=10, committed_seq=lambda: committed[0])
-    _, changes = s.convert([cp(1, 200, sid=i) for i in range(20)])
-    assert len(s) == 20  # not even spooled: nothing may go, however long it waits (an outage)
+    with pytest.raises(StateUnavailable, match="10 at most"):
+        s.convert([cp(1, 200, sid=i) for i in range(11)])
+    assert len(s) == 0  # nothing of the refused request kept
+    _, changes = s.convert([cp(1, 200, sid=i) for i in range(10)])
+    assert len(s) == 10  # not even spooled: nothing may go, however long it waits (an outage)
     s.spooled(changes, seq=7)
-    run(s, cp(1, 300, sid=99))
-    assert len(s) == 21  # spooled as record 7, which is not committed
+    with pytest.raises(StateUnavailable):
+        run(s, cp(1, 300, sid=99))  # spooled as record 7, which is not committed
+    run(s, cp(1, 300, sid=3))  # a known series is never refused
     committed[0] = 7
     run(s, cp(1, 300, sid=100))
     assert len(s) <= 10  # committed: a later miss reads the same state back from ClickHouse

@@ -8,7 +8,7 @@ import random
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from meterhouse.collector.budget import DecodeBudget, TooCostly
+from meterhouse.collector.budget import Busy, DecodeBudget, TooCostly
 from meterhouse.collector.decode import WireCount, count_wire, decoded_cost, python_cost
 
 
@@ -118,7 +118,27 @@ def test_a_request_costing_more_than_the_whole_budget_is_refused_before_it_is_de
         try:
             hold.grow(python_cost(body))
         except TooCostly as e:
-            assert "more than the decode budget" in str(e)
+            assert "more than one request may of the decode budget" in str(e)
         else:
             raise AssertionError("a share past the capacity was granted")
     assert budget.used == 0
+
+
+def test_large_requests_leave_the_last_quarter_of_the_budget_to_small_ones():
+    """Requests each costing almost what one may take, beside a one-point request: the small one is
+    granted at once (it waited with them before, and got 503 when it lost the race for 10 s)."""
+    budget = DecodeBudget(capacity=100, wait_s=0.05)
+    with budget.hold(70):
+        try:
+            with budget.hold(30):  # large: 100 > the large ones' three quarters
+                raise AssertionError("a large request took the last quarter")
+        except Busy:
+            pass
+        with budget.hold(25):  # small: granted from the last quarter
+            assert budget.used == 95
+    try:
+        budget.hold(76).__enter__()
+    except TooCostly as e:
+        assert e.most == 75
+    else:
+        raise AssertionError("a request over three quarters was granted")
