@@ -20,6 +20,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+#: A receiver's decode budget when it is built alone (the pipeline gives both the one its memory plan
+#: derives): the default memory budget's share.
+STANDALONE_DECODE_BYTES = int((1 << 30) * 0.15)
+
 
 class Busy(Exception):
     """The budget stayed taken for longer than the wait: answer retryable, nothing kept."""

@@ -40,7 +40,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from meterhouse.collector.auth import Principal, Unauthenticated
-from meterhouse.collector.budget import Busy, DecodeBudget, TooCostly
+from meterhouse.collector.budget import STANDALONE_DECODE_BYTES, Busy, DecodeBudget, TooCostly
 from meterhouse.collector.decode import decoded_cost
 from meterhouse.collector.ingest import Ingestor, Outcome
 from meterhouse.core import listen
@@ -186,7 +186,7 @@ class OtlpGrpcReceiver:
         self.limits = limits or GrpcLimits()
         self.calls_handled = _Budget(max_concurrent_rpcs)
         self.bytes_in_flight = _Budget(max_bytes_in_flight or 4 * max_request_bytes)
-        self.decode_budget = decode_budget or DecodeBudget(self.bytes_in_flight.limit)
+        self.decode_budget = decode_budget or DecodeBudget(STANDALONE_DECODE_BYTES)
         self.calls_by_address: dict[str, int] = {}  # touched on the event loop thread only
         self._refusals = _RefusalLog()
         self._server: grpc.aio.Server | None = None  # bound (and serving once started)

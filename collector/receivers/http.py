@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 
 from meterhouse.collector.auth import Principal, Unauthenticated
-from meterhouse.collector.budget import Busy, DecodeBudget, Hold, TooCostly
+from meterhouse.collector.budget import STANDALONE_DECODE_BYTES, Busy, DecodeBudget, Hold, TooCostly
 from meterhouse.collector.decode import decoded_cost
 from meterhouse.collector.ingest import Ingestor, Outcome
 from meterhouse.collector.model import content_digest
@@ -137,7 +137,7 @@ class OtlpHttpReceiver:
         self.limits = limits or HttpLimits()
         self.max_bytes_in_flight = max_bytes_in_flight or 4 * max_request_bytes
         self.workers = workers
-        self.decode_budget = decode_budget or DecodeBudget(self.max_bytes_in_flight)
+        self.decode_budget = decode_budget or DecodeBudget(STANDALONE_DECODE_BYTES)
         self.in_flight = InFlight()
         self._admitted = 0  # touched on the event loop thread only
         self._bytes = 0
