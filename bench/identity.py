@@ -117,7 +117,7 @@ def writer_check(engine: Path, n: int) -> float:
     numbers, _ = merge_blocks([encode_blocks(group)], "t0", 1)
     store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, "t0:n")
     t = _cpu()
-    _kept, dropped = Verifier(store).filter([(group, [1] * n, [])], seq=2)
+    _kept, dropped = Verifier(store).filter((group, [1] * n, []), 2, (set(), set()))
     spent = _cpu() - t
     assert dropped == n, dropped
     return spent / n * 1e6

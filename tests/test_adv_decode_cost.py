@@ -1,6 +1,7 @@
-"""Requests whose decoded cost the decode budget still counts low (collector/decode.py ``decoded_cost``:
-OTLP/JSON is four bytes per byte of text and 300 per ``{``), sent at a real `meterhouse up` inside a
-memory cgroup limited to its budget, beside honest senders (``run_attack``)."""
+"""Requests whose decoded cost the decode budget counted low (collector/decode.py ``decoded_cost``:
+OTLP/JSON was four bytes per byte of text and 300 per ``{``; a resource's entity references were not
+counted), sent at a real `meterhouse up` inside a memory cgroup limited to its budget, beside honest
+senders (``run_attack``). Each had the process OOM-killed within seconds; both are counted now."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def json_unknown_lists_request(lists: int) -> bytes:
     return (_ONE_POINT + f',"nonce":"{uuid.uuid4().hex}","x":[' + ",".join(["[]"] * lists) + "]}").encode()
 
 
-@pytest.mark.e2e
+@pytest.mark.soak  # the default suite has the walker's and the JSON counts (tests/collector/test_wire_cost.py)
 @pytest.mark.timeout(300)
 def test_json_empty_arrays_in_an_unknown_field_keep_the_process_in_its_budget(up_factory):
     """4 senders of OTLP/JSON with 6.6 million empty arrays in an unknown field (19.8 MB, 20 kB gzipped):
@@ -52,7 +53,7 @@ def entity_refs_request(refs: int) -> bytes:
     return r.SerializeToString() + b"\x0a" + _VarintBytes(len(resource_metrics)) + resource_metrics
 
 
-@pytest.mark.e2e
+@pytest.mark.soak  # the default suite has the walker's and the JSON counts (tests/collector/test_wire_cost.py)
 @pytest.mark.timeout(300)
 def test_resource_entity_refs_keep_the_process_in_its_budget(up_factory):
     """4 senders of 9.9 million empty resource entity_refs (19.8 MB, 20 kB gzipped): counted 76 MiB,

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.soak  # two minutes: with the soaks (README, "Tests")
 @pytest.mark.timeout(900)  # every scenario starts its own servers; a loaded 2-core machine needs minutes
 def test_quick_benchmarks_run_every_scenario(tmp_path):
     out = tmp_path / "results.json"

@@ -149,7 +149,7 @@ def test_exponential_histogram_buckets_keep_the_process_in_its_budget(up_factory
     run_attack(up_factory, exp_histogram_request(20_000_000), senders=16, seconds=15)
 
 
-@pytest.mark.e2e
+@pytest.mark.soak  # the default suite has the exponential histogram's case and the walker's counts
 @pytest.mark.timeout(300)
 def test_array_attribute_values_keep_the_process_in_its_budget(up_factory):
     """8 senders of one point whose attribute is an array of 10 million empty values (20 MB, 20 kB gzipped)."""

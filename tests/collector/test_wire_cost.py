@@ -142,3 +142,26 @@ def test_large_requests_leave_the_last_quarter_of_the_budget_to_small_ones():
         assert e.most == 75
     else:
         raise AssertionError("a request over three quarters was granted")
+
+
+def test_a_resource_s_entity_references_are_counted():
+    """Resource field 3, a message each that protobuf parses (an adversary sent 9.9 million empty ones:
+    counted as bytes, 732 MiB decoded, the process OOM-killed)."""
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    r = random_request(2)
+    resource = b"\x1a\x00" * 1000 + b"\x1a\x06\x1a\x01k\x1a\x01j"  # 1,000 empty, one with two id keys
+    rm = b"\x0a" + _VarintBytes(len(resource)) + resource
+    body = r.SerializeToString() + b"\x0a" + _VarintBytes(len(rm)) + rm
+    base = expected(r)
+    assert count_wire(body) == WireCount(base.points, base.numbers, base.values + 1 + 1001 + 2)
+
+
+def test_otlp_json_arrays_and_list_elements_are_counted():
+    """``[]`` in a field no message has is a list that json.loads builds before it is ignored; a number
+    in a list is a float and a slot (an adversary's 6.6 million empty arrays: counted 76 MiB, 470 MiB
+    decoded)."""
+    empty_lists = b'{"resourceMetrics":[],"x":[' + b",".join([b"[]"] * 100_000) + b"]}"
+    assert decoded_cost(empty_lists, protobuf=False) >= 100_000 * 300
+    numbers = b'{"resourceMetrics":[],"x":[' + b",".join([b"1.5"] * 100_000) + b"]}"
+    assert decoded_cost(numbers, protobuf=False) >= 100_000 * 60
