@@ -142,14 +142,14 @@ def run_attack(
         cgroup.remove()
 
 
-@pytest.mark.e2e
+@pytest.mark.soak  # the default suite has the walker's counts (tests/collector/test_wire_cost.py)
 @pytest.mark.timeout(300)
 def test_exponential_histogram_buckets_keep_the_process_in_its_budget(up_factory):
     """16 senders of one exponential histogram point of 20 million zero buckets (20 MB, 20 kB gzipped)."""
     run_attack(up_factory, exp_histogram_request(20_000_000), senders=16, seconds=15)
 
 
-@pytest.mark.soak  # the default suite has the exponential histogram's case and the walker's counts
+@pytest.mark.soak  # the default suite has the walker's counts (tests/collector/test_wire_cost.py)
 @pytest.mark.timeout(300)
 def test_array_attribute_values_keep_the_process_in_its_budget(up_factory):
     """8 senders of one point whose attribute is an array of 10 million empty values (20 MB, 20 kB gzipped)."""

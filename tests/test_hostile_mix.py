@@ -64,7 +64,7 @@ def run_mix(up_factory, seconds: float, budget: int = BUDGET) -> None:
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_hostile_mix_in_a_memory_cgroup_keeps_honest_usage(up_factory):
-    run_mix(up_factory, seconds=float(os.environ.get("MH_HOSTILE_S", "20")))
+    run_mix(up_factory, seconds=float(os.environ.get("MH_HOSTILE_S", "12")))
 
 
 @pytest.mark.soak
