@@ -3,31 +3,25 @@ retries MEMORY_LIMIT_EXCEEDED forever, and every later group (honest usage) wait
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 from otlp_builders import point, sum_request
-
-from meterhouse.demo import fetch_usage
+from test_group_over_engine_memory import assert_honest_usage_written
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
-
-def honest_usage_is_written(up, seconds: float = 60) -> tuple[int, list[str]]:
-    honest = sum_request({"honest.calls": [point(5, {"org.id": "org-honest"})]}).SerializeToString()
-    r = requests.post(f"{up.otlp_http}/v1/metrics", data=honest, headers=PROTOBUF, timeout=60)
-    assert r.status_code == 200, (r.status_code, r.content[:300])
-    now = int(time.time())
-    window = (now // 3600 * 3600 - 7200, (now // 3600 + 2) * 3600)
-    deadline = time.monotonic() + seconds
-    stored = 0
-    while time.monotonic() < deadline and stored != 5:
-        stored = fetch_usage(up.api, "org-honest", "honest.calls", *window, "1h")["total"]
-        time.sleep(0.5)
-    failures = [line[:300] for line in up.output().splitlines() if "insert failed" in line]
-    return stored, failures
+#: Every case here is open: kept as a test, run with the soaks, expected to fail until it is fixed.
+pytestmark = [
+    pytest.mark.soak,
+    pytest.mark.xfail(
+        strict=True,
+        reason="open (issue 25): the engine's memory for an insert scales with distinct keys, orgs and "
+        "metric names, which no bound counts, and the writer does not split a group that fails for memory; "
+        "see docs/capacity.md, Collector memory",
+    ),
+]
 
 
 def distinct_keys_request(points: int, attributes: int, first: int = 0) -> bytes:
@@ -40,11 +34,6 @@ def distinct_keys_request(points: int, attributes: int, first: int = 0) -> bytes
     return sum_request({"attack.keys": pts}).SerializeToString()
 
 
-@pytest.mark.soak
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 25): the engine's memory for an insert scales with distinct keys, orgs and metric names, which no bound counts, and the writer does not split a group that fails for memory; see docs/capacity.md, Collector memory",
-)
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_distinct_attribute_keys_do_not_stall_honest_usage(up):
@@ -57,15 +46,9 @@ def test_distinct_attribute_keys_do_not_stall_honest_usage(up):
     attack = distinct_keys_request(2000, 126)
     r = requests.post(f"{up.otlp_http}/v1/metrics", data=attack, headers=PROTOBUF, timeout=60)
     assert r.status_code in (200, 413), (r.status_code, r.content[:300])
-    stored, failures = honest_usage_is_written(up)
-    assert stored == 5, f"honest usage not written in 60 s; {len(failures)} insert failures: {failures[:2]}"
+    assert_honest_usage_written(up)
 
 
-@pytest.mark.soak
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 25): the engine's memory for an insert scales with distinct keys, orgs and metric names, which no bound counts, and the writer does not split a group that fails for memory; see docs/capacity.md, Collector memory",
-)
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_a_group_of_small_requests_does_not_stall_honest_usage(up):
@@ -82,15 +65,9 @@ def test_a_group_of_small_requests_does_not_stall_honest_usage(up):
 
     with ThreadPoolExecutor(16) as pool:
         assert set(pool.map(send, attacks)) == {200}
-    stored, failures = honest_usage_is_written(up)
-    assert stored == 5, f"honest usage not written in 60 s; {len(failures)} insert failures: {failures[:2]}"
+    assert_honest_usage_written(up)
 
 
-@pytest.mark.soak
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 25): the engine's memory for an insert scales with distinct keys, orgs and metric names, which no bound counts, and the writer does not split a group that fails for memory; see docs/capacity.md, Collector memory",
-)
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_many_long_orgs_do_not_stall_honest_usage(up):
@@ -102,15 +79,9 @@ def test_many_long_orgs_do_not_stall_honest_usage(up):
     attack = sum_request({"attack.orgs": pts}).SerializeToString()
     r = requests.post(f"{up.otlp_http}/v1/metrics", data=attack, headers=PROTOBUF, timeout=60)
     assert r.status_code in (200, 413), (r.status_code, r.content[:300])
-    stored, failures = honest_usage_is_written(up)
-    assert stored == 5, f"honest usage not written in 60 s; {len(failures)} insert failures: {failures[:2]}"
+    assert_honest_usage_written(up)
 
 
-@pytest.mark.soak
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 25): the engine's memory for an insert scales with distinct keys, orgs and metric names, which no bound counts, and the writer does not split a group that fails for memory; see docs/capacity.md, Collector memory",
-)
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_many_long_metric_names_do_not_stall_honest_usage(up):
@@ -123,5 +94,4 @@ def test_many_long_metric_names_do_not_stall_honest_usage(up):
     ).SerializeToString()
     r = requests.post(f"{up.otlp_http}/v1/metrics", data=attack, headers=PROTOBUF, timeout=60)
     assert r.status_code in (200, 413), (r.status_code, r.content[:300])
-    stored, failures = honest_usage_is_written(up)
-    assert stored == 5, f"honest usage not written in 60 s; {len(failures)} insert failures: {failures[:2]}"
+    assert_honest_usage_written(up)

@@ -30,6 +30,24 @@ def wide_points_request(points: int, attributes: int, org_length: int) -> bytes:
     return sum_request({"attack.wide": pts}, resource={"org.id": "o" * org_length}).SerializeToString()
 
 
+def assert_honest_usage_written(up, seconds: float = 60) -> None:
+    """A one-point request of an honest org sent now is acknowledged and stored within ``seconds``."""
+    honest = sum_request({"honest.calls": [point(5, {"org.id": "org-honest"})]}).SerializeToString()
+    r = requests.post(f"{up.otlp_http}/v1/metrics", data=honest, headers=PROTOBUF, timeout=60)
+    assert r.status_code == 200, (r.status_code, r.content[:300])
+    now = int(time.time())
+    window = (now // 3600 * 3600 - 7200, (now // 3600 + 2) * 3600)
+    deadline = time.monotonic() + seconds
+    stored = 0
+    while time.monotonic() < deadline and stored != 5:
+        stored = fetch_usage(up.api, "org-honest", "honest.calls", *window, "1h")["total"]
+        time.sleep(0.5)
+    failures = [line[:300] for line in up.output().splitlines() if "insert failed" in line]
+    assert stored == 5, (
+        f"honest usage not written in {seconds:g} s; {len(failures)} insert failures: {failures[:2]}"
+    )
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("points, status", [(3000, 413), (2000, 200)])
@@ -37,18 +55,7 @@ def test_a_group_over_the_engine_memory_share_does_not_stall_honest_usage(up, po
     attack = wide_points_request(points, 127, 4096)
     r = requests.post(f"{up.otlp_http}/v1/metrics", data=attack, headers=PROTOBUF, timeout=60)
     assert r.status_code == status, (r.status_code, r.content[:300])
-    honest = sum_request({"honest.calls": [point(5, {"org.id": "org-honest"})]}).SerializeToString()
-    r = requests.post(f"{up.otlp_http}/v1/metrics", data=honest, headers=PROTOBUF, timeout=60)
-    assert r.status_code == 200, (r.status_code, r.content[:300])
-    now = int(time.time())
-    window = (now // 3600 * 3600 - 7200, (now // 3600 + 2) * 3600)
-    deadline = time.monotonic() + 60
-    stored = 0
-    while time.monotonic() < deadline and stored != 5:
-        stored = fetch_usage(up.api, "org-honest", "honest.calls", *window, "1h")["total"]
-        time.sleep(0.5)
-    failures = [line[:300] for line in up.output().splitlines() if "insert failed" in line]
-    assert stored == 5, f"honest usage not written in 60 s; {len(failures)} insert failures: {failures[:2]}"
+    assert_honest_usage_written(up)
     up.drain(
         timeout_s=60
     )  # nothing pending: the accepted request is written too (the API takes shorter orgs)
