@@ -4,7 +4,12 @@ within the window counts once. The digests survive restarts in a small append-on
 A digest is *claimed* while its first copy is being stored and *settled* once that copy is durable.
 Only a settled digest lets a re-sent copy be answered "ok": a copy that arrives while the first is still
 claimed waits for the first's outcome (and stores itself if the first failed), so an acknowledgement is
-never given for points that are not stored."""
+never given for points that are not stored.
+
+At most ``max_entries`` digests are kept (a share of the memory budget, ``core/memory.py``): under more
+requests than that in a window the oldest go first, so the window is shorter. Nothing counts twice for
+it: this is the fast path, and a re-sent copy whose digest went has its points dropped by point identity
+(``collector/identity.py``), at the cost of checking them."""
 
 from __future__ import annotations
 
@@ -20,9 +25,10 @@ from meterhouse.collector.model import Blocks
 
 
 class RecentRequests:
-    def __init__(self, path: Path, window_s: float) -> None:
+    def __init__(self, path: Path, window_s: float, max_entries: int = 1 << 62) -> None:
         self.path = Path(path)
         self.window_ns = int(window_s * 1e9)
+        self.max_entries = max(1, max_entries)
         self._seen: OrderedDict[str, int] = OrderedDict()  # digest → received_ns, oldest first
         self._claimed: set[str] = set()
         self._lock = threading.Lock()
@@ -42,7 +48,7 @@ class RecentRequests:
         entries += [(t, d) for d, t in extra]
         for t, d in sorted(entries):
             if t >= cutoff:
-                self._seen[d] = t
+                self._keep(d, t)
                 self._seen.move_to_end(d)
         self._rewrite()
         return len(self._seen)
@@ -74,10 +80,15 @@ class RecentRequests:
         with self._lock:
             self._claimed.discard(digest)
             self._settled.notify_all()
-            self._seen[digest] = received_ns
+            self._keep(digest, received_ns)
             if self._file is not None:
                 self._file.write(f"{received_ns} {digest}\n")
                 self._unsynced += 1
+
+    def _keep(self, digest: str, received_ns: int) -> None:
+        self._seen[digest] = received_ns
+        while len(self._seen) > self.max_entries:
+            self._seen.popitem(last=False)
 
     def committed(self, batches: Iterable[Blocks]) -> None:
         """Make the digests of batches about to be committed durable, before the spool forgets them.
@@ -87,7 +98,7 @@ class RecentRequests:
         with self._lock:
             for b in batches:
                 if b.digest not in self._seen:
-                    self._seen[b.digest] = b.received_ns
+                    self._keep(b.digest, b.received_ns)
                     if self._file is not None:
                         self._file.write(f"{b.received_ns} {b.digest}\n")
                         self._unsynced += 1

@@ -188,8 +188,11 @@ class EdgeIdentity:
 
 
 def _existing_sql(database: str, table: str, stream: Sequence[str], values: Sequence[str]) -> str:
-    """The stored rows that may share an identity with the wanted ones: the same org, metric, time and
-    attribute values (the primary key and one set test narrow it to about the candidates themselves)."""
+    """The stored rows that may share an identity with the wanted ones: the same org, metric, time,
+    attribute values and resource values (the primary key and two set tests narrow it to about the
+    candidates themselves). Without the resource's, points sent again and again at one time with the
+    same attributes under new resources (a sender inventing a resource per request) brought back every
+    earlier request's rows for each new one: the writer verified 1,700 points a second."""
     cols = ", ".join(
         {
             "resource_keys": "mapKeys(resource)",
@@ -205,6 +208,7 @@ FROM {database}.{table}
 WHERE org_id IN {{orgs:Array(String)}} AND metric IN {{metrics:Array(String)}}
     AND time IN (SELECT fromUnixTimestamp64Nano(arrayJoin({{times:Array(Int64)}}), 'UTC'))
     AND mapValues(attributes) IN (SELECT arrayJoin({{attr_values:Array(Array(String))}}))
+    AND mapValues(resource) IN (SELECT arrayJoin({{resource_values:Array(Array(String))}}))
     AND batch_seq < {{seq:UInt64}}"""
 
 
@@ -228,7 +232,7 @@ class Verifier:
         self, table: str, stream: Sequence[str], values: Sequence[str], wanted: set[Identity], seq: int
     ) -> set[Identity]:
         nf = len(stream)
-        at = {f: stream.index(f) for f in ("org_id", "metric", "kind", "attr_values")}
+        at = {f: stream.index(f) for f in ("org_id", "metric", "kind", "attr_values", "resource_values")}
         rows = self.store.rows(
             _existing_sql(self.store.database, table, stream, values),
             {
@@ -236,6 +240,7 @@ class Verifier:
                 "metrics": sorted({w[at["metric"]] for w in wanted}),
                 "times": sorted({w[nf + 1] for w in wanted}),
                 "attr_values": [list(v) for v in sorted({w[at["attr_values"]] for w in wanted})],
+                "resource_values": [list(v) for v in sorted({w[at["resource_values"]] for w in wanted})],
                 "seq": seq,
             },
         )

@@ -109,7 +109,11 @@ class Collector:
             max_record_bytes=self.memory.request_spooled_bytes,
         )
         self.recent = (
-            RecentRequests(config.data_dir / "spool" / "recent-requests.log", config.dedup_window_s)
+            RecentRequests(
+                config.data_dir / "spool" / "recent-requests.log",
+                config.dedup_window_s,
+                max_entries=self.memory.dedup_requests,
+            )
             if config.dedup_window_s > 0
             else None
         )

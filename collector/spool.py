@@ -739,15 +739,17 @@ class Spool:
             return self._inflight
 
     def release(self, group: Group) -> None:
-        """Give the records of a replayed group back to be grouped afresh, under today's bounds: the
-        writer found that nothing of it landed (``collector/writer.py``). Its intent stays on disk until
-        the first new group's intent, over some of the same records, supersedes it (``_live_intents``); a
-        restart before that replays it, and it is released again."""
+        """Give the records of the group in flight back to be grouped afresh, under the writer's bounds
+        (today's, for a replayed group; smaller, for a group that failed for memory): the writer found
+        that nothing of it landed (``collector/writer.py``). Its intent stays on disk until the first new
+        group's intent, over some of the same records, supersedes it (``_live_intents``); a restart before
+        that replays it, and it is released again."""
         with self._lock:
-            if self._inflight is not group or not group.replay:
-                raise ValueError("only the replayed group in flight can be released")
+            if self._inflight is not group:
+                raise ValueError("only the group in flight can be released")
             self._inflight = None
-            self._pending.extendleft(reversed(group.records))
+            if group.replay:  # a live group's records are still at the head of the queue (until commit)
+                self._pending.extendleft(reversed(group.records))
             self._cond.notify_all()
 
     def _payload(self, record: Record) -> bytes:

@@ -406,6 +406,9 @@ class Writer:
         # Called after an insert and before the spool forgets its records (the dedup digests sync).
         self.before_commit = before_commit
         self.verifier = Verifier(store)
+        # The bounds groups are made under: the options', halved while groups fail for memory (see
+        # :meth:`_halve`) and doubled back with each group committed.
+        self._max_points, self._max_bytes = flush_max_points, flush_max_bytes
         self._stop = threading.Event()
         self._deadline = float("inf")
         self._thread: threading.Thread | None = None
@@ -434,7 +437,7 @@ class Writer:
         while not (self._stop.is_set() and time.monotonic() >= self._deadline):
             try:
                 group = self.spool.next_group(
-                    self.flush_max_points, self.flush_interval_s, self._stop, self.flush_max_bytes
+                    self._max_points, self.flush_interval_s, self._stop, self._max_bytes
                 )
                 if group is None:
                     return
@@ -494,6 +497,8 @@ class Writer:
                 # An unknown error the server names by a code, on an endpoint that otherwise answers, is
                 # taken as a refusal of this content after repeated tries; trouble of the server (a full
                 # or broken disk, memory, parts, time, an outage) and errors without a code never are.
+                if cause == "memory" and self._halve(group):
+                    return True
                 healthy = self.store.active_healthy() if hasattr(self.store, "active_healthy") else True
                 poisoned = (
                     kind == "retryable"
@@ -524,6 +529,46 @@ class Writer:
             self.before_commit(batches)
         self.spool.commit(group)
         self._committed(batches)
+        self._max_points = min(self.flush_max_points, self._max_points * 2)
+        self._max_bytes = min(self.flush_max_bytes, self._max_bytes * 2)
+        return True
+
+    def _nothing_landed(self, group: Group) -> bool | None:
+        """Whether no row of ``group`` is in any ledger table (rows at or above its number: none newer
+        exists while it is in flight); None where the ledger does not decide (a ClickHouse server, or a
+        group an earlier version began)."""
+        ask = getattr(self.store, "landed", None)
+        if ask is None or group.token is None or not group.token.startswith(schema.LEDGER_TOKEN_PREFIX):
+            return None
+        landed = [ask(kind, group.last) for kind in schema.INGEST_OF]
+        if any(found is None for found in landed):
+            return None
+        return not any(any(found.values()) for found in landed if found is not None)
+
+    def _halve(self, group: Group) -> bool:
+        """A group of several records whose insert failed for memory, of which nothing landed, is given
+        back to the spool and its records grouped afresh under half its points and bytes (doubled back
+        with each group committed): True when so. Each record was let in only if its insert alone fits
+        the engine's share (README, "Limits"), but records together may not, and retrying the same group
+        would fail for ever with everyone's usage behind it. A group that landed in part is retried as
+        it is, one view at a time (``Store.insert_in_doubt``), the ledger tables that hold it skipped."""
+        if len(group.records) < 2 or group.done or not self._nothing_landed(group):
+            return False
+        points = sum(r.points for r in group.records)
+        size = sum(r.length for r in group.records)
+        self._max_points, self._max_bytes = max(1, points // 2), max(1, size // 2)
+        extra = {
+            "records": len(group.records),
+            "first": group.first,
+            "last": group.last,
+            "points": points,
+            "bytes": size,
+            "max_points": self._max_points,
+            "max_bytes": self._max_bytes,
+        }
+        log.warning("a group failed for memory; its records are grouped afresh, smaller", extra=extra)
+        self.metrics.groups_halved.inc()
+        self.spool.release(group)
         return True
 
     def _split(self, group: Group) -> bool:
@@ -539,16 +584,13 @@ class Writer:
         size = sum(r.length for r in group.records)
         if points <= self.flush_max_points and size <= self.flush_max_bytes:
             return False
-        ask = getattr(self.store, "landed", None)
-        if ask is None or group.token is None or not group.token.startswith(schema.LEDGER_TOKEN_PREFIX):
-            return False
-        landed = [ask(kind, group.last) for kind in schema.INGEST_OF]
+        nothing = self._nothing_landed(group)
         extra = {"records": len(group.records), "points": points, "bytes": size}
-        if any(found is None for found in landed):
+        if nothing is None:
             log.warning("replay: a group larger than the bounds is replayed whole (its token decides here)",
                         extra=extra)  # fmt: skip
             return False
-        if any(any(found.values()) for found in landed if found is not None):
+        if not nothing:
             log.warning(
                 "replay: a group larger than the bounds had landed in part; replayed whole", extra=extra
             )

@@ -7,6 +7,7 @@ database of its own. End-to-end tests run `meterhouse up` as real subprocesses o
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -140,6 +141,11 @@ class UpProcess:
             time.sleep(0.1)
         raise AssertionError(f"meterhouse up not ready in {timeout_s}s:\n{self.output()}")
 
+    def pending_points(self) -> float:
+        """Points spooled and not yet written, as the process reports them."""
+        text = requests.get(f"{self.api}/metrics", timeout=10).text
+        return float(re.search(r"\nmeterhouse_pending_points (\S+)", text).group(1))
+
     def drain(self, timeout_s: float = 30) -> None:
         """Wait until everything acknowledged so far is committed (answers come once spooled)."""
         deadline = time.monotonic() + timeout_s
@@ -148,7 +154,7 @@ class UpProcess:
             if "\nmeterhouse_pending_points 0.0\n" in text:
                 return
             time.sleep(0.05)
-        raise AssertionError(f"spool not drained in {timeout_s}s")
+        raise AssertionError(f"spool not drained in {timeout_s}s: {self.pending_points():,.0f} points left")
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,8 +1,13 @@
-"""Requests inside every bound whose insert still needs more than the engine's memory share: the writer
-retries MEMORY_LIMIT_EXCEEDED forever, and every later group (honest usage) waits behind it."""
+"""Requests inside every bound whose insert still needs more than the engine's memory share. The writer
+used to retry MEMORY_LIMIT_EXCEEDED for ever, every later group (honest usage) waiting behind it. Now a
+group of several records that fails for memory, none of it landed, is grouped afresh in halves
+(``Writer._halve``), and a retry inserts through one view at a time (``Store.insert_in_doubt``), so what
+fits alone is written, exactly once."""
 
 from __future__ import annotations
 
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -10,18 +15,16 @@ import requests
 from otlp_builders import point, sum_request
 from test_group_over_engine_memory import assert_honest_usage_written
 
+from meterhouse.demo import fetch_usage
+
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
-#: Every case here is open: kept as a test, run with the soaks, expected to fail until it is fixed.
-pytestmark = [
-    pytest.mark.soak,
-    pytest.mark.xfail(
-        strict=True,
-        reason="open (issue 25): the engine's memory for an insert scales with distinct keys, orgs and "
-        "metric names, which no bound counts, and the writer does not split a group that fails for memory; "
-        "see docs/capacity.md, Collector memory",
-    ),
-]
+
+def stored_total(up, org: str, metric: str) -> float:
+    now = int(time.time())
+    return fetch_usage(up.api, org, metric, now // 3600 * 3600 - 7200, (now // 3600 + 2) * 3600, "1h")[
+        "total"
+    ]
 
 
 def distinct_keys_request(points: int, attributes: int, first: int = 0) -> bytes:
@@ -42,30 +45,38 @@ def test_distinct_attribute_keys_do_not_stall_honest_usage(up):
     empty values are 252,000 groups. A 3.8 MB body, 2 MiB as stored (the bound is 21 MiB), counted 40 MiB
     by the decode budget: inside every bound, acknowledged 200, and its insert fails MEMORY_LIMIT_EXCEEDED
     ("would use 260.79 MiB ... maximum: 256.00 MiB ... while pushing to view
-    attribute_cardinality_hourly_mv") on every retry, so honest usage sent after it is never written."""
+    attribute_cardinality_hourly_mv") when all views are fed at once; one at a time, it fits."""
     attack = distinct_keys_request(2000, 126)
     r = requests.post(f"{up.otlp_http}/v1/metrics", data=attack, headers=PROTOBUF, timeout=60)
     assert r.status_code in (200, 413), (r.status_code, r.content[:300])
     assert_honest_usage_written(up)
+    if r.status_code == 200:
+        assert stored_total(up, "org-attack", "attack.keys") == 2000
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_a_group_of_small_requests_does_not_stall_honest_usage(up):
-    """The same through the writer's grouping: 16 requests of 250 such points (440 kB each, an eighth of
+    """The same through the writer's grouping: 10 requests of 250 such points (440 kB each, an eighth of
     the request that fails alone, each insertable alone) sent at once are grouped into one insert,
-    which fails MEMORY_LIMIT_EXCEEDED on every retry (~275 MiB of 256); the writer never splits a group
-    that fails for memory, so honest usage behind it is never written."""
-    attacks = [distinct_keys_request(250, 126, first=k * 250) for k in range(16)]
+    which fails MEMORY_LIMIT_EXCEEDED (more than the 256 MiB share): it is written in smaller groups, each
+    point once (giving the records back to the queue once counted them twice: 8,750 points stored of the
+    4,000 of 16 such requests)."""
+    attacks = [distinct_keys_request(250, 126, first=k * 250) for k in range(10)]
 
     def send(body: bytes) -> int:
         return requests.post(
             f"{up.otlp_http}/v1/metrics", data=body, headers=PROTOBUF, timeout=60
         ).status_code
 
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(10) as pool:
         assert set(pool.map(send, attacks)) == {200}
     assert_honest_usage_written(up)
+    assert stored_total(up, "org-attack", "attack.keys") == 2500
+    halved = re.search(
+        r"\nmeterhouse_groups_halved_total (\S+)", requests.get(f"{up.api}/metrics", timeout=10).text
+    )
+    assert halved and float(halved.group(1)) > 0  # the path under test was taken
 
 
 @pytest.mark.e2e
@@ -73,8 +84,8 @@ def test_a_group_of_small_requests_does_not_stall_honest_usage(up):
 def test_many_long_orgs_do_not_stall_honest_usage(up):
     """3,000 points each of its own 4,096-character org (the attribute bound allows it), no other
     attribute: a 12.4 MB body, 12 MiB as stored (the bound is 21 MiB), acknowledged 200. Its insert
-    fails MEMORY_LIMIT_EXCEEDED ("would use 258.53 MiB ... while pushing to view usage_points_mv") on
-    every retry: every view groups or sorts by the org, and the views' blocks are held together."""
+    failed MEMORY_LIMIT_EXCEEDED ("would use 258.53 MiB ... while pushing to view usage_points_mv") on
+    every retry: every view groups or sorts by the org, and the views' blocks were held together."""
     pts = [point(1, {"org.id": str(i).rjust(4096, "o")}) for i in range(3000)]
     attack = sum_request({"attack.orgs": pts}).SerializeToString()
     r = requests.post(f"{up.otlp_http}/v1/metrics", data=attack, headers=PROTOBUF, timeout=60)
@@ -87,8 +98,8 @@ def test_many_long_orgs_do_not_stall_honest_usage(up):
 def test_many_long_metric_names_do_not_stall_honest_usage(up):
     """15,000 metrics of distinct 1,024-character names (the name bound), one point each: a 16 MB body,
     16 MiB as stored (the bound is 21 MiB), acknowledged 200; its insert fails MEMORY_LIMIT_EXCEEDED
-    ("would use 259.63 MiB ... while pushing to view usage_points_mv", measured on the engine alone) on
-    every retry."""
+    ("would use 259.63 MiB ... while pushing to view usage_points_mv", measured on the engine alone) when
+    all views are fed at once."""
     attack = sum_request(
         {str(i).rjust(1024, "m"): [point(1, {"org.id": "org-attack"})] for i in range(15_000)}
     ).SerializeToString()

@@ -39,7 +39,10 @@ def run_mix(up_factory, seconds: float, budget: int = BUDGET) -> None:
         mix.stop()
         counted = sdk.stop()
         assert up.proc.poll() is None and cgroup.oom_kills() == 0, summary(mix)
-        up.drain(timeout_s=600)
+        backlog = up.pending_points()
+        # The mix spools faster than 2 shared cores write (a backlog of 2-4 million points after 10
+        # minutes): what is acknowledged is written after it, however long the mix ran.
+        up.drain(timeout_s=max(600.0, 3 * seconds))
         peak = anon.stop()
         now = int(time.time())
         window = (now // 3600 * 3600 - 7200, (now // 3600 + 2) * 3600)
@@ -51,7 +54,8 @@ def run_mix(up_factory, seconds: float, budget: int = BUDGET) -> None:
             assert fetch_usage(up.api, org, "honest.sdk", *window, "1h")["total"] == n, (org, n, summary(mix))
         assert not mix.answers.server_errors(), summary(mix)
         print(
-            f"peak anonymous memory {peak >> 20} MiB, cgroup peak {cgroup.peak_bytes() >> 20} MiB: {summary(mix)}"
+            f"peak anonymous memory {peak >> 20} MiB, cgroup peak {cgroup.peak_bytes() >> 20} MiB, backlog "
+            f"{backlog:,.0f} points when the mix stopped: {summary(mix)}"
         )
         assert peak <= budget
         assert up.stop() == 0

@@ -203,13 +203,15 @@ def environ(pid: int) -> dict[str, str]:
 @pytest.mark.parametrize("operator", [None, "pymalloc"])
 def test_up_runs_python_objects_on_the_c_malloc_unless_the_operator_chose(up_factory, operator, monkeypatch):
     """Python's own allocator keeps freed objects' memory in arenas it cannot give back; `up` re-executes
-    itself once with PYTHONMALLOC=malloc (same process, same command line), keeping an operator's value."""
-    env = {} if operator is None else {"PYTHONMALLOC": operator}
-    for name in ("PYTHONMALLOC", "JE_MALLOC_CONF", "MH_ALLOCATOR_SET"):
+    itself once with PYTHONMALLOC=malloc and glibc's arenas limited to two (same process, same command
+    line), keeping an operator's value."""
+    env = {} if operator is None else {"PYTHONMALLOC": operator, "MALLOC_ARENA_MAX": "4"}
+    for name in ("PYTHONMALLOC", "MALLOC_ARENA_MAX", "JE_MALLOC_CONF", "MH_ALLOCATOR_SET"):
         monkeypatch.delenv(name, raising=False)
     up = up_factory(env=env)
     seen = environ(up.proc.pid)
     assert seen.get("PYTHONMALLOC") == (operator or "malloc")
+    assert seen.get("MALLOC_ARENA_MAX") == ("4" if operator else "2")
     r = requests.post(
         f"{up.otlp_http}/v1/metrics",
         data=sum_request({"m": [point(1, {"org.id": "org-a"})]}).SerializeToString(),

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, NoReturn
 
 import grpc
@@ -44,6 +44,7 @@ from meterhouse.collector.budget import STANDALONE_DECODE_BYTES, Busy, DecodeBud
 from meterhouse.collector.decode import decoded_cost
 from meterhouse.collector.ingest import Ingestor, Outcome
 from meterhouse.core import listen
+from meterhouse.core.memory import plan as memory_plan
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.tls import ServerTls, TlsMaterial
 
@@ -103,7 +104,10 @@ class GrpcLimits:
 
     @classmethod
     def from_config(cls, config: Config) -> GrpcLimits:
-        return cls(**{f.name: getattr(config, f"grpc_{f.name}") for f in fields(cls)})
+        limits = cls(**{f.name: getattr(config, f"grpc_{f.name}") for f in fields(cls)})
+        if not limits.max_connections:  # a share of the memory budget
+            limits = replace(limits, max_connections=memory_plan(config).connections_per_port)
+        return limits
 
     def options(self) -> list[tuple[str, int]]:
         """gRPC's channel arguments for the bounds it enforces itself."""

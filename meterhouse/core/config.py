@@ -154,7 +154,10 @@ class Config:
         "(0 = 2% of --memory-budget-bytes).",
     )
     http_max_connections: int = _opt(
-        _positive, default=10_000, help="Open connections on each HTTP port; more are answered 503 and closed"
+        _non_negative,
+        default=0,
+        help="Open connections on each HTTP port; more are answered 503 and closed (0 = as many as 2% of "
+        "--memory-budget-bytes holds at 16 KiB a connection: 1,310 at 1 GiB).",
     )
     http_max_connections_per_address: int = _opt(
         _positive,
@@ -202,7 +205,10 @@ class Config:
         help="Calls (HTTP/2 streams) open at once on one gRPC connection; gRPC refuses more.",
     )
     grpc_max_connections: int = _opt(
-        _positive, default=10_000, help="Open connections on the OTLP/gRPC port; more are closed at once."
+        _non_negative,
+        default=0,
+        help="Open connections on the OTLP/gRPC port; more are closed at once (0 = as many as 2% of "
+        "--memory-budget-bytes holds at 16 KiB a connection: 1,310 at 1 GiB).",
     )
     grpc_keepalive_min_time_s: float = _opt(
         _positive,

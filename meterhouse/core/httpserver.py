@@ -35,6 +35,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meterhouse.core import listen
+from meterhouse.core.memory import plan as memory_plan
 from meterhouse.core.tls import ServerTls
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def limits_from(config: Config) -> HttpLimits:
         idle_timeout_s=config.http_idle_timeout_s,
         max_header_bytes=config.http_max_header_bytes,
         max_requests_in_flight=config.http_max_requests_in_flight,
-        max_connections=config.http_max_connections,
+        max_connections=config.http_max_connections or memory_plan(config).connections_per_port,
         max_connections_per_address=config.http_max_connections_per_address,
         min_body_rate_bytes_s=config.http_min_body_rate_bytes_s,
         min_body_rate_grace_s=config.http_min_body_rate_grace_s,

@@ -21,13 +21,17 @@ Shares (README, "Memory", has the table with the figures they come from):
 - the spool's memory copy of spooled records: 4%;
 - point identity, about 100 bytes a stream: 3%;
 - the cumulative conversion's last point per series, about 440 bytes a series: 8% (a request that
-  would add series past it while the entries cannot go, their points not yet written, is answered 503).
+  would add series past it while the entries cannot go, their points not yet written, is answered 503);
+- the digests of recent requests (the request-level dedup's fast path), about 250 bytes each: 2% (past
+  it the oldest go; point identity still drops a re-sent copy's points);
+- open connections, about 16 KiB each: 2% on each port (OTLP/HTTP, OTLP/gRPC, the API), unless
+  ``--http-max-connections`` / ``--grpc-max-connections`` are set.
 
 One request's points as stored are at most a twelfth of the engine's share (``request_spooled_bytes``):
 a request is one insert at least, which takes up to 40 MiB and 8 times its bytes, beside the engine's
 caches and merges.
 
-The rest (more than half) is the process itself (140 MiB idle: interpreter, libraries, threads), what gRPC
+The rest (about a quarter) is the process itself (140 MiB idle: interpreter, libraries, threads), what gRPC
 holds of messages still arriving, the writer's groups outside the engine, and the engine's code pages
 (file-backed: the kernel may drop and re-read them under pressure).
 """
@@ -47,6 +51,10 @@ if TYPE_CHECKING:
 
 #: Bytes the cumulative conversion holds per series (an entry and its dict slot, Python on malloc).
 CUMULATIVE_BYTES_PER_SERIES = 440
+#: Bytes an open connection costs (buffers, transport and protocol objects; measured 14-16 kB on HTTP).
+CONNECTION_BYTES = 16 * 1024
+#: Bytes the request-level dedup holds per digest kept (collector/dedup.py; measured 240 with tracemalloc).
+DEDUP_BYTES_PER_REQUEST = 250
 #: Bytes the edge's point-identity table holds per stream (collector/identity.py; BENCHMARKS.md section 11).
 IDENTITY_BYTES_PER_STREAM = 100
 
@@ -69,6 +77,10 @@ class MemoryPlan:
     request_spooled_bytes: int
     #: Cumulative series whose last point the conversion keeps (collector/cumulative.py).
     cumulative_series: int
+    #: Digests of recent requests the request-level dedup keeps (collector/dedup.py).
+    dedup_requests: int
+    #: Open connections on each port (each HTTP port, the gRPC port).
+    connections_per_port: int
 
     def engine_options(self) -> dict[str, str]:
         """The embedded engine's server settings (given when it is opened, once per process)."""
@@ -113,6 +125,8 @@ def plan(config: Config) -> MemoryPlan:
         or max(1000, int(b * 0.03) // IDENTITY_BYTES_PER_STREAM),
         request_spooled_bytes=config.max_request_spooled_bytes or engine // 12,
         cumulative_series=max(10_000, int(b * 0.08) // CUMULATIVE_BYTES_PER_SERIES),
+        dedup_requests=max(10_000, int(b * 0.02) // DEDUP_BYTES_PER_REQUEST),
+        connections_per_port=max(100, int(b * 0.02) // CONNECTION_BYTES),
     )
     for name, held, explicit in (
         ("http", p.http_bytes_in_flight, config.http_max_bytes_in_flight),

@@ -161,6 +161,11 @@ class PipelineMetrics:
         self.insert_retries = Counter(
             f"{p}_insert_retries", "Batch inserts retried after a retryable error.", registry=registry
         )
+        self.groups_halved = Counter(
+            f"{p}_groups_halved",
+            "Groups whose insert failed for memory, none of it landed, given back to be written in halves.",
+            registry=registry,
+        )
         self.writer_errors = Counter(
             f"{p}_writer_errors",
             "Errors of the writer loop outside an insert (spool read, intent, commit), each retried.",

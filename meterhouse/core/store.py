@@ -345,12 +345,16 @@ class Store:
         skip = {view: sorted(before[table]) for table, view in schema.LEDGER_VIEWS[kind] if view in views}
         views += schema.REPEATABLE_VIEWS[kind]
         try:
-            for statement in schema.redo_ddl(self.database, kind, views, skip):
-                self.client.command(statement)
-            self.client.raw_insert(
-                f"{self.database}.{schema.REDO_TABLE}", names, block, fmt="Native",
-                settings={**schema.INSERT_SETTINGS, **schema.ONE_PART_SETTINGS, "insert_deduplicate": 0},
-            )  # fmt: skip
+            # One view at a time: the insert's memory is one view's, not all of them together (a retry
+            # after the group failed for memory would fail the same way), and each ledger table that
+            # holds the group stays asked for alone if this is cut short.
+            for view in views:
+                for statement in schema.redo_ddl(self.database, kind, [view], skip):
+                    self.client.command(statement)
+                self.client.raw_insert(
+                    f"{self.database}.{schema.REDO_TABLE}", names, block, fmt="Native",
+                    settings={**schema.INSERT_SETTINGS, **schema.ONE_PART_SETTINGS, "insert_deduplicate": 0},
+                )  # fmt: skip
         finally:
             for statement in schema.redo_cleanup_ddl(self.database, views):
                 self.client.command(statement)

@@ -59,3 +59,18 @@ def test_a_committed_request_s_digest_is_on_disk_before_its_spool_record_can_go(
     assert stack.collector.spool.pending_points == 0
     log = stack.config.data_dir / "spool" / "recent-requests.log"
     assert content_digest(body) in log.read_text()
+
+
+def test_at_most_max_entries_digests_are_kept_the_oldest_going_first(tmp_path):
+    r = RecentRequests(tmp_path / "recent.log", window_s=60, max_entries=3)
+    r.load()
+    now = time.time_ns()
+    for i in range(5):
+        r.claim(f"d{i}")
+        r.add(f"d{i}", now + i)
+    assert len(r) == 3 and r.claim("d4") == "settled" and r.claim("d0") == "new"
+    r.sync()
+    r.close()
+    r2 = RecentRequests(tmp_path / "recent.log", window_s=60, max_entries=2)
+    r2.load(extra=[("from-spool", now + 10)])
+    assert len(r2) == 2 and r2.claim("from-spool") == "settled" and r2.claim("d4") == "settled"

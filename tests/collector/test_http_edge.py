@@ -219,7 +219,7 @@ def test_idle_silent_and_slow_connections_are_closed_after_their_timeouts(stack_
 
 
 def test_thousands_of_idle_connections_neither_starve_clients_nor_cost_threads(stack_factory):
-    stack = stack_factory(http_max_connections_per_address=5000)
+    stack = stack_factory(http_max_connections_per_address=5000, http_max_connections=5000)
     port = stack.collector.http.port
     threads_before = threading.active_count()
     idle = []
@@ -240,6 +240,35 @@ def test_thousands_of_idle_connections_neither_starve_clients_nor_cost_threads(s
         for s in idle:
             s.close()
     assert total(stack, "org-among-idle") == 5
+
+
+def test_connections_past_the_budget_s_share_are_answered_503_and_closed(stack_factory):
+    """Each open connection costs some 16 KiB that no other bound counts; by default a port takes as many
+    as 2% of the memory budget holds (1,310 at 1 GiB; 100 at the least). Past it a connection is answered
+    503 and closed, and one that goes makes room."""
+    budget = 64 << 20  # 2% holds 81 connections: the floor of 100 applies
+    stack = stack_factory(memory_budget_bytes=budget, max_request_bytes=1 << 20,
+                          http_max_connections_per_address=5000)  # fmt: skip
+    port = stack.collector.http.port
+    held = [connect(port) for _ in range(100)]
+    try:
+        extra = connect(port)
+        extra.sendall(head(len(body("org-conn", 1))) + body("org-conn", 1))
+        assert Reader(extra).response()[0] == 503
+        extra.close()
+        held.pop().close()
+        deadline, status = time.monotonic() + 10, 0
+        while status != 200 and time.monotonic() < deadline:  # once the server has seen both go
+            time.sleep(0.2)
+            s = connect(port)
+            s.sendall(head(len(body("org-conn", 2))) + body("org-conn", 2))
+            status = Reader(s).response()[0]
+            s.close()
+        assert status == 200
+    finally:
+        for s in held:
+            s.close()
+    assert total(stack, "org-conn") == 2
 
 
 def connect_from(address: str, port: int, timeout: float = 30) -> socket.socket:
