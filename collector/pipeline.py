@@ -125,7 +125,8 @@ class Collector:
             self.dead_letters,
             flush_interval_s=config.flush_interval_s,
             flush_max_points=config.flush_max_points,
-            flush_max_bytes=config.flush_max_bytes,
+            # A group's insert must fit the engine's share as a request's does (core/memory.py).
+            flush_max_bytes=min(config.flush_max_bytes, self.memory.request_spooled_bytes),
             backoff_max_s=config.retry_max_backoff_s,
             poison_after_attempts=config.poison_after_attempts,
             # ``is not None``: an empty RecentRequests is falsy (it has a length), and the hook must be

@@ -262,7 +262,8 @@ class Config:
         _positive,
         default=1 << 30,
         help="Memory the collector process may use: the embedded engine's limits and caches, request bytes "
-        "in flight, the spool's cache and point identity are shares of it (README, Memory).",
+        "in flight, the spool's cache and point identity are shares of it (README, Memory); "
+        "at least 512 MiB.",
     )
     retry_max_backoff_s: float = _opt(
         _positive, default=5.0, help="Longest wait between two attempts of a failed insert."

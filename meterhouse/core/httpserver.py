@@ -156,11 +156,12 @@ class GuardedProtocol(HttpToolsProtocol):
         self._body_started = 0.0
         self._body_bytes = 0
         self._rate_timer: asyncio.TimerHandle | None = None
+        self._since = self.loop.time()  # when its present phase began: connected, a head, an answer
         peer = transport.get_extra_info("peername")
         self._address: str | None = peer[0] if isinstance(peer, tuple) else None
         if self._address is not None:
             self.per_address[self._address] += 1
-        if len(self.connections) > self.limits.max_connections:
+        if len(self.connections) > self.limits.max_connections and not self._make_room():
             _close_with(self.transport, b"503 Service Unavailable", b"too many connections")
             return
         crowded = (
@@ -172,6 +173,27 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         self.mid_request = False
         self._arm(self.limits.idle_timeout_s, b"")  # a connection that never sends is idle
+
+    def _make_room(self) -> bool:
+        """At the connection bound: close the connection that has waited longest between requests or in
+        a request's head (nothing of it is taken yet: its client reconnects and sends again), so idle or
+        crawling connections, however many addresses hold them, cannot keep an honest sender out. False
+        when every other connection has a request or an answer in progress."""
+        victim: GuardedProtocol | None = None
+        for c in self.connections:
+            if c is self or not isinstance(c, GuardedProtocol) or c.transport.is_closing():
+                continue
+            if (c.cycle is not None and not c.cycle.response_complete) or (c.mid_request and not c._in_head):
+                continue
+            if victim is None or c._since < victim._since:
+                victim = c
+        if victim is None:
+            return False
+        if victim.mid_request:
+            _close_with(victim.transport, b"503 Service Unavailable", b"too many connections")
+        else:
+            victim.transport.close()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -241,6 +263,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._since = self.loop.time()
         self._in_head = True
         self.mid_request = True
         self._arm(self.limits.read_header_timeout_s, b"408 Request Timeout")
@@ -260,6 +283,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()  # the application has the request; uvicorn arms keep-alive after the answer
+        self._since = self.loop.time()
         self._in_head = True
         self.mid_request = False
         super().on_message_complete()

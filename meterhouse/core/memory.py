@@ -51,6 +51,10 @@ if TYPE_CHECKING:
 
 #: Bytes the cumulative conversion holds per series (an entry and its dict slot, Python on malloc).
 CUMULATIVE_BYTES_PER_SERIES = 440
+#: The least budget: its engine share (a quarter) must insert a request of a twelfth of that share, which
+#: takes up to 40 MiB and 8 times its bytes; below, even one-point inserts failed for memory for ever
+#: (a 125 MB budget was accepted and nothing was written).
+MIN_BUDGET_BYTES = 512 << 20
 #: Bytes an open connection costs (buffers, transport and protocol objects; measured 14-16 kB on HTTP).
 CONNECTION_BYTES = 16 * 1024
 #: Bytes the request-level dedup holds per digest kept (collector/dedup.py; measured 240 with tracemalloc).
@@ -104,9 +108,16 @@ class MemoryPlan:
 def plan(config: Config) -> MemoryPlan:
     """The plan of ``config``: shares of its budget, or the options it sets explicitly.
 
-    Raises ConfigError when the budget cannot hold one request of ``--max-request-bytes``.
+    Raises ConfigError when the budget is below :data:`MIN_BUDGET_BYTES` or cannot hold one request of
+    ``--max-request-bytes``.
     """
     b = config.memory_budget_bytes
+    if b < MIN_BUDGET_BYTES:
+        raise ConfigError(
+            f"memory_budget_bytes: {b} is below {MIN_BUDGET_BYTES} (512 MiB), the least whose engine share "
+            "can insert one request of the largest size it lets in (an insert takes up to 40 MiB and 8 times "
+            "its bytes); raise the budget"
+        )
 
     def share(explicit: int, fraction: float) -> int:
         return explicit if explicit > 0 else int(b * fraction)

@@ -343,11 +343,13 @@ class Store:
             if schema.partition_key(self.database, table) or not before[table]
         ]
         skip = {view: sorted(before[table]) for table, view in schema.LEDGER_VIEWS[kind] if view in views}
-        views += schema.REPEATABLE_VIEWS[kind]
+        views = [*schema.REPEATABLE_VIEWS[kind], *views]
         try:
             # One view at a time: the insert's memory is one view's, not all of them together (a retry
             # after the group failed for memory would fail the same way), and each ledger table that
-            # holds the group stays asked for alone if this is cut short.
+            # holds the group stays asked for alone if this is cut short. The repeatable views first:
+            # they are the costliest (the attribute-cardinality states), and one of them failing for
+            # memory leaves no ledger table holding the group, so the writer may still halve it.
             for view in views:
                 for statement in schema.redo_ddl(self.database, kind, [view], skip):
                     self.client.command(statement)
