@@ -494,11 +494,11 @@ class Writer:
                 self.metrics.insert_failures.labels(cause=cause).inc()
                 error = f"{type(e).__name__}: {e}"[:1000]
                 kind = classify(e)
+                if cause == "memory" and self._halve(group):
+                    return True
                 # An unknown error the server names by a code, on an endpoint that otherwise answers, is
                 # taken as a refusal of this content after repeated tries; trouble of the server (a full
                 # or broken disk, memory, parts, time, an outage) and errors without a code never are.
-                if cause == "memory" and self._halve(group):
-                    return True
                 healthy = self.store.active_healthy() if hasattr(self.store, "active_healthy") else True
                 poisoned = (
                     kind == "retryable"

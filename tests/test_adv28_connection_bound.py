@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -23,21 +25,26 @@ PROTOBUF = {"Content-Type": "application/x-protobuf"}
 ADDRESSES, PER_ADDRESS = [f"127.0.0.{i}" for i in range(2, 8)], 250
 
 
-def hold_idle(port: int) -> list[socket.socket]:
-    """Connections that send nothing, from each of ADDRESSES (the attacker's), kept open."""
+@contextmanager
+def idle_connections(port: int) -> Iterator[list[socket.socket]]:
+    """Connections that send nothing, from each of ADDRESSES (the attacker's), open while in the block."""
     held = []
-    for address in ADDRESSES:
-        for _ in range(PER_ADDRESS):
-            s = socket.socket()
-            s.bind((address, 0))
-            try:
-                s.connect(("127.0.0.1", port))
-            except OSError:
-                s.close()
-                continue
-            held.append(s)
-    time.sleep(1.0)  # every accept handled
-    return held
+    try:
+        for address in ADDRESSES:
+            for _ in range(PER_ADDRESS):
+                s = socket.socket()
+                s.bind((address, 0))
+                try:
+                    s.connect(("127.0.0.1", port))
+                except OSError:
+                    s.close()
+                    continue
+                held.append(s)
+        time.sleep(1.0)  # every accept handled
+        yield held
+    finally:
+        for s in held:
+            s.close()
 
 
 def honest_request() -> bytes:
@@ -47,8 +54,7 @@ def honest_request() -> bytes:
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_idle_connections_from_six_addresses_do_not_lock_out_an_honest_otlp_http_sender(up):
-    held = hold_idle(up.otlp_http_port)
-    try:
+    with idle_connections(up.otlp_http_port) as held:
         try:
             r = requests.post(
                 f"{up.otlp_http}/v1/metrics", data=honest_request(), headers=PROTOBUF, timeout=10
@@ -57,25 +63,18 @@ def test_idle_connections_from_six_addresses_do_not_lock_out_an_honest_otlp_http
         except requests.RequestException as e:
             answer = (0, repr(e)[:120].encode())
         assert answer[0] == 200, f"{len(held)} idle connections held; the honest sender got {answer}"
-    finally:
-        for s in held:
-            s.close()
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_idle_connections_from_six_addresses_do_not_lock_out_the_api_health_checks(up):
     """The API port has the same bound: a supervisor's /healthz (or a dashboard's query) is refused."""
-    held = hold_idle(up.http_port)
-    try:
+    with idle_connections(up.http_port) as held:
         try:
             answer = requests.get(f"{up.api}/healthz", timeout=10).status_code
         except requests.RequestException as e:
             answer = repr(e)[:120]
         assert answer == 200, f"{len(held)} idle connections held; /healthz got {answer}"
-    finally:
-        for s in held:
-            s.close()
 
 
 @pytest.mark.soak
@@ -89,20 +88,15 @@ def test_idle_connections_from_six_addresses_do_not_lock_out_the_api_health_chec
 def test_idle_connections_from_six_addresses_do_not_lock_out_an_honest_grpc_sender(up):
     """gRPC closes a connection past --grpc-max-connections at once; these never send the HTTP/2 preface
     and live up to gRPC's 120 s handshake timeout."""
-    held = hold_idle(up.otlp_grpc_port)
-    try:
-        with grpc.insecure_channel(up.otlp_grpc) as channel:
-            export = channel.unary_unary(
-                EXPORT,
-                request_serializer=ExportMetricsServiceRequest.SerializeToString,
-                response_deserializer=ExportMetricsServiceResponse.FromString,
-            )
-            try:
-                export(ExportMetricsServiceRequest.FromString(honest_request()), timeout=10)
-                answer = "OK"
-            except grpc.RpcError as e:
-                answer = f"{e.code()}: {e.details()}"[:160]
+    with idle_connections(up.otlp_grpc_port) as held, grpc.insecure_channel(up.otlp_grpc) as channel:
+        export = channel.unary_unary(
+            EXPORT,
+            request_serializer=ExportMetricsServiceRequest.SerializeToString,
+            response_deserializer=ExportMetricsServiceResponse.FromString,
+        )
+        try:
+            export(ExportMetricsServiceRequest.FromString(honest_request()), timeout=10)
+            answer = "OK"
+        except grpc.RpcError as e:
+            answer = f"{e.code()}: {e.details()}"[:160]
         assert answer == "OK", f"{len(held)} idle connections held; the honest call got {answer}"
-    finally:
-        for s in held:
-            s.close()
