@@ -19,6 +19,7 @@ from bench import (
     groupmem,
     identity,
     ingest,
+    insertkeys,
     query,
     scale,
     vm_exactness,
@@ -48,6 +49,7 @@ SCENARIOS = {
         "11. Point identity: the edge's marking, its memory per stream, the writer's check",
     ),
     "groupmem": (groupmem, "12. A group's memory in the writer: peak RSS against the group's bytes"),
+    "insertkeys": (insertkeys, "13. An insert's engine memory against its distinct attribute keys"),
 }
 
 

@@ -107,6 +107,7 @@ class Collector:
             files=files,
             mark=self.identity.mark,
             max_record_bytes=self.memory.request_spooled_bytes,
+            max_record_keys=self.memory.insert_attribute_keys,
         )
         self.recent = (
             RecentRequests(
@@ -127,6 +128,7 @@ class Collector:
             flush_max_points=config.flush_max_points,
             # A group's insert must fit the engine's share as a request's does (core/memory.py).
             flush_max_bytes=min(config.flush_max_bytes, self.memory.request_spooled_bytes),
+            flush_max_keys=self.memory.insert_attribute_keys,
             backoff_max_s=config.retry_max_backoff_s,
             poison_after_attempts=config.poison_after_attempts,
             # ``is not None``: an empty RecentRequests is falsy (it has a length), and the hook must be

@@ -5,18 +5,20 @@ records in order, and before each insert appends an INTENT naming the records it
 deduplication token it uses; after each table's insert a PART mark, and after the last a COMMIT. On start
 the log is scanned: committed records are skipped, uncommitted intents are replayed with the same
 grouping and token (so ClickHouse deduplicates a batch that did commit before the crash), and the rest is
-queued afresh. Groups are bounded by points and bytes (``next_group``; a record larger than the byte
-bound is a group alone, and ``max_record_bytes`` bounds a record). A replayed group larger than the
-bounds that the writer found had not landed anywhere is given back (``release``) and its records grouped
-afresh: the first new intent over some of its records supersedes its intent on disk.
+queued afresh. Groups are bounded by points, bytes and attribute keys (``next_group``; a record larger
+than a bound is a group alone, and ``max_record_bytes`` and ``max_record_keys`` bound a record). A
+replayed group larger than the bounds that the writer found had not landed anywhere is given back
+(``release``) and its records grouped afresh: the first new intent over some of its records supersedes
+its intent on disk.
 
 Record layout (little-endian): ``b"MH"``, type (u8), payload length (u32), CRC-32 of type, length and
 payload (u32), payload. Every segment starts with a FORMAT record (the format version) and a COMMIT (what
-was committed when it was opened). A DATA payload (version 3) holds the request's points as ClickHouse
+was committed when it was opened). A DATA payload (version 4) holds the request's distinct attribute keys
+per metric and hour (``attribute_keys``: the writer bounds groups by them) and its points as ClickHouse
 Native-format blocks, the form the writer inserts them in: a fingerprint of the column set, the length of
 the number block, the number block, the distribution block. A block names its columns, so a record
 written by another column set is read back by name (missing columns get their defaults). Versions 1
-and 2 held the decoded columns pickled; they are still read.
+and 2 held the decoded columns pickled; they are still read, as is version 3 (no key count).
 
 Faults: a write or fsync that fails seals the segment (the torn bytes are truncated away when the disk
 allows, and nothing is appended after them) and the request fails retryably; its sequence number is
@@ -52,10 +54,12 @@ MAGIC = b"MH"
 HEADER = struct.Struct("<2sBII")  # magic, type, length, crc
 DATA, INTENT, COMMIT, ABORT, PART, FORMAT = 1, 2, 3, 4, 5, 6
 KINDS = frozenset({DATA, INTENT, COMMIT, ABORT, PART, FORMAT})
-#: Version 1 segments (no FORMAT record) and version 2 hold pickled columns; both are still read.
-FORMAT_VERSION = 3
+#: Version 1 segments (no FORMAT record) and version 2 hold pickled columns; both are still read, as is
+#: version 3 (whose DATA head lacks the attribute-key count: it is counted from the record on start).
+FORMAT_VERSION = 4
 _VERSION = struct.Struct("<H")
-_DATA_HEAD = struct.Struct("<QQI16s")  # seq, received_ns, points, request digest
+_DATA_HEAD_V3 = struct.Struct("<QQI16s")  # seq, received_ns, points, request digest
+_DATA_HEAD = struct.Struct("<QQI16sI")  # and the attribute keys (``attribute_keys``)
 _RANGE = struct.Struct("<QQ")  # first seq, last seq
 _SEQ = struct.Struct("<Q")
 _BLOCKS_HEAD = struct.Struct("<II")  # column-set fingerprint, length of the number block
@@ -73,6 +77,24 @@ VERIFY_COLUMN = "verify"
 COLUMN_SET_VERIFY = zlib.crc32(repr((COLUMN_SET, VERIFY_COLUMN)).encode())
 #: Marks a batch's points new or to verify, in spool order (``identity.EdgeIdentity.mark``).
 Marker = Callable[[PointBatch], tuple[list[int] | None, list[int] | None]]
+
+
+_HOUR_NS = 3600 * 10**9
+
+
+def attribute_keys(batch: PointBatch) -> int:
+    """The batch's distinct attribute keys per metric and hour (of its number points): the
+    attribute-cardinality views keep two states for each, and an insert's memory in the engine grows
+    with them far faster than with its bytes (31,750 distinct keys took 96-112 MiB, 95,250 took 256-320
+    MiB; 508,000 entries under 126 keys, 96 MiB: BENCHMARKS.md §12). Counted over the distinct key sets,
+    so points that repeat one set cost one tuple each."""
+    if not batch.size:
+        return 0
+    c = batch.columns
+    sets = set(
+        zip(c["metric"], map(_HOUR_NS.__rfloordiv__, c["time"]), map(tuple, c["attr_keys"]), strict=True)
+    )
+    return len({(metric, hour, key) for metric, hour, keys in sets for key in keys})
 
 
 def encode_blocks(batch: PointBatch, max_bytes: int = -1) -> Blocks:
@@ -126,8 +148,9 @@ class SpoolError(Exception):
 
 
 class RecordTooLarge(Exception):
-    """The request's points take more than one record may hold (``max_record_bytes``): refused for good,
-    nothing of it kept (413 / RESOURCE_EXHAUSTED)."""
+    """The request's points take more than one record may hold (``max_record_bytes``, or
+    ``max_record_keys`` distinct attribute keys): refused for good, nothing of it kept (413 /
+    RESOURCE_EXHAUSTED)."""
 
 
 class SpoolFormatError(Exception):
@@ -148,6 +171,7 @@ class Record:
     epoch: int = 0  # the append that wrote it (group commit: durable once the synced epoch reaches it)
     state: str = "durable"  # "written" until its group fsync; "failed" if that fsync (or write) failed
     version: int = FORMAT_VERSION  # the format of the segment it lies in
+    keys: int = 0  # distinct attribute keys per metric and hour (``attribute_keys``)
 
 
 @dataclass
@@ -180,6 +204,10 @@ class ScanReport:
     quarantined_records: int = 0
     quarantined_bytes: int = 0
     digests: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _data_head(version: int) -> struct.Struct:
+    return _DATA_HEAD if version >= 4 else _DATA_HEAD_V3
 
 
 def _encode(kind: int, payload: bytes) -> bytes:
@@ -310,12 +338,15 @@ class Spool:
         files: Files | None = None,
         mark: Marker | None = None,
         max_record_bytes: int = -1,
+        max_record_keys: int = -1,
     ) -> None:
         """``mark`` flags each batch's points new or to verify, under the append lock (point identity).
-        ``max_record_bytes`` bounds one request's blocks (-1: no bound; beyond, :class:`RecordTooLarge`)."""
+        ``max_record_bytes`` bounds one request's blocks and ``max_record_keys`` its distinct attribute
+        keys per metric and hour (-1: no bound; beyond, :class:`RecordTooLarge`)."""
         self.dir = Path(directory)
         self.mark = mark
         self.max_record_bytes = max_record_bytes
+        self.max_record_keys = max_record_keys
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.fsync = fsync
@@ -344,6 +375,7 @@ class Spool:
         self._pending_points = 0
         self._cached_bytes = 0
         self._uncommitted_bytes = 0
+        self._uncommitted_keys = 0
         self._closed = False
         self.write_errors = 0  # failed writes or fsyncs (each sealed a segment)
 
@@ -364,8 +396,9 @@ class Spool:
             for kind, offset, length, payload, version in self._scan(path, report):
                 report.records += 1
                 if kind == DATA:
-                    seq, received, points, digest = _DATA_HEAD.unpack_from(payload)
-                    data[seq] = Record(seq, path, offset, length, points, received, version=version)
+                    seq, received, points, digest, *keys = _data_head(version).unpack_from(payload)
+                    data[seq] = Record(seq, path, offset, length, points, received, version=version,
+                                       keys=keys[0] if keys else -1)  # fmt: skip
                     digests[seq] = (digest.hex(), received)
                     top = max(top, seq)
                 elif kind == INTENT:
@@ -402,8 +435,10 @@ class Spool:
             if seq > self._committed and seq not in grouped:
                 self._pending.append(data[seq])
         uncommitted = [r for r in data.values() if r.seq > self._committed]
+        self._count_keys([r for r in uncommitted if r.keys < 0])
         self._pending_points = sum(r.points for r in uncommitted)
         self._uncommitted_bytes = sum(r.length for r in uncommitted)
+        self._uncommitted_keys = sum(r.keys for r in uncommitted)
         report.replay_groups = len(self._replay)
         report.pending_records = len(uncommitted)
         self._rotate()
@@ -450,6 +485,16 @@ class Spool:
             self._append(_encode(COMMIT, _SEQ.pack(seq)))
             self._segments[self._active] = seq
             self._wait_durable(self._epoch)
+
+    def _count_keys(self, records: list[Record]) -> None:
+        """Records an earlier format wrote carry no attribute-key count: counted from their points, once,
+        on the start that reads them (the writer bounds its groups by it)."""
+        if not records:
+            return
+        log.info("counting the attribute keys of records an earlier version wrote",
+                 extra={"records": len(records)})  # fmt: skip
+        for r in records:
+            r.keys = attribute_keys(self.load(r))
 
     def _scan(self, path: Path, report: ScanReport) -> Iterator[tuple[int, int, int, bytes, int]]:
         """Yield (kind, offset, length, payload, format version) of every sound record. Damaged stretches
@@ -513,6 +558,12 @@ class Spool:
         """Append the batch durably; return its seq only once it is on disk (fsync'd when configured)."""
         if batch.total == 0:
             return 0
+        keys = attribute_keys(batch)
+        if 0 <= self.max_record_keys < keys:
+            raise RecordTooLarge(
+                f"the request's points carry {keys} distinct attribute keys (per metric and hour), more "
+                f"than the {self.max_record_keys} one insert may hold; send fewer distinct keys a request"
+            )
         blocks = encode_blocks(batch, self.max_record_bytes)
         digest = _digest_bytes(batch.digest)
         with self._lock:
@@ -529,7 +580,7 @@ class Spool:
             column_set = COLUMN_SET_VERIFY if blocks.verify else COLUMN_SET
             body = _BLOCKS_HEAD.pack(column_set, len(blocks.numbers)) + blocks.numbers + blocks.dists
             seq = self._seq + 1
-            record = _encode(DATA, _DATA_HEAD.pack(seq, batch.received_ns, batch.total, digest) + body)
+            record = _encode(DATA, _DATA_HEAD.pack(seq, batch.received_ns, batch.total, digest, keys) + body)
             if len(record) > MAX_RECORD:
                 raise RecordTooLarge(
                     f"the request's points take {len(record)} bytes, above a record's {MAX_RECORD}"
@@ -544,10 +595,11 @@ class Spool:
             self._segments[self._active] = seq
             cached = self._cached_bytes + blocks.nbytes <= self.max_cached_bytes
             rec = Record(seq, self._active, offset, len(record), batch.total, batch.received_ns,
-                         blocks if cached else None, self._epoch, "written")  # fmt: skip
+                         blocks if cached else None, self._epoch, "written", keys=keys)  # fmt: skip
             self._cached_bytes += blocks.nbytes if cached else 0
             self._pending_points += batch.total
             self._uncommitted_bytes += len(record)
+            self._uncommitted_keys += keys
             self._unsynced.append(rec)
             self._wait_durable(rec.epoch, rec)
             return seq
@@ -619,6 +671,7 @@ class Spool:
             self._aborted.append(rec.seq)
             self._pending_points -= rec.points
             self._uncommitted_bytes -= rec.length
+            self._uncommitted_keys -= rec.keys
             self._uncache(rec)
         self._unsynced = keep
         self._abort_mark = None
@@ -700,12 +753,19 @@ class Spool:
 
     # -- the writer's side ----------------------------------------------------------------------
     def next_group(
-        self, max_points: int, max_wait_s: float, stop: threading.Event, max_bytes: int | None = None
+        self,
+        max_points: int,
+        max_wait_s: float,
+        stop: threading.Event,
+        max_bytes: int | None = None,
+        max_keys: int | None = None,
     ) -> Group | None:
         """The next records to insert, in order: a replayed group, or the pending records up to
-        ``max_points`` points and ``max_bytes`` bytes (a record larger than either is a group alone) once
-        that many wait or the oldest has waited ``max_wait_s``. None when nothing is due before ``stop``."""
+        ``max_points`` points, ``max_bytes`` bytes and ``max_keys`` attribute keys (summed over its
+        records; a record larger than any bound is a group alone) once that many points, bytes or keys
+        wait or the oldest has waited ``max_wait_s``. None when nothing is due before ``stop``."""
         byte_bound = max_bytes if max_bytes is not None else float("inf")
+        key_bound = max_keys if max_keys is not None else float("inf")
         with self._cond:
             if self._inflight is not None:
                 return self._inflight
@@ -715,7 +775,11 @@ class Spool:
                     return self._inflight
                 if self._pending:
                     age = time.time() - self._pending[0].received_ns / 1e9
-                    full = self._pending_points >= max_points or self._uncommitted_bytes >= byte_bound
+                    full = (
+                        self._pending_points >= max_points
+                        or self._uncommitted_bytes >= byte_bound
+                        or self._uncommitted_keys >= key_bound
+                    )
                     if full or age >= max_wait_s or stop.is_set():
                         break
                     self._cond.wait(min(max_wait_s - age, 0.5))
@@ -726,15 +790,20 @@ class Spool:
             # Records given back by release() come before a later replayed group: groups go in order.
             before = self._replay[0].first if self._replay else None
             records: list[Record] = []
-            n = size = 0
+            n = size = keys = 0
             for rec in self._pending:
                 if before is not None and rec.seq > before:
                     break
-                if records and (n + rec.points > max_points or size + rec.length > byte_bound):
+                if records and (
+                    n + rec.points > max_points
+                    or size + rec.length > byte_bound
+                    or keys + rec.keys > key_bound
+                ):
                     break
                 records.append(rec)
                 n += rec.points
                 size += rec.length
+                keys += rec.keys
             self._inflight = Group(records)
             return self._inflight
 
@@ -760,9 +829,10 @@ class Spool:
     def _read_blocks(self, record: Record) -> tuple[Blocks, int]:
         """A version 3 record's blocks read back from its segment, and their column-set fingerprint."""
         payload = self._payload(record)
-        _seq, received, _points, digest = _DATA_HEAD.unpack_from(payload)
-        column_set, n_len = _BLOCKS_HEAD.unpack_from(payload, _DATA_HEAD.size)
-        start = _DATA_HEAD.size + _BLOCKS_HEAD.size
+        head = _data_head(record.version)
+        _seq, received, _points, digest, *_keys = head.unpack_from(payload)
+        column_set, n_len = _BLOCKS_HEAD.unpack_from(payload, head.size)
+        start = head.size + _BLOCKS_HEAD.size
         numbers, dists = payload[start : start + n_len], payload[start + n_len :]
         try:
             size = native.rows_of(numbers) if numbers else 0
@@ -789,9 +859,9 @@ class Spool:
             b = record.blocks if record.blocks is not None else self._read_blocks(record)[0]
             return self.decoded(record, b)
         payload = self._payload(record)
-        _seq, received, _points, raw_digest = _DATA_HEAD.unpack_from(payload)
+        _seq, received, _points, raw_digest = _DATA_HEAD_V3.unpack_from(payload)
         try:
-            cols, size, dist, dist_size = pickle.loads(payload[_DATA_HEAD.size :])
+            cols, size, dist, dist_size = pickle.loads(payload[_DATA_HEAD_V3.size :])
         except Exception as e:  # noqa: BLE001 - any undecodable payload
             raise SpoolFormatError(f"spool record {record.seq} cannot be decoded: {e}") from e
         return _conformed(record.seq, cols, size, raw_digest.hex(), received, dist, dist_size)
@@ -858,6 +928,7 @@ class Spool:
             for r in group.records:
                 self._pending_points -= r.points
                 self._uncommitted_bytes -= r.length
+                self._uncommitted_keys -= r.keys
                 self._uncache(r)
             self._inflight = None
             self._drop_committed_segments()

@@ -2,8 +2,9 @@
 
 Records are grouped into one column-oriented insert per table (when ``flush_max_points`` points or
 ``flush_max_bytes`` bytes wait, or the oldest has waited ``flush_interval_s``; a group is never larger
-than either bound unless one request is: ClickHouse squashes a group into one block, at several times
-its size in memory, docs/capacity.md). Before the insert the group and its deduplication token (a
+than either bound, nor than ``flush_max_keys`` attribute keys, unless one request is: ClickHouse squashes
+a group into one block, at several times its size in memory, and its attribute-cardinality views keep
+states per key, docs/capacity.md). Before the insert the group and its deduplication token (a
 digest of the requests' contents) are written to the spool, so a replay after a crash repeats the same
 insert and ClickHouse counts it once. Every failure is classified by what ClickHouse's error means
 (:func:`failure_cause`): a full or broken disk, memory, too many parts, a timeout or an outage is retried
@@ -362,6 +363,12 @@ def redrive(
     return ok, failed
 
 
+def _totals(group: Group) -> tuple[int, int, int]:
+    """The group's points, bytes and attribute keys (summed over its records)."""
+    r = group.records
+    return sum(x.points for x in r), sum(x.length for x in r), sum(x.keys for x in r)
+
+
 def _remaining(batches: list[PointBatch], done: set[str]) -> list[PointBatch]:
     """The batches without the tables already inserted (a dead letter holds only what is not in)."""
     if not done:
@@ -388,6 +395,7 @@ class Writer:
         flush_interval_s: float = 1.0,
         flush_max_points: int = 50_000,
         flush_max_bytes: int = 16 << 20,
+        flush_max_keys: int = 32_768,
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 5.0,
         poison_after_attempts: int = 10,
@@ -400,6 +408,7 @@ class Writer:
         self.flush_interval_s = flush_interval_s
         self.flush_max_points = flush_max_points
         self.flush_max_bytes = flush_max_bytes
+        self.flush_max_keys = flush_max_keys
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.poison_after_attempts = poison_after_attempts
@@ -408,7 +417,7 @@ class Writer:
         self.verifier = Verifier(store)
         # The bounds groups are made under: the options', halved while groups fail for memory (see
         # :meth:`_halve`) and doubled back with each group committed.
-        self._max_points, self._max_bytes = flush_max_points, flush_max_bytes
+        self._max_points, self._max_bytes, self._max_keys = flush_max_points, flush_max_bytes, flush_max_keys
         self._stop = threading.Event()
         self._deadline = float("inf")
         self._thread: threading.Thread | None = None
@@ -437,7 +446,7 @@ class Writer:
         while not (self._stop.is_set() and time.monotonic() >= self._deadline):
             try:
                 group = self.spool.next_group(
-                    self._max_points, self.flush_interval_s, self._stop, self._max_bytes
+                    self._max_points, self.flush_interval_s, self._stop, self._max_bytes, self._max_keys
                 )
                 if group is None:
                     return
@@ -531,6 +540,7 @@ class Writer:
         self._committed(batches)
         self._max_points = min(self.flush_max_points, self._max_points * 2)
         self._max_bytes = min(self.flush_max_bytes, self._max_bytes * 2)
+        self._max_keys = min(self.flush_max_keys, self._max_keys * 2)
         return True
 
     def _nothing_landed(self, group: Group) -> bool | None:
@@ -547,24 +557,26 @@ class Writer:
 
     def _halve(self, group: Group) -> bool:
         """A group of several records whose insert failed for memory, of which nothing landed, is given
-        back to the spool and its records grouped afresh under half its points and bytes (doubled back
+        back to the spool and its records grouped afresh under half its points, bytes and keys (doubled back
         with each group committed): True when so. Each record was let in only if its insert alone fits
         the engine's share (README, "Limits"), but records together may not, and retrying the same group
         would fail for ever with everyone's usage behind it. A group that landed in part is retried as
         it is, one view at a time (``Store.insert_in_doubt``), the ledger tables that hold it skipped."""
         if len(group.records) < 2 or group.done or not self._nothing_landed(group):
             return False
-        points = sum(r.points for r in group.records)
-        size = sum(r.length for r in group.records)
+        points, size, keys = _totals(group)
         self._max_points, self._max_bytes = max(1, points // 2), max(1, size // 2)
+        self._max_keys = max(1, keys // 2)
         extra = {
             "records": len(group.records),
             "first": group.first,
             "last": group.last,
             "points": points,
             "bytes": size,
+            "keys": keys,
             "max_points": self._max_points,
             "max_bytes": self._max_bytes,
+            "max_keys": self._max_keys,
         }
         log.warning("a group failed for memory; its records are grouped afresh, smaller", extra=extra)
         self.metrics.groups_halved.inc()
@@ -580,12 +592,11 @@ class Writer:
         the same insert repeated is dropped, so the group is replayed whole."""
         if not group.replay or group.done or len(group.records) < 2:
             return False
-        points = sum(r.points for r in group.records)
-        size = sum(r.length for r in group.records)
-        if points <= self.flush_max_points and size <= self.flush_max_bytes:
+        points, size, keys = _totals(group)
+        if points <= self.flush_max_points and size <= self.flush_max_bytes and keys <= self.flush_max_keys:
             return False
         nothing = self._nothing_landed(group)
-        extra = {"records": len(group.records), "points": points, "bytes": size}
+        extra = {"records": len(group.records), "points": points, "bytes": size, "keys": keys}
         if nothing is None:
             log.warning("replay: a group larger than the bounds is replayed whole (its token decides here)",
                         extra=extra)  # fmt: skip

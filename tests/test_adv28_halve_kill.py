@@ -16,11 +16,15 @@ import pytest
 import requests
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from otlp_builders import CUMULATIVE, kv, point
+from test_adv_engine_share import stored_total
 from test_group_over_engine_memory import assert_honest_usage_written
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 SEC = 10**9
 REQUESTS, POINTS, KEYS = 16, 250, 126
+#: The bound on an insert's distinct attribute keys taken away, so that these records group into inserts
+#: that fail for memory, and the fallbacks under test (halving, one view at a time) are taken.
+NO_KEY_BOUND = ("--max-insert-attribute-keys", str(10**9))
 
 
 def mixed_request(k: int, t: int) -> bytes:
@@ -94,7 +98,7 @@ def stored(data_dir) -> dict:
 def backlog(up_factory, data) -> object:
     """A first process that never flushes takes the 16 requests (acknowledged, in the spool) and is killed."""
     first = up_factory("--flush-interval-s", "3600", "--flush-max-bytes", str(1 << 30),
-                       "--flush-max-points", "1000000", data_dir=data)  # fmt: skip
+                       "--flush-max-points", "1000000", *NO_KEY_BOUND, data_dir=data)  # fmt: skip
     t = time.time_ns() - 30 * SEC
     for k in range(REQUESTS):
         r = requests.post(
@@ -120,12 +124,12 @@ def wait_for(up, text: str, timeout_s: float = 90) -> None:
 def test_a_kill_after_a_group_was_halved_loses_and_doubles_nothing(up_factory, tmp_path, delay_s):
     data = tmp_path / "d"
     first = backlog(up_factory, data)
-    second = up_factory(data_dir=data, ports_of=first, wait=False)
+    second = up_factory(*NO_KEY_BOUND, data_dir=data, ports_of=first, wait=False)
     wait_for(second, "grouped afresh, smaller")
     time.sleep(delay_s)
     second.stop(signal.SIGKILL)
     halved_before = second.output().count("grouped afresh, smaller")
-    third = up_factory(data_dir=data, ports_of=first)
+    third = up_factory(*NO_KEY_BOUND, data_dir=data, ports_of=first)
     third.drain(240)
     third.stop()
     got = stored(data)
@@ -174,21 +178,23 @@ def test_kills_while_a_group_in_doubt_goes_through_the_views_one_at_a_time(up_fa
     inside those, then left to finish: every table holds the group exactly once."""
     data = tmp_path / "d"
     t = time.time_ns() - 30 * SEC
-    first = up_factory("--flush-interval-s", "3600", "--flush-max-points", "1000000", data_dir=data)
+    first = up_factory(
+        "--flush-interval-s", "3600", "--flush-max-points", "1000000", *NO_KEY_BOUND, data_dir=data
+    )  # fmt: skip
     r = requests.post(
         f"{first.otlp_http}/v1/metrics", data=single_record_in_doubt(t), headers=PROTOBUF, timeout=60
     )
     assert r.status_code == 200 and b"rejected" not in r.content, r.content[:300]
     first.stop(signal.SIGKILL)
-    second = up_factory(data_dir=data, ports_of=first, wait=False)
+    second = up_factory(*NO_KEY_BOUND, data_dir=data, ports_of=first, wait=False)
     wait_for(second, "insert failed, will retry")
     second.stop(signal.SIGKILL)
     for delay_s in (0.3, 0.8, 1.5, 2.5, 4.0):
-        again = up_factory(data_dir=data, ports_of=first, wait=False)
+        again = up_factory(*NO_KEY_BOUND, data_dir=data, ports_of=first, wait=False)
         wait_for(again, "replaying spool")
         time.sleep(delay_s)
         again.stop(signal.SIGKILL)
-    last = up_factory(data_dir=data, ports_of=first)
+    last = up_factory(*NO_KEY_BOUND, data_dir=data, ports_of=first)
     last.drain(240)
     last.stop()
     out = subprocess.run(
@@ -215,46 +221,67 @@ def attack_only(k: int, t: int) -> bytes:
     return req.SerializeToString()
 
 
-RECORDS = 64
-
-
-@pytest.mark.soak  # about 2.5 minutes: the honest sender is given 120 s
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 25): the engine's memory for a view grows with a group's attribute entries, which "
-    "the byte bounds undercount for wide maps, and a group that landed in part cannot be halved; "
-    "see docs/capacity.md, Collector memory",
-)
 @pytest.mark.e2e
-@pytest.mark.timeout(400)
-def test_a_group_whose_first_try_landed_in_part_and_fails_for_memory_does_not_stall(up_factory, tmp_path):
-    """64 alike records (250 points of 126 distinct keys each, each fitting alone) sent to a process that
-    flushes only at the byte bound (16 MiB) make one group there. Its first insert fails for memory "while
-    pushing to view usage_points_mv", after views fired before it had landed; so ``_halve`` does not
-    apply (something landed) and every retry feeds the views one at a time, where usage_points_mv alone
-    needs 256-260 MiB of the 256 MiB share: MEMORY_LIMIT_EXCEEDED on every try (139 tries in 6.5 minutes,
-    nothing written), the group replayed so after a restart, every later group (honest usage) behind it."""
+@pytest.mark.timeout(300)
+def test_records_of_many_distinct_keys_are_grouped_under_the_key_bound_and_none_fails_for_memory(
+    up_factory, tmp_path
+):
+    """The adversary's case: 64 alike records (250 points of 126 distinct keys each, 31,500 keys, each
+    fitting alone) sent to a process that flushes only at the byte bound (16 MiB) made one group there,
+    whose first insert failed for memory "while pushing to view usage_points_mv" after views fired before
+    it had landed: not halved (something landed), and fed one view at a time usage_points_mv alone needed
+    256-260 MiB of the 256 MiB share: MEMORY_LIMIT_EXCEEDED on every try (139 tries in 6.5 minutes,
+    nothing written, every later group behind it). The engine's memory grows with an insert's distinct
+    attribute keys, which bytes undercount: groups are now bounded by the keys their records carry
+    (32,768 at the default budget), so each of these records is an insert alone, and nothing fails for
+    memory. Here 8 records and a byte bound of their size (the code before made one group of 7 of them, and
+    halved it after it failed for memory)."""
     data = tmp_path / "d"
     t = time.time_ns() - 30 * SEC
-    first = up_factory("--flush-interval-s", "3600", "--flush-max-points", "1000000", data_dir=data)
-    for k in range(RECORDS):
-        r = requests.post(
-            f"{first.otlp_http}/v1/metrics", data=attack_only(k, t), headers=PROTOBUF, timeout=60
-        )
+    bodies = [attack_only(k, t) for k in range(8)]
+    up = up_factory("--flush-interval-s", "10", "--flush-max-points", "1000000",
+                    "--flush-max-bytes", str(8 * 341_000), data_dir=data)  # fmt: skip
+    for body in bodies:
+        r = requests.post(f"{up.otlp_http}/v1/metrics", data=body, headers=PROTOBUF, timeout=60)
         assert r.status_code == 200, r.content[:300]
-    wait_for(first, "insert failed, will retry")  # the group at the byte bound failed its first try
-    first.stop(signal.SIGKILL)
-    second = up_factory(data_dir=data, ports_of=first)
-    try:
-        assert_honest_usage_written(second, 120)
-    finally:
-        tries = second.output().count('"cause": "memory"')
-        halved = second.output().count("grouped afresh, smaller")
-        print(f"memory failures {tries}, groups halved {halved}")
-    second.drain(240)
-    second.stop()
+    assert_honest_usage_written(up, 120)
+    up.drain(120)
+    metrics = requests.get(f"{up.api}/metrics", timeout=10).text
+    up.stop()
+    failures = [line[:300] for line in up.output().splitlines() if "insert failed" in line]
+    assert not failures and "\nmeterhouse_groups_halved_total 0.0" in metrics, failures[:2]
     out = subprocess.run(
         [sys.executable, "-c", READ_ALL, str(data)], capture_output=True, text=True, timeout=120
     )
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["raw"]["attack.keys"] == got["hourly"]["attack.keys"] == RECORDS * POINTS
+    assert got["raw"]["attack.keys"] == got["hourly"]["attack.keys"] == 8 * POINTS
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_a_request_with_more_distinct_attribute_keys_than_an_insert_may_hold_is_refused(up):
+    """300 points of 126 distinct keys: 37,800 keys, past the 32,768 one insert may hold at the default
+    budget (a 300 kB body, 400 kB as stored, inside every other bound): 413 with the reason, nothing
+    kept; the same keys over two requests are taken."""
+    t = time.time_ns() - 30 * SEC
+
+    def wide(first: int, last: int) -> bytes:
+        req = ExportMetricsServiceRequest.FromString(attack_only(0, t))
+        pts = req.resource_metrics[0].scope_metrics[0].metrics[0].sum.data_points
+        del pts[:]
+        pts.extend(
+            point(
+                1, {"org.id": "org-attack", **{f"{i}.{j}": "" for j in range(KEYS)}}, t_ns=t, start_ns=t - SEC
+            )
+            for i in range(first, last)
+        )
+        return req.SerializeToString()
+
+    r = requests.post(f"{up.otlp_http}/v1/metrics", data=wide(0, 300), headers=PROTOBUF, timeout=60)
+    assert r.status_code == 413 and b"37800 distinct attribute keys" in r.content, (r.status_code, r.content)
+    for body in (wide(0, 150), wide(150, 300)):
+        r = requests.post(f"{up.otlp_http}/v1/metrics", data=body, headers=PROTOBUF, timeout=60)
+        assert r.status_code == 200, r.content[:300]
+    assert_honest_usage_written(up)
+    up.drain(60)
+    assert stored_total(up, "org-attack", "attack.keys") == 300

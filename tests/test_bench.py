@@ -56,3 +56,5 @@ def test_quick_benchmarks_run_every_scenario(tmp_path):
     assert stages["decode, native fast path (from the bytes)"] > 0
     (group,) = res["groupmem"]["rows"]
     assert group["group_mib"] > 1 and group["group_peak_mib"] > 0
+    (insert,) = res["insertkeys"]["rows"]
+    assert insert["distinct_keys"] == insert["entries"] == 200 and insert["fits_under_mib"] in (64, 256)

@@ -124,6 +124,14 @@ class Config:
         "(0 = a twelfth of the engine's share of --memory-budget-bytes, 21 MiB at the default: an insert "
         "takes up to 40 MiB and 8 times its bytes).",
     )
+    max_insert_attribute_keys: int = _opt(
+        _non_negative,
+        default=0,
+        help="Most distinct attribute keys (per metric and hour) one insert may carry: a request with more "
+        "is refused, 413 / RESOURCE_EXHAUSTED, and the writer's groups hold no more, summed over their "
+        "requests (0 = one per 8 KiB of the engine's share of --memory-budget-bytes, 32,768 at the "
+        "default: the attribute-cardinality views keep states per key).",
+    )
     http_read_header_timeout_s: float = _opt(
         _non_negative,
         default=60.0,

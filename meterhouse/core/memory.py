@@ -29,7 +29,10 @@ Shares (README, "Memory", has the table with the figures they come from):
 
 One request's points as stored are at most a twelfth of the engine's share (``request_spooled_bytes``):
 a request is one insert at least, which takes up to 40 MiB and 8 times its bytes, beside the engine's
-caches and merges.
+caches and merges. An insert (a request, a group of them) carries at most one distinct attribute key per
+metric and hour for each 8 KiB of the engine's share (``insert_attribute_keys``): the attribute-cardinality
+views keep states per key, and an insert's memory grows with its distinct keys far faster than with its
+bytes (31,750 keys took 96-112 MiB, 95,250 took 256-320 MiB).
 
 The rest (about a quarter) is the process itself (140 MiB idle: interpreter, libraries, threads), what gRPC
 holds of messages still arriving, the writer's groups outside the engine, and the engine's code pages
@@ -61,6 +64,9 @@ CONNECTION_BYTES = 16 * 1024
 DEDUP_BYTES_PER_REQUEST = 250
 #: Bytes the edge's point-identity table holds per stream (collector/identity.py; BENCHMARKS.md section 11).
 IDENTITY_BYTES_PER_STREAM = 100
+#: The engine's share per distinct attribute key (per metric and hour) one insert may carry: 31,750 keys
+#: took 96-112 MiB of an insert, 63,500 took 128-160 MiB (BENCHMARKS.md section 12).
+ENGINE_BYTES_PER_ATTRIBUTE_KEY = 8 * 1024
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,9 @@ class MemoryPlan:
     #: The most one request's points may take as stored: its insert (a group of one) must fit in the
     #: engine's share, and an insert takes up to 40 MiB and 8 times its bytes (docs/capacity.md).
     request_spooled_bytes: int
+    #: The most distinct attribute keys (per metric and hour) one insert may carry: a request's (413
+    #: beyond) and a group's (summed over its records; collector/spool.py ``attribute_keys``).
+    insert_attribute_keys: int
     #: Cumulative series whose last point the conversion keeps (collector/cumulative.py).
     cumulative_series: int
     #: Digests of recent requests the request-level dedup keeps (collector/dedup.py).
@@ -135,6 +144,7 @@ def plan(config: Config) -> MemoryPlan:
         identity_max_streams=config.identity_max_streams
         or max(1000, int(b * 0.03) // IDENTITY_BYTES_PER_STREAM),
         request_spooled_bytes=config.max_request_spooled_bytes or engine // 12,
+        insert_attribute_keys=config.max_insert_attribute_keys or engine // ENGINE_BYTES_PER_ATTRIBUTE_KEY,
         cumulative_series=max(10_000, int(b * 0.08) // CUMULATIVE_BYTES_PER_SERIES),
         dedup_requests=max(10_000, int(b * 0.02) // DEDUP_BYTES_PER_REQUEST),
         connections_per_port=max(100, int(b * 0.02) // CONNECTION_BYTES),

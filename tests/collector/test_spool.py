@@ -96,6 +96,97 @@ def test_a_group_takes_records_up_to_the_byte_bound_and_a_larger_record_alone(tm
     assert lengths[3] > bound and groups == [[1, 2], [3], [4], [5]]
 
 
+def keyed(keys_per_point, points=1, metric="api", t_ns=None, first=0):
+    """A batch whose points each carry ``keys_per_point`` attribute keys named after the point."""
+    t = t_ns or time.time_ns()
+    pts = [
+        point(1, {"org.id": "a", **{f"{first + i}.{j}": "" for j in range(keys_per_point)}}, t_ns=t)
+        for i in range(points)
+    ]
+    req = sum_request({metric: pts})
+    return decode_request(
+        req, Limits(), now_ns=time.time_ns(), digest=content_digest(req.SerializeToString())
+    ).batch
+
+
+def test_attribute_keys_are_counted_distinct_per_metric_and_hour():
+    """What the attribute-cardinality views keep states for: a key repeated on points of one metric and
+    hour counts once, another metric or hour counts again."""
+    from meterhouse.collector.spool import attribute_keys
+
+    hour = 3600 * 10**9
+    t = (time.time_ns() // hour - 2) * hour
+    shared = sum_request({"api": [point(1, {"org.id": "a", "k": str(i)}, t_ns=t + i) for i in range(50)]})
+    b = decode_request(shared, Limits(), now_ns=time.time_ns(), digest="s" * 32).batch
+    assert attribute_keys(b) == 1  # k, on 50 points (the org is a column of its own)
+    spread = sum_request({
+        "api": [point(1, {"org.id": "a", "k": "1"}, t_ns=t), point(1, {"org.id": "a"}, t_ns=t + hour)],
+        "db": [point(1, {"org.id": "a", "k": "1"}, t_ns=t)],
+    })  # fmt: skip
+    b = decode_request(spread, Limits(), now_ns=time.time_ns(), digest="p" * 32).batch
+    assert attribute_keys(b) == 2  # k under api and under db; the second hour's point has none
+    assert attribute_keys(keyed(5, points=10)) == 50
+
+
+def test_a_request_with_more_distinct_attribute_keys_than_an_insert_may_hold_is_refused(tmp_path):
+    """The engine's memory for an insert grows with its distinct attribute keys (31,750 took 96-112 MiB)
+    far faster than with its bytes (a few hundred kilobytes): refused whole, nothing appended."""
+    from meterhouse.collector.spool import RecordTooLarge
+
+    s, _ = opened(tmp_path, max_record_keys=999)
+    with pytest.raises(RecordTooLarge, match="1000 distinct attribute keys"):
+        s.consume(keyed(100, points=10))
+    assert s.consume(keyed(10, points=10)) == 1 and s.pending_points == 10
+
+
+def test_a_group_takes_records_up_to_the_key_bound_and_the_counts_survive_a_restart(tmp_path):
+    s, _ = opened(tmp_path)
+    for k, (keys, points) in enumerate(((40, 1), (40, 1), (40, 1), (100, 3), (40, 1))):
+        s.consume(keyed(keys, points, first=k * 1000))
+    assert [r.keys for r in s.uncommitted_records()] == [40, 40, 40, 300, 40]
+    s.shutdown(1)
+    s, _ = opened(tmp_path)
+    assert [r.keys for r in s.uncommitted_records()] == [40, 40, 40, 300, 40]
+    groups = []
+    while s.pending_points:
+        stop = threading.Event()
+        stop.set()
+        g = s.next_group(10**9, 60, stop, None, 100)
+        groups.append([r.seq for r in g.records])
+        s.intent(g, f"t{len(groups)}")
+        s.commit(g)
+    assert groups == [[1, 2], [3], [4], [5]]
+
+
+def test_the_records_of_a_version_3_segment_get_their_keys_counted_on_start(tmp_path):
+    """Version 3's DATA head has no key count: counted from the points when the spool is opened."""
+    import struct
+
+    from meterhouse.collector.spool import (
+        _BLOCKS_HEAD,
+        _DATA_HEAD_V3,
+        COLUMN_SET,
+        COMMIT,
+        DATA,
+        FORMAT,
+        _digest_bytes,
+        _encode,
+    )
+
+    seg = [_encode(FORMAT, struct.pack("<H", 3)), _encode(COMMIT, struct.pack("<Q", 0))]
+    for seq, keys in enumerate((7, 70), 1):
+        b = keyed(keys, points=3)
+        blocks = encode_blocks(b)
+        body = _BLOCKS_HEAD.pack(COLUMN_SET, len(blocks.numbers)) + blocks.numbers + blocks.dists
+        head = _DATA_HEAD_V3.pack(seq, b.received_ns, b.total, _digest_bytes(b.digest))
+        seg.append(_encode(DATA, head + body))
+    (tmp_path / "seg-00000000000000000001.wal").write_bytes(b"".join(seg))
+    s, report = opened(tmp_path)
+    assert report.pending_records == 2
+    assert [r.keys for r in s.uncommitted_records()] == [3 * 7, 3 * 70]
+    assert [s.load(r).size for r in take(s).records] == [3, 3]
+
+
 def test_a_released_group_is_grouped_afresh_each_record_once_and_so_after_a_restart(tmp_path):
     """The writer gives back a group that failed for memory (nothing of it landed) to be written in
     smaller groups: each record comes back once, in order, and a restart after the smaller group's intent
@@ -422,12 +513,12 @@ def test_a_record_written_by_an_older_version_with_fewer_columns_is_replayed(tmp
     import pickle
     import struct
 
-    from meterhouse.collector.spool import _DATA_HEAD, COMMIT, DATA, _encode
+    from meterhouse.collector.spool import _DATA_HEAD_V3, COMMIT, DATA, _encode
 
     b = batch(value=5)
     old_columns = {k: v for k, v in b.columns.items() if k not in ("series_id", "cumulative_double")}
     body = pickle.dumps((old_columns, b.size, {}, 0))
-    head = _DATA_HEAD.pack(1, b.received_ns, b.total, bytes(16))
+    head = _DATA_HEAD_V3.pack(1, b.received_ns, b.total, bytes(16))
     # A version-1 segment: no FORMAT record, a COMMIT first.
     (tmp_path / "seg-00000000000000000001.wal").write_bytes(
         _encode(COMMIT, struct.pack("<Q", 0)) + _encode(DATA, head + body)

@@ -646,7 +646,7 @@ def test_a_version_2_spool_with_a_half_inserted_group_replays_exactly_once(
     import struct
 
     from meterhouse.collector.spool import (
-        _DATA_HEAD,
+        _DATA_HEAD_V3,
         _RANGE,
         COMMIT,
         DATA,
@@ -667,7 +667,7 @@ def test_a_version_2_spool_with_a_half_inserted_group_replays_exactly_once(
             (b.columns, b.size, b.dist_columns, b.dist_size), protocol=pickle.HIGHEST_PROTOCOL
         )
         seg.append(
-            _encode(DATA, _DATA_HEAD.pack(seq, b.received_ns, b.total, _digest_bytes(b.digest)) + body)
+            _encode(DATA, _DATA_HEAD_V3.pack(seq, b.received_ns, b.total, _digest_bytes(b.digest)) + body)
         )
         if seq == 4:
             seg.append(_encode(INTENT, _RANGE.pack(1, 4) + token.encode()))
@@ -759,7 +759,7 @@ def test_a_format_3_record_of_another_column_set_is_conformed_and_inserted(tmp_p
     from meterhouse.collector.model import BATCH_COLUMNS, DIST_BATCH_COLUMNS
     from meterhouse.collector.spool import (
         _BLOCKS_HEAD,
-        _DATA_HEAD,
+        _DATA_HEAD_V3,
         COMMIT,
         DATA,
         DIST_TYPES,
@@ -778,7 +778,7 @@ def test_a_format_3_record_of_another_column_set_is_conformed_and_inserted(tmp_p
     numbers = native.encode(names, types, [b.columns[BATCH_COLUMNS[i]] for i in keep] + [["x"] * b.size])
     dists = native.encode(DIST_BATCH_COLUMNS, DIST_TYPES, [b.dist_columns[n] for n in DIST_BATCH_COLUMNS])
     body = _BLOCKS_HEAD.pack(0xDEAD, len(numbers)) + numbers + dists
-    head = _DATA_HEAD.pack(1, b.received_ns, b.total, _digest_bytes(b.digest))
+    head = _DATA_HEAD_V3.pack(1, b.received_ns, b.total, _digest_bytes(b.digest))
     (tmp_path / "spool").mkdir()
     (tmp_path / "spool" / "seg-00000000000000000001.wal").write_bytes(
         _encode(FORMAT, struct.pack("<H", 3))
