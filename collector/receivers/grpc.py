@@ -229,7 +229,10 @@ class OtlpGrpcReceiver:
         encoding = _ENCODINGS.get((call.header(b"grpc-encoding") or [b"identity"])[0])
         if encoding is None:
             self.metrics.requests.labels(transport="grpc", outcome="unsupported_media_type").inc()
-            raise Refusal(Status.UNIMPLEMENTED, "unsupported grpc-encoding; accepted: identity, gzip, deflate",)
+            raise Refusal(
+                Status.UNIMPLEMENTED,
+                "unsupported grpc-encoding; accepted: identity, gzip, deflate",
+            )
         headers = [v.decode("latin-1") for v in call.header(b"authorization")]
         try:
             sender = self.ingestor.authenticate(headers)
@@ -247,8 +250,10 @@ class OtlpGrpcReceiver:
         if size > self.max_request_bytes:
             self.metrics.requests.labels(transport="grpc", outcome="too_large").inc()
             self._refusals.record("too_large", call.address)
-            raise Refusal(Status.RESOURCE_EXHAUSTED,
-                          f"request message of {size} bytes exceeds the limit of {self.max_request_bytes}")  # fmt: skip
+            limit = self.max_request_bytes
+            raise Refusal(
+                Status.RESOURCE_EXHAUSTED, f"request message of {size} bytes exceeds the limit of {limit}"
+            )
         if not self.bytes_in_flight.take(size):
             self._refuse("backpressure", call.address, "too many request bytes in flight")
         call.reserved = size
@@ -299,7 +304,7 @@ class OtlpGrpcReceiver:
 
     def _ingest(self, body: bytes, encoding: compression.Encoding, sender: Principal | None) -> Outcome:
         """On a worker: the message inflated (at most ``max_request_bytes``) and parsed (or decoded
-        natively) by the ingestor within the decode budget; bytes that protobuf refuses are INVALID_ARGUMENT."""
+        natively) by the ingestor within the decode budget; bytes protobuf refuses are INVALID_ARGUMENT."""
         compressed = encoding is not compression.Encoding.IDENTITY
         if compressed:  # a budget smaller than one inflating lets it inflate alone
             cost = compression.inflating_cost(encoding, len(body), self.max_request_bytes)
@@ -327,7 +332,9 @@ class OtlpGrpcReceiver:
             log.exception("unexpected error while handling an OTLP/gRPC request")
             return Outcome("error", "internal error")
 
-    def _refuse(self, outcome: str, address: str, message: str, status: Status = Status.UNAVAILABLE) -> NoReturn:
+    def _refuse(
+        self, outcome: str, address: str, message: str, status: Status = Status.UNAVAILABLE
+    ) -> NoReturn:
         """A call refused by a bound of the edge: counted, logged (at most a line a minute) and retryable."""
         self.metrics.requests.labels(transport="grpc", outcome=outcome).inc()
         self._refusals.record(outcome, address)

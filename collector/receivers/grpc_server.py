@@ -28,6 +28,7 @@ import asyncio
 import base64
 import enum
 import logging
+import socket
 import ssl
 import urllib.parse
 from collections import Counter
@@ -177,7 +178,9 @@ def _trailer_value(message: str) -> bytes:
     return urllib.parse.quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode("ascii")
 
 
-def _status_headers(status: Status, message: str, details: Sequence[tuple[str, bytes]]) -> list[tuple[bytes, bytes]]:
+def _status_headers(
+    status: Status, message: str, details: Sequence[tuple[str, bytes]]
+) -> list[tuple[bytes, bytes]]:
     headers = [(b"grpc-status", str(int(status)).encode())]
     if message:
         headers.append((b"grpc-message", _trailer_value(message)))
@@ -474,9 +477,12 @@ class GrpcServer:
         self.per_address: Counter[str] = Counter()
         self._server: asyncio.Server | None = None
 
-    async def serve(self, sock: object, context: ssl.SSLContext | None) -> None:
+    async def serve(self, sock: socket.socket, context: ssl.SSLContext | None) -> None:
         self._server = await self.loop.create_server(
-            lambda: GrpcConnection(self), sock=sock, ssl=context, ssl_handshake_timeout=10 if context else None
+            lambda: GrpcConnection(self),
+            sock=sock,
+            ssl=context,
+            ssl_handshake_timeout=10 if context else None,
         )
 
     def admit(self, c: GrpcConnection) -> bool:
