@@ -1,8 +1,8 @@
 """OTLP/gRPC messages that are sent all but their last byte, on many streams at once, against a real
-`meterhouse up` inside a memory cgroup limited to its budget. The receiver's bounds on request bytes
-(``max_bytes_in_flight``) and on the decode budget apply once a message has arrived whole; until then
-gRPC holds what has arrived of it, up to ``--max-request-bytes`` a call, for ``read_timeout_s`` (30 s),
-on up to ``max_calls_per_address`` (64) calls from each client address."""
+`meterhouse up` inside a memory cgroup limited to its budget. Each message's length prefix reserves its
+bytes in ``--grpc-max-bytes-in-flight`` before its stream's window is opened to them, so calls beyond the
+budget are answered UNAVAILABLE and what is held stays within it. (grpcio's server held what had arrived
+of every message, up to ``--max-request-bytes`` a call, outside every bound of meterhouse's.)"""
 
 from __future__ import annotations
 
@@ -80,17 +80,13 @@ def hold_messages(target: str, streams: int, size: int, seconds: float, source: 
 
 
 @pytest.mark.soak
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 25): gRPC holds a call's message until its last byte, outside every bound of meterhouse's (grpcio gives no hook before a unary message is whole); see docs/capacity.md",
-)
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_grpc_messages_held_short_of_their_last_byte_keep_the_process_in_its_budget(up_factory):
     """One connection from one address, 60 calls (under the 64 an address may hold), each a message of
-    19.9 MB sent but its last byte: gRPC holds them all (by hand, outside a cgroup: 40 such calls took
-    the process from 107 to 890 MiB anonymous), 1.2 GB in all, past the 1 GiB budget: OOM-killed in
-    its cgroup in 5 s, after 995 MiB sent (peak anonymous memory 999 MiB). Nothing bounds it but the read timeout, and other addresses add more."""
+    19.9 MB sent but its last byte, 1.2 GB in all, past the 1 GiB budget. grpcio's server held them all
+    (OOM-killed in its cgroup in 5 s, after 995 MiB sent); now only the messages the byte budget reserves
+    are let in."""
     why = cgroup_unavailable()
     if why:
         pytest.skip(why)

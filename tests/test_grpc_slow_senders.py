@@ -19,7 +19,7 @@ from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExp
 from opentelemetry.sdk.metrics import Counter, MeterProvider
 from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader, MetricExportResult
 
-from bench.slow_grpc import SlowSender, h2_preface, loopback_socket, server_closed
+from bench.slow_grpc import METHOD, SlowSender, h2_preface, loopback_socket, server_closed
 from meterhouse.demo import fetch_usage
 
 pytestmark = pytest.mark.e2e
@@ -81,8 +81,7 @@ def test_slow_calls_on_many_connections_do_not_stop_an_honest_sdk_sender(up_fact
 
 def test_many_idle_connections_do_not_stop_an_honest_sender_and_are_closed(up_factory):
     """Connections that never send (not even the HTTP/2 preface) and connections that send only the
-    preface cost no worker; both are closed after --grpc-max-connection-idle-s. grpc cannot bound
-    connections per client address; --grpc-max-connections bounds them on the port."""
+    preface cost no worker; both are closed after --grpc-max-connection-idle-s."""
     up = up_factory("--grpc-max-connection-idle-s", "2")
     silent = [loopback_socket(up.otlp_grpc_port) for _ in range(300)]
     preface = [loopback_socket(up.otlp_grpc_port) for _ in range(200)]
@@ -100,22 +99,47 @@ def test_many_idle_connections_do_not_stop_an_honest_sender_and_are_closed(up_fa
     assert stored(up, "org-idle") == sent
 
 
-def test_connections_beyond_the_bound_are_closed_at_once(up_factory):
+def open_call(s) -> None:
+    """Open a call on a new connection ``s`` and announce a message that never comes."""
+    c = h2_preface(s)
+    c.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", METHOD), (":authority", "x"),
+                       ("content-type", "application/grpc"), ("te", "trailers")])  # fmt: skip
+    c.send_data(1, b"\x00\x00\x00\x01\x00")
+    s.sendall(c.data_to_send())
+
+
+def closed_soon(s, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not server_closed(s):
+        time.sleep(0.1)
+    return server_closed(s)
+
+
+def test_at_the_connection_bound_the_longest_idle_makes_room_and_connections_with_calls_stay(up_factory):
+    """At --grpc-max-connections a new connection is closed only when every other has a call open;
+    otherwise the one idle longest is closed to make room for it."""
     up = up_factory("--grpc-max-connections", "20")
-    held = [loopback_socket(up.otlp_grpc_port) for _ in range(20)]
-    for s in held:
-        h2_preface(s)
-    time.sleep(0.5)
-    extra = loopback_socket(up.otlp_grpc_port)
+    busy = [loopback_socket(up.otlp_grpc_port) for _ in range(20)]
+    idle, extra = [], []
     try:
-        h2_preface(extra)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not server_closed(extra):
-            time.sleep(0.1)
-        assert server_closed(extra)
-        assert not any(server_closed(s) for s in held)
+        for s in busy:
+            open_call(s)
+        time.sleep(0.5)
+        extra.append(loopback_socket(up.otlp_grpc_port))
+        h2_preface(extra[0])
+        assert closed_soon(extra[0])  # every other connection has a call open
+        busy.pop().close()
+        time.sleep(0.5)
+        idle = [loopback_socket(up.otlp_grpc_port)]
+        h2_preface(idle[0])
+        time.sleep(0.5)
+        extra.append(loopback_socket(up.otlp_grpc_port))
+        h2_preface(extra[1])
+        assert closed_soon(idle[0])  # the idle one made room
+        assert not server_closed(extra[1])
+        assert not any(server_closed(s) for s in busy)
     finally:
-        for s in [*held, extra]:
+        for s in [*busy, *idle, *extra]:
             try:
                 s.close()
             except OSError:

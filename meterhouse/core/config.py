@@ -210,13 +210,19 @@ class Config:
     grpc_max_streams_per_connection: int = _opt(
         _positive,
         default=100,
-        help="Calls (HTTP/2 streams) open at once on one gRPC connection; gRPC refuses more.",
+        help="Calls (HTTP/2 streams) open at once on one gRPC connection; more are reset (REFUSED_STREAM).",
     )
     grpc_max_connections: int = _opt(
         _non_negative,
         default=0,
-        help="Open connections on the OTLP/gRPC port; more are closed at once (0 = as many as 2% of "
-        "--memory-budget-bytes holds at 16 KiB a connection: 1,310 at 1 GiB).",
+        help="Open connections on the OTLP/gRPC port; at the bound the one idle longest (no call open, or "
+        "no HTTP/2 preface yet) is closed to make room, and a new one is closed when every other has a call "
+        "open (0 = as many as 2% of --memory-budget-bytes holds at 16 KiB a connection: 1,310 at 1 GiB).",
+    )
+    grpc_max_connections_per_address: int = _opt(
+        _positive,
+        default=256,
+        help="Open connections on the OTLP/gRPC port from one client address; more are closed at once.",
     )
     grpc_keepalive_min_time_s: float = _opt(
         _positive,

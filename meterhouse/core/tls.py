@@ -29,6 +29,8 @@ class TlsMaterial:
     cert_file: str
     key_file: str
     generation: int = 0
+    #: The same, offering HTTP/2 by ALPN (gRPC clients require it; the HTTP ports speak HTTP/1.1 only).
+    h2_context: ssl.SSLContext | None = None
 
     @property
     def mutual(self) -> bool:
@@ -54,7 +56,8 @@ def load_material(config: Config, generation: int = 0) -> TlsMaterial | None:
     key = _read(config.tls_key_file, "tls.key_file")
     ca = _read(config.tls_client_ca_file, "tls.client_ca_file") if config.tls_client_ca_file else None
     ctx = _context(config.tls_cert_file, config.tls_key_file, ca)
-    return TlsMaterial(cert, key, ca, ctx, config.tls_cert_file, config.tls_key_file, generation)
+    h2_ctx = _context(config.tls_cert_file, config.tls_key_file, ca, h2=True)
+    return TlsMaterial(cert, key, ca, ctx, config.tls_cert_file, config.tls_key_file, generation, h2_ctx)
 
 
 def _check_validity(chain: bytes, path: str) -> None:
@@ -75,9 +78,11 @@ def _check_validity(chain: bytes, path: str) -> None:
         )
 
 
-def _context(cert_file: str, key_file: str, client_ca: bytes | None) -> ssl.SSLContext:
+def _context(cert_file: str, key_file: str, client_ca: bytes | None, h2: bool = False) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if h2:
+        ctx.set_alpn_protocols(["h2"])
     try:
         ctx.load_cert_chain(cert_file, key_file)
     except (ssl.SSLError, OSError) as e:
@@ -117,17 +122,22 @@ class ServerTls:
             self._material = new
             return new
 
-    def front_context(self) -> ssl.SSLContext:
-        """The context to give a server that builds its listener once (uvicorn, asyncio).
+    def front_context(self, h2: bool = False) -> ssl.SSLContext:
+        """The context to give a server that builds its listener once (uvicorn, asyncio); ``h2``: one
+        that offers HTTP/2 by ALPN (the gRPC port).
 
         Each handshake is moved, from the ClientHello callback (which OpenSSL runs with or without
         SNI), to the context of the material current at that moment; whether a client certificate is
         required is this front context's, fixed at start.
         """
         m = self._material
-        front = _context(m.cert_file, m.key_file, m.client_ca)
-        front.sni_callback = self._switch
+        front = _context(m.cert_file, m.key_file, m.client_ca, h2)
+        front.sni_callback = self._switch_h2 if h2 else self._switch
         return front
 
     def _switch(self, sslobj: Any, _server_name: str | None, _ctx: ssl.SSLContext) -> None:
         sslobj.context = self._material.context
+
+    def _switch_h2(self, sslobj: Any, _server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        m = self._material
+        sslobj.context = m.h2_context or m.context

@@ -10,6 +10,7 @@ import threading
 import time
 
 import grpc
+import h2.errors
 import h2.events
 import pytest
 from google.rpc import error_details_pb2
@@ -17,7 +18,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from otlp_builders import point, sum_request
 from prometheus_client import CollectorRegistry
 
-from bench.slow_grpc import SlowSender, h2_preface, loopback_socket
+from bench.slow_grpc import SlowSender, h2_preface, loopback_socket, server_closed
 from meterhouse.collector.ingest import Outcome
 from meterhouse.collector.receivers.grpc import GrpcLimits, OtlpGrpcReceiver
 from meterhouse.core.metrics import PipelineMetrics
@@ -104,15 +105,39 @@ def test_request_bytes_beyond_the_bound_are_unavailable_with_retry_info(held):
     assert receiver.bytes_in_flight.used == 0
 
 
-def test_keepalive_enforcement_and_transport_bounds_reach_grpc():
-    opts = dict(GrpcLimits(keepalive_min_time_s=10, keepalive_permit_without_calls=True, max_connection_idle_s=5,
-                           max_streams_per_connection=7, max_connections=9).options())  # fmt: skip
-    assert opts["grpc.http2.min_recv_ping_interval_without_data_ms"] == 10_000
-    assert opts["grpc.keepalive_permit_without_calls"] == 1
-    assert opts["grpc.max_connection_idle_ms"] == 5_000
-    assert "grpc.max_connection_age_ms" not in opts  # 0 = never
-    assert opts["grpc.max_concurrent_streams"] == 7
-    assert opts["grpc.max_allowed_incoming_connections"] == 9
+def pings_until_goaway(port: int, pings: int, every_s: float) -> h2.events.ConnectionTerminated | None:
+    """Send ``pings`` keepalive pings ``every_s`` apart on a connection with no call; the GOAWAY, if any."""
+    with loopback_socket(port) as s:
+        c = h2_preface(s)
+        s.settimeout(0.2)
+        for i in range(pings):
+            c.ping(b"%08d" % i)
+            s.sendall(c.data_to_send())
+            time.sleep(every_s)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                data = s.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            for e in c.receive_data(data):
+                if isinstance(e, h2.events.ConnectionTerminated):
+                    return e
+    return None
+
+
+def test_keepalive_pings_beyond_the_enforcement_policy_are_answered_goaway(held):
+    """As grpc's enforcement: pings too often (or with no call open, unless permitted) are strikes, and
+    the third is answered GOAWAY ENHANCE_YOUR_CALM."""
+    _, make = held
+    strict, _ = make()
+    goaway = pings_until_goaway(strict.port, pings=3, every_s=0.01)
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert goaway.additional_data == b"too_many_pings"
+    lenient, _ = make(limits=GrpcLimits(keepalive_min_time_s=0.05, keepalive_permit_without_calls=True))
+    assert pings_until_goaway(lenient.port, pings=4, every_s=0.1) is None
 
 
 def test_calls_whose_message_has_not_arrived_hold_no_worker(held):
@@ -175,9 +200,12 @@ def test_a_call_without_a_message_is_invalid_and_one_whose_client_left_is_not_co
         c.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", METHOD), (":authority", "x"),
                            ("content-type", "application/grpc"), ("te", "trailers")], end_stream=True)  # fmt: skip
         s.sendall(c.data_to_send())
-        answered = b""
-        while b"grpc-status" not in answered:
-            answered += s.recv(65536)
+        answered: list[h2.events.Event] = []
+        while not any(isinstance(e, h2.events.StreamEnded) for e in answered):
+            answered += c.receive_data(s.recv(65536))
+        assert ("grpc-status", "3") in next(
+            e.headers for e in answered if isinstance(e, h2.events.ResponseReceived)
+        )
     with loopback_socket(receiver.port) as s:  # a partial message, then the connection closes
         c = h2_preface(s)
         c.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", METHOD), (":authority", "x"),
@@ -218,3 +246,67 @@ def test_streams_beyond_the_bound_per_connection_are_reset_by_grpc(held):
         while receiver.calls_by_address != {"127.0.0.2": 10} and time.monotonic() < deadline:
             time.sleep(0.05)  # the ten calls' handlers are starting
         assert receiver.calls_by_address == {"127.0.0.2": 10}
+
+
+def open_call(c, sid: int, announce: int, body: bytes = b"") -> None:
+    c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", METHOD), (":authority", "x"),
+                         ("content-type", "application/grpc"), ("te", "trailers")])  # fmt: skip
+    c.send_data(sid, b"\x00" + announce.to_bytes(4, "big") + body)
+
+
+def answers(s, c, streams: int) -> dict[int, dict[str, str]]:
+    """The headers each of ``streams`` streams is answered with (trailers-only answers)."""
+    got: dict[int, dict[str, str]] = {}
+    s.settimeout(5)
+    while len(got) < streams:
+        for e in c.receive_data(s.recv(65536)):
+            if isinstance(e, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                got.setdefault(e.stream_id, {}).update(dict(e.headers))
+        s.sendall(c.data_to_send())
+    return got
+
+
+def test_a_message_is_admitted_by_its_length_prefix_before_its_body_is_taken(held):
+    """The prefix decides: beyond --max-request-bytes RESOURCE_EXHAUSTED, beyond the bytes the budget has
+    left UNAVAILABLE with RetryInfo, both before the body; an admitted message's stream window is opened
+    to its length, a refused one's never."""
+    ingestor, make = held
+    receiver, _ = make(max_bytes_in_flight=200_000)
+    with loopback_socket(receiver.port) as s:
+        c = h2_preface(s)
+        open_call(c, 1, 150_000, b"x" * 1000)  # admitted: holds 150,000 bytes of the budget
+        open_call(c, 3, 2 << 20)  # past the 1 MiB limit of a message
+        open_call(c, 5, 100_000)  # past what the budget has left
+        s.sendall(c.data_to_send())
+        got = answers(s, c, 2)
+        assert got[3]["grpc-status"] == "8" and got[5]["grpc-status"] == "14", got
+        assert "google.rpc.retryinfo-bin" in got[5]
+        assert 1 not in got  # still arriving
+        assert c.local_flow_control_window(1) == 150_005 - 1005  # its whole message, and no more
+        assert receiver.bytes_in_flight.used == 150_000
+    deadline = time.monotonic() + 10
+    while receiver.bytes_in_flight.used and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert receiver.bytes_in_flight.used == 0  # given back when its client left
+    assert ingestor.outcome("too_large") == 1 and ingestor.outcome("backpressure") == 1
+
+
+def test_connections_beyond_the_bound_per_address_are_closed_and_other_addresses_are_served(held):
+    ingestor, make = held
+    receiver, channel = make(limits=GrpcLimits(max_connections_per_address=3))
+    held_open = [loopback_socket(receiver.port) for _ in range(3)]
+    try:
+        for s in held_open:
+            h2_preface(s)
+        extra = loopback_socket(receiver.port)
+        held_open.append(extra)
+        deadline = time.monotonic() + 5
+        while not server_closed(extra) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server_closed(extra)
+        assert not any(server_closed(s) for s in held_open[:3])
+        ingestor.release.set()
+        assert channel.unary_unary(METHOD)(BODY, timeout=10) == b""  # 127.0.0.1 is another sender
+    finally:
+        for s in held_open:
+            s.close()
