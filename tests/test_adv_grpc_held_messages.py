@@ -1,7 +1,7 @@
 """OTLP/gRPC messages that are sent all but their last byte, on many streams at once, against a real
-`meterhouse up` inside a memory cgroup limited to its budget. Each message's length prefix reserves its
-bytes in ``--grpc-max-bytes-in-flight`` before its stream's window is opened to them, so calls beyond the
-budget are answered UNAVAILABLE and what is held stays within it. (grpcio's server held what had arrived
+`meterhouse up` inside a memory cgroup limited to its budget. Each message's bytes are counted in
+``--grpc-max-bytes-in-flight`` as they arrive, so a call whose bytes do not fit is answered UNAVAILABLE
+(what it held given back) and what is held stays within it. (grpcio's server held what had arrived
 of every message, up to ``--max-request-bytes`` a call, outside every bound of meterhouse's.)"""
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def hold_messages(target: str, streams: int, size: int, seconds: float, source: 
 def test_grpc_messages_held_short_of_their_last_byte_keep_the_process_in_its_budget(up_factory):
     """One connection from one address, 60 calls (under the 64 an address may hold), each a message of
     19.9 MB sent but its last byte, 1.2 GB in all, past the 1 GiB budget. grpcio's server held them all
-    (OOM-killed in its cgroup in 5 s, after 995 MiB sent); now only the messages the byte budget reserves
-    are let in."""
+    (OOM-killed in its cgroup in 5 s, after 995 MiB sent); now only what the byte budget takes is
+    held."""
     why = cgroup_unavailable()
     if why:
         pytest.skip(why)

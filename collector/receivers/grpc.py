@@ -14,9 +14,10 @@ call bounds) with a ``RetryInfo`` detail. With ingest tokens, a call needs ``aut
 offered by ALPN), credentials are re-read on the first handshake after a reload, so open channels are kept.
 
 Bounds (:class:`GrpcLimits`): a message whose prefix announces more than ``max_request_bytes`` is refused
-(RESOURCE_EXHAUSTED) before its body is read; the announced bytes are reserved in ``max_bytes_in_flight``
-when the prefix arrives (UNAVAILABLE with RetryInfo when they do not fit) and only then is the stream's
-flow-control window opened to them; the message must arrive within ``read_timeout_s`` of the call's
+(RESOURCE_EXHAUSTED) before its body is read; its bytes are charged to ``max_bytes_in_flight`` as they
+arrive, not as announced (UNAVAILABLE with RetryInfo when the budget cannot take them, and what the call
+held is given back), so a sender that announces large messages and trickles them holds only what it
+sent; the message must arrive within ``read_timeout_s`` of the call's
 start (DEADLINE_EXCEEDED otherwise); at most ``max_calls_per_address`` calls are open from one client
 address; at most ``max_concurrent_rpcs`` calls whose message has arrived are handled or queued for a
 worker (RESOURCE_EXHAUSTED with RetryInfo beyond). Connections are bounded per port
@@ -254,9 +255,11 @@ class OtlpGrpcReceiver:
             raise Refusal(
                 Status.RESOURCE_EXHAUSTED, f"request message of {size} bytes exceeds the limit of {limit}"
             )
-        if not self.bytes_in_flight.take(size):
+
+    def received(self, call: Call, n: int) -> None:
+        if not self.bytes_in_flight.take(n):
             self._refuse("backpressure", call.address, "too many request bytes in flight")
-        call.reserved = size
+        call.held += n
 
     def arrived(self, call: Call, message: bytes | None) -> None:
         if message is None:
@@ -265,8 +268,8 @@ class OtlpGrpcReceiver:
         if not self.calls_handled.take(1):
             self._refuse("backpressure", call.address, "too many calls in flight", Status.RESOURCE_EXHAUSTED)
         assert self._pool is not None
-        state, size = self._states[call], call.reserved
-        call.reserved = 0  # the job holds them now, until its worker is done
+        state, size = self._states[call], call.held
+        call.held = 0  # the job holds them now, until its worker is done
         job = self._pool.submit(self._ingest, message, state.encoding, state.sender)
         del message
 
@@ -286,9 +289,9 @@ class OtlpGrpcReceiver:
     def closed(self, call: Call) -> None:
         if self._states.pop(call, None) is None:
             return
-        if call.reserved:
-            self.bytes_in_flight.give(call.reserved)
-            call.reserved = 0
+        if call.held:
+            self.bytes_in_flight.give(call.held)
+            call.held = 0
         left = self.calls_by_address.pop(call.address) - 1
         if left:
             self.calls_by_address[call.address] = left

@@ -5,10 +5,13 @@ an accepted connection; this server sees every connection and every DATA frame, 
 bounds what senders hold itself:
 
 - A call's flow-control window is the HTTP/2 default (64 KiB) until its 5-byte length prefix arrives.
-  The handler then reserves the announced length (:meth:`CallHandler.announced`, which may refuse: too
-  large, or the byte budget full), and only then is the stream's window opened to the message's length.
-  Every DATA byte is charged on arrival to its call's reservation or dropped (a refused call), so what
-  the connection window lets in is never held beyond the reservations; it is given back as it arrives.
+  The handler then checks the announced length (:meth:`CallHandler.announced`, which refuses a message
+  larger than a request may be before its body is read), and only then is the stream's window opened to
+  the message's length. Every DATA byte is charged on arrival to its call (:meth:`CallHandler.received`,
+  which refuses the call when the byte budget cannot take it) or dropped (a refused call), so what the
+  connection window lets in is never held beyond what the budget took; the window is given back as bytes
+  arrive. A call holds what has arrived of its message, not what it announced: a sender that announces
+  a large message and trickles it holds what it sent, and cannot fill the budget with announcements.
 - Connections are bounded per port and per client address. At the port's bound the connection idle
   longest (no call open, or never sent the HTTP/2 preface) is closed to make room, as the HTTP ports do
   (``meterhouse.core.httpserver``); only when every other connection has a call open is the new one closed.
@@ -49,7 +52,7 @@ EXPORT_PATH = b"/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 PREFIX = 5  # a gRPC message's compressed flag and 4-byte length
 #: The inbound window of the connection, given back as bytes arrive (each charged or dropped at once).
 CONNECTION_WINDOW = 4 << 20
-#: The inbound window of a stream before its message's length is known and reserved (RFC 9113's default).
+#: The inbound window of a stream before its message's length is known (RFC 9113's default).
 STREAM_WINDOW = 65_535
 MAX_HEADER_LIST_BYTES = 16 * 1024
 #: A connection's calls get this long to finish after its age passed (grpc's default grace is infinite).
@@ -99,7 +102,10 @@ class CallHandler(Protocol):
         """Its headers arrived (counted against its address from now until :meth:`closed`)."""
 
     def announced(self, call: Call, size: int) -> None:
-        """Its message's prefix announces ``size`` bytes: reserve them (kept in ``call.reserved``)."""
+        """Its message's prefix announces ``size`` bytes (refuse a message larger than one may be)."""
+
+    def received(self, call: Call, n: int) -> None:
+        """``n`` more bytes of its message arrived: charge them (kept in ``call.held``), or refuse."""
 
     def arrived(self, call: Call, message: bytes | None) -> None:
         """The client ended its side, with a whole message or none (None); answer with :meth:`Call.answer`
@@ -118,7 +124,7 @@ class Call:
     def __init__(self, connection: GrpcConnection, stream_id: int, headers: dict[bytes, list[bytes]]) -> None:
         self.connection, self.stream_id, self.headers = connection, stream_id, headers
         self.address = connection.address
-        self.reserved = 0  # bytes the handler reserved for the message; the handler's to release
+        self.held = 0  # bytes of the message the handler charged as they arrived; the handler's to release
         self._prefix = b""
         self._size = -1  # the message's length, once its prefix is in
         self._chunks: list[bytes] = []
@@ -379,16 +385,19 @@ class GrpcConnection(asyncio.Protocol):
             return
         data = event.data or b""
         try:
+            before = call._received
             prefix = call._data(data)
             if prefix is not None:
                 size = int.from_bytes(prefix[1:], "big")
                 self.server.handler.announced(call, size)
-                # The window of the stream is the whole message now that it is reserved.
+                # The window of the stream is the whole message now that its length is allowed.
                 more = PREFIX + size - STREAM_WINDOW
                 if more > 0:
                     self.h2.increment_flow_control_window(more, event.stream_id)
             if call.overrun:
                 raise Refusal(Status.INVALID_ARGUMENT, "more than one request message in a unary call")
+            if call._received > before:
+                self.server.handler.received(call, call._received - before)
         except Refusal as r:
             self._refuse_now(call, r)
 

@@ -6,6 +6,7 @@ message comes slowly or never); its ingestor is held at a barrier so that "a cal
 the test controls rather than a race it hopes to win.
 """
 
+import select
 import threading
 import time
 
@@ -254,6 +255,23 @@ def open_call(c, sid: int, announce: int, body: bytes = b"") -> None:
     c.send_data(sid, b"\x00" + announce.to_bytes(4, "big") + body)
 
 
+def send_until_answered(s, c, sid: int, n: int) -> dict[int, dict[str, str]]:
+    """Send ``n`` bytes on stream ``sid`` as flow control lets, until the stream is answered."""
+    got: dict[int, dict[str, str]] = {}
+    s.settimeout(5)
+    while sid not in got:
+        window = min(c.local_flow_control_window(sid), c.max_outbound_frame_size, n)
+        if window > 0:
+            c.send_data(sid, b"y" * window)
+            n -= window
+        s.sendall(c.data_to_send())
+        if window == 0 or select.select([s], [], [], 0)[0]:
+            for e in c.receive_data(s.recv(65536)):
+                if isinstance(e, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                    got.setdefault(e.stream_id, {}).update(dict(e.headers))
+    return got
+
+
 def answers(s, c, streams: int) -> dict[int, dict[str, str]]:
     """The headers each of ``streams`` streams is answered with (trailers-only answers)."""
     got: dict[int, dict[str, str]] = {}
@@ -266,29 +284,57 @@ def answers(s, c, streams: int) -> dict[int, dict[str, str]]:
     return got
 
 
-def test_a_message_is_admitted_by_its_length_prefix_before_its_body_is_taken(held):
-    """The prefix decides: beyond --max-request-bytes RESOURCE_EXHAUSTED, beyond the bytes the budget has
-    left UNAVAILABLE with RetryInfo, both before the body; an admitted message's stream window is opened
-    to its length, a refused one's never."""
+def test_a_message_is_checked_by_its_length_prefix_and_charged_as_it_arrives(held):
+    """The prefix decides the size: beyond --max-request-bytes RESOURCE_EXHAUSTED before the body, the
+    stream's window never opened. An allowed message's window is opened to its length, and its bytes
+    are charged to the budget as they arrive: past what the budget has left, UNAVAILABLE with RetryInfo,
+    and what the call held is given back."""
     ingestor, make = held
     receiver, _ = make(max_bytes_in_flight=200_000)
     with loopback_socket(receiver.port) as s:
         c = h2_preface(s)
-        open_call(c, 1, 150_000, b"x" * 1000)  # admitted: holds 150,000 bytes of the budget
+        open_call(c, 1, 150_000, b"x" * 1000)  # allowed: holds the 1,000 bytes that arrived
         open_call(c, 3, 2 << 20)  # past the 1 MiB limit of a message
-        open_call(c, 5, 100_000)  # past what the budget has left
         s.sendall(c.data_to_send())
-        got = answers(s, c, 2)
-        assert got[3]["grpc-status"] == "8" and got[5]["grpc-status"] == "14", got
-        assert "google.rpc.retryinfo-bin" in got[5]
-        assert 1 not in got  # still arriving
+        got = answers(s, c, 1)
+        assert got[3]["grpc-status"] == "8", got
         assert c.local_flow_control_window(1) == 150_005 - 1005  # its whole message, and no more
-        assert receiver.bytes_in_flight.used == 150_000
+        deadline = time.monotonic() + 5
+        while receiver.bytes_in_flight.used != 1000 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert receiver.bytes_in_flight.used == 1000
+        open_call(c, 5, 300_000)
+        got = send_until_answered(s, c, 5, 300_000)  # past the budget at 199,000 bytes
+        assert got[5]["grpc-status"] == "14" and "google.rpc.retryinfo-bin" in got[5], got
+        assert 1 not in got  # still arriving
+        deadline = time.monotonic() + 5
+        while receiver.bytes_in_flight.used != 1000 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert receiver.bytes_in_flight.used == 1000  # the refused call's bytes given back
     deadline = time.monotonic() + 10
     while receiver.bytes_in_flight.used and time.monotonic() < deadline:
         time.sleep(0.05)
     assert receiver.bytes_in_flight.used == 0  # given back when its client left
     assert ingestor.outcome("too_large") == 1 and ingestor.outcome("backpressure") == 1
+
+
+def test_a_sender_that_announces_large_messages_and_trickles_them_does_not_keep_others_out(held):
+    """Announcing is free: a call that announces nearly the whole budget and sends a byte holds a byte.
+    (Reserving the announced length at the prefix let one such call answer everyone else UNAVAILABLE
+    for the read timeout, and again on each reconnect.)"""
+    ingestor, make = held
+    receiver, channel = make(max_bytes_in_flight=200_000)
+    ingestor.release.set()
+    with loopback_socket(receiver.port) as s:
+        c = h2_preface(s)
+        for sid in (1, 3, 5):
+            open_call(c, sid, 200_000 - len(BODY) + 1, b"x")  # what leaves no room for BODY, announced
+        s.sendall(c.data_to_send())
+        deadline = time.monotonic() + 5
+        while receiver.calls_by_address.get("127.0.0.1", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert channel.unary_unary(METHOD)(BODY, timeout=10) == b""
+        assert receiver.bytes_in_flight.used == 3
 
 
 def test_connections_beyond_the_bound_per_address_are_closed_and_other_addresses_are_served(held):
