@@ -9,7 +9,12 @@ never given for points that are not stored.
 At most ``max_entries`` digests are kept (a share of the memory budget, ``core/memory.py``): under more
 requests than that in a window the oldest go first, so the window is shorter. Nothing counts twice for
 it: this is the fast path, and a re-sent copy whose digest went has its points dropped by point identity
-(``collector/identity.py``), at the cost of checking them."""
+(``collector/identity.py``), at the cost of checking them. Except the points the series limit folded,
+which identity cannot check (two streams folded into one share a stored identity): the digest of a
+request holding some is *pinned*, kept for the whole window, never evicted. At most half the entries
+are pinned; a request with folded points that finds no room (``hold_pin``) is not stored (the sender
+retries), so a re-sent copy of one is always recognised here. (Evicted, such a copy counted its folded
+points again: 11 stored where 7 were sent.)"""
 
 from __future__ import annotations
 
@@ -30,6 +35,9 @@ class RecentRequests:
         self.window_ns = int(window_s * 1e9)
         self.max_entries = max(1, max_entries)
         self._seen: OrderedDict[str, int] = OrderedDict()  # digest → received_ns, oldest first
+        self._pinned: OrderedDict[str, int] = OrderedDict()  # the same, never evicted (folded points)
+        self.max_pinned = max(1, self.max_entries // 2)
+        self._pin_claims: set[str] = set()  # requests with folded points being stored, counted as pinned
         self._claimed: set[str] = set()
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)
@@ -39,17 +47,16 @@ class RecentRequests:
     def load(self, extra: Iterable[tuple[str, int]] = ()) -> int:
         """Read the digests file (and digests of records still in the spool); keep those in the window."""
         cutoff = time.time_ns() - self.window_ns
-        entries: list[tuple[int, str]] = []
+        entries: list[tuple[int, str, bool]] = []
         if self.path.exists():
             for line in self.path.read_text(errors="replace").splitlines():
                 parts = line.split(" ")
-                if len(parts) == 2 and parts[0].isdigit():
-                    entries.append((int(parts[0]), parts[1]))
-        entries += [(t, d) for d, t in extra]
-        for t, d in sorted(entries):
+                if len(parts) in (2, 3) and parts[0].isdigit():
+                    entries.append((int(parts[0]), parts[1], parts[2:] == ["p"]))
+        entries += [(t, d, False) for d, t in extra]
+        for t, d, pinned in sorted(entries):
             if t >= cutoff:
-                self._keep(d, t)
-                self._seen.move_to_end(d)
+                self._keep(d, t, pinned)
         self._rewrite()
         return len(self._seen)
 
@@ -61,7 +68,7 @@ class RecentRequests:
         with self._lock:
             while True:
                 self._prune()
-                if digest in self._seen:
+                if digest in self._seen or digest in self._pinned:
                     return "settled"
                 if digest not in self._claimed:
                     self._claimed.add(digest)
@@ -71,23 +78,42 @@ class RecentRequests:
                     return "busy"
                 self._settled.wait(left)
 
+    def hold_pin(self, digest: str) -> bool:
+        """Room for a claimed request with folded points to be pinned once stored: False when the pinned
+        digests of the window (and those being stored) take their half already."""
+        with self._lock:
+            self._prune()
+            if len(self._pinned) + len(self._pin_claims) >= self.max_pinned:
+                return False
+            self._pin_claims.add(digest)
+            return True
+
     def release(self, digest: str) -> None:
         with self._lock:
             self._claimed.discard(digest)
+            self._pin_claims.discard(digest)
             self._settled.notify_all()
 
-    def add(self, digest: str, received_ns: int) -> None:
+    def add(self, digest: str, received_ns: int, pinned: bool = False) -> None:
+        """The request is stored; ``pinned`` (it holds folded points) keeps its digest for the window."""
         with self._lock:
             self._claimed.discard(digest)
+            self._pin_claims.discard(digest)
             self._settled.notify_all()
-            self._keep(digest, received_ns)
+            self._keep(digest, received_ns, pinned)
             if self._file is not None:
-                self._file.write(f"{received_ns} {digest}\n")
+                self._file.write(f"{received_ns} {digest}{' p' if pinned else ''}\n")
                 self._unsynced += 1
 
-    def _keep(self, digest: str, received_ns: int) -> None:
-        self._seen[digest] = received_ns
-        while len(self._seen) > self.max_entries:
+    def _keep(self, digest: str, received_ns: int, pinned: bool = False) -> None:
+        if pinned:
+            self._seen.pop(digest, None)
+            self._pinned[digest] = received_ns
+            self._pinned.move_to_end(digest)
+        elif digest not in self._pinned:
+            self._seen[digest] = received_ns
+            self._seen.move_to_end(digest)
+        while self._seen and len(self._seen) + len(self._pinned) > self.max_entries:
             self._seen.popitem(last=False)
 
     def committed(self, batches: Iterable[Blocks]) -> None:
@@ -97,7 +123,7 @@ class RecentRequests:
         and a re-sent copy would be stored again."""
         with self._lock:
             for b in batches:
-                if b.digest not in self._seen:
+                if b.digest not in self._seen and b.digest not in self._pinned:
                     self._keep(b.digest, b.received_ns)
                     if self._file is not None:
                         self._file.write(f"{b.received_ns} {b.digest}\n")
@@ -112,7 +138,7 @@ class RecentRequests:
                 os.fsync(self._file.fileno())
                 self._unsynced = 0
             # Lines are ~55 bytes: compact once the file holds four times what the window does.
-            if self._file is not None and self._file.tell() > 4 * 64 * (len(self._seen) + 1000):
+            if self._file is not None and self._file.tell() > 4 * 64 * (len(self) + 1000):
                 self._rewrite()
 
     def close(self) -> None:
@@ -124,15 +150,16 @@ class RecentRequests:
                 self._file = None
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return len(self._seen) + len(self._pinned)
 
     def _prune(self) -> None:
         cutoff = time.time_ns() - self.window_ns
-        while self._seen:
-            digest, t = next(iter(self._seen.items()))
-            if t >= cutoff:
-                break
-            self._seen.popitem(last=False)
+        for kept in (self._seen, self._pinned):
+            while kept:
+                digest, t = next(iter(kept.items()))
+                if t >= cutoff:
+                    break
+                kept.popitem(last=False)
 
     def _rewrite(self) -> None:
         """Replace the file with the digests in the window (write, fsync, rename)."""
@@ -143,6 +170,7 @@ class RecentRequests:
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w") as f:
             f.writelines(f"{t} {d}\n" for d, t in self._seen.items())
+            f.writelines(f"{t} {d} p\n" for d, t in self._pinned.items())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

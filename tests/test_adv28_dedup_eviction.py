@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import requests
 from conftest import drain
 from otlp_builders import CUMULATIVE, point, sum_request
@@ -51,18 +50,12 @@ def evict(stack, n: int = 1) -> None:
         post(stack, sum_request({"adv28.filler": [point(1, {"org.id": "org-filler", "i": str(i)})]}))
 
 
-@pytest.mark.soak
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 25): points folded by --series-per-org-metric are not checked by identity, so a "
-    "re-sent request holding some counts them again once the bounded dedup let its digest go; README, "
-    "Delivery guarantees",
-)
 def test_a_resent_request_with_folded_points_counts_once_after_its_digest_was_evicted(stack_factory):
     """--series-per-org-metric 1: the request's second attribute set is folded into the overflow series,
     which point identity never checks. Before the dedup was bounded, these bytes re-sent within the
-    15-minute window were answered 200 and not stored again; once their digest is evicted the folded
-    point is stored again: 11 where 7 was sent."""
+    15-minute window were answered 200 and not stored again; once their digest was evicted the folded
+    point was stored again: 11 where 7 was sent. The digest of a request with folded points is now
+    pinned for the window (collector/dedup.py)."""
     stack = stack_factory(series_per_org_metric=1)
     metric, t = "adv28.fold", time.time_ns() - 30 * SEC
     req = sum_request(
@@ -115,3 +108,23 @@ def test_a_resent_gauge_counts_once_after_its_digest_was_evicted(stack):
     store = stack.collector.endpoints.endpoints[0].store
     n = store.scalar(f"SELECT count() FROM {store.database}.usage_points WHERE metric = 'adv28.gauge'")
     assert int(n) == 3
+
+
+def test_a_request_with_folded_points_waits_when_the_pinned_digests_have_no_room(stack_factory):
+    """Pinned digests take at most half the dedup's entries: past that, a request with folded points is
+    answered 503 with Retry-After and nothing of it is kept; requests without folded points go on."""
+    stack = stack_factory(series_per_org_metric=1)
+    stack.collector.recent.max_pinned = 1
+    metric, t = "adv28.fold.room", time.time_ns() - 30 * SEC
+
+    def folding(v: int):
+        return sum_request({metric: [point(1, {"org.id": ORG, "a": "1"}, t_ns=t + v, start_ns=t - SEC),
+                                     point(v, {"org.id": ORG, "a": str(v)}, t_ns=t + v, start_ns=t - SEC)]})  # fmt: skip
+
+    post(stack, folding(2))  # admits a=1, folds a=2: pinned
+    url = f"http://127.0.0.1:{stack.collector.http.port}/v1/metrics"
+    r = requests.post(url, data=folding(3).SerializeToString(),
+                      headers={"Content-Type": "application/x-protobuf"}, timeout=30)  # fmt: skip
+    assert r.status_code == 503 and r.headers.get("Retry-After") == "5", (r.status_code, r.text)
+    post(stack, sum_request({metric: [point(10, {"org.id": ORG, "a": "1"}, t_ns=t + 9, start_ns=t - SEC)]}))
+    assert raw_and_rollup(stack, metric) == ({ORG: 1 + 2 + 10}, {ORG: 1 + 2 + 10})

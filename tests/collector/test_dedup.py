@@ -74,3 +74,32 @@ def test_at_most_max_entries_digests_are_kept_the_oldest_going_first(tmp_path):
     r2 = RecentRequests(tmp_path / "recent.log", window_s=60, max_entries=2)
     r2.load(extra=[("from-spool", now + 10)])
     assert len(r2) == 2 and r2.claim("from-spool") == "settled" and r2.claim("d4") == "settled"
+
+
+def test_digests_of_requests_with_folded_points_are_pinned_for_the_window(tmp_path):
+    """Point identity cannot check folded points, so a re-sent copy of a request holding some is known
+    only by its digest: pinned digests are never evicted, and take at most half the entries; a request
+    with folded points that finds no room is refused (``hold_pin``), and finds it once one leaves the
+    window. Pins survive a restart."""
+    r = RecentRequests(tmp_path / "recent.log", window_s=1.5, max_entries=4)
+    r.load()
+    now = time.time_ns()
+    for i in range(2):
+        assert r.claim(f"f{i}") == "new" and r.hold_pin(f"f{i}")
+        r.add(f"f{i}", now, pinned=True)
+    assert r.claim("f2") == "new" and not r.hold_pin("f2")  # two pinned: half of four
+    r.release("f2")
+    for i in range(10):  # unpinned digests come and go around the pinned ones
+        r.claim(f"d{i}")
+        r.add(f"d{i}", now + i)
+    assert len(r) == 4 and r.claim("f0") == "settled" and r.claim("f1") == "settled"
+    assert r.claim("d9") == "settled" and r.claim("d0") == "new"
+    r.release("d0")
+    r.sync()
+    r.close()
+    r2 = RecentRequests(tmp_path / "recent.log", window_s=1.5, max_entries=4)
+    r2.load()
+    assert r2.claim("f0") == "settled" and r2.claim("f1") == "settled"
+    assert r2.claim("f2") == "new" and not r2.hold_pin("f2")
+    time.sleep(1.6)  # the pinned digests leave the window
+    assert r2.hold_pin("f2") and r2.claim("f0") == "new"
