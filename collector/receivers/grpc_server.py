@@ -58,8 +58,15 @@ MAX_HEADER_LIST_BYTES = 16 * 1024
 #: A connection's calls get this long to finish after its age passed (grpc's default grace is infinite).
 AGE_GRACE_S = 30.0
 MAX_PING_STRIKES = 2
-#: Settings as sent; h2 enforces the streams bound as a connection error, so it is checked here instead.
-_LENIENT_STREAMS = 1 << 31
+
+
+#: Streams a connection may hold open inside ``h2`` (twice what is advertised, so that a client which
+#: overshoots is answered REFUSED_STREAM per stream); past it, a connection error. It must be bounded: h2
+#: counts a connection's open streams for each new one, and every stream of one read (up to 256 KiB, some
+#: 17,000 HEADERS frames) is open until the read's events are handled, so without a bound one read cost
+#: O(n^2): 70,000 cheap streams stalled the event loop, every other sender timing out.
+def _h2_stream_bound(advertised: int) -> int:
+    return 2 * advertised + 16
 
 
 class Status(enum.IntEnum):
@@ -224,8 +231,15 @@ class GrpcConnection(asyncio.Protocol):
         self.h2.initiate_connection()
         # What is sent stays; what h2 enforces on its own (as a connection error) is lifted.
         self.h2.local_settings = h2.settings.Settings(
-            client=False, initial_values={**sent, codes.MAX_CONCURRENT_STREAMS: _LENIENT_STREAMS}
+            client=False,
+            initial_values={
+                **sent,
+                codes.MAX_CONCURRENT_STREAMS: _h2_stream_bound(self.limits.max_streams_per_connection),
+            },
         )
+        # Settings given as initial values are in force at once, but h2 hands the header list bound to
+        # its HPACK decoder only when the client acknowledges it: set it now (it enforced 64 KiB).
+        self.h2.decoder.max_header_list_size = MAX_HEADER_LIST_BYTES
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - STREAM_WINDOW)
 
     # Connection lifecycle.
@@ -331,7 +345,15 @@ class GrpcConnection(asyncio.Protocol):
             elif isinstance(event, h2.events.PingReceived):
                 self._on_ping()
             elif isinstance(event, h2.events.ConnectionTerminated):
+                # The client's GOAWAY: h2 sends nothing after it, so no call can be answered; each is
+                # released (its points, if any, are stored: the client re-sends, and the request-level
+                # dedup answers the copy), and the connection closed.
                 self.closing = True
+                for call in list(self.calls.values()):
+                    call.answered = True
+                    self._end(call)
+                if self.transport is not None:
+                    self.transport.close()
         self._flush()
 
     def _on_ping(self) -> None:
@@ -449,8 +471,12 @@ class GrpcConnection(asyncio.Protocol):
             else:
                 self._send_refusal(call, refusal)
         except (h2.exceptions.ProtocolError, h2.exceptions.FlowControlError):
-            self.h2.reset_stream(call.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
-        self._end(call)
+            try:
+                self.h2.reset_stream(call.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass  # the connection is closed for h2 (a GOAWAY): nothing more can be sent
+        finally:
+            self._end(call)  # released whatever could be sent
         self._flush()
 
     def _send_refusal(self, call: Call, r: Refusal) -> None:
