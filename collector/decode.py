@@ -526,6 +526,7 @@ class _Decoder:
                     folded, admitted = series.fold(cols)
                     self.result.folded += folded
                     self.result.admitted += admitted
+            self.result.batch.folded = self.result.folded
         except Exception:  # the admitted sets could not be read: nothing of this request is kept
             series.rollback(self.result.admitted)
             if self.result.changes and self.cumulative is not None:

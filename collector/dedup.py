@@ -44,8 +44,10 @@ class RecentRequests:
         self._file: TextIO | None = None
         self._unsynced = 0
 
-    def load(self, extra: Iterable[tuple[str, int]] = ()) -> int:
-        """Read the digests file (and digests of records still in the spool); keep those in the window."""
+    def load(self, extra: Iterable[tuple[str, int] | tuple[str, int, bool]] = ()) -> int:
+        """Read the digests file and the digests of records still in the spool (digest, received, and
+        whether pinned: the spool's record says, durably before its request was answered, where the
+        file's line may not have reached the disk); keep those in the window."""
         cutoff = time.time_ns() - self.window_ns
         entries: list[tuple[int, str, bool]] = []
         if self.path.exists():
@@ -53,7 +55,7 @@ class RecentRequests:
                 parts = line.split(" ")
                 if len(parts) in (2, 3) and parts[0].isdigit():
                     entries.append((int(parts[0]), parts[1], parts[2:] == ["p"]))
-        entries += [(t, d, False) for d, t in extra]
+        entries += [(e[1], e[0], len(e) > 2 and bool(e[2])) for e in extra]
         for t, d, pinned in sorted(entries):
             if t >= cutoff:
                 self._keep(d, t, pinned)

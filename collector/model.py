@@ -34,6 +34,9 @@ class PointBatch:
     received_ns: int
     dist_columns: dict[str, list[Any]] = field(default_factory=dict)
     dist_size: int = 0
+    #: Points the series limit folded into the overflow series (their request's digest is pinned in the
+    #: request-level dedup: collector/dedup.py).
+    folded: int = 0
 
     @property
     def total(self) -> int:

@@ -59,7 +59,9 @@ KINDS = frozenset({DATA, INTENT, COMMIT, ABORT, PART, FORMAT})
 FORMAT_VERSION = 4
 _VERSION = struct.Struct("<H")
 _DATA_HEAD_V3 = struct.Struct("<QQI16s")  # seq, received_ns, points, request digest
-_DATA_HEAD = struct.Struct("<QQI16sI")  # and the attribute keys (``attribute_keys``)
+_DATA_HEAD = struct.Struct("<QQI16sIB")  # and the attribute keys (``attribute_keys``), flags
+#: A DATA record's flag: the request holds points the series limit folded (its digest is pinned).
+FOLDED = 1
 _RANGE = struct.Struct("<QQ")  # first seq, last seq
 _SEQ = struct.Struct("<Q")
 _BLOCKS_HEAD = struct.Struct("<II")  # column-set fingerprint, length of the number block
@@ -203,7 +205,7 @@ class ScanReport:
     pending_records: int = 0
     quarantined_records: int = 0
     quarantined_bytes: int = 0
-    digests: list[tuple[str, int]] = field(default_factory=list)
+    digests: list[tuple[str, int, bool]] = field(default_factory=list)  # digest, received, pinned
 
 
 def _data_head(version: int) -> struct.Struct:
@@ -389,17 +391,17 @@ class Spool:
         intents: list[tuple[int, int, str]] = []
         parts: dict[tuple[int, int], set[str]] = {}
         aborted: set[int] = set()
-        digests: dict[int, tuple[str, int]] = {}
+        digests: dict[int, tuple[str, int, bool]] = {}
         paths = sorted(self.dir.glob("seg-*.wal"))
         for path in paths:
             top = 0
             for kind, offset, length, payload, version in self._scan(path, report):
                 report.records += 1
                 if kind == DATA:
-                    seq, received, points, digest, *keys = _data_head(version).unpack_from(payload)
+                    seq, received, points, digest, *more = _data_head(version).unpack_from(payload)
                     data[seq] = Record(seq, path, offset, length, points, received, version=version,
-                                       keys=keys[0] if keys else -1)  # fmt: skip
-                    digests[seq] = (digest.hex(), received)
+                                       keys=more[0] if more else -1)  # fmt: skip
+                    digests[seq] = (digest.hex(), received, bool(more and more[1] & FOLDED))
                     top = max(top, seq)
                 elif kind == INTENT:
                     first, last = _RANGE.unpack_from(payload)
@@ -580,7 +582,13 @@ class Spool:
             column_set = COLUMN_SET_VERIFY if blocks.verify else COLUMN_SET
             body = _BLOCKS_HEAD.pack(column_set, len(blocks.numbers)) + blocks.numbers + blocks.dists
             seq = self._seq + 1
-            record = _encode(DATA, _DATA_HEAD.pack(seq, batch.received_ns, batch.total, digest, keys) + body)
+            record = _encode(
+                DATA,
+                _DATA_HEAD.pack(
+                    seq, batch.received_ns, batch.total, digest, keys, FOLDED if batch.folded else 0
+                )
+                + body,
+            )
             if len(record) > MAX_RECORD:
                 raise RecordTooLarge(
                     f"the request's points take {len(record)} bytes, above a record's {MAX_RECORD}"

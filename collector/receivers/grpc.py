@@ -270,7 +270,10 @@ class OtlpGrpcReceiver:
         assert self._pool is not None
         state, size = self._states[call], call.held
         call.held = 0  # the job holds them now, until its worker is done
-        job = self._pool.submit(self._ingest, message, state.encoding, state.sender)
+        # A message's own flag says whether it is compressed: grpc sends a message that gzip would not
+        # make smaller uncompressed (flag 0) under the call's grpc-encoding (it was refused, and lost).
+        encoding = state.encoding if call.compressed else compression.Encoding.IDENTITY
+        job = self._pool.submit(self._ingest, message, encoding, state.sender)
         del message
 
         def done(job: Future[Outcome]) -> None:  # on the worker, even if the client cancelled before

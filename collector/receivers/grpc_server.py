@@ -204,6 +204,38 @@ def _status_headers(
 _RESPONSE_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 
 
+class FrameLengths:
+    """Each frame's announced length, checked as soon as its 9-byte header arrives: ``h2`` buffers a frame
+    whole before it checks its length against SETTINGS_MAX_FRAME_SIZE, so a header announcing 16 MiB had
+    the server hold up to 16 MiB per connection, charged to nothing (56 such connections had the process
+    OOM-killed in its 1 GiB cgroup). Skips the client's 24-byte connection preface first."""
+
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+        self._skip = 24  # bytes of the preface or of the current frame's payload still to come
+        self._head = b""
+
+    def feed(self, data: bytes) -> int | None:
+        """None while every frame header so far is within the bound; else the length announced."""
+        pos, n = 0, len(data)
+        while pos < n:
+            if self._skip:
+                taken = min(self._skip, n - pos)
+                self._skip -= taken
+                pos += taken
+                continue
+            taken = min(9 - len(self._head), n - pos)
+            self._head += data[pos : pos + taken]
+            pos += taken
+            if len(self._head) < 9:
+                break
+            length = int.from_bytes(self._head[:3], "big")
+            if length > self.max_length:
+                return length
+            self._skip, self._head = length, b""
+        return None
+
+
 class GrpcConnection(asyncio.Protocol):
     """One client connection: HTTP/2 framing by ``h2``, the bounds of the module doc."""
 
@@ -224,6 +256,7 @@ class GrpcConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self.h2 = h2.connection.H2Connection(config)
+        self._frames = FrameLengths(self.h2.max_inbound_frame_size)
         codes = h2.settings.SettingCodes
         sent = {codes.MAX_CONCURRENT_STREAMS: self.limits.max_streams_per_connection,
                 codes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES}  # fmt: skip
@@ -257,6 +290,17 @@ class GrpcConnection(asyncio.Protocol):
         self._arm_idle()
         if self.limits.max_connection_age_s:
             self._age_timer = self.loop.call_later(self.limits.max_connection_age_s, self._aged)
+
+    def pause_writing(self) -> None:
+        """The client does not read what is written (past the transport's high-water mark): stop reading
+        it, so that its requests, and the answers they would pile up, wait in its own socket buffers. (A
+        client sending refused calls and reading nothing grew the write buffer by 11 times what it sent.)"""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -322,6 +366,9 @@ class GrpcConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
+            return
+        if self._frames.feed(data) is not None:
+            self.close(h2.errors.ErrorCodes.FRAME_SIZE_ERROR, b"frame larger than SETTINGS_MAX_FRAME_SIZE")
             return
         try:
             events = self.h2.receive_data(data)
