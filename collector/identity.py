@@ -25,8 +25,11 @@ The check is split in two, so that its cost is per stream, not per point:
   spool order and points are marked in spool order, so a point marked new is never a repeat of one
   stored after it.
 
-Folded points (the series limit's overflow series) have lost their attributes: two streams folded into
-one share a stored identity, so they are never verified (they count, as they did before).
+Folded points (the series limit's overflow series) have lost their attributes. A folded number point
+keeps a fingerprint of its own set in ``series_id`` (``series.fold_fingerprint``; 0 for every other
+delta or gauge point), part of a number point's stream, so it is checked as any point is: two streams
+folded into one do not share an identity. Folded distribution points have no such column: they are
+never verified (they count, as they did before).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ except ImportError:  # pragma: no cover - built by `pip install`; the suite requ
 #: The fields of a number point's stream, and the value fields a repeat has the same as its original.
 _NUMBER_STREAM = (
     "org_id", "metric", "kind", "unit", "temporality", "monotonic", "scope_name", "scope_version",
-    "resource_keys", "resource_values", "attr_keys", "attr_values",
+    "resource_keys", "resource_values", "attr_keys", "attr_values", "series_id",
 )  # fmt: skip
 _NUMBER_VALUE = ("value_int", "value_double")
 _DIST_STREAM = (
@@ -81,9 +84,10 @@ Flagged = tuple[PointBatch, list[int], list[int]]
 
 def _never_verified(cols: dict[str, list[Any]]) -> tuple[list[int], list[int]]:
     """Rows whose identity is not checked here: cumulative sums (their conversion counts a point seen
-    again as 0), and the points the series limit folded (two streams folded into one share a stored
-    identity; they are the rows holding the limit's own attribute list, not any point an SDK sent with
-    the same attributes)."""
+    again as 0), and the distribution points the series limit folded (two streams folded into one share
+    a stored identity; they are the rows holding the limit's own attribute list, not any point an SDK
+    sent with the same attributes). Folded number points carry their own set's fingerprint in
+    ``series_id``, and are checked."""
     temps, kinds, keys = cols["temporality"], cols["kind"], cols["attr_keys"]
     cumulative: list[int] = []
     if schema.TEMPORALITY_CUMULATIVE in temps:
@@ -92,7 +96,9 @@ def _never_verified(cols: dict[str, list[Any]]) -> tuple[list[int], list[int]]:
             for i, (t, k) in enumerate(zip(temps, kinds, strict=True))
             if t == schema.TEMPORALITY_CUMULATIVE and k == schema.KIND_SUM
         ]
-    folded = [i for i, k in enumerate(keys) if k is FOLDED_KEYS] if FOLDED_KEYS in keys else []
+    folded = []
+    if "series_id" not in cols and FOLDED_KEYS in keys:
+        folded = [i for i, k in enumerate(keys) if k is FOLDED_KEYS]
     return cumulative, folded
 
 

@@ -3,7 +3,10 @@
 Folding replaces a point's attributes with ``otel.metric.overflow=true`` (as the OpenTelemetry SDKs do
 for their own cardinality limit); its value is kept, so the org's totals stay exact. It runs after the
 cumulative→delta conversion, which keys its state on the original attributes, so a folded cumulative
-series still counts exactly its own increase.
+series still counts exactly its own increase. A folded delta or gauge point keeps a fingerprint of its
+own attribute set in ``series_id`` (which only cumulative points use otherwise), stored with it, so that
+point identity checks it as it checks any point: re-sent in another request (a forwarder re-batching its
+queue), it counts once (``identity.py``).
 
 The attribute sets admitted so far are read back from ClickHouse (``attribute_sets``) the first time an
 (org, metric) is seen by this process, so a restart does not admit more; sets of points still waiting
@@ -12,6 +15,7 @@ in the spool are added at start (:meth:`SeriesLimiter.observe`).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -30,6 +34,12 @@ Pair = tuple[str, str]
 #: (org, metric) → the attribute sets stored for it, as (sorted keys, values).
 Loader = Callable[[list[Pair]], dict[Pair, list[tuple[Sequence[str], Sequence[str]]]]]
 Admission = tuple[Pair, int]
+
+
+def fold_fingerprint(keys: Sequence[str], values: Sequence[str]) -> int:
+    """A folded point's own attribute set, as a stable 64-bit number (stored: the same in every process)."""
+    digest = hashlib.blake2b(repr((tuple(keys), tuple(values))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") | 1  # never 0, what a delta point's series_id is
 
 
 def _set_key(keys: Sequence[str], values: Sequence[str]) -> int:
@@ -61,6 +71,7 @@ class SeriesLimiter:
         if not orgs:
             return 0, []
         keys_col, values_col = columns["attr_keys"], columns["attr_values"]
+        series_ids = columns.get("series_id")  # number points only; 0 unless cumulative
         folded = 0
         admitted: list[Admission] = []
         held: set[Admission] = set()
@@ -92,6 +103,8 @@ class SeriesLimiter:
                     held.add((pair, h))
                     admitted.append((pair, h))
                     continue
+                if series_ids is not None and not series_ids[i]:
+                    series_ids[i] = fold_fingerprint(keys_col[i], values_col[i])
                 keys_col[i] = FOLDED_KEYS
                 values_col[i] = FOLDED_VALUES
                 folded += 1
