@@ -142,6 +142,7 @@ def test_peak_memory_while_writing_wide_requests_follows_the_byte_bound(up_facto
     up.stop()
 
 
+@pytest.mark.soak  # 27 s: with the soaks, so that the default suite keeps to its 15 minutes
 def test_the_writer_verifies_a_group_of_re_sent_requests_one_record_at_a_time(up_factory):
     """A Collector re-sends six requests (re-batched: other bytes, the same points), which the edge
     flags for the writer to verify against what is stored. The writer decodes flagged records into
