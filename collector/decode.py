@@ -526,7 +526,8 @@ class _Decoder:
                     folded, admitted = series.fold(cols)
                     self.result.folded += folded
                     self.result.admitted += admitted
-            self.result.batch.folded = self.result.folded
+                    if cols is self.dist:  # what point identity cannot check (collector/identity.py)
+                        self.result.batch.folded += folded
         except Exception:  # the admitted sets could not be read: nothing of this request is kept
             series.rollback(self.result.admitted)
             if self.result.changes and self.cumulative is not None:

@@ -9,11 +9,12 @@ never given for points that are not stored.
 At most ``max_entries`` digests are kept (a share of the memory budget, ``core/memory.py``): under more
 requests than that in a window the oldest go first, so the window is shorter. Nothing counts twice for
 it: this is the fast path, and a re-sent copy whose digest went has its points dropped by point identity
-(``collector/identity.py``), at the cost of checking them. Except the points the series limit folded,
-which identity cannot check (two streams folded into one share a stored identity): the digest of a
-request holding some is *pinned*, kept for the whole window, never evicted. At most half the entries
-are pinned; a request with folded points that finds no room (``hold_pin``) is not stored (the sender
-retries), so a re-sent copy of one is always recognised here. (Evicted, such a copy counted its folded
+(``collector/identity.py``), at the cost of checking them. Except the distribution points the series
+limit folded, which identity cannot check (two streams folded into one share a stored identity; folded
+sums and gauges keep a fingerprint and are checked): the digest of a request holding some is
+*pinned*, kept for the whole window, never evicted. At most half the entries are pinned; a request with
+folded points that finds no room (``hold_pin``) is not stored (the sender retries), so a re-sent copy of
+one is always recognised here. (Evicted, such a copy counted its folded
 points again: 11 stored where 7 were sent.)"""
 
 from __future__ import annotations

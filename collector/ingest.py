@@ -28,7 +28,7 @@ from meterhouse.collector.dedup import RecentRequests
 from meterhouse.collector.model import Backpressure, Consumer, content_digest
 from meterhouse.collector.ratelimit import RateLimiter
 from meterhouse.collector.rejectlog import RejectLog
-from meterhouse.collector.series import Loader, Pair, SeriesLimiter
+from meterhouse.collector.series import Candidate, Loader, Pair, Present, SeriesLimiter
 from meterhouse.collector.spool import RecordTooLarge, Spool, SpoolError
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
@@ -92,6 +92,20 @@ def attribute_sets_loader(store: Queries, limit: int) -> Loader:
         return found
 
     return load
+
+
+def attribute_sets_present(store: Queries) -> Present:
+    """Ask which candidate sets are stored (see series.py: a stored set is never folded)."""
+    sql = schema.attribute_sets_present_sql(store.database)
+
+    def present(candidates: list[Candidate]) -> set[Candidate]:
+        params = {"orgs": sorted({p[0] for p, _, _ in candidates}),
+                  "metrics": sorted({p[1] for p, _, _ in candidates}),
+                  "values": [list(v) for v in {v for _, _, v in candidates}]}  # fmt: skip
+        stored = {((o, m), tuple(k), tuple(v)) for o, m, k, v in store.rows(sql, params)}
+        return stored & set(candidates)
+
+    return present
 
 
 def count_points(request: ExportMetricsServiceRequest) -> int:
@@ -286,7 +300,8 @@ class Ingestor:
         if result.received > limit:  # parsed requests (OTLP/JSON), or no native decoder
             self._forget(result, digest)
             return _too_many_points(result.received, limit)
-        if result.folded and self.recent is not None and not self.recent.hold_pin(digest):
+        folded = result.batch.folded  # those identity cannot check (distribution points)
+        if folded and self.recent is not None and not self.recent.hold_pin(digest):
             # Its folded points are recognised when re-sent only by its digest (collector/dedup.py),
             # and the digests kept for the window have no room: nothing kept, the sender retries.
             self._forget(result, digest)
@@ -330,7 +345,7 @@ class Ingestor:
         if result.changes and self.cumulative is not None and isinstance(seq, int):
             self.cumulative.spooled(result.changes, seq)
         if self.recent is not None:
-            self.recent.add(digest, now, pinned=bool(result.folded))
+            self.recent.add(digest, now, pinned=bool(folded))
         for reason, n in result.rejected.items():
             m.points_rejected.labels(reason=reason).inc(n)
         for reason, n in result.repaired.items():

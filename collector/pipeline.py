@@ -23,6 +23,7 @@ from meterhouse.collector.identity import EdgeIdentity
 from meterhouse.collector.ingest import (
     Ingestor,
     attribute_sets_loader,
+    attribute_sets_present,
     committed_state_loader,
     restore_cumulative,
     with_dead_letters,
@@ -153,6 +154,7 @@ class Collector:
             SeriesLimiter(
                 config.series_per_org_metric,
                 attribute_sets_loader(self.endpoints, config.series_per_org_metric),
+                attribute_sets_present(self.endpoints),
             )
             if config.series_per_org_metric > 0
             else None

@@ -34,6 +34,11 @@ Pair = tuple[str, str]
 #: (org, metric) → the attribute sets stored for it, as (sorted keys, values).
 Loader = Callable[[list[Pair]], dict[Pair, list[tuple[Sequence[str], Sequence[str]]]]]
 Admission = tuple[Pair, int]
+#: Sets over the limit known not to be stored (about 150 bytes each: at most some 15 MB).
+ABSENT_MAX = 100_000
+#: A set the limit would fold, (org, metric) and its keys and values; asked whether it is stored already.
+Candidate = tuple[Pair, tuple[str, ...], tuple[str, ...]]
+Present = Callable[[list[Candidate]], set[Candidate]]
 
 
 def fold_fingerprint(keys: Sequence[str], values: Sequence[str]) -> int:
@@ -50,10 +55,17 @@ def _set_key(keys: Sequence[str], values: Sequence[str]) -> int:
 class SeriesLimiter:
     """Admitted attribute sets per (org, metric), at most ``limit`` each (the overflow set aside)."""
 
-    def __init__(self, limit: int, loader: Loader) -> None:
+    def __init__(self, limit: int, loader: Loader, present: Present | None = None) -> None:
+        """``loader`` reads up to ``limit + 1`` stored sets of (org, metric) pairs; ``present`` says which
+        sets over the limit are stored already (admitted under a larger limit, or past what ``loader``
+        read): those are not folded, as their points stored before were not."""
         self.limit = limit
         self._load = loader
+        self._present = present
         self._sets: dict[Pair, set[int]] = {}
+        # Sets over the limit the store was asked about and does not hold (folded from then on without
+        # asking again); at most ABSENT_MAX, forgotten all at once past it.
+        self._absent: set[tuple[Pair, int]] = set()
         self._loaded: set[Pair] = set()
         # Sets admitted by requests not yet settled: how many such requests use each, and whether one
         # of them was stored. A refused request forgets a set only if no request using it was stored.
@@ -75,6 +87,7 @@ class SeriesLimiter:
         folded = 0
         admitted: list[Admission] = []
         held: set[Admission] = set()
+        over: list[int] = []  # rows over the limit
         with self._lock:
             missing = list({(o, m) for o, m in zip(orgs, metrics, strict=True)} - self._loaded)
             if missing:
@@ -103,12 +116,40 @@ class SeriesLimiter:
                     held.add((pair, h))
                     admitted.append((pair, h))
                     continue
+                over.append(i)
+            if over and self._present is not None:
+                over = self._unless_stored(over, orgs, metrics, keys_col, values_col)
+            for i in over:
                 if series_ids is not None and not series_ids[i]:
                     series_ids[i] = fold_fingerprint(keys_col[i], values_col[i])
                 keys_col[i] = FOLDED_KEYS
                 values_col[i] = FOLDED_VALUES
                 folded += 1
         return folded, admitted
+
+    def _unless_stored(
+        self, over: list[int], orgs: list[str], metrics: list[str], keys: list[Any], values: list[Any]
+    ) -> list[int]:
+        """The rows of ``over`` whose set is not stored already. A stored set (admitted under a larger
+        limit, or past the ``limit + 1`` sets read back) is known from now on and its rows are not folded:
+        folded, a point of it re-sent (re-batched by a forwarder) had another identity than its stored
+        copy and counted twice."""
+        assert self._present is not None
+        wanted = {i: ((orgs[i], metrics[i]), tuple(keys[i]), tuple(values[i])) for i in over}
+        absent = self._absent
+        ask = {c for c in wanted.values() if (c[0], _set_key(c[1], c[2])) not in absent}
+        stored: set[Candidate] = set()
+        if ask:
+            try:
+                stored = self._present(list(ask))
+            except Exception as err:  # ClickHouse unreachable: retryable, like cumulative state
+                raise StateUnavailable(f"cannot read attribute sets: {err}") from err
+            if len(absent) > ABSENT_MAX:
+                absent.clear()
+            absent.update((c[0], _set_key(c[1], c[2])) for c in ask - stored)
+        for pair, k, v in stored:
+            self._sets.setdefault(pair, set()).add(_set_key(k, v))
+        return [i for i in over if wanted[i] not in stored]
 
     def rollback(self, admitted: Iterable[Admission]) -> None:
         """Give back the admissions of a request that was not kept (the client sends it again): a set

@@ -86,3 +86,19 @@ class ZstdSession(requests.Session):
         if data:
             data, headers = zstd_compress(data), {**(headers or {}), "Content-Encoding": "zstd"}
         return super().request(method, url, *args, data=data, headers=headers, **kwargs)
+
+
+def histogram_request(points: list[tuple[int, dict]], metric: str, t_ns: int) -> ExportMetricsServiceRequest:
+    """One delta histogram metric: a point of ``count`` observations (all in the first bucket) per
+    ``(count, attributes)``, each over the second before ``t_ns``."""
+    req = sum_request({})
+    m = req.resource_metrics[0].scope_metrics[0].metrics.add(name=metric, unit="ms")
+    m.histogram.aggregation_temporality = DELTA
+    for count, attrs in points:
+        dp = m.histogram.data_points.add(start_time_unix_nano=t_ns - 10**9, time_unix_nano=t_ns)
+        dp.count, dp.sum = count, float(count)
+        dp.bucket_counts.extend([count, 0])
+        dp.explicit_bounds.append(100.0)
+        for k, v in attrs.items():
+            dp.attributes.append(kv(k, v))
+    return req

@@ -14,7 +14,7 @@ import time
 
 import requests
 from conftest import drain
-from otlp_builders import CUMULATIVE, point, sum_request
+from otlp_builders import CUMULATIVE, histogram_request, point, sum_request
 
 from meterhouse.core import schema
 
@@ -111,20 +111,25 @@ def test_a_resent_gauge_counts_once_after_its_digest_was_evicted(stack):
 
 
 def test_a_request_with_folded_points_waits_when_the_pinned_digests_have_no_room(stack_factory):
-    """Pinned digests take at most half the dedup's entries: past that, a request with folded points is
-    answered 503 with Retry-After and nothing of it is kept; requests without folded points go on."""
+    """Pinned digests take at most half the dedup's entries: past that, a request with folded points that
+    identity cannot check (distribution points: folded sums and gauges keep a fingerprint) is answered
+    503 with Retry-After and nothing of it is kept; requests without such points go on."""
     stack = stack_factory(series_per_org_metric=1)
     stack.collector.recent.max_pinned = 1
     metric, t = "adv28.fold.room", time.time_ns() - 30 * SEC
 
-    def folding(v: int):
-        return sum_request({metric: [point(1, {"org.id": ORG, "a": "1"}, t_ns=t + v, start_ns=t - SEC),
-                                     point(v, {"org.id": ORG, "a": str(v)}, t_ns=t + v, start_ns=t - SEC)]})  # fmt: skip
+    def folding(v: int):  # a=1 admitted (the one series), a=<v> folded
+        return histogram_request(
+            [(1, {"org.id": ORG, "a": "1"}), (v, {"org.id": ORG, "a": str(v)})], metric, t + v
+        )
 
-    post(stack, folding(2))  # admits a=1, folds a=2: pinned
+    post(stack, folding(2))  # pinned
     url = f"http://127.0.0.1:{stack.collector.http.port}/v1/metrics"
     r = requests.post(url, data=folding(3).SerializeToString(),
                       headers={"Content-Type": "application/x-protobuf"}, timeout=30)  # fmt: skip
     assert r.status_code == 503 and r.headers.get("Retry-After") == "5", (r.status_code, r.text)
-    post(stack, sum_request({metric: [point(10, {"org.id": ORG, "a": "1"}, t_ns=t + 9, start_ns=t - SEC)]}))
-    assert raw_and_rollup(stack, metric) == ({ORG: 1 + 2 + 10}, {ORG: 1 + 2 + 10})
+    post(stack, histogram_request([(10, {"org.id": ORG, "a": "1"})], metric, t + 9))
+    drain(stack)
+    store = stack.collector.endpoints.endpoints[0].store
+    sql = f"SELECT sum(count) FROM {store.database}.distribution_points WHERE metric = {{m:String}}"
+    assert int(store.scalar(sql, {"m": metric})) == 1 + 2 + 10

@@ -691,6 +691,19 @@ GROUP BY org_id, metric, attr_keys, attr_values
 LIMIT {{n:UInt64}} BY org_id, metric"""
 
 
+def attribute_sets_present_sql(database: str) -> str:
+    """Which of the candidate sets are stored: the stored sets of the listed orgs' metrics whose values
+    are among ``values`` (the caller matches org, metric and keys exactly).
+
+    Bound parameters: ``orgs``, ``metrics`` (Array(String)), ``values`` (Array(Array(String))).
+    """
+    return f"""SELECT org_id, metric, attr_keys, attr_values
+FROM {database}.{ATTRIBUTE_SETS_TABLE}
+WHERE org_id IN {{orgs:Array(String)}} AND metric IN {{metrics:Array(String)}}
+    AND attr_values IN (SELECT arrayJoin({{values:Array(Array(String))}}))
+GROUP BY org_id, metric, attr_keys, attr_values"""
+
+
 # -- org health (exporter) ---------------------------------------------------------------------------
 def orgs_active_sql(database: str) -> str:
     """Orgs with usage since ``since`` (DateTime, bound), from the rollup."""
