@@ -20,6 +20,7 @@ import h2.config
 import h2.connection
 import h2.settings
 import hpack
+import pytest
 from prometheus_client import CollectorRegistry
 
 from bench.slow_grpc import METHOD, h2_preface, loopback_socket
@@ -46,6 +47,7 @@ def hold_calls(port: int, source: str, calls: int) -> socket.socket:
     return s
 
 
+@pytest.mark.soak  # with the soaks, so that the default suite keeps to its 15 minutes (README, Tests)
 def test_the_answers_a_client_never_reads_are_not_buffered_without_bound():
     r = OtlpGrpcReceiver("127.0.0.1", 0, OpenIngestor(), PipelineMetrics(CollectorRegistry()), 1 << 20)
     r.start()

@@ -46,6 +46,7 @@ def check_closed(data) -> None:
     assert got["statements_status"] == 200
 
 
+@pytest.mark.soak  # with the soaks, so that the default suite keeps to its 15 minutes (README, Tests)
 def test_a_close_killed_at_the_rename_of_its_fifth_chunk_has_every_org_s_line_when_run_again(tmp_path):
     data = tmp_path / "data"
     paths = prepare(data, rows())
@@ -71,6 +72,7 @@ def test_a_close_killed_at_the_rename_of_its_start_record_closes_when_run_again(
     assert run_close(data) == record  # and again: the same close
 
 
+@pytest.mark.soak  # with the soaks, so that the default suite keeps to its 15 minutes (README, Tests)
 def test_a_close_killed_at_the_rename_of_its_final_record_is_done_when_run_again(tmp_path):
     data = tmp_path / "data"
     paths = prepare(data, rows())
