@@ -61,7 +61,7 @@ class RecentRequests:
             if t >= cutoff:
                 self._keep(d, t, pinned)
         self._rewrite()
-        return len(self._seen)
+        return len(self)
 
     def claim(self, digest: str, wait_s: float = 0.0) -> str:
         """``"new"``: the caller stores the request, then calls ``add`` or ``release``.
