@@ -14,8 +14,8 @@ its intent on disk.
 Record layout (little-endian): ``b"MH"``, type (u8), payload length (u32), CRC-32 of type, length and
 payload (u32), payload. Every segment starts with a FORMAT record (the format version) and a COMMIT (what
 was committed when it was opened). A DATA payload (version 4) holds the request's distinct attribute keys
-per metric and hour (``attribute_keys``: the writer bounds groups by them) and its points as ClickHouse
-Native-format blocks, the form the writer inserts them in: a fingerprint of the column set, the length of
+per metric and hour (``attribute_keys``: the writer bounds groups by them), its flags (``FOLDED``) and its
+points as ClickHouse Native-format blocks, the form the writer inserts them in: a fingerprint of the column set, the length of
 the number block, the number block, the distribution block. A block names its columns, so a record
 written by another column set is read back by name (missing columns get their defaults). Versions 1
 and 2 held the decoded columns pickled; they are still read, as is version 3 (no key count).
@@ -60,7 +60,8 @@ FORMAT_VERSION = 4
 _VERSION = struct.Struct("<H")
 _DATA_HEAD_V3 = struct.Struct("<QQI16s")  # seq, received_ns, points, request digest
 _DATA_HEAD = struct.Struct("<QQI16sIB")  # and the attribute keys (``attribute_keys``), flags
-#: A DATA record's flag: the request holds points the series limit folded (its digest is pinned).
+#: A DATA record's flag: the request holds distribution points the series limit folded, which point
+#: identity cannot check (its digest is pinned in the request-level dedup, collector/dedup.py).
 FOLDED = 1
 _RANGE = struct.Struct("<QQ")  # first seq, last seq
 _SEQ = struct.Struct("<Q")
@@ -88,7 +89,7 @@ def attribute_keys(batch: PointBatch) -> int:
     """The batch's distinct attribute keys per metric and hour (of its number points): the
     attribute-cardinality views keep two states for each, and an insert's memory in the engine grows
     with them far faster than with its bytes (31,750 distinct keys took 96-112 MiB, 95,250 took 256-320
-    MiB; 508,000 entries under 126 keys, 96 MiB: BENCHMARKS.md §12). Counted over the distinct key sets,
+    MiB; 508,000 entries under 126 keys, 96 MiB: BENCHMARKS.md §13). Counted over the distinct key sets,
     so points that repeat one set cost one tuple each."""
     if not batch.size:
         return 0
