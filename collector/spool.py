@@ -14,11 +14,12 @@ its intent on disk.
 Record layout (little-endian): ``b"MH"``, type (u8), payload length (u32), CRC-32 of type, length and
 payload (u32), payload. Every segment starts with a FORMAT record (the format version) and a COMMIT (what
 was committed when it was opened). A DATA payload (version 4) holds the request's distinct attribute keys
-per metric and hour (``attribute_keys``: the writer bounds groups by them), its flags (``FOLDED``) and its
-points as ClickHouse Native-format blocks, the form the writer inserts them in: a fingerprint of the
-column set, the length of the number block, the number block, the distribution block. A block names its columns, so a record
-written by another column set is read back by name (missing columns get their defaults). Versions 1
-and 2 held the decoded columns pickled; they are still read, as is version 3 (no key count).
+per metric and hour (``attribute_keys``: the writer bounds groups by them), its flags (``FOLDED``) and
+its points as ClickHouse Native-format blocks, the form the writer inserts them in: a fingerprint of the
+column set, the length of the number block, the number block, the distribution block. A block names its
+columns, so a record written by another column set is read back by name (missing columns get their
+defaults). Versions 1 and 2 held the decoded columns pickled; they are still read, as is version 3 (no
+key count).
 
 Faults: a write or fsync that fails seals the segment (the torn bytes are truncated away when the disk
 allows, and nothing is appended after them) and the request fails retryably; its sequence number is
