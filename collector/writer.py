@@ -187,11 +187,24 @@ def stamp(block: bytes, rows: int, batch_id: str, seq: int) -> bytes:
 
 
 def merge_blocks(blocks: list[Blocks], token: str, seq: int = 0) -> tuple[bytes, bytes]:
-    """The records' Native blocks per table, each with its ``batch_id`` and ``batch_seq`` columns, one
-    after another (an INSERT reads any number of blocks; ClickHouse squashes them into parts)."""
-    numbers = b"".join(stamp(b.numbers, b.size, token + ":n", seq) for b in blocks if b.size)
-    dists = b"".join(stamp(b.dists, b.dist_size, token + ":d", seq) for b in blocks if b.dist_size)
-    return numbers, dists
+    """The records' Native blocks per table, each with its ``batch_id`` and ``batch_seq`` columns.
+
+    A group whose token says so (``schema.ONE_BLOCK_TOKEN_PREFIX``, every group this version begins)
+    sends one block per table holding all its records' rows (``native.concat``): the engine parses,
+    squashes and runs its views over one block, not one per record (a group of 50-point requests was
+    about a thousand). A group an earlier version began sends the blocks one after another, as its first
+    try did: on a ClickHouse server the token's deduplication is per block, so a repeat must keep them."""
+    if token.startswith(schema.ONE_BLOCK_TOKEN_PREFIX):
+        numbers = [b.numbers for b in blocks if b.size]
+        dists = [b.dists for b in blocks if b.dist_size]
+        rows, dist_rows = sum(b.size for b in blocks), sum(b.dist_size for b in blocks)
+        return (
+            stamp(native.concat(numbers), rows, token + ":n", seq) if numbers else b"",
+            stamp(native.concat(dists), dist_rows, token + ":d", seq) if dists else b"",
+        )
+    numbers_ = b"".join(stamp(b.numbers, b.size, token + ":n", seq) for b in blocks if b.size)
+    dists_ = b"".join(stamp(b.dists, b.dist_size, token + ":d", seq) for b in blocks if b.dist_size)
+    return numbers_, dists_
 
 
 def _encoded(names: Sequence[str], types: Sequence[str], columns: list[list[Any]] | None) -> bytes:
@@ -482,7 +495,7 @@ class Writer:
         # a try failed). The ledger (``schema.SEQ_COLUMN``) answers for groups whose intent says so.
         doubt = token is not None and token.startswith(schema.LEDGER_TOKEN_PREFIX)
         if token is None:
-            token = schema.LEDGER_TOKEN_PREFIX + content_digest(*(b.digest.encode() for b in batches))
+            token = schema.ONE_BLOCK_TOKEN_PREFIX + content_digest(*(b.digest.encode() for b in batches))
             self.spool.intent(group, token)
         elif group.damaged and not doubt:
             self._skip_landed(group, token)

@@ -341,6 +341,245 @@ done:
     return result;
 }
 
+/* Several Native blocks of the same columns -> one block holding their rows in order: what the writer
+ * sends for a group of spool records (one block per group: the engine parses, squashes and runs its
+ * views over one block instead of one per record). Each column's values are copied as they are, except
+ * an array's end offsets, which continue from the blocks before, and the two parts of a Nullable or an
+ * Array column (null map / offsets, then the values), which are laid out part by part. A block that is
+ * truncated, carries trailing bytes, or has other columns than the first raises ValueError. */
+typedef struct {
+    const unsigned char *p, *end;
+} Rd;
+
+static int rd_leb(Rd *r, uint64_t *v) {
+    uint64_t n = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+        if (r->p >= r->end) goto bad;
+        unsigned char byte = *r->p++;
+        n |= (uint64_t)(byte & 0x7f) << shift;
+        if (byte < 0x80) {
+            *v = n;
+            return 0;
+        }
+    }
+bad:
+    PyErr_SetString(PyExc_ValueError, "Native block is truncated");
+    return -1;
+}
+
+static int rd_skip(Rd *r, uint64_t n) {
+    if ((uint64_t)(r->end - r->p) < n) {
+        PyErr_SetString(PyExc_ValueError, "Native block is truncated");
+        return -1;
+    }
+    r->p += n;
+    return 0;
+}
+
+/* Skip n values of `size` bytes (a count too large to be a size is a truncated block). */
+static int rd_skip_n(Rd *r, uint64_t n, uint64_t size) {
+    if (n > (uint64_t)PY_SSIZE_T_MAX / size) {
+        PyErr_SetString(PyExc_ValueError, "Native block is truncated");
+        return -1;
+    }
+    return rd_skip(r, n * size);
+}
+
+static int rd_strings(Rd *r, uint64_t n) {
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t len;
+        if (rd_leb(r, &len) < 0 || rd_skip(r, len) < 0) return -1;
+    }
+    return 0;
+}
+
+static uint64_t get_u64(const unsigned char *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+static int fixed_size(int code) {
+    switch (code) {
+    case T_UINT8: return 1;
+    case T_INT32: return 4;
+    case T_INT64: case T_UINT64: case T_FLOAT64: return 8;
+    }
+    return 0;
+}
+
+/* One column of one block: part a (the values, or the null map / the offsets) and part b (a Nullable's
+ * or an Array's values; empty otherwise). */
+typedef struct {
+    const unsigned char *a, *b;
+    Py_ssize_t alen, blen;
+} Cell;
+
+static int rd_column(Rd *r, int code, uint64_t rows, Cell *c) {
+    c->a = r->p;
+    c->b = NULL;
+    c->blen = 0;
+    if (code == T_STRING) {
+        if (rd_strings(r, rows) < 0) return -1;
+    } else if (code == T_NULLABLE_FLOAT64) {
+        if (rd_skip_n(r, rows, 1) < 0) return -1;
+        c->b = r->p;
+        if (rd_skip_n(r, rows, 8) < 0) return -1;
+        c->blen = (Py_ssize_t)rows * 8;
+    } else if (code == T_ARRAY_STRING || code == T_ARRAY_UINT64 || code == T_ARRAY_FLOAT64) {
+        if (rd_skip_n(r, rows, 8) < 0) return -1;
+        uint64_t total = 0, prev = 0;
+        for (uint64_t i = 0; i < rows; i++) {
+            total = get_u64(c->a + 8 * i);
+            if (total < prev) {
+                PyErr_SetString(PyExc_ValueError, "Native block has decreasing array offsets");
+                return -1;
+            }
+            prev = total;
+        }
+        c->b = r->p;
+        if (code == T_ARRAY_STRING) {
+            if (rd_strings(r, total) < 0) return -1;
+        } else if (rd_skip_n(r, total, 8) < 0) {
+            return -1;
+        }
+        c->blen = r->p - c->b;
+        c->alen = (Py_ssize_t)rows * 8;
+        return 0;
+    } else {
+        int size = fixed_size(code);
+        if (!size) {
+            PyErr_SetString(PyExc_ValueError, "unsupported column type");
+            return -1;
+        }
+        if (rd_skip_n(r, rows, (uint64_t)size) < 0) return -1;
+    }
+    c->alen = (c->b ? c->b : r->p) - c->a;
+    return 0;
+}
+
+/* concat_blocks(blocks) -> bytes */
+static PyObject *concat_blocks(PyObject *self, PyObject *args) {
+    PyObject *seq_arg;
+    if (!PyArg_ParseTuple(args, "O", &seq_arg)) return NULL;
+    PyObject *seq = PySequence_Fast(seq_arg, "blocks must be a sequence of bytes");
+    if (!seq) return NULL;
+    Py_ssize_t nb = PySequence_Fast_GET_SIZE(seq);
+    PyObject *result = NULL;
+    Cell *cells = NULL;
+    int *codes = NULL;
+    Py_buffer *views = PyMem_Calloc((size_t)(nb ? nb : 1), sizeof(Py_buffer));
+    Py_ssize_t held = 0;
+    Buf out = {NULL, 0, 0, -1};
+    if (!views) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; held < nb; held++)
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, held), &views[held], PyBUF_SIMPLE) < 0) goto done;
+    if (nb == 0) {
+        PyErr_SetString(PyExc_ValueError, "no blocks to concatenate");
+        goto done;
+    }
+    /* The first block's head: its columns' names and types (raw, to compare and copy). */
+    Rd r0 = {views[0].buf, (const unsigned char *)views[0].buf + views[0].len};
+    uint64_t ncols, rows;
+    if (rd_leb(&r0, &ncols) < 0) goto done;
+    if (ncols > 4096) {
+        PyErr_SetString(PyExc_ValueError, "Native block has too many columns");
+        goto done;
+    }
+    cells = PyMem_Calloc((size_t)(nb * (Py_ssize_t)ncols + 1), sizeof(Cell));
+    codes = PyMem_Calloc((size_t)ncols + 1, sizeof(int));
+    /* Per column the head's bytes (name and type, LEB128-prefixed) in block 0: kept as cells too. */
+    Cell *heads = PyMem_Calloc((size_t)ncols + 1, sizeof(Cell));
+    if (!cells || !codes || !heads) {
+        PyMem_Free(heads);
+        PyErr_NoMemory();
+        goto done;
+    }
+    uint64_t total_rows = 0;
+    for (Py_ssize_t i = 0; i < nb; i++) {
+        Rd r = {views[i].buf, (const unsigned char *)views[i].buf + views[i].len};
+        uint64_t n;
+        if (rd_leb(&r, &n) < 0 || rd_leb(&r, &rows) < 0) goto heads_done;
+        if (n != ncols) {
+            PyErr_SetString(PyExc_ValueError, "the blocks differ in their columns");
+            goto heads_done;
+        }
+        total_rows += rows;
+        for (uint64_t c = 0; c < ncols; c++) {
+            const unsigned char *head = r.p;
+            uint64_t len;
+            if (rd_leb(&r, &len) < 0 || rd_skip(&r, len) < 0) goto heads_done;
+            if (rd_leb(&r, &len) < 0) goto heads_done;
+            const unsigned char *type = r.p;
+            if (rd_skip(&r, len) < 0) goto heads_done;
+            Py_ssize_t hlen = r.p - head;
+            if (i == 0) {
+                heads[c].a = head;
+                heads[c].alen = hlen;
+                char tname[64];
+                Py_ssize_t tlen = (Py_ssize_t)len;
+                if (tlen <= 0 || tlen >= (Py_ssize_t)sizeof(tname)) {
+                    PyErr_SetString(PyExc_ValueError, "unsupported column type");
+                    goto heads_done;
+                }
+                memcpy(tname, type, (size_t)tlen);
+                tname[tlen] = 0;
+                codes[c] = type_code(tname);
+                if (codes[c] < 0) {
+                    PyErr_Format(PyExc_ValueError, "unsupported column type %s", tname);
+                    goto heads_done;
+                }
+            } else if (hlen != heads[c].alen || memcmp(head, heads[c].a, (size_t)hlen)) {
+                PyErr_SetString(PyExc_ValueError, "the blocks differ in their columns");
+                goto heads_done;
+            }
+            if (rd_column(&r, codes[c], rows, &cells[i * (Py_ssize_t)ncols + (Py_ssize_t)c]) < 0)
+                goto heads_done;
+        }
+        if (r.p != r.end) {
+            PyErr_SetString(PyExc_ValueError, "Native block has trailing bytes");
+            goto heads_done;
+        }
+    }
+    if (put_leb128(&out, ncols) < 0 || put_leb128(&out, total_rows) < 0) goto heads_done;
+    for (uint64_t c = 0; c < ncols; c++) {
+        if (put(&out, heads[c].a, heads[c].alen) < 0) goto heads_done;
+        int arr = codes[c] == T_ARRAY_STRING || codes[c] == T_ARRAY_UINT64 || codes[c] == T_ARRAY_FLOAT64;
+        uint64_t base = 0;
+        for (Py_ssize_t i = 0; i < nb; i++) {
+            Cell *cell = &cells[i * (Py_ssize_t)ncols + (Py_ssize_t)c];
+            if (!arr) {
+                if (put(&out, cell->a, cell->alen) < 0) goto heads_done;
+                continue;
+            }
+            uint64_t end = 0;
+            for (Py_ssize_t k = 0; k < cell->alen; k += 8) {
+                end = get_u64(cell->a + k);
+                if (put_u64(&out, base + end) < 0) goto heads_done;
+            }
+            base += end;
+        }
+        for (Py_ssize_t i = 0; i < nb; i++) {
+            Cell *cell = &cells[i * (Py_ssize_t)ncols + (Py_ssize_t)c];
+            if (cell->b && put(&out, cell->b, cell->blen) < 0) goto heads_done;
+        }
+    }
+    result = PyBytes_FromStringAndSize(out.data ? out.data : "", out.len);
+heads_done:
+    PyMem_Free(heads);
+done:
+    for (Py_ssize_t i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(cells);
+    PyMem_Free(codes);
+    PyMem_Free(out.data);
+    Py_DECREF(seq);
+    return result;
+}
+
 /* Point identity at the edge (collector/identity.py, EdgeIdentity): one hash per row over the stream's
  * columns (a list cell hashes its items in order, with its length), then the row is new when its time is
  * after the floor and after the time its stream's entry in `last` holds (the entry is raised), and to
@@ -428,6 +667,8 @@ done:
 static PyMethodDef methods[] = {
     {"stream_marks", stream_marks, METH_VARARGS,
      "stream_marks(columns, times, last, floor) -> (bytes, int): the edge's point-identity flags."},
+    {"concat_blocks", concat_blocks, METH_VARARGS,
+     "concat_blocks(blocks) -> bytes: Native blocks of the same columns as one block of all their rows."},
     {"native_block", native_block, METH_VARARGS,
      "native_block(names, types, columns[, max_bytes]) -> bytes: one ClickHouse Native-format block; "
      "BlockTooLarge, before allocating more, when it would pass max_bytes."},

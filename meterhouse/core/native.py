@@ -18,9 +18,11 @@ from typing import Any, cast
 
 try:
     from meterhouse.core._native import BlockTooLarge as _CBlockTooLarge
+    from meterhouse.core._native import concat_blocks as _c_concat
     from meterhouse.core._native import native_block as _c_encode
 except ImportError:  # pragma: no cover - built by `pip install`; the suite requires it
     _c_encode = None
+    _c_concat = None
     _CBlockTooLarge = None
 
 
@@ -199,6 +201,28 @@ def decode(data: bytes | memoryview) -> tuple[list[str], list[str], dict[str, li
     if r.pos != len(r.data):
         raise ValueError("Native block has trailing bytes")
     return names, types, columns, rows
+
+
+def concat_python(blocks: Sequence[bytes]) -> bytes:
+    """The pure-Python :func:`concat` (the reference the C one is tested against)."""
+    if not blocks:
+        raise ValueError("no blocks to concatenate")
+    decoded = [decode(b) for b in blocks]
+    names, types = decoded[0][0], decoded[0][1]
+    if any(d[0] != names or d[1] != types for d in decoded):
+        raise ValueError("the blocks differ in their columns")
+    return encode_python(names, types, [[v for d in decoded for v in d[2][n]] for n in names])
+
+
+def concat(blocks: Sequence[bytes]) -> bytes:
+    """Blocks of the same columns as one block holding all their rows, in order (C when built): the
+    same bytes :func:`encode` makes of the columns concatenated. ValueError for blocks that are
+    truncated or differ in their columns."""
+    if len(blocks) == 1:
+        return blocks[0]
+    if _c_concat is not None:
+        return cast("bytes", _c_concat(blocks))
+    return concat_python(blocks)
 
 
 def with_constant(block: bytes, rows: int, name: str, column_type: str, value: str | int) -> bytes:

@@ -460,6 +460,10 @@ REDO_TABLE = "redo_ingest"
 #: group in doubt is checked against the ledger only then (the intent of a group an earlier version began
 #: has another token, and its rows no number; the token alone guards it, as then).
 LEDGER_TOKEN_PREFIX = "s-"
+#: Starts the token of every group sent as one block per table (``collector.writer.merge_blocks``); a
+#: ledger group without it was sent as its records' blocks one after another, and a repeat does the same.
+#: A digest is hex, so "g" cannot begin one.
+ONE_BLOCK_TOKEN_PREFIX = LEDGER_TOKEN_PREFIX + "g"
 
 #: Insert settings that make one insert one part per partition of every table it reaches: the input
 #: blocks and each view's output squashed into one block, however many rows or bytes. ClickHouse commits

@@ -487,10 +487,14 @@ def crash(spool):
     spool._file = None  # abandoned, as a killed process leaves it (no shutdown, no marks)
 
 
-def insert_then_crash(tmp_path, store, batches, max_points=50_000, cache_bytes=256 << 20, crash_after="both"):
+def insert_then_crash(
+    tmp_path, store, batches, max_points=50_000, cache_bytes=256 << 20, crash_after="both",
+    prefix=schema.ONE_BLOCK_TOKEN_PREFIX,
+):  # fmt: skip
     """The writer's steps for the first group, up to a crash after the numbers' insert (or after both, or
     after its intent alone), before any mark: its intent, token and ``batch_seq`` as the writer makes
-    them. Returns the group."""
+    them (``prefix``: ``schema.LEDGER_TOKEN_PREFIX`` alone for the version before one block per group,
+    which sent the records' blocks one after another). Returns the group."""
     from meterhouse.collector.writer import DIST_NAMES, NUMBER_NAMES, merge_blocks
 
     spool = Spool(tmp_path / "spool", max_cached_bytes=cache_bytes)
@@ -499,7 +503,7 @@ def insert_then_crash(tmp_path, store, batches, max_points=50_000, cache_bytes=2
         spool.consume(b)
     group = spool.next_group(max_points, 0.0, __import__("threading").Event())
     blocks = [spool.blocks(r) for r in group.records]
-    token = schema.LEDGER_TOKEN_PREFIX + content_digest(*(b.digest.encode() for b in blocks))
+    token = prefix + content_digest(*(b.digest.encode() for b in blocks))
     spool.intent(group, token)
     numbers, dists = merge_blocks(blocks, token, group.last)
     if crash_after != "intent":
@@ -610,24 +614,26 @@ def test_a_group_the_version_before_inserted_replayed_after_the_upgrade_counts_o
 
 
 @pytest.mark.parametrize(
-    ("records", "max_points", "cache_bytes", "crash_after"),
+    ("records", "max_points", "cache_bytes", "crash_after", "prefix"),
     [
-        (1, 50_000, 256 << 20, "numbers"),
-        (25, 50_000, 0, "numbers"),
-        (25, 50_000, 0, "both"),
-        (60, 40, 3000, "numbers"),
-        (60, 50_000, 256 << 20, "both"),
+        (1, 50_000, 256 << 20, "numbers", schema.ONE_BLOCK_TOKEN_PREFIX),
+        (25, 50_000, 0, "numbers", schema.ONE_BLOCK_TOKEN_PREFIX),
+        (25, 50_000, 0, "both", schema.ONE_BLOCK_TOKEN_PREFIX),
+        (60, 40, 3000, "numbers", schema.ONE_BLOCK_TOKEN_PREFIX),
+        (60, 50_000, 256 << 20, "both", schema.ONE_BLOCK_TOKEN_PREFIX),
+        (25, 50_000, 0, "numbers", schema.LEDGER_TOKEN_PREFIX),  # sent block by block before
     ],
 )
 def test_a_group_of_many_records_replayed_after_a_crash_counts_once(
-    tmp_path, store, store_factory, records, max_points, cache_bytes, crash_after
+    tmp_path, store, store_factory, records, max_points, cache_bytes, crash_after, prefix
 ):
     """The writer's steps up to a crash after the numbers' insert (or after both, before any mark), then a
-    restart: the replay repeats the group's blocks (read back from disk when evicted) under its token."""
+    restart: the replay repeats the group's blocks (read back from disk when evicted) under its token,
+    in the shape its token names (one block per table, or the records' blocks one after another)."""
     t0 = time.time_ns() - 3 * 3600 * 10**9
     batches = [mixed_request(i, t0 + (i % 4) * 1800 * 10**9) for i in range(records)]
     want = expected_rows(tmp_path, store_factory, batches)
-    insert_then_crash(tmp_path, store, batches, max_points, cache_bytes, crash_after)
+    insert_then_crash(tmp_path, store, batches, max_points, cache_bytes, crash_after, prefix)
 
     with Rig(tmp_path, store, flush_max_points=max_points) as rig:  # the restart
         assert rig.report.replay_groups == 1
@@ -1043,7 +1049,7 @@ def test_a_kill_between_the_groups_of_a_split_replay_loses_and_doubles_nothing(
     assert not first.replay and len(first.records) == 3
     if killed == "first group's insert":
         blocks = [spool.blocks(r) for r in first.records]
-        token = schema.LEDGER_TOKEN_PREFIX + content_digest(*(b.digest.encode() for b in blocks))
+        token = schema.ONE_BLOCK_TOKEN_PREFIX + content_digest(*(b.digest.encode() for b in blocks))
         spool.intent(first, token)
         numbers, dists = merge_blocks(blocks, token, first.last)
         store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, numbers, token + ":n")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
+
 from previous_schema import previous_version
 
 from meterhouse.collector.model import BATCH_COLUMNS
@@ -96,7 +98,10 @@ def test_a_database_of_the_version_before_is_brought_up_to_date(store):
     assert t[schema.POINTS_TABLE] == t[schema.HOURLY_TABLE] == t[schema.ORGS_TABLE] == {"old": 10, "new": 10}
 
 
-def test_a_group_of_over_a_million_points_is_one_part_per_table_so_a_kill_takes_all_of_it_or_none(store):
+@pytest.mark.parametrize("prefix", [schema.ONE_BLOCK_TOKEN_PREFIX, schema.LEDGER_TOKEN_PREFIX])
+def test_a_group_of_over_a_million_points_is_one_part_per_table_so_a_kill_takes_all_of_it_or_none(
+    store, prefix
+):
     """ClickHouse squashes an insert's blocks into parts of about a million rows (and a view's output
     likewise), committed one after another: a kill between two of them would leave a table holding part
     of a group, which the ledger takes for all of it. The writer's insert of a ledger group is one part
@@ -111,7 +116,7 @@ def test_a_group_of_over_a_million_points_is_one_part_per_table_so_a_kill_takes_
     rows, records = 275_000, 5  # five requests' blocks: over a million rows and some
     record = unstamped("big", rows)
     blocks = [Blocks(record, rows, b"", 0, f"d{i}", 0) for i in range(records)]
-    calls = insert_calls(store, schema.LEDGER_TOKEN_PREFIX + "big", 9, blocks=blocks)
+    calls = insert_calls(store, prefix + "big", 9, blocks=blocks)
     assert [kind for kind, _ in calls] == ["n"]
     calls[0][1](False)  # the writer's first try
     parts = dict(
