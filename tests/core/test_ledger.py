@@ -7,7 +7,6 @@ import re
 import time
 
 import pytest
-
 from previous_schema import previous_version
 
 from meterhouse.collector.model import BATCH_COLUMNS

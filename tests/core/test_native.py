@@ -310,7 +310,10 @@ def test_a_concatenated_group_reads_back_like_its_records(store):
     db = store.database
     store.client.command(f"CREATE TABLE {db}.cat (s String, a Array(String), n Nullable(Float64), "
                          "t DateTime64(9, 'UTC')) ENGINE = MergeTree ORDER BY tuple()")  # fmt: skip
-    names, types = ["s", "a", "n", "t"], ["String", "Array(String)", "Nullable(Float64)", "DateTime64(9, 'UTC')"]
+    names, types = (
+        ["s", "a", "n", "t"],
+        ["String", "Array(String)", "Nullable(Float64)", "DateTime64(9, 'UTC')"],
+    )
     runs = [[[f"r{k}{i}" for i in range(k)], [[str(i)] * i for i in range(k)], [None if i % 2 else i / 3
              for i in range(k)], [10**18 + i for i in range(k)]] for k in (3, 0, 5, 1)]  # fmt: skip
     blocks = [native.encode(names, types, columns) for columns in runs]
