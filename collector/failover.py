@@ -18,11 +18,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import SchemaMismatch, Store, endpoint_label
+
+T = TypeVar("T")
 
 log = logging.getLogger("meterhouse.failover")
 
@@ -257,6 +259,11 @@ class EndpointSet:
 
     def insert_earlier(self, kind: str, names: Sequence[str], block: bytes, token: str) -> None:
         self._call(lambda s: s.insert_earlier(kind, names, block, token), write=True)
+
+    def on_store(self, fn: Callable[[Store], T], write: bool = False) -> T:
+        """``fn`` run on the active endpoint's store (routed, retried and marked like every call)."""
+        result: T = self._call(fn, write=write)
+        return result
 
     def max_batch_seq(self) -> int:
         seq: int = self._call(lambda s: s.max_batch_seq(), write=False)

@@ -580,6 +580,450 @@ done:
     return result;
 }
 
+/* What the writer derives from a group's block besides inserting it (collector/writer.py): per org its
+ * first and last point time and points (org_last_seen), per (metric, kind) its last unit, last time and
+ * points (metric_catalog), and the group's distinct attribute sets (org, metric, keys, values) that are not
+ * in `seen`, as a Native block for attribute_sets with their 16-byte keys (two 64-bit hashes), so that the
+ * writer inserts only sets it has not stored before. Strings are compared by their bytes. */
+typedef struct {
+    const unsigned char *p;
+    Py_ssize_t n;
+} Str;
+
+typedef struct {
+    uint64_t ncols, rows;
+    Str names[64];
+    int codes[64];
+    Cell cells[64];
+} Parsed;
+
+static int parse_block(const unsigned char *buf, Py_ssize_t len, Parsed *out) {
+    Rd r = {buf, buf + len};
+    if (rd_leb(&r, &out->ncols) < 0 || rd_leb(&r, &out->rows) < 0) return -1;
+    if (out->ncols > 64) {
+        PyErr_SetString(PyExc_ValueError, "Native block has too many columns");
+        return -1;
+    }
+    for (uint64_t c = 0; c < out->ncols; c++) {
+        uint64_t n;
+        if (rd_leb(&r, &n) < 0) return -1;
+        out->names[c].p = r.p;
+        out->names[c].n = (Py_ssize_t)n;
+        if (rd_skip(&r, n) < 0 || rd_leb(&r, &n) < 0) return -1;
+        const unsigned char *type = r.p;
+        if (rd_skip(&r, n) < 0) return -1;
+        char tname[64];
+        if (n == 0 || n >= sizeof(tname)) {
+            PyErr_SetString(PyExc_ValueError, "unsupported column type");
+            return -1;
+        }
+        memcpy(tname, type, (size_t)n);
+        tname[n] = 0;
+        out->codes[c] = type_code(tname);
+        if (out->codes[c] < 0) {
+            PyErr_Format(PyExc_ValueError, "unsupported column type %s", tname);
+            return -1;
+        }
+        if (rd_column(&r, out->codes[c], out->rows, &out->cells[c]) < 0) return -1;
+    }
+    if (r.p != r.end) {
+        PyErr_SetString(PyExc_ValueError, "Native block has trailing bytes");
+        return -1;
+    }
+    return 0;
+}
+
+static int find_column(const Parsed *b, const char *name, int code) {
+    size_t n = strlen(name);
+    for (uint64_t c = 0; c < b->ncols; c++)
+        if ((size_t)b->names[c].n == n && !memcmp(b->names[c].p, name, n)) {
+            if (b->codes[c] != code) break;
+            return (int)c;
+        }
+    PyErr_Format(PyExc_ValueError, "the block has no column %s of the expected type", name);
+    return -1;
+}
+
+/* The n strings of a String column's values starting at p (already checked by rd_column). */
+static void strings_at(const unsigned char *p, uint64_t n, Str *out) {
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t len = 0;
+        for (int shift = 0;; shift += 7) {
+            unsigned char byte = *p++;
+            len |= (uint64_t)(byte & 0x7f) << shift;
+            if (byte < 0x80) break;
+        }
+        out[i].p = p;
+        out[i].n = (Py_ssize_t)len;
+        p += len;
+    }
+}
+
+static uint64_t hash_bytes(uint64_t h, const unsigned char *p, Py_ssize_t n, uint64_t seed) {
+    h ^= (uint64_t)n * 0x9E3779B97F4A7C15ULL + seed;
+    h *= 0xff51afd7ed558ccdULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 0x100000001b3ULL;
+    }
+    h ^= h >> 33;
+    return h;
+}
+
+static int str_eq(Str a, Str b) { return a.n == b.n && !memcmp(a.p, b.p, (size_t)a.n); }
+
+/* An open-addressing table of row indexes keyed by a hash, for distinct rows. */
+typedef struct {
+    int64_t *slots; /* row index + 1; 0 = empty */
+    uint64_t *hashes;
+    uint64_t mask;
+} Table;
+
+static int table_init(Table *t, uint64_t rows) {
+    uint64_t cap = 16;
+    while (cap < rows * 2) cap <<= 1;
+    t->slots = PyMem_Calloc(cap, sizeof(int64_t));
+    t->hashes = PyMem_Calloc(cap, sizeof(uint64_t));
+    t->mask = cap - 1;
+    if (!t->slots || !t->hashes) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void table_free(Table *t) {
+    PyMem_Free(t->slots);
+    PyMem_Free(t->hashes);
+}
+
+static PyObject *str_obj(Str s) { return PyUnicode_DecodeUTF8((const char *)s.p, s.n, "surrogateescape"); }
+
+/* A set of 16-byte keys in a caller's bytearray of 16-byte slots (a power of two of them), open
+ * addressing; an all-zero slot is empty, so every key has its first bit set (set_key). */
+static void set_key(uint64_t h1, uint64_t h2, unsigned char *kb) {
+    for (int q = 0; q < 8; q++) {
+        kb[q] = (unsigned char)(h1 >> (8 * q));
+        kb[8 + q] = (unsigned char)(h2 >> (8 * q));
+    }
+    kb[0] |= 1;
+}
+
+static int keyset_check(Py_buffer *v) {
+    Py_ssize_t slots = v->len / 16;
+    if (v->len % 16 || slots < 1 || (slots & (slots - 1))) {
+        PyErr_SetString(PyExc_ValueError, "a key set is a power of two of 16-byte slots");
+        return -1;
+    }
+    return 0;
+}
+
+static int keyset_has(Py_buffer *v, const unsigned char *kb) {
+    uint64_t mask = (uint64_t)(v->len / 16) - 1, s = get_u64(kb + 8) & mask;
+    const unsigned char *t = v->buf;
+    static const unsigned char zero[16] = {0};
+    for (uint64_t probes = 0; probes <= mask; probes++, s = (s + 1) & mask) {
+        if (!memcmp(t + 16 * s, kb, 16)) return 1;
+        if (!memcmp(t + 16 * s, zero, 16)) return 0;
+    }
+    return 0;
+}
+
+/* keyset_add(table, keys) -> the number of keys that were not in it (added); ValueError when full. */
+static PyObject *keyset_add(PyObject *self, PyObject *args) {
+    Py_buffer v;
+    PyObject *keys;
+    if (!PyArg_ParseTuple(args, "w*O", &v, &keys)) return NULL;
+    PyObject *seq = keyset_check(&v) < 0 ? NULL : PySequence_Fast(keys, "keys must be a sequence");
+    Py_ssize_t added = 0;
+    if (!seq) goto fail;
+    uint64_t mask = (uint64_t)(v.len / 16) - 1;
+    unsigned char *t = v.buf;
+    static const unsigned char zero[16] = {0};
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *k = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyBytes_Check(k) || PyBytes_GET_SIZE(k) != 16 || !(PyBytes_AS_STRING(k)[0] & 1)) {
+            PyErr_SetString(PyExc_ValueError, "a key is 16 bytes from group_summary");
+            goto fail;
+        }
+        const unsigned char *kb = (const unsigned char *)PyBytes_AS_STRING(k);
+        uint64_t s = get_u64(kb + 8) & mask, probes = 0;
+        for (; probes <= mask; probes++, s = (s + 1) & mask) {
+            if (!memcmp(t + 16 * s, kb, 16)) break;
+            if (!memcmp(t + 16 * s, zero, 16)) {
+                memcpy(t + 16 * s, kb, 16);
+                added++;
+                break;
+            }
+        }
+        if (probes > mask) {
+            PyErr_SetString(PyExc_ValueError, "the key set is full");
+            goto fail;
+        }
+    }
+    Py_DECREF(seq);
+    PyBuffer_Release(&v);
+    return PyLong_FromSsize_t(added);
+fail:
+    Py_XDECREF(seq);
+    PyBuffer_Release(&v);
+    return NULL;
+}
+
+/* group_summary(block, seen, orgs) -> (orgs_or_None, catalog, sets_block, set_keys) */
+static PyObject *group_summary(PyObject *self, PyObject *args) {
+    Py_buffer view, seen_view;
+    int want_orgs;
+    if (!PyArg_ParseTuple(args, "y*y*p", &view, &seen_view, &want_orgs)) return NULL;
+    if (keyset_check(&seen_view) < 0) {
+        PyBuffer_Release(&view);
+        PyBuffer_Release(&seen_view);
+        return NULL;
+    }
+    PyObject *result = NULL, *orgs = NULL, *catalog = NULL, *keys = NULL, *sets_block = NULL;
+    Parsed *b = PyMem_Calloc(1, sizeof(Parsed));
+    Str *org = NULL, *metric = NULL, *kind = NULL, *unit = NULL, *akeys = NULL, *avals = NULL;
+    Table t_org = {0}, t_cat = {0}, t_set = {0};
+    int64_t *first = NULL, *last = NULL, *count = NULL, *cat_last = NULL, *cat_count = NULL;
+    uint64_t *cat_unit = NULL, *new_rows = NULL;
+    Buf out = {NULL, 0, 0, -1};
+    if (!b) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (parse_block(view.buf, view.len, b) < 0) goto done;
+    uint64_t rows = b->rows;
+    int c_org = find_column(b, "org_id", T_STRING), c_metric = find_column(b, "metric", T_STRING);
+    int c_kind = c_metric < 0 ? -1 : find_column(b, "kind", T_STRING);
+    int c_unit = c_kind < 0 ? -1 : find_column(b, "unit", T_STRING);
+    int c_time = c_unit < 0 ? -1 : find_column(b, "time", T_INT64);
+    int c_keys = c_time < 0 ? -1 : find_column(b, "attr_keys", T_ARRAY_STRING);
+    int c_vals = c_keys < 0 ? -1 : find_column(b, "attr_values", T_ARRAY_STRING);
+    if (c_org < 0 || c_vals < 0) goto done;
+    size_t n = (size_t)(rows ? rows : 1);
+    org = PyMem_Malloc(n * sizeof(Str));
+    metric = PyMem_Malloc(n * sizeof(Str));
+    kind = PyMem_Malloc(n * sizeof(Str));
+    unit = PyMem_Malloc(n * sizeof(Str));
+    uint64_t nk = 0, nv = 0;
+    const Cell *ck = &b->cells[c_keys], *cv = &b->cells[c_vals];
+    if (rows) {
+        nk = get_u64(ck->a + 8 * (rows - 1));
+        nv = get_u64(cv->a + 8 * (rows - 1));
+    }
+    akeys = PyMem_Malloc((size_t)(nk ? nk : 1) * sizeof(Str));
+    avals = PyMem_Malloc((size_t)(nv ? nv : 1) * sizeof(Str));
+    first = PyMem_Malloc(n * 8);
+    last = PyMem_Malloc(n * 8);
+    count = PyMem_Calloc(n, 8);
+    cat_last = PyMem_Malloc(n * 8);
+    cat_count = PyMem_Calloc(n, 8);
+    cat_unit = PyMem_Malloc(n * 8);
+    new_rows = PyMem_Malloc(n * 8);
+    if (!org || !metric || !kind || !unit || !akeys || !avals || !first || !last || !count || !cat_last ||
+        !cat_count || !cat_unit || !new_rows) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    strings_at(b->cells[c_org].a, rows, org);
+    strings_at(b->cells[c_metric].a, rows, metric);
+    strings_at(b->cells[c_kind].a, rows, kind);
+    strings_at(b->cells[c_unit].a, rows, unit);
+    strings_at(ck->b, nk, akeys);
+    strings_at(cv->b, nv, avals);
+    if (table_init(&t_org, rows) < 0 || table_init(&t_cat, rows) < 0 || table_init(&t_set, rows) < 0)
+        goto done;
+    orgs = PyList_New(0);
+    catalog = PyList_New(0);
+    keys = PyList_New(0);
+    if (!orgs || !catalog || !keys) goto done;
+    uint64_t nsets = 0;
+    for (uint64_t i = 0; i < rows; i++) {
+        int64_t tm = (int64_t)get_u64(b->cells[c_time].a + 8 * i);
+        /* org */
+        if (want_orgs) {
+            uint64_t h = hash_bytes(0, org[i].p, org[i].n, 1), s = h & t_org.mask;
+            while (t_org.slots[s] && !(t_org.hashes[s] == h && str_eq(org[t_org.slots[s] - 1], org[i])))
+                s = (s + 1) & t_org.mask;
+            if (!t_org.slots[s]) {
+                t_org.slots[s] = (int64_t)i + 1;
+                t_org.hashes[s] = h;
+                first[i] = last[i] = tm;
+            }
+            uint64_t k = (uint64_t)t_org.slots[s] - 1;
+            if (tm < first[k]) first[k] = tm;
+            if (tm > last[k]) last[k] = tm;
+            count[k]++;
+        }
+        /* (metric, kind) */
+        {
+            uint64_t h = hash_bytes(hash_bytes(0, metric[i].p, metric[i].n, 2), kind[i].p, kind[i].n, 3);
+            uint64_t s = h & t_cat.mask;
+            while (t_cat.slots[s] && !(t_cat.hashes[s] == h && str_eq(metric[t_cat.slots[s] - 1], metric[i]) &&
+                                       str_eq(kind[t_cat.slots[s] - 1], kind[i])))
+                s = (s + 1) & t_cat.mask;
+            if (!t_cat.slots[s]) {
+                t_cat.slots[s] = (int64_t)i + 1;
+                t_cat.hashes[s] = h;
+                cat_last[i] = tm;
+            }
+            uint64_t k = (uint64_t)t_cat.slots[s] - 1;
+            if (tm > cat_last[k]) cat_last[k] = tm;
+            cat_count[k]++;
+            cat_unit[k] = i; /* the last row's unit */
+        }
+        /* (org, metric, keys, values) */
+        {
+            uint64_t k0 = i ? get_u64(ck->a + 8 * (i - 1)) : 0, k1 = get_u64(ck->a + 8 * i);
+            uint64_t v0 = i ? get_u64(cv->a + 8 * (i - 1)) : 0, v1 = get_u64(cv->a + 8 * i);
+            uint64_t h1 = hash_bytes(hash_bytes(0, org[i].p, org[i].n, 4), metric[i].p, metric[i].n, 5);
+            uint64_t h2 = hash_bytes(hash_bytes(7, metric[i].p, metric[i].n, 8), org[i].p, org[i].n, 9);
+            h1 ^= (k1 - k0) * 0x9E3779B97F4A7C15ULL;
+            h2 ^= (v1 - v0) * 0xC2B2AE3D27D4EB4FULL;
+            for (uint64_t j = k0; j < k1; j++) {
+                h1 = hash_bytes(h1, akeys[j].p, akeys[j].n, 10);
+                h2 = hash_bytes(h2, akeys[j].p, akeys[j].n, 11);
+            }
+            for (uint64_t j = v0; j < v1; j++) {
+                h1 = hash_bytes(h1, avals[j].p, avals[j].n, 12);
+                h2 = hash_bytes(h2, avals[j].p, avals[j].n, 13);
+            }
+            uint64_t s = h1 & t_set.mask;
+            int dup = 0;
+            while (t_set.slots[s]) {
+                if (t_set.hashes[s] == h1) {
+                    uint64_t r = (uint64_t)t_set.slots[s] - 1;
+                    uint64_t rk0 = r ? get_u64(ck->a + 8 * (r - 1)) : 0, rk1 = get_u64(ck->a + 8 * r);
+                    uint64_t rv0 = r ? get_u64(cv->a + 8 * (r - 1)) : 0, rv1 = get_u64(cv->a + 8 * r);
+                    int eq = str_eq(org[r], org[i]) && str_eq(metric[r], metric[i]) && rk1 - rk0 == k1 - k0 &&
+                             rv1 - rv0 == v1 - v0;
+                    for (uint64_t j = 0; eq && j < k1 - k0; j++) eq = str_eq(akeys[rk0 + j], akeys[k0 + j]);
+                    for (uint64_t j = 0; eq && j < v1 - v0; j++) eq = str_eq(avals[rv0 + j], avals[v0 + j]);
+                    if (eq) {
+                        dup = 1;
+                        break;
+                    }
+                }
+                s = (s + 1) & t_set.mask;
+            }
+            if (dup) continue;
+            t_set.slots[s] = (int64_t)i + 1;
+            t_set.hashes[s] = h1;
+            unsigned char kb[16];
+            set_key(h1, h2, kb);
+            if (!keyset_has(&seen_view, kb)) {
+                PyObject *key = PyBytes_FromStringAndSize((const char *)kb, 16);
+                if (!key) goto done;
+                int rc = PyList_Append(keys, key);
+                Py_DECREF(key);
+                if (rc < 0) goto done;
+                new_rows[nsets++] = i;
+            }
+        }
+    }
+    /* The outputs: orgs and catalog as tuples, the new sets as a Native block. */
+    for (uint64_t s = 0; want_orgs && s <= t_org.mask; s++) {
+        if (!t_org.slots[s]) continue;
+        uint64_t k = (uint64_t)t_org.slots[s] - 1;
+        PyObject *name = str_obj(org[k]);
+        PyObject *row = name ? Py_BuildValue("(NLLL)", name, (long long)first[k], (long long)last[k],
+                                             (long long)count[k])
+                             : NULL;
+        if (!row || PyList_Append(orgs, row) < 0) {
+            Py_XDECREF(row);
+            goto done;
+        }
+        Py_DECREF(row);
+    }
+    for (uint64_t s = 0; s <= t_cat.mask; s++) {
+        if (!t_cat.slots[s]) continue;
+        uint64_t k = (uint64_t)t_cat.slots[s] - 1;
+        PyObject *m = str_obj(metric[k]), *kd = m ? str_obj(kind[k]) : NULL;
+        PyObject *u = kd ? str_obj(unit[cat_unit[k]]) : NULL;
+        PyObject *row = u ? Py_BuildValue("(NNNLL)", m, kd, u, (long long)cat_last[k], (long long)cat_count[k])
+                          : NULL;
+        if (!row) {
+            if (!u) {
+                Py_XDECREF(m);
+                Py_XDECREF(kd);
+            }
+            goto done;
+        }
+        if (PyList_Append(catalog, row) < 0) {
+            Py_DECREF(row);
+            goto done;
+        }
+        Py_DECREF(row);
+    }
+    if (nsets) {
+        static const char *names[4] = {"org_id", "metric", "attr_keys", "attr_values"};
+        if (put_leb128(&out, 4) < 0 || put_leb128(&out, nsets) < 0) goto done;
+        for (int c = 0; c < 4; c++) {
+            const char *tn = c < 2 ? "String" : "Array(String)";
+            if (put_leb128(&out, strlen(names[c])) < 0 || put(&out, names[c], (Py_ssize_t)strlen(names[c])) < 0 ||
+                put_leb128(&out, strlen(tn)) < 0 || put(&out, tn, (Py_ssize_t)strlen(tn)) < 0)
+                goto done;
+            if (c < 2) {
+                Str *col = c == 0 ? org : metric;
+                for (uint64_t q = 0; q < nsets; q++) {
+                    Str v = col[new_rows[q]];
+                    if (put_leb128(&out, (uint64_t)v.n) < 0 || put(&out, v.p, v.n) < 0) goto done;
+                }
+                continue;
+            }
+            const Cell *cell = c == 2 ? ck : cv;
+            Str *items = c == 2 ? akeys : avals;
+            uint64_t end = 0;
+            for (uint64_t q = 0; q < nsets; q++) {
+                uint64_t r = new_rows[q];
+                uint64_t a0 = r ? get_u64(cell->a + 8 * (r - 1)) : 0, a1 = get_u64(cell->a + 8 * r);
+                end += a1 - a0;
+                if (put_u64(&out, end) < 0) goto done;
+            }
+            for (uint64_t q = 0; q < nsets; q++) {
+                uint64_t r = new_rows[q];
+                uint64_t a0 = r ? get_u64(cell->a + 8 * (r - 1)) : 0, a1 = get_u64(cell->a + 8 * r);
+                for (uint64_t j = a0; j < a1; j++)
+                    if (put_leb128(&out, (uint64_t)items[j].n) < 0 || put(&out, items[j].p, items[j].n) < 0)
+                        goto done;
+            }
+        }
+    }
+    sets_block = PyBytes_FromStringAndSize(out.data ? out.data : "", out.len);
+    if (!sets_block) goto done;
+    if (want_orgs) {
+        result = Py_BuildValue("(OOOO)", orgs, catalog, sets_block, keys);
+    } else {
+        result = Py_BuildValue("(OOOO)", Py_None, catalog, sets_block, keys);
+    }
+done:
+    PyBuffer_Release(&view);
+    PyBuffer_Release(&seen_view);
+    Py_XDECREF(orgs);
+    Py_XDECREF(catalog);
+    Py_XDECREF(keys);
+    Py_XDECREF(sets_block);
+    table_free(&t_org);
+    table_free(&t_cat);
+    table_free(&t_set);
+    PyMem_Free(b);
+    PyMem_Free(org);
+    PyMem_Free(metric);
+    PyMem_Free(kind);
+    PyMem_Free(unit);
+    PyMem_Free(akeys);
+    PyMem_Free(avals);
+    PyMem_Free(first);
+    PyMem_Free(last);
+    PyMem_Free(count);
+    PyMem_Free(cat_last);
+    PyMem_Free(cat_count);
+    PyMem_Free(cat_unit);
+    PyMem_Free(new_rows);
+    PyMem_Free(out.data);
+    return result;
+}
+
 /* Point identity at the edge (collector/identity.py, EdgeIdentity): one hash per row over the stream's
  * columns (a list cell hashes its items in order, with its length), then the row is new when its time is
  * after the floor and after the time its stream's entry in `last` holds (the entry is raised), and to
@@ -669,6 +1113,11 @@ static PyMethodDef methods[] = {
      "stream_marks(columns, times, last, floor) -> (bytes, int): the edge's point-identity flags."},
     {"concat_blocks", concat_blocks, METH_VARARGS,
      "concat_blocks(blocks) -> bytes: Native blocks of the same columns as one block of all their rows."},
+    {"keyset_add", keyset_add, METH_VARARGS,
+     "keyset_add(table, keys) -> int: add group_summary's set keys to a key set (a bytearray)."},
+    {"group_summary", group_summary, METH_VARARGS,
+     "group_summary(block, seen, orgs) -> (orgs or None, catalog, sets_block, set_keys): what the writer "
+     "derives from a group's block (org_last_seen, metric_catalog, attribute sets not in seen)."},
     {"native_block", native_block, METH_VARARGS,
      "native_block(names, types, columns[, max_bytes]) -> bytes: one ClickHouse Native-format block; "
      "BlockTooLarge, before allocating more, when it would pass max_bytes."},

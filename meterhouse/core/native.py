@@ -19,10 +19,14 @@ from typing import Any, cast
 try:
     from meterhouse.core._native import BlockTooLarge as _CBlockTooLarge
     from meterhouse.core._native import concat_blocks as _c_concat
+    from meterhouse.core._native import group_summary as _c_summary
+    from meterhouse.core._native import keyset_add as _c_keyset_add
     from meterhouse.core._native import native_block as _c_encode
 except ImportError:  # pragma: no cover - built by `pip install`; the suite requires it
     _c_encode = None
     _c_concat = None
+    _c_summary = None
+    _c_keyset_add = None
     _CBlockTooLarge = None
 
 
@@ -252,3 +256,124 @@ def rows_of(block: bytes) -> int:
     r = _Reader(block)
     r.leb128()
     return r.leb128()
+
+
+_M64 = 2**64 - 1
+
+
+def _hash_bytes(h: int, data: bytes, seed: int) -> int:
+    h ^= (len(data) * 0x9E3779B97F4A7C15 + seed) & _M64
+    h = (h * 0xFF51AFD7ED558CCD) & _M64
+    for byte in data:
+        h ^= byte
+        h = (h * 0x100000001B3) & _M64
+    return h ^ (h >> 33)
+
+
+def set_key(org: str, metric: str, keys: Sequence[str], values: Sequence[str]) -> bytes:
+    """The 16-byte key of an attribute set (two 64-bit hashes), as ``_native.group_summary`` makes it."""
+    o, m = org.encode("utf-8", "surrogateescape"), metric.encode("utf-8", "surrogateescape")
+    h1 = _hash_bytes(_hash_bytes(0, o, 4), m, 5) ^ ((len(keys) * 0x9E3779B97F4A7C15) & _M64)
+    h2 = _hash_bytes(_hash_bytes(7, m, 8), o, 9) ^ ((len(values) * 0xC2B2AE3D27D4EB4F) & _M64)
+    for k in keys:
+        raw = k.encode("utf-8", "surrogateescape")
+        h1, h2 = _hash_bytes(h1, raw, 10), _hash_bytes(h2, raw, 11)
+    for v in values:
+        raw = v.encode("utf-8", "surrogateescape")
+        h1, h2 = _hash_bytes(h1, raw, 12), _hash_bytes(h2, raw, 13)
+    key = bytearray(struct.pack("<QQ", h1, h2))
+    key[0] |= 1
+    return bytes(key)
+
+
+class KeySet:
+    """Attribute-set keys the writer has stored (``group_summary``), in a fixed table of 16-byte slots:
+    bounded memory, emptied when it is 70% full (the sets then seen are stored again: a repeat the
+    ``attribute_sets`` table keeps once)."""
+
+    def __init__(self, slots: int = 1 << 21) -> None:
+        if slots < 1 or slots & (slots - 1):
+            raise ValueError("slots must be a power of two")
+        self.slots = slots
+        self.table = bytearray(16 * slots)
+        self.count = 0
+
+    def add(self, keys: Sequence[bytes]) -> None:
+        if self.count + len(keys) > self.slots * 7 // 10:
+            self.table = bytearray(16 * self.slots)
+            self.count = 0
+            keys = keys[: self.slots * 7 // 10]
+        if _c_keyset_add is not None:
+            self.count += int(_c_keyset_add(self.table, list(keys)))
+            return
+        for key in keys:
+            self.count += self._add_python(key)
+
+    def _slot(self, key: bytes) -> int:
+        mask = self.slots - 1
+        s = int(struct.unpack_from("<Q", key, 8)[0]) & mask
+        while True:
+            cell = self.table[16 * s : 16 * s + 16]
+            if cell == key or not any(cell):
+                return s
+            s = (s + 1) & mask
+
+    def _add_python(self, key: bytes) -> int:
+        s = self._slot(key)
+        if self.table[16 * s : 16 * s + 16] == key:
+            return 0
+        self.table[16 * s : 16 * s + 16] = key
+        return 1
+
+    def __contains__(self, key: bytes) -> bool:
+        return self.table[16 * (s := self._slot(key)) : 16 * s + 16] == key
+
+
+#: What ``group_summary`` returns: per org (name, first time, last time, points) when asked, per
+#: (metric, kind) (metric, kind, last unit, last time, points), and the new attribute sets' block and keys.
+Summary = tuple[
+    list[tuple[str, int, int, int]] | None, list[tuple[str, str, str, int, int]], bytes, list[bytes]
+]
+
+SET_NAMES = ("org_id", "metric", "attr_keys", "attr_values")
+SET_TYPES = ("String", "String", "Array(String)", "Array(String)")
+
+
+def group_summary_python(block: bytes, seen: KeySet, orgs: bool) -> Summary:
+    """The pure-Python :func:`group_summary` (the reference the C one is tested against)."""
+    _names, _types, cols, rows = decode(block)
+    by_org: dict[str, list[int]] = {}
+    by_metric: dict[tuple[str, str], list[Any]] = {}
+    sets: dict[bytes, int] = {}
+    for i in range(rows):
+        t = cols["time"][i]
+        if orgs:
+            o = by_org.setdefault(cols["org_id"][i], [t, t, 0])
+            o[0], o[1], o[2] = min(o[0], t), max(o[1], t), o[2] + 1
+        c = by_metric.setdefault((cols["metric"][i], cols["kind"][i]), ["", t, 0])
+        c[0], c[1], c[2] = cols["unit"][i], max(c[1], t), c[2] + 1
+        key = set_key(cols["org_id"][i], cols["metric"][i], cols["attr_keys"][i], cols["attr_values"][i])
+        if key not in sets and key not in seen:
+            sets[key] = i
+    rows_ = list(sets.values())
+    block_ = (
+        encode_python(SET_NAMES, SET_TYPES, [[cols[n][i] for i in rows_] for n in SET_NAMES])
+        if rows_
+        else b""
+    )
+    return (
+        sorted((k, *v) for k, v in by_org.items()) if orgs else None,  # type: ignore[misc]
+        sorted((m, k, *v) for (m, k), v in by_metric.items()),  # type: ignore[misc]
+        block_,
+        list(sets),
+    )
+
+
+def group_summary(block: bytes, seen: KeySet, orgs: bool) -> Summary:
+    """What the writer derives from a group's block (C when built): per org its first and last point time
+    and points (when ``orgs``), per (metric, kind) its last unit, last time and points, and the block's
+    distinct attribute sets not in ``seen`` (a Native block for ``attribute_sets``, and their keys, to add
+    to ``seen`` once stored). The lists are in no particular order."""
+    if _c_summary is not None:
+        return cast("Summary", _c_summary(block, seen.table, orgs))
+    return group_summary_python(block, seen, orgs)

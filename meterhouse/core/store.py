@@ -77,8 +77,13 @@ class Store:
         self.raw_retention_days = raw_retention_days
         self.cluster = cluster  # the replicated, sharded schema of this ClickHouse cluster, or ""
 
+    @property
+    def embedded(self) -> bool:
+        """The embedded engine: one writer, its ledger numbers in order (the cardinality job's premise)."""
+        return is_embedded(self.name) and not self.cluster
+
     def ensure_schema(self) -> None:
-        statements = schema.render(self.database, self.cluster, self.raw_retention_days)
+        statements = schema.render(self.database, self.cluster, self.raw_retention_days, self.embedded)
         # ON CLUSTER statements are queued for every node without waiting for them (a node that is down
         # would otherwise hold every statement for distributed_ddl_task_timeout); this endpoint is ready
         # once its own tables exist.
@@ -93,8 +98,55 @@ class Store:
             self.wait_for_tables(schema.created_names(statements))
         self.check_rendering()
         self._migrate_close_columns(settings)
+        if self.embedded:
+            self._migrate_cardinality()
         if not self.cluster:
             self._migrate_views()
+
+    def _migrate_cardinality(self) -> None:
+        """The embedded engine fills the attribute-cardinality table by a job (``collector/derived.py``),
+        not by views. A new database's job starts at the first number; one whose views filled the table
+        until now starts above the spool's last committed group (``PROGRESS_PENDING``, resolved before
+        the writer starts), and its views are dropped. The progress row is written before the views are
+        dropped: a kill between leaves both, and the next start drops the views."""
+        views = [
+            str(r[0])
+            for r in self.client.query(
+                "SELECT name FROM system.tables WHERE database = {db:String} AND name IN {v:Array(String)}",
+                parameters={"db": self.database, "v": list(schema.CARDINALITY_VIEWS)},
+            ).result_rows
+        ]
+        if self.progress(schema.CARDINALITY_JOB) is None:
+            self.set_progress(schema.CARDINALITY_JOB, schema.PROGRESS_PENDING if views else 0)
+        if views:
+            log.warning("schema: attribute cardinality filled by a job from now on, its views dropped",
+                        extra={"views": views})  # fmt: skip
+            for view in views:
+                self.client.command(f"DROP VIEW IF EXISTS {self.database}.{view}")
+
+    def progress(self, job: str) -> int | None:
+        """The first ledger number ``job`` has not taken yet; None before its first row."""
+        rows = self.rows(schema.progress_sql(self.database), {"job": job})
+        return int(rows[0][0]) if rows else None
+
+    def set_progress(self, job: str, seq: int) -> None:
+        self.client.insert(
+            f"{self.database}.{schema.PROGRESS_TABLE}", [[job, seq]], column_names=["job", "seq"]
+        )
+
+    def derive_cardinality(self, lo: int, hi: int, settings: dict[str, Any] | None = None) -> None:
+        """The attribute-cardinality rows of the rollup's rows numbered ``lo`` to ``hi`` (inclusive)."""
+        for statement in schema.cardinality_job_sql(self.database):
+            self.client.command(statement, parameters={"lo": lo, "hi": hi}, settings=settings or {})
+
+    def next_seq_at_or_above(self, seq: int) -> int | None:
+        """The lowest ledger number of a rollup row at or above ``seq`` (None if there is none)."""
+        rows = self.rows(
+            f"SELECT min(batch_seq) FROM {self.database}.{schema.HOURLY_TABLE} "
+            "WHERE batch_seq >= {s:UInt64} HAVING count() > 0",
+            {"s": seq},
+        )
+        return int(rows[0][0]) if rows else None
 
     def _migrate_close_columns(self, settings: dict[str, Any]) -> None:
         """The close's tables of an earlier version: the columns added since (``CLOSE_ADDED_COLUMNS``),
@@ -343,7 +395,10 @@ class Store:
             if schema.partition_key(self.database, table) or not before[table]
         ]
         skip = {view: sorted(before[table]) for table, view in schema.LEDGER_VIEWS[kind] if view in views}
-        views = [*schema.REPEATABLE_VIEWS[kind], *views]
+        repeatable = schema.REPEATABLE_VIEWS[kind]
+        if self.embedded:  # its attribute cardinality is the job's (``collector/derived.py``)
+            repeatable = tuple(v for v in repeatable if v not in schema.CARDINALITY_VIEWS)
+        views = [*repeatable, *views]
         try:
             # One view at a time: the insert's memory is one view's, not all of them together (a retry
             # after the group failed for memory would fail the same way), and each ledger table that

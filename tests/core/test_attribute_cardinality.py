@@ -1,5 +1,7 @@
 """The attribute-cardinality rollup (``attribute_cardinality_hourly``): distinct values and distinct orgs
-per metric, attribute key and hour, filled by two views so that no row of the ARRAY JOIN carries the org.
+per metric, attribute key and hour, filled in two parts so that no row of the ARRAY JOIN carries the org:
+by two views per insert on a ClickHouse server, by a job from the rollup's committed rows on the embedded
+engine (``collector/derived.py``), which must give the same table.
 
 One view used to fill both: its ARRAY JOIN copied each point's org onto every one of its attributes, so
 points of 127 attributes with a 4,096-character org (inside every bound, acknowledged) needed more than
@@ -9,9 +11,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
+from meterhouse.collector.derived import CardinalityJob
 from meterhouse.collector.model import BATCH_COLUMNS
 from meterhouse.collector.writer import NUMBER_NAMES, stamp
 from meterhouse.core import native, schema
+from meterhouse.core.store import Store
 
 TYPES = [{c.name: c.type for c in schema.INGEST_COLUMNS}[n] for n in BATCH_COLUMNS]
 
@@ -24,8 +30,8 @@ WHERE kind = 'sum'
 GROUP BY metric, hour, key"""
 
 
-def block(seq: int, points: list[tuple[str, dict[str, str]]]) -> bytes:
-    now = time.time_ns()
+def block(seq: int, points: list[tuple[str, dict[str, str]]], now: int = 0) -> bytes:
+    now = now or time.time_ns()
     rows = []
     for org, attrs in points:
         keys = sorted(attrs)
@@ -37,6 +43,30 @@ def block(seq: int, points: list[tuple[str, dict[str, str]]]) -> bytes:
                          cumulative_int=0, cumulative_double=0.0))  # fmt: skip
     cols = [[row[n] for row in rows] for n in BATCH_COLUMNS]
     return stamp(native.encode(BATCH_COLUMNS, TYPES, cols), len(rows), f"tok-{seq}:n", seq)
+
+
+def take(store, committed: int, step: int = 64) -> int:
+    """The embedded engine's job, run once up to ``committed``; the ranges it took."""
+    job = CardinalityJob(lambda fn: fn(store), lambda: committed, 0)
+    job.step = step
+    return job.run_once()
+
+
+def views_store(store) -> Store:
+    """A database beside ``store`` with a ClickHouse server's schema (the two views), on the same engine."""
+    other = Store(store.client, store.database + "_views", "http://views")
+    other.ensure_schema()
+    return other
+
+
+def per_hour(store) -> dict[tuple[str, str, str], tuple[int, int]]:
+    return {
+        (str(m), str(h), str(k)): (int(v), int(o))
+        for m, h, k, v, o in store.rows(
+            f"SELECT metric, hour, key, uniqExactMerge(distinct_values), uniqExactMerge(orgs) "
+            f"FROM {store.database}.{schema.ATTRIBUTE_CARDINALITY_TABLE} GROUP BY metric, hour, key"
+        )
+    }
 
 
 def cardinality(store) -> dict[str, tuple[int, int]]:
@@ -53,6 +83,8 @@ def cardinality(store) -> dict[str, tuple[int, int]]:
 def test_distinct_values_and_orgs_per_key(store):
     points = [(f"org-{i % 3}", {"a": str(i % 5), "b": "x"}) for i in range(30)] + [("org-9", {"c": "1"})]
     store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block(1, points), "tok-1:n")
+    assert cardinality(store) == {}  # no view on the embedded engine: the job's
+    assert take(store, 1) == 1
     assert cardinality(store) == {"a": (5, 3), "b": (1, 3), "c": (1, 1)}
 
 
@@ -65,6 +97,7 @@ def test_points_with_many_attributes_and_a_long_org_insert_within_the_engine_sha
     store.client.command("SET max_memory_usage = 268435456")
     try:
         store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block(1, points), "tok-1:n")
+        take(store, 1)
     finally:
         store.client.command("SET max_memory_usage = 0")
     found = cardinality(store)
@@ -72,11 +105,71 @@ def test_points_with_many_attributes_and_a_long_org_insert_within_the_engine_sha
 
 
 def test_the_one_view_of_the_version_before_is_replaced_at_start(store):
+    """A database of the version with one view (and of the one with two): at start the views are dropped
+    and the job takes over above the spool's last committed group, which the views had counted."""
     db, table = store.database, schema.ATTRIBUTE_CARDINALITY_TABLE
-    for view in ("attribute_cardinality_hourly_mv", "attribute_cardinality_orgs_mv"):
-        store.client.command(f"DROP VIEW {db}.{view}")
     store.client.command(BEFORE.format(db=db, table=table, ingest=schema.INGEST_TABLE))
+    store.client.command(f"TRUNCATE TABLE {db}.{schema.PROGRESS_TABLE}")  # as that version left it
     store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block(1, [("org-1", {"a": "1"})]), "tok-1:n")
     store.ensure_schema()
+    assert store.progress(schema.CARDINALITY_JOB) == schema.PROGRESS_PENDING
+    job = CardinalityJob(lambda fn: fn(store), lambda: 1, 0)
+    job.prepare()
+    assert store.progress(schema.CARDINALITY_JOB) == 2
     store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block(2, [("org-2", {"a": "2"})]), "tok-2:n")
-    assert cardinality(store) == {"a": (2, 2)}  # each point once: the old view is gone, both new ones fill
+    assert take(store, 2) == 1
+    assert cardinality(store) == {"a": (2, 2)}  # each point once: the old view is gone, the job takes 2
+
+
+def test_a_kill_between_the_progress_and_the_views_dropped_is_finished_at_the_next_start(store):
+    db = store.database
+    for statement in schema.ddl(db):
+        if any(v in statement for v in schema.CARDINALITY_VIEWS):
+            store.client.command(statement)  # the views as a server has them, and as the kill left them
+    store.client.command(f"TRUNCATE TABLE {db}.{schema.PROGRESS_TABLE}")
+    store.set_progress(schema.CARDINALITY_JOB, schema.PROGRESS_PENDING)  # written, then the kill
+    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block(1, [("org-1", {"a": "1"})]), "tok-1:n")
+    store.ensure_schema()
+    views = store.rows(
+        f"SELECT name FROM system.tables WHERE database = '{db}' AND name LIKE 'attribute_%_mv'"
+    )
+    assert views == []
+    assert store.progress(schema.CARDINALITY_JOB) == schema.PROGRESS_PENDING
+    CardinalityJob(lambda fn: fn(store), lambda: 1, 0).prepare()
+    take(store, 1)
+    assert cardinality(store) == {"a": (1, 1)}
+
+
+@pytest.mark.parametrize("step", [64, 1])
+def test_the_job_gives_the_table_the_views_give(store, step):
+    """The same groups (three hours, orgs sharing and not sharing sets, a set repeated across groups, a
+    gauge that the table leaves out, a group numbered far above the others) inserted into a server's
+    schema and the embedded one: the job, run as groups commit and again, fills the same table."""
+    views = views_store(store)
+    hour = 3600 * 10**9
+    t0 = (time.time_ns() // hour - 3) * hour
+    groups = []
+    for g in range(6):
+        points = [(f"org-{(g + i) % 4}", {"region": f"r{i % 3}", "plan": ("free", "pro")[i % 2],
+                   **({"feature": f"f{g}"} if i % 5 == 0 else {})}) for i in range(40)]  # fmt: skip
+        groups.append((g + 1 if g < 5 else 10**18 + g, points, t0 + (g % 3) * hour + g))
+    try:
+        for n, (seq, points, at) in enumerate(groups):
+            for target in (store, views):
+                target.insert_native(
+                    schema.INGEST_TABLE, NUMBER_NAMES, block(seq, points, at), f"tok-{seq}:n"
+                )
+            if n in (1, 4):
+                take(store, seq, step)
+        gauge = block(10**18 + 9, [("org-9", {"only": "gauge"})]).replace(b"\x03sum", b"\x05gauge")
+        assert b"gauge" in gauge
+        for target in (store, views):
+            target.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, gauge, "tok-g:n")
+        take(store, 10**18 + 9, step)
+        take(store, 10**18 + 9, step)  # again: nothing to take, nothing added
+        store.set_progress(schema.CARDINALITY_JOB, 0)
+        take(store, 10**18 + 9, step)  # everything taken twice: the states are sets
+        want = per_hour(views)
+        assert len(want) == 3 * 3 and per_hour(store) == want  # 3 hours x region, plan, feature
+    finally:
+        store.client.command(f"DROP DATABASE IF EXISTS {views.database} SYNC")

@@ -321,3 +321,65 @@ def test_a_concatenated_group_reads_back_like_its_records(store):
     store.client.raw_insert(f"{db}.cat", names, native.concat([b for b in blocks]), fmt="Native")
     rows = store.rows(f"SELECT s, a, n, t, count() FROM {db}.cat GROUP BY s, a, n, t ORDER BY s")
     assert len(rows) == 9 and all(r[4] == 2 for r in rows)
+
+
+_SUMMARY_NAMES = ("org_id", "metric", "kind", "unit", "time", "attr_keys", "attr_values", "other")
+_SUMMARY_TYPES = ("String", "String", "String", "String", "DateTime64(9, 'UTC')", "Array(String)",
+                  "Array(String)", "UInt64")  # fmt: skip
+
+
+@st.composite
+def _summary_blocks(draw):
+    """Rows drawn from few orgs, metrics, units and sets, so that they repeat."""
+    small = st.sampled_from(["", "a", "b", "ünï", "x" * 40])
+    rows = draw(st.integers(0, 30))
+
+    def pick(s):  # noqa: ANN001, ANN202
+        return draw(st.lists(s, min_size=rows, max_size=rows))
+
+    keys = pick(st.lists(small, max_size=3))
+    values = [draw(st.lists(small, min_size=len(k), max_size=len(k))) for k in keys]
+    return [pick(small), pick(small), pick(st.sampled_from(["sum", "gauge"])), pick(small),
+            pick(st.integers(0, 2**62)), keys, values, pick(_UINT64)]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(_summary_blocks(), st.booleans())
+def test_the_group_summary_is_the_python_reference_s(columns, orgs):
+    """What the writer derives from a group's block (``_native.group_summary``) against the pure-Python
+    reference: orgs, catalog, and the attribute sets not seen yet, each once, as a block."""
+    block = native.encode_python(_SUMMARY_NAMES, _SUMMARY_TYPES, columns)
+    seen = native.KeySet(64)
+    c_orgs, c_catalog, c_sets, c_keys = native.group_summary(block, seen, orgs)
+    p_orgs, p_catalog, p_sets, p_keys = native.group_summary_python(block, seen, orgs)
+    assert (sorted(c_orgs) if orgs else c_orgs) == p_orgs
+    # The catalog's unit is the last row's of its (metric, kind) in both.
+    assert sorted(c_catalog) == p_catalog
+    assert sorted(c_keys) == sorted(p_keys) and len(set(c_keys)) == len(c_keys)
+
+    def rows(b: bytes) -> list:
+        return sorted(zip(*(native.decode(b)[2][n] for n in native.SET_NAMES), strict=True)) if b else []
+
+    assert rows(c_sets) == rows(p_sets)
+    want = {
+        (o, m, tuple(k), tuple(v))
+        for o, m, k, v in zip(columns[0], columns[1], columns[5], columns[6], strict=True)
+    }
+    assert {(o, m, tuple(k), tuple(v)) for o, m, k, v in rows(c_sets)} == want
+    assert len(rows(c_sets)) == len(want)
+    # Once stored, the sets are seen: a group of the same rows has none left (30 rows at most: under
+    # the 70% of 64 slots that empties the set).
+    seen.add(c_keys)
+    assert native.group_summary(block, seen, orgs)[2:] == (b"", [])
+    assert native.group_summary_python(block, seen, orgs)[2:] == (b"", [])
+
+
+def test_a_key_set_full_to_its_bound_is_emptied_and_keeps_working():
+    seen = native.KeySet(16)
+    keys = [native.set_key(f"org-{i}", "m", [], []) for i in range(30)]
+    seen.add(keys[:11])
+    assert all(k in seen for k in keys[:11]) and seen.count == 11
+    seen.add(keys[11:20])  # past 70%: emptied first
+    assert seen.count == 9 and keys[0] not in seen and all(k in seen for k in keys[11:20])
+    with pytest.raises(ValueError):
+        native.group_summary(native.encode(["a"], ["String"], [["x"]]), native.KeySet(4), True)
