@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.core.store import SchemaMismatch, Store, endpoint_label
+from meterhouse.core.store import SchemaMismatch, Store, endpoint_label, is_embedded
 
 T = TypeVar("T")
 
@@ -259,6 +259,11 @@ class EndpointSet:
 
     def insert_earlier(self, kind: str, names: Sequence[str], block: bytes, token: str) -> None:
         self._call(lambda s: s.insert_earlier(kind, names, block, token), write=True)
+
+    @property
+    def embedded(self) -> bool:
+        """The embedded engine (one endpoint, in this process): its ledger and derived rows apply."""
+        return len(self.endpoints) == 1 and is_embedded(self.endpoints[0].url)
 
     def on_store(self, fn: Callable[[Store], T], write: bool = False) -> T:
         """``fn`` run on the active endpoint's store (routed, retried and marked like every call)."""

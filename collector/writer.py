@@ -20,6 +20,7 @@ import random
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -211,6 +212,56 @@ def _encoded(names: Sequence[str], types: Sequence[str], columns: list[list[Any]
     return native.encode(names, types, columns) if columns else b""
 
 
+def _derived(
+    store: Any,
+    token: str,
+    numbers: bytes,
+    dists: bytes,
+    seq: int,
+    seen: native.KeySet | None,
+    calls: list[tuple[str, Callable[[bool], None]]],
+) -> list[tuple[str, Sequence[str], bytes]]:
+    """The embedded engine's rows the writer derives from a group's blocks (``schema.WRITER_TABLES``):
+    its orgs ("o") and catalog ("c", "e") rows, returned as inserts, and its attribute sets not stored before
+    (``seen``), appended to ``calls`` as the first insert ("s": repeatable, so not under the ledger; its
+    keys join ``seen`` once it is in). All come before the points: the cardinality job finds every set of
+    a committed group, and a group an earlier version began asks whether its points had landed before
+    this try inserts them (``Store.insert_earlier``)."""
+    seen = seen if seen is not None else native.KeySet(1 << 10)
+    if not token.startswith(schema.ONE_BLOCK_TOKEN_PREFIX):  # the records' blocks one after another
+        numbers = native.concat(native.split(numbers)) if numbers else numbers
+        dists = native.concat(native.split(dists)) if dists else dists
+    orgs, catalog, sets, keys = native.group_summary(numbers, seen, True) if numbers else ([], [], b"", [])
+    d_catalog: list[native.CatalogRow] = []
+    if dists:
+        _, d_catalog, d_sets, d_keys = native.group_summary(dists, seen, False)
+        sets = native.concat([sets, d_sets]) if sets and d_sets else sets or d_sets
+        keys = [*keys, *d_keys]
+    if sets:
+        table = schema.ATTRIBUTE_SETS_TABLE
+
+        def insert_sets(doubt: bool) -> None:
+            # Never dropped as a repeat (the embedded engine's deduplication log may hold the token of a
+            # part a kill took): in doubt without deduplication, else under a token of its own each time.
+            # A set kept twice is kept once.
+            if doubt and hasattr(store, "insert_in_doubt"):
+                store.insert_in_doubt("s", native.SET_NAMES, sets, f"{token}:s", seq)
+            else:
+                store.insert_native(table, native.SET_NAMES, sets, f"{token}:s:{uuid.uuid4().hex}")
+            seen.add(keys)
+
+        calls.append(("s", insert_sets))
+    out: list[tuple[str, Sequence[str], bytes]] = []
+    rows: Sequence[tuple[Any, ...]]
+    for kind, rows in (("o", orgs or []), ("c", catalog), ("e", d_catalog)):
+        columns = schema.WRITER_COLUMNS[kind]
+        names = tuple(c.name for c in columns)
+        values = [list(col) for col in zip(*rows, strict=True)] if rows else []
+        block = native.encode(names, [c.type for c in columns], [*values, [seq] * len(rows)]) if rows else b""
+        out.append((kind, names, block))
+    return out
+
+
 def insert_calls(
     store: Any,
     token: str,
@@ -219,6 +270,7 @@ def insert_calls(
     blocks: list[Blocks] | None = None,
     batches: list[PointBatch] | None = None,
     landed: Landed | None = None,
+    seen: native.KeySet | None = None,
 ) -> list[tuple[str, Callable[[bool], None]]]:
     """The inserts of one group per table ("n" numbers, "d" distributions), as calls to make; a call
     given ``True`` inserts a group that may have landed before (``Store.insert_in_doubt``; ``landed``:
@@ -229,8 +281,10 @@ def insert_calls(
     records' Native blocks one after another (spool format 3), or ``batches``, their columns merged into
     one block per table (what the writer of spool formats 1-2 sent, through ``Store.insert_points``).
     ``seq`` is the group's ``batch_seq`` (0 for a dead letter of an earlier version's redrive, which the
-    token alone guards)."""
+    token alone guards). On the embedded engine the writer's own rows come first (:func:`_derived`;
+    ``seen``: the attribute sets it has stored)."""
     calls: list[tuple[str, Callable[[bool], None]]] = []
+    shaped: list[tuple[str, Sequence[str], bytes]]
     if blocks is not None:
         numbers, dists = merge_blocks(blocks, token, seq)
         shaped = [("n", NUMBER_NAMES, numbers), ("d", DIST_NAMES, dists)]
@@ -242,6 +296,8 @@ def insert_calls(
             ("d", schema.DIST_INGEST_COLUMN_NAMES,
              _encoded(schema.DIST_INGEST_COLUMN_NAMES, schema.DIST_INGEST_COLUMN_TYPES, d_cols)),
         ]  # fmt: skip
+    if getattr(store, "embedded", False):
+        shaped = [*_derived(store, token, shaped[0][2], shaped[1][2], seq, seen, calls), *shaped]
     for kind, names, block in shaped:
         if not block:
             continue
@@ -279,11 +335,13 @@ class RedriveError(Exception):
     """A redrive that cannot go on without counting something twice or losing it (said with the fix)."""
 
 
-def _kinds(batches: list[PointBatch]) -> list[str]:
-    """The inserts ("n", "d") that ``batches`` hold rows for."""
-    return [
-        k for k, n in (("n", sum(b.size for b in batches)), ("d", sum(b.dist_size for b in batches))) if n
-    ]
+def _kinds(batches: list[PointBatch], store: Any = None) -> list[str]:
+    """The ledger's inserts that ``batches`` make: "n", "d", and on the embedded engine "o", "c" and "e"
+    (``schema.WRITER_TABLES``)."""
+    numbers, dists = sum(b.size for b in batches), sum(b.dist_size for b in batches)
+    derive = getattr(store, "embedded", False)
+    return [k for k, n in (("o", derive and numbers), ("c", derive and numbers), ("e", derive and dists),
+                           ("n", numbers), ("d", dists)) if n]  # fmt: skip
 
 
 def _ledger_letter(store: Any, letter: DeadLetter) -> bool:
@@ -308,7 +366,7 @@ def settle_redrive(letters: DeadLetters, store: Any, letter: DeadLetter) -> None
             "compare the letter with usage_points (batch_id) before removing or re-driving it"
         )
     landed = {k: {t: set(p) for t, p in tables.items()} for k, tables in (letter.landed or {}).items()}
-    for kind in _kinds(letter.batches or []):
+    for kind in _kinds(letter.batches or [], store):
         for table, parts in (store.landed(kind, seq) or {}).items():
             if parts:
                 landed.setdefault(kind, {}).setdefault(table, set()).update(parts)
@@ -428,6 +486,9 @@ class Writer:
         # Called after an insert and before the spool forgets its records (the dedup digests sync).
         self.before_commit = before_commit
         self.verifier = Verifier(store)
+        # The attribute sets this writer has stored (the embedded engine's; ``_derived``): 32 MiB, about
+        # 1.4 million sets before it is emptied and begun again.
+        self.seen_sets = native.KeySet() if getattr(store, "embedded", False) else None
         # The bounds groups are made under: the options', halved while groups fail for memory (see
         # :meth:`_halve`) and doubled back with each group committed.
         self._max_points, self._max_bytes, self._max_keys = flush_max_points, flush_max_bytes, flush_max_keys
@@ -667,9 +728,10 @@ class Writer:
         record of spool formats 1-2 as merged columns, a format 3 group as the records' blocks."""
         if any(r.version < 3 for r in group.records):
             return insert_calls(
-                self.store, token, group.last, batches=[self.spool.load(r) for r in group.records]
-            )
-        return insert_calls(self.store, token, group.last, blocks=batches)
+                self.store, token, group.last, batches=[self.spool.load(r) for r in group.records],
+                seen=self.seen_sets,
+            )  # fmt: skip
+        return insert_calls(self.store, token, group.last, blocks=batches, seen=self.seen_sets)
 
     def _committed(self, batches: list[Blocks]) -> None:
         now_ns = time.time_ns()
@@ -708,7 +770,7 @@ class Writer:
         if ask is None:
             return None
         out: Landed = {}
-        for kind in _kinds(batches):
+        for kind in _kinds(batches, self.store):
             found = ask(kind, group.last)
             if found is None:
                 return None  # the token decides there (a server): the redrive repeats it

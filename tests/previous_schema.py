@@ -21,7 +21,7 @@ def previous_version(store) -> list[str]:
     views = list(schema.LEDGER_VIEW_NAMES)
     creates = {m.group(2): s for s in schema.ddl(db) if (m := schema._CREATE_MV.match(s))}
     for view in views:
-        store.client.command(f"DROP VIEW {db}.{view}")
+        store.client.command(f"DROP VIEW IF EXISTS {db}.{view}")  # the embedded engine has fewer
     for table in schema.LEDGER_TABLES:
         store.client.command(f"ALTER TABLE {db}.{table} DROP INDEX batch_seq_idx")
         store.client.command(f"ALTER TABLE {db}.{table} DROP COLUMN batch_seq")
@@ -37,3 +37,13 @@ def previous_version(store) -> list[str]:
         assert "batch_seq" not in old, view
         store.client.command(old)
     return views
+
+
+def writer_views_before(store) -> None:
+    """The views the versions before fed the orgs, the catalog and the attribute sets by (the embedded
+    engine's writer inserts those rows itself since, and its start drops the views: ``Store.ensure_schema``,
+    the upgrade)."""
+    for statement in schema.ddl(store.database):
+        m = schema._CREATE_MV.match(statement)
+        if m and m.group(2) in schema.WRITER_VIEWS:
+            store.client.command(statement)

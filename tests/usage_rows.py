@@ -31,7 +31,15 @@ def put(store, rows: list[dict]) -> None:
         for n in BATCH_COLUMNS:
             cols[n].append(row.get(n, _DEFAULTS[n]))
     token = f"test-{next(_tokens)}-{id(rows)}"
-    store.insert_points([cols[n] for n in BATCH_COLUMNS] + [[token] * len(rows)], token)
+    if getattr(store, "embedded", False):
+        # As the embedded engine's writer inserts them: with its own rows (orgs, catalog, attribute sets).
+        from meterhouse.collector.model import PointBatch
+        from meterhouse.collector.writer import insert_calls
+
+        for _kind, insert in insert_calls(store, token, batches=[PointBatch(cols, len(rows), token, 0)]):
+            insert(False)
+    else:
+        store.insert_points([cols[n] for n in BATCH_COLUMNS] + [[token] * len(rows)], token)
     if getattr(store, "embedded", False):
         # Rows outside the writer's ledger (number 0): the cardinality job of a running collector
         # takes them only on a new database's first run (collector/derived.py); taken here at once.

@@ -770,6 +770,49 @@ fail:
     return NULL;
 }
 
+/* split_blocks(data) -> [end, ...]: where each Native block of several written one after another ends. */
+static PyObject *split_blocks(PyObject *self, PyObject *args) {
+    Py_buffer v;
+    if (!PyArg_ParseTuple(args, "y*", &v)) return NULL;
+    PyObject *ends = PyList_New(0);
+    Rd r = {v.buf, (const unsigned char *)v.buf + v.len};
+    while (ends && r.p < r.end) {
+        uint64_t ncols, rows, n;
+        if (rd_leb(&r, &ncols) < 0 || rd_leb(&r, &rows) < 0) goto fail;
+        for (uint64_t c = 0; c < ncols; c++) {
+            if (rd_leb(&r, &n) < 0 || rd_skip(&r, n) < 0 || rd_leb(&r, &n) < 0) goto fail;
+            const unsigned char *type = r.p;
+            if (rd_skip(&r, n) < 0) goto fail;
+            char tname[64];
+            if (n == 0 || n >= sizeof(tname)) {
+                PyErr_SetString(PyExc_ValueError, "unsupported column type");
+                goto fail;
+            }
+            memcpy(tname, type, (size_t)n);
+            tname[n] = 0;
+            int code = type_code(tname);
+            Cell cell;
+            if (code < 0) {
+                PyErr_Format(PyExc_ValueError, "unsupported column type %s", tname);
+                goto fail;
+            }
+            if (rd_column(&r, code, rows, &cell) < 0) goto fail;
+        }
+        PyObject *end = PyLong_FromSsize_t(r.p - (const unsigned char *)v.buf);
+        if (!end || PyList_Append(ends, end) < 0) {
+            Py_XDECREF(end);
+            goto fail;
+        }
+        Py_DECREF(end);
+    }
+    PyBuffer_Release(&v);
+    return ends;
+fail:
+    Py_XDECREF(ends);
+    PyBuffer_Release(&v);
+    return NULL;
+}
+
 /* group_summary(block, seen, orgs) -> (orgs_or_None, catalog, sets_block, set_keys) */
 static PyObject *group_summary(PyObject *self, PyObject *args) {
     Py_buffer view, seen_view;
@@ -1113,6 +1156,8 @@ static PyMethodDef methods[] = {
      "stream_marks(columns, times, last, floor) -> (bytes, int): the edge's point-identity flags."},
     {"concat_blocks", concat_blocks, METH_VARARGS,
      "concat_blocks(blocks) -> bytes: Native blocks of the same columns as one block of all their rows."},
+    {"split_blocks", split_blocks, METH_VARARGS,
+     "split_blocks(data) -> list[int]: where each of several Native blocks one after another ends."},
     {"keyset_add", keyset_add, METH_VARARGS,
      "keyset_add(table, keys) -> int: add group_summary's set keys to a key set (a bytearray)."},
     {"group_summary", group_summary, METH_VARARGS,

@@ -22,11 +22,13 @@ try:
     from meterhouse.core._native import group_summary as _c_summary
     from meterhouse.core._native import keyset_add as _c_keyset_add
     from meterhouse.core._native import native_block as _c_encode
+    from meterhouse.core._native import split_blocks as _c_split
 except ImportError:  # pragma: no cover - built by `pip install`; the suite requires it
     _c_encode = None
     _c_concat = None
     _c_summary = None
     _c_keyset_add = None
+    _c_split = None
     _CBlockTooLarge = None
 
 
@@ -207,6 +209,22 @@ def decode(data: bytes | memoryview) -> tuple[list[str], list[str], dict[str, li
     return names, types, columns, rows
 
 
+def split(data: bytes) -> list[bytes]:
+    """Native blocks written one after another, each on its own (C when built)."""
+    if _c_split is not None:
+        ends = cast("list[int]", _c_split(data))
+    else:
+        ends, r = [], _Reader(data)
+        while r.pos < len(r.data):
+            ncols, rows = r.leb128(), r.leb128()
+            for _ in range(ncols):
+                r.string()
+                r.values(r.string(), rows)
+            ends.append(r.pos)
+    starts = [0, *ends[:-1]]
+    return [data[a:b] for a, b in zip(starts, ends, strict=True)]
+
+
 def concat_python(blocks: Sequence[bytes]) -> bytes:
     """The pure-Python :func:`concat` (the reference the C one is tested against)."""
     if not blocks:
@@ -331,9 +349,9 @@ class KeySet:
 
 #: What ``group_summary`` returns: per org (name, first time, last time, points) when asked, per
 #: (metric, kind) (metric, kind, last unit, last time, points), and the new attribute sets' block and keys.
-Summary = tuple[
-    list[tuple[str, int, int, int]] | None, list[tuple[str, str, str, int, int]], bytes, list[bytes]
-]
+OrgRow = tuple[str, int, int, int]
+CatalogRow = tuple[str, str, str, int, int]
+Summary = tuple[list[OrgRow] | None, list[CatalogRow], bytes, list[bytes]]
 
 SET_NAMES = ("org_id", "metric", "attr_keys", "attr_values")
 SET_TYPES = ("String", "String", "Array(String)", "Array(String)")

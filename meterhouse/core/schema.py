@@ -161,10 +161,18 @@ DIST_INGEST_COLUMN_NAMES = tuple(c.name for c in DIST_INGEST_COLUMNS)
 DIST_INGEST_COLUMN_TYPES = tuple(c.type for c in DIST_INGEST_COLUMNS)
 
 
-def ddl(database: str, cardinality_views: bool = True) -> list[str]:
+def ddl(database: str, cardinality_views: bool = True, writer_views: bool = True) -> list[str]:
     """Statements that create the schema if it is missing (idempotent), in dependency order. Without
     ``cardinality_views`` (the embedded engine) the attribute-cardinality table is filled by
-    ``cardinality_job_sql`` instead of two views per insert."""
+    ``cardinality_job_sql`` instead of two views per insert; without ``writer_views`` (the embedded
+    engine) the writer inserts the rows of ``WRITER_VIEWS``' tables itself."""
+    statements = _ddl(database, cardinality_views)
+    if writer_views:
+        return statements
+    return [s for s in statements if not ((m := _CREATE_MV.match(s)) and m.group(2) in WRITER_VIEWS)]
+
+
+def _ddl(database: str, cardinality_views: bool) -> list[str]:
     db = database
     dedup = f"non_replicated_deduplication_window = {DEDUP_WINDOW_BLOCKS}, {DURABLE_SETTINGS}"
     ingest_cols = ",\n    ".join(f"{c.name} {c.type}" for c in INGEST_COLUMNS)
@@ -475,6 +483,40 @@ def progress_sql(database: str) -> str:
     )
 
 
+#: On the embedded engine the writer derives these tables' rows from each group's blocks and inserts them
+#: itself, one insert each under the ledger (``native.group_summary``: a few rows per org and metric, not
+#: a view over every point): "o" the orgs' first and last points, "c" and "e" the metric catalog of the
+#: number and the distribution points (apart, as the views of the two ingest tables were). It inserts the
+#: group's attribute sets it has not stored before as well ("s", repeatable: a set kept once). A server's
+#: views do all three per insert.
+WRITER_TABLES = {"o": ORGS_TABLE, "c": CATALOG_TABLE, "e": CATALOG_TABLE}
+WRITER_VIEWS = (
+    "org_last_seen_mv",
+    "metric_catalog_points_mv",
+    "metric_catalog_dist_mv",
+    "attr_sets_points_mv",
+    "attr_sets_dist_mv",
+)
+ORG_ROW_COLUMNS: tuple[Column, ...] = (
+    Column("org_id", "String"),
+    Column("first_seen", "DateTime64(9, 'UTC')"),
+    Column("last_seen", "DateTime64(9, 'UTC')"),
+    Column("points", "UInt64"),
+    Column("batch_seq", "UInt64"),
+)
+CATALOG_ROW_COLUMNS: tuple[Column, ...] = (
+    Column("metric", "String"),
+    Column("kind", "String"),
+    Column("unit", "String"),
+    Column("last_seen", "DateTime64(9, 'UTC')"),
+    Column("points", "UInt64"),
+    Column("batch_seq", "UInt64"),
+)
+WRITER_COLUMNS = {"o": ORG_ROW_COLUMNS, "c": CATALOG_ROW_COLUMNS, "e": CATALOG_ROW_COLUMNS}
+#: The points insert whose rows each of the writer's own inserts is derived from.
+WRITER_SOURCE = {"o": "n", "c": "n", "e": "d"}
+
+
 #: Per insert ("n" into the ingest table, "d" into the distribution ingest table): the tables that carry
 #: ``batch_seq`` (see ``SEQ_COLUMN``), each with the view from the ingest table that feeds it.
 LEDGER_VIEWS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -489,12 +531,28 @@ LEDGER_VIEWS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 #: The ledger's tables and their views, each once, in order.
 LEDGER_TABLES = tuple(dict.fromkeys(t for views in LEDGER_VIEWS.values() for t, _ in views))
+#: The embedded engine's ledger per insert: the tables each view of an ingest table feeds, and the tables
+#: the writer inserts itself (``WRITER_TABLES``).
+EMBEDDED_LEDGER_VIEWS: dict[str, tuple[tuple[str, str], ...]] = {
+    kind: tuple((t, v) for t, v in views if v not in WRITER_VIEWS) for kind, views in LEDGER_VIEWS.items()
+}
+
+
+def ledger_tables(kind: str) -> list[str]:
+    """The embedded engine's ledger tables of the ``kind`` insert ("n", "d", or a ``WRITER_TABLES`` one)."""
+    if kind in WRITER_TABLES:
+        return [WRITER_TABLES[kind]]
+    return [t for t, _ in EMBEDDED_LEDGER_VIEWS[kind]]
+
+
 LEDGER_VIEW_NAMES = tuple(v for views in LEDGER_VIEWS.values() for _, v in views)
 #: The catalog holds both inserts' rows: which are whose, by kind.
 _NUMBER_KINDS = f"('{KIND_SUM}', '{KIND_GAUGE}')"
 LEDGER_FILTER = {
     ("n", CATALOG_TABLE): f"kind IN {_NUMBER_KINDS}",
     ("d", CATALOG_TABLE): f"kind NOT IN {_NUMBER_KINDS}",
+    ("c", CATALOG_TABLE): f"kind IN {_NUMBER_KINDS}",
+    ("e", CATALOG_TABLE): f"kind NOT IN {_NUMBER_KINDS}",
 }
 #: The views whose tables a repeat leaves as they were (the newest state per series, distinct values,
 #: distinct sets): a group in doubt goes through them again whatever the ledger says.
@@ -507,7 +565,7 @@ REPEATABLE_VIEWS: dict[str, tuple[str, ...]] = {
     ),
     "d": ("attr_sets_dist_mv",),
 }
-INGEST_OF = {"n": INGEST_TABLE, "d": DIST_INGEST_TABLE}
+INGEST_OF = {"n": INGEST_TABLE, "d": DIST_INGEST_TABLE, **WRITER_TABLES}
 #: The raw table of each insert (the one whose rows carry the group's ``batch_id``).
 RAW_OF = {"n": POINTS_TABLE, "d": DIST_TABLE}
 
@@ -1445,7 +1503,7 @@ def render(
     """Every statement of the schema: single-node, or for ``cluster`` when one is named; ``embedded``
     (one writer, the ledger's numbers in order) fills the attribute-cardinality table by a job."""
     statements = (
-        ddl(database, cardinality_views=not embedded)
+        ddl(database, cardinality_views=not embedded, writer_views=not embedded)
         + (progress_ddl(database) if embedded else [])
         + close_ddl(database)
         + retention_ddl(database, raw_retention_days)

@@ -99,30 +99,41 @@ class Store:
         self.check_rendering()
         self._migrate_close_columns(settings)
         if self.embedded:
-            self._migrate_cardinality()
+            self._migrate_embedded_views()
         if not self.cluster:
             self._migrate_views()
 
-    def _migrate_cardinality(self) -> None:
-        """The embedded engine fills the attribute-cardinality table by a job (``collector/derived.py``),
-        not by views. A new database's job starts at the first number; one whose views filled the table
-        until now starts above the spool's last committed group (``PROGRESS_PENDING``, resolved before
-        the writer starts), and its views are dropped. The progress row is written before the views are
-        dropped: a kill between leaves both, and the next start drops the views."""
-        views = [
+    def _present(self, names: Sequence[str]) -> list[str]:
+        """Which of the named tables or views the database holds."""
+        return [
             str(r[0])
             for r in self.client.query(
                 "SELECT name FROM system.tables WHERE database = {db:String} AND name IN {v:Array(String)}",
-                parameters={"db": self.database, "v": list(schema.CARDINALITY_VIEWS)},
+                parameters={"db": self.database, "v": list(names)},
             ).result_rows
         ]
+
+    def _migrate_embedded_views(self) -> None:
+        """The embedded engine's views are the three per-point ones (and the distributions'): the
+        attribute-cardinality table is filled by a job (``collector/derived.py``), the orgs, the catalog
+        and the attribute sets by the writer (``schema.WRITER_TABLES``). A database whose views did that
+        has them dropped here, at start, while nothing writes.
+
+        The job of a new database starts at the first number; one whose views filled the table until now
+        starts above the spool's last committed group (``PROGRESS_PENDING``, resolved before the writer
+        starts). The progress row is written before the views are dropped: a kill between leaves both,
+        and the next start drops the views. A group in doubt that a dropped view fed is found in its
+        table by the ledger (rows at or above the group's number), as a view's table always was."""
+        views = self._present(schema.CARDINALITY_VIEWS)
         if self.progress(schema.CARDINALITY_JOB) is None:
             self.set_progress(schema.CARDINALITY_JOB, schema.PROGRESS_PENDING if views else 0)
-        if views:
-            log.warning("schema: attribute cardinality filled by a job from now on, its views dropped",
-                        extra={"views": views})  # fmt: skip
-            for view in views:
-                self.client.command(f"DROP VIEW IF EXISTS {self.database}.{view}")
+        writer = self._present(schema.WRITER_VIEWS)
+        if views or writer:
+            log.warning("schema: attribute cardinality filled by a job and orgs, catalog and attribute "
+                        "sets by the writer from now on; their views dropped",
+                        extra={"views": views + writer})  # fmt: skip
+        for view in views + writer:
+            self.client.command(f"DROP VIEW IF EXISTS {self.database}.{view}")
 
     def progress(self, job: str) -> int | None:
         """The first ledger number ``job`` has not taken yet; None before its first row."""
@@ -356,7 +367,7 @@ class Store:
             return None
         return {
             table: {str(r[0]) for r in self.rows(schema.landed_sql(self.database, kind, table), {"seq": seq})}
-            for table, _ in schema.LEDGER_VIEWS[kind]
+            for table in schema.ledger_tables(kind)
         }
 
     def insert_in_doubt(
@@ -378,8 +389,16 @@ class Store:
         a part the kill took, and would drop it). ``landed`` names partitions known to hold the rows under
         another number (what a dead letter's group put in before it was refused). Elsewhere the token
         decides, as on the first try."""
+        if kind == "s":  # the writer's attribute sets: repeatable, kept once
+            self.client.raw_insert(
+                f"{self.database}.{schema.ATTRIBUTE_SETS_TABLE}", names, block, fmt="Native",
+                settings={**schema.INSERT_SETTINGS, "insert_deduplicate": 0},
+            )  # fmt: skip
+            return [schema.ATTRIBUTE_SETS_TABLE]
         if not is_embedded(self.name):
             self.insert_native(schema.INGEST_OF[kind], names, block, token)
+            if kind in schema.WRITER_TABLES:
+                return [schema.WRITER_TABLES[kind]]
             return [t for t, _ in schema.LEDGER_VIEWS[kind]]
 
         def asked() -> dict[str, set[str]]:
@@ -387,17 +406,30 @@ class Store:
 
         found = asked()
         before = {table: found[table] | set((landed or {}).get(table, ())) for table in found}
+        if kind in schema.WRITER_TABLES:
+            # The writer's own rows (a few per org and metric): one insert into the table, whole or not
+            # at all (the table has no partitions), without deduplication as below.
+            table = schema.WRITER_TABLES[kind]
+            if before[table]:
+                return []
+            self.client.raw_insert(
+                f"{self.database}.{table}", names, block, fmt="Native",
+                settings={**schema.INSERT_SETTINGS, **schema.ONE_PART_SETTINGS, "insert_deduplicate": 0},
+            )  # fmt: skip
+            return [table]
+        ledger = schema.EMBEDDED_LEDGER_VIEWS[kind]
         # A table without partitions holds the group whole or not at all; one with partitions may hold
         # some of the group's months (one part each): its view redoes the rest.
         views = [
-            view
-            for table, view in schema.LEDGER_VIEWS[kind]
-            if schema.partition_key(self.database, table) or not before[table]
+            view for table, view in ledger if schema.partition_key(self.database, table) or not before[table]
         ]
-        skip = {view: sorted(before[table]) for table, view in schema.LEDGER_VIEWS[kind] if view in views}
-        repeatable = schema.REPEATABLE_VIEWS[kind]
-        if self.embedded:  # its attribute cardinality is the job's (``collector/derived.py``)
-            repeatable = tuple(v for v in repeatable if v not in schema.CARDINALITY_VIEWS)
+        skip = {view: sorted(before[table]) for table, view in ledger if view in views}
+        # Its attribute cardinality is the job's (``collector/derived.py``), its sets the writer's.
+        repeatable = [
+            v
+            for v in schema.REPEATABLE_VIEWS[kind]
+            if v not in schema.CARDINALITY_VIEWS and v not in schema.WRITER_VIEWS
+        ]
         views = [*repeatable, *views]
         try:
             # One view at a time: the insert's memory is one view's, not all of them together (a retry
@@ -416,7 +448,7 @@ class Store:
             for statement in schema.redo_cleanup_ddl(self.database, views):
                 self.client.command(statement)
         after = asked()
-        return [table for table, _ in schema.LEDGER_VIEWS[kind] if after[table] != found[table]]
+        return [table for table, _ in ledger if after[table] != found[table]]
 
     def insert_earlier(self, kind: str, names: Sequence[str], block: bytes, token: str) -> None:
         """Insert again a group an earlier version began (its token lacks the ledger's prefix; a replay or
@@ -426,11 +458,19 @@ class Store:
         would not recognise the repeat: they are left out of it (dropped for the insert and created again
         after; a kill in between leaves them to the next start's ``ensure_schema``)."""
         table = schema.INGEST_OF[kind]
-        views = schema.READ_RAW_BEFORE_LEDGER[kind]
+        if kind in schema.WRITER_TABLES:
+            # The writer's own rows of such a group (the embedded engine's, inserted before its points):
+            # when its points had landed, that version's views counted them.
+            source = schema.WRITER_SOURCE[kind]
+            raw = f"{token.rsplit(':', 1)[0]}:{source}"
+            if not self.scalar(schema.batch_landed_sql(self.database, source), {"b": raw}):
+                self.insert_native(table, names, block, token)
+            return
+        views = [] if self.embedded else schema.READ_RAW_BEFORE_LEDGER[kind]  # the embedded has none
         landed = is_embedded(self.name) and bool(
             self.scalar(schema.batch_landed_sql(self.database, kind), {"b": token})
         )
-        if not landed:
+        if not landed or not views:
             self.insert_native(table, names, block, token)
             return
         log.warning("replay: a group an earlier version inserted; its repeat leaves out the views that "

@@ -122,7 +122,12 @@ def test_series_limit_counts_sets_stored_in_clickhouse_before_a_restart(store):
         "series_id": [0] * n, "series_start": [0] * n, "cumulative_int": [0] * n,
         "cumulative_double": [0.0] * n, "batch_id": ["b"] * n,
     }  # fmt: skip
-    store.insert_points([full[c] for c in full], "t1")
+    from meterhouse.collector.model import BATCH_COLUMNS, PointBatch
+    from meterhouse.collector.writer import insert_calls
+
+    batch = PointBatch({c: full[c] for c in BATCH_COLUMNS}, n, "t1", 0)
+    for _kind, insert in insert_calls(store, "t1", batches=[batch]):  # as the writer stores them
+        insert(False)
     restarted = SeriesLimiter(3, attribute_sets_loader(store, 3))
     new = columns([("org-a", "calls", {"k": "0"}), ("org-a", "calls", {"k": "new"})])
     assert restarted.fold(new)[0] == 1  # three sets stored already: the new one is folded

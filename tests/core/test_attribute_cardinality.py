@@ -15,7 +15,7 @@ import pytest
 
 from meterhouse.collector.derived import CardinalityJob
 from meterhouse.collector.model import BATCH_COLUMNS
-from meterhouse.collector.writer import NUMBER_NAMES, stamp
+from meterhouse.collector.writer import stamp
 from meterhouse.core import native, schema
 from meterhouse.core.store import Store
 
@@ -30,7 +30,22 @@ WHERE kind = 'sum'
 GROUP BY metric, hour, key"""
 
 
+def write(store, seq: int, points: list[tuple[str, dict[str, str]]], now: int = 0, raw: bytes = b"") -> None:
+    """One group as the writer inserts it (on the embedded engine with its own attribute-set rows)."""
+    from meterhouse.collector.model import Blocks
+    from meterhouse.collector.writer import insert_calls
+
+    raw = raw or unstamped(points, now)
+    token = f"{schema.ONE_BLOCK_TOKEN_PREFIX}{seq:x}"
+    for _kind, insert in insert_calls(store, token, seq, blocks=[Blocks(raw, len(points), b"", 0, "d", 0)]):
+        insert(False)
+
+
 def block(seq: int, points: list[tuple[str, dict[str, str]]], now: int = 0) -> bytes:
+    return stamp(unstamped(points, now), len(points), f"tok-{seq}:n", seq)
+
+
+def unstamped(points: list[tuple[str, dict[str, str]]], now: int = 0) -> bytes:
     now = now or time.time_ns()
     rows = []
     for org, attrs in points:
@@ -42,7 +57,7 @@ def block(seq: int, points: list[tuple[str, dict[str, str]]], now: int = 0) -> b
                          temporality=schema.TEMPORALITY_DELTA, series_id=0, series_start=0,
                          cumulative_int=0, cumulative_double=0.0))  # fmt: skip
     cols = [[row[n] for row in rows] for n in BATCH_COLUMNS]
-    return stamp(native.encode(BATCH_COLUMNS, TYPES, cols), len(rows), f"tok-{seq}:n", seq)
+    return native.encode(BATCH_COLUMNS, TYPES, cols)
 
 
 def take(store, committed: int, step: int = 64) -> int:
@@ -82,7 +97,7 @@ def cardinality(store) -> dict[str, tuple[int, int]]:
 
 def test_distinct_values_and_orgs_per_key(store):
     points = [(f"org-{i % 3}", {"a": str(i % 5), "b": "x"}) for i in range(30)] + [("org-9", {"c": "1"})]
-    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block(1, points), "tok-1:n")
+    write(store, 1, points)
     assert cardinality(store) == {}  # no view on the embedded engine: the job's
     assert take(store, 1) == 1
     assert cardinality(store) == {"a": (5, 3), "b": (1, 3), "c": (1, 1)}
@@ -96,7 +111,7 @@ def test_points_with_many_attributes_and_a_long_org_insert_within_the_engine_sha
     points = [(org, {f"k{j:03}": str(i) for j in range(127)}) for i in range(2000)]
     store.client.command("SET max_memory_usage = 268435456")
     try:
-        store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block(1, points), "tok-1:n")
+        write(store, 1, points)
         take(store, 1)
     finally:
         store.client.command("SET max_memory_usage = 0")
@@ -110,13 +125,13 @@ def test_the_one_view_of_the_version_before_is_replaced_at_start(store):
     db, table = store.database, schema.ATTRIBUTE_CARDINALITY_TABLE
     store.client.command(BEFORE.format(db=db, table=table, ingest=schema.INGEST_TABLE))
     store.client.command(f"TRUNCATE TABLE {db}.{schema.PROGRESS_TABLE}")  # as that version left it
-    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block(1, [("org-1", {"a": "1"})]), "tok-1:n")
+    write(store, 1, [("org-1", {"a": "1"})])
     store.ensure_schema()
     assert store.progress(schema.CARDINALITY_JOB) == schema.PROGRESS_PENDING
     job = CardinalityJob(lambda fn: fn(store), lambda: 1, 0)
     job.prepare()
     assert store.progress(schema.CARDINALITY_JOB) == 2
-    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block(2, [("org-2", {"a": "2"})]), "tok-2:n")
+    write(store, 2, [("org-2", {"a": "2"})])
     assert take(store, 2) == 1
     assert cardinality(store) == {"a": (2, 2)}  # each point once: the old view is gone, the job takes 2
 
@@ -128,7 +143,7 @@ def test_a_kill_between_the_progress_and_the_views_dropped_is_finished_at_the_ne
             store.client.command(statement)  # the views as a server has them, and as the kill left them
     store.client.command(f"TRUNCATE TABLE {db}.{schema.PROGRESS_TABLE}")
     store.set_progress(schema.CARDINALITY_JOB, schema.PROGRESS_PENDING)  # written, then the kill
-    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block(1, [("org-1", {"a": "1"})]), "tok-1:n")
+    write(store, 1, [("org-1", {"a": "1"})])
     store.ensure_schema()
     views = store.rows(
         f"SELECT name FROM system.tables WHERE database = '{db}' AND name LIKE 'attribute_%_mv'"
@@ -156,15 +171,14 @@ def test_the_job_gives_the_table_the_views_give(store, step):
     try:
         for n, (seq, points, at) in enumerate(groups):
             for target in (store, views):
-                target.insert_native(
-                    schema.INGEST_TABLE, NUMBER_NAMES, block(seq, points, at), f"tok-{seq}:n"
-                )
+                write(target, seq, points, at)
             if n in (1, 4):
                 take(store, seq, step)
-        gauge = block(10**18 + 9, [("org-9", {"only": "gauge"})]).replace(b"\x03sum", b"\x05gauge")
+        gauge_point = [("org-9", {"only": "gauge"})]
+        gauge = unstamped(gauge_point).replace(b"\x03sum", b"\x05gauge")
         assert b"gauge" in gauge
         for target in (store, views):
-            target.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, gauge, "tok-g:n")
+            write(target, 10**18 + 9, gauge_point, raw=gauge)
         take(store, 10**18 + 9, step)
         take(store, 10**18 + 9, step)  # again: nothing to take, nothing added
         store.set_progress(schema.CARDINALITY_JOB, 0)

@@ -266,6 +266,7 @@ def test_concatenated_blocks_are_the_block_of_the_concatenated_columns(case):
     want = native.encode_python(names, types, merged)
     assert native.concat(blocks) == want
     assert native.concat_python(blocks) == want
+    assert native.split(b"".join(blocks)) == blocks
 
 
 def test_concatenation_refuses_blocks_it_cannot_join():

@@ -291,3 +291,50 @@ def test_cross_org_panels_read_only_the_granules_of_their_hours(store):
     # And they answer what the rollup answers.
     assert store.client.query(top).result_rows == store.client.query(old).result_rows
     assert store.client.query(top).result_rows[0] == ("org-049", 6 * 50.0)
+
+
+def test_every_panel_and_derived_table_is_the_same_on_the_embedded_engine_as_with_the_views(store):
+    """The embedded engine fills the orgs, the catalog and the attribute sets from the writer and the
+    attribute cardinality by a job, where a server's views fill them per insert: the same rows written to
+    both give every panel the same answer, and every derived table the same content."""
+    from meterhouse.core.store import Store
+
+    views = Store(store.client, store.database + "_views", "http://views")  # a server's schema
+    views.ensure_schema()
+    hour = 3600 * 10**9
+    now = time.time_ns()
+    rows = [
+        {"org_id": f"org-{o}", "metric": ("api.calls", "egress.bytes", "temp")[m],
+         "kind": (schema.KIND_SUM, schema.KIND_SUM, schema.KIND_GAUGE)[m], "unit": ("{call}", "By", "Cel")[m],
+         "time": (now // hour - h) * hour + (o * 7 + m) * 10**9, "value_int": 1 + o * h + m,
+         "attrs": {"feature": f"f{(o + h) % 3}", "region": ("eu", "us")[o % 2], **({"plan": "pro"} if h % 4 else {})}}
+        for o in range(12) for m in range(3) for h in range(0, 30, 2)
+    ]  # fmt: skip
+    try:
+        for target in (store, views):
+            for part in (rows[::3], rows[1::3], rows[2::3]):  # three groups, sets repeated across them
+                put(target, part)
+        frm, to = int((now - 26 * hour) / 10**9), int(now / 10**9)
+        queries = clickhouse_queries()
+        for dash, what, target in queries:
+            for interval_s in (60, 3600):
+                got = store.client.query(
+                    expand(target.rawSql, store.database, interval_s, frm, to)
+                ).result_rows
+                want = views.client.query(
+                    expand(target.rawSql, views.database, interval_s, frm, to)
+                ).result_rows
+                assert sorted(map(repr, got)) == sorted(map(repr, want)), (dash, what)
+        tables = {
+            schema.ORGS_TABLE: "SELECT org_id, min(first_seen), max(last_seen), sum(points) FROM {t} GROUP BY 1",
+            schema.CATALOG_TABLE: "SELECT metric, kind, max(last_seen), sum(points), any(unit) FROM {t} GROUP BY 1, 2",
+            schema.ATTRIBUTE_SETS_TABLE: "SELECT DISTINCT org_id, metric, attr_keys, attr_values FROM {t}",
+            schema.ATTRIBUTE_CARDINALITY_TABLE: "SELECT metric, hour, key, uniqExactMerge(distinct_values), "
+            "uniqExactMerge(orgs) FROM {t} GROUP BY 1, 2, 3",
+        }  # fmt: skip
+        for table, sql in tables.items():
+            got = sorted(store.rows(sql.format(t=f"{store.database}.{table}")))
+            want = sorted(views.rows(sql.format(t=f"{views.database}.{table}")))
+            assert got == want and len(got) >= 3, table
+    finally:
+        store.client.command(f"DROP DATABASE IF EXISTS {views.database} SYNC")
