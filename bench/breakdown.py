@@ -72,8 +72,7 @@ def run(work: Path, quick: bool) -> dict:
 
     def embedded(db: str) -> None:
         """What the writer sends on the embedded engine: each group as one block, with its own rows
-        (orgs, catalog, new attribute sets) and the three views, then the cardinality job's run."""
-        from meterhouse.collector.derived import CardinalityJob
+        (orgs, catalog, new attribute sets and (set, hour) pairs) and the three views."""
         from meterhouse.collector.writer import insert_calls
 
         store = Store(client, db, "embedded")
@@ -83,12 +82,11 @@ def run(work: Path, quick: bool) -> dict:
             token = f"{schema.ONE_BLOCK_TOKEN_PREFIX}{i:x}"
             for _kind, call in insert_calls(store, token, i + 1, blocks=blocks[i : i + 10], seen=seen):  # type: ignore[arg-type]
                 call(False)
-        CardinalityJob(lambda fn: fn(store), lambda: len(blocks) + 1, 0).run_once()
 
     insert("warmup", set())
     stage("insert, no view (the engine's floor)", lambda: insert("no_view", set()))
     for n, view in enumerate(views):
         stage(f"insert, {view} alone", lambda view=view, n=n: insert(f"v{n}", {view}))
     stage("insert, the whole schema (a server's: every view)", lambda: insert("all_views", set(views)))
-    stage("insert, the embedded engine's (3 views, the writer's own rows, the job)", lambda: embedded("lean"))
+    stage("insert, the embedded engine's (3 views and the writer's own rows)", lambda: embedded("lean"))
     return {"points": total, "rows": rows}

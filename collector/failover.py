@@ -18,13 +18,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.core.store import SchemaMismatch, Store, endpoint_label, is_embedded
-
-T = TypeVar("T")
 
 log = logging.getLogger("meterhouse.failover")
 
@@ -264,11 +262,6 @@ class EndpointSet:
     def embedded(self) -> bool:
         """The embedded engine (one endpoint, in this process): its ledger and derived rows apply."""
         return len(self.endpoints) == 1 and is_embedded(self.endpoints[0].url)
-
-    def on_store(self, fn: Callable[[Store], T], write: bool = False) -> T:
-        """``fn`` run on the active endpoint's store (routed, retried and marked like every call)."""
-        result: T = self._call(fn, write=write)
-        return result
 
     def max_batch_seq(self) -> int:
         seq: int = self._call(lambda s: s.max_batch_seq(), write=False)

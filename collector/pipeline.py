@@ -17,7 +17,6 @@ from meterhouse.collector.cumulative import CumulativeState
 from meterhouse.collector.deadletter import DeadLetters
 from meterhouse.collector.decode import Limits
 from meterhouse.collector.dedup import RecentRequests
-from meterhouse.collector.derived import CardinalityJob
 from meterhouse.collector.failover import EndpointSet
 from meterhouse.collector.files import Files
 from meterhouse.collector.identity import EdgeIdentity
@@ -136,18 +135,6 @@ class Collector:
             # ``is not None``: an empty RecentRequests is falsy (it has a length), and the hook must be
             # wired from the first start, when no digest is known yet.
             before_commit=self.recent.committed if self.recent is not None else None,
-        )
-        # The embedded engine's attribute cardinality (collector/derived.py), each range's queries held
-        # to a quarter of the engine's share beside the writer's inserts.
-        self.cardinality = (
-            CardinalityJob(
-                self.endpoints.on_store,
-                lambda: self.spool.committed_seq,
-                config.cardinality_interval_s,
-                {"max_memory_usage": self.memory.engine_bytes // 4},
-            )
-            if is_embedded(config.endpoints[0]) and not config.cluster
-            else None
         )
         self.cumulative = CumulativeState(
             # Committed (ClickHouse), spooled (``restore_cumulative`` at start) and dead-lettered points.
@@ -285,11 +272,7 @@ class Collector:
                     if batch.dist_columns:
                         self.series.observe(batch.dist_columns)
         self.identity.floor_ns = max(self._stored_max_time(), spooled_max)
-        if self.cardinality is not None:
-            self.cardinality.prepare()  # before the writer commits anything above the spool's number
         self.writer.start()
-        if self.cardinality is not None:
-            self.cardinality.start()
         self.http.start()
         self.grpc.start()
         self._started = True
@@ -343,8 +326,6 @@ class Collector:
         self.grpc.shutdown(min(left(), 1.0))
         self.http.in_flight.wait_idle(max(0.1, left()))
         self.writer.shutdown(left())
-        if self.cardinality is not None:
-            self.cardinality.shutdown(min(left(), 5.0))
         self.spool.shutdown(left())
         if self.recent is not None:
             self.recent.close()

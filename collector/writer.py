@@ -222,35 +222,42 @@ def _derived(
     calls: list[tuple[str, Callable[[bool], None]]],
 ) -> list[tuple[str, Sequence[str], bytes]]:
     """The embedded engine's rows the writer derives from a group's blocks (``schema.WRITER_TABLES``):
-    its orgs ("o") and catalog ("c", "e") rows, returned as inserts, and its attribute sets not stored before
-    (``seen``), appended to ``calls`` as the first insert ("s": repeatable, so not under the ledger; its
-    keys join ``seen`` once it is in). All come before the points: the cardinality job finds every set of
-    a committed group, and a group an earlier version began asks whether its points had landed before
-    this try inserts them (``Store.insert_earlier``)."""
+    its orgs ("o") and catalog ("c", "e") rows, returned as inserts, and its (attribute set, hour) pairs
+    not sent before (``seen``), appended to ``calls`` as the first inserts: their sets ("s") and those of
+    sums for the attribute cardinality ("a"), repeatable, so not under the ledger; their keys join
+    ``seen`` once both are in. All come before the points, so that a group an earlier version began asks
+    whether its points had landed before this try inserts them (``Store.insert_earlier``)."""
     seen = seen if seen is not None else native.KeySet(1 << 10)
     if not token.startswith(schema.ONE_BLOCK_TOKEN_PREFIX):  # the records' blocks one after another
         numbers = native.concat(native.split(numbers)) if numbers else numbers
         dists = native.concat(native.split(dists)) if dists else dists
-    orgs, catalog, sets, keys = native.group_summary(numbers, seen, True) if numbers else ([], [], b"", [])
+    empty: native.Summary = ([], [], b"", [], b"")
+    orgs, catalog, sets, keys, pairs = native.group_summary(numbers, seen, True) if numbers else empty
     d_catalog: list[native.CatalogRow] = []
     if dists:
-        _, d_catalog, d_sets, d_keys = native.group_summary(dists, seen, False)
+        _, d_catalog, d_sets, d_keys, _ = native.group_summary(dists, seen, False)
         sets = native.concat([sets, d_sets]) if sets and d_sets else sets or d_sets
         keys = [*keys, *d_keys]
-    if sets:
-        table = schema.ATTRIBUTE_SETS_TABLE
+    repeatable = [("s", native.SET_NAMES, sets), ("a", native.PAIR_NAMES, pairs)]
+    last = max((i for i, (_, _, block) in enumerate(repeatable) if block), default=-1)
+    for i, (kind, names, block) in enumerate(repeatable):
+        if not block:
+            continue
 
-        def insert_sets(doubt: bool) -> None:
+        def insert(doubt: bool, kind: str = kind, names: Sequence[str] = names, block: bytes = block,
+                   done: bool = i == last) -> None:  # fmt: skip
             # Never dropped as a repeat (the embedded engine's deduplication log may hold the token of a
             # part a kill took): in doubt without deduplication, else under a token of its own each time.
-            # A set kept twice is kept once.
+            # A set or pair sent twice counts once. The pairs join ``seen`` once both are in.
             if doubt and hasattr(store, "insert_in_doubt"):
-                store.insert_in_doubt("s", native.SET_NAMES, sets, f"{token}:s", seq)
+                store.insert_in_doubt(kind, names, block, f"{token}:{kind}", seq)
             else:
-                store.insert_native(table, native.SET_NAMES, sets, f"{token}:s:{uuid.uuid4().hex}")
-            seen.add(keys)
+                table = schema.REPEATABLE_INSERTS[kind]
+                store.insert_native(table, names, block, f"{token}:{kind}:{uuid.uuid4().hex}")
+            if done:
+                seen.add(keys)
 
-        calls.append(("s", insert_sets))
+        calls.append((kind, insert))
     out: list[tuple[str, Sequence[str], bytes]] = []
     rows: Sequence[tuple[Any, ...]]
     for kind, rows in (("o", orgs or []), ("c", catalog), ("e", d_catalog)):

@@ -64,8 +64,8 @@ def test_a_group_of_small_requests_does_not_stall_honest_usage(up_factory):
     4,000 of 16 such requests). The bound on an insert's distinct attribute keys keeps such records apart
     (``tests/test_adv28_halve_kill.py``); taken away here, so that the fallback for what no bound foresaw
     is what is tested. On the embedded engine the attribute-cardinality views, which needed that memory,
-    are now a job (``collector/derived.py``): the group may fit whole, and then nothing is halved; either
-    way each point counts once."""
+    now read each (attribute set, hour) pair once, not every point: the group may fit whole, and then
+    nothing is halved; either way each point counts once."""
     up = up_factory("--max-insert-attribute-keys", str(10**9))
     attacks = [distinct_keys_request(250, 126, first=k * 250) for k in range(10)]
 

@@ -40,10 +40,6 @@ def put(store, rows: list[dict]) -> None:
             insert(False)
     else:
         store.insert_points([cols[n] for n in BATCH_COLUMNS] + [[token] * len(rows)], token)
-    if getattr(store, "embedded", False):
-        # Rows outside the writer's ledger (number 0): the cardinality job of a running collector
-        # takes them only on a new database's first run (collector/derived.py); taken here at once.
-        store.derive_cardinality(0, 0)
 
 
 class Crash(Exception):

@@ -582,9 +582,11 @@ done:
 
 /* What the writer derives from a group's block besides inserting it (collector/writer.py): per org its
  * first and last point time and points (org_last_seen), per (metric, kind) its last unit, last time and
- * points (metric_catalog), and the group's distinct attribute sets (org, metric, keys, values) that are not
- * in `seen`, as a Native block for attribute_sets with their 16-byte keys (two 64-bit hashes), so that the
- * writer inserts only sets it has not stored before. Strings are compared by their bytes. */
+ * points (metric_catalog), and the group's distinct (attribute set, hour) pairs (org, metric, keys,
+ * values, the hour of the time, and the kind: only sums' count for the cardinality) that are not in `seen`, with their 16-byte keys (two 64-bit hashes): their
+ * sets as a Native block for attribute_sets, and those of sums as a block for the attribute-cardinality
+ * views, so that the writer sends each set once an hour, not once a point. Strings are compared by their
+ * bytes. */
 typedef struct {
     const unsigned char *p;
     Py_ssize_t n;
@@ -813,7 +815,53 @@ fail:
     return NULL;
 }
 
-/* group_summary(block, seen, orgs) -> (orgs_or_None, catalog, sets_block, set_keys) */
+/* The start of a time's hour in seconds (times in nanoseconds; floor, as toStartOfHour). */
+static int64_t hour_of(int64_t ns) {
+    int64_t h = ns / 3600000000000LL;
+    if (ns % 3600000000000LL < 0) h--;
+    return h * 3600;
+}
+
+static int put_u32(Buf *b, uint32_t v) {
+    unsigned char le[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16),
+                           (unsigned char)(v >> 24)};
+    return put(b, le, 4);
+}
+
+static int put_head(Buf *b, const char *name, const char *type) {
+    if (put_leb128(b, strlen(name)) < 0 || put(b, name, (Py_ssize_t)strlen(name)) < 0) return -1;
+    if (put_leb128(b, strlen(type)) < 0 || put(b, type, (Py_ssize_t)strlen(type)) < 0) return -1;
+    return 0;
+}
+
+/* A String column of the picked rows. */
+static int put_picked_strings(Buf *b, const Str *col, const uint64_t *rows, uint64_t n) {
+    for (uint64_t q = 0; q < n; q++) {
+        Str v = col[rows[q]];
+        if (put_leb128(b, (uint64_t)v.n) < 0 || put(b, v.p, v.n) < 0) return -1;
+    }
+    return 0;
+}
+
+/* An Array(String) column (offsets `cell`, values `items`) of the picked rows. */
+static int put_picked_arrays(Buf *b, const Cell *cell, const Str *items, const uint64_t *rows, uint64_t n) {
+    uint64_t end = 0;
+    for (uint64_t q = 0; q < n; q++) {
+        uint64_t r = rows[q];
+        uint64_t a0 = r ? get_u64(cell->a + 8 * (r - 1)) : 0, a1 = get_u64(cell->a + 8 * r);
+        end += a1 - a0;
+        if (put_u64(b, end) < 0) return -1;
+    }
+    for (uint64_t q = 0; q < n; q++) {
+        uint64_t r = rows[q];
+        uint64_t a0 = r ? get_u64(cell->a + 8 * (r - 1)) : 0, a1 = get_u64(cell->a + 8 * r);
+        for (uint64_t j = a0; j < a1; j++)
+            if (put_leb128(b, (uint64_t)items[j].n) < 0 || put(b, items[j].p, items[j].n) < 0) return -1;
+    }
+    return 0;
+}
+
+/* group_summary(block, seen, orgs) -> (orgs_or_None, catalog, sets_block, keys, cardinality_block) */
 static PyObject *group_summary(PyObject *self, PyObject *args) {
     Py_buffer view, seen_view;
     int want_orgs;
@@ -823,13 +871,13 @@ static PyObject *group_summary(PyObject *self, PyObject *args) {
         PyBuffer_Release(&seen_view);
         return NULL;
     }
-    PyObject *result = NULL, *orgs = NULL, *catalog = NULL, *keys = NULL, *sets_block = NULL;
+    PyObject *result = NULL, *orgs = NULL, *catalog = NULL, *keys = NULL, *sets_block = NULL, *card_block = NULL;
     Parsed *b = PyMem_Calloc(1, sizeof(Parsed));
     Str *org = NULL, *metric = NULL, *kind = NULL, *unit = NULL, *akeys = NULL, *avals = NULL;
     Table t_org = {0}, t_cat = {0}, t_set = {0};
     int64_t *first = NULL, *last = NULL, *count = NULL, *cat_last = NULL, *cat_count = NULL;
     uint64_t *cat_unit = NULL, *new_rows = NULL;
-    Buf out = {NULL, 0, 0, -1};
+    Buf out = {NULL, 0, 0, -1}, card = {NULL, 0, 0, -1};
     if (!b) {
         PyErr_NoMemory();
         goto done;
@@ -931,6 +979,11 @@ static PyObject *group_summary(PyObject *self, PyObject *args) {
                 h1 = hash_bytes(h1, avals[j].p, avals[j].n, 12);
                 h2 = hash_bytes(h2, avals[j].p, avals[j].n, 13);
             }
+            int64_t hour = hour_of(tm);
+            unsigned char hb[8];
+            for (int q = 0; q < 8; q++) hb[q] = (unsigned char)((uint64_t)hour >> (8 * q));
+            h1 = hash_bytes(hash_bytes(h1, hb, 8, 14), kind[i].p, kind[i].n, 16);
+            h2 = hash_bytes(hash_bytes(h2, hb, 8, 15), kind[i].p, kind[i].n, 17);
             uint64_t s = h1 & t_set.mask;
             int dup = 0;
             while (t_set.slots[s]) {
@@ -938,8 +991,10 @@ static PyObject *group_summary(PyObject *self, PyObject *args) {
                     uint64_t r = (uint64_t)t_set.slots[s] - 1;
                     uint64_t rk0 = r ? get_u64(ck->a + 8 * (r - 1)) : 0, rk1 = get_u64(ck->a + 8 * r);
                     uint64_t rv0 = r ? get_u64(cv->a + 8 * (r - 1)) : 0, rv1 = get_u64(cv->a + 8 * r);
-                    int eq = str_eq(org[r], org[i]) && str_eq(metric[r], metric[i]) && rk1 - rk0 == k1 - k0 &&
-                             rv1 - rv0 == v1 - v0;
+                    int64_t rt = (int64_t)get_u64(b->cells[c_time].a + 8 * r);
+                    int eq = hour_of(rt) == hour && str_eq(kind[r], kind[i]) && str_eq(org[r], org[i]) &&
+                             str_eq(metric[r], metric[i]) &&
+                             rk1 - rk0 == k1 - k0 && rv1 - rv0 == v1 - v0;
                     for (uint64_t j = 0; eq && j < k1 - k0; j++) eq = str_eq(akeys[rk0 + j], akeys[k0 + j]);
                     for (uint64_t j = 0; eq && j < v1 - v0; j++) eq = str_eq(avals[rv0 + j], avals[v0 + j]);
                     if (eq) {
@@ -999,46 +1054,37 @@ static PyObject *group_summary(PyObject *self, PyObject *args) {
         Py_DECREF(row);
     }
     if (nsets) {
-        static const char *names[4] = {"org_id", "metric", "attr_keys", "attr_values"};
-        if (put_leb128(&out, 4) < 0 || put_leb128(&out, nsets) < 0) goto done;
-        for (int c = 0; c < 4; c++) {
-            const char *tn = c < 2 ? "String" : "Array(String)";
-            if (put_leb128(&out, strlen(names[c])) < 0 || put(&out, names[c], (Py_ssize_t)strlen(names[c])) < 0 ||
-                put_leb128(&out, strlen(tn)) < 0 || put(&out, tn, (Py_ssize_t)strlen(tn)) < 0)
-                goto done;
-            if (c < 2) {
-                Str *col = c == 0 ? org : metric;
-                for (uint64_t q = 0; q < nsets; q++) {
-                    Str v = col[new_rows[q]];
-                    if (put_leb128(&out, (uint64_t)v.n) < 0 || put(&out, v.p, v.n) < 0) goto done;
-                }
-                continue;
-            }
-            const Cell *cell = c == 2 ? ck : cv;
-            Str *items = c == 2 ? akeys : avals;
-            uint64_t end = 0;
-            for (uint64_t q = 0; q < nsets; q++) {
-                uint64_t r = new_rows[q];
-                uint64_t a0 = r ? get_u64(cell->a + 8 * (r - 1)) : 0, a1 = get_u64(cell->a + 8 * r);
-                end += a1 - a0;
-                if (put_u64(&out, end) < 0) goto done;
-            }
-            for (uint64_t q = 0; q < nsets; q++) {
-                uint64_t r = new_rows[q];
-                uint64_t a0 = r ? get_u64(cell->a + 8 * (r - 1)) : 0, a1 = get_u64(cell->a + 8 * r);
-                for (uint64_t j = a0; j < a1; j++)
-                    if (put_leb128(&out, (uint64_t)items[j].n) < 0 || put(&out, items[j].p, items[j].n) < 0)
-                        goto done;
-            }
+        if (put_leb128(&out, 4) < 0 || put_leb128(&out, nsets) < 0 || put_head(&out, "org_id", "String") < 0 ||
+            put_picked_strings(&out, org, new_rows, nsets) < 0 || put_head(&out, "metric", "String") < 0 ||
+            put_picked_strings(&out, metric, new_rows, nsets) < 0 ||
+            put_head(&out, "attr_keys", "Array(String)") < 0 || put_picked_arrays(&out, ck, akeys, new_rows, nsets) < 0 ||
+            put_head(&out, "attr_values", "Array(String)") < 0 || put_picked_arrays(&out, cv, avals, new_rows, nsets) < 0)
+            goto done;
+    }
+    /* The new (series, hour) pairs of sums, for the attribute-cardinality views. */
+    uint64_t nsums = 0;
+    for (uint64_t q = 0; q < nsets; q++) {
+        Str k = kind[new_rows[q]];
+        if (k.n == 3 && !memcmp(k.p, "sum", 3)) new_rows[nsums++] = new_rows[q];
+    }
+    if (nsums) {
+        if (put_leb128(&card, 5) < 0 || put_leb128(&card, nsums) < 0 || put_head(&card, "metric", "String") < 0 ||
+            put_picked_strings(&card, metric, new_rows, nsums) < 0 || put_head(&card, "hour", "DateTime('UTC')") < 0)
+            goto done;
+        for (uint64_t q = 0; q < nsums; q++) {
+            int64_t h = hour_of((int64_t)get_u64(b->cells[c_time].a + 8 * new_rows[q]));
+            if (put_u32(&card, (uint32_t)(h < 0 ? 0 : h > 0xFFFFFFFFLL ? 0xFFFFFFFFLL : h)) < 0) goto done;
         }
+        if (put_head(&card, "org_id", "String") < 0 || put_picked_strings(&card, org, new_rows, nsums) < 0 ||
+            put_head(&card, "attr_keys", "Array(String)") < 0 || put_picked_arrays(&card, ck, akeys, new_rows, nsums) < 0 ||
+            put_head(&card, "attr_values", "Array(String)") < 0 || put_picked_arrays(&card, cv, avals, new_rows, nsums) < 0)
+            goto done;
     }
     sets_block = PyBytes_FromStringAndSize(out.data ? out.data : "", out.len);
     if (!sets_block) goto done;
-    if (want_orgs) {
-        result = Py_BuildValue("(OOOO)", orgs, catalog, sets_block, keys);
-    } else {
-        result = Py_BuildValue("(OOOO)", Py_None, catalog, sets_block, keys);
-    }
+    card_block = PyBytes_FromStringAndSize(card.data ? card.data : "", card.len);
+    if (!card_block) goto done;
+    result = Py_BuildValue("(OOOOO)", want_orgs ? orgs : Py_None, catalog, sets_block, keys, card_block);
 done:
     PyBuffer_Release(&view);
     PyBuffer_Release(&seen_view);
@@ -1046,6 +1092,7 @@ done:
     Py_XDECREF(catalog);
     Py_XDECREF(keys);
     Py_XDECREF(sets_block);
+    Py_XDECREF(card_block);
     table_free(&t_org);
     table_free(&t_cat);
     table_free(&t_set);
@@ -1064,6 +1111,7 @@ done:
     PyMem_Free(cat_unit);
     PyMem_Free(new_rows);
     PyMem_Free(out.data);
+    PyMem_Free(card.data);
     return result;
 }
 
@@ -1161,8 +1209,8 @@ static PyMethodDef methods[] = {
     {"keyset_add", keyset_add, METH_VARARGS,
      "keyset_add(table, keys) -> int: add group_summary's set keys to a key set (a bytearray)."},
     {"group_summary", group_summary, METH_VARARGS,
-     "group_summary(block, seen, orgs) -> (orgs or None, catalog, sets_block, set_keys): what the writer "
-     "derives from a group's block (org_last_seen, metric_catalog, attribute sets not in seen)."},
+     "group_summary(block, seen, orgs) -> (orgs or None, catalog, sets_block, keys, cardinality_block): what "
+     "the writer derives from a group's block (org_last_seen, metric_catalog, new (set, hour) pairs)."},
     {"native_block", native_block, METH_VARARGS,
      "native_block(names, types, columns[, max_bytes]) -> bytes: one ClickHouse Native-format block; "
      "BlockTooLarge, before allocating more, when it would pass max_bytes."},

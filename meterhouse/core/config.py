@@ -101,12 +101,6 @@ class Config:
         _positive, default=1.0, help="Longest time a spooled point waits before its insert."
     )
     flush_max_points: int = _opt(_positive, default=50_000, help="Insert as soon as this many points wait.")
-    cardinality_interval_s: float = _opt(
-        _positive,
-        default=30.0,
-        help="Embedded engine: how often the attribute-cardinality table is filled from the rollup's "
-        "committed rows (a job, not a view per insert; the panel lags by up to this).",
-    )
     flush_max_bytes: int = _opt(
         _positive,
         default=16 << 20,

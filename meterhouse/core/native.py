@@ -288,8 +288,16 @@ def _hash_bytes(h: int, data: bytes, seed: int) -> int:
     return h ^ (h >> 33)
 
 
-def set_key(org: str, metric: str, keys: Sequence[str], values: Sequence[str]) -> bytes:
-    """The 16-byte key of an attribute set (two 64-bit hashes), as ``_native.group_summary`` makes it."""
+def hour_of(ns: int) -> int:
+    """The start of a time's hour, in seconds (``toStartOfHour``)."""
+    return ns // 3_600_000_000_000 * 3600
+
+
+def set_key(
+    org: str, metric: str, keys: Sequence[str], values: Sequence[str], hour: int, kind: str = "sum"
+) -> bytes:
+    """The 16-byte key of an (attribute set, hour) pair of a kind of point (two 64-bit hashes), as
+    ``_native.group_summary`` makes it."""
     o, m = org.encode("utf-8", "surrogateescape"), metric.encode("utf-8", "surrogateescape")
     h1 = _hash_bytes(_hash_bytes(0, o, 4), m, 5) ^ ((len(keys) * 0x9E3779B97F4A7C15) & _M64)
     h2 = _hash_bytes(_hash_bytes(7, m, 8), o, 9) ^ ((len(values) * 0xC2B2AE3D27D4EB4F) & _M64)
@@ -299,6 +307,12 @@ def set_key(org: str, metric: str, keys: Sequence[str], values: Sequence[str]) -
     for v in values:
         raw = v.encode("utf-8", "surrogateescape")
         h1, h2 = _hash_bytes(h1, raw, 12), _hash_bytes(h2, raw, 13)
+    hb = struct.pack("<q", hour)
+    raw_kind = kind.encode("utf-8", "surrogateescape")
+    h1, h2 = (
+        _hash_bytes(_hash_bytes(h1, hb, 14), raw_kind, 16),
+        _hash_bytes(_hash_bytes(h2, hb, 15), raw_kind, 17),
+    )
     key = bytearray(struct.pack("<QQ", h1, h2))
     key[0] |= 1
     return bytes(key)
@@ -351,10 +365,12 @@ class KeySet:
 #: (metric, kind) (metric, kind, last unit, last time, points), and the new attribute sets' block and keys.
 OrgRow = tuple[str, int, int, int]
 CatalogRow = tuple[str, str, str, int, int]
-Summary = tuple[list[OrgRow] | None, list[CatalogRow], bytes, list[bytes]]
+Summary = tuple[list[OrgRow] | None, list[CatalogRow], bytes, list[bytes], bytes]
 
 SET_NAMES = ("org_id", "metric", "attr_keys", "attr_values")
 SET_TYPES = ("String", "String", "Array(String)", "Array(String)")
+PAIR_NAMES = ("metric", "hour", "org_id", "attr_keys", "attr_values")
+PAIR_TYPES = ("String", "DateTime('UTC')", "String", "Array(String)", "Array(String)")
 
 
 def group_summary_python(block: bytes, seen: KeySet, orgs: bool) -> Summary:
@@ -370,28 +386,41 @@ def group_summary_python(block: bytes, seen: KeySet, orgs: bool) -> Summary:
             o[0], o[1], o[2] = min(o[0], t), max(o[1], t), o[2] + 1
         c = by_metric.setdefault((cols["metric"][i], cols["kind"][i]), ["", t, 0])
         c[0], c[1], c[2] = cols["unit"][i], max(c[1], t), c[2] + 1
-        key = set_key(cols["org_id"][i], cols["metric"][i], cols["attr_keys"][i], cols["attr_values"][i])
+        org, metric = cols["org_id"][i], cols["metric"][i]
+        key = set_key(org, metric, cols["attr_keys"][i], cols["attr_values"][i], hour_of(t), cols["kind"][i])
         if key not in sets and key not in seen:
             sets[key] = i
     rows_ = list(sets.values())
-    block_ = (
-        encode_python(SET_NAMES, SET_TYPES, [[cols[n][i] for i in rows_] for n in SET_NAMES])
-        if rows_
-        else b""
-    )
+    picked = [[cols[n][i] for i in rows_] for n in SET_NAMES]
+    block_ = encode_python(SET_NAMES, SET_TYPES, picked) if rows_ else b""
+    sums = [i for i in rows_ if cols["kind"][i] == "sum"]
+    hours = [min(max(hour_of(cols["time"][i]), 0), 2**32 - 1) for i in sums]
+    pairs = [[cols["metric"][i] for i in sums], hours, *([cols[n][i] for i in sums] for n in PAIR_NAMES[2:])]
     return (
         sorted((k, *v) for k, v in by_org.items()) if orgs else None,  # type: ignore[misc]
         sorted((m, k, *v) for (m, k), v in by_metric.items()),  # type: ignore[misc]
         block_,
         list(sets),
+        _encode_pairs(pairs) if sums else b"",
     )
+
+
+def _encode_pairs(columns: list[list[Any]]) -> bytes:
+    """The cardinality pairs' block (``DateTime`` is 4 bytes of seconds; not an ingest type)."""
+    out = [_leb128(len(PAIR_NAMES)), _leb128(len(columns[0]))]
+    for name, column_type, values in zip(PAIR_NAMES, PAIR_TYPES, columns, strict=True):
+        seconds = column_type.startswith("DateTime(")
+        data = array("I", values).tobytes() if seconds else _values(column_type, values)
+        out += [_string(name), _string(column_type), data]
+    return b"".join(out)
 
 
 def group_summary(block: bytes, seen: KeySet, orgs: bool) -> Summary:
     """What the writer derives from a group's block (C when built): per org its first and last point time
     and points (when ``orgs``), per (metric, kind) its last unit, last time and points, and the block's
-    distinct attribute sets not in ``seen`` (a Native block for ``attribute_sets``, and their keys, to add
-    to ``seen`` once stored). The lists are in no particular order."""
+    distinct (attribute set, hour) pairs not in ``seen``: their sets (a Native block for
+    ``attribute_sets``), their keys (to add to ``seen`` once stored) and those of sums as a block for the
+    attribute-cardinality views (``PAIR_NAMES``). The lists are in no particular order."""
     if _c_summary is not None:
         return cast("Summary", _c_summary(block, seen.table, orgs))
     return group_summary_python(block, seen, orgs)

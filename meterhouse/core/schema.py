@@ -28,13 +28,10 @@ METRIC_ORGS_TABLE = "usage_hourly_by_metric"
 ATTRIBUTE_CARDINALITY_TABLE = "attribute_cardinality_hourly"
 #: Every attribute set stored per org and metric: what the series limit counts, read back at start.
 ATTRIBUTE_SETS_TABLE = "attribute_sets"
-#: How far the jobs that derive tables from committed rows have come (``cardinality_job_sql``).
-PROGRESS_TABLE = "derived_progress"
-#: The views that fill the attribute-cardinality table on a ClickHouse server (``ddl``).
+#: The views that fill the attribute-cardinality table from every point on a ClickHouse server (``ddl``).
 CARDINALITY_VIEWS = ("attribute_cardinality_hourly_mv", "attribute_cardinality_orgs_mv")
-CARDINALITY_JOB = "attribute_cardinality"
-#: A job's progress while it waits to be set above the spool's last committed group (``Store``).
-PROGRESS_PENDING = 2**64 - 1
+#: The embedded engine's: each new (attribute set, hour) pair of a sum, from the writer (``cardinality_ddl``).
+CARDINALITY_INGEST_TABLE = "attribute_cardinality_ingest"
 
 #: The hash of a point's attribute set that the rollup is keyed by, from the ingest columns (the
 #: collector sorts the keys, so this is cityHash64 of the raw table's sorted ``attributes`` Map).
@@ -163,9 +160,9 @@ DIST_INGEST_COLUMN_TYPES = tuple(c.type for c in DIST_INGEST_COLUMNS)
 
 def ddl(database: str, cardinality_views: bool = True, writer_views: bool = True) -> list[str]:
     """Statements that create the schema if it is missing (idempotent), in dependency order. Without
-    ``cardinality_views`` (the embedded engine) the attribute-cardinality table is filled by
-    ``cardinality_job_sql`` instead of two views per insert; without ``writer_views`` (the embedded
-    engine) the writer inserts the rows of ``WRITER_VIEWS``' tables itself."""
+    ``cardinality_views`` (the embedded engine) the attribute-cardinality table is filled from the
+    writer's (set, hour) pairs (``cardinality_ddl``) instead of every point; without ``writer_views``
+    (the embedded engine) the writer inserts the rows of ``WRITER_VIEWS``' tables itself."""
     statements = _ddl(database, cardinality_views)
     if writer_views:
         return statements
@@ -343,8 +340,8 @@ SETTINGS {dedup}""",
         # carries the org: copied onto each of a point's attributes, a 4,096-character org made 3,000
         # points of 127 attributes need more than the engine's whole share, a request inside every
         # bound whose insert failed on every retry. The orgs part joins each org's distinct keys per
-        # hour instead. On a server two views do it per insert; on the embedded engine a job does it
-        # from the rollup's committed rows (``cardinality_job_sql``).
+        # hour instead. On a server two views do it from every point; on the embedded engine two views do
+        # it from each (attribute set, hour) pair the writer sends once (``cardinality_ddl``).
         *(_cardinality_views(db) if cardinality_views else []),
         # One row per org (after merges): when it last reported. Feeds the silent-org signal cheaply.
         f"""CREATE TABLE IF NOT EXISTS {db}.{ORGS_TABLE} (
@@ -408,22 +405,9 @@ SELECT DISTINCT org_id, metric, attr_keys, attr_values FROM {db}.{DIST_INGEST_TA
     ]
 
 
-def progress_ddl(database: str) -> list[str]:
-    """How far each job that derives a table from committed rows has come (``cardinality_job_sql``; the
-    embedded engine's): the newest row per job wins."""
-    return [
-        f"""CREATE TABLE IF NOT EXISTS {database}.{PROGRESS_TABLE} (
-    job String,
-    seq UInt64,
-    written_at DateTime64(9, 'UTC') DEFAULT now64(9)
-) ENGINE = ReplacingMergeTree(written_at)
-ORDER BY job"""
-    ]
-
-
 def _cardinality_views(db: str) -> list[str]:
     """The two views that fill the attribute-cardinality table from every insert (a ClickHouse server's
-    schema; the embedded engine runs ``cardinality_job_sql``)."""
+    schema; the embedded engine's are ``cardinality_ddl``)."""
     return [
         f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attribute_cardinality_hourly_mv "
         f"""TO {db}.{ATTRIBUTE_CARDINALITY_TABLE} AS
@@ -443,44 +427,34 @@ GROUP BY metric, hour, key""",
     ]
 
 
-def cardinality_job_sql(database: str) -> list[str]:
-    """The attribute-cardinality table's rows for the rollup's rows of ledger numbers {lo} to {hi}:
-    each row's attribute set (``attribute_sets``, matched by the rollup's hash of it), then distinct
-    values and distinct orgs per (metric, hour, key) as the two views make them. The states are sets:
-    a row taken twice (a run repeated after a kill, a rollup row merged with newer ones and so numbered
-    again) adds nothing. Only the embedded engine runs it: its numbers are one writer's, in order, so
-    every row of a group at or below the highest committed one is in place when it runs."""
+def cardinality_ddl(database: str) -> list[str]:
+    """The embedded engine's attribute cardinality: the writer inserts each new (attribute set, hour) pair
+    of a sum once (``native.group_summary``; a set reported every few seconds is sent once an hour, not
+    once a point) into a Null table whose two views make the states ``_cardinality_views`` makes from
+    every point on a server. The states are sets: a pair sent twice adds nothing."""
     db = database
-    rows = f"""SELECT DISTINCT org_id, metric, hour, attributes_hash FROM {db}.{HOURLY_TABLE}
-        WHERE batch_seq >= {{lo:UInt64}} AND batch_seq <= {{hi:UInt64}}"""
-    joined = f"""SELECT r.org_id AS org_id, r.metric AS metric, r.hour AS hour, s.attr_keys AS attr_keys,
-        s.attr_values AS attr_values
-    FROM ({rows}) AS r
-    INNER JOIN (SELECT DISTINCT org_id, metric, {ATTRIBUTES_HASH} AS attributes_hash, attr_keys, attr_values
-        FROM {db}.{ATTRIBUTE_SETS_TABLE}
-        WHERE (org_id, metric) IN (SELECT org_id, metric FROM ({rows}))) AS s
-    ON r.org_id = s.org_id AND r.metric = s.metric AND r.attributes_hash = s.attributes_hash"""
     return [
-        f"""INSERT INTO {db}.{ATTRIBUTE_CARDINALITY_TABLE} (metric, hour, key, distinct_values, orgs)
+        f"""CREATE TABLE IF NOT EXISTS {db}.{CARDINALITY_INGEST_TABLE} (
+    metric String,
+    hour DateTime('UTC'),
+    org_id String,
+    attr_keys Array(String),
+    attr_values Array(String)
+) ENGINE = Null""",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attribute_cardinality_values_mv "
+        f"""TO {db}.{ATTRIBUTE_CARDINALITY_TABLE} AS
 SELECT metric, hour, key, uniqExactState(value) AS distinct_values, uniqExactStateIf('', 0) AS orgs
-FROM (SELECT metric, hour, attr_keys, attr_values FROM ({joined}))
+FROM (SELECT metric, hour, attr_keys, attr_values FROM {db}.{CARDINALITY_INGEST_TABLE})
 ARRAY JOIN attr_keys AS key, attr_values AS value
 GROUP BY metric, hour, key""",
-        f"""INSERT INTO {db}.{ATTRIBUTE_CARDINALITY_TABLE} (metric, hour, key, distinct_values, orgs)
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.attribute_cardinality_keys_mv "
+        f"""TO {db}.{ATTRIBUTE_CARDINALITY_TABLE} AS
 SELECT metric, hour, key, uniqExactStateIf('', 0) AS distinct_values, uniqExactState(org_id) AS orgs
-FROM (SELECT metric, hour, org_id, groupUniqArrayArray(attr_keys) AS keys FROM ({joined})
-    GROUP BY metric, hour, org_id)
+FROM (SELECT metric, hour, org_id, groupUniqArrayArray(attr_keys) AS keys
+    FROM {db}.{CARDINALITY_INGEST_TABLE} GROUP BY metric, hour, org_id)
 ARRAY JOIN keys AS key
 GROUP BY metric, hour, key""",
     ]
-
-
-def progress_sql(database: str) -> str:
-    """How far ``job`` has come (``argMax`` of its rows; NULL before its first row)."""
-    return (
-        f"SELECT argMax(seq, written_at) FROM {database}.{PROGRESS_TABLE} WHERE job = {{job:String}} "
-        "HAVING count() > 0"
-    )
 
 
 #: On the embedded engine the writer derives these tables' rows from each group's blocks and inserts them
@@ -512,6 +486,9 @@ CATALOG_ROW_COLUMNS: tuple[Column, ...] = (
     Column("points", "UInt64"),
     Column("batch_seq", "UInt64"),
 )
+#: The writer's inserts that a repeat leaves as they were ("s" attribute sets, "a" the attribute
+#: cardinality's (set, hour) pairs): outside the ledger, inserted again whenever in doubt.
+REPEATABLE_INSERTS = {"s": ATTRIBUTE_SETS_TABLE, "a": CARDINALITY_INGEST_TABLE}
 WRITER_COLUMNS = {"o": ORG_ROW_COLUMNS, "c": CATALOG_ROW_COLUMNS, "e": CATALOG_ROW_COLUMNS}
 #: The points insert whose rows each of the writer's own inserts is derived from.
 WRITER_SOURCE = {"o": "n", "c": "n", "e": "d"}
@@ -1500,11 +1477,12 @@ def created_names(statements: list[str]) -> list[str]:
 def render(
     database: str, cluster: str = "", raw_retention_days: int = 0, embedded: bool = False
 ) -> list[str]:
-    """Every statement of the schema: single-node, or for ``cluster`` when one is named; ``embedded``
-    (one writer, the ledger's numbers in order) fills the attribute-cardinality table by a job."""
+    """Every statement of the schema: single-node, or for ``cluster`` when one is named; ``embedded``: the
+    embedded engine's (three views per point; the writer inserts the other tables' rows, ``WRITER_TABLES``
+    and ``cardinality_ddl``)."""
     statements = (
         ddl(database, cardinality_views=not embedded, writer_views=not embedded)
-        + (progress_ddl(database) if embedded else [])
+        + (cardinality_ddl(database) if embedded else [])
         + close_ddl(database)
         + retention_ddl(database, raw_retention_days)
     )

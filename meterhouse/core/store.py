@@ -114,50 +114,20 @@ class Store:
         ]
 
     def _migrate_embedded_views(self) -> None:
-        """The embedded engine's views are the three per-point ones (and the distributions'): the
-        attribute-cardinality table is filled by a job (``collector/derived.py``), the orgs, the catalog
-        and the attribute sets by the writer (``schema.WRITER_TABLES``). A database whose views did that
-        has them dropped here, at start, while nothing writes.
-
-        The job of a new database starts at the first number; one whose views filled the table until now
-        starts above the spool's last committed group (``PROGRESS_PENDING``, resolved before the writer
-        starts). The progress row is written before the views are dropped: a kill between leaves both,
-        and the next start drops the views. A group in doubt that a dropped view fed is found in its
-        table by the ledger (rows at or above the group's number), as a view's table always was."""
-        views = self._present(schema.CARDINALITY_VIEWS)
-        if self.progress(schema.CARDINALITY_JOB) is None:
-            self.set_progress(schema.CARDINALITY_JOB, schema.PROGRESS_PENDING if views else 0)
-        writer = self._present(schema.WRITER_VIEWS)
-        if views or writer:
-            log.warning("schema: attribute cardinality filled by a job and orgs, catalog and attribute "
-                        "sets by the writer from now on; their views dropped",
-                        extra={"views": views + writer})  # fmt: skip
-        for view in views + writer:
+        """The embedded engine's views are the three per-point ones (and the distributions'): the writer
+        inserts the orgs', the catalog's and the attribute sets' rows (``schema.WRITER_TABLES``) and each
+        new (attribute set, hour) pair for the attribute cardinality (``schema.cardinality_ddl``). A
+        database whose views did that from every point has them dropped here, at start, while nothing
+        writes. A group in doubt that one of them fed is found in its table by the ledger (rows at or
+        above the group's number), as a view's table always was; the cardinality's states are sets, which
+        the writer's pairs of such a group join again without counting anything twice."""
+        views = self._present([*schema.CARDINALITY_VIEWS, *schema.WRITER_VIEWS])
+        if views:
+            log.warning("schema: orgs, catalog, attribute sets and attribute cardinality written by the "
+                        "writer from now on; their views over every point dropped",
+                        extra={"views": views})  # fmt: skip
+        for view in views:
             self.client.command(f"DROP VIEW IF EXISTS {self.database}.{view}")
-
-    def progress(self, job: str) -> int | None:
-        """The first ledger number ``job`` has not taken yet; None before its first row."""
-        rows = self.rows(schema.progress_sql(self.database), {"job": job})
-        return int(rows[0][0]) if rows else None
-
-    def set_progress(self, job: str, seq: int) -> None:
-        self.client.insert(
-            f"{self.database}.{schema.PROGRESS_TABLE}", [[job, seq]], column_names=["job", "seq"]
-        )
-
-    def derive_cardinality(self, lo: int, hi: int, settings: dict[str, Any] | None = None) -> None:
-        """The attribute-cardinality rows of the rollup's rows numbered ``lo`` to ``hi`` (inclusive)."""
-        for statement in schema.cardinality_job_sql(self.database):
-            self.client.command(statement, parameters={"lo": lo, "hi": hi}, settings=settings or {})
-
-    def next_seq_at_or_above(self, seq: int) -> int | None:
-        """The lowest ledger number of a rollup row at or above ``seq`` (None if there is none)."""
-        rows = self.rows(
-            f"SELECT min(batch_seq) FROM {self.database}.{schema.HOURLY_TABLE} "
-            "WHERE batch_seq >= {s:UInt64} HAVING count() > 0",
-            {"s": seq},
-        )
-        return int(rows[0][0]) if rows else None
 
     def _migrate_close_columns(self, settings: dict[str, Any]) -> None:
         """The close's tables of an earlier version: the columns added since (``CLOSE_ADDED_COLUMNS``),
@@ -389,12 +359,13 @@ class Store:
         a part the kill took, and would drop it). ``landed`` names partitions known to hold the rows under
         another number (what a dead letter's group put in before it was refused). Elsewhere the token
         decides, as on the first try."""
-        if kind == "s":  # the writer's attribute sets: repeatable, kept once
+        if kind in schema.REPEATABLE_INSERTS:  # the writer's sets and (set, hour) pairs: kept once
+            table = schema.REPEATABLE_INSERTS[kind]
             self.client.raw_insert(
-                f"{self.database}.{schema.ATTRIBUTE_SETS_TABLE}", names, block, fmt="Native",
+                f"{self.database}.{table}", names, block, fmt="Native",
                 settings={**schema.INSERT_SETTINGS, "insert_deduplicate": 0},
             )  # fmt: skip
-            return [schema.ATTRIBUTE_SETS_TABLE]
+            return [table]
         if not is_embedded(self.name):
             self.insert_native(schema.INGEST_OF[kind], names, block, token)
             if kind in schema.WRITER_TABLES:
@@ -424,7 +395,7 @@ class Store:
             view for table, view in ledger if schema.partition_key(self.database, table) or not before[table]
         ]
         skip = {view: sorted(before[table]) for table, view in ledger if view in views}
-        # Its attribute cardinality is the job's (``collector/derived.py``), its sets the writer's.
+        # Its attribute cardinality and attribute sets are the writer's inserts ("a", "s").
         repeatable = [
             v
             for v in schema.REPEATABLE_VIEWS[kind]

@@ -1,7 +1,8 @@
 """The attribute-cardinality rollup (``attribute_cardinality_hourly``): distinct values and distinct orgs
 per metric, attribute key and hour, filled in two parts so that no row of the ARRAY JOIN carries the org:
-by two views per insert on a ClickHouse server, by a job from the rollup's committed rows on the embedded
-engine (``collector/derived.py``), which must give the same table.
+by two views over every point on a ClickHouse server, and on the embedded engine by two views over the
+(attribute set, hour) pairs the writer sends once each (``schema.cardinality_ddl``), which must give the
+same table.
 
 One view used to fill both: its ARRAY JOIN copied each point's org onto every one of its attributes, so
 points of 127 attributes with a 4,096-character org (inside every bound, acknowledged) needed more than
@@ -13,9 +14,8 @@ import time
 
 import pytest
 
-from meterhouse.collector.derived import CardinalityJob
 from meterhouse.collector.model import BATCH_COLUMNS
-from meterhouse.collector.writer import stamp
+from meterhouse.collector.writer import NUMBER_NAMES, stamp
 from meterhouse.core import native, schema
 from meterhouse.core.store import Store
 
@@ -37,8 +37,14 @@ def write(store, seq: int, points: list[tuple[str, dict[str, str]]], now: int = 
 
     raw = raw or unstamped(points, now)
     token = f"{schema.ONE_BLOCK_TOKEN_PREFIX}{seq:x}"
-    for _kind, insert in insert_calls(store, token, seq, blocks=[Blocks(raw, len(points), b"", 0, "d", 0)]):
+    seen = _SEEN.setdefault(store.database, native.KeySet(1 << 12))
+    blocks = [Blocks(raw, len(points), b"", 0, "d", 0)]
+    for _kind, insert in insert_calls(store, token, seq, blocks=blocks, seen=seen):
         insert(False)
+
+
+#: The writer's key set per database (what a running writer keeps between groups).
+_SEEN: dict[str, native.KeySet] = {}
 
 
 def block(seq: int, points: list[tuple[str, dict[str, str]]], now: int = 0) -> bytes:
@@ -58,13 +64,6 @@ def unstamped(points: list[tuple[str, dict[str, str]]], now: int = 0) -> bytes:
                          cumulative_int=0, cumulative_double=0.0))  # fmt: skip
     cols = [[row[n] for row in rows] for n in BATCH_COLUMNS]
     return native.encode(BATCH_COLUMNS, TYPES, cols)
-
-
-def take(store, committed: int, step: int = 64) -> int:
-    """The embedded engine's job, run once up to ``committed``; the ranges it took."""
-    job = CardinalityJob(lambda fn: fn(store), lambda: committed, 0)
-    job.step = step
-    return job.run_once()
 
 
 def views_store(store) -> Store:
@@ -98,8 +97,6 @@ def cardinality(store) -> dict[str, tuple[int, int]]:
 def test_distinct_values_and_orgs_per_key(store):
     points = [(f"org-{i % 3}", {"a": str(i % 5), "b": "x"}) for i in range(30)] + [("org-9", {"c": "1"})]
     write(store, 1, points)
-    assert cardinality(store) == {}  # no view on the embedded engine: the job's
-    assert take(store, 1) == 1
     assert cardinality(store) == {"a": (5, 3), "b": (1, 3), "c": (1, 1)}
 
 
@@ -112,54 +109,32 @@ def test_points_with_many_attributes_and_a_long_org_insert_within_the_engine_sha
     store.client.command("SET max_memory_usage = 268435456")
     try:
         write(store, 1, points)
-        take(store, 1)
     finally:
         store.client.command("SET max_memory_usage = 0")
     found = cardinality(store)
     assert len(found) == 127 and set(found.values()) == {(2000, 1)}
 
 
-def test_the_one_view_of_the_version_before_is_replaced_at_start(store):
-    """A database of the version with one view (and of the one with two): at start the views are dropped
-    and the job takes over above the spool's last committed group, which the views had counted."""
+def test_the_views_of_the_version_before_are_replaced_at_start(store):
+    """A database of the version with one view over every point (and of the one with two): at start the
+    views are dropped; the writer's pairs fill the table from then on, each point once."""
     db, table = store.database, schema.ATTRIBUTE_CARDINALITY_TABLE
     store.client.command(BEFORE.format(db=db, table=table, ingest=schema.INGEST_TABLE))
-    store.client.command(f"TRUNCATE TABLE {db}.{schema.PROGRESS_TABLE}")  # as that version left it
-    write(store, 1, [("org-1", {"a": "1"})])
+    store.insert_native(schema.INGEST_TABLE, NUMBER_NAMES, block(1, [("org-1", {"a": "1"})]), "tok-1:n")
+    assert cardinality(store) == {"a": (1, 1)}  # the old view's
     store.ensure_schema()
-    assert store.progress(schema.CARDINALITY_JOB) == schema.PROGRESS_PENDING
-    job = CardinalityJob(lambda fn: fn(store), lambda: 1, 0)
-    job.prepare()
-    assert store.progress(schema.CARDINALITY_JOB) == 2
+    assert store.rows(f"SELECT name FROM system.tables WHERE database = '{db}' AND name = "
+                      "'attribute_cardinality_hourly_mv'") == []  # fmt: skip
     write(store, 2, [("org-2", {"a": "2"})])
-    assert take(store, 2) == 1
-    assert cardinality(store) == {"a": (2, 2)}  # each point once: the old view is gone, the job takes 2
+    assert cardinality(store) == {"a": (2, 2)}
 
 
-def test_a_kill_between_the_progress_and_the_views_dropped_is_finished_at_the_next_start(store):
-    db = store.database
-    for statement in schema.ddl(db):
-        if any(v in statement for v in schema.CARDINALITY_VIEWS):
-            store.client.command(statement)  # the views as a server has them, and as the kill left them
-    store.client.command(f"TRUNCATE TABLE {db}.{schema.PROGRESS_TABLE}")
-    store.set_progress(schema.CARDINALITY_JOB, schema.PROGRESS_PENDING)  # written, then the kill
-    write(store, 1, [("org-1", {"a": "1"})])
-    store.ensure_schema()
-    views = store.rows(
-        f"SELECT name FROM system.tables WHERE database = '{db}' AND name LIKE 'attribute_%_mv'"
-    )
-    assert views == []
-    assert store.progress(schema.CARDINALITY_JOB) == schema.PROGRESS_PENDING
-    CardinalityJob(lambda fn: fn(store), lambda: 1, 0).prepare()
-    take(store, 1)
-    assert cardinality(store) == {"a": (1, 1)}
-
-
-@pytest.mark.parametrize("step", [64, 1])
-def test_the_job_gives_the_table_the_views_give(store, step):
-    """The same groups (three hours, orgs sharing and not sharing sets, a set repeated across groups, a
-    gauge that the table leaves out, a group numbered far above the others) inserted into a server's
-    schema and the embedded one: the job, run as groups commit and again, fills the same table."""
+@pytest.mark.parametrize("kill", [False, True])
+def test_the_writers_pairs_give_the_table_the_views_give(store, kill):
+    """The same groups (three hours, orgs sharing and not sharing sets, a set repeated across groups and
+    hours, a gauge that the table leaves out) inserted into a server's schema and the embedded one fill
+    the same table; with ``kill``, the writer's key set is lost (a restart) half-way and every pair it had
+    sent is sent again."""
     views = views_store(store)
     hour = 3600 * 10**9
     t0 = (time.time_ns() // hour - 3) * hour
@@ -172,17 +147,13 @@ def test_the_job_gives_the_table_the_views_give(store, step):
         for n, (seq, points, at) in enumerate(groups):
             for target in (store, views):
                 write(target, seq, points, at)
-            if n in (1, 4):
-                take(store, seq, step)
+            if kill and n == 2:
+                _SEEN.clear()
         gauge_point = [("org-9", {"only": "gauge"})]
         gauge = unstamped(gauge_point).replace(b"\x03sum", b"\x05gauge")
         assert b"gauge" in gauge
         for target in (store, views):
             write(target, 10**18 + 9, gauge_point, raw=gauge)
-        take(store, 10**18 + 9, step)
-        take(store, 10**18 + 9, step)  # again: nothing to take, nothing added
-        store.set_progress(schema.CARDINALITY_JOB, 0)
-        take(store, 10**18 + 9, step)  # everything taken twice: the states are sets
         want = per_hour(views)
         assert len(want) == 3 * 3 and per_hour(store) == want  # 3 hours x region, plan, feature
     finally:

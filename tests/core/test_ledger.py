@@ -132,7 +132,7 @@ def test_a_group_of_over_a_million_points_is_one_part_per_table_so_a_kill_takes_
     record = unstamped("big", rows)
     blocks = [Blocks(record, rows, b"", 0, f"d{i}", 0) for i in range(records)]
     calls = insert_calls(store, prefix + "big", 9, blocks=blocks)
-    assert [kind for kind, _ in calls] == ["s", "o", "c", "n"]
+    assert [kind for kind, _ in calls] == ["s", "a", "o", "c", "n"]
     for _kind, call in calls:
         call(False)  # the writer's first try
     parts = dict(

@@ -351,36 +351,54 @@ def test_the_group_summary_is_the_python_reference_s(columns, orgs):
     reference: orgs, catalog, and the attribute sets not seen yet, each once, as a block."""
     block = native.encode_python(_SUMMARY_NAMES, _SUMMARY_TYPES, columns)
     seen = native.KeySet(64)
-    c_orgs, c_catalog, c_sets, c_keys = native.group_summary(block, seen, orgs)
-    p_orgs, p_catalog, p_sets, p_keys = native.group_summary_python(block, seen, orgs)
+    c_orgs, c_catalog, c_sets, c_keys, c_pairs = native.group_summary(block, seen, orgs)
+    p_orgs, p_catalog, p_sets, p_keys, p_pairs = native.group_summary_python(block, seen, orgs)
     assert (sorted(c_orgs) if orgs else c_orgs) == p_orgs
     # The catalog's unit is the last row's of its (metric, kind) in both.
     assert sorted(c_catalog) == p_catalog
     assert sorted(c_keys) == sorted(p_keys) and len(set(c_keys)) == len(c_keys)
 
-    def rows(b: bytes) -> list:
-        return sorted(zip(*(native.decode(b)[2][n] for n in native.SET_NAMES), strict=True)) if b else []
+    def rows(b: bytes, names=native.SET_NAMES) -> list:  # noqa: ANN001
+        return sorted(zip(*(pair_columns(b)[n] for n in names), strict=True)) if b else []
 
     assert rows(c_sets) == rows(p_sets)
-    want = {
-        (o, m, tuple(k), tuple(v))
-        for o, m, k, v in zip(columns[0], columns[1], columns[5], columns[6], strict=True)
+    hours = [native.hour_of(t) for t in columns[4]]
+    pairs = list(
+        zip(columns[0], columns[1], map(tuple, columns[5]), map(tuple, columns[6]), hours, strict=True)
+    )
+    want = set(pairs)
+    assert len(c_keys) == len(set(zip(pairs, columns[2], strict=True)))  # each (pair, kind) once
+    assert {(o, m, tuple(k), tuple(v)) for o, m, k, v in rows(c_sets)} == {p[:4] for p in want}
+    # The sums' pairs, for the attribute cardinality: (metric, hour, org, keys, values), each once.
+    sums = {
+        (m, min(max(h, 0), 2**32 - 1), o, k, v)
+        for (o, m, k, v, h), kind in zip(pairs, columns[2], strict=True)
+        if kind == "sum"
     }
-    assert {(o, m, tuple(k), tuple(v)) for o, m, k, v in rows(c_sets)} == want
-    assert len(rows(c_sets)) == len(want)
+    assert rows(c_pairs, native.PAIR_NAMES) == rows(p_pairs, native.PAIR_NAMES)
+    assert {(m, h, o, tuple(k), tuple(v)) for m, h, o, k, v in rows(c_pairs, native.PAIR_NAMES)} == sums
+    assert len(rows(c_pairs, native.PAIR_NAMES)) == len(sums)
     # Once stored, the sets are seen: a group of the same rows has none left (30 rows at most: under
     # the 70% of 64 slots that empties the set).
     seen.add(c_keys)
-    assert native.group_summary(block, seen, orgs)[2:] == (b"", [])
-    assert native.group_summary_python(block, seen, orgs)[2:] == (b"", [])
+    assert native.group_summary(block, seen, orgs)[2:] == (b"", [], b"")
+    assert native.group_summary_python(block, seen, orgs)[2:] == (b"", [], b"")
 
 
 def test_a_key_set_full_to_its_bound_is_emptied_and_keeps_working():
     seen = native.KeySet(16)
-    keys = [native.set_key(f"org-{i}", "m", [], []) for i in range(30)]
+    keys = [native.set_key(f"org-{i}", "m", [], [], 0) for i in range(30)]
     seen.add(keys[:11])
     assert all(k in seen for k in keys[:11]) and seen.count == 11
     seen.add(keys[11:20])  # past 70%: emptied first
     assert seen.count == 9 and keys[0] not in seen and all(k in seen for k in keys[11:20])
     with pytest.raises(ValueError):
         native.group_summary(native.encode(["a"], ["String"], [["x"]]), native.KeySet(4), True)
+
+
+def pair_columns(block: bytes) -> dict[str, list]:
+    """A sets or pairs block's columns (``DateTime`` read as Int32 seconds: not an ingest type)."""
+    columns = native.decode(block.replace(b"\x0fDateTime('UTC')", b"\x05Int32"))[2]
+    if "hour" in columns:
+        columns["hour"] = [v & 0xFFFFFFFF for v in columns["hour"]]
+    return columns
