@@ -213,21 +213,14 @@ def _encoded(names: Sequence[str], types: Sequence[str], columns: list[list[Any]
 
 
 def _derived(
-    store: Any,
-    token: str,
-    numbers: bytes,
-    dists: bytes,
-    seq: int,
-    seen: native.KeySet | None,
-    calls: list[tuple[str, Callable[[bool], None]]],
-) -> list[tuple[str, Sequence[str], bytes]]:
-    """The embedded engine's rows the writer derives from a group's blocks (``schema.WRITER_TABLES``):
-    its orgs ("o") and catalog ("c", "e") rows, returned as inserts, and its (attribute set, hour) pairs
-    not sent before (``seen``), appended to ``calls`` as the first inserts: their sets ("s") and those of
-    sums for the attribute cardinality ("a"), repeatable, so not under the ledger; their keys join
-    ``seen`` once both are in. All come before the points, so that a group an earlier version began asks
-    whether its points had landed before this try inserts them (``Store.insert_earlier``)."""
-    seen = seen if seen is not None else native.KeySet(1 << 10)
+    token: str, numbers: bytes, dists: bytes, seq: int, seen: native.KeySet
+) -> tuple[list[tuple[str, Sequence[str], bytes]], list[bytes]]:
+    """The embedded engine's inserts the writer derives from a group's blocks, in order: the sets ("s")
+    and the sums' pairs for the attribute cardinality ("a") of its (attribute set, hour) pairs not sent
+    before (``seen``; repeatable, so not under the ledger: ``schema.REPEATABLE_INSERTS``), then its orgs
+    ("o") and catalog ("c", "e") rows (``schema.WRITER_TABLES``); and the pairs' keys, which join ``seen``
+    once the repeatable inserts are in. All come before the points, so that a group an earlier version
+    began asks whether its points had landed before this try inserts them (``Store.insert_earlier``)."""
     if not token.startswith(schema.ONE_BLOCK_TOKEN_PREFIX):  # the records' blocks one after another
         numbers = native.concat(native.split(numbers)) if numbers else numbers
         dists = native.concat(native.split(dists)) if dists else dists
@@ -238,27 +231,10 @@ def _derived(
         _, d_catalog, d_sets, d_keys, _ = native.group_summary(dists, seen, False)
         sets = native.concat([sets, d_sets]) if sets and d_sets else sets or d_sets
         keys = [*keys, *d_keys]
-    repeatable = [("s", native.SET_NAMES, sets), ("a", native.PAIR_NAMES, pairs)]
-    last = max((i for i, (_, _, block) in enumerate(repeatable) if block), default=-1)
-    for i, (kind, names, block) in enumerate(repeatable):
-        if not block:
-            continue
-
-        def insert(doubt: bool, kind: str = kind, names: Sequence[str] = names, block: bytes = block,
-                   done: bool = i == last) -> None:  # fmt: skip
-            # Never dropped as a repeat (the embedded engine's deduplication log may hold the token of a
-            # part a kill took): in doubt without deduplication, else under a token of its own each time.
-            # A set or pair sent twice counts once. The pairs join ``seen`` once both are in.
-            if doubt and hasattr(store, "insert_in_doubt"):
-                store.insert_in_doubt(kind, names, block, f"{token}:{kind}", seq)
-            else:
-                table = schema.REPEATABLE_INSERTS[kind]
-                store.insert_native(table, names, block, f"{token}:{kind}:{uuid.uuid4().hex}")
-            if done:
-                seen.add(keys)
-
-        calls.append((kind, insert))
-    out: list[tuple[str, Sequence[str], bytes]] = []
+    out: list[tuple[str, Sequence[str], bytes]] = [
+        ("s", native.SET_NAMES, sets),
+        ("a", native.PAIR_NAMES, pairs),
+    ]
     rows: Sequence[tuple[Any, ...]]
     for kind, rows in (("o", orgs or []), ("c", catalog), ("e", d_catalog)):
         columns = schema.WRITER_COLUMNS[kind]
@@ -266,7 +242,7 @@ def _derived(
         values = [list(col) for col in zip(*rows, strict=True)] if rows else []
         block = native.encode(names, [c.type for c in columns], [*values, [seq] * len(rows)]) if rows else b""
         out.append((kind, names, block))
-    return out
+    return out, keys
 
 
 def insert_calls(
@@ -303,15 +279,31 @@ def insert_calls(
             ("d", schema.DIST_INGEST_COLUMN_NAMES,
              _encoded(schema.DIST_INGEST_COLUMN_NAMES, schema.DIST_INGEST_COLUMN_TYPES, d_cols)),
         ]  # fmt: skip
+    keys: list[bytes] = []
     if getattr(store, "embedded", False):
-        shaped = [*_derived(store, token, shaped[0][2], shaped[1][2], seq, seen, calls), *shaped]
+        seen = seen if seen is not None else native.KeySet(1 << 10)
+        derived, keys = _derived(token, shaped[0][2], shaped[1][2], seq, seen)
+        shaped = [*derived, *shaped]
+    last_repeatable = next((k for k, _, b in reversed(shaped) if b and k in schema.REPEATABLE_INSERTS), "")
     for kind, names, block in shaped:
         if not block:
             continue
 
         def call(doubt: bool, kind: str = kind, names: Sequence[str] = names, block: bytes = block) -> None:
             suffix = f"{token}:{kind}"
-            if doubt and hasattr(store, "insert_in_doubt"):
+            if kind in schema.REPEATABLE_INSERTS:
+                # Never dropped as a repeat (the embedded engine's deduplication log may hold the token of
+                # a part a kill took): in doubt without deduplication, else under a token of its own each
+                # time. A set or pair sent twice counts once; the keys join ``seen`` once both are in.
+                if doubt and hasattr(store, "insert_in_doubt"):
+                    store.insert_in_doubt(kind, names, block, suffix, seq)
+                else:
+                    store.insert_native(
+                        schema.REPEATABLE_INSERTS[kind], names, block, f"{suffix}:{uuid.uuid4().hex}"
+                    )
+                if kind == last_repeatable and seen is not None:
+                    seen.add(keys)
+            elif doubt and hasattr(store, "insert_in_doubt"):
                 if landed and landed.get(kind):
                     store.insert_in_doubt(kind, names, block, suffix, seq, landed[kind])
                 else:
