@@ -79,7 +79,7 @@ class Store:
 
     @property
     def embedded(self) -> bool:
-        """The embedded engine: one writer, its ledger numbers in order (the cardinality job's premise)."""
+        """The embedded engine: one writer, its ledger numbers in order, its own rows (``WRITER_TABLES``)."""
         return is_embedded(self.name) and not self.cluster
 
     def ensure_schema(self) -> None:
@@ -361,10 +361,7 @@ class Store:
         decides, as on the first try."""
         if kind in schema.REPEATABLE_INSERTS:  # the writer's sets and (set, hour) pairs: kept once
             table = schema.REPEATABLE_INSERTS[kind]
-            self.client.raw_insert(
-                f"{self.database}.{table}", names, block, fmt="Native",
-                settings={**schema.INSERT_SETTINGS, "insert_deduplicate": 0},
-            )  # fmt: skip
+            self._insert_again(table, names, block, one_part=False)
             return [table]
         if not is_embedded(self.name):
             self.insert_native(schema.INGEST_OF[kind], names, block, token)
@@ -383,10 +380,7 @@ class Store:
             table = schema.WRITER_TABLES[kind]
             if before[table]:
                 return []
-            self.client.raw_insert(
-                f"{self.database}.{table}", names, block, fmt="Native",
-                settings={**schema.INSERT_SETTINGS, **schema.ONE_PART_SETTINGS, "insert_deduplicate": 0},
-            )  # fmt: skip
+            self._insert_again(table, names, block, one_part=True)
             return [table]
         ledger = schema.EMBEDDED_LEDGER_VIEWS[kind]
         # A table without partitions holds the group whole or not at all; one with partitions may hold
@@ -420,6 +414,13 @@ class Store:
                 self.client.command(statement)
         after = asked()
         return [table for table, _ in ledger if after[table] != found[table]]
+
+    def _insert_again(self, table: str, names: Sequence[str], block: bytes, one_part: bool) -> None:
+        """Insert ``block`` into ``table`` without deduplication: a repeat the ledger (or a set's
+        idempotence) has already decided on, which the engine's log must not drop."""
+        settings = {**schema.INSERT_SETTINGS, **(schema.ONE_PART_SETTINGS if one_part else {})}
+        self.client.raw_insert(f"{self.database}.{table}", names, block, fmt="Native",
+                               settings={**settings, "insert_deduplicate": 0})  # fmt: skip
 
     def insert_earlier(self, kind: str, names: Sequence[str], block: bytes, token: str) -> None:
         """Insert again a group an earlier version began (its token lacks the ledger's prefix; a replay or
