@@ -31,7 +31,7 @@ from bench.common import table
 SCENARIOS = {
     "ingest": (
         ingest,
-        "1-2. Ingest throughput, CPU and lag: meterhouse (HTTP, gRPC) against the naive baseline",
+        "1-2. Ingest throughput, CPU and lag: meterhouse (HTTP, gRPC; all-new series and the realistic fleet) against the naive baseline",
     ),
     "cardinality": (cardinality, "3. Per-org usage as Prometheus series (org_id label) against meterhouse"),
     "query": (query, "4. Query latency, rollup against raw"),

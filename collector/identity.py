@@ -46,9 +46,10 @@ from meterhouse.collector.series import FOLDED_KEYS
 from meterhouse.core import schema
 
 try:
-    from meterhouse.core._native import stream_marks as _c_marks
+    from meterhouse.core._native import stream_table_evict as _c_table_evict
+    from meterhouse.core._native import stream_table_marks as _c_table_marks
 except ImportError:  # pragma: no cover - built by `pip install`; the suite requires it
-    _c_marks = None
+    _c_table_marks = _c_table_evict = None
 
 #: The fields of a number point's stream, and the value fields a repeat has the same as its original.
 _NUMBER_STREAM = (
@@ -126,35 +127,50 @@ def _identities(
 
 
 class EdgeIdentity:
-    """The edge's half: marks each point new (0) or to verify (1). See the module's doc."""
+    """The edge's half: marks each point new (0) or to verify (1). See the module's doc.
+
+    The streams' latest times are kept in a table of 16-byte slots (``_native.stream_table_marks``: a
+    stream's key and time, no Python object per stream; about 23 bytes a stream at its 70% load), or,
+    without the C extension, in a dict of ints (about 100 bytes a stream)."""
 
     def __init__(self, floor_ns: int, max_streams: int = 1_000_000) -> None:
         self.floor_ns = floor_ns
-        self.max_streams = max_streams
-        self._last: dict[int, int] = {}  # stream key (this process's hash) -> greatest time seen
+        self.max_streams = max(1, max_streams)
+        self._last: dict[int, int] = {}  # without C: stream key (this process's hash) -> greatest time
+        self._table: bytearray | None = None
+        self._count = 0  # streams in the table
+        if _c_table_marks is not None:
+            slots = 16
+            while slots * 7 // 10 < self.max_streams:
+                slots <<= 1
+            self._table = bytearray(16 * slots)
         self._lock = threading.Lock()
         self.marked_new = 0
         self.marked_verify = 0
 
     def __len__(self) -> int:
-        return len(self._last)
+        return self._count if self._table is not None else len(self._last)
 
     def mark(self, batch: PointBatch) -> tuple[list[int] | None, list[int] | None]:
         """The batch's verify flags per table, or None for a table with none to verify."""
         with self._lock:
+            incoming = min(batch.size + batch.dist_size, self.max_streams)
+            if len(self) + incoming > self.max_streams:
+                # Room for the batch's streams, and a tenth more, by forgetting the oldest.
+                self._evict(len(self) - max(0, int(self.max_streams * 0.9) - incoming))
             numbers = self._mark(batch.columns, batch.size, _NUMBER_STREAM) if batch.size else None
             dists = self._mark(batch.dist_columns, batch.dist_size, _DIST_STREAM) if batch.dist_size else None
-            if len(self._last) > self.max_streams:
-                self._evict()
         return numbers, dists
 
     def _mark(self, cols: dict[str, list[Any]], size: int, stream: Sequence[str]) -> list[int] | None:
         columns = [cols[f] for f in stream]
-        if _c_marks is not None:
-            raw, verify = _c_marks(columns, cols["time"], self._last, self.floor_ns)
+        room = self.max_streams - len(self)
+        if self._table is not None:
+            raw, verify, added = _c_table_marks(columns, cols["time"], self._table, self.floor_ns, room)
+            self._count += added
             flags = list(raw)
         else:
-            flags, verify = self._marks_python(columns, cols["time"])
+            flags, verify = self._marks_python(columns, cols["time"], room)
         cumulative, folded = _never_verified(cols)
         for i in cumulative:
             verify -= flags[i]
@@ -166,9 +182,10 @@ class EdgeIdentity:
         self.marked_verify += verify
         return flags if verify or folded else None
 
-    def _marks_python(self, columns: list[list[Any]], times: list[int]) -> tuple[list[int], int]:
-        """What ``_native.stream_marks`` does, for an install without the C extension: a hash of each
-        row's structure (a collision only merges two streams' entries: more to verify, never fewer)."""
+    def _marks_python(self, columns: list[list[Any]], times: list[int], room: int) -> tuple[list[int], int]:
+        """What ``_native.stream_table_marks`` does, with a dict, for an install without the C extension:
+        a hash of each row's structure (a collision only merges two streams' entries: more to verify,
+        never fewer); a new stream past ``room`` is marked to verify."""
         last, floor = self._last, self.floor_ns
         parts = [list(map(hash, map(tuple, c))) if c and isinstance(c[0], list) else c for c in columns]
         flags = [0] * len(times)
@@ -176,21 +193,32 @@ class EdgeIdentity:
         get = last.get
         for i, (key, t) in enumerate(zip(map(hash, zip(*parts, strict=True)), times, strict=True)):
             seen = get(key)
-            if t > floor and (seen is None or t > seen):
+            if t > floor and (seen is not None and t > seen or seen is None and room > 0):
+                room -= seen is None
                 last[key] = t
             else:
                 flags[i] = 1
                 verify += 1
         return flags, verify
 
-    def _evict(self) -> None:
-        """Forget the tenth of the streams silent the longest (the oldest latest times); the floor rises
-        to the latest time they held, so none of their points can pass for new."""
-        n = len(self._last) - int(self.max_streams * 0.9)
-        gone = heapq.nsmallest(n, self._last.items(), key=itemgetter(1))
-        self.floor_ns = max(self.floor_ns, gone[-1][1])
-        for key, _t in gone:
-            del self._last[key]
+    def _evict(self, n: int) -> None:
+        """Forget at least ``n`` streams, those silent the longest (the oldest latest times, and any tied
+        with the newest of them); the floor rises to the latest time they held, so none of their points
+        can pass for new. In C a selection in linear time over the table; the dict this was before, with
+        a heap, cost a fifth of the receiving threads' time where every point is a new stream, and the
+        realistic fleet's 720,000 series overflowed its 322,000 (BENCHMARKS.md §14)."""
+        if n <= 0:
+            return
+        if self._table is not None:
+            bound, self._count = _c_table_evict(self._table, n)
+        else:
+            gone = heapq.nsmallest(n, self._last.items(), key=itemgetter(1))
+            bound = gone[-1][1] if gone else None
+            for key, t in list(self._last.items()):
+                if bound is not None and t <= bound:
+                    del self._last[key]
+        if bound is not None:
+            self.floor_ns = max(self.floor_ns, bound)
 
 
 def _existing_sql(database: str, table: str, stream: Sequence[str], values: Sequence[str]) -> str:

@@ -24,7 +24,6 @@ from meterhouse.collector.cumulative import StateUnavailable
 
 OVERFLOW_KEY = "otel.metric.overflow"
 OVERFLOW_VALUE = "true"
-_OVERFLOW = hash(((OVERFLOW_KEY,), (OVERFLOW_VALUE,)))
 #: The attribute lists of every point this limit folded: these very objects, so that point identity
 #: (``identity.py``) tells a point folded here from one an SDK sent with the same attributes. Never mutated.
 FOLDED_KEYS: list[str] = [OVERFLOW_KEY]
@@ -33,12 +32,18 @@ FOLDED_VALUES: list[str] = [OVERFLOW_VALUE]
 Pair = tuple[str, str]
 #: (org, metric) → the attribute sets stored for it, as (sorted keys, values).
 Loader = Callable[[list[Pair]], dict[Pair, list[tuple[Sequence[str], Sequence[str]]]]]
-Admission = tuple[Pair, int]
+#: A set a request admitted or relies on: its key (:func:`_keys`).
+Admission = int
 #: Sets over the limit known not to be stored (about 150 bytes each: at most some 15 MB).
 ABSENT_MAX = 100_000
 #: A set the limit would fold, (org, metric) and its keys and values; asked whether it is stored already.
 Candidate = tuple[Pair, tuple[str, ...], tuple[str, ...]]
 Present = Callable[[list[Candidate]], set[Candidate]]
+
+try:
+    from meterhouse.core._native import row_keys as _c_row_keys
+except ImportError:  # pragma: no cover - built by `pip install`; the suite requires it
+    _c_row_keys = None
 
 
 def fold_fingerprint(keys: Sequence[str], values: Sequence[str]) -> int:
@@ -47,9 +52,20 @@ def fold_fingerprint(keys: Sequence[str], values: Sequence[str]) -> int:
     return int.from_bytes(digest, "little") | 1  # never 0, what a delta point's series_id is
 
 
-def _set_key(keys: Sequence[str], values: Sequence[str]) -> int:
-    # Process-local hashes are enough: every set is hashed by this process, loaded ones included.
-    return hash((tuple(keys), tuple(values)))
+def _keys(orgs: list[str], metrics: list[str], keys: list[Any], values: list[Any]) -> list[int]:
+    """Each row's key of (org, metric, attribute set), in one C call a request (``_native.row_keys``): a
+    tuple of tuples a point cost the receiving threads 6 µs a point, more than the whole decode
+    (BENCHMARKS.md §14). Process-local hashes are enough: every set is keyed by this process, loaded
+    ones included; two sets of one key (a 64-bit collision) count as one against the limit, which
+    changes only which set a point is folded into, never a total."""
+    if _c_row_keys is not None:
+        out: list[int] = _c_row_keys([orgs, metrics, keys, values])
+        return out
+    return [hash((o, m, tuple(k), tuple(v))) for o, m, k, v in zip(orgs, metrics, keys, values, strict=True)]
+
+
+def _is_overflow(keys: Sequence[str], values: Sequence[str]) -> bool:
+    return len(keys) == 1 and keys[0] == OVERFLOW_KEY and len(values) == 1 and values[0] == OVERFLOW_VALUE
 
 
 class SeriesLimiter:
@@ -62,14 +78,16 @@ class SeriesLimiter:
         self.limit = limit
         self._load = loader
         self._present = present
-        self._sets: dict[Pair, set[int]] = {}
+        self._known: set[int] = set()  # the admitted sets' keys, every (org, metric)'s
+        self._count: dict[Pair, int] = {}  # admitted sets per (org, metric)
         # Sets over the limit the store was asked about and does not hold (folded from then on without
         # asking again); at most ABSENT_MAX, forgotten all at once past it.
-        self._absent: set[tuple[Pair, int]] = set()
+        self._absent: set[int] = set()
         self._loaded: set[Pair] = set()
-        # Sets admitted by requests not yet settled: how many such requests use each, and whether one
-        # of them was stored. A refused request forgets a set only if no request using it was stored.
-        self._pending: dict[Admission, list[Any]] = {}  # admission → [users, stored]
+        # Sets admitted by requests not yet settled: how many such requests use each, whether one of
+        # them was stored, and its (org, metric). A refused request forgets a set only if no request
+        # using it was stored.
+        self._pending: dict[Admission, list[Any]] = {}  # admission → [users, stored, pair]
         self._lock = threading.Lock()
 
     def fold(self, columns: dict[str, list[Any]]) -> tuple[int, list[Admission]]:
@@ -84,41 +102,42 @@ class SeriesLimiter:
             return 0, []
         keys_col, values_col = columns["attr_keys"], columns["attr_values"]
         series_ids = columns.get("series_id")  # number points only; 0 unless cumulative
+        row_keys = _keys(orgs, metrics, keys_col, values_col)
         folded = 0
         admitted: list[Admission] = []
-        held: set[Admission] = set()
         over: list[int] = []  # rows over the limit
         with self._lock:
-            missing = list({(o, m) for o, m in zip(orgs, metrics, strict=True)} - self._loaded)
-            if missing:
-                try:
-                    found = self._load(missing)
-                except Exception as err:  # ClickHouse unreachable: retryable, like cumulative state
-                    raise StateUnavailable(f"cannot read attribute sets: {err}") from err
-                self._merge(found)
-                self._loaded.update(missing)
+            known, pending, count = self._known, self._pending, self._count
+            fresh = [i for i, k in enumerate(row_keys) if k not in known]  # most points: none
+            if fresh:
+                missing = list({(orgs[i], metrics[i]) for i in fresh} - self._loaded)
+                if missing:
+                    try:
+                        found = self._load(missing)
+                    except Exception as err:  # ClickHouse unreachable: retryable, like cumulative state
+                        raise StateUnavailable(f"cannot read attribute sets: {err}") from err
+                    self._merge(found)
+                    self._loaded.update(missing)
+            if pending:  # sets admitted by requests not settled yet: this one relies on them too
+                for k in pending.keys() & set(row_keys):
+                    pending[k][0] += 1
+                    admitted.append(k)
             limit = self.limit
-            for i, pair in enumerate(zip(orgs, metrics, strict=True)):
-                h = _set_key(keys_col[i], values_col[i])
-                if h == _OVERFLOW:
-                    continue
-                sets = self._sets.setdefault(pair, set())
-                if h in sets:
-                    pending = self._pending.get((pair, h))
-                    if pending is not None and (pair, h) not in held:
-                        pending[0] += 1  # admitted by a request not settled yet: this one relies on it
-                        held.add((pair, h))
-                        admitted.append((pair, h))
-                    continue
-                if len(sets) < limit:
-                    sets.add(h)
-                    self._pending[(pair, h)] = [1, False]
-                    held.add((pair, h))
-                    admitted.append((pair, h))
+            for i in fresh:
+                k = row_keys[i]
+                if k in known or _is_overflow(keys_col[i], values_col[i]):
+                    continue  # loaded just now, or admitted by an earlier row of this request
+                pair = (orgs[i], metrics[i])
+                n = count.get(pair, 0)
+                if n < limit:
+                    known.add(k)
+                    count[pair] = n + 1
+                    pending[k] = [1, False, pair]
+                    admitted.append(k)
                     continue
                 over.append(i)
             if over and self._present is not None:
-                over = self._unless_stored(over, orgs, metrics, keys_col, values_col)
+                over = self._unless_stored(over, row_keys, orgs, metrics, keys_col, values_col)
             for i in over:
                 if series_ids is not None and not series_ids[i]:
                     series_ids[i] = fold_fingerprint(keys_col[i], values_col[i])
@@ -128,7 +147,13 @@ class SeriesLimiter:
         return folded, admitted
 
     def _unless_stored(
-        self, over: list[int], orgs: list[str], metrics: list[str], keys: list[Any], values: list[Any]
+        self,
+        over: list[int],
+        row_keys: list[int],
+        orgs: list[str],
+        metrics: list[str],
+        keys: list[Any],
+        values: list[Any],
     ) -> list[int]:
         """The rows of ``over`` whose set is not stored already. A stored set (admitted under a larger
         limit, or past the ``limit + 1`` sets read back) is known from now on and its rows are not folded:
@@ -136,8 +161,9 @@ class SeriesLimiter:
         copy and counted twice."""
         assert self._present is not None
         wanted = {i: ((orgs[i], metrics[i]), tuple(keys[i]), tuple(values[i])) for i in over}
+        key_of = {wanted[i]: row_keys[i] for i in over}
         absent = self._absent
-        ask = {c for c in wanted.values() if (c[0], _set_key(c[1], c[2])) not in absent}
+        ask = {c for c, k in key_of.items() if k not in absent}
         stored: set[Candidate] = set()
         if ask:
             try:
@@ -146,10 +172,15 @@ class SeriesLimiter:
                 raise StateUnavailable(f"cannot read attribute sets: {err}") from err
             if len(absent) > ABSENT_MAX:
                 absent.clear()
-            absent.update((c[0], _set_key(c[1], c[2])) for c in ask - stored)
-        for pair, k, v in stored:
-            self._sets.setdefault(pair, set()).add(_set_key(k, v))
+            absent.update(key_of[c] for c in ask - stored)
+        for c in stored:
+            self._admit(c[0], key_of[c])
         return [i for i in over if wanted[i] not in stored]
+
+    def _admit(self, pair: Pair, key: int) -> None:
+        if key not in self._known:
+            self._known.add(key)
+            self._count[pair] = self._count.get(pair, 0) + 1
 
     def rollback(self, admitted: Iterable[Admission]) -> None:
         """Give back the admissions of a request that was not kept (the client sends it again): a set
@@ -171,29 +202,27 @@ class SeriesLimiter:
                 if pending[0] > 0:
                     continue
                 del self._pending[admission]
-                if not pending[1]:
-                    pair, h = admission
-                    self._sets.get(pair, set()).discard(h)
+                if not pending[1] and admission in self._known:
+                    self._known.discard(admission)
+                    self._count[pending[2]] -= 1
 
     def observe(self, columns: dict[str, list[Any]]) -> None:
         """Count the sets of points already accepted (the spool at start) as admitted."""
+        orgs, metrics, keys, values = (columns[c] for c in ("org_id", "metric", "attr_keys", "attr_values"))
+        row_keys = _keys(orgs, metrics, keys, values)
         with self._lock:
-            for org, metric, keys, values in zip(
-                columns["org_id"], columns["metric"], columns["attr_keys"], columns["attr_values"],
-                strict=True,
-            ):  # fmt: skip
-                h = _set_key(keys, values)
-                if h != _OVERFLOW:
-                    self._sets.setdefault((org, metric), set()).add(h)
+            for i, k in enumerate(row_keys):
+                if not _is_overflow(keys[i], values[i]):
+                    self._admit((orgs[i], metrics[i]), k)
 
     def _merge(self, found: dict[Pair, list[tuple[Sequence[str], Sequence[str]]]]) -> None:
-        for pair, sets in found.items():
-            mine = self._sets.setdefault(pair, set())
-            for keys, values in sets:
-                h = _set_key(keys, values)
-                if h != _OVERFLOW:
-                    mine.add(h)
+        rows = [(pair, k, v) for pair, sets in found.items() for k, v in sets if not _is_overflow(k, v)]
+        row_keys = _keys(
+            [r[0][0] for r in rows], [r[0][1] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+        )
+        for (pair, _k, _v), key in zip(rows, row_keys, strict=True):
+            self._admit(pair, key)
 
     def admitted(self, org: str, metric: str) -> int:
         with self._lock:
-            return len(self._sets.get((org, metric), ()))
+            return self._count.get((org, metric), 0)

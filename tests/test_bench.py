@@ -21,14 +21,16 @@ def test_quick_benchmarks_run_every_scenario(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["machine"]["cores"] >= 1
-    systems = {(row["system"], row["points_per_request"]) for row in res["ingest"]["rows"]}
-    assert systems == {("meterhouse (http)", 2_000), ("meterhouse (grpc)", 2_000), ("naive baseline (http)", 2_000),
-                       ("meterhouse (http)", 50), ("naive baseline (http)", 50)}  # fmt: skip
+    systems = {(row["system"], row["points_per_request"], row["data"]) for row in res["ingest"]["rows"]}
+    assert systems == {("meterhouse (http)", 2_000, "all-new"), ("meterhouse (grpc)", 2_000, "all-new"),
+                       ("naive baseline (http)", 2_000, "all-new"), ("meterhouse (http)", 50, "all-new"),
+                       ("naive baseline (http)", 50, "all-new"), ("meterhouse (http)", 2_000, "fleet"),
+                       ("naive baseline (http)", 2_000, "fleet")}  # fmt: skip
     for row in res["ingest"]["rows"]:
         assert row["points"] > 0 and row["points_per_s"] > 0
     assert set(res["ingest"]["throughput_ratio_vs_naive"]) == {
-        "meterhouse (http), 2000 points/request", "meterhouse (grpc), 2000 points/request",
-        "meterhouse (http), 50 points/request",
+        "meterhouse (http), 2000 points/request, all-new", "meterhouse (grpc), 2000 points/request, all-new",
+        "meterhouse (http), 50 points/request, all-new", "meterhouse (http), 2000 points/request, fleet",
     }  # fmt: skip
     prom, mh = res["cardinality"]["rows"]
     assert prom["series"] > 10 * mh["series"]  # the org_id label makes Prometheus hold series per org

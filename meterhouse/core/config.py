@@ -268,7 +268,8 @@ class Config:
     identity_max_streams: int = _opt(
         _non_negative,
         default=0,
-        help="Streams whose latest point time the edge keeps for point identity (about 100 bytes each); "
+        help="Streams whose latest point time the edge keeps for point identity (a table of 16-byte slots, "
+        "at most 70% full: 23-46 bytes a stream); "
         "past it the oldest are forgotten and their points verified against ClickHouse (0 = as many as "
         "3% of --memory-budget-bytes holds).",
     )

@@ -19,7 +19,7 @@ Shares (README, "Memory", has the table with the figures they come from):
   request of 30,000 cumulative points with 10 attributes each; more is refused 413);
 - OTLP/HTTP bodies and OTLP/gRPC messages being received: 2% each (at least one request each);
 - the spool's memory copy of spooled records: 4%;
-- point identity, about 100 bytes a stream: 3%;
+- point identity, a table of 16-byte slots at most 70% full (about 23 bytes a stream): 3%;
 - the cumulative conversion's last point per series, about 440 bytes a series: 8% (a request that
   would add series past it while the entries cannot go, their points not yet written, is answered 503);
 - the digests of recent requests (the request-level dedup's fast path), about 250 bytes each: 2% (past
@@ -62,8 +62,19 @@ MIN_BUDGET_BYTES = 512 << 20
 CONNECTION_BYTES = 16 * 1024
 #: Bytes the request-level dedup holds per digest kept (collector/dedup.py; measured 240 with tracemalloc).
 DEDUP_BYTES_PER_REQUEST = 250
-#: Bytes the edge's point-identity table holds per stream (collector/identity.py; BENCHMARKS.md section 11).
-IDENTITY_BYTES_PER_STREAM = 100
+#: Bytes of one slot of the edge's point-identity table (collector/identity.py): a stream's key and time.
+IDENTITY_SLOT_BYTES = 16
+
+
+def identity_streams(share_bytes: int) -> int:
+    """The streams a point-identity table of at most ``share_bytes`` holds: its slots are a power of
+    two, at most 70% of them used (``EdgeIdentity``; 734,003 streams in 3% of 1 GiB)."""
+    slots = 16
+    while slots * 2 * IDENTITY_SLOT_BYTES <= share_bytes:
+        slots *= 2
+    return slots * 7 // 10
+
+
 #: The engine's share per distinct attribute key (per metric and hour) one insert may carry: 31,750 keys
 #: took 96-112 MiB of an insert, 63,500 took 128-160 MiB (BENCHMARKS.md section 12).
 ENGINE_BYTES_PER_ATTRIBUTE_KEY = 8 * 1024
@@ -141,8 +152,7 @@ def plan(config: Config) -> MemoryPlan:
         grpc_bytes_in_flight=share(config.grpc_max_bytes_in_flight, 0.02),
         decode_bytes=int(b * 0.15),
         spool_cache_bytes=share(config.spool_cache_bytes, 0.04),
-        identity_max_streams=config.identity_max_streams
-        or max(1000, int(b * 0.03) // IDENTITY_BYTES_PER_STREAM),
+        identity_max_streams=config.identity_max_streams or max(1000, identity_streams(int(b * 0.03))),
         request_spooled_bytes=config.max_request_spooled_bytes or engine // 12,
         insert_attribute_keys=config.max_insert_attribute_keys or engine // ENGINE_BYTES_PER_ATTRIBUTE_KEY,
         cumulative_series=max(10_000, int(b * 0.08) // CUMULATIVE_BYTES_PER_SERIES),

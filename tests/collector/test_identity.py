@@ -14,6 +14,8 @@ import pytest
 import requests
 from conftest import drain
 from google.protobuf import json_format
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
@@ -285,11 +287,13 @@ def test_the_edge_marks_new_only_what_is_after_everything_its_stream_showed():
     # Streams are told apart structurally: another org is another stream.
     assert edge.mark(_batch([("b", 100, 110), ("a", 110, 120)]))[0] is None
     # Eviction forgets the oldest streams and raises the floor to what they held: never a false "new".
+    # A stream past the room left is marked to verify, never new.
     small = EdgeIdentity(floor_ns=0, max_streams=10)
-    small.mark(_batch([(f"o{i}", 0, 1000 + i) for i in range(11)]))
+    assert small.mark(_batch([(f"o{i}", 0, 1000 + i) for i in range(11)]))[0] == [0] * 10 + [1]
+    assert len(small) == 10 and small.floor_ns == 0
+    assert small.mark(_batch([("n0", 0, 2000)]))[0] is None  # room made: o0 (1000) forgotten
     assert len(small) <= 10 and small.floor_ns >= 1000
-    flags = small.mark(_batch([("o0", 0, 1000)]))[0]
-    assert flags == [1]
+    assert small.mark(_batch([("o0", 0, 1000)]))[0] == [1]
 
 
 @pytest.mark.parametrize("as_json", [False, True])
@@ -310,9 +314,58 @@ def test_the_c_and_python_marks_agree(monkeypatch):
     batches = [
         _batch([(f"o{rng.randrange(5)}", 0, 1000 + rng.randrange(30)) for _ in range(40)]) for _ in range(20)
     ]
-    native, python = EdgeIdentity(floor_ns=1005), EdgeIdentity(floor_ns=1005)
+    native = EdgeIdentity(floor_ns=1005)
     got_native = [native.mark(b) for b in batches]
-    monkeypatch.setattr(identity, "_c_marks", None)
+    monkeypatch.setattr(identity, "_c_table_marks", None)
+    python = EdgeIdentity(floor_ns=1005)
+    assert python._table is None and native._table is not None
     got_python = [python.mark(b) for b in batches]
     assert got_native == got_python
     assert any(f[0] for f in got_native) and any(f[0] is None or 0 in f[0] for f in got_native)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    times=st.lists(st.integers(1, 2**64 - 2) | st.integers(1, 20), max_size=60),
+    n=st.integers(-2, 70),
+)
+def test_the_stream_table_forgets_the_oldest_times_and_everything_tied_with_them(times, n):
+    """``stream_table_evict`` forgets at least ``n`` streams (all when fewer), every one whose time is at
+    or below the n-th oldest and nothing newer, over the whole unsigned range; the bound is that time."""
+    from meterhouse.core._native import stream_table_evict, stream_table_marks
+
+    table = bytearray(16 * 128)
+    names = [f"s{i}" for i in range(len(times))]
+    _, _, added = stream_table_marks([names], list(times), table, 0, 1000)
+    assert added == len(times)
+    bound, left = stream_table_evict(table, n)
+    if n <= 0 or not times:
+        assert bound is None and left == len(times)
+        return
+    assert bound == sorted(times)[min(n, len(times)) - 1]
+    assert left == sum(t > bound for t in times)
+    for name, t in zip(names, times, strict=True):  # held: marking it again adds nothing
+        probe = bytearray(table)
+        assert stream_table_marks([[name]], [2**64 - 1], probe, 0, 1)[2] == (0 if t > bound else 1)
+
+
+def test_the_edge_evicts_the_same_with_and_without_c(monkeypatch):
+    """The stream table and the dict forget the same streams at the same points, raise the floor alike,
+    and mark a new stream past the room left to verify: with both, a batch larger than the table."""
+    from meterhouse.collector import identity
+
+    def run() -> tuple[int, int, list]:
+        edge = EdgeIdentity(floor_ns=0, max_streams=20)
+        flags = [
+            edge.mark(_batch([(f"o{i}-{j}", 0, 1000 + (i * 7) % 13) for i in range(9)]))[0] for j in range(6)
+        ]
+        flags.append(edge.mark(_batch([(f"big{i}", 0, 5000 + i) for i in range(25)]))[0])
+        flags.append(edge.mark(_batch([("o1-5", 0, 1001), ("big3", 0, 6000)]))[0])
+        return edge.floor_ns, len(edge), flags
+
+    native = run()
+    monkeypatch.setattr(identity, "_c_table_marks", None)
+    assert run() == native
+    floor, held, flags = native
+    assert floor > 0 and held <= 20
+    assert flags[-2] is not None and 1 in flags[-2]  # 25 new streams, room for 20 at most
