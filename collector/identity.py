@@ -166,8 +166,11 @@ class EdgeIdentity:
         columns = [cols[f] for f in stream]
         room = self.max_streams - len(self)
         if self._table is not None:
-            raw, verify, added = _c_table_marks(columns, cols["time"], self._table, self.floor_ns, room)
+            raw, verify, added, refused = _c_table_marks(
+                columns, cols["time"], self._table, self.floor_ns, room
+            )
             self._count += added
+            self.floor_ns = max(self.floor_ns, refused)
             flags = list(raw)
         else:
             flags, verify = self._marks_python(columns, cols["time"], room)
@@ -185,8 +188,10 @@ class EdgeIdentity:
     def _marks_python(self, columns: list[list[Any]], times: list[int], room: int) -> tuple[list[int], int]:
         """What ``_native.stream_table_marks`` does, with a dict, for an install without the C extension:
         a hash of each row's structure (a collision only merges two streams' entries: more to verify,
-        never fewer); a new stream past ``room`` is marked to verify."""
+        never fewer); a new stream past ``room`` is marked to verify, and the floor rises to its time (the
+        dict does not remember it: a copy of that point must not pass for new once room is made)."""
         last, floor = self._last, self.floor_ns
+        refused = floor
         parts = [list(map(hash, map(tuple, c))) if c and isinstance(c[0], list) else c for c in columns]
         flags = [0] * len(times)
         verify = 0
@@ -197,8 +202,11 @@ class EdgeIdentity:
                 room -= seen is None
                 last[key] = t
             else:
+                if t > floor and seen is None:
+                    refused = max(refused, t)
                 flags[i] = 1
                 verify += 1
+        self.floor_ns = refused
         return flags, verify
 
     def _evict(self, n: int) -> None:

@@ -1247,9 +1247,12 @@ static int stream_table_view(PyObject *table, Py_buffer *view, uint64_t *slots) 
     return 0;
 }
 
-/* stream_table_marks(columns, times, table, floor, room) -> (flags, verify, added): as stream_marks, with
- * the table for the dict. At most `room` streams are added (the caller keeps the table at most 70% full):
- * a row of a new stream past it is marked to verify, which is never wrong, only slower. */
+/* stream_table_marks(columns, times, table, floor, room) -> (flags, verify, added, refused): each row
+ * new (0) when its time is after the floor and after the time its stream's slot holds (the slot is
+ * raised, or taken for a stream not held), to verify (1) otherwise. At most `room` streams are added (the
+ * caller keeps the table at most 70% full): a row of a new stream past it is marked to verify, and
+ * `refused` is the greatest time of such a row (0: none), to which the caller raises the floor, since
+ * the table does not remember it (a copy of that point must not pass for new once room is made). */
 static PyObject *stream_table_marks(PyObject *self, PyObject *args) {
     PyObject *columns, *times, *table;
     unsigned long long floor;
@@ -1282,6 +1285,7 @@ static PyObject *stream_table_marks(PyObject *self, PyObject *args) {
     if (!flags) goto done;
     char *fv = PyBytes_AS_STRING(flags);
     Py_ssize_t verify = 0, added = 0;
+    unsigned long long refused = 0;
     uint64_t mask = slots - 1;
     for (Py_ssize_t i = 0; i < rows; i++) {
         int err = 0;
@@ -1310,6 +1314,7 @@ static PyObject *stream_table_marks(PyObject *self, PyObject *args) {
                     added++;
                     fv[i] = 0;
                 } else {
+                    if (t > floor && t > refused) refused = t;
                     fv[i] = 1;
                     verify++;
                 }
@@ -1318,7 +1323,7 @@ static PyObject *stream_table_marks(PyObject *self, PyObject *args) {
             s = (s + 1) & mask;
         }
     }
-    result = Py_BuildValue("(Onn)", flags, verify, added);
+    result = Py_BuildValue("(OnnK)", flags, verify, added, refused);
 done:
     PyBuffer_Release(&view);
     Py_XDECREF(flags);
