@@ -107,8 +107,14 @@ class MemoryPlan:
     connections_per_port: int
 
     def engine_options(self) -> dict[str, str]:
-        """The embedded engine's server settings (given when it is opened, once per process)."""
+        """The embedded engine's server settings (given when it is opened, once per process). One
+        background merge at a time (the engine's default on two cores is up to four): on the benchmark's
+        two cores, merges running beside ingest took CPU from it and memory with it; one at a time,
+        with the writer's larger groups, the realistic fleet went from 41-49k to 66-80k points/s and
+        from 30.5-34.7 to 24.8-25.0 CPU-s per million points, merges included (BENCHMARKS.md §14)."""
         return {
+            "background_pool_size": "1",
+            "background_merges_mutations_concurrency_ratio": "1",
             "max_server_memory_usage": str(self.engine_bytes),
             "mark_cache_size": str(self.engine_mark_cache_bytes),
             "primary_index_cache_size": str(self.engine_index_cache_bytes),
