@@ -15,10 +15,12 @@ The check is split in two, so that its cost is per stream, not per point:
   acknowledged before this process started (read from ClickHouse and the spool at start). No point
   acknowledged before can then have its identity. Anything else (a point re-sent, an older interval
   re-batched by a forwarder, a stream not seen since the start and older than the floor) is marked to
-  verify. The state is one integer per stream; it only ever over-estimates, so losing an entry
-  (eviction) or a request that is not stored afterwards only makes more points "to verify", never lets
-  a repeat through. Entries over ``max_streams`` are evicted, the streams silent the longest first,
-  raising the floor to the greatest time they held.
+  verify. The state is one time per stream (a slot of a fixed table); it only ever over-estimates, so
+  losing an entry (eviction) or a request that is not stored afterwards only makes more points "to
+  verify", never lets a repeat through. Before a request's streams would take the table past
+  ``max_streams``, the streams silent the longest are forgotten, raising the floor to the greatest time
+  they held; a new stream that still finds no room is marked to verify and raises the floor to its own
+  time (the table does not remember it, so a copy of that point must not pass for new later).
 - **At the writer** (:class:`Verifier`), which alone knows what is committed: a point to verify is
   dropped when a row of the same identity is in the raw table from an earlier group (``batch_seq`` below
   the group's, so a replay of the group does not see itself) or earlier in the same group. Groups go in
