@@ -22,6 +22,7 @@ from bench import (
     insertkeys,
     query,
     scale,
+    steady,
     vm_exactness,
     vm_ingest,
     vm_query,
@@ -50,6 +51,7 @@ SCENARIOS = {
     ),
     "groupmem": (groupmem, "12. A group's memory in the writer: peak RSS against the group's bytes"),
     "insertkeys": (insertkeys, "13. An insert's engine memory against its distinct attribute keys"),
+    "steady": (steady, "14. The realistic fleet at its own rate for 30 minutes, merges included"),
 }
 
 

@@ -73,7 +73,13 @@ FLEET_PERIOD_S = (10.0, 60.0)
 
 
 def make_fleet_requests(
-    orgs: int, points_per_request: int, count: int, start_ns: int, seed: int = 2, once: bool = False
+    orgs: int,
+    points_per_request: int,
+    count: int,
+    start_ns: int,
+    seed: int = 2,
+    once: bool = False,
+    span_s: float = 0,
 ) -> tuple[list[bytes], int, int]:
     """``count`` requests of a realistic fleet, a gateway Collector's batches in time order: ``orgs`` x
     4 metrics x :data:`FLEET_SETS` attribute sets (each org's sets shared by its metrics), each series a
@@ -82,7 +88,8 @@ def make_fleet_requests(
     new series. Times start at ``start_ns``; returns the requests, their points and the time after the
     last point (where the next call's points may start without repeating an interval of a stream).
     ``once``: every series' first point only, in as many requests as they fill (``count`` is ignored): a
-    collector that has run for a while has seen every series of its fleet, and this brings it there."""
+    collector that has run for a while has seen every series of its fleet, and this brings it there.
+    ``span_s``: every point of the schedule's first ``span_s`` seconds (``count`` is ignored)."""
     rng = random.Random(seed)
     sets = []
     for _org in range(orgs):
@@ -93,10 +100,9 @@ def make_fleet_requests(
     lo, hi = FLEET_PERIOD_S
     periods = [rng.uniform(lo, hi) for _ in series]
     phases = [rng.uniform(0, p) for p in periods]
-    wanted = len(series) if once else points_per_request * count
-    count = -(-wanted // points_per_request)
     rate = sum(1 / p for p in periods)
-    horizon = hi if once else wanted / rate * 1.1 + hi
+    wanted = len(series) if once else points_per_request * count
+    horizon = hi if once else span_s or wanted / rate * 1.1 + hi
     events: list[tuple[float, int]] = []
     for i, (period, phase) in enumerate(zip(periods, phases, strict=True)):
         t = phase
@@ -106,7 +112,8 @@ def make_fleet_requests(
             if once:
                 break
     events.sort()
-    events = events[:wanted]
+    events = events if span_s else events[:wanted]
+    count = -(-len(events) // points_per_request)
     last: dict[int, float] = {}
     out = []
     for r in range(count):

@@ -60,3 +60,5 @@ def test_quick_benchmarks_run_every_scenario(tmp_path):
     assert group["group_mib"] > 1 and group["group_peak_mib"] > 0
     (insert,) = res["insertkeys"]["rows"]
     assert insert["distinct_keys"] == insert["entries"] == 200 and insert["fits_under_mib"] in (64, 256)
+    steady = res["steady"]
+    assert steady["exact"] and steady["written"] == steady["sent"] > 0 and steady["rows"]
