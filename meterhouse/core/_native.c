@@ -1125,6 +1125,37 @@ static Py_uhash_t mix(Py_uhash_t h, Py_uhash_t v) {
     return h * (Py_uhash_t)0xff51afd7ed558ccdULL;
 }
 
+/* Row i's hash over columns of Python objects, from `seed`: each cell's hash in order, a list or tuple
+ * cell hashed by its items with its length (so the same values give the same hash whichever of the two
+ * holds them, and ["a", "b"] + [] differs from ["a"] + ["b"]). Sets *err on a hash error. */
+static uint64_t row_hash(PyObject **colv, Py_ssize_t ncols, Py_ssize_t i, uint64_t seed, int *err) {
+    Py_uhash_t h = (Py_uhash_t)seed;
+    for (Py_ssize_t c = 0; c < ncols; c++) {
+        PyObject *cell = PyList_GET_ITEM(colv[c], i);
+        if (PyList_Check(cell) || PyTuple_Check(cell)) {
+            Py_ssize_t n = PySequence_Fast_GET_SIZE(cell);
+            PyObject **items = PySequence_Fast_ITEMS(cell);
+            h = mix(h, (Py_uhash_t)n + 0x51ULL);
+            for (Py_ssize_t k = 0; k < n; k++) {
+                Py_hash_t v = PyObject_Hash(items[k]);
+                if (v == -1) {
+                    *err = 1;
+                    return 0;
+                }
+                h = mix(h, (Py_uhash_t)v);
+            }
+        } else {
+            Py_hash_t v = PyObject_Hash(cell);
+            if (v == -1) {
+                *err = 1;
+                return 0;
+            }
+            h = mix(h, (Py_uhash_t)v);
+        }
+    }
+    return (uint64_t)h;
+}
+
 /* Each row's key over `columns` (lists of equal length): the hash of its cells in order, a list or tuple
  * cell hashed by its items with its length, so that the same values give the same key whichever of the
  * two holds them. Process-local (it mixes Python's string hashes). The series limit's key of an
@@ -1148,24 +1179,9 @@ static PyObject *row_keys(PyObject *self, PyObject *args) {
     out = PyList_New(rows);
     if (!out) goto done;
     for (Py_ssize_t i = 0; i < rows; i++) {
-        Py_uhash_t h = 0x3c6ef372fe94f82bULL;
-        for (Py_ssize_t c = 0; c < ncols; c++) {
-            PyObject *cell = PyList_GET_ITEM(colv[c], i);
-            if (PyList_Check(cell) || PyTuple_Check(cell)) {
-                Py_ssize_t n = PySequence_Fast_GET_SIZE(cell);
-                PyObject **items = PySequence_Fast_ITEMS(cell);
-                h = mix(h, (Py_uhash_t)n + 0x51ULL);
-                for (Py_ssize_t k = 0; k < n; k++) {
-                    Py_hash_t v = PyObject_Hash(items[k]);
-                    if (v == -1) goto fail;
-                    h = mix(h, (Py_uhash_t)v);
-                }
-            } else {
-                Py_hash_t v = PyObject_Hash(cell);
-                if (v == -1) goto fail;
-                h = mix(h, (Py_uhash_t)v);
-            }
-        }
+        int err = 0;
+        uint64_t h = row_hash(colv, ncols, i, 0x3c6ef372fe94f82bULL, &err);
+        if (err) goto fail;
         PyObject *key = PyLong_FromUnsignedLongLong((unsigned long long)h);
         if (!key) goto fail;
         PyList_SET_ITEM(out, i, key);
@@ -1208,33 +1224,6 @@ static long long select_nth(long long *a, Py_ssize_t n, Py_ssize_t k) {
  * greatest time it has shown, as two little-endian uint64s; open addressing, linear probing. No Python
  * object per stream: about 23 bytes a stream at the table's 70% load, against about 100 for a dict of
  * ints, and no pointer to follow when it is scanned. */
-static uint64_t row_hash(PyObject **colv, Py_ssize_t ncols, Py_ssize_t i, int *err) {
-    Py_uhash_t h = 0x27d4eb2f165667c5ULL;
-    for (Py_ssize_t c = 0; c < ncols; c++) {
-        PyObject *cell = PyList_GET_ITEM(colv[c], i);
-        if (PyList_Check(cell)) {
-            Py_ssize_t n = PyList_GET_SIZE(cell);
-            h = mix(h, (Py_uhash_t)n + 0x51ULL);
-            for (Py_ssize_t k = 0; k < n; k++) {
-                Py_hash_t v = PyObject_Hash(PyList_GET_ITEM(cell, k));
-                if (v == -1) {
-                    *err = 1;
-                    return 0;
-                }
-                h = mix(h, (Py_uhash_t)v);
-            }
-        } else {
-            Py_hash_t v = PyObject_Hash(cell);
-            if (v == -1) {
-                *err = 1;
-                return 0;
-            }
-            h = mix(h, (Py_uhash_t)v);
-        }
-    }
-    return (uint64_t)h | 1;
-}
-
 static int stream_table_view(PyObject *table, Py_buffer *view, uint64_t *slots) {
     if (PyObject_GetBuffer(table, view, PyBUF_WRITABLE) < 0) return -1;
     uint64_t n = (uint64_t)view->len / 16;
@@ -1289,7 +1278,7 @@ static PyObject *stream_table_marks(PyObject *self, PyObject *args) {
     uint64_t mask = slots - 1;
     for (Py_ssize_t i = 0; i < rows; i++) {
         int err = 0;
-        uint64_t key = row_hash(colv, ncols, i, &err);
+        uint64_t key = row_hash(colv, ncols, i, 0x27d4eb2f165667c5ULL, &err) | 1; /* 0: an empty slot */
         if (err) goto done;
         unsigned long long t = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(times, i));
         if (t == (unsigned long long)-1 && PyErr_Occurred()) goto done;
