@@ -526,8 +526,6 @@ class _Decoder:
                     folded, admitted = series.fold(cols)
                     self.result.folded += folded
                     self.result.admitted += admitted
-                    if cols is self.dist:  # what point identity cannot check (collector/identity.py)
-                        self.result.batch.folded += folded
         except Exception:  # the admitted sets could not be read: nothing of this request is kept
             series.rollback(self.result.admitted)
             if self.result.changes and self.cumulative is not None:
@@ -760,7 +758,7 @@ class _Decoder:
 _DIST_DEFAULTS: dict[str, Any] = {
     "sum": None, "min": None, "max": None, "bucket_counts": [], "explicit_bounds": [], "scale": 0,
     "zero_count": 0, "zero_threshold": 0.0, "positive_offset": 0, "positive_counts": [],
-    "negative_offset": 0, "negative_counts": [], "quantiles": [], "quantile_values": [],
+    "negative_offset": 0, "negative_counts": [], "quantiles": [], "quantile_values": [], "series_id": 0,
 }  # fmt: skip
 
 

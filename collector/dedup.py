@@ -9,13 +9,11 @@ never given for points that are not stored.
 At most ``max_entries`` digests are kept (a share of the memory budget, ``core/memory.py``): under more
 requests than that in a window the oldest go first, so the window is shorter. Nothing counts twice for
 it: this is the fast path, and a re-sent copy whose digest went has its points dropped by point identity
-(``collector/identity.py``), at the cost of checking them. Except the distribution points the series
-limit folded, which identity cannot check (two streams folded into one share a stored identity; folded
-sums and gauges keep a fingerprint and are checked): the digest of a request holding some is
-*pinned*, kept for the whole window, never evicted. At most half the entries are pinned; a request with
-folded points that finds no room (``hold_pin``) is not stored (the sender retries), so a re-sent copy of
-one is always recognised here. (Evicted, such a copy counted its folded
-points again: 11 stored where 7 were sent.)"""
+(``collector/identity.py``), at the cost of checking them; points the series limit folded too, as each
+keeps its own set's fingerprint. Earlier versions folded distribution points without one, so identity
+could not check them, and *pinned* the digest of a request holding some: kept for the whole window,
+never evicted. Such digests (the spool's records and the digests file of an earlier version say which)
+are still kept pinned here until their window ends."""
 
 from __future__ import annotations
 
@@ -36,9 +34,7 @@ class RecentRequests:
         self.window_ns = int(window_s * 1e9)
         self.max_entries = max(1, max_entries)
         self._seen: OrderedDict[str, int] = OrderedDict()  # digest → received_ns, oldest first
-        self._pinned: OrderedDict[str, int] = OrderedDict()  # the same, never evicted (folded points)
-        self.max_pinned = max(1, self.max_entries // 2)
-        self._pin_claims: set[str] = set()  # requests with folded points being stored, counted as pinned
+        self._pinned: OrderedDict[str, int] = OrderedDict()  # the same, never evicted (an earlier version's)
         self._claimed: set[str] = set()
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)
@@ -81,31 +77,19 @@ class RecentRequests:
                     return "busy"
                 self._settled.wait(left)
 
-    def hold_pin(self, digest: str) -> bool:
-        """Room for a claimed request with folded points to be pinned once stored: False when the pinned
-        digests of the window (and those being stored) take their half already."""
-        with self._lock:
-            self._prune()
-            if len(self._pinned) + len(self._pin_claims) >= self.max_pinned:
-                return False
-            self._pin_claims.add(digest)
-            return True
-
     def release(self, digest: str) -> None:
         with self._lock:
             self._claimed.discard(digest)
-            self._pin_claims.discard(digest)
             self._settled.notify_all()
 
-    def add(self, digest: str, received_ns: int, pinned: bool = False) -> None:
-        """The request is stored; ``pinned`` (it holds folded points) keeps its digest for the window."""
+    def add(self, digest: str, received_ns: int) -> None:
+        """The request is stored."""
         with self._lock:
             self._claimed.discard(digest)
-            self._pin_claims.discard(digest)
             self._settled.notify_all()
-            self._keep(digest, received_ns, pinned)
+            self._keep(digest, received_ns)
             if self._file is not None:
-                self._file.write(f"{received_ns} {digest}{' p' if pinned else ''}\n")
+                self._file.write(f"{received_ns} {digest}\n")
                 self._unsynced += 1
 
     def _keep(self, digest: str, received_ns: int, pinned: bool = False) -> None:

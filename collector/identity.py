@@ -27,11 +27,12 @@ The check is split in two, so that its cost is per stream, not per point:
   spool order and points are marked in spool order, so a point marked new is never a repeat of one
   stored after it.
 
-Folded points (the series limit's overflow series) have lost their attributes. A folded number point
-keeps a fingerprint of its own set in ``series_id`` (``series.fold_fingerprint``; 0 for every other
-delta or gauge point), part of a number point's stream, so it is checked as any point is: two streams
-folded into one do not share an identity. Folded distribution points have no such column: they are
-never verified (they count, as they did before).
+Folded points (the series limit's overflow series) have lost their attributes. A folded point keeps a
+fingerprint of its own set in ``series_id`` (``series.fold_fingerprint``; 0 for every other delta, gauge
+or distribution point), part of its stream, so it is checked as any point is: two streams folded into
+one do not share an identity, and an SDK's own overflow series (the same attributes, ``series_id`` 0) is
+not taken for a folded one. Spooled records of earlier versions, whose folded distribution points have
+no fingerprint, carry their flag ``UNCHECKED`` (never verified; they count, as they did then).
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from operator import itemgetter
 from typing import Any
 
 from meterhouse.collector.model import PointBatch
-from meterhouse.collector.series import FOLDED_KEYS
 from meterhouse.core import schema
 
 try:
@@ -61,11 +61,12 @@ _NUMBER_STREAM = (
 _NUMBER_VALUE = ("value_int", "value_double")
 _DIST_STREAM = (
     "org_id", "metric", "kind", "unit", "temporality", "scope_name", "scope_version",
-    "resource_keys", "resource_values", "attr_keys", "attr_values",
+    "resource_keys", "resource_values", "attr_keys", "attr_values", "series_id",
 )  # fmt: skip
 _DIST_VALUE = ("count", "sum")
 
-#: The edge's flag per point: new; to verify by the writer; never checked (folded by the series limit).
+#: The edge's flag per point: new; to verify by the writer; never checked (an earlier version's folded
+#: distribution points, read back from its spooled records).
 NEW, VERIFY, UNCHECKED = 0, 1, 2
 
 Identity = tuple[Any, ...]
@@ -85,24 +86,17 @@ def _digest(ident: Identity) -> bytes:
 Flagged = tuple[PointBatch, list[int], list[int]]
 
 
-def _never_verified(cols: dict[str, list[Any]]) -> tuple[list[int], list[int]]:
+def _cumulative(cols: dict[str, list[Any]]) -> list[int]:
     """Rows whose identity is not checked here: cumulative sums (their conversion counts a point seen
-    again as 0), and the distribution points the series limit folded (two streams folded into one share
-    a stored identity; they are the rows holding the limit's own attribute list, not any point an SDK
-    sent with the same attributes). Folded number points carry their own set's fingerprint in
-    ``series_id``, and are checked."""
-    temps, kinds, keys = cols["temporality"], cols["kind"], cols["attr_keys"]
-    cumulative: list[int] = []
-    if schema.TEMPORALITY_CUMULATIVE in temps:
-        cumulative = [
-            i
-            for i, (t, k) in enumerate(zip(temps, kinds, strict=True))
-            if t == schema.TEMPORALITY_CUMULATIVE and k == schema.KIND_SUM
-        ]
-    folded = []
-    if "series_id" not in cols and FOLDED_KEYS in keys:
-        folded = [i for i, k in enumerate(keys) if k is FOLDED_KEYS]
-    return cumulative, folded
+    again as 0). Folded points carry their own set's fingerprint in ``series_id``, and are checked."""
+    temps, kinds = cols["temporality"], cols["kind"]
+    if schema.TEMPORALITY_CUMULATIVE not in temps:
+        return []
+    return [
+        i
+        for i, (t, k) in enumerate(zip(temps, kinds, strict=True))
+        if t == schema.TEMPORALITY_CUMULATIVE and k == schema.KIND_SUM
+    ]
 
 
 def _identities(
@@ -176,16 +170,12 @@ class EdgeIdentity:
             flags = list(raw)
         else:
             flags, verify = self._marks_python(columns, cols["time"], room)
-        cumulative, folded = _never_verified(cols)
-        for i in cumulative:
+        for i in _cumulative(cols):
             verify -= flags[i]
             flags[i] = NEW
-        for i in folded:
-            verify -= flags[i]
-            flags[i] = UNCHECKED
         self.marked_new += size - verify
         self.marked_verify += verify
-        return flags if verify or folded else None
+        return flags if verify else None
 
     def _marks_python(self, columns: list[list[Any]], times: list[int], room: int) -> tuple[list[int], int]:
         """What ``_native.stream_table_marks`` does, with a dict, for an install without the C extension:

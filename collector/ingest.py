@@ -176,7 +176,6 @@ class Ingestor:
         self.limits = limits
         self.cumulative = cumulative
         self.recent = recent
-        self._pins_full_logged = -1e18
         self.reject_log = reject_log if reject_log is not None else RejectLog()
         self.resend_wait_s = resend_wait_s  # how long a re-sent copy waits for its first copy
         self.tokens = tokens or IngestTokens()
@@ -300,21 +299,6 @@ class Ingestor:
         if result.received > limit:  # parsed requests (OTLP/JSON), or no native decoder
             self._forget(result, digest)
             return _too_many_points(result.received, limit)
-        folded = result.batch.folded  # those identity cannot check (distribution points)
-        if folded and self.recent is not None and not self.recent.hold_pin(digest):
-            # Its folded points are recognised when re-sent only by its digest (collector/dedup.py),
-            # and the digests kept for the window have no room: nothing kept, the sender retries.
-            self._forget(result, digest)
-            if time.monotonic() - self._pins_full_logged > 60:  # a line a minute at most
-                self._pins_full_logged = time.monotonic()
-                log.warning("requests with folded points wait for room among the pinned digests",
-                            extra={"pinned": self.recent.max_pinned})  # fmt: skip
-            return Outcome(
-                "backpressure",
-                "too many requests with points folded by the series limit in the deduplication window, "
-                "retry later",
-                retry_after_s=5,
-            )
         m.points_received.inc(result.received)
         try:
             seq = self.next.consume(result.batch)
@@ -345,7 +329,7 @@ class Ingestor:
         if result.changes and self.cumulative is not None and isinstance(seq, int):
             self.cumulative.spooled(result.changes, seq)
         if self.recent is not None:
-            self.recent.add(digest, now, pinned=bool(folded))
+            self.recent.add(digest, now)
         for reason, n in result.rejected.items():
             m.points_rejected.labels(reason=reason).inc(n)
         for reason, n in result.repaired.items():

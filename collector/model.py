@@ -34,10 +34,6 @@ class PointBatch:
     received_ns: int
     dist_columns: dict[str, list[Any]] = field(default_factory=dict)
     dist_size: int = 0
-    #: Distribution points the series limit folded into the overflow series, which point identity cannot
-    #: check: their request's digest is pinned in the request-level dedup (collector/dedup.py). Folded
-    #: number points are checked by their fingerprint (collector/series.py).
-    folded: int = 0
 
     @property
     def total(self) -> int:

@@ -3,10 +3,11 @@
 Folding replaces a point's attributes with ``otel.metric.overflow=true`` (as the OpenTelemetry SDKs do
 for their own cardinality limit); its value is kept, so the org's totals stay exact. It runs after the
 cumulative→delta conversion, which keys its state on the original attributes, so a folded cumulative
-series still counts exactly its own increase. A folded delta or gauge point keeps a fingerprint of its
-own attribute set in ``series_id`` (which only cumulative points use otherwise), stored with it, so that
-point identity checks it as it checks any point: re-sent in another request (a forwarder re-batching its
-queue), it counts once (``identity.py``).
+series still counts exactly its own increase. A folded delta, gauge or distribution point keeps a
+fingerprint of its own attribute set in ``series_id`` (which only cumulative points use otherwise),
+stored with it, so that point identity checks it as it checks any point: re-sent in another request (a
+forwarder re-batching its queue), it counts once, and an SDK's own overflow series (the same attributes,
+``series_id`` 0) is not taken for it (``identity.py``).
 
 The attribute sets admitted so far are read back from ClickHouse (``attribute_sets``) the first time an
 (org, metric) is seen by this process, so a restart does not admit more; sets of points still waiting
@@ -24,8 +25,7 @@ from meterhouse.collector.cumulative import StateUnavailable
 
 OVERFLOW_KEY = "otel.metric.overflow"
 OVERFLOW_VALUE = "true"
-#: The attribute lists of every point this limit folded: these very objects, so that point identity
-#: (``identity.py``) tells a point folded here from one an SDK sent with the same attributes. Never mutated.
+#: The attribute lists of every point this limit folded: these very objects, shared (never mutated).
 FOLDED_KEYS: list[str] = [OVERFLOW_KEY]
 FOLDED_VALUES: list[str] = [OVERFLOW_VALUE]
 
@@ -101,7 +101,7 @@ class SeriesLimiter:
         if not orgs:
             return 0, []
         keys_col, values_col = columns["attr_keys"], columns["attr_values"]
-        series_ids = columns.get("series_id")  # number points only; 0 unless cumulative
+        series_ids = columns.get("series_id")  # 0 unless cumulative (number points) or folded
         row_keys = _keys(orgs, metrics, keys_col, values_col)
         folded = 0
         admitted: list[Admission] = []

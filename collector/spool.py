@@ -61,8 +61,10 @@ FORMAT_VERSION = 4
 _VERSION = struct.Struct("<H")
 _DATA_HEAD_V3 = struct.Struct("<QQI16s")  # seq, received_ns, points, request digest
 _DATA_HEAD = struct.Struct("<QQI16sIB")  # and the attribute keys (``attribute_keys``), flags
-#: A DATA record's flag: the request holds distribution points the series limit folded, which point
-#: identity cannot check (its digest is pinned in the request-level dedup, collector/dedup.py).
+#: A DATA record's flag, written by earlier versions: the request holds distribution points the series
+#: limit folded without their own set's fingerprint, which point identity cannot check; its digest stays
+#: pinned in the request-level dedup for the window (collector/dedup.py). This version writes 0: a folded
+#: point keeps its fingerprint in ``series_id`` and is checked as any point.
 FOLDED = 1
 _RANGE = struct.Struct("<QQ")  # first seq, last seq
 _SEQ = struct.Struct("<Q")
@@ -586,10 +588,7 @@ class Spool:
             seq = self._seq + 1
             record = _encode(
                 DATA,
-                _DATA_HEAD.pack(
-                    seq, batch.received_ns, batch.total, digest, keys, FOLDED if batch.folded else 0
-                )
-                + body,
+                _DATA_HEAD.pack(seq, batch.received_ns, batch.total, digest, keys, 0) + body,
             )
             if len(record) > MAX_RECORD:
                 raise RecordTooLarge(

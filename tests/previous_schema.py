@@ -1,5 +1,7 @@
-"""The database as the version before the writer's ledger made it: no ``batch_seq`` anywhere, and the
-organisations' and catalog's views reading the raw tables (they read the ingest tables since)."""
+"""The database as earlier versions made it: before the writer's ledger (no ``batch_seq`` anywhere, and the
+organisations' and catalog's views reading the raw tables, which read the ingest tables since), and
+before folded distribution points kept their own set's fingerprint (no ``series_id`` on the
+distribution tables)."""
 
 from __future__ import annotations
 
@@ -27,8 +29,11 @@ def previous_version(store) -> list[str]:
         store.client.command(f"ALTER TABLE {db}.{table} DROP COLUMN batch_seq")
     for table in (schema.INGEST_TABLE, schema.DIST_INGEST_TABLE):
         store.client.command(f"ALTER TABLE {db}.{table} DROP COLUMN batch_seq")
+    for table in (schema.DIST_INGEST_TABLE, schema.DIST_TABLE):
+        store.client.command(f"ALTER TABLE {db}.{table} DROP COLUMN series_id")
     for view in views:
         old = re.sub(r",\s*max\(batch_seq\) AS batch_seq|, batch_seq(?=\n)", "", creates[view])
+        old = old.replace(", series_id, batch_id", ", batch_id")  # the distribution view's fingerprint
         old = old.replace(", batch_id, batch_seq", ", batch_id")  # the distribution view lists its columns
         if view in READ_BEFORE:
             now, before = READ_BEFORE[view]
@@ -37,6 +42,22 @@ def previous_version(store) -> list[str]:
         assert "batch_seq" not in old, view
         store.client.command(old)
     return views
+
+
+def before_dist_fingerprint(store) -> None:
+    """The version before folded distribution points kept a fingerprint (after the ledger)."""
+    db = store.database
+    store.client.command(f"DROP VIEW IF EXISTS {db}.distribution_points_mv")
+    for table in (schema.DIST_INGEST_TABLE, schema.DIST_TABLE):
+        store.client.command(f"ALTER TABLE {db}.{table} DROP COLUMN series_id")
+    (create,) = [
+        s
+        for s in schema.ddl(db)
+        if (m := schema._CREATE_MV.match(s)) and m.group(2) == "distribution_points_mv"
+    ]
+    old = create.replace(", series_id, batch_id", ", batch_id")
+    assert "series_id" not in old
+    store.client.command(old)
 
 
 def writer_views_before(store) -> None:

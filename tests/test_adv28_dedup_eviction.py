@@ -54,8 +54,8 @@ def test_a_resent_request_with_folded_points_counts_once_after_its_digest_was_ev
     """--series-per-org-metric 1: the request's second attribute set is folded into the overflow series,
     which point identity never checks. Before the dedup was bounded, these bytes re-sent within the
     15-minute window were answered 200 and not stored again; once their digest was evicted the folded
-    point was stored again: 11 where 7 was sent. The digest of a request with folded points is now
-    pinned for the window (collector/dedup.py)."""
+    point was stored again: 11 where 7 was sent. A folded point keeps its own set's fingerprint in
+    ``series_id`` and is checked by point identity (collector/series.py)."""
     stack = stack_factory(series_per_org_metric=1)
     metric, t = "adv28.fold", time.time_ns() - 30 * SEC
     req = sum_request(
@@ -110,12 +110,13 @@ def test_a_resent_gauge_counts_once_after_its_digest_was_evicted(stack):
     assert int(n) == 3
 
 
-def test_a_request_with_folded_points_waits_when_the_pinned_digests_have_no_room(stack_factory):
-    """Pinned digests take at most half the dedup's entries: past that, a request with folded points that
-    identity cannot check (distribution points: folded sums and gauges keep a fingerprint) is answered
-    503 with Retry-After and nothing of it is kept; requests without such points go on."""
+def test_requests_with_folded_histograms_are_never_refused_and_count_once_after_eviction(stack_factory):
+    """Folded distribution points were not checked by point identity, so the digest of a request holding
+    some was pinned for the window, and past half the dedup's entries such requests were answered 503
+    (retry in 5 s) for as long as their org stayed over the limit. A folded point now keeps its own set's
+    fingerprint and is checked: requests with folded histograms are taken however many, and a re-sent
+    copy whose digest was evicted counts once."""
     stack = stack_factory(series_per_org_metric=1)
-    stack.collector.recent.max_pinned = 1
     metric, t = "adv28.fold.room", time.time_ns() - 30 * SEC
 
     def folding(v: int):  # a=1 admitted (the one series), a=<v> folded
@@ -123,13 +124,11 @@ def test_a_request_with_folded_points_waits_when_the_pinned_digests_have_no_room
             [(1, {"org.id": ORG, "a": "1"}), (v, {"org.id": ORG, "a": str(v)})], metric, t + v
         )
 
-    post(stack, folding(2))  # pinned
-    url = f"http://127.0.0.1:{stack.collector.http.port}/v1/metrics"
-    r = requests.post(url, data=folding(3).SerializeToString(),
-                      headers={"Content-Type": "application/x-protobuf"}, timeout=30)  # fmt: skip
-    assert r.status_code == 503 and r.headers.get("Retry-After") == "5", (r.status_code, r.text)
-    post(stack, histogram_request([(10, {"org.id": ORG, "a": "1"})], metric, t + 9))
+    for v in (2, 3, 4):
+        post(stack, folding(v))  # each 200
+    evict(stack, 3)
+    post(stack, folding(2))  # the client's retry of an answer it lost, its digest gone
     drain(stack)
     store = stack.collector.endpoints.endpoints[0].store
     sql = f"SELECT sum(count) FROM {store.database}.distribution_points WHERE metric = {{m:String}}"
-    assert int(store.scalar(sql, {"m": metric})) == 1 + 2 + 10
+    assert int(store.scalar(sql, {"m": metric})) == 3 + 2 + 3 + 4

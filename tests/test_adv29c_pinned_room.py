@@ -3,8 +3,9 @@ sums or gauges, which point identity now checks by their fingerprint (or cumulat
 conversion counts once): the pinned half of the dedup fills with digests it does not need, and past it an
 honest sender is answered 503 (retry in 5 s) for ever while its org stays over the limit. At the default
 1 GiB budget 42,949 pins per 15-minute window: 47.7 requests/s with a folded point (500 SDK pods exporting
-every 10 s, their org over its limit); at the 10,000-entry floor 5.6/s. Here the room is set to one pin,
-as tests/test_adv28_dedup_eviction.py does."""
+every 10 s, their org over its limit); at the 10,000-entry floor 5.6/s. No request is pinned any more
+(every folded point keeps its fingerprint and is checked); the histogram case is in
+tests/test_adv28_dedup_eviction.py."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ def status(stack, req) -> int:
 
 def test_requests_whose_folded_points_are_all_delta_sums_are_not_refused_for_pinned_room(stack_factory):
     stack = stack_factory(series_per_org_metric=1)
-    stack.collector.recent.max_pinned = 1
     metric, t = "adv29c.pin.delta", time.time_ns() - 60 * SEC
     got = []
     for k in range(3):  # one export interval after another: a=1 admitted, a=2 folded every time
@@ -38,7 +38,6 @@ def test_requests_whose_folded_points_are_all_delta_sums_are_not_refused_for_pin
 
 def test_requests_whose_folded_points_are_all_cumulative_are_not_refused_for_pinned_room(stack_factory):
     stack = stack_factory(series_per_org_metric=1)
-    stack.collector.recent.max_pinned = 1
     metric, t0 = "adv29c.pin.cumulative", time.time_ns() - 60 * SEC
     got = []
     for k in range(3):

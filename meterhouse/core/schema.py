@@ -151,6 +151,7 @@ DIST_INGEST_COLUMNS: tuple[Column, ...] = (
     Column("scope_name", "String"),
     Column("scope_version", "String"),
     Column("received_at", "DateTime64(9, 'UTC')"),
+    Column("series_id", "UInt64"),  # a folded point's own set (series.fold_fingerprint); else 0
     Column("batch_id", "String"),
     Column("batch_seq", "UInt64"),
 )
@@ -266,6 +267,7 @@ WHERE temporality = {TEMPORALITY_CUMULATIVE} AND kind = '{KIND_SUM}'""",
     scope_version LowCardinality(String),
     received_at DateTime64(9, 'UTC') CODEC(Delta, ZSTD),
     committed_at DateTime64(3, 'UTC') DEFAULT now64(3) CODEC(Delta, ZSTD),
+    series_id UInt64,
     batch_id String CODEC(ZSTD),
     {SEQ_COLUMN}
 ) ENGINE = MergeTree
@@ -659,7 +661,10 @@ def redo_cleanup_ddl(database: str, views: Sequence[str]) -> list[str]:
 
 #: Views whose definition changed since a version that created them, each with a part of the new
 #: definition the stored one lacks: created again at start (``revised_views_migration``).
-REVISED_VIEWS = {"attribute_cardinality_hourly_mv": "uniqExactStateIf(org_id, 0)"}
+REVISED_VIEWS = {
+    "attribute_cardinality_hourly_mv": "uniqExactStateIf(org_id, 0)",
+    "distribution_points_mv": "series_id",
+}
 
 
 def all_views() -> list[str]:
@@ -1012,14 +1017,20 @@ COLLECTOR_COMMITS_COLUMN_NAMES = tuple(c.name for c in COLLECTOR_COMMITS_COLUMNS
 COLLECTOR_COMMITS_COLUMN_TYPES = tuple(c.type for c in COLLECTOR_COMMITS_COLUMNS)
 
 
-#: Columns of the close's tables added since they were first created: (table, column, type).
-CLOSE_ADDED_COLUMNS = ((CLOSES_TABLE, "unconfirmed", "Array(String)"),)
+#: Columns added to tables since they were first created: (table, column, type and place). Each is
+#: placed where a new database has it, so that both hold the same columns in the same order.
+ADDED_COLUMNS = (
+    (CLOSES_TABLE, "unconfirmed", "Array(String)"),
+    # A folded distribution point's fingerprint of its own set, part of its identity (collector/identity.py).
+    (DIST_INGEST_TABLE, "series_id", "UInt64 AFTER received_at"),
+    (DIST_TABLE, "series_id", "UInt64 AFTER committed_at"),
+)
 
 
-def close_columns_migration(
+def added_columns_migration(
     database: str, cluster: str, missing: Sequence[tuple[str, str, str]]
 ) -> list[str]:
-    """The ``CLOSE_ADDED_COLUMNS`` a database of an earlier version lacks: on a cluster, on every node's
+    """The ``ADDED_COLUMNS`` a database of an earlier version lacks: on a cluster, on every node's
     shard-local and Distributed table."""
     out = []
     for table, column, type_ in missing:

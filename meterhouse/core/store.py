@@ -92,12 +92,12 @@ class Store:
             self._migrate_cluster_columns(settings)
         else:
             self._migrate_columns()
+        self._migrate_added_columns(settings)
         for statement in statements:
             self.client.command(statement, settings=settings)
         if self.cluster:
             self.wait_for_tables(schema.created_names(statements))
         self.check_rendering()
-        self._migrate_close_columns(settings)
         if self.embedded:
             self._migrate_embedded_views()
         if not self.cluster:
@@ -129,11 +129,13 @@ class Store:
         for view in views:
             self.client.command(f"DROP VIEW IF EXISTS {self.database}.{view}")
 
-    def _migrate_close_columns(self, settings: dict[str, Any]) -> None:
-        """The close's tables of an earlier version: the columns added since (``CLOSE_ADDED_COLUMNS``),
-        asked for first, so that a start finds nothing to alter (an ALTER, even one that changes nothing,
-        rewrites the table's metadata, and on a cluster queues a task for every node)."""
-        tables = [schema.local_name(t) if self.cluster else t for t, _, _ in schema.CLOSE_ADDED_COLUMNS]
+    def _migrate_added_columns(self, settings: dict[str, Any]) -> None:
+        """Tables of an earlier version: the columns added since (``ADDED_COLUMNS``), asked for first, so
+        that a start finds nothing to alter (an ALTER, even one that changes nothing, rewrites the table's
+        metadata, and on a cluster queues a task for every node). Run before this version's DDL (the
+        engine checks a view's query even under ``IF NOT EXISTS``, and this version's read them); tables
+        that do not exist yet are left to the DDL, which creates them with the columns."""
+        tables = [schema.local_name(t) if self.cluster else t for t, _, _ in schema.ADDED_COLUMNS]
         present = {
             (str(t), str(c))
             for t, c in self.client.query(
@@ -142,15 +144,16 @@ class Store:
                 parameters={"db": self.database, "t": tables},
             ).result_rows
         }
+        existing = {t for t, _ in present}
         missing = [
             (t, c, ty)
-            for (t, c, ty), local in zip(schema.CLOSE_ADDED_COLUMNS, tables, strict=True)
-            if (local, c) not in present
+            for (t, c, ty), local in zip(schema.ADDED_COLUMNS, tables, strict=True)
+            if local in existing and (local, c) not in present
         ]
         if missing:
-            log.warning("schema: adding the close's columns to a database of an earlier version",
+            log.warning("schema: adding columns to a database of an earlier version",
                         extra={"columns": [f"{t}.{c}" for t, c, _ in missing]})  # fmt: skip
-            for statement in schema.close_columns_migration(self.database, self.cluster, missing):
+            for statement in schema.added_columns_migration(self.database, self.cluster, missing):
                 self.client.command(statement, settings=settings)
 
     def _migrate_cluster_columns(self, settings: dict[str, Any]) -> None:

@@ -76,30 +76,28 @@ def test_at_most_max_entries_digests_are_kept_the_oldest_going_first(tmp_path):
     assert len(r2) == 2 and r2.claim("from-spool") == "settled" and r2.claim("d4") == "settled"
 
 
-def test_digests_of_requests_with_folded_points_are_pinned_for_the_window(tmp_path):
-    """Point identity cannot check folded points, so a re-sent copy of a request holding some is known
-    only by its digest: pinned digests are never evicted, and take at most half the entries; a request
-    with folded points that finds no room is refused (``hold_pin``), and finds it once one leaves the
-    window. Pins survive a restart."""
-    r = RecentRequests(tmp_path / "recent.log", window_s=1.5, max_entries=4)
-    r.load()
+def test_an_earlier_versions_pinned_digests_are_kept_for_their_window(tmp_path):
+    """Earlier versions pinned the digest of a request with folded distribution points (identity could
+    not check them then): its digests file marks them `` p`` and its spool's records carry the flag.
+    Loaded, they are never evicted until their window ends; this version pins nothing (a folded point
+    keeps its fingerprint and is checked), so its own digests come and go around them."""
     now = time.time_ns()
-    for i in range(2):
-        assert r.claim(f"f{i}") == "new" and r.hold_pin(f"f{i}")
-        r.add(f"f{i}", now, pinned=True)
-    assert r.claim("f2") == "new" and not r.hold_pin("f2")  # two pinned: half of four
-    r.release("f2")
+    (tmp_path / "recent.log").write_text(f"{now} f0 p\n{now} f1 p\n")
+    r = RecentRequests(tmp_path / "recent.log", window_s=1.5, max_entries=4)
+    r.load(extra=[("f2", now, True)])
     for i in range(10):  # unpinned digests come and go around the pinned ones
-        r.claim(f"d{i}")
+        assert r.claim(f"d{i}") == "new"
         r.add(f"d{i}", now + i)
-    assert len(r) == 4 and r.claim("f0") == "settled" and r.claim("f1") == "settled"
-    assert r.claim("d9") == "settled" and r.claim("d0") == "new"
-    r.release("d0")
+    assert len(r) == 4 and all(r.claim(f"f{i}") == "settled" for i in range(3))
+    assert r.claim("d9") == "settled" and r.claim("d8") == "new"
+    r.release("d8")
     r.sync()
     r.close()
+    assert not any(
+        line.endswith(" p") and " d" in line for line in (tmp_path / "recent.log").read_text().splitlines()
+    )
     r2 = RecentRequests(tmp_path / "recent.log", window_s=1.5, max_entries=4)
     r2.load()
-    assert r2.claim("f0") == "settled" and r2.claim("f1") == "settled"
-    assert r2.claim("f2") == "new" and not r2.hold_pin("f2")
+    assert all(r2.claim(f"f{i}") == "settled" for i in range(3))
     time.sleep(1.6)  # the pinned digests leave the window
-    assert r2.hold_pin("f2") and r2.claim("f0") == "new"
+    assert r2.claim("f0") == "new"

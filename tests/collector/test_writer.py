@@ -600,11 +600,15 @@ def test_a_group_the_version_before_inserted_replayed_after_the_upgrade_counts_o
         native.with_constant(b.numbers, b.size, "batch_id", "String", token + ":n") for b in blocks
     )
     store.insert_native(schema.INGEST_TABLE, (*BATCH_COLUMNS, "batch_id"), numbers, token + ":n")
-    if landed == "both":
-        dists = b"".join(
-            native.with_constant(b.dists, b.dist_size, "batch_id", "String", token + ":d") for b in blocks
-        )
-        store.insert_native(schema.DIST_INGEST_TABLE, (*DIST_BATCH_COLUMNS, "batch_id"), dists, token + ":d")
+    if landed == "both":  # that version's distribution blocks had no series_id
+        before = [n for n in DIST_BATCH_COLUMNS if n != "series_id"]
+        types = dict(zip(schema.DIST_INGEST_COLUMN_NAMES, schema.DIST_INGEST_COLUMN_TYPES, strict=True))
+        dists = b""
+        for b in blocks:
+            _n, _t, cols, rows = native.decode(b.dists)
+            old = native.encode(before, [types[n] for n in before], [cols[n] for n in before])
+            dists += native.with_constant(old, rows, "batch_id", "String", token + ":d")
+        store.insert_native(schema.DIST_INGEST_TABLE, (*before, "batch_id"), dists, token + ":d")
     crash(spool)
     store.ensure_schema()  # the upgrade's start
     with Rig(tmp_path, store) as rig:
