@@ -191,9 +191,46 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
-def _server_url(config: Config) -> str:
+def _server_url(config: Config, port: int | None = None, scheme: str = "http") -> str:
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    return f"http://{'[' + host + ']' if ':' in host else host}:{config.http_port}"
+    host = "[" + host + "]" if ":" in host else host
+    return f"{scheme}://{host}:{config.http_port if port is None else port}"
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    """Run one read-only query through the running server's SQL endpoint and print its answer."""
+    import requests
+
+    config = _config_from(args)
+    if not config.sql_port:
+        print("meterhouse: the SQL endpoint is off (sql_port 0)", file=sys.stderr)
+        return 2
+    query = sys.stdin.read() if args.query == "-" else args.query
+    fmt = args.format or ("PrettyCompact" if sys.stdout.isatty() else "TabSeparatedWithNames")
+    base = _server_url(config, config.sql_port, "https" if config.tls_enabled else "http")
+    params = {"default_format": fmt, "database": config.database}
+    for p in args.param:
+        name, eq, value = p.partition("=")
+        if not eq or not name:
+            print(f"meterhouse: --param {p!r}: expected NAME=VALUE", file=sys.stderr)
+            return 2
+        params[f"param_{name}"] = value
+    headers = {"X-ClickHouse-Key": args.token} if args.token else {}
+    try:
+        r = requests.post(base + "/", params=params, data=query.encode(), headers=headers,
+                          timeout=config.sql_timeout_s + 30, stream=True)  # fmt: skip
+    except requests.RequestException as e:
+        print(f"meterhouse: no SQL endpoint answers on {base} ({type(e).__name__}); is `meterhouse up` "
+              "running with this --sql-port and --host?", file=sys.stderr)  # fmt: skip
+        return 1
+    if r.status_code != 200:
+        print(f"meterhouse: {r.text.strip()}", file=sys.stderr)
+        return 1
+    out = sys.stdout.buffer
+    for chunk in r.iter_content(1 << 16):
+        out.write(chunk)
+    out.flush()
+    return 0
 
 
 def _close_remote(base: str, args: argparse.Namespace) -> int | None:
@@ -482,6 +519,31 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("--database", metavar="NAME", default=None, help="Database [default: meterhouse].")
     sch.add_argument("--raw-retention-days", type=int, default=None, help="Include the raw-points TTL.")
     sch.set_defaults(func=cmd_schema)
+
+    sql = sub.add_parser(
+        "sql",
+        help="Run a read-only SQL query on the running meterhouse's tables (its SQL endpoint).",
+        description="Run one read-only query (SELECT, SHOW, DESCRIBE, EXISTS) through the SQL endpoint of "
+        "the `meterhouse up` this configuration names (--host, --sql-port, --database), and print "
+        "the answer. Exit 1 with the server's error when it refuses the query.",
+    )
+    sql.add_argument("query", help="The query; - reads it from standard input.")
+    sql.add_argument(
+        "--format",
+        metavar="FORMAT",
+        help="Output format (any ClickHouse output format) [default: PrettyCompact on a terminal, "
+        "else TabSeparatedWithNames].",
+    )
+    sql.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="A query parameter, for {NAME:Type} in the query (repeatable).",
+    )
+    sql.add_argument("--token", help="API token with all-orgs read scope, when tokens are configured.")
+    _add_config_flags(sql)
+    sql.set_defaults(func=cmd_sql)
 
     dash = sub.add_parser("dashboards", help="Generate the Grafana dashboards' JSON from their sources.")
     dash.add_argument("action", choices=["build"])

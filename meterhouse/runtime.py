@@ -20,11 +20,14 @@ from meterhouse.collector.commits import CommitPublisher, wait_committed
 from meterhouse.core import commits, datadir
 from meterhouse.core.config import Config, ConfigError
 from meterhouse.core.httpserver import App, HttpServer, InFlightLimit, limits_from
-from meterhouse.core.listen import API, ListenError, listening
+from meterhouse.core.listen import API, SQL, ListenError, listening
+from meterhouse.core.memory import plan as memory_plan
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.core.store import is_embedded
+from meterhouse.core.store import embedded_handle, is_embedded
 from meterhouse.core.tls import ServerTls, load_material
 from meterhouse.exporter import OrgHealth, Reconciler, create_app
+from meterhouse.exporter.auth import Auth
+from meterhouse.exporter.sql import Engine, create_sql_app
 
 log = logging.getLogger("meterhouse")
 
@@ -90,10 +93,30 @@ class Stack:
         wsgi = WSGIMiddleware(self.app, workers=8)  # type: ignore[arg-type]  # Flask is a WSGI app
         asgi = InFlightLimit(cast(App, wsgi), limits.max_requests_in_flight)
         self._http = HttpServer(asgi, config.host, config.http_port, limits, "http-api", self.tls)
+        self._sql: HttpServer | None = None
+        if config.sql_port and is_embedded(config.endpoints[0]):
+            memory = memory_plan(config)
+            engine = Engine(embedded_handle, config.sql_max_concurrent, config.sql_timeout_s,
+                            memory.sql_query_bytes, memory.sql_result_bytes)  # fmt: skip
+            self.sql_auth = Auth(config.auth_tokens)
+            self.sql_app = create_sql_app(engine, self.sql_auth, config.database, __version__)
+            sql_wsgi = WSGIMiddleware(self.sql_app, workers=config.sql_max_concurrent + 2)  # type: ignore[arg-type]
+            self._sql = HttpServer(
+                InFlightLimit(cast(App, sql_wsgi), limits.max_requests_in_flight),
+                config.host, config.sql_port, limits, "http-sql", self.tls,
+            )  # fmt: skip
+        elif config.sql_port:
+            log.info("SQL endpoint off: the first endpoint is a ClickHouse server; query it directly",
+                     extra={"endpoint": config.endpoints[0].split("@")[-1]})  # fmt: skip
 
     @property
     def http_port(self) -> int:
         return self._http.port
+
+    @property
+    def sql_port(self) -> int:
+        """The SQL endpoint's port, or 0 when it is off."""
+        return self._sql.port if self._sql is not None else 0
 
     def wait_committed(self) -> list[str]:
         """What a close waits for before its cutoff: every point acknowledged before now committed, by
@@ -114,9 +137,14 @@ class Stack:
         with listening(API, self.config.host, self.config.http_port):
             self._http.bind()
         try:
+            if self._sql is not None:
+                with listening(SQL, self.config.host, self.config.sql_port):
+                    self._sql.bind()
             self.collector.bind()
         except ListenError:
             self._http.shutdown(0)
+            if self._sql is not None:
+                self._sql.shutdown(0)
             raise
 
     def ready(self) -> bool:
@@ -132,6 +160,8 @@ class Stack:
         self.health.start()
         self.reconciler.start()
         self._http.start()
+        if self._sql is not None:
+            self._sql.start()
 
     def reload(self, config: Config) -> None:
         """SIGHUP: new certificates, ingest and API tokens, for new connections and requests.
@@ -155,6 +185,8 @@ class Stack:
             raise ConfigError("tls: cannot be turned on by a reload; restart with it")
         self.collector.reload(config)
         self.app.extensions["meterhouse.auth"].tokens = config.auth_tokens  # one reference swap
+        if self._sql is not None:
+            self.sql_auth.tokens = config.auth_tokens
         self.config = config
 
     def shutdown(self, timeout_s: float) -> None:
@@ -164,6 +196,8 @@ class Stack:
         self.reconciler.shutdown(1.0)
         self.collector.shutdown(timeout_s)
         self._http.shutdown(1.0)
+        if self._sql is not None:
+            self._sql.shutdown(1.0)
 
 
 def run_up(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
@@ -231,6 +265,7 @@ def _announce_ready(stack: Stack, startup_s: float) -> None:
             "otlp_grpc": f"{config.host}:{stack.collector.grpc.port}",
             "otlp_http": f"http://{config.host}:{stack.collector.http.port}/v1/metrics",
             "http": f"http://{config.host}:{stack.http_port}",
+            "sql": f"http://{config.host}:{stack.sql_port}" if stack.sql_port else "off",
             "store": stack.collector.endpoints.name,
             "data_dir": str(config.data_dir),
             "startup_s": round(startup_s, 3),

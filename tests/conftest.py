@@ -107,7 +107,8 @@ class UpProcess:
             "--otlp-http-port", str(self.otlp_http_port),
             "--otlp-grpc-port", str(self.otlp_grpc_port),
             "--http-port", str(self.http_port),
-            "--log-format", "json", *self.extra,
+            "--log-format", "json",
+            *([] if "--sql-port" in self.extra else ["--sql-port", "0"]), *self.extra,
         ]  # fmt: skip
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         procs = None if self.cgroup is None else self.cgroup / "cgroup.procs"
@@ -222,7 +223,7 @@ def stack_factory(engine_dir, tmp_path):
 
     def make(**overrides):
         values = dict(data_dir=tmp_path / f"stack{len(stacks)}", database=f"s_{uuid.uuid4().hex[:12]}",
-                      otlp_http_port=0, otlp_grpc_port=0, http_port=0, flush_interval_s=0.05)  # fmt: skip
+                      otlp_http_port=0, otlp_grpc_port=0, http_port=0, sql_port=0, flush_interval_s=0.05)  # fmt: skip
         values.update(overrides)
         config = Config(**values)
         s = Stack(config, shared_engine(engine_dir, config.database))

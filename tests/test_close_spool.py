@@ -33,7 +33,7 @@ def test_points_in_the_spool_at_close_become_adjustments(engine_dir, tmp_path):
     control = tmp_path / "faults.json"
     control.write_text(json.dumps({"down": []}))
     config = Config(data_dir=tmp_path / "stack", database=database, otlp_http_port=0, otlp_grpc_port=0,
-                    http_port=0, flush_interval_s=0.05)  # fmt: skip
+                    http_port=0, sql_port=0, flush_interval_s=0.05)  # fmt: skip
     stack = Stack(config, faulty_connect(shared_engine(engine_dir, database), control))
     stack.start()
     reader = shared_engine(engine_dir, database)("embedded")  # the close's own handle, never "down"

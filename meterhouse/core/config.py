@@ -94,6 +94,18 @@ class Config:
     http_port: int = _opt(
         _port, default=9464, help="Port of /metrics, /healthz, /readyz and /api/v1 (0 = any)."
     )
+    sql_port: int = _opt(
+        _port,
+        default=8123,
+        help="Port of the read-only ClickHouse HTTP endpoint over the embedded engine, for Grafana's "
+        "ClickHouse plugin, ClickHouse clients and `meterhouse sql` (0 = off; README, SQL endpoint).",
+    )
+    sql_max_concurrent: int = _opt(
+        _positive, default=2, help="Queries the SQL endpoint runs at once; one more waits a second, then 503."
+    )
+    sql_timeout_s: float = _opt(
+        _positive, default=30.0, help="Longest a SQL endpoint query runs (whole seconds, max_execution_time)."
+    )
     org_attribute: str = _opt(
         None, default="org.id", help="Attribute key naming the organization (point, then resource)."
     )

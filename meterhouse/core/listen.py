@@ -29,6 +29,7 @@ class Listener:
 OTLP_GRPC = Listener("OTLP/gRPC", "otlp_grpc_port")
 OTLP_HTTP = Listener("OTLP/HTTP", "otlp_http_port")
 API = Listener("the API and /metrics (HTTP)", "http_port")
+SQL = Listener("the SQL endpoint (ClickHouse HTTP)", "sql_port")
 
 
 class ListenError(Exception):

@@ -25,7 +25,9 @@ Shares (README, "Memory", has the table with the figures they come from):
 - the digests of recent requests (the request-level dedup's fast path), about 250 bytes each: 2% (past
   it the oldest go; point identity still drops a re-sent copy's points);
 - open connections, about 16 KiB each: 2% on each port (OTLP/HTTP, OTLP/gRPC, the API), unless
-  ``--http-max-connections`` / ``--grpc-max-connections`` are set.
+  ``--http-max-connections`` / ``--grpc-max-connections`` are set;
+- each query of the SQL endpoint (exporter/sql.py): an eighth of the engine's share inside the engine
+  (two at once by default: a quarter), and its answer at most 2% of the budget.
 
 One request's points as stored are at most a twelfth of the engine's share (``request_spooled_bytes``):
 a request is one insert at least, which takes up to 40 MiB and 8 times its bytes, beside the engine's
@@ -105,6 +107,11 @@ class MemoryPlan:
     dedup_requests: int
     #: Open connections on each port (each HTTP port, the gRPC port).
     connections_per_port: int
+    #: What one query of the SQL endpoint may allocate in the engine (an eighth of the engine's share:
+    #: with two at once a quarter, leaving the rest to the writer's inserts and the merges).
+    sql_query_bytes: int = 0
+    #: The most one SQL endpoint answer may hold (the engine's ``max_result_bytes``): 2% of the budget.
+    sql_result_bytes: int = 0
 
     def engine_options(self) -> dict[str, str]:
         """The embedded engine's server settings (given when it is opened, once per process). One
@@ -164,6 +171,8 @@ def plan(config: Config) -> MemoryPlan:
         cumulative_series=max(10_000, int(b * 0.08) // CUMULATIVE_BYTES_PER_SERIES),
         dedup_requests=max(10_000, int(b * 0.02) // DEDUP_BYTES_PER_REQUEST),
         connections_per_port=max(100, int(b * 0.02) // CONNECTION_BYTES),
+        sql_query_bytes=engine // 8,
+        sql_result_bytes=int(b * 0.02),
     )
     for name, held, explicit in (
         ("http", p.http_bytes_in_flight, config.http_max_bytes_in_flight),

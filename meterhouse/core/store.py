@@ -22,6 +22,7 @@ log = logging.getLogger("meterhouse.store")
 # chdb opens one data directory per process, and only once: share the client per path.
 _embedded_lock = threading.Lock()
 _embedded: dict[Path, Client] = {}
+_embedded_options: dict[Path, dict[str, str]] = {}
 
 
 def _embedded_client(path: Path, memory: MemoryPlan | None = None) -> Client:
@@ -47,7 +48,22 @@ def _embedded_client(path: Path, memory: MemoryPlan | None = None) -> Client:
                 settings=memory.engine_settings(),
             )
         _embedded[path] = client
+        _embedded_options[path] = memory.engine_options() if memory is not None else {}
         return client
+
+
+def embedded_handle() -> Any:
+    """A connection of its own on the process's open embedded engine (``chdb.connect``): its session
+    (current database, settings) is its own, and its queries do not wait behind the other clients'
+    (the SQL endpoint's handles, exporter/sql.py)."""
+    import chdb
+    from clickhouse_connect.driver._chdbclient import build_connection_string
+
+    with _embedded_lock:
+        if not _embedded:
+            raise RuntimeError("the embedded engine is not open in this process")
+        path = next(iter(_embedded))
+        return chdb.connect(build_connection_string(str(path), _embedded_options[path] or None))  # type: ignore[no-untyped-call]
 
 
 class Queries(Protocol):

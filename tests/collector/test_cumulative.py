@@ -634,7 +634,7 @@ def test_a_dead_lettered_cumulative_point_stays_in_the_conversion_state_across_a
 
     database = f"dl_{uuid.uuid4().hex[:12]}"
     config = Config(data_dir=tmp_path / "stack", database=database, otlp_http_port=0, otlp_grpc_port=0,
-                    http_port=0, flush_interval_s=0.05)  # fmt: skip
+                    http_port=0, sql_port=0, flush_interval_s=0.05)  # fmt: skip
     connect = shared_engine(engine_dir, database)
     start = time.time_ns() - 60 * 10**9
 

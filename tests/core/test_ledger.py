@@ -190,7 +190,7 @@ def test_a_new_spool_beside_a_database_it_cannot_read_at_start_numbers_above_its
     control = tmp_path / "faults.json"
     control.write_text(json.dumps({"down": []}))
     config = Config(data_dir=tmp_path / "stack", database=database, otlp_http_port=0, otlp_grpc_port=0,
-                    http_port=0, flush_interval_s=0.05)  # fmt: skip
+                    http_port=0, sql_port=0, flush_interval_s=0.05)  # fmt: skip
 
     def send(stack, value: int) -> None:
         body = sum_request({"calls": [point(value, {"org.id": "a"})]}).SerializeToString()

@@ -1,0 +1,406 @@
+"""A read-only ClickHouse HTTP endpoint over the embedded engine (``--sql-port``, README "SQL endpoint").
+
+Grafana's ClickHouse plugin, clickhouse-connect, the official JS client and ``meterhouse sql`` speak
+ClickHouse's HTTP protocol to it: the query in the URL (``query=``) or the body, ``database``,
+``default_format`` (TabSeparated when neither it nor the query's ``FORMAT`` names one), query
+parameters as ``param_<name>``, ``/ping``, HTTP basic auth or ``X-ClickHouse-User``/``X-ClickHouse-Key``,
+errors as ClickHouse writes them (``Code: N. DB::Exception: ...``, ``X-ClickHouse-Exception-Code``).
+
+What it runs is read-only in every way, checked twice:
+
+- **by the engine's own parser** (:func:`check`): ``EXPLAIN AST`` of the query as sent (it parses and
+  runs nothing), and only a ``SELECT`` (with ``UNION``/``INTERSECT``/``EXCEPT``), ``SHOW``,
+  ``DESCRIBE``, ``EXISTS`` or ``SHOW CREATE`` passes; no ``SETTINGS`` clause anywhere, no
+  ``INTO OUTFILE``; table functions only from :data:`TABLE_FUNCTIONS` (numbers, values, view: none
+  reaches files, the network, processes or the process's Python objects, as ``file``, ``url``, ``s3``,
+  ``remote``, ``executable`` and chdb's ``python`` do); no function of :data:`FUNCTIONS_DENIED` (the
+  scalar ``file`` reads a file even in read-only mode);
+- **by the engine's read-only mode** on each of the endpoint's own engine handles (``readonly = 1``,
+  set once with the handle's limits, which it then cannot change): no insert, DDL, ``SYSTEM``,
+  ``KILL``, setting change or file, network or process table function, whatever the parser check let
+  through.
+
+Bounded per query and in total: each handle runs one query at a time, with ``max_execution_time``,
+``max_memory_usage`` (an eighth of the engine's memory share), ``max_result_bytes`` and
+``max_threads = 1``; at most ``sql_max_concurrent`` handles, and a request that finds none free within
+a second is answered 503 (code 202, TOO_MANY_SIMULTANEOUS_QUERIES). The handles are the engine's own
+connections, apart from the writer's: a query never waits behind an insert, nor an insert behind it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, Response, request
+
+from meterhouse.core.config import Token
+from meterhouse.exporter.auth import Auth, Unauthorized
+
+log = logging.getLogger("meterhouse.sql")
+
+#: Statements that read: the root node of their ``EXPLAIN AST``.
+READ_STATEMENTS = frozenset(
+    {"SelectWithUnionQuery", "ShowTables", "DescribeQuery", "ExistsTableQuery", "ShowCreateTableQuery"}
+)
+#: Table functions that reach nothing outside the engine's own tables and the query itself.
+TABLE_FUNCTIONS = frozenset(
+    {"numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateseries", "values", "view",
+     "primes", "null"}
+)  # fmt: skip
+#: Functions that reach outside the engine even in read-only mode.
+FUNCTIONS_DENIED = frozenset({"file"})
+
+#: ClickHouse's error codes this endpoint answers with, and the HTTP status ClickHouse gives each.
+SYNTAX_ERROR, UNKNOWN_DATABASE, READONLY, TOO_MANY_QUERIES, AUTH_FAILED = 62, 81, 164, 202, 516
+_STATUS = {
+    SYNTAX_ERROR: 400, 60: 404, UNKNOWN_DATABASE: 404, 46: 404, 47: 400, 43: 400, 42: 400, 53: 400,
+    READONLY: 403, 497: 403, AUTH_FAILED: 401, TOO_MANY_QUERIES: 503, 159: 500, 241: 500, 396: 500,
+}  # fmt: skip
+_CODE = re.compile(r"Code: (\d+)\. ")
+_NAME = re.compile(r"\(([A-Z_]+)\)\s*$")
+
+#: Response content types by output format (ClickHouse's own).
+_CONTENT_TYPES = {
+    "tabseparated": "text/tab-separated-values; charset=UTF-8",
+    "tsv": "text/tab-separated-values; charset=UTF-8",
+    "csv": "text/csv; charset=UTF-8; header=absent",
+    "csvwithnames": "text/csv; charset=UTF-8; header=present",
+    "json": "application/json; charset=UTF-8",
+    "jsoncompact": "application/json; charset=UTF-8",
+    "jsoneachrow": "application/x-ndjson; charset=UTF-8",
+}
+#: URL parameters that are the protocol's, not settings.
+_PROTOCOL_PARAMS = frozenset(
+    {"query", "database", "default_format", "user", "password", "query_id", "session_id",
+     "session_timeout", "session_check", "compress", "decompress", "enable_http_compression",
+     "wait_end_of_query", "buffer_size", "quota_key", "readonly", "role"}
+)  # fmt: skip
+
+
+class SqlError(Exception):
+    """An answer in ClickHouse's error form: ``Code: N. DB::Exception: message (NAME)``."""
+
+    def __init__(self, code: int, name: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.name = code, name
+
+    @property
+    def status(self) -> int:
+        return _STATUS.get(self.code, 500)
+
+    def body(self) -> str:
+        return f"Code: {self.code}. DB::Exception: {self}. ({self.name})\n"
+
+    @classmethod
+    def from_engine(cls, err: Exception) -> SqlError:
+        text = str(err)
+        m = _CODE.search(text)
+        code = int(m.group(1)) if m else 1001
+        n = _NAME.search(text)
+        message = text[m.end() :] if m else text
+        message = message.removeprefix("DB::Exception: ").strip()
+        message = _NAME.sub("", message).rstrip(". ")
+        return cls(code, n.group(1) if n else "STD_EXCEPTION", message)
+
+
+@dataclass(frozen=True)
+class Ast:
+    """The parts of a query's ``EXPLAIN AST`` this endpoint decides on."""
+
+    statement: str
+    output_format: str  # the query's own FORMAT clause, or ""
+
+
+def _nodes(explain: str) -> list[tuple[int, str, str]]:
+    """The ``EXPLAIN AST`` lines (TSV: a value's newlines and tabs arrive escaped, so one line is one
+    node) as (depth, kind, rest)."""
+    out = []
+    for line in explain.split("\n"):
+        if not line.strip():
+            continue
+        text = line.lstrip(" ")
+        kind, _, rest = text.partition(" ")
+        out.append((len(line) - len(text), kind, rest))
+    return out
+
+
+def check(explain: str) -> Ast:
+    """Decide on a query from its ``EXPLAIN AST`` (see the module's doc); :class:`SqlError` if refused."""
+    nodes = _nodes(explain)
+    if not nodes:
+        raise SqlError(SYNTAX_ERROR, "SYNTAX_ERROR", "empty query")
+    base, statement, _ = nodes[0]
+    if statement not in READ_STATEMENTS:
+        raise SqlError(READONLY, "READONLY", f"only reading queries are served here, not {statement}")
+    output_format = ""
+    parents: list[tuple[int, str]] = []
+    for depth, kind, rest in nodes[1:]:
+        while parents and parents[-1][0] >= depth:
+            parents.pop()
+        parent = parents[-1][1] if parents else statement
+        if kind == "Set":
+            raise SqlError(READONLY, "READONLY", "settings cannot be changed here (a SETTINGS clause)")
+        if depth == base + 1 and statement == "SelectWithUnionQuery":
+            if kind == "Literal":
+                raise SqlError(READONLY, "READONLY", "INTO OUTFILE is not served here")
+            if kind == "Identifier":
+                output_format = rest.split(" ", 1)[0]
+        if kind == "Function":
+            name = rest.split(" ", 1)[0]
+            if parent == "TableExpression" and name.lower() not in TABLE_FUNCTIONS:
+                raise SqlError(READONLY, "READONLY", f"table function {name} is not served here")
+            if name.lower() in FUNCTIONS_DENIED:
+                raise SqlError(READONLY, "READONLY", f"function {name} is not served here")
+        parents.append((depth, kind))
+    return Ast(statement, output_format)
+
+
+class Engine:
+    """The endpoint's own handles on the embedded engine, each read-only with its limits."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        max_concurrent: int,
+        timeout_s: float,
+        memory_bytes: int,
+        result_bytes: int,
+        wait_s: float = 1.0,
+    ) -> None:
+        self._connect = connect
+        self.settings = {
+            "max_execution_time": max(1, int(timeout_s)),
+            "max_memory_usage": memory_bytes,
+            "max_result_bytes": result_bytes,
+            "result_overflow_mode": "'throw'",
+            "max_threads": 1,
+        }
+        self.wait_s = wait_s
+        self._free: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._made = 0
+        self._max = max(1, max_concurrent)
+        self._lock = threading.Lock()
+
+    def _handle(self) -> Any:
+        h = self._connect()
+        for name, value in self.settings.items():
+            h.query(f"SET {name} = {value}")
+        h.query("SET readonly = 1")  # last: from here the handle cannot change a setting
+        return h
+
+    @contextmanager
+    def handle(self) -> Iterator[Any]:
+        try:
+            h = self._free.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                make = self._made < self._max
+                if make:
+                    self._made += 1
+            if make:
+                try:
+                    h = self._handle()
+                except Exception:
+                    with self._lock:
+                        self._made -= 1
+                    raise
+            else:
+                try:
+                    h = self._free.get(timeout=self.wait_s)
+                except queue.Empty:
+                    raise SqlError(
+                        TOO_MANY_QUERIES,
+                        "TOO_MANY_SIMULTANEOUS_QUERIES",
+                        f"{self._max} queries are running (sql_max_concurrent); retry later",
+                    ) from None
+        try:
+            yield h
+        except BaseException:
+            # A handle whose query failed is closed, never used again: after a query ended by an error
+            # part-way through its output (a result past max_result_bytes), the engine answered the
+            # handle's next query with that earlier output (tests/exporter/test_sql_endpoint.py).
+            with self._lock:
+                self._made -= 1
+            try:
+                h.close()
+            except Exception:  # noqa: BLE001 - closing a failed handle; nothing else to do with it
+                log.debug("closing a failed SQL handle failed", exc_info=True)
+            raise
+        self._free.put(h)
+
+    def run(
+        self, sql: str, database: str, fmt: str, params: dict[str, str]
+    ) -> tuple[bytes, Ast, dict[str, Any]]:
+        """The query's output in ``fmt`` (unless it names its own), after the checks."""
+        with self.handle() as h:
+            try:
+                # The query as the engine's formatter writes it back, parsed from a value (no text of the
+                # query is ever run as it came): exactly one statement (the engine runs each of
+                # ``a; b``, the checks would see only ``a``), comments gone. That text is checked and run.
+                canonical = (
+                    h.query("SELECT formatQuery({q:String})", "TSVRaw", params={"q": _escaped(sql)})
+                    .bytes()
+                    .decode()
+                )
+                canonical = canonical.removesuffix("\n")
+                explained = h.query("EXPLAIN AST " + canonical, "TSV", params=params or None)
+            except Exception as err:  # noqa: BLE001 - the engine's parser says why
+                raise SqlError.from_engine(err) from None
+            ast = check(explained.bytes().decode("utf-8", "replace"))
+            try:
+                h.query(f"USE `{database.replace('`', '')}`")
+                result = h.query(canonical, fmt, params=params or None)
+            except Exception as err:  # noqa: BLE001 - the engine's own error, passed on
+                raise SqlError.from_engine(err) from None
+            summary = {
+                "read_rows": str(result.rows_read()),
+                "read_bytes": str(result.bytes_read()),
+                "elapsed_ns": str(int(result.elapsed() * 1e9)),
+            }
+            return result.bytes(), ast, summary
+
+
+def _escaped(value: str) -> str:
+    """``value`` as a query parameter's text (ClickHouse's escaped form: backslash, tab, newline)."""
+    return (
+        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+        .replace("\0", "\\0")
+    )  # fmt: skip
+
+
+def _credentials() -> tuple[str, str]:
+    """The user and password of the request, as ClickHouse takes them (header, basic auth, URL)."""
+    user = request.headers.get("X-ClickHouse-User")
+    key = request.headers.get("X-ClickHouse-Key")
+    if user is not None or key is not None:
+        return user or "default", key or ""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            user, _, key = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise SqlError(AUTH_FAILED, "AUTHENTICATION_FAILED", "malformed basic authorization") from None
+        return user, key
+    if scheme.lower() == "bearer":
+        return "default", value.strip()
+    return request.args.get("user", "default"), request.args.get("password", "")
+
+
+def _authorize(auth: Auth) -> Token | None:
+    if not auth.enabled:
+        return None
+    _user, key = _credentials()
+    try:
+        token = auth.authenticate(f"Bearer {key}" if key else None)
+    except Unauthorized:
+        raise SqlError(
+            AUTH_FAILED, "AUTHENTICATION_FAILED",
+            "an API token is the password (HTTP basic auth, X-ClickHouse-Key or password=)",
+        ) from None  # fmt: skip
+    if token is not None and not token.all_orgs:
+        raise SqlError(
+            497, "ACCESS_DENIED",
+            "this token reads some orgs only, and SQL cannot be scoped by org: an all-orgs token is needed",
+        )  # fmt: skip
+    return token
+
+
+#: The longest query text taken (URL and body together), as the engine's ``max_query_size`` bounds it.
+MAX_QUERY_BYTES = 1 << 20
+
+
+def _body() -> str:
+    """The request body, whole: read from the server's stream itself, as a chunked body (no
+    Content-Length: the official JS client sends every query so) reads empty through Flask's."""
+    stream = request.environ["wsgi.input"]
+    data = stream.read(MAX_QUERY_BYTES + 1)
+    if len(data) > MAX_QUERY_BYTES:
+        raise SqlError(SYNTAX_ERROR, "SYNTAX_ERROR", f"the query is longer than {MAX_QUERY_BYTES} bytes")
+    try:
+        return bytes(data).decode()
+    except UnicodeDecodeError:
+        raise SqlError(SYNTAX_ERROR, "SYNTAX_ERROR", "the query is not UTF-8") from None
+
+
+def _query_text() -> str:
+    parts = [request.args.get("query", "")]
+    if request.method == "POST":
+        parts.append(_body())
+    text = "\n".join(p for p in parts if p)
+    if not text.strip():
+        raise SqlError(SYNTAX_ERROR, "SYNTAX_ERROR", "empty query")
+    return text
+
+
+def _params() -> dict[str, str]:
+    out = {}
+    for name, value in request.args.items():
+        if name.startswith("param_"):
+            out[name.removeprefix("param_")] = value
+        elif name not in _PROTOCOL_PARAMS:
+            raise SqlError(READONLY, "READONLY", f"cannot modify '{name}' setting in readonly mode")
+    return out
+
+
+def _content_type(fmt: str) -> str:
+    f = fmt.lower()
+    if f in _CONTENT_TYPES:
+        return _CONTENT_TYPES[f]
+    if f.startswith(("tabseparated", "tsv")):
+        return _CONTENT_TYPES["tsv"]
+    if f.startswith(("pretty", "vertical", "markdown")):
+        return "text/plain; charset=UTF-8"
+    if f.startswith("json"):
+        return "application/json; charset=UTF-8"
+    return "application/octet-stream"
+
+
+def create_sql_app(engine: Engine, auth: Auth, database: str, version: str) -> Flask:
+    """The endpoint's Flask app (``auth``'s tokens are replaced on reload, as the API's)."""
+    app = Flask("meterhouse-sql")
+
+    @app.get("/ping")
+    def ping():
+        return Response("Ok.\n", content_type="text/plain; charset=UTF-8")
+
+    @app.route("/", methods=["GET", "POST"])
+    def query():
+        query_id = request.args.get("query_id") or str(uuid.uuid4())
+        headers = {"X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Timezone": "UTC",
+                   "X-ClickHouse-Server-Display-Name": "meterhouse"}  # fmt: skip
+        started = time.monotonic()
+        try:
+            _authorize(auth)
+            if request.method == "GET" and not request.args.get("query"):
+                return Response("Ok.\n", content_type="text/plain; charset=UTF-8", headers=headers)
+            sql = _query_text()
+            params = _params()
+            db = request.headers.get("X-ClickHouse-Database") or request.args.get("database") or database
+            fmt = request.args.get("default_format") or "TabSeparated"
+            body, ast, summary = engine.run(sql, db, fmt, params)
+        except SqlError as e:
+            log.info("sql query refused", extra={"code": e.code, "error": str(e)[:300], "query_id": query_id})
+            headers["X-ClickHouse-Exception-Code"] = str(e.code)
+            return Response(f"{e.body()[:-1]} (version {version})\n", status=e.status,
+                            content_type="text/plain; charset=UTF-8", headers=headers)  # fmt: skip
+        out = ast.output_format or fmt
+        headers["X-ClickHouse-Format"] = out
+        headers["X-ClickHouse-Summary"] = json.dumps(summary)
+        content_type = _content_type(out)
+        log.debug("sql query", extra={"query_id": query_id, "s": round(time.monotonic() - started, 3)})
+        return Response(body, content_type=content_type, headers=headers)
+
+    return app
