@@ -13,7 +13,10 @@ from grafanalib.core import GridPos, Stat, Table, Target, TimeSeries
 
 from meterhouse.core import schema
 
-DATABASE = "meterhouse"
+#: Every query names its tables in the database of the ``database`` variable (``--database``; default
+#: meterhouse), so the JSON serves any install.
+DATABASE = "${database}"
+DEFAULT_DATABASE = "meterhouse"
 #: Data sources are dashboard variables, so the JSON imports into any Grafana (no hard-coded uid).
 PROMETHEUS = {"type": "prometheus", "uid": "${prometheus}"}
 CLICKHOUSE = {"type": "grafana-clickhouse-datasource", "uid": "${clickhouse}"}
@@ -65,13 +68,14 @@ class ClickHouseTarget:
 
 
 def datasource_variables() -> list[dict]:
-    """One variable per data source type: the panels reference ``${prometheus}`` and ``${clickhouse}``."""
+    """One variable per data source type: the panels reference ``${prometheus}`` and ``${clickhouse}``;
+    and the ClickHouse database meterhouse writes to (``--database``)."""
     return [
         {"name": name, "label": label, "type": "datasource", "query": plugin, "hide": 0, "refresh": 1,
          "regex": "", "current": {}, "options": []}
         for name, label, plugin in (("prometheus", "Prometheus", "prometheus"),
                                     ("clickhouse", "ClickHouse", "grafana-clickhouse-datasource"))
-    ]  # fmt: skip
+    ] + [textbox_variable("database", "database", DEFAULT_DATABASE)]  # fmt: skip
 
 
 def job_instance_variables() -> list[dict]:
@@ -114,9 +118,14 @@ def clickhouse_annotation(name: str, target: ClickHouseTarget, color: str = "red
 ORG_USAGE_UID = "meterhouse-org-usage"
 
 
-def org_link(field: str = "org_id") -> dict:
-    """A field override linking each org of a ranking to the org usage dashboard (same time range)."""
-    url = f"/d/{ORG_USAGE_UID}/?var-org=${{__value.raw}}&${{__url_time_range}}&${{clickhouse:queryparam}}"
+def org_link(field: str = "org_id", metric: bool = False) -> dict:
+    """A field override linking each org of a ranking to the org usage dashboard: the same time range,
+    data source and database, and (``metric``) the same metric. Grafana percent-encodes the values it
+    puts in a data link (``${__value.raw}`` included) and ``:queryparam`` writes ``var-name=value``."""
+    carried = ["${__url_time_range}", "${clickhouse:queryparam}", "${database:queryparam}"]
+    if metric:
+        carried.append("${metric:queryparam}")
+    url = f"/d/{ORG_USAGE_UID}/?var-org=${{__value.raw}}&" + "&".join(carried)
     links = [{"title": "Usage of this org", "url": url}]
     return {"matcher": {"id": "byName", "options": field}, "properties": [{"id": "links", "value": links}]}
 

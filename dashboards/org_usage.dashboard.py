@@ -141,6 +141,6 @@ dashboard = Dashboard(
             datasource=CLICKHOUSE,
             stacking={"mode": "normal"},
         ),  # fmt: skip
-        table("Top orgs by $metric", top_orgs, at(16, 9, 8, 9), COUNT, overrides=[org_link()]),
+        table("Top orgs by $metric", top_orgs, at(16, 9, 8, 9), COUNT, overrides=[org_link(metric=True)]),
     ],
 ).auto_panel_ids()

@@ -68,8 +68,9 @@ def expand(
     sql = sql.replace("$__fromTime", f"toDateTime({frm})").replace("$__toTime", f"toDateTime({to})")
     for var, value in {"org": org, "metric": "api.calls", "attribute": "feature"}.items():
         sql = sql.replace(f"${{{var}:singlequote}}", f"'{value}'")
+    sql = sql.replace(f"{DATABASE}.", f"{database}.")
     assert "$" not in sql, sql
-    return sql.replace(f"{DATABASE}.", f"{database}.")
+    return sql
 
 
 @pytest.fixture
@@ -113,6 +114,35 @@ def test_every_clickhouse_query_runs_and_returns_its_columns(filled, interval_s)
         result = filled.client.query(sql)
         assert tuple(result.column_names) == target.columns, (dash, what)
         assert result.result_rows, f"{dash} / {what} returned no rows from data that should show"
+
+
+def test_every_clickhouse_query_runs_through_the_sql_endpoint_as_grafana_sends_it(filled, stack_factory):
+    """The embedded engine's SQL endpoint (README, "SQL endpoint") serves every dashboard query over
+    ClickHouse's HTTP protocol, as Grafana's ClickHouse plugin speaks it, here by clickhouse-connect's HTTP
+    client: the same columns and rows as the engine answers them directly."""
+    import clickhouse_connect
+    from conftest import free_port
+
+    stack = stack_factory(sql_port=free_port())
+    client = clickhouse_connect.get_client(host="127.0.0.1", port=stack.sql_port)
+    for interval_s in (60, 3600):
+        for dash, what, target in clickhouse_queries():
+            sql = expand(target.rawSql, filled.database, interval_s)
+            direct = filled.client.query(sql)
+            served = client.query(sql)
+            assert tuple(served.column_names) == target.columns, (dash, what)
+            assert served.result_rows == direct.result_rows, (dash, what)
+
+
+def test_every_query_names_its_tables_through_the_database_variable():
+    """``--database foo`` must not break the dashboards: no query names the default database."""
+    for name, dash in dashboards_json().items():
+        variables = {v["name"]: v for v in dash["templating"]["list"]}
+        assert variables["database"]["query"] == "meterhouse", name
+        text = json.dumps(dash)
+        assert "meterhouse." not in text.replace("meterhouse.dashboards", ""), name
+        for url in re.findall(r'"url": "(/d/[^"]*)"', text):
+            assert "${database:queryparam}" in url and "${clickhouse:queryparam}" in url, (name, url)
 
 
 # -- JSON shape: what Grafana 11 and the ClickHouse plugin (4.x) read --------------------------------
