@@ -28,8 +28,21 @@ def _to_json(obj: Any) -> Any:
     return to_json_data()
 
 
+def _without_nulls(node: Any) -> Any:
+    """The JSON without null members: grafanalib writes unset fields as null, which Grafana reads as unset
+    but typed readers of the dashboard schema (``grafana-foundation-sdk``'s ``Dashboard.from_json``)
+    refuse (a null ``color``, ``options``...). Absent is what the schema calls unset; but a threshold
+    step's ``value`` stays: null is the base step's, "from minus infinity"."""
+    if isinstance(node, dict):
+        return {k: _without_nulls(v) for k, v in node.items() if v is not None or k == "value"}
+    if isinstance(node, list):
+        return [_without_nulls(v) for v in node]
+    return node
+
+
 def render(dashboard: Any) -> str:
-    return json.dumps(dashboard.to_json_data(), sort_keys=True, indent=2, default=_to_json) + "\n"
+    plain = json.loads(json.dumps(dashboard.to_json_data(), default=_to_json))
+    return json.dumps(_without_nulls(plain), sort_keys=True, indent=2) + "\n"
 
 
 def build(out: Path = DEFAULT_OUT) -> list[Path]:

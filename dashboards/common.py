@@ -155,11 +155,38 @@ def series(title: str, targets: list, pos: GridPos, unit: str, datasource=PROMET
     return TimeSeries(title=title, dataSource=datasource, targets=targets, gridPos=pos, unit=unit, **kw)
 
 
-def stat(title: str, targets: list, pos: GridPos, unit: str, datasource=PROMETHEUS, **kw) -> Stat:
-    """A single number: few data points are enough."""
+#: The thresholds of the alerts a stat shows (alerts/*.rules.yml; a test holds the two equal): the stat
+#: turns orange where the warning fires and red where the critical one does.
+LAG_WARNING_S, LAG_CRITICAL_S = 60, 600  # MeterhouseIngestionLagHigh, MeterhouseIngestionLagCritical
+BACKLOG_WARNING_S, BACKLOG_CRITICAL_S = 300, 1800  # MeterhouseSpoolBacklogOld, MeterhouseSpoolBacklogCritical
+SPOOL_WARNING = 0.8  # MeterhouseSpoolNearFull; past 1.0 the spool answers 503
+NON_PRIMARY = 1  # MeterhouseWritingToNonPrimary: any endpoint but the first
+#: A count with no good or bad value: one neutral colour.
+NEUTRAL: list[tuple[float | None, str]] = [(None, "blue")]
+
+
+def steps(*levels: tuple[float | None, str]) -> dict:
+    """Grafana's absolute thresholds: the base colour (``None``), then each level and its colour."""
+    return {"mode": "absolute", "steps": [{"color": c, "value": v} for v, c in levels]}
+
+
+def stat(
+    title: str,
+    targets: list,
+    pos: GridPos,
+    unit: str,
+    datasource=PROMETHEUS,
+    thresholds: list[tuple[float | None, str]] = NEUTRAL,
+    **kw,
+) -> Stat:
+    """A single number: few data points are enough; coloured by ``thresholds`` (the alerts' own levels
+    where an alert watches the number; neutral for a plain count)."""
     assert unit, f"{title}: every panel has a unit"
-    return Stat(title=title, dataSource=datasource, targets=targets, gridPos=pos, format=unit,
-                reduceCalc="lastNotNull", maxDataPoints=100, **kw)  # fmt: skip
+    assert thresholds and thresholds[0][0] is None, f"{title}: thresholds start with a base colour"
+    panel = Stat(title=title, dataSource=datasource, targets=targets, gridPos=pos, format=unit,
+                 reduceCalc="lastNotNull", maxDataPoints=100, colorMode="value", **kw)  # fmt: skip
+    panel.thresholds = steps(*thresholds)["steps"]
+    return panel
 
 
 def table(title: str, target: ClickHouseTarget, pos: GridPos, unit: str, **kw) -> Table:

@@ -125,7 +125,13 @@ dashboard = Dashboard(
             COUNT,
         ),
         stat("Silent orgs", [prom("max(meterhouse_orgs_silent" + S + ")")], at(12, 0, 6, 4), COUNT),
-        stat("Spiking orgs", [prom("max(meterhouse_orgs_spiking" + S + ")")], at(18, 0, 6, 4), COUNT),
+        stat(
+            "Spiking orgs",
+            [prom("max(meterhouse_orgs_spiking" + S + ")")],
+            at(18, 0, 6, 4),
+            COUNT,
+            thresholds=[(None, "green"), (1, "orange")],
+        ),  # MeterhouseOrgsSpiking: any  # fmt: skip
         series(
             "Org counts",
             [

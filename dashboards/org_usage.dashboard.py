@@ -117,6 +117,9 @@ dashboard = Dashboard(
     tags=["meterhouse"],
     timezone="utc",
     time=Time("now-7d", "now"),
+    # Usage is committed within seconds but read for hours and days: refreshed every 5 minutes, not
+    # grafanalib's 10 s (the range's partial hours are read from raw points each time).
+    refresh="5m",
     schemaVersion=SCHEMA_VERSION,
     templating=Templating(
         list=datasource_variables()

@@ -4,10 +4,16 @@ from grafanalib.core import Annotations, Dashboard, Templating, Time
 from grafanalib.formatunits import BYTES_IEC, SECONDS
 
 from meterhouse.dashboards.common import (
+    BACKLOG_CRITICAL_S,
+    BACKLOG_WARNING_S,
     COUNT,
     EVENTS,
+    LAG_CRITICAL_S,
+    LAG_WARNING_S,
+    NON_PRIMARY,
     SCHEMA_VERSION,
     SELECTOR,
+    SPOOL_WARNING,
     ClickHouseTarget,
     at,
     clickhouse_annotation,
@@ -58,12 +64,14 @@ dashboard = Dashboard(
             [prom("max(instance:meterhouse_ingest_lag_seconds:p99_rate5m" + S + ")")],
             at(8, 0, 4, 4),
             SECONDS,
+            thresholds=[(None, "green"), (LAG_WARNING_S, "orange"), (LAG_CRITICAL_S, "red")],
         ),
         stat(
             "Oldest spooled point",
             [prom("max(meterhouse_spool_oldest_age_seconds" + S + ")")],
             at(12, 0, 4, 4),
             SECONDS,
+            thresholds=[(None, "green"), (BACKLOG_WARNING_S, "orange"), (BACKLOG_CRITICAL_S, "red")],
         ),
         stat(
             "Spool used",
@@ -74,12 +82,14 @@ dashboard = Dashboard(
             ],
             at(16, 0, 4, 4),
             "percentunit",
+            thresholds=[(None, "green"), (SPOOL_WARNING, "orange"), (1.0, "red")],
         ),  # fmt: skip
         stat(
             "Writing to endpoint #",
             [prom("max(meterhouse_active_endpoint_priority" + S + ")")],
             at(20, 0, 4, 4),
             COUNT,
+            thresholds=[(None, "green"), (NON_PRIMARY, "orange")],
         ),
         series(
             "Points in, written and rejected",

@@ -4,6 +4,7 @@ import json
 import re
 import runpy
 import time
+from pathlib import Path
 
 import pytest
 from usage_rows import put
@@ -368,3 +369,49 @@ def test_every_panel_and_derived_table_is_the_same_on_the_embedded_engine_as_wit
             assert got == want and len(got) >= 3, table
     finally:
         store.client.command(f"DROP DATABASE IF EXISTS {views.database} SYNC")
+
+
+def test_grafanas_own_typed_model_reads_every_dashboard():
+    """grafana-foundation-sdk (Grafana's generated model of the dashboard schema) reads each JSON whole:
+    grafanalib's null members made ``Dashboard.from_json`` fail on all three."""
+    from grafana_foundation_sdk.models.dashboard import Dashboard as Model
+
+    for name, dash in dashboards_json().items():
+        model = Model.from_json(dash)
+        assert len(model.panels or []) == len(dash["panels"]), name
+        assert model.uid == dash["uid"] and model.title == dash["title"], name
+
+
+def test_every_stat_has_thresholds_and_those_an_alert_watches_are_the_alerts_levels():
+    """No stat shows a bad number in green: each has thresholds (a neutral colour for a plain count), and
+    the numbers an alert watches change colour exactly at the alert's levels (alerts/*.rules.yml)."""
+    from meterhouse.dashboards import common
+
+    rules = "".join(p.read_text() for p in (Path(__file__).parents[2] / "alerts").glob("*.rules.yml"))
+    for alert, level in [
+        ("MeterhouseIngestionLagHigh", common.LAG_WARNING_S),
+        ("MeterhouseIngestionLagCritical", common.LAG_CRITICAL_S),
+        ("MeterhouseSpoolBacklogOld", common.BACKLOG_WARNING_S),
+        ("MeterhouseSpoolBacklogCritical", common.BACKLOG_CRITICAL_S),
+        ("MeterhouseSpoolNearFull", common.SPOOL_WARNING),
+    ]:
+        expr = re.search(rf"alert: {alert}\n\s+expr: (.+)", rules)
+        assert expr and expr.group(1).rstrip().endswith(f"> {level}"), (alert, expr and expr.group(1))
+    found = {}
+    for name, dash in dashboards_json().items():
+        for panel in dash["panels"]:
+            if panel["type"] != "stat":
+                continue
+            steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+            assert isinstance(steps, list) and steps and steps[0]["value"] is None, (name, panel["title"])
+            found[panel["title"]] = [s["value"] for s in steps[1:]]
+    assert found["p99 ingest lag"] == [common.LAG_WARNING_S, common.LAG_CRITICAL_S]
+    assert found["Oldest spooled point"] == [common.BACKLOG_WARNING_S, common.BACKLOG_CRITICAL_S]
+    assert found["Spool used"] == [common.SPOOL_WARNING, 1.0]
+
+
+def test_no_dashboard_refreshes_faster_than_30_seconds():
+    """grafanalib's default refresh (10 s) had the org usage dashboard re-read raw points every 10 s."""
+    allowed = {"30s": 30, "1m": 60, "5m": 300, "15m": 900}
+    for name, dash in dashboards_json().items():
+        assert dash["refresh"] in allowed, (name, dash["refresh"])
