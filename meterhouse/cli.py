@@ -158,6 +158,10 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
     from meterhouse.core.store import is_embedded, open_store
 
     config = _config_from(args)
+    if not config.data_dir.is_dir():  # not "0 dead letters" for a directory that is not there
+        print(f"meterhouse: no data directory at {config.data_dir.resolve()}; pass the one `meterhouse up` "
+              "runs with (--data-dir, MH_DATA_DIR or the config file)", file=sys.stderr)  # fmt: skip
+        return 1
     datadir.lock(config.data_dir)  # list too: one process per data directory (a redrive removes letters)
     letters = DeadLetters(config.data_dir / "dead-letter")
     if args.action == "list":

@@ -141,6 +141,12 @@ def test_every_command_in_the_readme_exists(tmp_path):
     r = subprocess.run([sys.executable, "-m", "meterhouse", "dead-letter", "list", "--data-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0 and "0 dead letter(s)" in r.stdout
+    # A data directory that is not there is an error, not "0 dead letter(s)" (run from the wrong place).
+    for action in ("list", "redrive"):
+        missing = tmp_path / "not-here"
+        r = subprocess.run([sys.executable, "-m", "meterhouse", "dead-letter", action, "--data-dir", str(missing)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 1 and "no data directory at" in r.stderr and not missing.exists(), r.stderr
 
 
 def test_every_reject_reason_in_the_code_is_pre_created_and_documented():
