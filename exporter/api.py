@@ -6,6 +6,7 @@ Errors are ``{"error": {"code", "message"}}`` with a 4xx (503 when ClickHouse ca
 
 from __future__ import annotations
 
+import difflib
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -132,9 +133,29 @@ def _series(rows) -> tuple[list[dict], int, float, str]:
     return points, total_i, total_d, unit
 
 
+def _summable(store, metric: str) -> None:
+    """404 for a metric the catalog does not know, naming the closest it does; 400 for one that has no
+    sum points (a histogram, summary or gauge: /usage sums counters), saying where to read it."""
+    kinds = {str(m): list(k) for m, k in _query(store, schema.metric_kinds_sql(store.database), {})}
+    if metric not in kinds:
+        close = difflib.get_close_matches(metric, list(kinds), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; GET /api/v1/metrics-catalog lists them"
+        raise ApiError(404, "unknown_metric", f"no metric {metric!r} has been received{hint}")
+    if schema.KIND_SUM not in kinds[metric]:
+        kind = ", ".join(sorted(kinds[metric]))
+        raise ApiError(
+            400, "not_a_sum",
+            f"metric {metric!r} is a {kind}, not a sum: /usage adds up sums (counters). Read its points from "
+            f"the {schema.DIST_TABLE if kind != schema.KIND_GAUGE else schema.POINTS_TABLE} table "
+            "(README, SQL endpoint: meterhouse sql)",
+        )  # fmt: skip
+
+
 def org_usage(store, org_id: str, raw_retention_days: int = 0) -> dict[str, Any]:
     org_id = _org_id(org_id)
     metric = _text("metric", required=True)
+    assert metric is not None  # required
+    _summable(store, metric)
     step = _choice("step", tuple(STEP_NS), "1h")
     group_by = _text("group_by")
     from_ns, to_ns = _range()

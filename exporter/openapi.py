@@ -17,7 +17,7 @@ def _param(name: str, description: str, schema: dict, required: bool = False, wh
 
 def _errors(*codes: int) -> dict:
     text = {400: "Invalid parameter", 401: "Missing or invalid bearer token (when tokens are configured)",
-            403: "The token may not read this org (or may not close months)", 404: "No such path, or the month is not closed",
+            403: "The token may not read this org (or may not close months)", 404: "No such path or metric (the closest are named), or the month is not closed",
             409: "The month has not ended, or is inside the late window (force=true closes it)",
             503: "ClickHouse is not reachable"}  # fmt: skip
     return {

@@ -8,13 +8,15 @@ errors as ClickHouse writes them (``Code: N. DB::Exception: ...``, ``X-ClickHous
 
 What it runs is read-only in every way, checked twice:
 
-- **by the engine's own parser** (:func:`check`): ``EXPLAIN AST`` of the query as sent (it parses and
-  runs nothing), and only a ``SELECT`` (with ``UNION``/``INTERSECT``/``EXCEPT``), ``SHOW``,
+- **by the engine's own parser** (:func:`check`): the query parsed from a value and written back by the
+  engine (``formatQuery``: one statement, comments gone; that text is what runs), its ``EXPLAIN AST``
+  (which parses and runs nothing): only a ``SELECT`` (with ``UNION``/``INTERSECT``/``EXCEPT``), ``SHOW``,
   ``DESCRIBE``, ``EXISTS`` or ``SHOW CREATE`` passes; no ``SETTINGS`` clause anywhere, no
-  ``INTO OUTFILE``; table functions only from :data:`TABLE_FUNCTIONS` (numbers, values, view: none
-  reaches files, the network, processes or the process's Python objects, as ``file``, ``url``, ``s3``,
-  ``remote``, ``executable`` and chdb's ``python`` do); no function of :data:`FUNCTIONS_DENIED` (the
-  scalar ``file`` reads a file even in read-only mode);
+  ``INTO OUTFILE`` on any statement; table functions only from :data:`TABLE_FUNCTIONS` (numbers, view:
+  none reaches files, the network, processes or the process's Python objects, as ``file``, ``url``,
+  ``s3``, ``remote``, ``executable`` and chdb's ``python`` do, nor takes a structure string whose
+  ``ALIAS`` expressions the check would not see); no function of :data:`FUNCTIONS_DENIED` (the scalar
+  ``file`` reads a file even in read-only mode); output formats only the engine's own;
 - **by the engine's read-only mode** on each of the endpoint's own engine handles (``readonly = 1``,
   set once with the handle's limits, which it then cannot change): no insert, DDL, ``SYSTEM``,
   ``KILL``, setting change or file, network or process table function, whatever the parser check let
@@ -54,21 +56,30 @@ log = logging.getLogger("meterhouse.sql")
 READ_STATEMENTS = frozenset(
     {"SelectWithUnionQuery", "ShowTables", "DescribeQuery", "ExistsTableQuery", "ShowCreateTableQuery"}
 )
-#: Table functions that reach nothing outside the engine's own tables and the query itself.
+#: Table functions that reach nothing outside the engine's own tables and the query itself, and take
+#: no structure string (``values('a UInt8, b String ALIAS file(...)', 1)`` ran the expression inside
+#: the string, which no check of the query sees: adversary 33).
 TABLE_FUNCTIONS = frozenset(
-    {"numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateseries", "values", "view",
-     "primes", "null"}
+    {"numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateseries", "view", "primes"}
 )  # fmt: skip
 #: Functions that reach outside the engine even in read-only mode.
 FUNCTIONS_DENIED = frozenset({"file"})
 
 #: ClickHouse's error codes this endpoint answers with, and the HTTP status ClickHouse gives each.
 SYNTAX_ERROR, UNKNOWN_DATABASE, READONLY, TOO_MANY_QUERIES, AUTH_FAILED = 62, 81, 164, 202, 516
+UNKNOWN_FORMAT, BAD_ARGUMENTS = 73, 36
 _STATUS = {
     SYNTAX_ERROR: 400, 60: 404, UNKNOWN_DATABASE: 404, 46: 404, 47: 400, 43: 400, 42: 400, 53: 400,
     READONLY: 403, 497: 403, AUTH_FAILED: 401, TOO_MANY_QUERIES: 503, 159: 500, 241: 500, 396: 500,
+    UNKNOWN_FORMAT: 400, BAD_ARGUMENTS: 400,
 }  # fmt: skip
 _CODE = re.compile(r"Code: (\d+)\. ")
+#: The engine's formatter writes these clauses at the start of a line of their own (a string or a quoted
+#: name's line breaks are escaped in its text): found there whatever the statement.
+_OUTFILE = re.compile(r"^INTO OUTFILE\b", re.M)
+_FORMAT_CLAUSE = re.compile(r"^FORMAT (\S+)$", re.M)
+#: A query id as clients make them (uuids, names): anything else is replaced by one of ours.
+_QUERY_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 _NAME = re.compile(r"\(([A-Z_]+)\)\s*$")
 
 #: Response content types by output format (ClickHouse's own).
@@ -136,8 +147,11 @@ def _nodes(explain: str) -> list[tuple[int, str, str]]:
     return out
 
 
-def check(explain: str) -> Ast:
-    """Decide on a query from its ``EXPLAIN AST`` (see the module's doc); :class:`SqlError` if refused."""
+def check(explain: str, canonical: str = "") -> Ast:
+    """Decide on a query from its ``EXPLAIN AST`` and the engine's own text of it (``formatQuery``; see
+    the module's doc); :class:`SqlError` if refused."""
+    if _OUTFILE.search(canonical):
+        raise SqlError(READONLY, "READONLY", "INTO OUTFILE is not served here")
     nodes = _nodes(explain)
     if not nodes:
         raise SqlError(SYNTAX_ERROR, "SYNTAX_ERROR", "empty query")
@@ -164,7 +178,8 @@ def check(explain: str) -> Ast:
             if name.lower() in FUNCTIONS_DENIED:
                 raise SqlError(READONLY, "READONLY", f"function {name} is not served here")
         parents.append((depth, kind))
-    return Ast(statement, output_format)
+    clause = _FORMAT_CLAUSE.search(canonical)
+    return Ast(statement, clause.group(1) if clause else output_format)
 
 
 class Engine:
@@ -188,6 +203,7 @@ class Engine:
             "max_threads": 1,
         }
         self.wait_s = wait_s
+        self._formats: dict[str, str] = {}  # the engine's output formats, by lower-case name
         self._free: queue.LifoQueue[Any] = queue.LifoQueue()
         self._made = 0
         self._max = max(1, max_concurrent)
@@ -240,11 +256,25 @@ class Engine:
             raise
         self._free.put(h)
 
+    def output_format(self, h: Any, name: str) -> str:
+        """``name`` as one of the engine's own output formats (``system.formats``), or :class:`SqlError`.
+        The client library's formats of its own (``DataFrame``, ``ArrowTable``) are built in this
+        process's Python, outside the engine's memory and time limits and holding the interpreter: one
+        took 400 MiB and 11 s, OOM-killed a 1 GiB collector and held up ingest (adversary 33)."""
+        if not self._formats:
+            rows = h.query("SELECT name FROM system.formats WHERE is_output", "TSVRaw").bytes().decode()
+            self._formats = {n.lower(): n for n in rows.split("\n") if n}
+        found = self._formats.get(name.lower())
+        if found is None:
+            raise SqlError(UNKNOWN_FORMAT, "UNKNOWN_FORMAT", f"unknown output format {name!r}")
+        return found
+
     def run(
         self, sql: str, database: str, fmt: str, params: dict[str, str]
     ) -> tuple[bytes, Ast, dict[str, Any]]:
         """The query's output in ``fmt`` (unless it names its own), after the checks."""
         with self.handle() as h:
+            fmt = self.output_format(h, fmt)
             try:
                 # The query as the engine's formatter writes it back, parsed from a value (no text of the
                 # query is ever run as it came): exactly one statement (the engine runs each of
@@ -258,7 +288,7 @@ class Engine:
                 explained = h.query("EXPLAIN AST " + canonical, "TSV", params=params or None)
             except Exception as err:  # noqa: BLE001 - the engine's parser says why
                 raise SqlError.from_engine(err) from None
-            ast = check(explained.bytes().decode("utf-8", "replace"))
+            ast = check(explained.bytes().decode("utf-8", "replace"), canonical)
             try:
                 h.query(f"USE `{database.replace('`', '')}`")
                 result = h.query(canonical, fmt, params=params or None)
@@ -320,6 +350,9 @@ def _authorize(auth: Auth) -> Token | None:
 
 #: The longest query text taken (URL and body together), as the engine's ``max_query_size`` bounds it.
 MAX_QUERY_BYTES = 1 << 20
+QUERY_TOO_LONG = (
+    f"Code: 62. DB::Exception: the query is longer than {MAX_QUERY_BYTES} bytes. (SYNTAX_ERROR)\n".encode()
+)
 
 
 def _body() -> str:
@@ -378,7 +411,9 @@ def create_sql_app(engine: Engine, auth: Auth, database: str, version: str) -> F
 
     @app.route("/", methods=["GET", "POST"])
     def query():
-        query_id = request.args.get("query_id") or str(uuid.uuid4())
+        query_id = request.args.get("query_id", "")
+        if not _QUERY_ID.match(query_id):
+            query_id = str(uuid.uuid4())
         headers = {"X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Timezone": "UTC",
                    "X-ClickHouse-Server-Display-Name": "meterhouse"}  # fmt: skip
         started = time.monotonic()
@@ -391,7 +426,10 @@ def create_sql_app(engine: Engine, auth: Auth, database: str, version: str) -> F
             db = request.headers.get("X-ClickHouse-Database") or request.args.get("database") or database
             fmt = request.args.get("default_format") or "TabSeparated"
             body, ast, summary = engine.run(sql, db, fmt, params)
-        except SqlError as e:
+        except Exception as err:  # noqa: BLE001 - every answer in ClickHouse's form, never an HTML page
+            e = err if isinstance(err, SqlError) else SqlError(1001, "STD_EXCEPTION", type(err).__name__)
+            if not isinstance(err, SqlError):
+                log.exception("sql endpoint error", extra={"query_id": query_id})
             log.info("sql query refused", extra={"code": e.code, "error": str(e)[:300], "query_id": query_id})
             headers["X-ClickHouse-Exception-Code"] = str(e.code)
             return Response(f"{e.body()[:-1]} (version {version})\n", status=e.status,

@@ -19,7 +19,7 @@ from meterhouse.collector import Collector
 from meterhouse.collector.commits import CommitPublisher, wait_committed
 from meterhouse.core import commits, datadir
 from meterhouse.core.config import Config, ConfigError
-from meterhouse.core.httpserver import App, HttpServer, InFlightLimit, limits_from
+from meterhouse.core.httpserver import App, BufferedBody, HttpServer, InFlightLimit, limits_from
 from meterhouse.core.listen import API, SQL, ListenError, listening
 from meterhouse.core.memory import plan as memory_plan
 from meterhouse.core.metrics import PipelineMetrics
@@ -27,7 +27,7 @@ from meterhouse.core.store import embedded_handle, is_embedded
 from meterhouse.core.tls import ServerTls, load_material
 from meterhouse.exporter import OrgHealth, Reconciler, create_app
 from meterhouse.exporter.auth import Auth
-from meterhouse.exporter.sql import Engine, create_sql_app
+from meterhouse.exporter.sql import MAX_QUERY_BYTES, QUERY_TOO_LONG, Engine, create_sql_app
 
 log = logging.getLogger("meterhouse")
 
@@ -101,8 +101,9 @@ class Stack:
             self.sql_auth = Auth(config.auth_tokens)
             self.sql_app = create_sql_app(engine, self.sql_auth, config.database, __version__)
             sql_wsgi = WSGIMiddleware(self.sql_app, workers=config.sql_max_concurrent + 2)  # type: ignore[arg-type]
+            whole_bodies = BufferedBody(cast(App, sql_wsgi), MAX_QUERY_BYTES, QUERY_TOO_LONG)
             self._sql = HttpServer(
-                InFlightLimit(cast(App, sql_wsgi), limits.max_requests_in_flight),
+                InFlightLimit(whole_bodies, limits.max_requests_in_flight),
                 config.host, config.sql_port, limits, "http-sql", self.tls,
             )  # fmt: skip
         elif config.sql_port:

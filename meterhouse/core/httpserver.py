@@ -329,6 +329,55 @@ class InFlightLimit:
             self.n -= 1
 
 
+class BufferedBody:
+    """ASGI middleware: the whole request body is read on the event loop, under the port's timeouts and
+    body-rate bound, before ``app`` runs; one past ``max_bytes`` is answered ``too_large`` and the
+    connection closed. For an app on a small thread pool (a2wsgi's): a client trickling its body held a
+    worker thread the whole time, and four of them stopped the SQL endpoint answering (adversary 33)."""
+
+    def __init__(self, app: App, max_bytes: int, too_large: bytes) -> None:
+        self.app, self.max_bytes, self.too_large = app, max_bytes, too_large
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 413,
+                        "headers": [
+                            (b"content-type", b"text/plain; charset=UTF-8"),
+                            (b"connection", b"close"),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": self.too_large})
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        whole, given = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": whole, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 class HttpServer:
     """An ASGI application served by uvicorn on its own thread and event loop, in this process."""
 

@@ -941,6 +941,11 @@ WHERE org_id = {{org:String}} AND metric = {{metric:String}} AND kind = '{KIND_S
 GROUP BY grp, start ORDER BY grp, start"""
 
 
+def metric_kinds_sql(database: str) -> str:
+    """The kinds a metric has points of (the catalog), and every metric's name (for "did you mean")."""
+    return f"""SELECT metric, groupUniqArray(kind) FROM {database}.{CATALOG_TABLE} GROUP BY metric"""
+
+
 def catalog_sql(database: str) -> str:
     return f"""SELECT metric, kind, anyLast(unit), toUnixTimestamp64Milli(max(last_seen)), sum(points)
 FROM {database}.{CATALOG_TABLE} GROUP BY metric, kind ORDER BY metric, kind"""

@@ -9,7 +9,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from meterhouse.collector.decode import Limits, decode_request
-from meterhouse.collector.model import BATCH_COLUMNS
 from meterhouse.core.metrics import PipelineMetrics
 from meterhouse.exporter import create_app
 
@@ -18,9 +17,12 @@ T0 = int(datetime(2026, 11, 2, 10, tzinfo=UTC).timestamp()) * 10**9  # an hour b
 
 
 def write(store, req):
+    """The request's points as the embedded engine's writer inserts them (the catalog's rows too)."""
+    from meterhouse.collector.writer import insert_calls
+
     b = decode_request(req, Limits(), now_ns=time.time_ns(), digest="x").batch
-    cols = [b.columns[n] for n in BATCH_COLUMNS] + [[f"tok-{time.time_ns()}"] * b.size]
-    store.insert_points(cols, f"tok-{time.time_ns()}")
+    for _kind, insert in insert_calls(store, f"tok-{time.time_ns()}", batches=[b]):
+        insert(False)
 
 
 @pytest.fixture
@@ -267,3 +269,21 @@ def test_grouped_totals_equal_the_ungrouped_total_for_every_key_raw_and_rollup(a
             rollup_groups = by_source
         else:
             assert by_source == rollup_groups  # the rollup's groups are the raw points' groups
+
+
+def test_a_misspelled_or_unsummable_metric_is_said_so_not_answered_zero(client, store):
+    """A misspelled metric answered 200 with total 0, and so did a histogram: the caller billed 0."""
+    from otlp_builders import histogram_request
+
+    r = usage(client, metric="api.call")
+    body = r.get_json()
+    assert r.status_code == 404 and body["error"]["code"] == "unknown_metric"
+    assert "api.calls" in body["error"]["message"]
+    r = usage(client, metric="zzz.nothing.like.it")
+    assert r.status_code == 404 and "metrics-catalog" in r.get_json()["error"]["message"]
+    write(store, histogram_request([(3, {"org.id": "acme"})], "latency", T0 + 60 * 10**9))
+    r = usage(client, metric="latency")
+    body = r.get_json()
+    assert r.status_code == 400 and body["error"]["code"] == "not_a_sum"
+    assert "histogram" in body["error"]["message"] and "distribution_points" in body["error"]["message"]
+    assert usage(client, metric="api.calls").status_code == 200
