@@ -7,6 +7,7 @@ test that runs every query), not a dashboard in production.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import attr
 from grafanalib.core import GridPos, Stat, Table, Target, TimeSeries
@@ -138,6 +139,15 @@ def literal(sql: str, database: str = DATABASE, **values: str) -> str:
         assert n, f"no parameter {name} in the query"
     assert not re.search(r"\{\w+:[^}]+\}", sql), f"unbound parameters left: {sql}"
     return sql
+
+
+def described(dashboard: Any, descriptions: dict[str, str]) -> Any:
+    """Every panel with its description (what it shows, and the alert that watches it), by title."""
+    titles = [p.title for p in dashboard.panels]
+    assert sorted(titles) == sorted(descriptions), set(titles) ^ set(descriptions)
+    for panel in dashboard.panels:
+        panel.description = descriptions[panel.title]
+    return dashboard
 
 
 def prom(expr: str, legend: str = "", ref: str = "A") -> Target:

@@ -16,6 +16,7 @@ from meterhouse.dashboards.common import (
     ClickHouseTarget,
     at,
     datasource_variables,
+    described,
     job_instance_variables,
     literal,
     org_link,
@@ -101,6 +102,22 @@ GROUP BY time ORDER BY time""",
     ("time", "points"),
 )
 
+#: What each panel shows, and the alert that watches it (Grafana shows it on the panel's (i)).
+DESCRIPTIONS = {
+    'Active orgs (1h)': 'Orgs that reported usage in the last hour.',
+    'Active orgs (24h)': 'Orgs that reported usage in the last 24 hours.',
+    'Silent orgs': 'Orgs that reported in the last 24 h but not in the last --silent-after-s (as of the last refresh).',
+    'Spiking orgs': 'Orgs whose last hour is over --spike-factor times their baseline. Orange at any (MeterhouseOrgsSpiking).',
+    'Org counts': 'Active, silent and spiking orgs over time.',
+    'Points without an org': 'Points stored without org.id, billed to nobody (MeterhousePointsWithoutOrg).',
+    'Silent orgs (reported in 24 h, not in the last 30 min)': 'The orgs behind the silent gauge: when each last reported.',
+    'Silent for over 24 h (reported in 7 d)': 'Orgs that reported in the last week but not in the last day.',
+    'Spiking orgs (last hour over 5x the 24 h baseline)': 'The orgs behind the spiking gauge, with their last hour against their baseline.',
+    'Attribute cardinality per metric': 'Distinct attribute sets per metric: a sudden rise is an unbounded attribute (a request id) at a sender.',
+    'Biggest orgs by series': 'Orgs with the most distinct series (metric and attribute set).',
+    'Reconciliation: orgs whose raw points and hourly rollup disagree': 'Per month, orgs whose raw points and hourly rollup totals differ (MeterhouseReconciliationDrift).',
+}  # fmt: skip
+
 dashboard = Dashboard(
     title="meterhouse / Cardinality and org health",
     uid="meterhouse-org-health",
@@ -178,3 +195,4 @@ dashboard = Dashboard(
         ),
     ],
 ).auto_panel_ids()
+dashboard = described(dashboard, DESCRIPTIONS)

@@ -23,6 +23,7 @@ from meterhouse.dashboards.common import (
     at,
     clickhouse_variable,
     datasource_variables,
+    described,
     org_link,
     series,
     stat,
@@ -110,6 +111,15 @@ ORDER BY attribute LIMIT 100""",
         ("attribute",), table=True),
 }  # fmt: skip
 
+#: What each panel shows, and the alert that watches it (Grafana shows it on the panel's (i)).
+DESCRIPTIONS = {
+    'Usage of $metric by $org': "The org's usage of the metric over time: hourly rollup for steps of an hour or more, raw points below.",
+    'Total in range': 'Exact usage over [from, to): whole hours from the rollup, the partial first and last hours from raw points (as the API adds them).',
+    'Month to date against last month': 'This month so far, last month to the same day, and last month whole (UTC).',
+    '$metric by $attribute': "The org's usage broken down by one attribute's values.",
+    'Top orgs by $metric': 'The 20 orgs with the most usage of the metric in the range; each links to its usage.',
+}  # fmt: skip
+
 dashboard = Dashboard(
     title="meterhouse / Org usage",
     uid=ORG_USAGE_UID,
@@ -147,3 +157,4 @@ dashboard = Dashboard(
         table("Top orgs by $metric", top_orgs, at(16, 9, 8, 9), COUNT, overrides=[org_link(metric=True)]),
     ],
 ).auto_panel_ids()
+dashboard = described(dashboard, DESCRIPTIONS)

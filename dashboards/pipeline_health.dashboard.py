@@ -18,6 +18,7 @@ from meterhouse.dashboards.common import (
     at,
     clickhouse_annotation,
     datasource_variables,
+    described,
     job_instance_variables,
     prom,
     series,
@@ -34,6 +35,30 @@ FROM {EVENTS} WHERE time >= $__fromTime AND time < $__toTime ORDER BY time""",
     table=True,
 )
 ANNOTATIONS = {"Pipeline events": pipeline_events}
+
+#: What each panel shows, and the alert that watches it (Grafana shows it on the panel's (i)).
+DESCRIPTIONS = {
+    'Points received /s': 'OTLP points accepted (answered 200) per second, both transports, before they are written.',
+    'Points written /s': 'Points committed to ClickHouse per second. Below the received rate for long, the spool grows (see Oldest spooled point).',
+    'p99 ingest lag': "99th percentile of receipt-to-commit time over 5 minutes. Orange at MeterhouseIngestionLagHigh's 60 s, red at MeterhouseIngestionLagCritical's 600 s.",
+    'Oldest spooled point': 'Age of the oldest acknowledged point not yet in ClickHouse: the freshness of every usage answer. Orange at 300 s and red at 1,800 s (the spool backlog alerts).',
+    'Spool used': 'Acknowledged, uncommitted bytes against --spool-max-bytes. Orange at 80% (MeterhouseSpoolNearFull); at 100% new requests are answered 503 and retried by senders.',
+    'Writing to endpoint #': 'Index of the ClickHouse endpoint taking writes (0 = the first configured). Orange on any other: a failover happened (MeterhouseWritingToNonPrimary).',
+    'Points in, written and rejected': 'Points received, written and rejected per second; rejections by reason (every rejected point is counted and logged).',
+    'Ingest lag (receipt to commit)': 'Quantiles of the time from receipt to commit in ClickHouse.',
+    'Spool': 'Bytes held in the spool (acknowledged, not yet committed) against its limit.',
+    'Oldest spooled point (grows during a stall)': 'Age of the oldest uncommitted point: flat when healthy, a rising line during a ClickHouse stall or outage.',
+    'Pending points': 'Points spooled and not yet committed.',
+    'Insert duration (p99)': "99th percentile of one group's insert into ClickHouse.",
+    'Insert retries, and failures by cause': 'Insert attempts retried, and failures by cause (disk, memory, too many parts, timeout, outage). Nothing acknowledged is dropped: a failing group is retried, then dead-lettered.',
+    'Dead letters on disk (unbilled until re-driven)': 'Batches ClickHouse refused for good, kept on disk: usage not yet billed until `meterhouse dead-letter redrive`.',
+    'Data directory free': 'Free space where the spool and the embedded engine live.',
+    'Endpoints (1 = healthy / active)': 'Each configured ClickHouse endpoint: healthy (its checks pass) and active (taking writes).',
+    'Failovers': 'Switches of the active endpoint (also shown as annotations from pipeline_events).',
+    'OTLP requests by outcome': 'Requests per second by transport and outcome (ok, rejected, backpressure, too large, unauthenticated...).',
+    'Duplicates and back-pressure': 'Re-sent requests recognised as duplicates, points dropped by point identity as repeats, and requests refused for back-pressure (retried by senders).',
+    'SLO error ratios (1h): 5xx answers, stale time': 'Share of requests answered 5xx, and share of time the oldest uncommitted point was older than the freshness objective, over the last hour.',
+}  # fmt: skip
 
 dashboard = Dashboard(
     title="meterhouse / Pipeline health",
@@ -261,3 +286,4 @@ dashboard = Dashboard(
         ),  # fmt: skip
     ],
 ).auto_panel_ids()
+dashboard = described(dashboard, DESCRIPTIONS)

@@ -415,3 +415,10 @@ def test_no_dashboard_refreshes_faster_than_30_seconds():
     allowed = {"30s": 30, "1m": 60, "5m": 300, "15m": 900}
     for name, dash in dashboards_json().items():
         assert dash["refresh"] in allowed, (name, dash["refresh"])
+
+
+def test_every_panel_says_what_it_shows():
+    """A description on every panel (Grafana's (i)): what it shows, and the alert that watches it."""
+    for name, dash in dashboards_json().items():
+        for panel in dash["panels"]:
+            assert len(panel.get("description", "")) >= 20, (name, panel["title"])
