@@ -95,11 +95,13 @@ def job_instance_variables() -> list[dict]:
     ]  # fmt: skip
 
 
-def clickhouse_variable(name: str, target: ClickHouseTarget, label: str = "") -> dict:
-    """A query variable of the ClickHouse plugin: refreshed once on load (``refresh: 1``)."""
+def clickhouse_variable(name: str, target: ClickHouseTarget, label: str = "", sort: int = 1) -> dict:
+    """A query variable of the ClickHouse plugin: refreshed once on load (``refresh: 1``); ``sort`` 0
+    keeps the query's order, 1 sorts alphabetically. Any value can be typed in (``allowCustomValue``)."""
     return {"name": name, "label": label or name, "type": "query", "datasource": CLICKHOUSE,
-            "query": target.rawSql, "definition": target.rawSql, "refresh": 1, "sort": 1, "hide": 0,
-            "includeAll": False, "multi": False, "regex": "", "current": {}, "options": []}  # fmt: skip
+            "query": target.rawSql, "definition": target.rawSql, "refresh": 1, "sort": sort, "hide": 0,
+            "includeAll": False, "multi": False, "allowCustomValue": True, "regex": "", "current": {},
+            "options": []}  # fmt: skip
 
 
 def textbox_variable(name: str, label: str, default: str = "") -> dict:
