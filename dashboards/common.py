@@ -27,6 +27,11 @@ COUNT = "short"
 SCHEMA_VERSION = 39
 #: The ClickHouse plugin version the targets are written for (pinned in docker-compose.yml).
 CLICKHOUSE_PLUGIN_VERSION = "4.3.2"
+#: What a dashboard whose panels read recording rules says of them where it is imported (its description).
+NEEDS_RULES = (
+    " Needs meterhouse's recording rules (alerts/*.rules.yml, also shipped in the Python package) "
+    "loaded in the Prometheus it reads: panels on `instance:`/`job:` series are empty without them."
+)
 #: Prometheus selector of the job and instance variables.
 SELECTOR = 'job=~"$job",instance=~"$instance"'
 

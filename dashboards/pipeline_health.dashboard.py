@@ -10,6 +10,7 @@ from meterhouse.dashboards.common import (
     EVENTS,
     LAG_CRITICAL_S,
     LAG_WARNING_S,
+    NEEDS_RULES,
     NON_PRIMARY,
     SCHEMA_VERSION,
     SELECTOR,
@@ -63,7 +64,8 @@ DESCRIPTIONS = {
 dashboard = Dashboard(
     title="meterhouse / Pipeline health",
     uid="meterhouse-pipeline",
-    description="Points in and out, ingest lag, spool backlog, inserts, endpoints and failovers.",
+    description="Points in and out, ingest lag, spool backlog, inserts, endpoints and failovers."
+    + NEEDS_RULES,
     tags=["meterhouse"],
     timezone="utc",
     time=Time("now-6h", "now"),

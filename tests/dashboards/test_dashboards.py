@@ -426,3 +426,20 @@ def test_every_panel_says_what_it_shows():
     for name, dash in dashboards_json().items():
         for panel in dash["panels"]:
             assert len(panel.get("description", "")) >= 20, (name, panel["title"])
+
+
+def test_a_dashboard_reading_recording_rules_says_so_where_it_is_imported():
+    """Imported elsewhere, a dashboard on recording rules the JSON does not carry showed empty panels:
+    its description names the rules it needs, and every series it reads is defined there."""
+    rules_dir = Path(__file__).parents[2] / "alerts"
+    defined = set(re.findall(r"record: (\S+)", "".join(p.read_text() for p in rules_dir.glob("*.rules.yml"))))
+    for name, dash in dashboards_json().items():
+        used = set()
+        for panel in dash["panels"]:
+            for t in panel["targets"]:
+                used |= set(
+                    re.findall(r"\b((?:instance|job|instance_reason)[a-z_]*:[a-z0-9_:]+)", t.get("expr", ""))
+                )
+        assert used <= defined, (name, used - defined)
+        if used:
+            assert "recording rules" in dash["description"], name
