@@ -100,6 +100,17 @@ def job_instance_variables() -> list[dict]:
     ]  # fmt: skip
 
 
+def settings_variable(name: str, gauge: str) -> dict:
+    """A hidden variable holding a meterhouse setting, read from the gauge that exports it (the value of
+    ``query_result``'s line ``{} VALUE TIMESTAMP``), so that a ClickHouse list uses the setting the
+    Prometheus gauge and alerts use."""
+    query = f"query_result(max({gauge}{{{SELECTOR}}}))"
+    return {"name": name, "label": name, "type": "query", "datasource": PROMETHEUS,
+            "query": {"query": query, "refId": f"{name}-variable", "qryType": 3}, "definition": query,
+            "refresh": 2, "hide": 2, "regex": "/ ([-+0-9.eE]+) [0-9]+$/", "current": {}, "options": [],
+            "includeAll": False, "multi": False}  # fmt: skip
+
+
 def clickhouse_variable(name: str, target: ClickHouseTarget, label: str = "", sort: int = 1) -> dict:
     """A query variable of the ClickHouse plugin: refreshed once on load (``refresh: 1``); ``sort`` 0
     keeps the query's order, 1 sorts alphabetically. Any value can be typed in (``allowCustomValue``)."""

@@ -22,18 +22,35 @@ from meterhouse.dashboards.common import (
     org_link,
     prom,
     series,
+    settings_variable,
     stat,
     table,
 )
 
 S = "{" + SELECTOR + "}"
 
-# The same queries as the meterhouse_orgs_silent / _spiking gauges, with the default thresholds.
+# The same queries as the meterhouse_orgs_silent / _spiking gauges, with the same settings: the
+# meterhouse_org_health_* gauges export them and hidden variables read them (the defaults where absent).
+SETTINGS = {  # variable: (gauge, default, ClickHouse conversion)
+    "silent_after_s": ("meterhouse_org_health_silent_after_seconds", "1800", "toFloat64OrDefault"),
+    "spike_factor": ("meterhouse_org_health_spike_factor", "5", "toFloat64OrDefault"),
+    "spike_baseline_hours": ("meterhouse_org_health_spike_baseline_hours", "24", "toUInt32OrDefault"),
+    "spike_min_usage": ("meterhouse_org_health_spike_min_usage", "100", "toFloat64OrDefault"),
+}
+
+
+def setting(name: str) -> str:
+    """The setting's variable as a SQL value: its default when the variable is empty (no such gauge)."""
+    _gauge, default, convert = SETTINGS[name]
+    typ = "UInt32" if convert == "toUInt32OrDefault" else "Float64"
+    return f"{convert}('${{{name}}}', to{typ}({default}))"
+
+
 silent_orgs = ClickHouseTarget(
     literal(
         schema.orgs_silent_sql(DATABASE),
         day_ago="now() - INTERVAL 1 DAY",
-        quiet_since="now() - INTERVAL 30 MINUTE",
+        quiet_since=f"now() - toIntervalSecond(toUInt32({setting('silent_after_s')}))",
         limit="200",
     ),
     ("org_id", "last"),
@@ -56,9 +73,9 @@ spiking_orgs = ClickHouseTarget(
     literal(
         schema.orgs_spiking_sql(DATABASE),
         last="toStartOfHour(now()) - INTERVAL 1 HOUR",
-        hours="24",
-        factor="5",
-        min_usage="100",
+        hours=setting("spike_baseline_hours"),
+        factor=setting("spike_factor"),
+        min_usage=setting("spike_min_usage"),
         limit="200",
     ),
     ("org_id", "metric", "last_usage", "baseline"),
@@ -110,9 +127,9 @@ DESCRIPTIONS = {
     'Spiking orgs': 'Orgs whose last hour is over --spike-factor times their baseline. Orange at any (MeterhouseOrgsSpiking).',
     'Org counts': 'Active, silent and spiking orgs over time.',
     'Points without an org': 'Points stored without org.id, billed to nobody (MeterhousePointsWithoutOrg).',
-    'Silent orgs (reported in 24 h, not in the last 30 min)': 'The orgs behind the silent gauge: when each last reported.',
+    'Silent orgs (reported in 24 h, not in the last ${silent_after_s} s)': 'The orgs behind the silent gauge, with its setting (--silent-after-s, read from meterhouse_org_health_silent_after_seconds): when each last reported.',
     'Silent for over 24 h (reported in 7 d)': 'Orgs that reported in the last week but not in the last day.',
-    'Spiking orgs (last hour over 5x the 24 h baseline)': 'The orgs behind the spiking gauge, with their last hour against their baseline.',
+    'Spiking orgs (last hour over ${spike_factor}x the ${spike_baseline_hours} h baseline)': 'The orgs behind the spiking gauge, with its settings (--spike-factor, --spike-baseline-hours, --spike-min-usage, read from their meterhouse_org_health_* gauges): their last hour against their baseline.',
     'Attribute cardinality per metric': 'Distinct attribute sets per metric: a sudden rise is an unbounded attribute (a request id) at a sender.',
     'Biggest orgs by series': 'Orgs with the most distinct series (metric and attribute set).',
     'Reconciliation: orgs whose raw points and hourly rollup disagree': 'Per month, orgs whose raw points and hourly rollup totals differ (MeterhouseReconciliationDrift).',
@@ -127,7 +144,11 @@ dashboard = Dashboard(
     time=Time("now-24h", "now"),
     refresh="5m",
     schemaVersion=SCHEMA_VERSION,
-    templating=Templating(list=datasource_variables() + job_instance_variables()),
+    templating=Templating(
+        list=datasource_variables()
+        + job_instance_variables()
+        + [settings_variable(n, g) for n, (g, _, _) in SETTINGS.items()]
+    ),
     panels=[
         stat(
             "Active orgs (1h)",
@@ -162,7 +183,7 @@ dashboard = Dashboard(
         ),  # fmt: skip
         series("Points without an org", [unattributed], at(12, 4, 12, 8), COUNT, datasource=CLICKHOUSE),
         table(
-            "Silent orgs (reported in 24 h, not in the last 30 min)",
+            "Silent orgs (reported in 24 h, not in the last ${silent_after_s} s)",
             silent_orgs,
             at(0, 12, 8, 9),
             "dateTimeAsIso",
@@ -176,7 +197,7 @@ dashboard = Dashboard(
             overrides=[org_link()],
         ),
         table(
-            "Spiking orgs (last hour over 5x the 24 h baseline)",
+            "Spiking orgs (last hour over ${spike_factor}x the ${spike_baseline_hours} h baseline)",
             spiking_orgs,
             at(16, 12, 8, 9),
             COUNT,

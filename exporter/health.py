@@ -166,6 +166,27 @@ class OrgHealth:
             value=snap.spiking_count,
         )
         for name, text, value in (
+            # The settings the gauges use, so that the dashboards' lists use the same (their variables).
+            (
+                "silent_after_seconds",
+                "Silent after this long without usage (--silent-after-s).",
+                self.silent_after_s,
+            ),
+            (
+                "spike_factor",
+                "Spiking above this many times the baseline (--spike-factor).",
+                self.spike_factor,
+            ),
+            (
+                "spike_baseline_hours",
+                "Hours of the spike baseline (--spike-baseline-hours).",
+                self.spike_baseline_hours,
+            ),
+            (
+                "spike_min_usage",
+                "Least last-hour usage that can spike (--spike-min-usage).",
+                self.spike_min_usage,
+            ),
             ("last_refresh_timestamp_seconds", "When org health was last computed.", snap.computed_at),
             ("refresh_duration_seconds", "How long the last org-health refresh took.", snap.duration_s),
             ("refresh_ok", "1 when the last org-health refresh succeeded.", 1 if snap.ok else 0),

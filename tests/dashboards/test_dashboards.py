@@ -55,10 +55,28 @@ def clickhouse_queries():
     return out
 
 
+#: The org-health settings' hidden variables (read from the meterhouse_org_health_* gauges): their
+#: defaults, as meterhouse exports them unless its flags change them.
+SETTINGS = {
+    "silent_after_s": "1800",
+    "spike_factor": "5",
+    "spike_baseline_hours": "24",
+    "spike_min_usage": "100",
+}
+
+
 def expand(
-    sql: str, database: str, interval_s: int, frm: int = FROM, to: int = TO, org: str = "org-a"
+    sql: str,
+    database: str,
+    interval_s: int,
+    frm: int = FROM,
+    to: int = TO,
+    org: str = "org-a",
+    settings: dict[str, str] = SETTINGS,
 ) -> str:
     """Grafana's macros and variables, as the ClickHouse plugin expands them, with concrete values."""
+    for name, value in settings.items():
+        sql = sql.replace(f"${{{name}}}", value)
     sql = re.sub(r"\$__timeFilter\(([^)]+)\)", rf"\1 >= toDateTime({frm}) AND \1 <= toDateTime({to})", sql)
     sql = re.sub(
         r"\$__timeInterval\(([^)]+)\)",
@@ -133,6 +151,32 @@ def test_every_clickhouse_query_runs_through_the_sql_endpoint_as_grafana_sends_i
             served = client.query(sql)
             assert tuple(served.column_names) == target.columns, (dash, what)
             assert served.result_rows == direct.result_rows, (dash, what)
+
+
+def test_the_org_lists_use_the_settings_the_gauges_export(filled):
+    """The silent and spiking lists take --silent-after-s, --spike-factor... from the gauges that export
+    them (hidden Prometheus variables), not the defaults written into the dashboard (they disagreed with
+    the gauges and alerts once a flag changed); without those gauges, the defaults."""
+    from meterhouse.exporter import OrgHealth
+
+    names = {m.name for m in OrgHealth(filled, __import__("prometheus_client").CollectorRegistry()).collect()}
+    variables = {v["name"]: v for v in dashboards_json()["org_health"]["templating"]["list"]}
+    for var in SETTINGS:
+        gauge = re.search(r"max\((\w+)\{", variables[var]["definition"]).group(1)
+        assert gauge in names and variables[var]["hide"] == 2, var
+    spiking = [t for d, w, t in clickhouse_queries() if "over ${spike_factor}x" in w][0]
+
+    def orgs(settings) -> set[str]:
+        return {
+            r[0]
+            for r in filled.client.query(
+                expand(spiking.rawSql, filled.database, 3600, settings=settings)
+            ).result_rows
+        }
+
+    assert "org-a" in orgs(SETTINGS)  # 50x its baseline
+    assert "org-a" not in orgs({**SETTINGS, "spike_factor": "60"})
+    assert orgs(dict.fromkeys(SETTINGS, "")) == orgs(SETTINGS)  # no gauge: the defaults
 
 
 def test_every_query_names_its_tables_through_the_database_variable():
