@@ -217,5 +217,13 @@ def stat(
     return panel
 
 
-def table(title: str, target: ClickHouseTarget, pos: GridPos, unit: str, **kw) -> Table:
-    return Table(title=title, dataSource=CLICKHOUSE, targets=[target], gridPos=pos, unit=unit, **kw)
+def table(
+    title: str,
+    target: ClickHouseTarget,
+    pos: GridPos,
+    unit: str,
+    more: tuple[ClickHouseTarget, ...] = (),
+    **kw,
+) -> Table:
+    """A ClickHouse table; ``more`` queries beside its own (a unit read from the catalog)."""
+    return Table(title=title, dataSource=CLICKHOUSE, targets=[target, *more], gridPos=pos, unit=unit, **kw)

@@ -92,6 +92,25 @@ WHERE org_id = {ORG} AND metric = {METRIC} AND hour >= toStartOfMonth(now()) - I
     table=True,
 )
 
+# The metric's unit, from the catalog: OpenTelemetry's (UCUM) units as Grafana's unit ids; annotations
+# in braces ("{call}") and anything else, a plain number. Grafana's "Config from query results"
+# transformation sets every number field's unit from it (egress.bytes showed as "4.49 Bil", not GiB).
+OTEL_UNITS = {"By": "bytes", "KiBy": "kbytes", "MiBy": "mbytes", "GiBy": "gbytes", "TiBy": "tbytes",
+              "KBy": "deckbytes", "MBy": "decmbytes", "GBy": "decgbytes", "bit": "bits", "By/s": "Bps",
+              "bit/s": "bps", "s": "s", "ms": "ms", "us": "µs", "ns": "ns", "min": "m", "h": "h", "d": "d",
+              "%": "percent", "1": "short"}  # fmt: skip
+metric_unit = ClickHouseTarget(
+    f"""SELECT transform(anyLast(unit), {list(OTEL_UNITS)}, {list(OTEL_UNITS.values())}, 'short') AS unit
+FROM {CATALOG} WHERE metric = {METRIC}""",
+    ("unit",),
+    refId="U",
+    table=True,
+)
+UNIT_FROM_CATALOG = [
+    {"id": "configFromData", "options": {"configRefId": "U", "applyTo": {"id": "byType", "options": "number"},
+                                         "mappings": [{"fieldName": "unit", "handlerKey": "unit"}]}}
+]  # fmt: skip
+
 top_orgs = ClickHouseTarget(
     f"""SELECT org_id, {USAGE} AS usage FROM {METRIC_ORGS}
 WHERE metric = {METRIC} AND hour >= $__fromTime AND hour < $__toTime AND org_id != ''
@@ -145,22 +164,46 @@ dashboard = Dashboard(
     panels=[
         series(
             "Usage of $metric by $org",
-            [usage_over_time],
+            [usage_over_time, metric_unit],
             at(0, 0, 16, 9),
             COUNT,
             datasource=CLICKHOUSE,
+            transformations=UNIT_FROM_CATALOG,
         ),
-        stat("Total in range", [total_in_range], at(16, 0, 8, 4), COUNT, datasource=CLICKHOUSE),
-        table("Month to date against last month", month_to_date, at(16, 4, 8, 5), COUNT),
+        stat(
+            "Total in range",
+            [total_in_range, metric_unit],
+            at(16, 0, 8, 4),
+            COUNT,
+            datasource=CLICKHOUSE,
+            transformations=UNIT_FROM_CATALOG,
+        ),  # fmt: skip
+        table(
+            "Month to date against last month",
+            month_to_date,
+            at(16, 4, 8, 5),
+            COUNT,
+            (metric_unit,),
+            transformations=UNIT_FROM_CATALOG,
+        ),  # fmt: skip
         series(
             "$metric by $attribute",
-            [by_attribute],
+            [by_attribute, metric_unit],
             at(0, 9, 16, 9),
             COUNT,
             datasource=CLICKHOUSE,
             stacking={"mode": "normal"},
+            transformations=UNIT_FROM_CATALOG,
         ),  # fmt: skip
-        table("Top orgs by $metric", top_orgs, at(16, 9, 8, 9), COUNT, overrides=[org_link(metric=True)]),
+        table(
+            "Top orgs by $metric",
+            top_orgs,
+            at(16, 9, 8, 9),
+            COUNT,
+            (metric_unit,),
+            overrides=[org_link(metric=True)],
+            transformations=UNIT_FROM_CATALOG,
+        ),  # fmt: skip
     ],
 ).auto_panel_ids()
 dashboard = described(dashboard, DESCRIPTIONS)

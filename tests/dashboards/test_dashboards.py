@@ -235,7 +235,28 @@ def test_every_clickhouse_target_has_the_shape_the_plugin_reads():
                     continue
                 assert t["editorType"] == "sql" and t["rawSql"].strip() and t["refId"], panel["title"]
                 assert (t["format"], t["queryType"]) in ((0, "timeseries"), (1, "table")), panel["title"]
-                assert t["format"] == (1 if panel["type"] in ("stat", "table") else 0), panel["title"]
+                configs = {x["options"]["configRefId"] for x in panel.get("transformations", [])
+                           if x["id"] == "configFromData"}  # fmt: skip
+                table = panel["type"] in ("stat", "table") or t["refId"] in configs
+                assert t["format"] == (1 if table else 0), panel["title"]
+
+
+def test_usage_panels_take_the_metrics_unit_from_the_catalog(filled):
+    """Usage showed as a plain number whatever its unit ("4.49 Bil" bytes): each usage panel reads the
+    metric's unit from the catalog (refId U) and Grafana's "Config from query results" applies it to
+    its number fields; OpenTelemetry's units map to Grafana's ids, anything else is a plain number."""
+    dash = dashboards_json()["org_usage"]
+    for panel in dash["panels"]:
+        (config,) = [x for x in panel["transformations"] if x["id"] == "configFromData"]
+        assert config["options"]["configRefId"] == "U"
+        assert config["options"]["mappings"] == [{"fieldName": "unit", "handlerKey": "unit"}]
+        (unit,) = [t for t in panel["targets"] if t["refId"] == "U"]
+    hour = (time.time_ns() // 3600 // 10**9) * 3600 * 10**9
+    for metric, otel, grafana in (("egress.bytes", "By", "bytes"), ("cpu.time", "ms", "ms"),
+                                  ("api.hits", "{request}", "short")):  # fmt: skip
+        put(filled, [{"org_id": "org-u", "metric": metric, "unit": otel, "time": hour, "value_int": 1}])
+        sql = expand(unit["rawSql"], filled.database, 3600).replace("'api.calls'", f"'{metric}'")
+        assert filled.client.query(sql).result_rows == [(grafana,)], metric
 
 
 def test_annotations_carry_a_target_the_plugin_runs():
