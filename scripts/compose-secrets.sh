@@ -34,6 +34,9 @@ fi
 if new meterhouse_tokens.yml; then
   printf 'tokens:\n  - token: "%s"\n    orgs: ["*"]\n' "$(rand)" >"$dir/meterhouse_tokens.yml"
 fi
+if new meterhouse_sql_token; then  # the `embedded` profile's Grafana: the all-orgs API token, as the SQL endpoint's password
+  sed -n 's/.*token: "\(.*\)"/\1/p' "$dir/meterhouse_tokens.yml" | head -1 | tr -d '\n' >"$dir/meterhouse_sql_token"
+fi
 # The directory keeps them private on the host; the files are bind-mounted into containers whose users
 # (grafana 472, meterhouse 10001) must read them.
 chmod 644 "$dir"/*

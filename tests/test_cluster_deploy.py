@@ -144,7 +144,24 @@ def test_every_meterhouse_service_starts_with_the_generated_secrets(secrets_dir)
         assert not config.allow_unauthenticated and not config.allow_unauthenticated_ingest, name
         assert "meterhouse:" not in " ".join(service["command"]), f"{name}: credentials on a command line"
         checked += 1
-    assert checked == 3
+    assert checked == 4
+
+
+def test_the_embedded_profile_serves_grafana_through_the_sql_endpoint(secrets_dir):
+    """The `embedded` profile: meterhouse on its embedded engine with its SQL endpoint on, and Grafana's
+    ClickHouse data source on that endpoint with the generated all-orgs API token as its password."""
+    from meterhouse.core.store import is_embedded
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    config = service_config(compose["services"]["meterhouse-embedded"], secrets_dir)
+    assert is_embedded(config.endpoints[0]) and config.sql_port == 8123
+    token = (secrets_dir / "meterhouse_sql_token").read_text()
+    assert any(t.token == token and t.all_orgs for t in config.auth_tokens)
+    sources = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning-embedded/datasources/datasources.yml").read_text()
+    )
+    (ch,) = [d for d in sources["datasources"] if d["type"] == "grafana-clickhouse-datasource"]
+    assert (ch["jsonData"]["host"], ch["jsonData"]["port"]) == ("meterhouse-embedded", config.sql_port)
 
 
 def test_collectors_are_configured_for_the_cluster(services, secrets_dir):

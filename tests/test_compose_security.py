@@ -161,7 +161,9 @@ def test_the_meterhouse_image_runs_as_a_non_root_user():
 
 #: Services of the cluster profile that are meterhouse or ClickHouse (what monitoring must not wait for).
 def _pipeline(name: str) -> bool:
-    return name in ("meterhouse", "clickhouse", "lb") or name.startswith(("collector-", "ch-", "keeper-"))
+    return name in ("meterhouse", "clickhouse", "lb") or name.startswith(
+        ("collector-", "ch-", "keeper-", "meterhouse-")
+    )
 
 
 def _monitoring(name: str) -> bool:
@@ -204,6 +206,18 @@ def test_every_grafana_reads_clickhouse_as_the_read_only_user_with_a_secret_pass
                 assert re.fullmatch(r"\$__(file|env)\{[^}]+\}", value), f"{name}: {ds['name']}"
             if ds["type"] == "grafana-clickhouse-datasource":
                 user, host = ds["jsonData"]["username"], ds["jsonData"]["host"]
+                if "up" in [str(c) for c in services[host].get("command", [])]:
+                    # meterhouse's own read-only SQL endpoint (the `embedded` profile): the password is
+                    # the all-orgs API token, from a secret, and the endpoint requires tokens.
+                    assert ds["secureJsonData"]["password"] == "$__file{/run/secrets/meterhouse_sql_token}", (
+                        name
+                    )
+                    assert "meterhouse_sql_token" in service["secrets"], name
+                    assert services[host]["environment"]["MH_AUTH_TOKENS_FILE"].startswith("/run/secrets/"), (
+                        host
+                    )
+                    assert ds["jsonData"]["port"] == 8123, name
+                    continue
                 assert f"<{user}>" in users, f"{name}: {user} is not the read-only user"
                 mounts = services[host]["volumes"]
                 assert any(m.startswith("./deploy/clickhouse/users.d/grafana.xml:") for m in mounts), host
