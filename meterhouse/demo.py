@@ -13,6 +13,7 @@ import math
 import random
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections import defaultdict
@@ -63,8 +64,15 @@ def fetch_usage(api: str, org: str, metric: str, start_s: int, end_s: int, step:
         }
     )
     url = f"{api.rstrip('/')}/api/v1/orgs/{urllib.parse.quote(org, safe='')}/usage?{query}"
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.load(r)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        body = json.loads(e.read() or b"{}") if e.code == 404 else {}
+        if body.get("error", {}).get("code") != "unknown_metric":
+            raise
+        # Nothing of this metric was ever received (the API says so with a 404): none of it is stored.
+        return {"org_id": org, "metric": metric, "total": 0, "points": [], "unknown_metric": True}
 
 
 def wait_committed(api: str, timeout_s: float = 60.0) -> bool:
