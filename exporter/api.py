@@ -138,6 +138,8 @@ def _summable(store, metric: str) -> None:
     sum points (a histogram, summary or gauge: /usage sums counters), saying where to read it."""
     kinds = {str(m): list(k) for m, k in _query(store, schema.metric_kinds_sql(store.database), {})}
     if metric not in kinds:
+        if _query(store, schema.metric_in_rollup_sql(store.database), {"metric": metric}):
+            return  # summed, and not in the catalog: never a 404 for a metric that has usage
         close = difflib.get_close_matches(metric, list(kinds), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; GET /api/v1/metrics-catalog lists them"
         raise ApiError(404, "unknown_metric", f"no metric {metric!r} has been received{hint}")

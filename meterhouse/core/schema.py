@@ -946,6 +946,12 @@ def metric_kinds_sql(database: str) -> str:
     return f"""SELECT metric, groupUniqArray(kind) FROM {database}.{CATALOG_TABLE} GROUP BY metric"""
 
 
+def metric_in_rollup_sql(database: str) -> str:
+    """One row when the hourly rollup holds usage of ``metric`` (the catalog's fallback: a store whose
+    catalog is filled by nothing, such as two handles on the embedded engine standing in for replicas)."""
+    return f"SELECT 1 FROM {database}.{HOURLY_TABLE} WHERE metric = {{metric:String}} LIMIT 1"
+
+
 def catalog_sql(database: str) -> str:
     return f"""SELECT metric, kind, anyLast(unit), toUnixTimestamp64Milli(max(last_seen)), sum(points)
 FROM {database}.{CATALOG_TABLE} GROUP BY metric, kind ORDER BY metric, kind"""
