@@ -59,6 +59,7 @@ LISTENERS = [
     ("--otlp-grpc-port", "OTLP/gRPC", "MH_OTLP_GRPC_PORT"),
     ("--otlp-http-port", "OTLP/HTTP", "MH_OTLP_HTTP_PORT"),
     ("--http-port", "the API and /metrics (HTTP)", "MH_HTTP_PORT"),
+    ("--sql-port", "the SQL endpoint (ClickHouse HTTP)", "MH_SQL_PORT"),  # 8123: a local ClickHouse's too
 ]
 
 
