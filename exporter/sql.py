@@ -152,8 +152,10 @@ class Ast:
 
 
 def _nodes(explain: str) -> list[tuple[int, str, str]]:
-    """The ``EXPLAIN AST`` lines (TSV: a value's newlines and tabs arrive escaped, so one line is one
-    node) as (depth, kind, rest)."""
+    """The ``EXPLAIN AST`` lines as (depth, kind, rest). Literals are printed quoted and escaped, but a
+    name or alias holding a line break adds lines to the dump: such a line can only be refused (its kind
+    is no node's, or names a function it denies), never hide a node, since the dump prints each node's
+    line before its children's and a table function is its ``TableExpression``'s first child."""
     out = []
     for line in explain.split("\n"):
         if not line.strip():
