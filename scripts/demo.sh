@@ -46,6 +46,7 @@ meterhouse is up:
   usage API   http://127.0.0.1:$HTTP_PORT/api/v1/orgs/org-00001/usage?metric=api.requests&step=1h
   Prometheus  http://127.0.0.1:$HTTP_PORT/metrics
   OTLP/HTTP   http://127.0.0.1:$OTLP_PORT/v1/metrics
+  SQL         http://127.0.0.1:${MH_SQL_PORT:-8123} (read-only: $VENV/bin/meterhouse sql "SELECT count() FROM usage_points")
 MSG
 if [ -t 0 ] && [ -z "${MH_DEMO_EXIT:-}" ] && [ -z "${CI:-}" ]; then
   echo "Press Ctrl-C to stop."
