@@ -69,7 +69,7 @@ TABLE_FUNCTIONS = frozenset(
 #: 2 s limit: adversary 35).
 FUNCTIONS_DENIED = frozenset(
     {"file", "editdistance", "editdistanceutf8", "levenshteindistance", "levenshteindistanceutf8",
-     "dameraulevenshteindistance"}
+     "dameraulevenshteindistance", "arraysimilarity", "arrayreduceinranges"}
 )  # fmt: skip
 FUNCTION_PREFIXES_DENIED = ("ai", "jaro", "arraylevenshtein", "sparsegrams")
 #: ``SHOW TABLES``/``SHOW DATABASES`` as served: their ``WHERE`` and ``LIMIT`` expressions are not in
@@ -180,9 +180,25 @@ def _nodes(explain: str) -> list[tuple[int, str, str]]:
     return out
 
 
-def check(explain: str, canonical: str = "") -> Ast:
+#: Databases whose tables are served besides meterhouse's own: the engine's catalogue.
+CATALOGUE_DATABASES = frozenset({"system", "information_schema", "INFORMATION_SCHEMA"})
+_NAME_PART = re.compile(r"^\w+$")
+
+
+def _table(database: str, table: str, databases: frozenset[str]) -> None:
+    """Refuse a table outside the served databases, or whose name is not a plain one: the engine's
+    ``default`` database maps a path to a file as a table name (``EXISTS TABLE default.`/etc/passwd```
+    answered whether any host file exists: adversary 36)."""
+    if (database and database not in databases) or not _NAME_PART.match(table):
+        raise SqlError(
+            READONLY, "READONLY", f"table {database + '.' if database else ''}{table} is not served here"
+        )
+
+
+def check(explain: str, canonical: str = "", databases: frozenset[str] | None = None) -> Ast:
     """Decide on a query from its ``EXPLAIN AST`` and the engine's own text of it (``formatQuery``; see
-    the module's doc); :class:`SqlError` if refused."""
+    the module's doc); :class:`SqlError` if refused. ``databases``: those whose tables may be named
+    (meterhouse's and the catalogue's; None: any, for a check of syntax alone)."""
     if _OUTFILE.search(canonical):
         raise SqlError(READONLY, "READONLY", "INTO OUTFILE is not served here")
     nodes = _nodes(explain)
@@ -191,6 +207,13 @@ def check(explain: str, canonical: str = "") -> Ast:
     base, statement, _ = nodes[0]
     if statement not in READ_STATEMENTS:
         raise SqlError(READONLY, "READONLY", f"only reading queries are served here, not {statement}")
+    if databases is not None:
+        if statement in ("ExistsTableQuery", "ShowCreateTableQuery"):
+            parts = nodes[0][2].split(" ")
+            _table(parts[0], parts[1] if len(parts) > 1 else "", databases)
+        shown = re.search(r"^SHOW (?:DATABASES|TABLES) FROM (\S+)", canonical)
+        if shown and shown.group(1).strip("`") not in databases:
+            raise SqlError(READONLY, "READONLY", f"database {shown.group(1)} is not served here")
     if statement == "ShowTables" and not _SHOW_TABLES.match(canonical.strip()):
         raise SqlError(
             READONLY, "READONLY", "SHOW with WHERE or LIMIT is not served here; SELECT from system.tables"
@@ -214,6 +237,10 @@ def check(explain: str, canonical: str = "") -> Ast:
                 raise SqlError(READONLY, "READONLY", "INTO OUTFILE is not served here")
             if kind == "Identifier":
                 output_format = rest.split(" ", 1)[0]
+        if kind == "TableIdentifier" and databases is not None:
+            name = rest.split(" ", 1)[0]
+            db, dot, table = name.partition(".")
+            _table(db if dot else "", table if dot else db, databases)
         if kind == "Function":
             name = rest.split(" ", 1)[0]
             if parent == "TableExpression" and name.lower() not in TABLE_FUNCTIONS:
@@ -236,7 +263,10 @@ class Engine:
         memory_bytes: int,
         result_bytes: int,
         wait_s: float = 1.0,
+        database: str = "meterhouse",
     ) -> None:
+        #: The databases whose tables are served: meterhouse's and the engine's catalogue.
+        self.databases = frozenset({database}) | CATALOGUE_DATABASES
         self._connect = connect
         self.settings = {
             "max_execution_time": max(1, int(timeout_s)),
@@ -321,6 +351,8 @@ class Engine:
         """The query's output in ``fmt`` (unless it names its own), after the checks."""
         with self.handle() as h:
             fmt = self.output_format(h, fmt)
+            if database not in self.databases:  # the engine's "default" maps file paths to tables
+                raise SqlError(READONLY, "READONLY", f"database {database} is not served here")
             try:
                 # The query as the engine's formatter writes it back, parsed from a value (no text of the
                 # query is ever run as it came): exactly one statement (the engine runs each of
@@ -334,7 +366,7 @@ class Engine:
                 explained = h.query("EXPLAIN AST " + canonical, "TSV", params=params or None)
             except Exception as err:  # noqa: BLE001 - the engine's parser says why
                 raise SqlError.from_engine(err) from None
-            ast = check(explained.bytes().decode("utf-8", "replace"), canonical)
+            ast = check(explained.bytes().decode("utf-8", "replace"), canonical, self.databases)
             try:
                 h.query(f"USE `{database.replace('`', '')}`")
                 result = h.query(canonical, fmt, params=params or None)

@@ -97,7 +97,8 @@ class Stack:
         if config.sql_port and is_embedded(config.endpoints[0]):
             memory = memory_plan(config)
             engine = Engine(embedded_handle, config.sql_max_concurrent, config.sql_timeout_s,
-                            memory.sql_query_bytes, memory.sql_result_bytes)  # fmt: skip
+                            memory.sql_query_bytes, memory.sql_result_bytes,
+                            database=config.database)  # fmt: skip
             self.sql_auth = Auth(config.auth_tokens)
             self.sql_app = create_sql_app(engine, self.sql_auth, config.database, __version__)
             sql_wsgi = WSGIMiddleware(self.sql_app, workers=config.sql_max_concurrent + 2)  # type: ignore[arg-type]

@@ -142,8 +142,8 @@ def test_every_clickhouse_query_runs_through_the_sql_endpoint_as_grafana_sends_i
     import clickhouse_connect
     from conftest import free_port
 
-    stack = stack_factory(sql_port=free_port())
-    client = clickhouse_connect.get_client(host="127.0.0.1", port=stack.sql_port)
+    stack = stack_factory(sql_port=free_port(), database=filled.database)  # the tables it serves
+    client = clickhouse_connect.get_client(host="127.0.0.1", port=stack.sql_port, database=filled.database)
     for interval_s in (60, 3600):
         for dash, what, target in clickhouse_queries():
             sql = expand(target.rawSql, filled.database, interval_s)
