@@ -9,44 +9,12 @@ no string distance is involved.
 
 from __future__ import annotations
 
-import threading
-import time
+from sql_runaway import assert_held_to_the_time_limit
 
-import requests
-from conftest import free_port
-
-TIMEOUT_S = 2
 N = 40_000
 RUNAWAY = (f"SELECT length(arrayReduceInRanges('uniqCombined', arrayMap(i -> (1, {N}), range({N})), "
            f"range({N})))")  # fmt: skip
 
 
-def ask(stack, query: str, timeout: float = 300) -> requests.Response:
-    return requests.post(f"http://127.0.0.1:{stack.sql_port}/", data=query.encode(), timeout=timeout,
-                         params={"database": stack.config.database})  # fmt: skip
-
-
 def test_reduce_in_ranges_is_held_to_the_time_limit(stack_factory):
-    stack = stack_factory(sql_port=free_port(), sql_timeout_s=TIMEOUT_S, sql_max_concurrent=2)
-    took: list[float] = []
-    answers: list[str] = []
-
-    def runaway() -> None:
-        t = time.monotonic()
-        r = ask(stack, RUNAWAY)
-        took.append(time.monotonic() - t)
-        answers.append(f"{r.status_code} {r.text[:120]!r}")
-
-    threads = [threading.Thread(target=runaway) for _ in range(2)]
-    for t in threads:
-        t.start()
-    time.sleep(TIMEOUT_S + 3)  # both past their limit by now, were it kept
-    honest = ask(stack, "SELECT 1")
-    for t in threads:
-        t.join()
-    assert max(took) < TIMEOUT_S + 3, (
-        f"arrayReduceInRanges runaways ran {[round(x, 1) for x in took]} s against {TIMEOUT_S} s: {answers}"
-    )
-    assert honest.status_code == 200, (
-        f"an honest query {TIMEOUT_S + 3} s after two runaways started: {honest.status_code} {honest.text!r}"
-    )
+    assert_held_to_the_time_limit(stack_factory, RUNAWAY, "arrayReduceInRanges")
