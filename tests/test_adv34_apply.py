@@ -9,15 +9,10 @@ naming the function (nor the body of a lambda: ``APPLY(x -> file(x))``), so ``ch
 from __future__ import annotations
 
 import pytest
-import requests
 from conftest import free_port
+from sql_runaway import ask
 
 SECRET = "s3cr3t-0f-th3-h0st-adv34"
-
-
-def ask(stack, query: str) -> requests.Response:
-    return requests.post(f"http://127.0.0.1:{stack.sql_port}/", data=query.encode(), timeout=60,
-                         params={"database": stack.config.database})  # fmt: skip
 
 
 @pytest.mark.parametrize(
