@@ -1,7 +1,7 @@
-"""The SQL endpoint as the adversaries drive it (``ask``), and queries that run past its time limit inside one block (the engine checks the limit
-only between blocks), driven as the adversaries found them: two at once against a stack with
-``sql_max_concurrent`` 2, an honest query sent once both are past their limit, and ingest beside them.
-Shared by tests/test_adv35_*.py and tests/test_adv36_*.py."""
+"""The SQL endpoint as the adversaries drive it (``ask``), and queries that run past its time limit
+inside one block (the engine checks the limit only between blocks), driven as the adversaries found
+them: two at once against a stack with ``sql_max_concurrent`` 2, an honest query sent once both are past
+their limit, and ingest beside them. Shared by tests/test_adv34_*.py to tests/test_adv36_*.py."""
 
 from __future__ import annotations
 
