@@ -22,11 +22,12 @@ What it runs is read-only in every way, checked twice:
   ``KILL``, setting change or file, network or process table function, whatever the parser check let
   through.
 
-Bounded per query and in total: each handle runs one query at a time, with ``max_execution_time``,
-``max_memory_usage`` (an eighth of the engine's memory share), ``max_result_bytes`` and
-``max_threads = 1``; at most ``sql_max_concurrent`` handles, and a request that finds none free within
-a second is answered 503 (code 202, TOO_MANY_SIMULTANEOUS_QUERIES). The handles are the engine's own
-connections, apart from the writer's: a query never waits behind an insert, nor an insert behind it.
+Bounded per query and in total: each handle is a process of its own (exporter/sql_worker.py) running
+one query at a time, with ``max_execution_time``, ``max_memory_usage`` (an eighth of the engine's memory
+share), ``max_result_bytes`` and ``max_threads = 1``, and killed a second past its time limit (the
+engine checks that limit only between blocks); at most ``sql_max_concurrent`` handles, and a request
+that finds none free within a second is answered 503 (code 202, TOO_MANY_SIMULTANEOUS_QUERIES). A query
+never waits behind an insert, nor an insert behind it.
 """
 
 from __future__ import annotations
@@ -96,9 +97,12 @@ AST_NODES = frozenset(
     | READ_STATEMENTS
 )  # fmt: skip
 
+#: A handle idle this long has its process ended (the next query starts one again, in about half a second).
+IDLE_S = 300.0
+
 #: ClickHouse's error codes this endpoint answers with, and the HTTP status ClickHouse gives each.
 SYNTAX_ERROR, UNKNOWN_DATABASE, READONLY, TOO_MANY_QUERIES, AUTH_FAILED = 62, 81, 164, 202, 516
-UNKNOWN_FORMAT, BAD_ARGUMENTS = 73, 36
+UNKNOWN_FORMAT, BAD_ARGUMENTS, TIMEOUT_EXCEEDED = 73, 36, 159
 _STATUS = {
     SYNTAX_ERROR: 400, 60: 404, UNKNOWN_DATABASE: 404, 46: 404, 47: 400, 43: 400, 42: 400, 53: 400,
     READONLY: 403, 497: 403, AUTH_FAILED: 401, TOO_MANY_QUERIES: 503, 159: 500, 241: 500, 396: 500,
@@ -257,7 +261,7 @@ class Engine:
 
     def __init__(
         self,
-        connect: Callable[[], Any],
+        connect: Callable[[dict[str, Any]], Any],
         max_concurrent: int,
         timeout_s: float,
         memory_bytes: int,
@@ -280,22 +284,20 @@ class Engine:
         }
         self.wait_s = wait_s
         self._formats: dict[str, str] = {}  # the engine's output formats, by lower-case name
-        self._free: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._free: queue.LifoQueue[tuple[float, Any]] = queue.LifoQueue()  # (last used, handle)
+        self._closed = threading.Event()
+        threading.Thread(target=self._reaping, name="sql-reaper", daemon=True).start()
         self._made = 0
         self._max = max(1, max_concurrent)
         self._lock = threading.Lock()
 
     def _handle(self) -> Any:
-        h = self._connect()
-        for name, value in self.settings.items():
-            h.query(f"SET {name} = {value}")
-        h.query("SET readonly = 1")  # last: from here the handle cannot change a setting
-        return h
+        return self._connect(self.settings)
 
     @contextmanager
     def handle(self) -> Iterator[Any]:
         try:
-            h = self._free.get_nowait()
+            _, h = self._free.get_nowait()
         except queue.Empty:
             with self._lock:
                 make = self._made < self._max
@@ -310,7 +312,7 @@ class Engine:
                     raise
             else:
                 try:
-                    h = self._free.get(timeout=self.wait_s)
+                    _, h = self._free.get(timeout=self.wait_s)
                 except queue.Empty:
                     raise SqlError(
                         TOO_MANY_QUERIES,
@@ -319,18 +321,52 @@ class Engine:
                     ) from None
         try:
             yield h
-        except BaseException:
-            # A handle whose query failed is closed, never used again: after a query ended by an error
-            # part-way through its output (a result past max_result_bytes), the engine answered the
-            # handle's next query with that earlier output (tests/exporter/test_sql_endpoint.py).
-            with self._lock:
-                self._made -= 1
-            try:
-                h.close()
-            except Exception:  # noqa: BLE001 - closing a failed handle; nothing else to do with it
-                log.debug("closing a failed SQL handle failed", exc_info=True)
+        except SqlError as err:
+            if err.code != TIMEOUT_EXCEEDED and h.alive:
+                # A refusal, or the engine's error: the process replaced the connection that failed
+                # (exporter/sql_worker.py) and takes the next query.
+                self._free.put((time.monotonic(), h))
+                raise
+            self._discard(h)
             raise
-        self._free.put(h)
+        except BaseException:
+            self._discard(h)
+            raise
+        self._free.put((time.monotonic(), h))
+
+    def _discard(self, h: Any) -> None:
+        with self._lock:
+            self._made -= 1
+        try:
+            h.close()
+        except Exception:  # noqa: BLE001 - closing a failed handle; nothing else to do with it
+            log.debug("closing a failed SQL handle failed", exc_info=True)
+
+    def reap(self, idle_s: float) -> int:
+        """End the processes of handles idle for ``idle_s`` or more (each holds some 95 MiB); how many."""
+        kept, ended = [], 0
+        while True:
+            try:
+                used, h = self._free.get_nowait()
+            except queue.Empty:
+                break
+            if time.monotonic() - used >= idle_s:
+                self._discard(h)
+                ended += 1
+            else:
+                kept.append((used, h))
+        for item in reversed(kept):  # the most recently used on top again
+            self._free.put(item)
+        return ended
+
+    def _reaping(self) -> None:
+        while not self._closed.wait(IDLE_S / 4):
+            self.reap(IDLE_S)
+
+    def close(self) -> None:
+        """End every idle handle's process (at shutdown)."""
+        self._closed.set()
+        self.reap(0)
 
     def output_format(self, h: Any, name: str) -> str:
         """``name`` as one of the engine's own output formats (``system.formats``), or :class:`SqlError`.
@@ -431,6 +467,16 @@ MAX_QUERY_BYTES = 1 << 20
 QUERY_TOO_LONG = (
     f"Code: 62. DB::Exception: the query is longer than {MAX_QUERY_BYTES} bytes. (SYNTAX_ERROR)\n".encode()
 )
+
+
+#: The answer in place of one that would pass the bound on answers their clients have not read
+#: (core/httpserver.py ``UnreadAnswers``), in ClickHouse's form.
+ANSWERS_UNREAD = (
+    503, b"text/plain; charset=UTF-8",
+    b"Code: 202. DB::Exception: answers their clients have not yet read hold the SQL endpoint's share of "
+    b"memory; retry later. (TOO_MANY_SIMULTANEOUS_QUERIES)\n",
+    [(b"x-clickhouse-exception-code", b"202")],
+)  # fmt: skip
 
 
 def _body() -> str:

@@ -19,15 +19,23 @@ from meterhouse.collector import Collector
 from meterhouse.collector.commits import CommitPublisher, wait_committed
 from meterhouse.core import commits, datadir
 from meterhouse.core.config import Config, ConfigError
-from meterhouse.core.httpserver import App, BufferedBody, HttpServer, InFlightLimit, limits_from
+from meterhouse.core.httpserver import (
+    App,
+    BufferedBody,
+    HttpServer,
+    InFlightLimit,
+    UnreadAnswers,
+    limits_from,
+)
 from meterhouse.core.listen import API, SQL, ListenError, listening
 from meterhouse.core.memory import plan as memory_plan
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.core.store import embedded_handle, is_embedded
+from meterhouse.core.store import is_embedded
 from meterhouse.core.tls import ServerTls, load_material
 from meterhouse.exporter import OrgHealth, Reconciler, create_app
 from meterhouse.exporter.auth import Auth
-from meterhouse.exporter.sql import MAX_QUERY_BYTES, QUERY_TOO_LONG, Engine, create_sql_app
+from meterhouse.exporter.sql import ANSWERS_UNREAD, MAX_QUERY_BYTES, QUERY_TOO_LONG, Engine, create_sql_app
+from meterhouse.exporter.sql_worker import Spawner
 
 log = logging.getLogger("meterhouse")
 
@@ -96,13 +104,18 @@ class Stack:
         self._sql: HttpServer | None = None
         if config.sql_port and is_embedded(config.endpoints[0]):
             memory = memory_plan(config)
-            engine = Engine(embedded_handle, config.sql_max_concurrent, config.sql_timeout_s,
-                            memory.sql_query_bytes, memory.sql_result_bytes,
-                            database=config.database)  # fmt: skip
+            # Each handle is a process of its own, killed at its time limit (exporter/sql_worker.py).
+            self._sql_workers = Spawner(config.data_dir, config.database, config.sql_timeout_s,
+                                        memory.sql_query_bytes)  # fmt: skip
+            self.sql_engine = Engine(self._sql_workers, config.sql_max_concurrent, config.sql_timeout_s,
+                                     memory.sql_query_bytes, memory.sql_result_bytes,
+                                     database=config.database)  # fmt: skip
+            engine = self.sql_engine
             self.sql_auth = Auth(config.auth_tokens)
             self.sql_app = create_sql_app(engine, self.sql_auth, config.database, __version__)
             sql_wsgi = WSGIMiddleware(self.sql_app, workers=config.sql_max_concurrent + 2)  # type: ignore[arg-type]
-            whole_bodies = BufferedBody(cast(App, sql_wsgi), MAX_QUERY_BYTES, QUERY_TOO_LONG)
+            answers = UnreadAnswers(cast(App, sql_wsgi), memory.sql_unread_bytes, ANSWERS_UNREAD)
+            whole_bodies = BufferedBody(answers, MAX_QUERY_BYTES, QUERY_TOO_LONG)
             self._sql = HttpServer(
                 InFlightLimit(whole_bodies, limits.max_requests_in_flight),
                 config.host, config.sql_port, limits, "http-sql", self.tls,
@@ -200,6 +213,8 @@ class Stack:
         self._http.shutdown(1.0)
         if self._sql is not None:
             self._sql.shutdown(1.0)
+            self.sql_engine.close()
+            self._sql_workers.close()
 
 
 def run_up(config: Config, reload_config: Callable[[], Config] | None = None) -> int:

@@ -329,6 +329,65 @@ class InFlightLimit:
             self.n -= 1
 
 
+class UnreadAnswers:
+    """ASGI middleware: the bytes of answers that their clients have not yet taken are at most
+    ``max_bytes``. An answer is counted from its first body bytes until it is complete and the server's
+    transport has passed it to the kernel (uvicorn's ``send`` waits for the connection's write buffer to
+    drain before it writes, so an empty last message is sent after the answer's bytes and waited for); an
+    answer that would pass the bound while others are held is replaced by ``refusal`` (status, content
+    type, body, extra headers). A client that asked for answers and read none held each in the process's
+    memory until its connection closed: 100 of 7 MB grew the collector by 230-260 MiB (adversary 36)."""
+
+    def __init__(
+        self, app: App, max_bytes: int, refusal: tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]
+    ):
+        self.app, self.max_bytes, self.refusal = app, max_bytes, refusal
+        self.held = 0  # changed on the event loop only
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        refused = False
+        mine = 0  # this answer's bytes in self.held
+
+        async def counted(message: Message) -> None:
+            nonlocal start, refused, mine
+            if refused:
+                return
+            if message["type"] == "http.response.start":
+                start = message  # sent with the first body bytes, or replaced by the refusal
+                return
+            body = message.get("body", b"") if message["type"] == "http.response.body" else b""
+            if start is not None:
+                head, start = start, None
+                if self.held and self.held + len(body) > self.max_bytes:
+                    refused = True
+                    status, content_type, text, headers = self.refusal
+                    await send({"type": "http.response.start", "status": status, "headers": [
+                        (b"content-type", content_type), (b"content-length", str(len(text)).encode()),
+                        (b"retry-after", b"1"), *headers]})  # fmt: skip
+                    await send({"type": "http.response.body", "body": text})
+                    return
+                await send(head)
+            self.held += len(body)
+            mine += len(body)
+            last = message["type"] == "http.response.body" and not message.get("more_body", False)
+            if last and body:
+                await send({**message, "more_body": True})
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)  # the last one returns once what was written before it has drained
+            if last:
+                self.held -= mine
+                mine = 0
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            self.held -= mine
+
+
 class BufferedBody:
     """ASGI middleware: the whole request body is read on the event loop, under the port's timeouts and
     body-rate bound, before ``app`` runs; one past ``max_bytes`` is answered ``too_large`` and the

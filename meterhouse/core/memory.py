@@ -107,11 +107,14 @@ class MemoryPlan:
     dedup_requests: int
     #: Open connections on each port (each HTTP port, the gRPC port).
     connections_per_port: int
-    #: What one query of the SQL endpoint may allocate in the engine (an eighth of the engine's share:
-    #: with two at once a quarter, leaving the rest to the writer's inserts and the merges).
+    #: What one query of the SQL endpoint may allocate, in its own process's engine (an eighth of the
+    #: engine's share; each such process also holds some 95 MiB of its own: exporter/sql_worker.py).
     sql_query_bytes: int = 0
     #: The most one SQL endpoint answer may hold (the engine's ``max_result_bytes``): 2% of the budget.
     sql_result_bytes: int = 0
+    #: The most the SQL endpoint's answers may hold while their clients have not read them (6% of the
+    #: budget: three answers of the largest size).
+    sql_unread_bytes: int = 0
 
     def engine_options(self) -> dict[str, str]:
         """The embedded engine's server settings (given when it is opened, once per process). One
@@ -173,6 +176,7 @@ def plan(config: Config) -> MemoryPlan:
         connections_per_port=max(100, int(b * 0.02) // CONNECTION_BYTES),
         sql_query_bytes=engine // 8,
         sql_result_bytes=int(b * 0.02),
+        sql_unread_bytes=int(b * 0.06),
     )
     for name, held, explicit in (
         ("http", p.http_bytes_in_flight, config.http_max_bytes_in_flight),

@@ -66,6 +66,14 @@ def embedded_handle() -> Any:
         return chdb.connect(build_connection_string(str(path), _embedded_options[path] or None))  # type: ignore[no-untyped-call]
 
 
+def embedded_path() -> Path:
+    """The folder of the process's open embedded engine (the SQL endpoint's processes mirror its tables)."""
+    with _embedded_lock:
+        if not _embedded:
+            raise RuntimeError("the embedded engine is not open in this process")
+        return next(iter(_embedded))
+
+
 class Queries(Protocol):
     """What readers of ClickHouse need: a Store, or the collector's endpoint set that fails over."""
 

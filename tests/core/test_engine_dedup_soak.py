@@ -84,14 +84,12 @@ s = connect("embedded", Path({str(data)!r}), "meterhouse")
 q = lambda sql: {{o: int(n) for o, n in s.rows(sql)}}
 print(json.dumps([q("SELECT org_id, count() FROM meterhouse.usage_points GROUP BY org_id"),
                   q("SELECT org_id, sum(points) FROM meterhouse.usage_hourly GROUP BY org_id"),
-                  q("SELECT org_id, sum(points) FROM meterhouse.usage_hourly_by_metric GROUP BY org_id"),
-                  q("SELECT org_id, sum(points) FROM meterhouse.org_last_seen GROUP BY org_id"),
-                  q("SELECT metric, sum(points) FROM meterhouse.metric_catalog GROUP BY metric")]))
+                  q("SELECT org_id, sum(points) FROM meterhouse.usage_hourly_by_metric GROUP BY org_id")]))
 """], capture_output=True, text=True, check=True)  # fmt: skip
-    raw, hourly, by_metric, last_seen, catalog = json.loads(check.stdout)
-    assert catalog == {"m": 20_000 * batches}
+    # On the embedded engine the orgs' table and the metric catalog are the writer's inserts, not views'
+    # (schema.WRITER_TABLES): this child inserts the ingest table alone, so only the views' tables count.
+    raw, hourly, by_metric = json.loads(check.stdout)
     expected = {f"b{i:05d}": 20_000 for i in range(batches)}
     assert raw == expected
     assert hourly == expected
     assert by_metric == expected
-    assert last_seen == expected
