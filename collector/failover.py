@@ -332,6 +332,12 @@ class ReadView:
         rows = self.rows(sql, parameters)
         return rows[0][0] if rows else None
 
+    def active_store(self) -> Any:
+        """The active endpoint's Store (for a maintenance command that writes there: a rollup rebuild)."""
+        with self._set._lock:
+            ep = self._set.endpoints[self._set.active]
+        return self._set._store(ep)
+
     def sync_replicas(self, tables: Sequence[str]) -> None:
         """Before a read that must see every acknowledged write (a monthly close), on the active endpoint."""
         with self._set._lock:

@@ -492,6 +492,9 @@ class Writer:
         # :meth:`_halve`) and doubled back with each group committed.
         self._max_points, self._max_bytes, self._max_keys = flush_max_points, flush_max_bytes, flush_max_keys
         self._stop = threading.Event()
+        #: Held around each group's write; :meth:`held` holds it for another writer of the same tables
+        #: (a rollup rebuild), which then sees no insert of this one between its read and its write.
+        self._held = threading.Lock()
         self._deadline = float("inf")
         self._thread: threading.Thread | None = None
         self.last_error = ""
@@ -508,6 +511,11 @@ class Writer:
         if self._thread is not None:
             self._thread.join(max(0.0, self._deadline - time.monotonic()) + 1.0)
 
+    def held(self) -> threading.Lock:
+        """No group is written while this is held (the group being written is finished first); points are
+        still acknowledged and spooled meanwhile."""
+        return self._held
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -523,8 +531,9 @@ class Writer:
                 )
                 if group is None:
                     return
-                if not self.write(group):
-                    return  # shutting down with the group still spooled
+                with self._held:
+                    if not self.write(group):
+                        return  # shutting down with the group still spooled
                 errors = 0
             except Exception as e:  # noqa: BLE001 - the writer must outlive any one error
                 errors += 1

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
 from meterhouse.core import schema
+from meterhouse.core.hours import ALWAYS, TrafficHours
 
 log = logging.getLogger("meterhouse.health")
 LIST_LIMIT = 10_000
@@ -58,6 +59,7 @@ class OrgHealth:
         spike_baseline_hours: int = 24,
         spike_min_usage: float = 100.0,
         top_k: int = 0,
+        traffic_hours: TrafficHours = ALWAYS,
         clock=time.time,
     ) -> None:
         self.store = store
@@ -67,6 +69,7 @@ class OrgHealth:
         self.spike_baseline_hours = spike_baseline_hours
         self.spike_min_usage = spike_min_usage
         self.top_k = top_k
+        self.traffic_hours = traffic_hours
         self.clock = clock
         self.snapshot = Snapshot()
         self.refreshes = 0
@@ -192,6 +195,11 @@ class OrgHealth:
             ("refresh_ok", "1 when the last org-health refresh succeeded.", 1 if snap.ok else 0),
         ):
             yield GaugeMetricFamily(f"meterhouse_org_health_{name}", text, value=value)
+        expected = self.traffic_hours.expected(datetime.fromtimestamp(self.clock(), UTC))
+        yield GaugeMetricFamily(
+            "meterhouse_traffic_expected",
+            "1 while senders are expected to send (--traffic-hours; always when unset): MeterhouseNoTraffic "
+            "warns only then.", value=1 if expected else 0)  # fmt: skip
         if self.top_k:
             top = GaugeMetricFamily(
                 "meterhouse_top_org_points",

@@ -19,6 +19,7 @@ from meterhouse.collector import Collector
 from meterhouse.collector.commits import CommitPublisher, wait_committed
 from meterhouse.core import commits, datadir
 from meterhouse.core.config import Config, ConfigError
+from meterhouse.core.hours import TrafficHours
 from meterhouse.core.httpserver import (
     App,
     BufferedBody,
@@ -81,6 +82,7 @@ class Stack:
             spike_baseline_hours=config.spike_baseline_hours,
             spike_min_usage=config.spike_min_usage,
             top_k=config.top_k,
+            traffic_hours=TrafficHours.parse(config.traffic_hours),
         )
         self.reconciler = Reconciler(
             self.store, self.registry, interval_s=config.reconcile_interval_s, months=config.reconcile_months
@@ -96,6 +98,8 @@ class Stack:
             close_wait=self.wait_committed,
             alive=lambda: self.collector.alive,
         )
+        # A rollup rebuild holds the writer (exporter/months.py, core/rollup.py).
+        self.app.extensions["meterhouse.writer_hold"] = self.collector.writer.held
         # The Flask app runs on a2wsgi's bounded thread pool; the server holds connections, not threads.
         limits = limits_from(config)
         wsgi = WSGIMiddleware(self.app, workers=8)  # type: ignore[arg-type]  # Flask is a WSGI app

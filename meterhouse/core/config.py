@@ -17,6 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from meterhouse.core import hours
+
 ENV_PREFIX = "MH_"
 
 
@@ -368,6 +370,12 @@ class Config:
     )
     spike_min_usage: float = _opt(
         _non_negative, default=100.0, help="Usage in the last hour below this never counts as a spike."
+    )
+    traffic_hours: str = _opt(
+        hours.check,
+        default="",
+        help="When senders are awake, e.g. 'Mon-Fri 08:00-18:00 Europe/Berlin' (windows joined by ';'): "
+        "MeterhouseNoTraffic warns only then (meterhouse_traffic_expected). Empty: always.",
     )
     top_k: int = _opt(
         _non_negative,
