@@ -340,12 +340,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _open_direct(config: Config) -> Any:
+    """The store of a data directory no server holds (its lock taken), or None with the reason printed."""
+    from meterhouse.core.store import is_embedded, open_store
+
+    if is_embedded(config.endpoints[0]):  # a ClickHouse server is not in the data directory
+        datadir.lock(config.data_dir)
+    try:
+        return open_store(config)
+    except Exception as e:  # noqa: BLE001 - a clear message instead of a trace
+        print(f"meterhouse: cannot open ClickHouse ({e}); is `meterhouse up` running on another "
+              "--http-port?", file=sys.stderr)  # fmt: skip
+        return None
+
+
 def cmd_close(args: argparse.Namespace) -> int:
     """Close a month: through the running server when one answers, else on the data directory."""
     import json
 
     from meterhouse.core import close, commits
-    from meterhouse.core.store import is_embedded, open_store
+    from meterhouse.core.store import is_embedded
     from meterhouse.exporter.months import close_json, preview_json
 
     config = _config_from(args)
@@ -358,13 +372,8 @@ def cmd_close(args: argparse.Namespace) -> int:
         code = _close_remote(_server_url(config), args)
         if code is not None:
             return code
-    if is_embedded(config.endpoints[0]):  # a ClickHouse server is not in the data directory
-        datadir.lock(config.data_dir)
-    try:
-        store = open_store(config)
-    except Exception as e:  # noqa: BLE001 - a clear message instead of a trace
-        print(f"meterhouse: cannot open ClickHouse ({e}); is `meterhouse up` running on another "
-              "--http-port?", file=sys.stderr)  # fmt: skip
+    store = _open_direct(config)
+    if store is None:
         return 1
     # A stopped data directory has nothing in flight; what its spool acknowledged and did not commit would
     # be left out of the statement (adjustments once `meterhouse up` commits it): refused, not guessed.
@@ -409,7 +418,6 @@ def cmd_rollup(args: argparse.Namespace) -> int:
     import requests
 
     from meterhouse.core import close, rollup
-    from meterhouse.core.store import is_embedded, open_store
 
     config = _config_from(args)
     try:
@@ -444,13 +452,8 @@ def cmd_rollup(args: argparse.Namespace) -> int:
                 return 1 if r.status_code >= 500 else 3
             print(json.dumps(r.json(), indent=2))
             return 0
-    if is_embedded(config.endpoints[0]):  # a ClickHouse server is not in the data directory
-        datadir.lock(config.data_dir)
-    try:
-        store = open_store(config)
-    except Exception as e:  # noqa: BLE001 - a clear message instead of a trace
-        print(f"meterhouse: cannot open ClickHouse ({e}); is `meterhouse up` running on another "
-              "--http-port?", file=sys.stderr)  # fmt: skip
+    store = _open_direct(config)
+    if store is None:
         return 1
     try:
         done = rollup.rebuild_month(store, month, progress=lambda text: print(text, file=sys.stderr))
