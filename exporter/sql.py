@@ -50,6 +50,7 @@ from flask import Flask, Response, request
 
 from meterhouse.core.config import Token
 from meterhouse.exporter.auth import Auth, Unauthorized
+from meterhouse.exporter.sql_worker import GRACE_S
 
 log = logging.getLogger("meterhouse.sql")
 
@@ -283,6 +284,7 @@ class Engine:
             "allow_hyperscan": 0,
         }
         self.wait_s = wait_s
+        self.timeout_s = timeout_s
         self._formats: dict[str, str] = {}  # the engine's output formats, by lower-case name
         self._free: queue.LifoQueue[tuple[float, Any]] = queue.LifoQueue()  # (last used, handle)
         self._closed = threading.Event()
@@ -294,10 +296,19 @@ class Engine:
     def _handle(self) -> Any:
         return self._connect(self.settings)
 
+    def _idle(self) -> Any:
+        """An idle handle whose process is alive (one that died idle, OOM-killed or by its own end, is
+        discarded: its next query failed, adversary 37); raises queue.Empty when there is none."""
+        while True:
+            _, h = self._free.get_nowait()
+            if h.alive:
+                return h
+            self._discard(h)
+
     @contextmanager
     def handle(self) -> Iterator[Any]:
         try:
-            _, h = self._free.get_nowait()
+            h = self._idle()
         except queue.Empty:
             with self._lock:
                 make = self._made < self._max
@@ -319,6 +330,16 @@ class Engine:
                         "TOO_MANY_SIMULTANEOUS_QUERIES",
                         f"{self._max} queries are running (sql_max_concurrent); retry later",
                     ) from None
+                if not h.alive:
+                    self._discard(h)
+                    with self._lock:
+                        self._made += 1
+                    try:
+                        h = self._handle()
+                    except Exception:
+                        with self._lock:
+                            self._made -= 1
+                        raise
         try:
             yield h
         except SqlError as err:
@@ -368,13 +389,14 @@ class Engine:
         self._closed.set()
         self.reap(0)
 
-    def output_format(self, h: Any, name: str) -> str:
+    def output_format(self, h: Any, name: str, deadline: float | None = None) -> str:
         """``name`` as one of the engine's own output formats (``system.formats``), or :class:`SqlError`.
         The client library's formats of its own (``DataFrame``, ``ArrowTable``) are built in this
         process's Python, outside the engine's memory and time limits and holding the interpreter: one
         took 400 MiB and 11 s, OOM-killed a 1 GiB collector and held up ingest (adversary 33)."""
         if not self._formats:
-            rows = h.query("SELECT name FROM system.formats WHERE is_output", "TSVRaw").bytes().decode()
+            rows = h.query("SELECT name FROM system.formats WHERE is_output", "TSVRaw", deadline=deadline)
+            rows = rows.bytes().decode()
             self._formats = {n.lower(): n for n in rows.split("\n") if n}
         found = self._formats.get(name.lower())
         if found is None:
@@ -384,9 +406,11 @@ class Engine:
     def run(
         self, sql: str, database: str, fmt: str, params: dict[str, str]
     ) -> tuple[bytes, Ast, dict[str, Any]]:
-        """The query's output in ``fmt`` (unless it names its own), after the checks."""
+        """The query's output in ``fmt`` (unless it names its own), after the checks; all the steps
+        within one time limit (and the grace), each a round trip to the handle's process."""
         with self.handle() as h:
-            fmt = self.output_format(h, fmt)
+            deadline = time.monotonic() + self.timeout_s + GRACE_S
+            fmt = self.output_format(h, fmt, deadline)
             if database not in self.databases:  # the engine's "default" maps file paths to tables
                 raise SqlError(READONLY, "READONLY", f"database {database} is not served here")
             try:
@@ -394,18 +418,25 @@ class Engine:
                 # query is ever run as it came): exactly one statement (the engine runs each of
                 # ``a; b``, the checks would see only ``a``), comments gone. That text is checked and run.
                 canonical = (
-                    h.query("SELECT formatQuery({q:String})", "TSVRaw", params={"q": _escaped(sql)})
+                    h.query(
+                        "SELECT formatQuery({q:String})",
+                        "TSVRaw",
+                        params={"q": _escaped(sql)},
+                        deadline=deadline,
+                    )
                     .bytes()
                     .decode()
                 )
                 canonical = canonical.removesuffix("\n")
-                explained = h.query("EXPLAIN AST " + canonical, "TSV", params=params or None)
+                explained = h.query(
+                    "EXPLAIN AST " + canonical, "TSV", params=params or None, deadline=deadline
+                )
             except Exception as err:  # noqa: BLE001 - the engine's parser says why
                 raise SqlError.from_engine(err) from None
             ast = check(explained.bytes().decode("utf-8", "replace"), canonical, self.databases)
             try:
-                h.query(f"USE `{database.replace('`', '')}`")
-                result = h.query(canonical, fmt, params=params or None)
+                h.query(f"USE `{database.replace('`', '')}`", deadline=deadline)
+                result = h.query(canonical, fmt, params=params or None, deadline=deadline)
             except Exception as err:  # noqa: BLE001 - the engine's own error, passed on
                 raise SqlError.from_engine(err) from None
             summary = {

@@ -10,9 +10,9 @@ The child cannot open the collector's data directory (the engine locks it), and 
 of it. It reads a **mirror** under ``<data_dir>/sql-workers/<n>``: each table's parts as hard links to
 the collector's files (a part's files never change once it has its name: a merge or a mutation writes a
 new part), attached in an engine that writes nothing to them: its queries' connection is read-only
-(``readonly = 1``, and the endpoint's checks before it), and each table's merges are stopped (a merge
-would write new parts beside the links; the engine's ``readonly`` disk option is its object stores',
-not its local disks'). Before each query the child compares each table's parts with the collector's,
+(``readonly = 1``, and the endpoint's checks before it), and each table is attached with settings under
+which no merge can start and no part is removed (:data:`STILL`; a merge would write new parts beside the
+links, and the engine's ``readonly`` disk option is its object stores', not its local disks'). Before each query the child compares each table's parts with the collector's,
 links the new ones, drops the gone ones and attaches the table again if any changed (a few ms; nothing
 when nothing changed). A part the collector removes while a query reads it stays readable there (its
 files live while a link does); a part removed while the mirror links it (a merge, which writes its
@@ -64,8 +64,10 @@ TIMEOUT_EXCEEDED = 159
 
 _HEADER = struct.Struct(">I")
 #: Entries of a table's folder that are not its parts, or not parts yet (the engine writes a part under
-#: a ``tmp_`` name and renames it when whole).
-_NOT_PARTS = ("tmp", "delete_tmp", "detached", "moving", "broken", "ignored", "clone", "covered-by-broken")
+#: a ``tmp_`` name and renames it when whole). The insert deduplication log is the collector's to write:
+#: never linked (the query process's engine keeps an empty one of its own).
+_NOT_PARTS = ("tmp", "delete_tmp", "detached", "moving", "broken", "ignored", "clone", "covered-by-broken",
+              "deduplication_logs")  # fmt: skip
 _TO = re.compile(r"\bTO\s+(\S+)")
 
 
@@ -96,6 +98,20 @@ def _read_exact(fd: int, n: int, deadline: float | None) -> bytearray:
             raise EOFError
         got += k
     return buf
+
+
+def _write_all(fd: int, data: bytes, deadline: float) -> None:
+    """All of ``data`` to the pipe ``fd`` (non-blocking), or TimeoutError past ``deadline``: a process
+    busy elsewhere (syncing its mirror) does not hold the writer outside every time limit."""
+    view = memoryview(data)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([], [fd], [], left)[1]:
+            raise TimeoutError
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            continue
 
 
 def _read_frame(fd: int, deadline: float | None = None) -> tuple[dict[str, Any], bytearray]:
@@ -144,6 +160,8 @@ class Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C to the collector's terminal is the collector's to handle
         )  # fmt: skip
+        assert proc.stdin is not None
+        os.set_blocking(proc.stdin.fileno(), False)
         worker = cls(proc, folder, limit_s)
         try:
             header, _ = worker._ask({**spec, "folder": str(folder)}, time.monotonic() + START_S)
@@ -157,18 +175,21 @@ class Worker:
 
     def _ask(self, request: dict[str, Any], deadline: float) -> tuple[dict[str, Any], bytearray]:
         assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._proc.stdin.write(_HEADER.pack(len(body := json.dumps(request).encode())) + body)
-        self._proc.stdin.flush()
+        body = json.dumps(request).encode()
+        _write_all(self._proc.stdin.fileno(), _HEADER.pack(len(body)) + body, deadline)
         return _read_frame(self._proc.stdout.fileno(), deadline)
 
-    def query(self, sql: str, fmt: str = "TSV", params: dict[str, str] | None = None) -> Result:
+    def query(
+        self, sql: str, fmt: str = "TSV", params: dict[str, str] | None = None, deadline: float | None = None
+    ) -> Result:
         """``sql``'s output in ``fmt``; :class:`WorkerError` with the engine's text if it failed, or with
-        TIMEOUT_EXCEEDED (the process killed) if it did not answer within the limit and the grace."""
+        TIMEOUT_EXCEEDED (the process killed) if it did not answer by ``deadline`` (the limit and the grace
+        from now when None; the endpoint gives one deadline to all the steps of one query)."""
         started = time.monotonic()
+        if deadline is None:
+            deadline = started + self.limit_s + GRACE_S
         try:
-            header, payload = self._ask(
-                {"sql": sql, "format": fmt, "params": params or {}}, started + self.limit_s + GRACE_S
-            )
+            header, payload = self._ask({"sql": sql, "format": fmt, "params": params or {}}, deadline)
         except TimeoutError:
             self.close()
             raise WorkerError(
@@ -259,6 +280,40 @@ class Spawner:
 # --- the child's side ---------------------------------------------------------------------------------
 
 
+#: Table settings of the mirror's tables, from their attach on (a ``SYSTEM STOP MERGES`` after the attach
+#: came too late: the engine chose a TTL merge in between and wrote a part of its own into the mirror,
+#: adversary 37): no merge can select parts (none is 1 byte or less), no TTL merge is due for a century,
+#: and outdated parts are not removed by this engine (the sync does that).
+STILL = {
+    "max_bytes_to_merge_at_max_space_in_pool": "1",
+    "max_bytes_to_merge_at_min_space_in_pool": "1",
+    "merge_with_ttl_timeout": str(100 * 365 * 86400),
+    "merge_with_recompression_ttl_timeout": str(100 * 365 * 86400),
+    "old_parts_lifetime": str(100 * 365 * 86400),
+}
+_SETTING = re.compile(r"(\w+) = ('(?:[^'\\]|\\.)*'|[^,]+?)(?:, |$)")
+
+
+def _with_settings(query: str, settings: dict[str, str]) -> str:
+    """``query`` (a table's ``create_table_query``) with ``settings`` in its ``SETTINGS`` clause, replacing
+    any of the same name (the engine refuses a setting twice)."""
+    head, sep, tail = query.rpartition(" SETTINGS ")
+    if not sep:
+        head, tail = query, ""
+    merged = {k: v for k, v in _SETTING.findall(tail)}
+    merged.update(settings)
+    return f"{head} SETTINGS " + ", ".join(f"{k} = {v}" for k, v in merged.items())
+
+
+def _same_part(a: Path, b: Path) -> bool:
+    """Whether the mirror's part ``b`` is the links of the collector's part ``a`` (not a part of the same
+    name the query process wrote, nor an earlier part of that name)."""
+    try:
+        return os.stat(a / "checksums.txt").st_ino == os.stat(b / "checksums.txt").st_ino
+    except OSError:
+        return False
+
+
 def _parts(folder: Path) -> set[str]:
     with os.scandir(folder) as entries:
         return {
@@ -297,14 +352,15 @@ def sync_table(src: Path, dst: Path) -> bool:
     changed = False
     for _ in range(100):
         want, have = _parts(src), _parts(dst)
+        have -= {name for name in have & want if not _same_part(src / name, dst / name)}
         if want == have:
             return changed
         changed = True
         complete = True
         for name in sorted(want - have):
             complete = _link_part(src / name, dst / name) and complete
-        for name in have - want:
-            shutil.rmtree(dst / name)
+        for name in _parts(dst) - want:
+            shutil.rmtree(dst / name, ignore_errors=True)
         if complete and _parts(src) == want:
             return changed
     raise RuntimeError(f"the parts of {src} kept changing while mirrored")
@@ -329,11 +385,12 @@ class Mirror:
         self.tables: dict[str, tuple[Path, Path]] = {}  # name: (the collector's folder, the mirror's)
         self._schema(spec["tables"])
         self.reader = self._reader()
+        self.broken = False
 
     def _schema(self, tables: list[dict[str, Any]]) -> None:
         db = f"`{self.database}`"
         self.admin.query(f"CREATE DATABASE IF NOT EXISTS {db}")
-        disk = f"disk = disk(type = 'local', path = '{self.disk}/')"
+        disk = f"disk(type = 'local', path = '{self.disk}/')"
         later = []
         for t in tables:
             name, engine, query = t["name"], t["engine"], t["create_table_query"]
@@ -350,7 +407,7 @@ class Mirror:
                 query = query.replace(
                     f"{self.database}.{name} ", f"{self.database}.{name} UUID '{t['uuid']}' ", 1
                 )
-                query += (", " if " SETTINGS " in query else " SETTINGS ") + disk
+                query = _with_settings(query, {**STILL, "disk": disk})
                 self.admin.query(query)
                 self._still(name)
             elif engine == "MaterializedView":
@@ -387,6 +444,12 @@ class Mirror:
     def answer(self, request: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         try:
             self.refresh()
+        except Exception as err:  # noqa: BLE001 - said to the parent; then this process ends
+            # A table may be left detached, or its mirror half synced: no later query runs here.
+            self.broken = True
+            error = f"Code: 1001. DB::Exception: the mirror could not be synced: {err}. (STD_EXCEPTION)"
+            return {"ok": False, "error": error}, b""
+        try:
             result = self.reader.query(
                 request["sql"], request.get("format", "TSV"), params=request.get("params") or None
             )
@@ -427,13 +490,18 @@ def main() -> None:
     _write_frame(stdout, {"ok": True})
     while True:
         while not select.select([stdin], [], [], float(spec.get("idle_sync_s", IDLE_SYNC_S)))[0]:
-            mirror.refresh()  # drops the links of parts merged away, whose disk space they would hold
+            try:
+                mirror.refresh()  # drops the links of parts merged away, whose disk space they would hold
+            except Exception:  # noqa: BLE001 - the parent starts another process at its next query
+                os._exit(1)
         try:
             request, _ = _read_frame(stdin)
         except EOFError:
             return
         header, payload = mirror.answer(request)
         _write_frame(stdout, header, payload)
+        if mirror.broken:
+            os._exit(1)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import signal
 import socket
 import threading
@@ -36,7 +37,7 @@ from meterhouse.core.tls import ServerTls, load_material
 from meterhouse.exporter import OrgHealth, Reconciler, create_app
 from meterhouse.exporter.auth import Auth
 from meterhouse.exporter.sql import ANSWERS_UNREAD, MAX_QUERY_BYTES, QUERY_TOO_LONG, Engine, create_sql_app
-from meterhouse.exporter.sql_worker import Spawner
+from meterhouse.exporter.sql_worker import WORKERS_DIR, Spawner
 
 log = logging.getLogger("meterhouse")
 
@@ -106,6 +107,9 @@ class Stack:
         asgi = InFlightLimit(cast(App, wsgi), limits.max_requests_in_flight)
         self._http = HttpServer(asgi, config.host, config.http_port, limits, "http-api", self.tls)
         self._sql: HttpServer | None = None
+        # An earlier run's mirrors of the SQL endpoint (killed, or run with it on): they hold the disk space
+        # of parts merged away since (adversary 37). The data directory is this process's.
+        shutil.rmtree(config.data_dir / WORKERS_DIR, ignore_errors=True)
         if config.sql_port and is_embedded(config.endpoints[0]):
             memory = memory_plan(config)
             # Each handle is a process of its own, killed at its time limit (exporter/sql_worker.py).
