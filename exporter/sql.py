@@ -294,7 +294,13 @@ class Engine:
         self._lock = threading.Lock()
 
     def _handle(self) -> Any:
-        return self._connect(self.settings)
+        """A new handle, already counted in ``_made`` (uncounted again if it cannot be made)."""
+        try:
+            return self._connect(self.settings)
+        except Exception:
+            with self._lock:
+                self._made -= 1
+            raise
 
     def _idle(self) -> Any:
         """An idle handle whose process is alive (one that died idle, OOM-killed or by its own end, is
@@ -315,12 +321,7 @@ class Engine:
                 if make:
                     self._made += 1
             if make:
-                try:
-                    h = self._handle()
-                except Exception:
-                    with self._lock:
-                        self._made -= 1
-                    raise
+                h = self._handle()
             else:
                 try:
                     _, h = self._free.get(timeout=self.wait_s)
@@ -334,12 +335,7 @@ class Engine:
                     self._discard(h)
                     with self._lock:
                         self._made += 1
-                    try:
-                        h = self._handle()
-                    except Exception:
-                        with self._lock:
-                            self._made -= 1
-                        raise
+                    h = self._handle()
         try:
             yield h
         except SqlError as err:

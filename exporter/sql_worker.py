@@ -12,9 +12,10 @@ the collector's files (a part's files never change once it has its name: a merge
 new part), attached in an engine that writes nothing to them: its queries' connection is read-only
 (``readonly = 1``, and the endpoint's checks before it), and each table is attached with settings under
 which no merge can start and no part is removed (:data:`STILL`; a merge would write new parts beside the
-links, and the engine's ``readonly`` disk option is its object stores', not its local disks'). Before each query the child compares each table's parts with the collector's,
-links the new ones, drops the gone ones and attaches the table again if any changed (a few ms; nothing
-when nothing changed). A part the collector removes while a query reads it stays readable there (its
+links, and the engine's ``readonly`` disk option is its object stores', not its local disks'). Before
+each query the child compares each table's parts with the collector's (by name and inode), links the new
+ones, drops the gone ones and attaches the table again if any changed (a few ms; nothing when nothing
+changed). A part the collector removes while a query reads it stays readable there (its
 files live while a link does); a part removed while the mirror links it (a merge, which writes its
 result before it removes its sources) makes the mirror list the table again, so no query sees a table
 with a merge's sources gone and its result not yet there.

@@ -1,12 +1,14 @@
-"""The SQL endpoint as the adversaries drive it (``ask``), and queries that run past its time limit
+"""The SQL endpoint as the adversaries drive it (``ask``, ``query_processes``), and queries that run past its time limit
 inside one block (the engine checks the limit only between blocks), driven as the adversaries found
 them: two at once against a stack with ``sql_max_concurrent`` 2, an honest query sent once both are past
 their limit, and ingest beside them. Shared by tests/test_adv34_*.py to tests/test_adv36_*.py."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import requests
 from conftest import drain, free_port
@@ -19,6 +21,21 @@ TIMEOUT_S = 2
 def ask(stack, query: str, timeout: float = 300) -> requests.Response:
     return requests.post(f"http://127.0.0.1:{stack.sql_port}/", data=query.encode(), timeout=timeout,
                          params={"database": stack.config.database})  # fmt: skip
+
+
+def query_processes() -> set[int]:
+    """The SQL endpoint's live query processes this test process started (exporter/sql_worker.py)."""
+    out = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if int(ppid) != os.getpid() or state == "Z":
+                continue
+            if b"meterhouse.exporter.sql_worker" in (proc / "cmdline").read_bytes():
+                out.add(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 def runaway_stack(stack_factory):

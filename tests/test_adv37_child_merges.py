@@ -24,27 +24,12 @@ parts gets the same name, are never linked again (``sync_table`` compares names 
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import time
-from pathlib import Path
 
 from conftest import free_port
-from sql_runaway import ask
-
-
-def _workers() -> set[int]:
-    out = set()
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != os.getpid():
-                continue
-            if b"meterhouse.exporter.sql_worker" in (proc / "cmdline").read_bytes():
-                out.add(int(proc.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
+from sql_runaway import ask, query_processes
 
 
 def test_adv37_the_query_process_never_merges_in_its_mirror(stack_factory, tmp_path):
@@ -56,7 +41,7 @@ def test_adv37_the_query_process_never_merges_in_its_mirror(stack_factory, tmp_p
     for i in range(10):
         client.command(f"INSERT INTO {db}.probe SELECT number, toString(number) FROM numbers({i * 10}, 10)")
     assert ask(stack, "SELECT 1").status_code == 200
-    (pid,) = _workers()
+    (pid,) = query_processes()
     log = tmp_path / "strace.log"
     tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", str(log), "-e", "trace=%file", "-p", str(pid)])
     try:

@@ -19,29 +19,15 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 from conftest import free_port
-from sql_runaway import ask
-
-
-def _workers() -> set[int]:
-    out = set()
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != os.getpid():
-                continue
-            if b"meterhouse.exporter.sql_worker" in (proc / "cmdline").read_bytes():
-                out.add(int(proc.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
+from sql_runaway import ask, query_processes
 
 
 def test_adv37_a_query_after_its_idle_process_died_is_served(stack_factory):
     stack = stack_factory(sql_port=free_port(), sql_max_concurrent=1)
     assert ask(stack, "SELECT 1").text == "1\n"
-    (pid,) = _workers()
+    (pid,) = query_processes()
     os.kill(pid, signal.SIGKILL)  # as the OOM killer ends the largest process
     time.sleep(0.5)
     r = ask(stack, "SELECT 1")

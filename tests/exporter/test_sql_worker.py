@@ -16,31 +16,17 @@ import pytest
 import requests
 from conftest import drain, free_port
 from otlp_builders import point, sum_request
-from sql_runaway import ask
+from sql_runaway import ask, query_processes
 from test_adv28_dedup_eviction import post
 
 #: One row whose ``match()`` takes re2's slow path: 17 s of one block (tests/test_adv36_regexp_nfa.py).
 RUNAWAY = "SELECT match(materialize(repeat('a', 1000000)), '(?:a?){900}a{900}b')"
 
 
-def workers() -> set[int]:
-    """This process's query processes."""
-    out = set()
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != os.getpid():
-                continue
-            if b"meterhouse.exporter.sql_worker" in (proc / "cmdline").read_bytes():
-                out.add(int(proc.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
-
-
 def test_a_query_past_its_limit_is_ended_with_its_process(stack_factory):
     stack = stack_factory(sql_port=free_port(), sql_timeout_s=1, sql_max_concurrent=1)
     assert ask(stack, "SELECT 1").status_code == 200
-    (first,) = workers()
+    (first,) = query_processes()
     t0 = time.monotonic()
     r = ask(stack, RUNAWAY)
     took = time.monotonic() - t0
@@ -49,18 +35,18 @@ def test_a_query_past_its_limit_is_ended_with_its_process(stack_factory):
     assert not Path(f"/proc/{first}").exists() or Path(f"/proc/{first}/stat").read_text().split()[2] == "Z"
     again = ask(stack, "SELECT 41 + 1")
     assert again.status_code == 200 and again.text == "42\n"
-    assert first not in workers()
+    assert first not in query_processes()
 
 
 def test_an_engine_error_keeps_the_process(stack_factory):
     """A refusal or the engine's own error is an answer, not a reason to start a process again."""
     stack = stack_factory(sql_port=free_port(), sql_max_concurrent=1)
     assert ask(stack, "SELECT 1").status_code == 200
-    before = workers()
+    before = query_processes()
     assert ask(stack, "SELECT throwIf(1, 'no')").status_code != 200
     assert ask(stack, "SELECT * FROM nowhere").status_code == 404
     assert ask(stack, "SELECT 2").text == "2\n"
-    assert workers() == before
+    assert query_processes() == before
 
 
 def _files(folder: Path) -> dict[int, tuple[int, int]]:
@@ -240,10 +226,10 @@ def test_the_mirror_lists_again_when_a_part_goes_while_it_is_linked(tmp_path, mo
 def test_an_idle_process_is_ended_and_started_again_when_asked(stack_factory):
     stack = stack_factory(sql_port=free_port())
     assert ask(stack, "SELECT 1").status_code == 200
-    (first,) = workers()
-    assert stack.sql_engine.reap(3600) == 0 and workers() == {first}  # used a moment ago
-    assert stack.sql_engine.reap(0) == 1 and workers() == set()
-    assert ask(stack, "SELECT 1").text == "1\n" and len(workers()) == 1
+    (first,) = query_processes()
+    assert stack.sql_engine.reap(3600) == 0 and query_processes() == {first}  # used a moment ago
+    assert stack.sql_engine.reap(0) == 1 and query_processes() == set()
+    assert ask(stack, "SELECT 1").text == "1\n" and len(query_processes()) == 1
 
 
 def test_an_idle_process_lets_go_of_removed_parts(stack_factory, monkeypatch):
