@@ -13,16 +13,17 @@ down for the writer, so reads cannot take writes down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from meterhouse.core import schema
 from meterhouse.core.metrics import PipelineMetrics
-from meterhouse.core.store import SchemaMismatch, Store, endpoint_label, is_embedded
+from meterhouse.core.store import Blocks, SchemaMismatch, Store, endpoint_label, is_embedded
 
 log = logging.getLogger("meterhouse.failover")
 
@@ -337,6 +338,23 @@ class ReadView:
         with self._set._lock:
             ep = self._set.endpoints[self._set.active]
         return self._set._store(ep)
+
+    @contextlib.contextmanager
+    def stream(
+        self, sql: str, parameters: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
+    ) -> Iterator[Blocks]:
+        """A streamed read (the bulk export) on the active endpoint, on a client of its own
+        (:meth:`Store.stream`); a failure to start it counts as a failed read."""
+        with self._set._lock:
+            ep = self._set.endpoints[self._set.active]
+        with contextlib.ExitStack() as opened:
+            try:
+                blocks = opened.enter_context(self._set._store(ep).stream(sql, parameters, settings))
+            except Exception:
+                self.failures += 1
+                raise
+            self.failures = 0
+            yield blocks
 
     def sync_replicas(self, tables: Sequence[str]) -> None:
         """Before a read that must see every acknowledged write (a monthly close), on the active endpoint."""

@@ -12,12 +12,14 @@ from types import SimpleNamespace
 from typing import Any
 
 from clickhouse_connect.driver.exceptions import OperationalError
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from meterhouse.core import schema
 from meterhouse.core.close import WaitCommitted
 from meterhouse.core.timefmt import format_rfc3339, parse_rfc3339
+from meterhouse.exporter import cursor
 from meterhouse.exporter.auth import Auth, Unauthorized
+from meterhouse.exporter.export import register_export
 from meterhouse.exporter.months import register_months
 from meterhouse.exporter.openapi import spec
 
@@ -58,8 +60,8 @@ def _text(name: str, required: bool = False) -> str | None:
     return value
 
 
-def _time(name: str, default_ns: int) -> int:
-    raw = _text(name)
+def _time(name: str, default_ns: int = 0, required: bool = False) -> int:
+    raw = _text(name, required)
     if raw is None:
         return default_ns
     try:
@@ -196,39 +198,146 @@ def org_usage(store, org_id: str, raw_retention_days: int = 0) -> dict[str, Any]
     return body
 
 
-def org_ranking(store) -> dict[str, Any]:
-    metric = _text("metric")  # without one, orgs are ranked by their number of points
-    order = _choice("order", ("desc", "asc"), "desc")
-    limit = _limit()
-    from_ns, to_ns = _range()
+#: The query a ranking cursor binds: each parameter as resolved (times in ns), and the token's scope.
+_RANKING_CURSOR = {"metric": (str, type(None)), "from": int, "to": int, "order": str, "limit": int,
+                   "scope": str, "status": type(None)}  # fmt: skip
+_STATUS_CURSOR = {"status": str, "limit": int, "scope": str}
+
+
+def _scope_digest() -> str:
+    scope = g.get("scope")
+    return cursor.scope_digest(None if scope is None or scope.all_orgs else tuple(scope.orgs))
+
+
+def _cursor() -> cursor.Cursor | None:
+    raw = _text("cursor")
+    if raw is None:
+        return None
+    try:
+        return cursor.decode(raw)
+    except cursor.BadCursor as e:
+        raise ApiError(400, "invalid_cursor", f"cursor: {e}") from None
+
+
+def _bound(c: cursor.Cursor, shape: dict[str, Any], key: tuple[Any, ...], given: dict[str, Any]) -> None:
+    """``c`` continues the query ``given`` (the parameters sent beside it, resolved): 400 otherwise."""
+    try:
+        c.expect(shape, key)
+    except cursor.BadCursor as e:
+        raise ApiError(400, "invalid_cursor", f"cursor: {e}") from None
+    if c.query["scope"] != _scope_digest():
+        raise ApiError(400, "cursor_mismatch", "cursor: it was made for another token's orgs")
+    for name, value in given.items():
+        if c.query[name] != value:
+            raise ApiError(
+                400, "cursor_mismatch",
+                f"cursor: it continues a query with another {name}; send it alone, or with the parameters "
+                "of the page it came from",
+            )  # fmt: skip
+
+
+def _stale(what: str) -> ApiError:
+    return ApiError(409, "cursor_stale", f"cursor: {what} since its first page; start again without it")
+
+
+def org_ranking(store, c: cursor.Cursor | None) -> dict[str, Any]:
+    """Orgs by total or by id, a page at a time (keyset: the cursor holds the last org's sort key)."""
+    if c is None:
+        metric = _text("metric")  # without one, orgs are ranked by their number of points
+        order = _choice("order", schema.ORG_ORDERS, "desc")
+        limit = _limit()
+        from_ns, to_ns = _range()
+    else:
+        q = c.query
+        order = q["order"] if q.get("order") in schema.ORG_ORDERS else ""
+        key = (str,) if order == "org" else ((int, float), str)
+        given: dict[str, Any] = {}
+        if "metric" in request.args:
+            given["metric"] = _text("metric")
+        if "order" in request.args:
+            given["order"] = _choice("order", schema.ORG_ORDERS, "desc")
+        if "limit" in request.args:
+            given["limit"] = _limit()
+        for name in ("from", "to"):
+            if name in request.args:
+                given[name] = _time(name, 0)
+        if "from" in given and "to" in given:
+            given["to"] = max(given["from"], given["to"])
+        _bound(c, _RANKING_CURSOR, key, given)
+        metric, limit, from_ns, to_ns = q["metric"], q["limit"], q["from"], q["to"]
+        if not (1 <= limit <= MAX_LIMIT and 0 <= from_ns <= to_ns <= MAX_NS and order):
+            raise ApiError(400, "invalid_cursor", "cursor: not a cursor of this API (its query)")
     rollup = _aligned("1h", from_ns, to_ns)
     scope = g.get("scope")
     scoped = scope is not None and not scope.all_orgs
-    params: dict[str, Any] = {"metric": metric or "", "from_ns": from_ns, "to_ns": to_ns, "limit": limit}
+    # One row more than the page: whether another page follows, so that the last page has no cursor.
+    params: dict[str, Any] = {"metric": metric or "", "from_ns": from_ns, "to_ns": to_ns, "limit": limit + 1}
     if scoped:
         params["orgs"] = list(scope.orgs)
-    rows = _query(
-        store, schema.org_ranking_sql(store.database, rollup, order, scoped, metric is not None), params
-    )
+    if c is not None:
+        params["after_org"] = c.key[-1]
+        if order != "org":
+            params["after_total"] = float(c.key[0])
+    sql = schema.org_page_sql(store.database, rollup, order, scoped, metric is not None, c is not None)
+    rows = _query(store, sql, params)
+    check = 0
+    page: list[tuple[str, int, float, tuple[Any, ...]]]
+    if order == "org":
+        page = [(org, vi, vd, (org,)) for org, vi, vd in rows]
+    else:
+        check = int(rows[0][5]) if rows else 0
+        if c is not None and check != c.check:
+            raise _stale("the totals of this range have changed (usage arrived)")
+        page = [(org, vi, vd, (float(t), org)) for org, vi, vd, t, past, _n in rows if past]
+    more = len(page) > limit
+    page = page[:limit]
+    next_cursor = None
+    if more:
+        query = {"metric": metric, "from": from_ns, "to": to_ns, "order": order, "limit": limit,
+                 "scope": _scope_digest(), "status": None}  # fmt: skip
+        next_cursor = cursor.encode(cursor.Cursor(query, page[-1][3], check))
     return {
         "metric": metric or "", "from": format_rfc3339(from_ns), "to": format_rfc3339(to_ns),
         "source": ROLLUP if rollup else RAW, "order": order, "limit": limit,
-        "orgs": [{"org_id": org, "total": _number(vi, vd)} for org, vi, vd in rows],
+        "orgs": [{"org_id": org, "total": _number(vi, vd)} for org, vi, vd, _key in page],
+        "next_cursor": next_cursor,
     }  # fmt: skip
 
 
-def org_status(health, status: str) -> dict[str, Any]:
+def org_status(health, status: str | None, c: cursor.Cursor | None) -> dict[str, Any]:
+    """The silent or spiking orgs of the last org-health snapshot, a page at a time: a cursor holds the
+    position after its page in that snapshot, and is stale once the snapshot is recomputed."""
     if health is None:
         raise ApiError(503, "unavailable", "org health is not computed by this process")
     snap = health.snapshot
+    computed_ms = int(snap.computed_at * 1000) if snap.computed_at else 0
+    if c is None:
+        assert status is not None
+        limit, start = _limit(MAX_LIMIT), 0
+    else:
+        given: dict[str, Any] = {} if status is None else {"status": status}
+        if "limit" in request.args:
+            given["limit"] = _limit(MAX_LIMIT)
+        _bound(c, _STATUS_CURSOR, (int,), given)
+        status, limit, start = c.query["status"], c.query["limit"], c.key[0]
+        if status not in STATUSES or not 1 <= limit <= MAX_LIMIT or start < 0:
+            raise ApiError(400, "invalid_cursor", "cursor: not a cursor of this API (its query)")
+        if c.check != computed_ms:
+            raise _stale("the org-health snapshot has been recomputed")
     entries = snap.silent if status == "silent" else snap.spiking
     scope = g.get("scope")
     if scope is not None and not scope.all_orgs:
         entries = [e for e in entries if scope.allows(e["org_id"])]
+    end = start + limit
+    next_cursor = None
+    if end < len(entries):
+        query = {"status": status, "limit": limit, "scope": _scope_digest()}
+        next_cursor = cursor.encode(cursor.Cursor(query, (end,), computed_ms))
     return {
         "status": status,
         "computed_at": format_rfc3339(int(snap.computed_at * NS)) if snap.computed_at else None,
-        "orgs": entries[: _limit(MAX_LIMIT)],
+        "orgs": entries[start:end],
+        "next_cursor": next_cursor,
     }
 
 
@@ -248,6 +357,24 @@ def metrics_catalog(store) -> dict[str, Any]:
     }
 
 
+def _error_response(status: int, code: str, message: str) -> Response:
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    return response
+
+
+def allowed_parameters() -> dict[tuple[str, str], frozenset[str]]:
+    """The query parameters of each route and method, from the OpenAPI description (one list, which the
+    schemathesis test holds the routes to): ``{(flask rule, METHOD): names}``."""
+    out: dict[tuple[str, str], frozenset[str]] = {("/api/v1/openapi.json", "GET"): frozenset()}
+    for path, item in spec()["paths"].items():
+        rule = path.replace("{org_id}", "<path:org_id>").replace("{month}", "<month>")
+        for method, operation in item.items():
+            names = frozenset(p["name"] for p in operation.get("parameters", ()) if p["in"] == "query")
+            out[(rule, method.upper())] = names
+    return out
+
+
 def create_api(
     store,
     health=None,
@@ -258,13 +385,13 @@ def create_api(
 ) -> Blueprint:
     auth = auth or Auth(())
     api = Blueprint("api_v1", __name__, url_prefix="/api/v1")
-    register_months(
-        api,
-        store,
-        late_window_days,
-        close_wait,
-        SimpleNamespace(ApiError=ApiError, query=_guarded, bad=_bad, org_id=_org_id),
-    )
+    helpers = SimpleNamespace(
+        ApiError=ApiError, query=_guarded, bad=_bad, org_id=_org_id, text=_text, time=_time, choice=_choice,
+        summable=_summable, response=_error_response,
+    )  # fmt: skip
+    register_months(api, store, late_window_days, close_wait, helpers)
+    register_export(api, store, helpers)
+    allowed = allowed_parameters()
 
     @api.before_request
     def _authenticate():
@@ -278,9 +405,26 @@ def create_api(
             return response, 401
         return None
 
+    @api.before_request
+    def _known_parameters():
+        """Every parameter is one the route takes (its OpenAPI description), and given once: a misspelled
+        or unsupported one was silently ignored, and answered as if it had not been sent."""
+        rule = request.url_rule
+        if rule is None or request.method == "OPTIONS":
+            return None
+        names = allowed.get((rule.rule, "GET" if request.method == "HEAD" else request.method), frozenset())
+        for name in request.args:
+            if name not in names:
+                takes = ", ".join(sorted(names)) if names else "no query parameters"
+                return _error_response(400, "unknown_parameter", f"unknown query parameter {name[:64]!r}: "
+                                       f"this endpoint takes {takes}")  # fmt: skip
+            if len(request.args.getlist(name)) > 1:
+                return _error_response(400, "invalid_parameter", f"{name}: given more than once")
+        return None
+
     @api.errorhandler(ApiError)
     def _api_error(e: ApiError):
-        return jsonify({"error": {"code": e.code, "message": e.message}}), e.status
+        return _error_response(e.status, e.code, e.message)
 
     @api.errorhandler(Exception)
     def _internal(e: Exception):
@@ -297,9 +441,14 @@ def create_api(
 
     @api.get("/orgs")
     def orgs():
-        if _text("status") is not None:
-            return jsonify(org_status(health, _choice("status", STATUSES, "")))
-        return jsonify(org_ranking(store))
+        c = _cursor()
+        status = _choice("status", STATUSES, "") if _text("status") is not None else None
+        if status is not None or (c is not None and c.query.get("status") is not None):
+            ignored = [n for n in ("metric", "from", "to", "order") if n in request.args]
+            if ignored:  # a ranking's parameters, which the health lists would not honour
+                raise _bad(f"{', '.join(ignored)}: not with status (its lists take limit and cursor)")
+            return jsonify(org_status(health, status, c))
+        return jsonify(org_ranking(store, c))
 
     @api.get("/metrics-catalog")
     def catalog():

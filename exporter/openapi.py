@@ -16,9 +16,10 @@ def _param(name: str, description: str, schema: dict, required: bool = False, wh
 
 
 def _errors(*codes: int) -> dict:
-    text = {400: "Invalid parameter", 401: "Missing or invalid bearer token (when tokens are configured)",
+    text = {400: "Invalid or unknown parameter, or a cursor of another query", 401: "Missing or invalid bearer token (when tokens are configured)",
             403: "The token may not read this org (or may not close months)", 404: "No such path or metric (the closest are named), or the month is not closed",
-            409: "The month has not ended, or is inside the late window (force=true closes it)",
+            409: "The month has not ended, or is inside the late window (force=true closes it); or a cursor is stale",
+            429: "Too many exports streaming at once (Retry-After)",
             503: "ClickHouse is not reachable"}  # fmt: skip
     return {
         str(c): {"description": text[c], "content": {"application/json": {"schema": _ERROR}}} for c in codes
@@ -305,8 +306,9 @@ def spec() -> dict:
                         "from": _TIME,
                         "to": _TIME,
                         "source": {"type": "string", "enum": ["rollup", "raw"]},
-                        "order": {"type": "string", "enum": ["desc", "asc"]},
+                        "order": {"type": "string", "enum": ["desc", "asc", "org"]},
                         "limit": {"type": "integer"},
+                        "next_cursor": {"type": "string", "nullable": True, "description": "The next page's cursor; null on the last page."},
                         "status": {"type": "string", "enum": ["silent", "spiking"]},
                         "computed_at": {"type": "string", "format": "date-time", "nullable": True},
                         "orgs": {
@@ -380,13 +382,34 @@ def spec() -> dict:
                     "parameters": [
                         _param("metric", "Metric to rank by; without it orgs are ranked by their number of points.", _ID),
                         *_RANGE,
-                        _param("limit", "How many orgs (1-1000).", {"type": "integer", "minimum": 1, "maximum": 1000}),
-                        _param("order", "Largest first (desc) or smallest first.", {"type": "string", "enum": ["desc", "asc"]}),
+                        _param("limit", "Orgs per page (1-1000; default 100, 1000 with status).", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                        _param("order", "Largest total first (desc, the default), smallest first (asc), or by org id (org): the order to read every org by while usage arrives (README, Reading usage: what holds for each order).", {"type": "string", "enum": ["desc", "asc", "org"]}),
                         _param("status", "The orgs behind meterhouse_orgs_silent / _spiking.", {"type": "string", "enum": ["silent", "spiking"]}),
+                        _param("cursor", "The previous page's next_cursor: the next page of the same query. Alone, or with the same parameters (another value is a 400); 409 cursor_stale when a total ranking's totals, or the org-health snapshot, changed since the first page.", {"type": "string", "maxLength": 12288}),
                     ],
                     "responses": {
                         "200": {"description": "Orgs", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Orgs"}}}},
-                        **_errors(400, 401, 503),
+                        **_errors(400, 401, 409, 503),
+                    },
+                }
+            },
+            "/api/v1/usage/export": {
+                "get": {
+                    "operationId": "usageExport",
+                    "summary": "Usage of every org (an org-scoped token: its orgs) over [from, to) per step, from the hourly rollup, streamed as CSV or NDJSON: one row per org, metric and step with usage, sorted by org, metric and start.",
+                    "parameters": [
+                        _param("from", "Start of the half-open range, RFC 3339, a whole hour (UTC); another time is a 400 (the rollup is exact for whole hours).", _TIME, True),
+                        _param("to", "End of the range, RFC 3339, a whole hour (UTC); an empty or inverted range is empty.", _TIME, True),
+                        _param("step", "1h, 1d (UTC days) or 1mo (calendar months, UTC); default 1h. A range that starts or ends inside a day or month has that step's usage inside the range only, at the step's start.", {"type": "string", "enum": ["1h", "1d", "1mo"]}),
+                        _param("metric", "One metric (404 for one never received, 400 for one that is not a sum); every summed metric without it.", _ID),
+                        _param("format", "csv (default; a header line, then org_id,metric,start,value,unit) or ndjson (one JSON object a line, with those fields).", {"type": "string", "enum": ["csv", "ndjson"]}),
+                    ],
+                    "responses": {
+                        "200": {"description": "The rows, streamed (chunked); a transfer that ends without its last chunk failed mid-way", "content": {
+                            "text/csv": {"schema": {"type": "string"}},
+                            "application/x-ndjson": {"schema": {"type": "string"}},
+                        }},
+                        **_errors(400, 401, 404, 429, 503),
                     },
                 }
             },

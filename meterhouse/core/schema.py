@@ -914,6 +914,103 @@ ORDER BY toFloat64(vi) + vd {direction}, org_id
 LIMIT {{limit:UInt32}}"""
 
 
+#: Orders of ``GET /api/v1/orgs``: by total, largest or smallest first, or by org id (stable while usage
+#: arrives: what reading every org pages by).
+ORG_ORDERS = ("desc", "asc", "org")
+
+
+def _org_totals(database: str, rollup: bool, scoped: bool, by_metric: bool, after_org: bool) -> str:
+    """Per org over ``[from_ns, to_ns)``: ``vi``, ``vd`` (usage of ``metric``, or without ``by_metric`` the
+    number of sum points) and ``n`` (the points summed)."""
+    scope = "AND org_id IN {orgs:Array(String)}" if scoped else ""
+    after = "AND org_id > {after_org:String}" if after_org else ""
+    metric = "metric = {metric:String}" if by_metric else "1"
+    if rollup:
+        where = f"""{database}.{HOURLY_TABLE}
+WHERE {metric} {scope} {after}
+    AND hour >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
+    AND hour < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC')"""
+        n = "sum(points)"
+        value = "sum(value_int) AS vi, sum(value_double) AS vd" if by_metric else f"{n} AS vi, 0.0 AS vd"
+    else:
+        where = f"""{database}.{POINTS_TABLE}
+WHERE {metric} AND kind = '{KIND_SUM}' {scope} {after}
+    AND time >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
+    AND time < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC')"""
+        n = "toUInt64(count())"
+        value = (
+            "sum(toInt128(value_int)) AS vi, sum(value_double) AS vd"
+            if by_metric
+            else f"{n} AS vi, 0.0 AS vd"
+        )
+    return f"SELECT org_id, {value}, {n} AS n FROM {where}\nGROUP BY org_id"
+
+
+def org_page_sql(database: str, rollup: bool, order: str, scoped: bool, by_metric: bool, after: bool) -> str:
+    """One page of ``GET /api/v1/orgs`` by keyset (never OFFSET): ``limit`` orgs after the cursor's key.
+
+    ``order`` ``org``: rows ``org_id, vi, vd``, orgs after the bound ``after_org`` in id order; usage that
+    arrives between pages moves no org past the cursor.
+
+    By total (``desc``/``asc``): rows ``org_id, vi, vd, t, past, points``. ``t`` is the total as ordered
+    (a Float64); ``past`` is 1 for the orgs after the bound key (``after_total`` Float64, ``after_org``);
+    ``points`` counts the points of the whole ranking, read in the same scan (a window over every org,
+    computed before the page is cut), so that a cursor can tell that the totals it was cut from have
+    changed (points are only ever added). The page is the first ``limit`` rows with ``past``; the rows
+    without it sort last and are dropped by the caller (one always comes back, with the count, when no org
+    is left). Bound parameters as :func:`_org_totals`, and ``limit`` (UInt32)."""
+    if order == "org":
+        return f"""SELECT org_id, vi, vd FROM (
+{_org_totals(database, rollup, scoped, by_metric, after)}
+)
+ORDER BY org_id
+LIMIT {{limit:UInt32}}"""
+    direction, beyond = ("ASC", ">") if order == "asc" else ("DESC", "<")
+    past = (
+        # The cursor's own org never again: its total is a double sum, which may differ in its last bits
+        # from one read to the next (the order in which parts are summed).
+        f"(t {beyond} {{after_total:Float64}}"
+        " OR (t = {after_total:Float64} AND org_id > {after_org:String})) AND org_id != {after_org:String}"
+        if after
+        else "1"
+    )
+    return f"""SELECT org_id, vi, vd, t, past, sum(n) OVER () AS points FROM (
+    SELECT org_id, vi, vd, n, toFloat64(vi) + vd AS t, toUInt8({past}) AS past FROM (
+{_org_totals(database, rollup, scoped, by_metric, False)}
+    )
+)
+ORDER BY past DESC, t {direction}, org_id
+LIMIT {{limit:UInt32}}"""
+
+
+def usage_export_sql(database: str, step: str, scoped: bool, by_metric: bool) -> str:
+    """Usage of every org (the bound ``orgs``, when ``scoped``) over ``[from_ns, to_ns)`` per step of
+    ``step`` (``1h``, ``1d``, ``1mo``: calendar months, UTC), read from the hourly rollup in its own order
+    (org, metric, then time), so that ClickHouse aggregates one org and metric at a time
+    (``optimize_aggregation_in_order``) and the answer streams out sorted.
+
+    Rows: ``org_id, metric, start`` (Unix seconds), ``vi`` (Int128), ``vd`` (Float64), ``unit``; every
+    summed metric, or only the bound ``metric`` with ``by_metric``."""
+    bucket = {
+        "1h": "hour",
+        "1d": "toStartOfDay(hour)",
+        "1mo": "toDateTime(toStartOfMonth(hour), 'UTC')",
+    }[step]
+    scope = "AND org_id IN {orgs:Array(String)}" if scoped else ""
+    metric = "AND metric = {metric:String}" if by_metric else ""
+    return f"""SELECT org_id, metric, toUnixTimestamp({bucket}) AS start, sum(value_int) AS vi,
+    sum(value_double) AS vd, any(unit) AS u
+FROM {database}.{HOURLY_TABLE}
+WHERE hour >= fromUnixTimestamp64Nano({{from_ns:Int64}}, 'UTC')
+    AND hour < fromUnixTimestamp64Nano({{to_ns:Int64}}, 'UTC') {metric} {scope}
+GROUP BY org_id, metric, start
+ORDER BY org_id, metric, start"""
+
+
+#: Settings of the export's query: aggregation in the rollup's order, so that its memory is one org's.
+EXPORT_SETTINGS = {"optimize_aggregation_in_order": 1, "max_block_size": 8192}
+
+
 def usage_grouped_sql(database: str, step: str, rollup: bool) -> str:
     """Like :func:`usage_series_sql`, split by the value of attribute ``key`` (bound String)."""
     bucket = STEPS[step]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
@@ -84,6 +85,28 @@ class Queries(Protocol):
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any: ...
 
 
+#: Row blocks of one streamed answer (each a list of row tuples), in the order ClickHouse sends them.
+Blocks = Iterator[Sequence[tuple[Any, ...]]]
+
+
+class Streams(Protocol):
+    """What a streamed read needs (the bulk export): an answer read block by block on a connection of its
+    own, so that a slow reader holds no connection that the writer or the other queries use."""
+
+    def stream(
+        self, sql: str, parameters: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
+    ) -> contextlib.AbstractContextManager[Blocks]: ...
+
+
+def _reader_client(path: Path) -> Client:
+    """A client of its own on the process's open embedded engine (a handle of its own, as
+    :func:`embedded_handle`): a stream holds its handle's lock until it is read to its end or closed."""
+    from clickhouse_connect.driver._chdbclient import ChdbClient
+
+    with _embedded_lock:
+        return ChdbClient(path=str(path), chdb_options=_embedded_options.get(path) or None)
+
+
 class SchemaMismatch(ConfigError):
     """The database holds the other rendering of the schema (single-node against cluster): a configuration
     error that no retry mends."""
@@ -93,13 +116,22 @@ class Store:
     """A handle on one ClickHouse endpoint with the project's schema in ``database``."""
 
     def __init__(
-        self, client: Client, database: str, name: str, raw_retention_days: int = 0, cluster: str = ""
+        self,
+        client: Client,
+        database: str,
+        name: str,
+        raw_retention_days: int = 0,
+        cluster: str = "",
+        open_reader: Callable[[], Client] | None = None,
     ) -> None:
+        """``open_reader`` opens a client of its own on the same endpoint, for streamed reads
+        (:meth:`stream`); without it they share ``client``."""
         self.client = client
         self.database = database
         self.name = name
         self.raw_retention_days = raw_retention_days
         self.cluster = cluster  # the replicated, sharded schema of this ClickHouse cluster, or ""
+        self._open_reader = open_reader
 
     @property
     def embedded(self) -> bool:
@@ -506,6 +538,23 @@ class Store:
         rows = self.rows(sql, parameters)
         return rows[0][0] if rows else None
 
+    @contextlib.contextmanager
+    def stream(
+        self, sql: str, parameters: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
+    ) -> Iterator[Blocks]:
+        """The answer of ``sql`` in row blocks (clickhouse-connect's ``query_row_block_stream``), read on a
+        client opened for it and closed after: on the embedded engine an open stream holds its handle, on
+        a server its HTTP session, for as long as the reader takes."""
+        client = self._open_reader() if self._open_reader is not None else self.client
+        try:
+            with client.query_row_block_stream(
+                sql, parameters=parameters or {}, settings={**self.query_settings, **(settings or {})}
+            ) as blocks:
+                yield blocks
+        finally:
+            if client is not self.client:
+                client.close()
+
     def ping(self) -> bool:
         try:
             return self.client.command("SELECT 1") == 1
@@ -545,9 +594,15 @@ def connect(
     ``cluster``, a node of that ClickHouse cluster holding the replicated schema. ``memory`` bounds the
     embedded engine when this call opens it."""
     if is_embedded(url):
-        return Store(_embedded_client(data_dir / "clickhouse", memory), database, url, raw_retention_days)
+        client = _embedded_client(data_dir / "clickhouse", memory)
+        path = (data_dir / "clickhouse").resolve()
+        return Store(client, database, url, raw_retention_days, open_reader=lambda: _reader_client(path))
     client = clickhouse_connect.get_client(dsn=url, connect_timeout=5, send_receive_timeout=30)
-    return Store(client, database, endpoint_label(url), raw_retention_days, cluster)
+    # A stream's client has no session: its queries never wait for (or lock) another's session.
+    reader = lambda: clickhouse_connect.get_client(  # noqa: E731
+        dsn=url, connect_timeout=5, send_receive_timeout=30, autogenerate_session_id=False
+    )
+    return Store(client, database, endpoint_label(url), raw_retention_days, cluster, open_reader=reader)
 
 
 def open_store(config: Config, *, create_schema: bool = True) -> Store:

@@ -7,6 +7,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from prometheus_client import CollectorRegistry
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 from usage_rows import put
 
 from meterhouse.core.close import Month, close_month
@@ -38,6 +39,21 @@ def api_schema(api_app):
     return schemathesis.openapi.from_wsgi("/api/v1/openapi.json", api_app)
 
 
+def refused_by_value(path: str, query: dict) -> bool:
+    from meterhouse.core.timefmt import parse_rfc3339
+
+    if "cursor" in query:
+        return True
+    if path == "/api/v1/orgs" and "status" in query and {"metric", "from", "to", "order"} & set(query):
+        return True  # a ranking's parameters with a health list: exclusive, which parameters cannot say
+    if path != "/api/v1/usage/export":
+        return False
+    try:
+        return any(parse_rfc3339(str(query[n])) % (3600 * 10**9) for n in ("from", "to") if n in query)
+    except (ValueError, OverflowError):
+        return True
+
+
 def operations():
     # The operations are listed from the spec itself, so a new route is tested as soon as it is described.
     from meterhouse.exporter.openapi import spec
@@ -53,7 +69,13 @@ def test_api_conforms_to_its_openapi_description(api_schema, path, method):
     @given(operation.as_strategy())
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def check(case):
-        case.call_and_validate()
+        # Values no schema can tell from valid ones: an opaque cursor (any text of the API's alphabet may be
+        # garbled), an export's range off the whole hours, a ranking's parameters with a status list.
+        # Their 400 is still checked against the spec.
+        if refused_by_value(path, case.query or {}):
+            case.call_and_validate(excluded_checks=[positive_data_acceptance])
+        else:
+            case.call_and_validate()
 
     check()
 
