@@ -24,6 +24,7 @@ from meterhouse.core import schema
 from meterhouse.core.timefmt import format_rfc3339
 
 HOUR_NS = 3600 * 10**9
+MAX_NS = 2**63 - 1  # the largest time the API takes (api.py clamps to it)
 STEPS = ("1h", "1d", "1mo")
 FORMATS = {"csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
 COLUMNS = ("org_id", "metric", "start", "value", "unit")
@@ -87,6 +88,8 @@ def register_export(api: Blueprint, store, errors) -> None:
 
     def whole_hour(name: str) -> int:
         ns = errors.time(name, required=True)
+        if ns == MAX_NS:  # a time past 2262, clamped: the last whole hour there is (nothing is later)
+            ns -= ns % HOUR_NS
         if ns % HOUR_NS:
             raise bad(
                 f"{name}: must be a whole hour (UTC), such as 2026-01-01T00:00:00Z: the export reads the "

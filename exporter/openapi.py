@@ -263,6 +263,18 @@ def spec() -> dict:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
+                "RollupRebuild": {
+                    "type": "object",
+                    "required": ["month", "tables", "drifting_orgs_before", "drifting_orgs_after", "seconds"],
+                    "properties": {
+                        "month": {"type": "string"},
+                        "tables": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                            k: {"type": "integer"} for k in ("rows_before", "points_before", "rows_after", "points_after")}}},
+                        "drifting_orgs_before": {"type": "integer"},
+                        "drifting_orgs_after": {"type": "integer"},
+                        "seconds": {"type": "number"},
+                    },
+                },
                 "Error": {
                     "type": "object",
                     "required": ["error"],
@@ -433,6 +445,17 @@ def spec() -> dict:
                         **_errors(400, 401, 404, 503),
                     },
                 },
+            },
+            "/api/v1/months/{month}/rollup/rebuild": {
+                "post": {
+                    "operationId": "rebuildMonthRollup",
+                    "summary": "Compute the month's hourly rollups again from raw points and put them in place of the month's partition in one step, the collector's writer waiting meanwhile: the remedy of reconciliation drift (meterhouse rollup rebuild). Needs an admin token when tokens are configured.",
+                    "parameters": [_MONTH],
+                    "responses": {
+                        "200": {"description": "Drifting orgs before and after, and each rollup's rows and points before and after", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RollupRebuild"}}}},
+                        **_errors(400, 401, 403, 409, 503),
+                    },
+                }
             },
             "/api/v1/months/{month}/statements": {
                 "get": {
