@@ -210,7 +210,7 @@ def _scope_digest() -> str:
 
 
 def _cursor() -> cursor.Cursor | None:
-    raw = _text("cursor")
+    raw = request.args.get("cursor") or None  # its own bound (cursor.MAX_CHARS), not an id's
     if raw is None:
         return None
     try:

@@ -18,7 +18,9 @@ points (past ``--late-window-days``), or run it again if the reconciliation stil
 
 from __future__ import annotations
 
+import re
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from typing import Any
 from meterhouse.core import schema
 from meterhouse.core.close import Month
 from meterhouse.core.store import Store
+from meterhouse.core.timefmt import format_rfc3339
 
 #: The rollups rebuilt, each with the SELECT over raw points that its view computes from the ingest block
 #: (the attribute set's hash is ``cityHash64`` of the raw table's sorted Map, as the views compute it).
@@ -37,6 +40,7 @@ REBUILT: dict[str, str] = {
     max(batch_seq) AS batch_seq
 FROM {db}.{raw}
 WHERE kind = '{sum}' AND toYYYYMM(time) = {{month:UInt32}}
+    AND time >= fromUnixTimestamp64Nano({{kept_ns:Int64}}, 'UTC')
 GROUP BY org_id, metric, hour, attributes_hash""",
     schema.METRIC_ORGS_TABLE: """SELECT metric, toStartOfHour(time) AS hour, org_id,
     sum(toInt128(value_int)) AS value_int, sum(value_double) AS value_double, count() AS points,
@@ -44,8 +48,31 @@ GROUP BY org_id, metric, hour, attributes_hash""",
     max(batch_seq) AS batch_seq
 FROM {db}.{raw}
 WHERE kind = '{sum}' AND toYYYYMM(time) = {{month:UInt32}}
+    AND time >= fromUnixTimestamp64Nano({{kept_ns:Int64}}, 'UTC')
 GROUP BY metric, hour, org_id""",
 }
+
+
+#: The raw table's retention TTL as the engine writes it back (``schema.retention_ddl``).
+_TTL_DAYS = re.compile(r"\bTTL toDateTime\(time\) \+ toIntervalDay\((\d+)\)")
+HOUR_NS = 3600 * 10**9
+
+
+def retained_from_ns(store: Store, now_ns: int | None = None) -> int:
+    """The first hour whose raw points are all still kept (0: all are). The raw table's TTL as the engine
+    has it (whatever this process was configured with), or the store's ``raw_retention_days``: an hour
+    before it may have lost raw points that the rollup still holds, its only copy."""
+    query = store.scalar(
+        "SELECT create_table_query FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+        {"db": store.database, "t": schema.POINTS_TABLE},
+    )
+    m = _TTL_DAYS.search(query or "")
+    days = [int(m.group(1))] if m else []
+    days += [store.raw_retention_days] if store.raw_retention_days else []
+    if not days:
+        return 0
+    edge = (time.time_ns() if now_ns is None else now_ns) - min(days) * 24 * HOUR_NS
+    return (edge // HOUR_NS + 1) * HOUR_NS  # the hour holding the edge may have lost some of its points
 
 
 class RebuildRefused(Exception):
@@ -57,13 +84,16 @@ class Rebuilt:
     month: str
     #: Per rollup table: (rows, points) before and after.
     tables: dict[str, dict[str, int]]
+    #: The first hour rebuilt: those before it are past the raw points' retention and kept as they were.
+    rebuilt_from: str
     #: Orgs whose raw points and hourly rollup disagreed in the month before, and after.
     drifting_before: int
     drifting_after: int
     seconds: float
 
     def as_json(self) -> dict[str, Any]:
-        return {"month": self.month, "tables": self.tables, "drifting_orgs_before": self.drifting_before,
+        return {"month": self.month, "tables": self.tables, "rebuilt_from": self.rebuilt_from,
+                "drifting_orgs_before": self.drifting_before,
                 "drifting_orgs_after": self.drifting_after, "seconds": round(self.seconds, 3)}  # fmt: skip
 
 
@@ -98,19 +128,38 @@ def rebuild_month(
         )
     started = time.monotonic()
     db = store.database
+    kept_ns = max(retained_from_ns(store), month.start_ns)
+    if kept_ns >= month.end_ns:
+        raise RebuildRefused(
+            f"{month} is past the raw points' retention: its hourly rollup is the only copy of its usage, "
+            "and there is nothing to rebuild it from"
+        )
     before = {t: _counts(store, t, month) for t in REBUILT}
     drifting_before = _drifting(store, month)
+    # Staging tables of killed runs (a run takes minutes, never a day; a running one elsewhere is kept).
+    for (name,) in store.rows(
+        "SELECT name FROM system.tables WHERE database = {db:String} AND match(name, {pattern:String}) "
+        "AND metadata_modification_time < now() - INTERVAL 1 DAY",
+        {"db": db, "pattern": "^(" + "|".join(REBUILT) + ")_rebuild_[0-9a-f]{12}$"},
+    ):
+        store.client.command(f"DROP TABLE IF EXISTS {db}.`{name}`")
     with hold():
         for table, select in REBUILT.items():
-            staging = f"{table}_rebuild"
+            staging = f"{table}_rebuild_{uuid.uuid4().hex[:12]}"  # two rebuilds never share one
             progress(f"{table}: computing {month} from raw points")
-            store.client.command(f"DROP TABLE IF EXISTS {db}.{staging}")  # a killed run's
             store.client.command(f"CREATE TABLE {db}.{staging} AS {db}.{table}")
             try:
+                # The hours whose raw points the retention may have dropped keep their rollup rows as they
+                # are (adversary 38: a rebuild deleted the only copy of such hours' usage).
+                store.client.command(
+                    f"INSERT INTO {db}.{staging} SELECT * FROM {db}.{table} WHERE toYYYYMM(hour) = "
+                    "{month:UInt32} AND hour < fromUnixTimestamp64Nano({kept_ns:Int64}, 'UTC')",
+                    parameters={"month": month.key, "kept_ns": kept_ns},
+                )
                 store.client.command(
                     f"INSERT INTO {db}.{staging} "
                     + select.format(db=db, raw=schema.POINTS_TABLE, sum=schema.KIND_SUM),
-                    parameters={"month": month.key},
+                    parameters={"month": month.key, "kept_ns": kept_ns},
                 )
                 progress(f"{table}: replacing the partition of {month}")
                 if not store.scalar(f"SELECT count() FROM {db}.{staging}"):  # no raw points: no rollup rows
@@ -126,6 +175,7 @@ def rebuild_month(
         month=str(month),
         tables={t: {"rows_before": before[t]["rows"], "points_before": before[t]["points"],
                     "rows_after": after[t]["rows"], "points_after": after[t]["points"]} for t in REBUILT},
+        rebuilt_from=format_rfc3339(kept_ns),
         drifting_before=drifting_before,
         drifting_after=_drifting(store, month),
         seconds=time.monotonic() - started,

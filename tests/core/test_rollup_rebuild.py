@@ -146,3 +146,22 @@ def test_a_rebuild_on_a_stopped_data_directory(up_factory, tmp_path):
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["tables"][schema.HOURLY_TABLE]["points_after"] == 5 and out["drifting_orgs_after"] == 0
+
+
+def test_a_month_past_raw_retention_is_refused_and_its_rollup_kept(stack_factory):
+    """The rollup of a month whose raw points the retention dropped is the only copy of its usage: the
+    rebuild refuses (409), whatever the process was configured with (the engine's TTL says)."""
+    stack = stack_factory(auth_tokens=(Token(ADMIN, ("*",), admin=True),))
+    store = stack.collector.endpoints.endpoints[0].store
+    for statement in schema.retention_ddl(store.database, 30):
+        store.client.command(statement)
+    old = Month.of_ns(time.time_ns())
+    for _ in range(3):
+        old = old.previous()
+    store.client.command(
+        f"INSERT INTO {store.database}.{schema.HOURLY_TABLE} (org_id, metric, hour, attributes_hash, unit, "
+        f"value_int, value_double, points, batch_seq) VALUES ('org-1', 'm', {old.start_ns // 10**9}, 1, '', 9, 0, 1, 0)"
+    )
+    r = cli("rollup", "rebuild", "--month", str(old), "--http-port", str(stack.http_port), "--token", ADMIN)
+    assert r.returncode == 3 and "past the raw points' retention" in r.stderr, r.stderr
+    assert totals(store, schema.HOURLY_TABLE, old) == {"org-1": 9}
