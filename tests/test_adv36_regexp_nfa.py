@@ -16,6 +16,7 @@ from sql_runaway import assert_held_to_the_time_limit, assert_ingest_goes_on_bes
 RUNAWAY = "SELECT match(materialize(repeat('a', 1000000)), '(?:a?){900}a{900}b')"
 
 
+@pytest.mark.soak  # the default suite ends a runaway at its limit (tests/exporter/test_sql_worker.py)
 def test_regexp_nfa_is_held_to_the_time_limit(stack_factory):
     assert_held_to_the_time_limit(stack_factory, RUNAWAY, "match()")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
 import requests
 from conftest import free_port
 
@@ -26,6 +27,7 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+@pytest.mark.soak  # 10 s; the default suite checks the bound (tests/exporter/test_sql_worker.py)
 def test_unread_answers_do_not_pile_up_in_memory(up_factory):
     port = free_port()
     up = up_factory("--sql-port", str(port))

@@ -28,10 +28,12 @@ import re
 import subprocess
 import time
 
+import pytest
 from conftest import free_port
 from sql_runaway import ask, query_processes
 
 
+@pytest.mark.soak  # 30 s under strace; the default suite checks the links (tests/exporter/test_sql_worker.py)
 def test_adv37_the_query_process_never_merges_in_its_mirror(stack_factory, tmp_path):
     stack = stack_factory(sql_port=free_port(), sql_max_concurrent=1)
     db = stack.config.database

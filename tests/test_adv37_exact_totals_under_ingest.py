@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from conftest import drain, free_port
 from otlp_builders import point, sum_request
 from sql_runaway import ask
@@ -29,6 +30,7 @@ N = 150
 PREFIX = {k * (k + 1) // 2: k for k in range(N + 1)}
 
 
+@pytest.mark.soak  # 10 s; the default suite counts rows under merges (tests/exporter/test_sql_worker.py)
 def test_adv37_sql_totals_are_exact_while_ingest_and_merges_run(stack_factory):
     stack = stack_factory(sql_port=free_port(), sql_max_concurrent=2)
     db = stack.config.database

@@ -44,7 +44,7 @@ def test_adv37_query_processes_stay_within_the_bound(stack_factory):
     ]
     for t in threads:
         t.start()
-    time.sleep(12)
+    time.sleep(6)
     stop.set()
     for t in threads:
         t.join()

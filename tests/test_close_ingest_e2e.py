@@ -41,7 +41,7 @@ def test_a_forced_close_while_ingest_runs(up_factory, tmp_path):
     worker = threading.Thread(target=ingest)
     worker.start()
     try:
-        time.sleep(7.0)  # some of the traffic before the close is asked for
+        time.sleep(4.0)  # some of the traffic before the close is asked for
         refused = requests.post(f"{up.api}/api/v1/months/{LAST}/close", timeout=60)
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "late_window"
         closed = requests.post(f"{up.api}/api/v1/months/{LAST}/close?force=true", timeout=300)

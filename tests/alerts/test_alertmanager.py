@@ -135,7 +135,7 @@ def test_one_clickhouse_outage_pages_once_from_its_symptom(alertmanager):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         s = states(url)
-        if len(s) == 13 and s[("MeterhouseSpoolBacklogOld", "mh:9464")]:
+        if len(s) == 14 and s[("MeterhouseSpoolBacklogOld", "mh:9464")]:
             break
         time.sleep(0.3)
     inhibited = {k for k, by in s.items() if by}

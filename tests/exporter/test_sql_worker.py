@@ -129,7 +129,7 @@ def test_queries_see_every_row_while_the_collector_merges_under_them(stack_facto
     threads = [threading.Thread(target=churn)] + [threading.Thread(target=count) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(15)
+    time.sleep(8)
     stop.set()
     for t in threads:
         t.join()
