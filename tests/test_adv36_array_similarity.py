@@ -9,6 +9,7 @@ the cost grows with the square of the length.
 
 from __future__ import annotations
 
+import pytest
 from sql_runaway import assert_held_to_the_time_limit
 
 N = 60_000
@@ -16,5 +17,6 @@ RUNAWAY = (f"SELECT arraySimilarity(range({N}), arrayMap(x -> x + 1, range({N}))
            f"arrayWithConstant({N}, 1.), arrayWithConstant({N}, 1.))")  # fmt: skip
 
 
+@pytest.mark.soak  # refused by name; the end of a runaway at its limit: tests/exporter/test_sql_worker.py
 def test_array_similarity_is_held_to_the_time_limit(stack_factory):
     assert_held_to_the_time_limit(stack_factory, RUNAWAY, "arraySimilarity")

@@ -9,6 +9,7 @@ no string distance is involved.
 
 from __future__ import annotations
 
+import pytest
 from sql_runaway import assert_held_to_the_time_limit
 
 N = 40_000
@@ -16,5 +17,6 @@ RUNAWAY = (f"SELECT length(arrayReduceInRanges('uniqCombined', arrayMap(i -> (1,
            f"range({N})))")  # fmt: skip
 
 
+@pytest.mark.soak  # refused by name; the end of a runaway at its limit: tests/exporter/test_sql_worker.py
 def test_reduce_in_ranges_is_held_to_the_time_limit(stack_factory):
     assert_held_to_the_time_limit(stack_factory, RUNAWAY, "arrayReduceInRanges")

@@ -17,12 +17,14 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from conftest import free_port
 from sql_runaway import ask, query_processes
 
 RUNAWAY = "SELECT match(materialize(repeat('a', 1000000)), '(?:a?){900}a{900}b')"
 
 
+@pytest.mark.soak  # an attack that held; 8 s
 def test_adv37_query_processes_stay_within_the_bound(stack_factory):
     stack = stack_factory(sql_port=free_port(), sql_max_concurrent=1, sql_timeout_s=1)
     stop = threading.Event()

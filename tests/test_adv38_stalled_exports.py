@@ -18,6 +18,7 @@ import socket
 import time
 from datetime import UTC, datetime
 
+import pytest
 from api_stack import TOKENS, WILD, H, api, send
 from conftest import drain
 
@@ -26,6 +27,7 @@ METRICS = ["api.calls", *(f"m{i}.calls" for i in range(7))]
 RANGE = {"from": "2026-10-01T00:00:00Z", "to": "2026-10-04T00:00:00Z"}
 
 
+@pytest.mark.soak  # an attack that held
 def test_stalled_exports_hold_neither_ingest_nor_the_api(stack_factory):
     stack = stack_factory(auth_tokens=TOKENS)
     for m in METRICS:
