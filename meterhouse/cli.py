@@ -237,6 +237,25 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_answers(base: str) -> bool:
+    """Whether a running meterhouse answers at ``base`` (its /healthz)."""
+    import requests
+
+    try:
+        requests.get(f"{base}/healthz", timeout=2).raise_for_status()
+    except requests.RequestException:
+        return False
+    return True
+
+
+def _api_message(response: Any) -> str:
+    """The message of an API error answer, or the start of its text when it is not one."""
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return str(response.text[:300])
+
+
 def _close_remote(base: str, args: argparse.Namespace) -> int | None:
     """Close through a running server's API; None when nothing answers there."""
     import json
@@ -244,9 +263,7 @@ def _close_remote(base: str, args: argparse.Namespace) -> int | None:
 
     import requests
 
-    try:
-        requests.get(f"{base}/healthz", timeout=2).raise_for_status()
-    except requests.RequestException:
+    if not _server_answers(base):
         return None
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     url = f"{base}/api/v1/months/{args.month}/close"
@@ -260,11 +277,10 @@ def _close_remote(base: str, args: argparse.Namespace) -> int | None:
         except requests.RequestException as e:
             print(f"meterhouse: dry run failed: {e}", file=sys.stderr)
             return 1
-        body = dry.json() if dry.headers.get("Content-Type", "").startswith("application/json") else {}
         if dry.status_code != 200:
-            message = body.get("error", {}).get("message", dry.text[:300])
-            print(f"meterhouse: close refused ({dry.status_code}): {message}", file=sys.stderr)
+            print(f"meterhouse: close refused ({dry.status_code}): {_api_message(dry)}", file=sys.stderr)
             return 3 if dry.status_code == 409 else 1
+        body = dry.json()
         if args.dry_run:
             print(json.dumps(body, indent=2))
             return 0
@@ -294,12 +310,11 @@ def _close_remote(base: str, args: argparse.Namespace) -> int | None:
         print(f"meterhouse: close failed: {result['error']}", file=sys.stderr)
         return 1
     response = result["response"]
-    body = response.json() if response.headers.get("Content-Type", "").startswith("application/json") else {}
     if response.status_code != 200:
-        message = body.get("error", {}).get("message", response.text[:300])
-        print(f"\nmeterhouse: close refused ({response.status_code}): {message}", file=sys.stderr)
+        print(f"\nmeterhouse: close refused ({response.status_code}): {_api_message(response)}",
+              file=sys.stderr)  # fmt: skip
         return 3 if response.status_code == 409 else 1
-    print(json.dumps(body, indent=2))
+    print(json.dumps(response.json(), indent=2))
     return 0
 
 
@@ -338,6 +353,18 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
     return value
+
+
+def _add_month_flags(parser: argparse.ArgumentParser, verb: str) -> None:
+    """``--month``, ``--token`` and ``--direct`` of the month commands (through a running server, or on a
+    stopped data directory)."""
+    parser.add_argument("--month", required=True, metavar="YYYY-MM", help=f"The month to {verb} (UTC).")
+    parser.add_argument("--token", help="API token (admin) when the running server has tokens configured.")
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="Work on the data directory even if a server answers on --http-port.",
+    )
 
 
 def _open_direct(config: Config) -> Any:
@@ -426,32 +453,20 @@ def cmd_rollup(args: argparse.Namespace) -> int:
         print(f"meterhouse: {e}", file=sys.stderr)
         return 2
     base = _server_url(config)
-    if not args.direct:
+    if not args.direct and _server_answers(base):
+        headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+        print(f"meterhouse: rebuilding the rollups of {month} through {base} (its writer waits "
+              "meanwhile)", file=sys.stderr)  # fmt: skip
         try:
-            requests.get(f"{base}/healthz", timeout=2).raise_for_status()
-            served = True
-        except requests.RequestException:
-            served = False
-        if served:
-            headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
-            print(f"meterhouse: rebuilding the rollups of {month} through {base} (its writer waits "
-                  "meanwhile)", file=sys.stderr)  # fmt: skip
-            try:
-                r = requests.post(
-                    f"{base}/api/v1/months/{month}/rollup/rebuild", headers=headers, timeout=7200
-                )
-            except requests.RequestException as e:
-                print(f"meterhouse: rollup rebuild failed: {type(e).__name__}: {e}", file=sys.stderr)
-                return 1
-            if r.status_code != 200:
-                try:
-                    message = r.json()["error"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    message = r.text[:300]
-                print(f"meterhouse: rollup rebuild refused ({r.status_code}): {message}", file=sys.stderr)
-                return 1 if r.status_code >= 500 else 3
-            print(json.dumps(r.json(), indent=2))
-            return 0
+            r = requests.post(f"{base}/api/v1/months/{month}/rollup/rebuild", headers=headers, timeout=7200)
+        except requests.RequestException as e:
+            print(f"meterhouse: rollup rebuild failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        if r.status_code != 200:
+            print(f"meterhouse: rollup rebuild refused ({r.status_code}): {_api_message(r)}", file=sys.stderr)
+            return 1 if r.status_code >= 500 else 3
+        print(json.dumps(r.json(), indent=2))
+        return 0
     store = _open_direct(config)
     if store is None:
         return 1
@@ -556,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         "close",
         help="Close a month: immutable per-org statements from raw points, checked against the rollup.",
     )
-    cl.add_argument("--month", required=True, metavar="YYYY-MM", help="The month to close (UTC).")
+    _add_month_flags(cl, "close")
     cl.add_argument(
         "--force",
         action="store_true",
@@ -566,12 +581,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="Write nothing: print what the close would write (orgs, lines, totals as of its cutoff).",
-    )
-    cl.add_argument("--token", help="API token (admin) when the running server has tokens configured.")
-    cl.add_argument(
-        "--direct",
-        action="store_true",
-        help="Work on the data directory even if a server answers on --http-port.",
     )
     cl.add_argument(
         "--batch-orgs", type=_positive_int, default=2000, help="Orgs written per insert [default: 2000]."
@@ -583,13 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Rebuild a month of the hourly rollups from raw points (the remedy of reconciliation drift).",
     )
     ro.add_argument("action", choices=["rebuild"])
-    ro.add_argument("--month", required=True, metavar="YYYY-MM", help="The month to rebuild (UTC).")
-    ro.add_argument("--token", help="API token (admin) when the running server has tokens configured.")
-    ro.add_argument(
-        "--direct",
-        action="store_true",
-        help="Work on the data directory even if a server answers on --http-port.",
-    )
+    _add_month_flags(ro, "rebuild")
     _add_config_flags(ro)
     ro.set_defaults(func=cmd_rollup)
     sch = sub.add_parser(
