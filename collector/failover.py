@@ -319,10 +319,8 @@ class ReadView:
         return self._set.name
 
     def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        with self._set._lock:
-            ep = self._set.endpoints[self._set.active]
         try:
-            result = self._set._store(ep).rows(sql, parameters)
+            result = self.active_store().rows(sql, parameters)
         except Exception:
             self.failures += 1
             raise
@@ -333,8 +331,9 @@ class ReadView:
         rows = self.rows(sql, parameters)
         return rows[0][0] if rows else None
 
-    def active_store(self) -> Any:
-        """The active endpoint's Store (for a maintenance command that writes there: a rollup rebuild)."""
+    def active_store(self) -> Store:
+        """The active endpoint's Store (the reads here go to it; so does a maintenance command that writes
+        there: a rollup rebuild)."""
         with self._set._lock:
             ep = self._set.endpoints[self._set.active]
         return self._set._store(ep)
@@ -345,11 +344,9 @@ class ReadView:
     ) -> Iterator[Blocks]:
         """A streamed read (the bulk export) on the active endpoint, on a client of its own
         (:meth:`Store.stream`); a failure to start it counts as a failed read."""
-        with self._set._lock:
-            ep = self._set.endpoints[self._set.active]
         with contextlib.ExitStack() as opened:
             try:
-                blocks = opened.enter_context(self._set._store(ep).stream(sql, parameters, settings))
+                blocks = opened.enter_context(self.active_store().stream(sql, parameters, settings))
             except Exception:
                 self.failures += 1
                 raise
@@ -358,9 +355,7 @@ class ReadView:
 
     def sync_replicas(self, tables: Sequence[str]) -> None:
         """Before a read that must see every acknowledged write (a monthly close), on the active endpoint."""
-        with self._set._lock:
-            ep = self._set.endpoints[self._set.active]
-        self._set._store(ep).sync_replicas(tables)
+        self.active_store().sync_replicas(tables)
 
     def ping(self) -> bool:
         """Readiness is the write path's (the pipeline's) health."""

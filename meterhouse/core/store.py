@@ -53,26 +53,24 @@ def _embedded_client(path: Path, memory: MemoryPlan | None = None) -> Client:
         return client
 
 
-def embedded_handle() -> Any:
-    """A connection of its own on the process's open embedded engine (``chdb.connect``): its session
-    (current database, settings) is its own, and its queries do not wait behind the other clients'
-    (the SQL endpoint's handles, exporter/sql.py)."""
-    import chdb
-    from clickhouse_connect.driver._chdbclient import build_connection_string
-
-    with _embedded_lock:
-        if not _embedded:
-            raise RuntimeError("the embedded engine is not open in this process")
-        path = next(iter(_embedded))
-        return chdb.connect(build_connection_string(str(path), _embedded_options[path] or None))  # type: ignore[no-untyped-call]
-
-
 def embedded_path() -> Path:
     """The folder of the process's open embedded engine (the SQL endpoint's processes mirror its tables)."""
     with _embedded_lock:
         if not _embedded:
             raise RuntimeError("the embedded engine is not open in this process")
         return next(iter(_embedded))
+
+
+def embedded_handle() -> Any:
+    """A connection of its own on the process's open embedded engine (``chdb.connect``): its session
+    (current database, settings) is its own, and its queries do not wait behind the other clients' (the
+    SQL endpoint reads the tables' definitions through one: exporter/sql_worker.py)."""
+    import chdb
+    from clickhouse_connect.driver._chdbclient import build_connection_string
+
+    path = embedded_path()
+    with _embedded_lock:
+        return chdb.connect(build_connection_string(str(path), _embedded_options[path] or None))  # type: ignore[no-untyped-call]
 
 
 class Queries(Protocol):
