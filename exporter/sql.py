@@ -391,7 +391,9 @@ class Engine:
         process's Python, outside the engine's memory and time limits and holding the interpreter: one
         took 400 MiB and 11 s, OOM-killed a 1 GiB collector and held up ingest (adversary 33)."""
         if not self._formats:
-            rows = h.query("SELECT name FROM system.formats WHERE is_output", "TSVRaw", deadline=deadline)
+            rows = h.query(
+                "SELECT name FROM system.formats WHERE is_output", "TSVRaw", deadline=deadline, fresh=False
+            )
             rows = rows.bytes().decode()
             self._formats = {n.lower(): n for n in rows.split("\n") if n}
         found = self._formats.get(name.lower())
@@ -419,19 +421,20 @@ class Engine:
                         "TSVRaw",
                         params={"q": _escaped(sql)},
                         deadline=deadline,
+                        fresh=False,
                     )
                     .bytes()
                     .decode()
                 )
                 canonical = canonical.removesuffix("\n")
                 explained = h.query(
-                    "EXPLAIN AST " + canonical, "TSV", params=params or None, deadline=deadline
+                    "EXPLAIN AST " + canonical, "TSV", params=params or None, deadline=deadline, fresh=False
                 )
             except Exception as err:  # noqa: BLE001 - the engine's parser says why
                 raise SqlError.from_engine(err) from None
             ast = check(explained.bytes().decode("utf-8", "replace"), canonical, self.databases)
             try:
-                h.query(f"USE `{database.replace('`', '')}`", deadline=deadline)
+                h.query(f"USE `{database.replace('`', '')}`", deadline=deadline, fresh=False)
                 result = h.query(canonical, fmt, params=params or None, deadline=deadline)
             except Exception as err:  # noqa: BLE001 - the engine's own error, passed on
                 raise SqlError.from_engine(err) from None

@@ -181,16 +181,23 @@ class Worker:
         return _read_frame(self._proc.stdout.fileno(), deadline)
 
     def query(
-        self, sql: str, fmt: str = "TSV", params: dict[str, str] | None = None, deadline: float | None = None
+        self,
+        sql: str,
+        fmt: str = "TSV",
+        params: dict[str, str] | None = None,
+        deadline: float | None = None,
+        fresh: bool = True,
     ) -> Result:
         """``sql``'s output in ``fmt``; :class:`WorkerError` with the engine's text if it failed, or with
         TIMEOUT_EXCEEDED (the process killed) if it did not answer by ``deadline`` (the limit and the grace
-        from now when None; the endpoint gives one deadline to all the steps of one query)."""
+        from now when None; the endpoint gives one deadline to all the steps of one query). ``fresh``: the
+        mirror is brought up to date first (not for the steps that read no table: parsing, ``USE``)."""
         started = time.monotonic()
         if deadline is None:
             deadline = started + self.limit_s + GRACE_S
         try:
-            header, payload = self._ask({"sql": sql, "format": fmt, "params": params or {}}, deadline)
+            request = {"sql": sql, "format": fmt, "params": params or {}, "fresh": fresh}
+            header, payload = self._ask(request, deadline)
         except TimeoutError:
             self.close()
             raise WorkerError(
@@ -448,7 +455,8 @@ class Mirror:
 
     def answer(self, request: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         try:
-            self.refresh()
+            if request.get("fresh", True):
+                self.refresh()
         except Exception as err:  # noqa: BLE001 - said to the parent; then this process ends
             # A table may be left detached, or its mirror half synced: no later query runs here.
             self.broken = True
